@@ -1,0 +1,53 @@
+"""The package's exceptions: one base class, so ``except IntrospectError`` catches all of ours.
+
+Each also derives from the built-in exception a caller would naturally catch (``TypeError`` for a
+wrong kind of argument, ``ValueError`` for a bad value), so generic handlers keep working.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "IntrospectError",
+    "ConfigError",
+    "ModelTypeError",
+    "AlreadyWatchedError",
+    "NonFiniteError",
+    "IntrospectWarning",
+    "NonFiniteWarning",
+]
+
+
+class IntrospectError(Exception):
+    """Base class of every error torch-introspect raises on its own account."""
+
+
+class ConfigError(IntrospectError, ValueError):
+    """An option of ``watch`` (or another entry point) has a value we cannot use."""
+
+
+class ModelTypeError(IntrospectError, TypeError):
+    """An argument is of the wrong kind (e.g. ``watch`` given something that is not an ``nn.Module``)."""
+
+
+class AlreadyWatchedError(IntrospectError, RuntimeError):
+    """A model is already being watched; two watchers would double every hook and every tag."""
+
+
+class NonFiniteError(IntrospectError, FloatingPointError):
+    """Raised by ``watch(..., on_nonfinite="raise")`` when a NaN/Inf first appears.
+
+    ``alert`` holds the finding (module, step, numbers), so a handler can log or inspect it.
+    """
+
+    def __init__(self, message: str, alert: object | None = None) -> None:
+        super().__init__(message)
+        self.alert = alert
+
+
+class IntrospectWarning(UserWarning):
+    """Something was skipped or degraded (an untraceable graph, a probe that failed on a module);
+    training goes on. Filter it with ``warnings.filterwarnings("ignore", category=IntrospectWarning)``."""
+
+
+class NonFiniteWarning(IntrospectWarning):
+    """A NaN/Inf appeared (``on_nonfinite="warn"``, the default); issued once per origin."""
