@@ -23,7 +23,7 @@ from .errors import ConfigError
 from .stats import HistogramRecord
 from .step import HostStep
 
-__all__ = ["tag", "open_writer", "write_histogram", "write_step", "TAG_KINDS"]
+__all__ = ["tag", "tag_name", "open_writer", "histogram_fields", "write_step", "TAG_KINDS"]
 
 TAG_KINDS = (
     "activations",
@@ -73,17 +73,70 @@ def open_writer(writer: Any) -> tuple[Any, bool]:
     return writer, False
 
 
-def write_histogram(writer: Any, full_tag: str, record: HistogramRecord, step: int) -> None:
-    """One histogram of the finite values; a tensor with none gets no histogram (its count is logged)."""
+class _EventBatch:
+    """A step's histograms and scalars as one TensorBoard event (torch's SummaryWriter).
+
+    tensorboard's event writer checksums every event in pure Python on a thread that holds the
+    GIL, and wakes that thread once per event; one event per step instead of one per tag saves
+    the per-event framing and most of the thread ping-pong. TensorBoard reads several values from
+    one event as it does from many events (TensorFlow's merged summaries are written this way).
+    """
+
+    def __init__(self, writer: Any) -> None:
+        from tensorboard.compat.proto.summary_pb2 import Summary
+        from torch.utils.tensorboard import summary as tb_summary
+
+        self._writer = writer
+        self._summary_cls = Summary
+        self._tb = tb_summary
+        self._values: list[Any] = []
+
+    def histogram(self, full_tag: str, **fields: Any) -> None:
+        self._values.extend(self._tb.histogram_raw(full_tag, **fields).value)
+
+    def scalar(self, full_tag: str, value: float) -> None:
+        self._values.extend(self._tb.scalar(full_tag, float(value)).value)
+
+    def commit(self, step: int) -> None:
+        if self._values:
+            self._writer._get_file_writer().add_summary(self._summary_cls(value=self._values), step)
+
+
+class _PerTagCalls:
+    """Any other SummaryWriter-like object (tensorboardX, a user's wrapper): its public methods."""
+
+    def __init__(self, writer: Any, step: int) -> None:
+        self._writer = writer
+        self._step = step
+
+    def histogram(self, full_tag: str, **fields: Any) -> None:
+        self._writer.add_histogram_raw(full_tag, global_step=self._step, **fields)
+
+    def scalar(self, full_tag: str, value: float) -> None:
+        self._writer.add_scalar(full_tag, value, self._step)
+
+    def commit(self, step: int) -> None:
+        pass
+
+
+def _batch_for(writer: Any, step: int) -> Any:
+    from torch.utils.tensorboard import SummaryWriter
+
+    if isinstance(writer, SummaryWriter) and callable(getattr(writer, "_get_file_writer", None)):
+        return _EventBatch(writer)
+    return _PerTagCalls(writer, step)
+
+
+def histogram_fields(record: HistogramRecord) -> dict[str, Any] | None:
+    """``add_histogram_raw`` arguments for the finite values; None when there are none."""
     n = int(round(record.finite_count))
     if n <= 0:
-        return
+        return None
     if record.max == record.min:
         limits, counts = [record.max], [float(n)]
     else:
         limits, counts = record.edges(), list(record.counts)
-    writer.add_histogram_raw(
-        full_tag,
+    return dict(
         min=record.min,
         max=record.max,
         num=n,
@@ -91,21 +144,26 @@ def write_histogram(writer: Any, full_tag: str, record: HistogramRecord, step: i
         sum_squares=record.sum_squares,
         bucket_limits=limits,
         bucket_counts=counts,
-        global_step=step,
     )
 
 
 def write_step(writer: Any, host: HostStep) -> None:
     """Histograms, derived scalars (gradient norms, NaN/Inf counts) and scalars of one step."""
+    if not host.histograms and not host.scalars:
+        return
+    batch = _batch_for(writer, host.step)
     nonfinite: dict[str, float] = {}
     for full_tag, record in host.histograms.items():
-        write_histogram(writer, full_tag, record, host.step)
+        fields = histogram_fields(record)
+        if fields is not None:
+            batch.histogram(full_tag, **fields)
         kind, name = tag_name(full_tag)
         if kind == "grads":
-            writer.add_scalar(tag("grad_norm", name), record.norm, host.step)
+            batch.scalar(tag("grad_norm", name), record.norm)
         if record.nonfinite > 0:
             nonfinite[name] = nonfinite.get(name, 0.0) + record.nonfinite
     for name, count in nonfinite.items():
-        writer.add_scalar(tag("nonfinite", name), count, host.step)
+        batch.scalar(tag("nonfinite", name), count)
     for full_tag, value in host.scalars.items():
-        writer.add_scalar(full_tag, value, host.step)
+        batch.scalar(full_tag, value)
+    batch.commit(host.step)
