@@ -1,0 +1,326 @@
+"""The torchinfo summary and the graph: written on the first training batch, without touching training."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.tensorboard import SummaryWriter
+
+import introspect
+from introspect import IntrospectWarning, ModelTypeError, watch
+from introspect.summary import model_summary, preserved_state, summary_markdown, write_graph
+
+from conftest import hist_at, read_events, text_of, train
+from zoo import SEED_CNN_PARAMS, SeedCNN, seed_cnn_batch, seed_cnn_loss
+
+TOTAL = f"Total params: {SEED_CNN_PARAMS:,}"  # "Total params: 54,273"
+
+
+def introspect_warnings(record) -> list[str]:
+    return [str(r.message) for r in record if issubclass(r.category, IntrospectWarning)]
+
+
+# --------------------------------------------------------------------------- through watch()
+def test_summary_printed_on_first_batch_and_written(seed_cnn, writer, logdir, capsys):
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        with watch(seed_cnn, writer, every=1) as w:
+            assert capsys.readouterr().out == ""  # nothing before the first batch
+            x, y = seed_cnn_batch()
+            out = seed_cnn(x)
+            first = capsys.readouterr().out
+            assert TOTAL in first
+            assert "[2, 3, 32, 32]" in first  # from the real batch
+            seed_cnn_loss(out, y).backward()
+            train(seed_cnn, seed_cnn_batch, seed_cnn_loss, 2)
+            assert w.step == 2
+    assert introspect_warnings(record) == []
+    assert "Total params" not in capsys.readouterr().out  # printed once only
+    acc = read_events(logdir)
+    texts = text_of(acc, "model/summary")
+    assert len(texts) == 1
+    assert TOTAL in texts[0]
+    assert [e.step for e in acc.Tensors("model/summary/text_summary")] == [0]
+    assert acc.Tags()["graph"]
+    graph = acc.Graph()
+    node_names = " ".join(n.name for n in graph.node)
+    for module in ("conv1", "conv2", "linear1", "linear2"):
+        assert module in node_names
+    # The extra forwards of summary and graph are not observed as training.
+    assert hist_at(acc, "activations/conv1", 0).num == 2 * 32 * 30 * 30
+    assert [e.step for e in acc.Histograms("activations/conv1")] == [0, 1, 2]
+
+
+def test_summary_waits_for_a_training_batch(seed_cnn, writer, logdir, capsys):
+    with watch(seed_cnn, writer, every=1, graph=False):
+        seed_cnn.eval()
+        seed_cnn(torch.randn(5, 3, 32, 32))
+        with torch.no_grad():
+            seed_cnn.train()
+            seed_cnn(torch.randn(5, 3, 32, 32))
+        assert capsys.readouterr().out == ""
+        train(seed_cnn, seed_cnn_batch, seed_cnn_loss, 1)
+        out = capsys.readouterr().out
+    assert TOTAL in out
+    assert "[2, 3, 32, 32]" in out and "[5, 3, 32, 32]" not in out
+
+
+def test_summary_and_graph_off(seed_cnn, writer, logdir, capsys):
+    with watch(seed_cnn, writer, every=1, summary=False, graph=False):
+        train(seed_cnn, seed_cnn_batch, seed_cnn_loss, 2)
+    assert capsys.readouterr().out == ""
+    acc = read_events(logdir)
+    assert acc.Tags()["tensors"] == []
+    assert not acc.Tags()["graph"]
+
+
+class FrozenBNNet(nn.Module):
+    """BatchNorm in training, one BatchNorm frozen in eval, dropout: all of which an extra forward
+    in the wrong mode, with grad, or on the live RNG would change."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3)
+        self.bn = nn.BatchNorm2d(6)
+        self.frozen_bn = nn.BatchNorm2d(6)
+        self.drop = nn.Dropout(0.5)
+        self.fc = nn.Linear(6, 2)
+
+    def forward(self, x):
+        x = self.frozen_bn(torch.relu(self.bn(self.conv(x))))
+        return self.fc(self.drop(x.mean((2, 3))))
+
+
+def _frozen_bn_net() -> FrozenBNNet:
+    torch.manual_seed(0)
+    model = FrozenBNNet()
+    with torch.no_grad():
+        model.frozen_bn.running_mean.uniform_(-1, 1)
+        model.frozen_bn.running_var.uniform_(0.5, 2)
+    model.train()
+    model.frozen_bn.eval()
+    return model
+
+
+def _first_steps(model, steps=2):
+    torch.manual_seed(7)
+    losses = train(model, lambda: (torch.randn(4, 3, 10, 10), torch.randint(0, 2, (4,))), F.cross_entropy, steps)
+    return losses, [p.grad.clone() for p in model.parameters()], torch.get_rng_state()
+
+
+@pytest.mark.parametrize("summary, graph", [(True, False), (False, True), (True, True)], ids=["summary", "graph", "both"])
+def test_first_batch_extras_do_not_change_state(tmp_path, capsys, summary, graph):
+    bare = _frozen_bn_net()
+    model = copy.deepcopy(bare)
+    modes = {name: m.training for name, m in model.named_modules()}
+    assert modes["frozen_bn"] is False and modes["bn"] is True
+
+    bare_losses, bare_grads, bare_rng = _first_steps(bare)
+    with watch(model, tmp_path / "run", every=1, summary=summary, graph=graph):
+        losses, grads, rng = _first_steps(model)
+        assert torch.is_grad_enabled()
+        assert {name: m.training for name, m in model.named_modules()} == modes
+    for a, b in zip(bare_losses, losses):
+        assert torch.equal(a, b)
+    for a, b in zip(bare_grads, grads):
+        assert torch.equal(a, b)
+    assert torch.equal(bare_rng, rng)
+    for (name, a), b in zip(bare.state_dict().items(), model.state_dict().values()):
+        assert torch.equal(a, b), name  # running stats and num_batches_tracked
+    assert {name: m.training for name, m in model.named_modules()} == modes
+    acc = read_events(tmp_path / "run")
+    assert bool(acc.Tags()["graph"]) == graph
+    assert bool(text_of(acc, "model/summary") if summary else []) == summary
+
+
+# --------------------------------------------------------------------------- graphs that cannot be traced
+class StrOutput(nn.Module):
+    """Returns a str next to its tensor: torchinfo copes, jit tracing does not."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.lin(x), "label"
+
+
+class SetOutput(nn.Module):
+    """Returns a Python set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return {self.lin(x)}
+
+
+class RefusesTracing(nn.Module):
+    """Data-dependent Python control flow that refuses to be traced (as some libraries do)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 2)
+
+    def forward(self, x):
+        y = self.lin(x)
+        if torch.jit.is_tracing():
+            raise RuntimeError("this forward branches on data and cannot be traced")
+        return y if float(y.sum()) > 0 else -y
+
+
+class KeywordInput(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 2)
+
+    def forward(self, x, scale=1.0):
+        return self.lin(x) * scale
+
+
+def _first(out):
+    if isinstance(out, tuple):
+        return out[0]
+    if isinstance(out, set):
+        return next(iter(out))
+    return out
+
+
+@pytest.mark.parametrize(
+    "model_cls, summary, call",
+    [
+        (StrOutput, True, lambda m, x: m(x)),
+        (SetOutput, False, lambda m, x: m(x)),
+        (RefusesTracing, True, lambda m, x: m(x)),
+        (KeywordInput, True, lambda m, x: m(x, scale=2.0)),
+    ],
+    ids=["str-output", "set-output", "refuses-tracing", "keyword-input"],
+)
+def test_untraceable_graph_is_one_warning_and_training_goes_on(tmp_path, capsys, model_cls, summary, call):
+    torch.manual_seed(0)
+    model = model_cls()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        with watch(model, tmp_path / "run", every=1, summary=summary, graph=True) as w:
+            for _ in range(3):
+                loss = _first(call(model, torch.randn(3, 4))).pow(2).mean()
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+    found = introspect_warnings(record)
+    assert len(found) == 1, found
+    assert "graph" in found[0]
+    assert model_cls.__name__ in found[0] or "keyword" in found[0]
+    assert w.step == 2
+    acc = read_events(tmp_path / "run")
+    assert not acc.Tags()["graph"]
+    assert [e.step for e in acc.Histograms("grads/lin.weight")] == [0, 1, 2]
+    if summary:
+        assert "Total params: 10" in capsys.readouterr().out
+
+
+def test_summary_failure_is_one_warning(tmp_path, capsys):
+    torch.manual_seed(0)
+    model = SetOutput()  # torchinfo cannot size a set
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        with watch(model, tmp_path / "run", every=1, summary=True, graph=False) as w:
+            for _ in range(2):
+                next(iter(model(torch.randn(3, 4)))).sum().backward()
+    found = introspect_warnings(record)
+    assert len(found) == 1, found
+    assert "summary" in found[0]
+    assert w.step == 1
+    assert text_of(read_events(tmp_path / "run"), "model/summary") == []
+
+
+# --------------------------------------------------------------------------- the pieces
+def test_model_summary_text():
+    torch.manual_seed(0)
+    text = model_summary(SeedCNN(), (torch.randn(2, 3, 32, 32),))
+    assert TOTAL in text
+    assert "Trainable params: 54,273" in text
+    for layer in ("Conv2d", "MaxPool2d", "Dropout2d", "AdaptiveMaxPool2d", "Linear"):
+        assert layer in text
+
+
+def test_public_summary():
+    torch.manual_seed(0)
+    net = SeedCNN()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    text = introspect.summary(net, torch.randn(1, 3, 32, 32))
+    assert TOTAL in text
+    assert "[1, 3, 32, 32]" in text
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+    with pytest.raises(ModelTypeError) as info:
+        introspect.summary("net", torch.randn(1, 3, 32, 32))
+    assert "str" in str(info.value)
+
+
+def test_summary_counts_frozen_parameters():
+    torch.manual_seed(0)
+    net = SeedCNN()
+    net.conv2.requires_grad_(False)
+    text = introspect.summary(net, torch.randn(1, 3, 32, 32))
+    assert TOTAL in text
+    assert "Non-trainable params: 51,264" in text
+
+
+def test_summary_markdown_keeps_a_fixed_width_block():
+    text = "Layer  Param #\nconv   896\n\nTotal params: 896"
+    md = summary_markdown(text)
+    assert md.splitlines() == ["    Layer  Param #", "    conv   896", "    ", "    Total params: 896"]
+
+
+def test_preserved_state_restores_buffers_modes_and_rng():
+    model = _frozen_bn_net()
+    buffers = {k: v.clone() for k, v in model.state_dict().items()}
+    modes = {name: m.training for name, m in model.named_modules()}
+    rng = torch.get_rng_state()
+    with preserved_state(model):
+        assert not torch.is_grad_enabled()
+        model.train()
+        model(torch.randn(4, 3, 10, 10))  # moves BN running stats, draws dropout masks
+        torch.rand(10)
+        assert not torch.equal(model.bn.running_mean, buffers["bn.running_mean"])
+    assert torch.is_grad_enabled()
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert {name: m.training for name, m in model.named_modules()} == modes
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, buffers[k]), k
+
+
+def test_preserved_state_restores_after_an_error():
+    model = _frozen_bn_net()
+    buffers = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError):
+        with preserved_state(model):
+            model.train()
+            model(torch.randn(4, 3, 10, 10))
+            raise ValueError
+    assert model.frozen_bn.training is False
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, buffers[k]), k
+
+
+def test_write_graph(logdir):
+    torch.manual_seed(0)
+    writer = SummaryWriter(str(logdir))
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        assert write_graph(writer, SeedCNN(), (torch.randn(1, 3, 32, 32),)) is True
+        assert write_graph(writer, StrOutput(), (torch.randn(1, 4),)) is False
+        assert write_graph(writer, KeywordInput(), (torch.randn(1, 4),), {"scale": 2.0}) is False
+    writer.close()
+    found = introspect_warnings(record)
+    assert len(found) == 2
+    assert "StrOutput" in found[0]
+    assert "scale" in found[1]
+    assert read_events(logdir).Tags()["graph"]
