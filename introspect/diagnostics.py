@@ -1,10 +1,34 @@
-"""The debugger's findings: what went wrong, where, and when, in words a person reads."""
+"""The debugger: what went wrong, where and when, from the numbers the hooks gathered.
+
+Everything here runs on the host on small lists of floats that a step already moved in its one
+transfer; no tensor is touched. Two families of findings:
+
+* non-finite origin, checked every step: from the finiteness of each watched output's sum, of
+  the inputs it read and of the gradients flowing back, the first module whose output went
+  NaN/Inf while its inputs were finite (forward), or whose input gradient went NaN/Inf while the
+  gradient reaching its output was finite (backward);
+* health, on logging steps: dead or saturated units, vanishing, exploding or stuck layers.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
+import statistics
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields
 
-__all__ = ["Alert", "format_report"]
+from .errors import ConfigError
+
+__all__ = [
+    "Alert",
+    "Thresholds",
+    "CallRecord",
+    "locate_nonfinite",
+    "check_activation_health",
+    "GradientHealth",
+    "format_report",
+    "alerts_markdown",
+]
 
 
 @dataclass(frozen=True)
@@ -16,26 +40,284 @@ class Alert:
     step: int
     message: str
     numbers: dict[str, float] = field(default_factory=dict)
+    phase: str = ""
+    module_type: str = ""
 
     def __str__(self) -> str:
         return f"step {self.step}: {self.kind} at {self.where}: {self.message}"
 
 
-def format_report(alerts: list[Alert], steps: int) -> str:
+@dataclass(frozen=True)
+class Thresholds:
+    """When a number becomes a finding. Pass ``watch(..., thresholds={"dead_fraction": 0.9})``."""
+
+    dead_fraction: float = 0.5
+    """A ReLU-family module is reported when at least this share of its units (channels for conv
+    maps) is zero for every sample of a logged batch."""
+    saturated_fraction: float = 0.5
+    """A Sigmoid/Tanh module is reported when this share of its units sits at its bounds."""
+    saturation_margin: float = 1e-3
+    """How close to 0/1 (sigmoid) or -1/1 (tanh) counts as "at the bound"."""
+    vanishing_ratio: float = 1e-4
+    """A layer whose RMS gradient is this many times smaller than the median layer's."""
+    vanishing_floor: float = 1e-12
+    """...or whose RMS gradient is below this, whatever the others do."""
+    exploding_norm: float = 1e6
+    """A layer whose gradient norm exceeds this."""
+    exploding_jump: float = 100.0
+    """...or grows this many times between two logging steps."""
+    stuck_ratio: float = 1e-10
+    """With ``optimizer=``: a parameter whose update/weight ratio stays below this is not learning."""
+
+    @classmethod
+    def coerce(cls, value: "Thresholds | Mapping[str, float] | None") -> "Thresholds":
+        if value is None:
+            return cls()
+        if isinstance(value, cls):
+            return value
+        if isinstance(value, Mapping):
+            known = {f.name for f in fields(cls)}
+            unknown = sorted(set(value) - known)
+            if unknown:
+                raise ConfigError(f"thresholds= got unknown names {unknown}; known: {sorted(known)}")
+            return cls(**{k: float(v) for k, v in value.items()})
+        raise ConfigError(f"thresholds= takes a dict or introspect.Thresholds, got {type(value).__name__}")
+
+
+# --------------------------------------------------------------------------- non-finite origin
+@dataclass
+class CallRecord:
+    """One call of a watched module on a checked step, in the order forward hooks fired."""
+
+    module: str
+    module_type: str
+    producers: list[int] = field(default_factory=list)
+    """Indices of earlier calls whose output this call read as input."""
+
+
+def _finite_by_label(labels: Sequence[tuple], values: Sequence[float]) -> list[tuple[tuple, bool]]:
+    return [(label, math.isfinite(v)) for label, v in zip(labels, values)]
+
+
+def _kind_of(values: Sequence[float]) -> str:
+    if any(math.isnan(v) for v in values):
+        return "NaN"
+    return "Inf"
+
+
+def locate_nonfinite(
+    step: int,
+    calls: Sequence[CallRecord],
+    labels: Sequence[tuple],
+    values: Sequence[float],
+) -> Alert | None:
+    """The origin of this step's first NaN/Inf, or None when every checked sum is finite.
+
+    ``labels`` name each sum: ``("in", call)`` an input the call read that no earlier call
+    produced, ``("out", call, where)`` an output, ``("grad", call, where)`` the gradient w.r.t.
+    an output (in the order backward produced them), ``("model_in",)`` the model's own input.
+    """
+    checked = _finite_by_label(labels, values)
+    if all(ok for _, ok in checked):
+        return None
+    n = len(calls)
+    out_ok = [True] * n
+    own_in_ok = [True] * n
+    first_bad_out: dict[int, str] = {}
+    bad_values: dict[str, list[float]] = {}
+    model_input_ok = True
+    grad_events: list[tuple[int, str, bool]] = []
+    for (label, ok), value in zip(checked, values):
+        tag = label[0]
+        if tag == "out":
+            if not ok:
+                out_ok[label[1]] = False
+                first_bad_out.setdefault(label[1], label[2])
+                bad_values.setdefault(label[2], []).append(value)
+        elif tag == "in":
+            own_in_ok[label[1]] = own_in_ok[label[1]] and ok
+        elif tag == "model_in":
+            model_input_ok = model_input_ok and ok
+        elif tag == "grad":
+            grad_events.append((label[1], label[2], ok))
+            if not ok:
+                bad_values.setdefault(label[2], []).append(value)
+
+    def inputs_ok(i: int) -> bool:
+        return own_in_ok[i] and all(out_ok[p] for p in calls[i].producers)
+
+    if not model_input_ok:
+        return Alert(
+            "nonfinite", "input", step,
+            "the batch fed to the model already holds NaN/Inf: check the data pipeline",
+            {}, phase="forward", module_type="",
+        )
+    forward_bad = [i for i in range(n) if not out_ok[i]]
+    if forward_bad:
+        return _forward_origin(step, calls, forward_bad, first_bad_out, bad_values, inputs_ok)
+    bad_grads = [(i, where) for i, where, ok in grad_events if not ok]
+    if bad_grads:
+        return _backward_origin(step, calls, grad_events, bad_grads[0], bad_values)
+    return None
+
+
+def _forward_origin(step, calls, forward_bad, first_bad_out, bad_values, inputs_ok) -> Alert:
+    for i in forward_bad:
+        if inputs_ok(i):
+            where = first_bad_out[i]
+            what = _kind_of(bad_values.get(where, []))
+            later = len(forward_bad) - 1
+            message = f"{what} first appears in the output of {where} ({calls[i].module_type}) while its inputs were finite"
+            if later:
+                message += f"; {later} later module output{'s' if later != 1 else ''} inherit it"
+            return Alert(
+                "nonfinite", where, step, message,
+                {"later_nonfinite_modules": float(later)}, phase="forward", module_type=calls[i].module_type,
+            )
+    i = forward_bad[0]
+    where = first_bad_out[i]
+    previous = [c.module for c in calls[:i] if c.module != calls[i].module]
+    between = f"between {previous[-1]} and {calls[i].module}" if previous else f"before {calls[i].module}"
+    return Alert(
+        "nonfinite", where, step,
+        f"{_kind_of(bad_values.get(where, []))} reaches {where} ({calls[i].module_type}) through its input: it was made by "
+        f"code no watched module covers, {between} (a functional call in a forward?); "
+        "watch more modules with include=[...] to pin it down",
+        {}, phase="forward", module_type=calls[i].module_type,
+    )
+
+
+def _backward_origin(step, calls, grad_events, first_bad, bad_values) -> Alert:
+    producer, where = first_bad
+    grad_ok: dict[int, bool] = {}
+    for i, _, ok in grad_events:
+        grad_ok[i] = grad_ok.get(i, True) and ok
+    consumers = [i for i, c in enumerate(calls) if producer in c.producers]
+    culprits = [i for i in consumers if grad_ok.get(i) is True]
+    what = _kind_of(bad_values.get(where, []))
+    if culprits:
+        i = culprits[0]
+        return Alert(
+            "nonfinite", calls[i].module, step,
+            f"{what} gradient first appears in the backward of {calls[i].module} ({calls[i].module_type}): "
+            f"the gradient reaching its output was finite, the one it passed to {where} was not",
+            {}, phase="backward", module_type=calls[i].module_type,
+        )
+    if not consumers:
+        return Alert(
+            "nonfinite", where, step,
+            f"the gradient arriving at the model's output {where} is already {what}: the loss (or code "
+            "after the model) produced it",
+            {}, phase="backward", module_type=calls[producer].module_type,
+        )
+    return Alert(
+        "nonfinite", where, step,
+        f"{what} gradient first appears at the output of {where}, made by code after it that no watched "
+        "module covers; watch more modules with include=[...] to pin it down",
+        {}, phase="backward", module_type=calls[producer].module_type,
+    )
+
+
+# --------------------------------------------------------------------------- health
+def check_activation_health(
+    step: int, measures: Mapping[str, float], module_types: Mapping[str, str], limits: Thresholds
+) -> list[Alert]:
+    """Dead ReLU units and saturated sigmoid/tanh units, from ``dead/{m}`` and ``saturated/{m}``."""
+    alerts = []
+    for key, fraction in measures.items():
+        kind, _, where = key.partition("/")
+        module_type = module_types.get(where.split("/")[0], "")
+        if kind == "dead" and fraction >= limits.dead_fraction:
+            alerts.append(Alert(
+                "dead_units", where, step,
+                f"{fraction:.0%} of the units of {where} ({module_type}) output zero for every sample",
+                {"dead_fraction": fraction}, module_type=module_type,
+            ))
+        elif kind == "saturated" and fraction >= limits.saturated_fraction:
+            alerts.append(Alert(
+                "saturated_units", where, step,
+                f"{fraction:.0%} of the units of {where} ({module_type}) are stuck at their bounds for every "
+                "sample (gradients through them vanish)",
+                {"saturated_fraction": fraction}, module_type=module_type,
+            ))
+    return alerts
+
+
+@dataclass
+class GradientHealth:
+    """Per-layer gradient norms across logging steps: vanishing, exploding and stuck layers."""
+
+    limits: Thresholds
+    previous_norm: dict[str, float] = field(default_factory=dict)
+
+    def check(
+        self,
+        step: int,
+        layer_grads: Mapping[str, tuple[float, float]],
+        update_ratios: Mapping[str, float],
+    ) -> list[Alert]:
+        """``layer_grads``: ``{layer: (sum of squares, number of values)}`` of its parameters' grads."""
+        alerts: list[Alert] = []
+        rms = {
+            layer: math.sqrt(sq / count)
+            for layer, (sq, count) in layer_grads.items()
+            if count > 0 and math.isfinite(sq)
+        }
+        for layer, value in rms.items():
+            others = [v for k, v in rms.items() if k != layer]
+            median = statistics.median(others) if others else value
+            norm = math.sqrt(layer_grads[layer][0])
+            if value < self.limits.vanishing_floor or (others and value < median * self.limits.vanishing_ratio):
+                alerts.append(Alert(
+                    "vanishing_gradient", layer, step,
+                    f"RMS gradient {value:.2e} is {median / max(value, 1e-300):.1e}x below the median layer's {median:.2e}",
+                    {"rms": value, "median_rms": median},
+                ))
+            before = self.previous_norm.get(layer)
+            if norm > self.limits.exploding_norm:
+                alerts.append(Alert(
+                    "exploding_gradient", layer, step,
+                    f"gradient norm {norm:.2e} is above {self.limits.exploding_norm:.0e}",
+                    {"norm": norm},
+                ))
+            elif before is not None and before > self.limits.vanishing_floor and norm > before * self.limits.exploding_jump:
+                alerts.append(Alert(
+                    "exploding_gradient", layer, step,
+                    f"gradient norm jumped {norm / before:.0f}x since the last logged step ({before:.2e} -> {norm:.2e})",
+                    {"norm": norm, "previous_norm": before},
+                ))
+            self.previous_norm[layer] = norm
+        for param, ratio in update_ratios.items():
+            if math.isfinite(ratio) and ratio < self.limits.stuck_ratio:
+                alerts.append(Alert(
+                    "stuck_parameter", param, step,
+                    f"optimizer.step() changed it by {ratio:.1e} of its norm: it is not learning "
+                    "(learning rate 0, or not in the optimizer's param groups?)",
+                    {"update_ratio": ratio},
+                ))
+        return alerts
+
+
+# --------------------------------------------------------------------------- report
+def format_report(alerts: Sequence[Alert], steps: int) -> str:
     """A short plain-text table for the terminal."""
+    plural = "s" if steps != 1 else ""
     if not alerts:
-        return f"introspect: no problems found in {steps} step{'s' if steps != 1 else ''}."
+        return f"introspect: no problems found in {steps} step{plural}."
     rows = [("step", "finding", "where", "details")]
-    rows += [(str(a.step), a.kind, a.where, a.message) for a in alerts]
+    rows += [(str(a.step), a.kind + (f" ({a.phase})" if a.phase else ""), a.where, a.message) for a in alerts]
     widths = [max(len(r[i]) for r in rows) for i in range(3)]
-    lines = [f"introspect: {len(alerts)} finding{'s' if len(alerts) != 1 else ''} in {steps} steps"]
+    count = len(alerts)
+    lines = [f"introspect: {count} finding{'s' if count != 1 else ''} in {steps} step{plural}"]
     for r in rows:
         lines.append("  ".join(r[i].ljust(widths[i]) for i in range(3)) + "  " + r[3])
     return "\n".join(lines)
 
 
-def alerts_markdown(alerts: list[Alert]) -> str:
+def alerts_markdown(alerts: Sequence[Alert]) -> str:
     """The same findings as a markdown table for TensorBoard's text dashboard."""
     lines = ["| step | finding | where | details |", "| --- | --- | --- | --- |"]
-    lines += [f"| {a.step} | {a.kind} | `{a.where}` | {a.message} |" for a in alerts]
+    lines += [
+        f"| {a.step} | {a.kind}{f' ({a.phase})' if a.phase else ''} | `{a.where}` | {a.message} |" for a in alerts
+    ]
     return "\n".join(lines)

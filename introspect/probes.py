@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch.nn.utils.rnn import PackedSequence
 
-__all__ = ["named_float_tensors"]
+__all__ = ["named_float_tensors", "unit_health"]
 
 _MAX_DEPTH = 8
 
@@ -53,3 +53,45 @@ def _walk(obj: Any, path: str, found: list[tuple[str, torch.Tensor]], depth: int
         return
     for key, value in items:
         _walk(value, f"{path}/{key}" if path else key, found, depth + 1)
+
+
+# --------------------------------------------------------------------------- unit health
+# On logging steps only: one reduction over every dimension but the unit (channel) dimension 1.
+UnitMeasure = Callable[[Any, str, torch.Tensor, Any], None]
+
+
+def _per_unit_max(values: torch.Tensor) -> torch.Tensor | None:
+    if values.dim() < 2:
+        return None
+    dims = tuple(d for d in range(values.dim()) if d != 1)
+    return values.amax(dim=dims)
+
+
+def _measure_dead(buffer: Any, where: str, output: torch.Tensor, limits: Any) -> None:
+    """Share of units (channels) that are zero for every sample and position of the batch."""
+    peak = _per_unit_max(output.detach())
+    if peak is not None:
+        buffer.add_measure(f"dead/{where}", (peak <= 0).float().mean())
+
+
+def _measure_saturation(distance_to_bound: Callable[[torch.Tensor], torch.Tensor]) -> UnitMeasure:
+    def measure(buffer: Any, where: str, output: torch.Tensor, limits: Any) -> None:
+        """Share of units within ``saturation_margin`` of a bound for every sample."""
+        farthest = _per_unit_max(distance_to_bound(output.detach().float()))
+        if farthest is not None:
+            buffer.add_measure(f"saturated/{where}", (farthest < limits.saturation_margin).float().mean())
+
+    return measure
+
+
+_UNIT_MEASURES: dict[str, UnitMeasure] = {
+    "ReLU": _measure_dead,
+    "ReLU6": _measure_dead,
+    "Sigmoid": _measure_saturation(lambda y: torch.minimum(y, 1.0 - y)),
+    "Tanh": _measure_saturation(lambda y: 1.0 - y.abs()),
+}
+
+
+def unit_health(module_type: str) -> UnitMeasure | None:
+    """The dead/saturated-unit measure for an activation module's type name, if it has one."""
+    return _UNIT_MEASURES.get(module_type)

@@ -43,7 +43,12 @@ def root_name(model: nn.Module) -> str:
 def _normalise(spec: ModuleFilter, option: str) -> list[str | type]:
     if spec is None:
         return []
-    items = [spec] if isinstance(spec, (str, type)) else list(spec)
+    if isinstance(spec, (str, type)):
+        items = [spec]
+    elif isinstance(spec, (list, tuple, set, frozenset)):
+        items = list(spec)
+    else:
+        items = [spec]  # reported below with the valid forms
     for item in items:
         if isinstance(item, str):
             continue

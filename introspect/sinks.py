@@ -9,6 +9,7 @@
 | conv feature maps                            | image     | feature_maps/{module}             |
 | model summary                                | text      | model/summary                     |
 | debugger findings                            | text      | diagnostics/alerts                |
+| gradient flow per layer                      | image     | diagnostics/grad_flow             |
 | NaN/Inf count, when not zero                 | scalar    | nonfinite/{module or param}       |
 """
 
@@ -38,6 +39,7 @@ TAG_KINDS = (
 
 SUMMARY_TAG = "model/summary"
 ALERTS_TAG = "diagnostics/alerts"
+GRAD_FLOW_TAG = "diagnostics/grad_flow"
 
 _WRITER_METHODS = ("add_histogram_raw", "add_scalar", "add_text", "flush")
 

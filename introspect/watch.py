@@ -18,15 +18,27 @@ no gradient hook is attached, nothing is written.
 from __future__ import annotations
 
 import logging
+import math
+import signal
+import threading
 import warnings
 import weakref
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping
 from typing import Any, Callable
 
 import torch
 from torch import nn
 
-from .diagnostics import Alert, alerts_markdown, format_report
+from .diagnostics import (
+    Alert,
+    CallRecord,
+    GradientHealth,
+    Thresholds,
+    alerts_markdown,
+    check_activation_health,
+    format_report,
+    locate_nonfinite,
+)
 from .errors import (
     AlreadyWatchedError,
     ConfigError,
@@ -35,11 +47,12 @@ from .errors import (
     NonFiniteError,
     NonFiniteWarning,
 )
-from .probes import named_float_tensors
+from .probes import named_float_tensors, unit_health
 from .selection import ModuleFilter, select_modules, select_parameters, unwrap_model
-from .sinks import ALERTS_TAG, SUMMARY_TAG, open_writer, tag, write_step
-from .step import StepBuffer
+from .sinks import ALERTS_TAG, GRAD_FLOW_TAG, SUMMARY_TAG, open_writer, tag, tag_name, write_step
+from .step import HostStep, StepBuffer
 from .summary import model_summary, summary_markdown, write_graph
+from .visuals import grad_flow_image
 
 __all__ = ["watch", "Watcher", "LOG_KINDS", "DEFAULT_LOG", "DEFAULT_EVERY"]
 
@@ -80,6 +93,7 @@ class Watcher:
         optimizer: torch.optim.Optimizer | None = None,
         on_nonfinite: str = "warn",
         check_every: int = 1,
+        thresholds: Thresholds | Mapping[str, float] | None = None,
         summary: bool = True,
         graph: bool = True,
     ) -> None:
@@ -105,6 +119,7 @@ class Watcher:
             raise ConfigError(
                 f"optimizer= must be a torch.optim.Optimizer, got {type(optimizer).__name__}"
             )
+        limits = Thresholds.coerce(thresholds)
         root = unwrap_model(model)
         if root in _ACTIVE:
             raise AlreadyWatchedError(
@@ -118,9 +133,11 @@ class Watcher:
         self.log = frozenset(kinds)
         self.on_nonfinite = on_nonfinite
         self.check_every = check_every
+        self.thresholds = limits
         self.alerts: list[Alert] = []
         self._root = root
         self._modules = modules
+        self._module_types = {name: type(m).__name__ for name, m in modules.items()}
         self._params = select_parameters(root, modules)
         self._optimizer = optimizer
         self._summary = summary
@@ -134,13 +151,18 @@ class Watcher:
         self._buffer: StepBuffer | None = None
         self._step = 0
         self._next_step = 0
-        self._depth = 0  # nesting of root forwards (a model that calls itself)
         self._active = False  # inside a counted (training, grad-enabled) forward of the root
         self._suspended = False  # our own extra forwards (summary, graph) are not observed
         self._first_batch_pending = summary or graph
+        self._force_log = False  # log the step after a NaN/Inf, whatever the cadence
         self._disabled: set[str] = set()
+        self._alerted: set[tuple[str, str]] = set()
         self._warned_origins: set[str] = set()
         self._weights_before: dict[str, torch.Tensor] = {}
+        self._grad_health = GradientHealth(limits)
+        self._last_layer_grads: tuple[int, dict[str, tuple[float, float, float]]] | None = None
+        self._grad_flow_drawn: int | None = None
+        self._previous_sigterm: Any = None
         self._closed = False
         self._attach()
 
@@ -177,9 +199,11 @@ class Watcher:
         try:
             if self._buffer is not None:
                 self._end_step(may_raise=False)
+            self._draw_grad_flow()
         finally:
             self._remove_handles(self._step_handles)
             self._remove_handles(self._handles)
+            self._restore_sigterm()
             _ACTIVE.pop(self._root, None)
             self._weights_before = {}
             self._active = False
@@ -219,8 +243,10 @@ class Watcher:
             if self._optimizer is not None:
                 self._handles.append(self._optimizer.register_step_pre_hook(self._on_optimizer_pre))
                 self._handles.append(self._optimizer.register_step_post_hook(self._on_optimizer_post))
+            self._install_sigterm()
         except BaseException:
             self._remove_handles(self._handles)
+            self._restore_sigterm()
             _ACTIVE.pop(self._root, None)
             raise
 
@@ -229,11 +255,34 @@ class Watcher:
         while handles:
             handles.pop().remove()
 
+    def _install_sigterm(self) -> None:
+        """SIGTERM (a scheduler's kill, ``docker stop``) writes the open step before the process goes."""
+        if threading.current_thread() is not threading.main_thread():
+            return
+        try:
+            self._previous_sigterm = signal.signal(signal.SIGTERM, self._on_sigterm)
+        except (ValueError, OSError):  # no signals here (embedded interpreter, odd platform)
+            self._previous_sigterm = None
+
+    def _restore_sigterm(self) -> None:
+        previous, self._previous_sigterm = self._previous_sigterm, None
+        if previous is None or threading.current_thread() is not threading.main_thread():
+            return
+        if signal.getsignal(signal.SIGTERM) == self._on_sigterm:
+            signal.signal(signal.SIGTERM, previous)
+
+    def _on_sigterm(self, signum: int, frame: Any) -> None:
+        previous = self._previous_sigterm
+        self.close()  # writes the open step, removes hooks, restores the previous handler
+        if callable(previous):
+            previous(signum, frame)
+        elif previous != signal.SIG_IGN:
+            raise SystemExit(128 + signum)
+
     def _on_root_pre(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        # A root that calls itself recursively would count each call as a step; a depth counter
+        # cannot be kept honest, since torch skips always_call hooks on KeyboardInterrupt.
         if self._suspended:
-            return None
-        self._depth += 1
-        if self._depth > 1:
             return None
         self._active = module.training and torch.is_grad_enabled()
         if not self._active:
@@ -248,52 +297,77 @@ class Watcher:
                 self._open_step()
             elif self._buffer is None:
                 self._open_step()
+            buffer = self._buffer
+            if buffer is not None and buffer.checking:
+                for _, tensor in named_float_tensors((args, kwargs)):
+                    buffer.add_check(("model_in",), tensor)
+                    buffer.mark_output(tensor, -1)
         except BaseException:  # e.g. NonFiniteError: this forward never starts
-            self._depth -= 1
             self._active = False
             raise
         return None
 
     def _on_root_post(self, module: nn.Module, args: tuple, output: Any) -> None:
-        if self._suspended:
-            return None
-        self._depth = max(self._depth - 1, 0)
-        if self._depth == 0:
+        if not self._suspended:
             self._active = False
         return None
 
     def _make_output_hook(self, name: str) -> Callable[[nn.Module, Any, Any], None]:
+        module_type = self._module_types[name]
+        measure_units = unit_health(module_type)
+
         def hook(module: nn.Module, args: Any, output: Any) -> None:
             if not self._active or self._suspended or name in self._disabled:
                 return None
             buffer = self._buffer
-            if buffer is None:
+            if buffer is None or not (buffer.checking or buffer.logging):
                 return None
             try:
                 tensors = named_float_tensors(output)
                 several = len(tensors) > 1
+                call = -1
+                if buffer.checking:
+                    call = buffer.new_call(CallRecord(name, module_type))
+                    for _, tensor in named_float_tensors(args):
+                        producer = buffer.producer_of(tensor)
+                        if producer is None:
+                            buffer.add_check(("in", call), tensor)
+                        elif producer >= 0:
+                            buffer.calls[call].producers.append(producer)
                 for suffix, tensor in tensors:
                     where = f"{name}/{suffix}" if several else name
-                    if self._checks(buffer.step):
-                        buffer.add_finite_check(where, tensor)
-                    if not buffer.logging:
-                        continue
-                    if "activations" in self.log:
-                        buffer.add_histogram(tag("activations", where), tensor)
-                    if "activation_grads" in self.log and tensor.requires_grad:
-                        tensor.register_hook(self._make_output_grad_hook(buffer, where))
+                    if buffer.checking:
+                        buffer.add_check(("out", call, where), tensor)
+                        buffer.mark_output(tensor, call)
+                    if buffer.logging:
+                        if "activations" in self.log:
+                            buffer.add_histogram(tag("activations", where), tensor)
+                        if measure_units is not None:
+                            measure_units(buffer, where, tensor, self.thresholds)
+                    if tensor.requires_grad and (
+                        buffer.checking or (buffer.logging and "activation_grads" in self.log)
+                    ):
+                        tensor.register_hook(self._make_output_grad_hook(buffer, call, where))
             except Exception as e:
                 self._disable(name, module, e)
             return None
 
         return hook
 
-    def _make_output_grad_hook(self, buffer: StepBuffer, where: str) -> Callable[[torch.Tensor], None]:
+    def _make_output_grad_hook(self, buffer: StepBuffer, call: int, where: str) -> Callable[[torch.Tensor], None]:
         def hook(grad: torch.Tensor) -> None:
             if buffer.closed or self._closed or where in self._disabled:
                 return None
             try:
-                buffer.add_histogram(tag("activation_grads", where), grad)
+                if buffer.checking:
+                    buffer.add_check(("grad", call, where), grad)
+                    if not buffer.callback_queued:
+                        buffer.callback_queued = True
+                        torch.autograd.Variable._execution_engine.queue_callback(
+                            lambda: self._after_backward(buffer)
+                        )
+                if buffer.logging and "activation_grads" in self.log:
+                    buffer.add_histogram(tag("activation_grads", where), grad)
             except Exception as e:
                 self._disable(where, None, e)
             return None
@@ -308,6 +382,13 @@ class Watcher:
             return None
 
         return hook
+
+    def _after_backward(self, buffer: StepBuffer) -> None:
+        """Runs when a backward pass finishes, before the user's next line (``optimizer.step()``)."""
+        buffer.callback_queued = False
+        if buffer.closed or self._closed:
+            return
+        self._check_nonfinite(buffer, may_raise=True)
 
     def _on_optimizer_pre(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         buffer = self._buffer
@@ -339,14 +420,14 @@ class Watcher:
         return None
 
     # ----------------------------------------------------------------- steps
-    def _checks(self, step: int) -> bool:
-        return self.check_every > 0 and step % self.check_every == 0
-
     def _open_step(self) -> None:
         step = self._next_step
         self._next_step += 1
         self._step = step
-        buffer = StepBuffer(step=step, logging=self._writer is not None and step % self.every == 0)
+        logging_step = self._writer is not None and (step % self.every == 0 or self._force_log)
+        self._force_log = False
+        checking = self.check_every > 0 and step % self.check_every == 0
+        buffer = StepBuffer(step=step, logging=logging_step, checking=checking)
         self._buffer = buffer
         if not buffer.logging:
             return
@@ -364,33 +445,92 @@ class Watcher:
         self._remove_handles(self._step_handles)
         if buffer is None:
             return
-        host = buffer.to_host()  # the one host sync of the step
-        if self._writer is not None:
-            try:
-                write_step(self._writer, host)
-            except Exception as e:
-                self._disable("<writer>", None, e)
-        if host.nonfinite:
-            self._report_nonfinite(host.step, host.nonfinite, may_raise)
+        try:
+            if buffer.checking:
+                self._check_nonfinite(buffer, may_raise=may_raise)
+        finally:
+            if buffer.logging:
+                host = buffer.to_host()  # one transfer for the whole step's records
+                self._write(host)
+                self._check_health(host)
+            buffer.closed = True
+
+    def _write(self, host: HostStep) -> None:
+        if self._writer is None:
+            return
+        try:
+            write_step(self._writer, host)
+        except Exception as e:
+            self._disable("<writer>", None, e)
 
     # ----------------------------------------------------------------- findings
-    def _report_nonfinite(self, step: int, names: Sequence[str], may_raise: bool) -> None:
-        origin = names[0]  # output hooks fire children first, in execution order
-        module = self._modules.get(origin.split("/")[0])
-        kind = type(module).__name__ if module is not None else "module"
-        later = len(names) - 1
-        message = f"first NaN/Inf in the forward output of {origin} ({kind})"
-        if later:
-            message += f"; {later} later output{'s' if later != 1 else ''} also non-finite"
-        alert = Alert("nonfinite", origin, step, message, {"nonfinite_outputs": float(len(names))})
-        self._add_alert(alert)
+    def _check_nonfinite(self, buffer: StepBuffer, may_raise: bool) -> None:
+        if buffer.reported or not buffer.sync_checks():
+            return
+        alert = locate_nonfinite(buffer.step, buffer.calls, buffer.check_labels, buffer.check_values)
+        if alert is None:
+            return
+        buffer.reported = True
+        self._force_log = True  # show the next step's histograms, NaN counts included
+        new = self._add_alert(alert)
         if self.on_nonfinite == "raise" and may_raise:
-            raise NonFiniteError(f"introspect: step {step}: {message}", alert)
-        if self.on_nonfinite == "warn" and origin not in self._warned_origins:
-            self._warned_origins.add(origin)
-            warnings.warn(f"introspect: step {step}: {message}", NonFiniteWarning, stacklevel=4)
+            raise NonFiniteError(f"introspect: step {alert.step}: {alert.message}", alert)
+        if new and self.on_nonfinite == "warn" and alert.where not in self._warned_origins:
+            self._warned_origins.add(alert.where)
+            warnings.warn(f"introspect: step {alert.step}: {alert.message}", NonFiniteWarning, stacklevel=2)
 
-    def _add_alert(self, alert: Alert) -> None:
+    def _check_health(self, host: HostStep) -> None:
+        alerts = check_activation_health(host.step, host.measures, self._module_types, self.thresholds)
+        layer_grads: dict[str, list[float]] = {}
+        for full_tag, record in host.histograms.items():
+            kind, name = tag_name(full_tag)
+            if kind != "grads":
+                continue
+            layer = name.rpartition(".")[0] or name
+            entry = layer_grads.setdefault(layer, [0.0, 0.0, 0.0])
+            entry[0] += record.sum_squares
+            entry[1] += record.finite_count
+            entry[2] = max(entry[2], abs(record.min), abs(record.max))
+        if layer_grads:
+            ratios = {
+                tag_name(t)[1]: v for t, v in host.scalars.items() if tag_name(t)[0] == "update_ratio"
+            }
+            sums = {layer: (v[0], v[1]) for layer, v in layer_grads.items()}
+            grad_alerts = self._grad_health.check(host.step, sums, ratios)
+            alerts += grad_alerts
+            self._last_layer_grads = (host.step, {k: tuple(v) for k, v in layer_grads.items()})
+            if grad_alerts:
+                self._draw_grad_flow()
+        for alert in alerts:
+            self._add_alert(alert)
+
+    def _draw_grad_flow(self) -> None:
+        """The gradient-flow figure, on a gradient alert and at the end (a figure costs ~0.2 s)."""
+        if self._writer is None or self._last_layer_grads is None or not hasattr(self._writer, "add_image"):
+            return
+        step, layers = self._last_layer_grads
+        if self._grad_flow_drawn == step:
+            return
+
+        def finite(v: float) -> float:
+            return v if math.isfinite(v) else 0.0
+
+        names = list(layers)
+        rms = [finite(math.sqrt(v[0] / v[1])) if v[1] and v[0] >= 0 else 0.0 for v in layers.values()]
+        max_abs = [finite(v[2]) for v in layers.values()]
+        try:
+            image = grad_flow_image(names, rms, max_abs, step)
+            self._writer.add_image(GRAD_FLOW_TAG, image, step, dataformats="HWC")
+            self._grad_flow_drawn = step
+        except Exception as e:
+            self._disable("<grad_flow>", None, e)
+
+    def _add_alert(self, alert: Alert) -> bool:
+        """Record a finding once per (kind, where); False when it was already known."""
+        key = (alert.kind, alert.where)
+        if key in self._alerted:
+            return False
+        self._alerted.add(key)
         self.alerts.append(alert)
         logger.warning("%s", alert)
         if self._writer is not None:
@@ -398,6 +538,7 @@ class Watcher:
                 self._writer.add_text(ALERTS_TAG, alerts_markdown(self.alerts), alert.step)
             except Exception as e:
                 self._disable("<writer>", None, e)
+        return True
 
     def _disable(self, name: str, module: nn.Module | None, error: Exception) -> None:
         """A probe that fails warns once and stops; training goes on."""
@@ -449,6 +590,7 @@ def watch(
     optimizer: torch.optim.Optimizer | None = None,
     on_nonfinite: str = "warn",
     check_every: int = 1,
+    thresholds: Thresholds | Mapping[str, float] | None = None,
     summary: bool = True,
     graph: bool = True,
 ) -> Watcher:
@@ -478,7 +620,9 @@ def watch(
             ``update_ratio/{param}``.
         on_nonfinite: "warn" (once per origin), "raise" (``NonFiniteError``) or "ignore".
         check_every: run the non-finite check every N steps (0: never). It costs one sum per
-            output and one host sync per step.
+            watched output (and per output gradient) and one host sync per backward.
+        thresholds: when the debugger reports dead units, saturation, vanishing/exploding or
+            stuck gradients: an ``introspect.Thresholds`` or a dict of its field names.
         summary / graph: print the torchinfo summary and write the graph on the first batch.
     """
     return Watcher(
@@ -491,6 +635,7 @@ def watch(
         optimizer=optimizer,
         on_nonfinite=on_nonfinite,
         check_every=check_every,
+        thresholds=thresholds,
         summary=summary,
         graph=graph,
     )
