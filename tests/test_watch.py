@@ -702,7 +702,7 @@ def test_optimizer_mode_with_gradient_accumulation(seed_cnn, writer, logdir):
 
 
 def test_optimizer_mode_cadence_and_bare_optimizer_steps(seed_cnn, writer, logdir):
-    opt = torch.optim.SGD(seed_cnn.parameters(), lr=0.05)
+    opt = torch.optim.SGD(seed_cnn.parameters(), lr=0.01)
     with watch(seed_cnn, writer, every=2, optimizer=opt, **FAST) as w:
         train(seed_cnn, seed_cnn_batch, seed_cnn_loss, 5, optimizer=opt)
         assert w.step == 4
@@ -813,21 +813,25 @@ def test_nonfinite_warns_once_per_origin(writer):
     assert w.alerts[0].step == 1
 
 
-def test_nonfinite_raise_at_next_training_forward(writer, logdir):
+def test_nonfinite_raise_at_the_end_of_that_backward(writer, logdir):
+    """Without optimizer=, the check runs when backward finishes: the user's next line (usually
+    optimizer.step()) never runs with NaN gradients."""
     torch.manual_seed(0)
     model = PoisonNet(at={1})
     before = hook_state(model)
-    forwards = []
+    phases = []
     with pytest.raises(NonFiniteError) as info:
         with watch(model, writer, every=1, on_nonfinite="raise", **FAST) as w:
             for i in range(4):
-                forwards.append(i)
                 loss = model(torch.randn(2, 4)).mean()
+                phases.append((i, "backward"))
                 loss.backward()
+                phases.append((i, "done"))
     assert isinstance(info.value, FloatingPointError)
-    assert forwards == [0, 1, 2]  # raised by the forward of step 2, which ends step 1
+    assert phases[-1] == (1, "backward")
     assert info.value.alert.where == "poison"
     assert info.value.alert.step == 1
+    assert info.value.alert.phase == "forward"
     assert "poison" in str(info.value)
     assert w.step == 1
     assert hook_state(model) == before
@@ -836,23 +840,25 @@ def test_nonfinite_raise_at_next_training_forward(writer, logdir):
 
 
 def test_nonfinite_raise_not_on_exit(writer):
+    """A step with no backward is checked when it ends; on exit that records, never raises."""
     torch.manual_seed(0)
     model = PoisonNet(at={2})
     before = hook_state(model)
     with watch(model, writer, every=1, on_nonfinite="raise", **FAST) as w:
-        for _ in range(3):
+        for _ in range(2):
             model(torch.randn(2, 4)).mean().backward()
-    # The last step's NaN is found on exit and recorded, but exit does not raise.
+        model(torch.randn(2, 4))  # step 2: forward only, NaN in poison
     assert [(a.where, a.step) for a in w.alerts] == [("poison", 2)]
     assert hook_state(model) == before
 
 
-def test_nonfinite_raise_at_optimizer_step(writer):
+def test_nonfinite_raise_stops_before_the_weights_change(writer):
     torch.manual_seed(0)
     model = PoisonNet(at={1})
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     before = hook_state(model, opt)
     phases = []
+    weights_after_step0 = None
     with pytest.raises(NonFiniteError) as info:
         with watch(model, writer, every=1, optimizer=opt, on_nonfinite="raise", **FAST):
             for i in range(3):
@@ -864,10 +870,14 @@ def test_nonfinite_raise_at_optimizer_step(writer):
                 phases.append((i, "step"))
                 opt.step()
                 phases.append((i, "done"))
-    assert phases[-1] == (1, "step")
+                if i == 0:
+                    weights_after_step0 = {k: v.clone() for k, v in model.state_dict().items()}
+    assert phases[-1] == (1, "backward")
     assert info.value.alert.where == "poison"
     assert info.value.alert.step == 1
     assert hook_state(model, opt) == before
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, weights_after_step0[k]), k
 
 
 def test_nonfinite_ignore(writer):
