@@ -93,6 +93,10 @@ class CallRecord:
     module_type: str
     producers: list[int] = field(default_factory=list)
     """Indices of earlier calls whose output this call read as input."""
+    safe: bool = False
+    """A parameter-free module that cannot turn finite values into NaN/Inf, forward or backward
+    (ReLU, pooling, dropout, flatten, ...). Its output is not summed: it is finite exactly when its
+    inputs are, and the gradient it passes back is finite exactly when the one it receives is."""
 
 
 def _finite_by_label(labels: Sequence[tuple], values: Sequence[float]) -> list[tuple[tuple, bool]]:
@@ -146,13 +150,17 @@ def locate_nonfinite(
     def inputs_ok(i: int) -> bool:
         return own_in_ok[i] and all(out_ok[p] for p in calls[i].producers)
 
+    for i, call in enumerate(calls):  # producers come first, so one pass settles safe calls
+        if call.safe:
+            out_ok[i] = inputs_ok(i)
+
     if not model_input_ok:
         return Alert(
             "nonfinite", "input", step,
             "the batch fed to the model already holds NaN/Inf: check the data pipeline",
             {}, phase="forward", module_type="",
         )
-    forward_bad = [i for i in range(n) if not out_ok[i]]
+    forward_bad = [i for i in range(n) if not out_ok[i] and not calls[i].safe]
     if forward_bad:
         return _forward_origin(step, calls, forward_bad, first_bad_out, bad_values, inputs_ok)
     bad_grads = [(i, where) for i, where, ok in grad_events if not ok]
@@ -193,7 +201,9 @@ def _backward_origin(step, calls, grad_events, first_bad, bad_values) -> Alert:
     for i, _, ok in grad_events:
         grad_ok[i] = grad_ok.get(i, True) and ok
     consumers = [i for i, c in enumerate(calls) if producer in c.producers]
-    culprits = [i for i in consumers if grad_ok.get(i) is True]
+    # Gradients are checked in the order backward made them, so nothing reported before this one
+    # was bad: a consumer with no event of its own (its output grad was not summed) was fine too.
+    culprits = [i for i in consumers if not calls[i].safe and grad_ok.get(i, True)]
     what = _kind_of(bad_values.get(where, []))
     if culprits:
         i = culprits[0]

@@ -8,7 +8,18 @@ from typing import Any, Callable
 import torch
 from torch.nn.utils.rnn import PackedSequence
 
-__all__ = ["named_float_tensors", "unit_health"]
+__all__ = ["named_float_tensors", "unit_health", "FINITE_PRESERVING"]
+
+FINITE_PRESERVING = frozenset({
+    "ReLU", "ReLU6", "LeakyReLU", "ELU", "SELU", "CELU", "GELU", "SiLU", "Mish", "Hardtanh",
+    "Hardswish", "Hardsigmoid", "Sigmoid", "Tanh", "Softsign", "Tanhshrink",
+    "MaxPool1d", "MaxPool2d", "MaxPool3d", "AdaptiveMaxPool1d", "AdaptiveMaxPool2d", "AdaptiveMaxPool3d",
+    "AvgPool1d", "AvgPool2d", "AvgPool3d", "AdaptiveAvgPool1d", "AdaptiveAvgPool2d", "AdaptiveAvgPool3d",
+    "Dropout", "Dropout1d", "Dropout2d", "Dropout3d", "AlphaDropout", "FeatureAlphaDropout",
+    "Flatten", "Unflatten", "Identity", "ZeroPad1d", "ZeroPad2d", "ZeroPad3d",
+})
+"""Parameter-free modules whose forward and backward map finite values to finite values (short of
+float overflow): the non-finite check need not sum their outputs or the gradients they receive."""
 
 _MAX_DEPTH = 8
 
@@ -26,8 +37,10 @@ def named_float_tensors(output: Any) -> list[tuple[str, torch.Tensor]]:
     is exactly one floating tensor its suffix is dropped by the caller, so a plain tensor output
     gets the module's own tag.
     """
-    if isinstance(output, torch.Tensor):  # the common case, without the walk
+    if isinstance(output, torch.Tensor):  # the common cases, without the walk
         return [("", output)] if _is_float_tensor(output) else []
+    if type(output) is tuple and len(output) == 1 and isinstance(output[0], torch.Tensor):
+        return [("0", output[0])] if _is_float_tensor(output[0]) else []
     found: list[tuple[str, torch.Tensor]] = []
     _walk(output, "", found, 0)
     return found

@@ -24,10 +24,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
-__all__ = ["HIST_BINS", "SAMPLE_LIMIT", "HistogramRecord", "tensor_record", "sample_stride"]
+__all__ = ["HIST_BINS", "SAMPLE_LIMIT", "HistogramRecord", "RecordBatch", "tensor_record", "sample_stride"]
 
 HIST_BINS = 32
 """Buckets per histogram. TensorBoard re-bins to 30 for display; more only adds event bytes, which
@@ -75,59 +76,135 @@ def stat_dtype(device: torch.device) -> torch.dtype:
     return torch.float32 if device.type == "mps" else torch.float64
 
 
-def tensor_record(x: torch.Tensor) -> torch.Tensor:
-    """The statistics of ``x`` as a ``RECORD_LEN`` tensor on ``x``'s device; no host sync.
+class RecordBatch:
+    """Records of many tensors computed together: a step's histograms in a dozen device ops.
 
-    The arithmetic runs in float32 (float64 stays float64): half-precision values are widened, and
-    float32 is several times faster than float64 on CPU. Only the finished record is widened to
-    ``stat_dtype`` so that scaled bucket counts of huge tensors stay exact integers.
+    ``add`` runs in the hook, while the tensor is alive: it takes the exact ``aminmax``, ``sum``
+    and ``dot`` of the whole tensor (three fast passes) and keeps a float32 copy of the tensor,
+    or of its strided sample of at most ``SAMPLE_LIMIT`` values. Nothing else is kept, so the
+    activation itself is free to go. ``compute`` bins all samples at once: one concatenation and
+    one ``index_add`` for every histogram of the step.
+
+    The bins of a tensor holding NaN/Inf cannot use its (non-finite) range; such rows come back
+    with a non-finite min or max, and ``masked_rows`` recomputes them from the finite values of
+    their samples. That second pass (and its second transfer) only happens when something is
+    already wrong.
     """
-    x = x.detach()
-    dt = stat_dtype(x.device)
-    flat = x.reshape(-1)
-    if flat.dtype not in _FULL_PRECISION:
-        flat = flat.float()
-    n = flat.numel()
-    stride = sample_stride(x.shape)
-    sample = flat[::stride].contiguous() if stride > 1 else flat
-    finite = torch.isfinite(sample)
-    weights = finite.to(sample.dtype)
-    n_finite_sample = weights.sum()
-    clean = torch.where(finite, sample, 0.0)
-    lo = torch.where(finite, sample, math.inf).amin()
-    hi = torch.where(finite, sample, -math.inf).amax()
-    total = clean.sum()
-    squares = torch.dot(clean, clean)
-    if stride > 1:
+
+    def __init__(self) -> None:
+        self._samples: list[torch.Tensor] = []
+        self._numels: list[int] = []
+        self._stats: list[torch.Tensor] = []  # [min, max, sum, sum_sq] of the whole tensor
+
+    def __len__(self) -> int:
+        return len(self._samples)
+
+    def add(self, x: torch.Tensor) -> int:
+        """Take what the record of ``x`` needs now; returns the record's index in ``compute()``."""
+        x = x.detach()
+        flat = x.reshape(-1)
+        if flat.dtype not in _FULL_PRECISION:
+            flat = flat.float()
+        stride = sample_stride(x.shape)
+        # A copy: the tensor may be changed in place after the hook (ReLU(inplace=True)).
+        sample = (flat[::stride] if stride > 1 else flat).to(torch.float32, copy=True)
         mn, mx = torch.aminmax(flat)
-        all_finite = torch.isfinite(mn) & torch.isfinite(mx)
-        lo = torch.where(all_finite, mn, lo)
-        hi = torch.where(all_finite, mx, hi)
-    width = hi - lo
-    usable = width > 0  # false for a constant tensor and for one with no finite value at all
-    scale = torch.where(usable, HIST_BINS / width, 0.0)
-    offset = torch.where(usable, lo, 0.0)
-    index = ((clean - offset) * scale).floor_().clamp_(0, HIST_BINS - 1).long()
-    counts = torch.zeros(HIST_BINS, dtype=sample.dtype, device=x.device).index_add_(0, index, weights)
-    head = torch.stack([n_finite_sample, lo, hi, total, squares]).to(dt)
-    counts = counts.to(dt)
-    if stride == 1:
-        head[0] = n - head[0]  # nonfinite, exact
-        return torch.cat([head, counts])
-    # Scale the sample up to the whole tensor; exact sums where the tensor is finite.
-    n_sample = sample.numel()
-    estimated = ((n_sample - head[0]) * (n / n_sample)).clamp_min(1.0)
-    nonfinite = torch.where(all_finite, 0.0, estimated)
-    ratio = (n - nonfinite) / head[0].clamp_min(1.0)
-    exact = torch.stack([flat.sum(), torch.dot(flat, flat)]).to(dt)
-    head = torch.stack([
-        nonfinite,
-        head[1],
-        head[2],
-        torch.where(all_finite, exact[0], head[3] * ratio),
-        torch.where(all_finite, exact[1], head[4] * ratio),
-    ])
-    return torch.cat([head, counts * ratio])
+        self._stats.append(torch.stack([mn, mx, flat.sum(), torch.dot(flat, flat)]).to(torch.float32))
+        self._samples.append(sample)
+        self._numels.append(flat.numel())
+        return len(self._samples) - 1
+
+    def compute(self) -> torch.Tensor:
+        """``(len(self), RECORD_LEN)`` rows on the tensors' device; see ``masked_rows`` for NaN/Inf."""
+        if not self._samples:
+            return torch.zeros(0, RECORD_LEN, dtype=torch.float64)
+        if len({sample.device for sample in self._samples}) > 1:
+            return self._per_device(self.compute)
+        device = self._samples[0].device
+        dt = stat_dtype(device)
+        n_records = len(self._samples)
+        lengths = [s.numel() for s in self._samples]
+        stats = torch.stack(self._stats)
+        lo, hi = stats[:, 0], stats[:, 1]
+        width = hi - lo
+        usable = width > 0  # false for a constant tensor, and for NaN/Inf ranges (redone masked)
+        scale = torch.where(usable, HIST_BINS / width, 0.0)
+        offset = torch.where(usable, lo, 0.0)
+        # Per-value offset, scale and bucket base (record * HIST_BINS) by expanding each record's
+        # scalars over its sample: views plus one cat, much cheaper on CPU than a gather by a
+        # segment index or repeat_interleave.
+        base = torch.arange(n_records, device=device, dtype=torch.float32) * HIST_BINS
+        per_record = torch.stack([offset, scale, base], dim=1)
+        spread = torch.cat([row.expand(n, 3) for row, n in zip(per_record.unbind(0), lengths)])
+        values = torch.cat(self._samples) if n_records > 1 else self._samples[0]
+        # Truncating a value clamped to [0, HIST_BINS - 1] is its floor; int32 converts much faster
+        # than int64 on CPU. NaN (a non-finite tensor, redone by masked_rows) goes to bucket 0.
+        position = ((values - spread[:, 0]) * spread[:, 1]).nan_to_num_(0.0).clamp_(0, HIST_BINS - 1)
+        bucket = (position + spread[:, 2]).to(torch.int32)
+        if device.type == "cpu":
+            counts = torch.bincount(bucket, minlength=n_records * HIST_BINS)
+        else:  # bincount sizes its output from the data: a host sync on accelerators
+            counts = torch.zeros(n_records * HIST_BINS, dtype=torch.float32, device=device)
+            counts.index_add_(0, bucket, torch.ones_like(values))
+        scale_up = torch.tensor([n / k for n, k in zip(self._numels, lengths)], dtype=dt, device=device)
+        counts = counts.view(n_records, HIST_BINS).to(dt) * scale_up.unsqueeze(1)
+        head = torch.cat([torch.zeros(n_records, 1, dtype=dt, device=device), stats.to(dt)], dim=1)
+        return torch.cat([head, counts], dim=1)
+
+    def masked_rows(self, indices: list[int]) -> torch.Tensor:
+        """Rows for tensors holding NaN/Inf: histogram and sums of the finite values only.
+
+        Exact for tensors of at most ``SAMPLE_LIMIT`` values; for sampled ones the finite share,
+        sums and range come from the sample (at least 1 non-finite value is always reported).
+        """
+        rows = []
+        for i in indices:
+            sample, numel = self._samples[i], self._numels[i]
+            dt = stat_dtype(sample.device)
+            finite = torch.isfinite(sample)
+            weights = finite.to(torch.float32)
+            n_finite = finite.sum().to(dt)
+            clean = torch.where(finite, sample, 0.0)
+            lo = torch.where(finite, sample, math.inf).amin()
+            hi = torch.where(finite, sample, -math.inf).amax()
+            width = hi - lo
+            usable = width > 0
+            scale = torch.where(usable, HIST_BINS / width, 0.0)
+            offset = torch.where(usable, lo, 0.0)
+            bucket = ((clean - offset) * scale).nan_to_num_(0.0).clamp_(0, HIST_BINS - 1).to(torch.int32)
+            counts = torch.zeros(HIST_BINS, dtype=torch.float32, device=sample.device).index_add_(0, bucket, weights)
+            n = sample.numel()
+            nonfinite = ((n - n_finite) * (numel / n)).clamp_min(1.0) if n < numel else n - n_finite
+            ratio = (numel - nonfinite) / n_finite.clamp_min(1.0)
+            sums = torch.stack([clean.sum(), torch.dot(clean, clean)]).to(dt) * ratio
+            head = torch.stack([torch.as_tensor(nonfinite, dtype=dt), lo.to(dt), hi.to(dt), sums[0], sums[1]])
+            rows.append(torch.cat([head, counts.to(dt) * ratio]))
+        return torch.stack(rows)
+
+    def _per_device(self, method: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """A model split over devices: one batch per device, rows put back in order on the CPU."""
+        rows = torch.zeros(len(self._samples), RECORD_LEN, dtype=torch.float64)
+        for device in {sample.device for sample in self._samples}:
+            members = [i for i, sample in enumerate(self._samples) if sample.device == device]
+            sub = RecordBatch()
+            sub._samples = [self._samples[i] for i in members]
+            sub._numels = [self._numels[i] for i in members]
+            sub._stats = [self._stats[i] for i in members]
+            rows[members] = sub.compute().cpu().to(torch.float64)
+        return rows
+
+
+def tensor_record(x: torch.Tensor) -> torch.Tensor:
+    """The statistics of one tensor as a ``RECORD_LEN`` row on its device.
+
+    (The NaN/Inf check here costs a host sync; a watcher's steps do it once for all records.)
+    """
+    batch = RecordBatch()
+    batch.add(x)
+    row = batch.compute()[0]
+    if not bool(torch.isfinite(row[1:3]).all()):
+        row = batch.masked_rows([0])[0]
+    return row
 
 
 @dataclass(frozen=True)

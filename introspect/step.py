@@ -8,13 +8,14 @@ rest once at the end of a logging step, each time as one ``cat`` and one copy.
 
 from __future__ import annotations
 
+import math
 import weakref
 from dataclasses import dataclass, field
 
 import torch
 
 from .diagnostics import CallRecord
-from .stats import HistogramRecord, stat_dtype, tensor_record
+from .stats import RECORD_LEN, HistogramRecord, RecordBatch, stat_dtype
 
 __all__ = ["StepBuffer", "HostStep"]
 
@@ -34,7 +35,9 @@ class StepBuffer:
     step: int
     logging: bool
     checking: bool
-    histograms: dict[str, list[tuple[int, torch.Tensor]]] = field(default_factory=dict)
+    histograms: dict[str, list[tuple[int, int]]] = field(default_factory=dict)
+    """tag -> [(numel, index in ``records``)], one entry per call."""
+    records: RecordBatch = field(default_factory=RecordBatch)
     scalars: dict[str, torch.Tensor] = field(default_factory=dict)
     measures: dict[str, torch.Tensor] = field(default_factory=dict)
     calls: list[CallRecord] = field(default_factory=list)
@@ -46,15 +49,17 @@ class StepBuffer:
     closed: bool = False
     _pending: list[torch.Tensor] = field(default_factory=list)
     _outputs: dict[int, tuple[weakref.ref, int]] = field(default_factory=dict)
+    _safe_readers_of: dict[int, bool] | None = None
+    _safe_readers_for: int = -1
 
     # ------------------------------------------------------------ records for TensorBoard
     def add_histogram(self, tag: str, tensor: torch.Tensor) -> None:
         """Add one call's values; several calls in one step are merged into one histogram."""
-        self.histograms.setdefault(tag, []).append((tensor.numel(), tensor_record(tensor)))
+        self.histograms.setdefault(tag, []).append((tensor.numel(), self.records.add(tensor)))
 
     def set_histogram(self, tag: str, tensor: torch.Tensor) -> None:
         """Replace the values (a parameter's gradient is final only after the last backward)."""
-        self.histograms[tag] = [(tensor.numel(), tensor_record(tensor))]
+        self.histograms[tag] = [(tensor.numel(), self.records.add(tensor))]
 
     def add_scalar(self, tag: str, value: torch.Tensor) -> None:
         self.scalars[tag] = value.detach().reshape(())
@@ -83,11 +88,27 @@ class StepBuffer:
             return None
         return entry[1]
 
+    def grad_check_needed(self, call: int) -> bool:
+        """False when every reader of this call's output is finite-preserving: the gradient it gets
+        is then finite exactly when the gradients those readers received were (checked already)."""
+        if self._safe_readers_of is None or self._safe_readers_for != len(self.calls):
+            readers: dict[int, list[bool]] = {}
+            for record in self.calls:
+                for producer in record.producers:
+                    readers.setdefault(producer, []).append(record.safe)
+            self._safe_readers_of = {i: all(flags) for i, flags in readers.items()}
+            self._safe_readers_for = len(self.calls)
+        return not self._safe_readers_of.get(call, False)
+
     def sync_checks(self) -> bool:
         """Move the pending sums to the host (one transfer); True when any so far is not finite."""
         if self._pending:
-            self.check_values.extend(_one_transfer(self._pending))
-            self._pending = []
+            # All float32 scalars: one stack, one copy (on a single-device model).
+            pending, self._pending = self._pending, []
+            if len({p.device for p in pending}) == 1:
+                self.check_values.extend(torch.stack(pending).tolist())
+            else:
+                self.check_values.extend(_one_transfer(pending))
         return any(v != v or v in (float("inf"), float("-inf")) for v in self.check_values)
 
     # ------------------------------------------------------------ end of step
@@ -96,38 +117,37 @@ class StepBuffer:
         self.closed = True
         self._outputs.clear()
         parts: list[torch.Tensor] = []
-        layout: list[tuple[str, str, int, int]] = []  # (kind, key, numel, length)
-        for tag, calls in self.histograms.items():
-            for numel, record in calls:
-                parts.append(record)
-                layout.append(("h", tag, numel, record.numel()))
-        for kind, table in (("s", self.scalars), ("m", self.measures)):
-            for key, value in table.items():
-                parts.append(value.reshape(1))
-                layout.append((kind, key, 1, 1))
+        if len(self.records):
+            parts.append(self.records.compute().reshape(-1))
+        keys = [("s", k) for k in self.scalars] + [("m", k) for k in self.measures]
+        if keys:
+            parts.append(torch.stack([*self.scalars.values(), *self.measures.values()]).reshape(-1))
         values = _one_transfer(parts)
-        histograms: dict[str, list[HistogramRecord]] = {}
+        rows = len(self.records) * RECORD_LEN
+        broken = [
+            i for i in range(len(self.records))
+            if not all(math.isfinite(v) for v in values[i * RECORD_LEN + 1 : i * RECORD_LEN + 3])
+        ]
+        if broken:  # NaN/Inf somewhere: redo those rows from their finite values (a second transfer)
+            fixed = self.records.masked_rows(broken).cpu().tolist()
+            for i, row in zip(broken, fixed):
+                values[i * RECORD_LEN : (i + 1) * RECORD_LEN] = row
+        histograms = {
+            tag: HistogramRecord.merge([
+                HistogramRecord.from_row(numel, values[i * RECORD_LEN : (i + 1) * RECORD_LEN])
+                for numel, i in calls
+            ])
+            for tag, calls in self.histograms.items()
+        }
         scalars: dict[str, float] = {}
         measures: dict[str, float] = {}
-        pos = 0
-        for kind, key, numel, length in layout:
-            chunk = values[pos : pos + length]
-            pos += length
-            if kind == "h":
-                histograms.setdefault(key, []).append(HistogramRecord.from_row(numel, chunk))
-            elif kind == "s":
-                scalars[key] = chunk[0]
-            else:
-                measures[key] = chunk[0]
+        for (kind, key), value in zip(keys, values[rows:]):
+            (scalars if kind == "s" else measures)[key] = value
         self.histograms.clear()
         self.scalars.clear()
         self.measures.clear()
-        return HostStep(
-            step=self.step,
-            histograms={tag: HistogramRecord.merge(recs) for tag, recs in histograms.items()},
-            scalars=scalars,
-            measures=measures,
-        )
+        self.records = RecordBatch()
+        return HostStep(step=self.step, histograms=histograms, scalars=scalars, measures=measures)
 
 
 def _one_transfer(parts: list[torch.Tensor]) -> list[float]:

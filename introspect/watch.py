@@ -47,7 +47,7 @@ from .errors import (
     NonFiniteError,
     NonFiniteWarning,
 )
-from .probes import named_float_tensors, unit_health
+from .probes import FINITE_PRESERVING, named_float_tensors, unit_health
 from .selection import ModuleFilter, select_modules, select_parameters, unwrap_model
 from .sinks import ALERTS_TAG, GRAD_FLOW_TAG, SUMMARY_TAG, open_writer, tag, tag_name, write_step
 from .step import HostStep, StepBuffer
@@ -315,6 +315,7 @@ class Watcher:
     def _make_output_hook(self, name: str) -> Callable[[nn.Module, Any, Any], None]:
         module_type = self._module_types[name]
         measure_units = unit_health(module_type)
+        safe = module_type in FINITE_PRESERVING
 
         def hook(module: nn.Module, args: Any, output: Any) -> None:
             if not self._active or self._suspended or name in self._disabled:
@@ -327,7 +328,7 @@ class Watcher:
                 several = len(tensors) > 1
                 call = -1
                 if buffer.checking:
-                    call = buffer.new_call(CallRecord(name, module_type))
+                    call = buffer.new_call(CallRecord(name, module_type, safe=safe))
                     for _, tensor in named_float_tensors(args):
                         producer = buffer.producer_of(tensor)
                         if producer is None:
@@ -337,7 +338,8 @@ class Watcher:
                 for suffix, tensor in tensors:
                     where = f"{name}/{suffix}" if several else name
                     if buffer.checking:
-                        buffer.add_check(("out", call, where), tensor)
+                        if not safe:
+                            buffer.add_check(("out", call, where), tensor)
                         buffer.mark_output(tensor, call)
                     if buffer.logging:
                         if "activations" in self.log:
@@ -360,7 +362,8 @@ class Watcher:
                 return None
             try:
                 if buffer.checking:
-                    buffer.add_check(("grad", call, where), grad)
+                    if buffer.grad_check_needed(call):
+                        buffer.add_check(("grad", call, where), grad)
                     if not buffer.callback_queued:
                         buffer.callback_queued = True
                         torch.autograd.Variable._execution_engine.queue_callback(
