@@ -8,7 +8,7 @@
 
 from __future__ import annotations
 
-from .diagnostics import Alert
+from .diagnostics import Alert, Thresholds
 from .errors import (
     AlreadyWatchedError,
     ConfigError,
@@ -28,6 +28,7 @@ __all__ = [
     "Watcher",
     "summary",
     "Alert",
+    "Thresholds",
     "IntrospectError",
     "ConfigError",
     "ModelTypeError",

@@ -17,6 +17,7 @@ no gradient hook is attached, nothing is written.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import signal
@@ -582,21 +583,7 @@ class Watcher:
             self._suspended = False
 
 
-def watch(
-    model: nn.Module,
-    writer: Any = None,
-    *,
-    every: int = DEFAULT_EVERY,
-    log: str | Iterable[str] = DEFAULT_LOG,
-    include: ModuleFilter = None,
-    exclude: ModuleFilter = None,
-    optimizer: torch.optim.Optimizer | None = None,
-    on_nonfinite: str = "warn",
-    check_every: int = 1,
-    thresholds: Thresholds | Mapping[str, float] | None = None,
-    summary: bool = True,
-    graph: bool = True,
-) -> Watcher:
+def watch(model: nn.Module, writer: Any = None, **options: Any) -> Watcher:
     """Watch ``model`` train: per-layer histograms, gradients, weights, summary, graph, NaN origin.
 
     >>> with watch(model, SummaryWriter("runs/exp1")) as w:       # doctest: +SKIP
@@ -628,17 +615,10 @@ def watch(
             stuck gradients: an ``introspect.Thresholds`` or a dict of its field names.
         summary / graph: print the torchinfo summary and write the graph on the first batch.
     """
-    return Watcher(
-        model,
-        writer,
-        every=every,
-        log=log,
-        include=include,
-        exclude=exclude,
-        optimizer=optimizer,
-        on_nonfinite=on_nonfinite,
-        check_every=check_every,
-        thresholds=thresholds,
-        summary=summary,
-        graph=graph,
-    )
+    unknown = sorted(set(options) - WATCH_OPTIONS)
+    if unknown:
+        raise ConfigError(f"watch() got unknown options {unknown}; the options are {sorted(WATCH_OPTIONS)}")
+    return Watcher(model, writer, **options)
+
+
+WATCH_OPTIONS = frozenset(inspect.signature(Watcher.__init__).parameters) - {"self", "model", "writer"}

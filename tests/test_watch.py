@@ -1005,6 +1005,8 @@ def test_non_float_outputs_are_skipped_quietly(writer, logdir):
         (dict(include=42), ConfigError, ["42"]),
         (dict(exclude=[nn.Conv2d, 3.5]), ConfigError, ["3.5"]),
         (dict(optimizer="adam"), ConfigError, ["str"]),
+        (dict(evrey=10), ConfigError, ["evrey", "every"]),
+        (dict(thresholds={"dead": 0.9}), ConfigError, ["dead", "dead_fraction"]),
     ],
     ids=[
         "model-str",
@@ -1023,6 +1025,8 @@ def test_non_float_outputs_are_skipped_quietly(writer, logdir):
         "include-int",
         "exclude-float",
         "optimizer-str",
+        "misspelt-option",
+        "thresholds-unknown",
     ],
 )
 def test_bad_input(seed_cnn, tmp_path, kwargs, error, words):
