@@ -53,9 +53,11 @@ class Thresholds:
 
     dead_fraction: float = 0.5
     """A ReLU-family module is reported when at least this share of its units (channels for conv
-    maps) is zero for every sample of a logged batch."""
+    maps) is zero for every sample seen over consecutive logging steps..."""
+    dead_min_samples: float = 64
+    """...once those steps hold at least this many samples in all."""
     saturated_fraction: float = 0.5
-    """A Sigmoid/Tanh module is reported when this share of its units sits at its bounds."""
+    """A Sigmoid/Tanh module is reported when this share of its outputs sits at its bounds."""
     saturation_margin: float = 1e-3
     """How close to 0/1 (sigmoid) or -1/1 (tanh) counts as "at the bound"."""
     vanishing_ratio: float = 1e-4
@@ -65,7 +67,8 @@ class Thresholds:
     exploding_norm: float = 1e6
     """A layer whose gradient norm exceeds this."""
     exploding_jump: float = 100.0
-    """...or grows this many times between two logging steps."""
+    """...or grows this many times above its median over the last (up to 5, at least 3) logging
+    steps."""
     stuck_ratio: float = 1e-10
     """With ``optimizer=``: a parameter whose update/weight ratio stays below this is not learning."""
 
@@ -240,14 +243,14 @@ def check_activation_health(
         if kind == "dead" and fraction >= limits.dead_fraction:
             alerts.append(Alert(
                 "dead_units", where, step,
-                f"{fraction:.0%} of the units of {where} ({module_type}) output zero for every sample",
+                f"{fraction:.0%} of the units of {where} ({module_type}) output zero for every sample seen",
                 {"dead_fraction": fraction}, module_type=module_type,
             ))
         elif kind == "saturated" and fraction >= limits.saturated_fraction:
             alerts.append(Alert(
                 "saturated_units", where, step,
-                f"{fraction:.0%} of the units of {where} ({module_type}) are stuck at their bounds for every "
-                "sample (gradients through them vanish)",
+                f"{fraction:.0%} of the outputs of {where} ({module_type}) sit at its bounds, where its "
+                "slope (and the gradient through it) is ~0",
                 {"saturated_fraction": fraction}, module_type=module_type,
             ))
     return alerts
@@ -258,7 +261,8 @@ class GradientHealth:
     """Per-layer gradient norms across logging steps: vanishing, exploding and stuck layers."""
 
     limits: Thresholds
-    previous_norm: dict[str, float] = field(default_factory=dict)
+    history: dict[str, list[float]] = field(default_factory=dict)
+    """The last few logged gradient norms of each layer (the reference for a jump)."""
 
     def check(
         self,
@@ -278,25 +282,31 @@ class GradientHealth:
             median = statistics.median(others) if others else value
             norm = math.sqrt(layer_grads[layer][0])
             if value < self.limits.vanishing_floor or (others and value < median * self.limits.vanishing_ratio):
+                how_far = (
+                    "no gradient reaches it" if value == 0
+                    else f"{median / value:.1e}x below the median layer's {median:.2e}"
+                )
                 alerts.append(Alert(
                     "vanishing_gradient", layer, step,
-                    f"RMS gradient {value:.2e} is {median / max(value, 1e-300):.1e}x below the median layer's {median:.2e}",
+                    f"RMS gradient {value:.2e}: {how_far}",
                     {"rms": value, "median_rms": median},
                 ))
-            before = self.previous_norm.get(layer)
+            past = self.history.setdefault(layer, [])
+            reference = statistics.median(past) if len(past) >= 3 else None
             if norm > self.limits.exploding_norm:
                 alerts.append(Alert(
                     "exploding_gradient", layer, step,
                     f"gradient norm {norm:.2e} is above {self.limits.exploding_norm:.0e}",
                     {"norm": norm},
                 ))
-            elif before is not None and before > self.limits.vanishing_floor and norm > before * self.limits.exploding_jump:
+            elif reference is not None and reference > self.limits.vanishing_floor and norm > reference * self.limits.exploding_jump:
                 alerts.append(Alert(
                     "exploding_gradient", layer, step,
-                    f"gradient norm jumped {norm / before:.0f}x since the last logged step ({before:.2e} -> {norm:.2e})",
-                    {"norm": norm, "previous_norm": before},
+                    f"gradient norm {norm:.2e} is {norm / reference:.0f}x its recent median {reference:.2e}",
+                    {"norm": norm, "reference_norm": reference},
                 ))
-            self.previous_norm[layer] = norm
+            past.append(norm)
+            del past[:-5]
         for param, ratio in update_ratios.items():
             if math.isfinite(ratio) and ratio < self.limits.stuck_ratio:
                 alerts.append(Alert(

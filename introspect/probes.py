@@ -70,7 +70,7 @@ def _walk(obj: Any, path: str, found: list[tuple[str, torch.Tensor]], depth: int
 
 # --------------------------------------------------------------------------- unit health
 # On logging steps only: one reduction over every dimension but the unit (channel) dimension 1.
-UnitMeasure = Callable[[Any, str, torch.Tensor, Any], None]
+UnitMeasure = Callable[[Any, str, torch.Tensor, Any, dict], None]
 
 
 def _per_unit_max(values: torch.Tensor) -> torch.Tensor | None:
@@ -80,19 +80,34 @@ def _per_unit_max(values: torch.Tensor) -> torch.Tensor | None:
     return values.amax(dim=dims)
 
 
-def _measure_dead(buffer: Any, where: str, output: torch.Tensor, limits: Any) -> None:
-    """Share of units (channels) that are zero for every sample and position of the batch."""
+def _measure_dead(buffer: Any, where: str, output: torch.Tensor, limits: Any, windows: dict) -> None:
+    """Share of units (channels) that output zero for every sample of a window of logged batches.
+
+    One small batch says little (a unit active on 5% of inputs is zero on all 8 samples of a batch
+    two times in three), so the per-unit "never active" mask is ANDed over consecutive logging
+    steps until it has seen ``dead_min_samples`` samples; only then is the share measured.
+    """
     peak = _per_unit_max(output.detach())
-    if peak is not None:
-        buffer.add_measure(f"dead/{where}", (peak <= 0).float().mean())
+    if peak is None:
+        return
+    dead_now = peak <= 0
+    previous = windows.get(where)
+    if previous is not None and previous[0].shape == dead_now.shape:
+        dead, seen = previous[0] & dead_now, previous[1] + output.shape[0]
+    else:
+        dead, seen = dead_now, output.shape[0]
+    if seen >= limits.dead_min_samples:
+        buffer.add_measure(f"dead/{where}", dead.float().mean())
+        windows.pop(where, None)
+    else:
+        windows[where] = (dead, seen)
 
 
 def _measure_saturation(distance_to_bound: Callable[[torch.Tensor], torch.Tensor]) -> UnitMeasure:
-    def measure(buffer: Any, where: str, output: torch.Tensor, limits: Any) -> None:
-        """Share of units within ``saturation_margin`` of a bound for every sample."""
-        farthest = _per_unit_max(distance_to_bound(output.detach().float()))
-        if farthest is not None:
-            buffer.add_measure(f"saturated/{where}", (farthest < limits.saturation_margin).float().mean())
+    def measure(buffer: Any, where: str, output: torch.Tensor, limits: Any, windows: dict) -> None:
+        """Share of output values within ``saturation_margin`` of a bound, where the slope is ~0."""
+        near = distance_to_bound(output.detach().float()) < limits.saturation_margin
+        buffer.add_measure(f"saturated/{where}", near.float().mean())
 
     return measure
 

@@ -161,6 +161,7 @@ class Watcher:
         self._warned_origins: set[str] = set()
         self._weights_before: dict[str, torch.Tensor] = {}
         self._grad_health = GradientHealth(limits)
+        self._unit_windows: dict[str, Any] = {}  # per-unit masks carried across logging steps
         self._last_layer_grads: tuple[int, dict[str, tuple[float, float, float]]] | None = None
         self._grad_flow_drawn: int | None = None
         self._previous_sigterm: Any = None
@@ -207,6 +208,7 @@ class Watcher:
             self._restore_sigterm()
             _ACTIVE.pop(self._root, None)
             self._weights_before = {}
+            self._unit_windows = {}
             self._active = False
             if self._writer is not None:
                 try:
@@ -346,7 +348,7 @@ class Watcher:
                         if "activations" in self.log:
                             buffer.add_histogram(tag("activations", where), tensor)
                         if measure_units is not None:
-                            measure_units(buffer, where, tensor, self.thresholds)
+                            measure_units(buffer, where, tensor, self.thresholds, self._unit_windows)
                     if tensor.requires_grad and (
                         buffer.checking or (buffer.logging and "activation_grads" in self.log)
                     ):
@@ -501,9 +503,9 @@ class Watcher:
             }
             sums = {layer: (v[0], v[1]) for layer, v in layer_grads.items()}
             grad_alerts = self._grad_health.check(host.step, sums, ratios)
-            alerts += grad_alerts
             self._last_layer_grads = (host.step, {k: tuple(v) for k, v in layer_grads.items()})
-            if grad_alerts:
+            # A new gradient finding gets the figure now; one that persists does not redraw it.
+            if [a for a in grad_alerts if self._add_alert(a)]:
                 self._draw_grad_flow()
         for alert in alerts:
             self._add_alert(alert)

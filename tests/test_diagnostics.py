@@ -250,11 +250,13 @@ def test_gradient_health_vanishing_floor_and_empty_layers():
 
 def test_gradient_health_exploding_norm_and_jump():
     health = GradientHealth(Thresholds())
-    assert health.check(0, {"a": (1.0, 4), "b": (1.0, 4)}, {}) == []
+    # The jump rule needs a reference: the median of at least 3 earlier logging steps.
+    for step in (0, 1, 2):
+        assert health.check(step, {"a": (1.0, 4), "b": (1.0, 4)}, {}) == []
     # a: norm 1 -> 200 (x200 jump); b: norm 1 -> 50 (below the x100 jump)
     alerts = health.check(10, {"a": (200.0**2, 4), "b": (50.0**2, 4)}, {})
     assert [(a.kind, a.where, a.step) for a in alerts] == [("exploding_gradient", "a", 10)]
-    assert alerts[0].numbers == {"norm": pytest.approx(200.0), "previous_norm": pytest.approx(1.0)}
+    assert alerts[0].numbers == {"norm": pytest.approx(200.0), "reference_norm": pytest.approx(1.0)}
     # Absolute: above 1e6, whatever came before.
     alerts = health.check(20, {"a": (1e14, 4), "b": (1e14, 4)}, {})
     assert {(a.kind, a.where) for a in alerts} == {("exploding_gradient", "a"), ("exploding_gradient", "b")}
@@ -723,7 +725,7 @@ def test_dead_relus_from_a_large_negative_bias(writer):
     ))
     with torch.no_grad():
         model.hidden.bias.fill_(-100.0)
-    alerts = run(model, writer, regression_batch(8), 3, every=1)
+    alerts = run(model, writer, regression_batch(8), 3, every=1, thresholds={"dead_min_samples": 8})
     dead = [a for a in alerts if a.kind == "dead_units"]
     assert [(a.where, a.step, a.module_type) for a in dead] == [("relu", 0, "ReLU")]
     assert dead[0].numbers["dead_fraction"] >= 0.99
@@ -735,9 +737,9 @@ def test_dead_units_threshold_is_configurable(writer):
     model = nn.Sequential(nn.Linear(8, 4), nn.ReLU(), nn.Linear(4, 1))
     with torch.no_grad():
         model[0].bias.copy_(torch.tensor([-100.0, -100.0, -100.0, 100.0]))  # 3 of 4 dead
-    alerts = run(model, writer, regression_batch(8), 1, every=1, thresholds={"dead_fraction": 0.9})
+    alerts = run(model, writer, regression_batch(8), 1, every=1, thresholds={"dead_fraction": 0.9, "dead_min_samples": 8})
     assert kinds_at(alerts, "dead_units") == []
-    alerts = run(model, writer, regression_batch(8), 1, every=1, thresholds=Thresholds(dead_fraction=0.75))
+    alerts = run(model, writer, regression_batch(8), 1, every=1, thresholds=Thresholds(dead_fraction=0.75, dead_min_samples=8))
     assert [(a.where, a.numbers["dead_fraction"]) for a in alerts if a.kind == "dead_units"] == [("1", 0.75)]
 
 
@@ -748,9 +750,37 @@ def test_dead_conv_channels(writer):
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 1))
     with torch.no_grad():
         model[0].bias[:6] = -100.0
-    alerts = run(model, writer, lambda: (torch.randn(4, 3, 8, 8), torch.randn(4, 1)), 1, every=1)
+    alerts = run(model, writer, lambda: (torch.randn(4, 3, 8, 8), torch.randn(4, 1)), 1, every=1,
+                 thresholds={"dead_min_samples": 4})
     dead = [a for a in alerts if a.kind == "dead_units"]
     assert [(a.where, a.numbers["dead_fraction"]) for a in dead] == [("1", 0.75)]
+
+
+def test_dead_units_are_judged_over_enough_samples(writer):
+    """One small batch says little: units are dead only when zero for every sample of a window of
+    logging steps holding ``dead_min_samples`` (64) samples: here steps 0-3 at batch 16."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 4), nn.ReLU(), nn.Linear(4, 1))
+    with torch.no_grad():
+        model[0].bias.fill_(-100.0)
+    alerts = run(model, writer, regression_batch(8), 3, every=1)
+    assert kinds_at(alerts, "dead_units") == []
+    alerts = run(model, writer, regression_batch(8), 4, every=1)
+    assert [(a.where, a.step) for a in alerts if a.kind == "dead_units"] == [("1", 3)]
+
+
+def test_a_rarely_active_unit_is_not_dead(writer):
+    """A unit active on a few inputs in a hundred looks dead in one batch of 8, not over 64."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(1, 1), nn.ReLU(), nn.Linear(1, 1))
+    with torch.no_grad():
+        model[0].weight.fill_(1.0)
+        model[0].bias.fill_(-2.0)  # active only for x > 2: ~2% of standard normal inputs
+    def batch():
+        return torch.randn(8, 1), torch.randn(8, 1)
+    torch.manual_seed(3)
+    alerts = run(model, writer, batch, 24, every=1, thresholds={"dead_min_samples": 192})
+    assert kinds_at(alerts, "dead_units") == []
 
 
 def deep_sigmoid_mlp(depth: int = 12) -> nn.Sequential:
@@ -817,7 +847,7 @@ def test_exploding_gradient_jump(writer):
     exploding = [a for a in w.alerts if a.kind == "exploding_gradient"]
     assert sorted((a.where, a.step) for a in exploding) == [("lin1", 3), ("lin2", 3)]
     for a in exploding:
-        assert a.numbers["norm"] / a.numbers["previous_norm"] > 100
+        assert a.numbers["norm"] / a.numbers["reference_norm"] > 100
 
 
 def test_exploding_gradient_norm_with_a_huge_learning_rate(writer):
@@ -879,7 +909,7 @@ def test_health_checks_run_on_logging_steps_only(writer):
             with torch.no_grad():
                 model[0].bias.fill_(-100.0)
 
-    with watch(model, writer, every=5, **FAST) as w:
+    with watch(model, writer, every=5, thresholds={"dead_min_samples": 8}, **FAST) as w:
         for step in range(8):
             kill(step)
             x, y = regression_batch(8)()
