@@ -6,6 +6,12 @@ wrong kind of argument, ``ValueError`` for a bad value), so generic handlers kee
 
 from __future__ import annotations
 
+import os
+import sys
+import warnings
+
+import torch
+
 __all__ = [
     "IntrospectError",
     "ConfigError",
@@ -14,6 +20,7 @@ __all__ = [
     "NonFiniteError",
     "IntrospectWarning",
     "NonFiniteWarning",
+    "warn",
 ]
 
 
@@ -51,3 +58,33 @@ class IntrospectWarning(UserWarning):
 
 class NonFiniteWarning(IntrospectWarning):
     """A NaN/Inf appeared (``on_nonfinite="warn"``, the default); issued once per origin."""
+
+
+_INTERNAL_DIRS = (
+    os.path.dirname(os.path.abspath(__file__)),
+    os.path.dirname(os.path.abspath(torch.__file__)),
+)
+
+
+def warn(message: str, category: type[Warning] = IntrospectWarning) -> None:
+    """Warn at the user's own line: the first frame outside introspect and torch.
+
+    Our warnings come from hooks and autograd callbacks, deep under ``model(x)`` or
+    ``loss.backward()``; a fixed ``stacklevel`` would point into torch, and the once-per-location
+    filter would then treat every call site as one.
+    """
+    frame = sys._getframe(1)
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(_INTERNAL_DIRS):
+        frame = frame.f_back
+    if frame is None:
+        warnings.warn(message, category, stacklevel=2)
+        return
+    warnings.warn_explicit(
+        message,
+        category,
+        frame.f_code.co_filename,
+        frame.f_lineno,
+        module=frame.f_globals.get("__name__", "<unknown>"),
+        registry=frame.f_globals.setdefault("__warningregistry__", {}),
+        module_globals=frame.f_globals,
+    )

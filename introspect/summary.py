@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import IntrospectWarning
+from .errors import IntrospectWarning, warn
 
 __all__ = ["preserved_state", "model_summary", "summary", "write_graph", "summary_markdown"]
 
@@ -96,13 +96,10 @@ def summary_markdown(text: str) -> str:
 def write_graph(writer: Any, model: nn.Module, args: Sequence[Any], kwargs: dict[str, Any] | None = None) -> bool:
     """Trace ``model`` on these inputs into ``writer``'s graph; one warning and False if it cannot."""
     if kwargs:
-        warnings.warn(
+        warn(
             f"introspect: graph not written: {type(model).__name__}.forward was called with keyword "
             f"arguments {sorted(kwargs)}, which SummaryWriter.add_graph cannot trace; pass graph=False "
-            "to silence this",
-            IntrospectWarning,
-            stacklevel=3,
-        )
+            "to silence this", IntrospectWarning)
         return False
     try:
         with preserved_state(model), warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
@@ -116,11 +113,8 @@ def write_graph(writer: Any, model: nn.Module, args: Sequence[Any], kwargs: dict
                 writer.add_graph(model, tuple(args))
     except Exception as e:  # tracing fails on data-dependent control flow, odd outputs, ...
         first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        warnings.warn(
+        warn(
             f"introspect: graph not written: tracing {type(model).__name__} failed "
-            f"({type(e).__name__}: {first_line[:200]}); training goes on. Pass graph=False to skip it.",
-            IntrospectWarning,
-            stacklevel=3,
-        )
+            f"({type(e).__name__}: {first_line[:200]}); training goes on. Pass graph=False to skip it.", IntrospectWarning)
         return False
     return True

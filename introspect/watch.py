@@ -22,7 +22,6 @@ import logging
 import math
 import signal
 import threading
-import warnings
 import weakref
 from collections.abc import Iterable, Mapping
 from typing import Any, Callable
@@ -47,6 +46,7 @@ from .errors import (
     ModelTypeError,
     NonFiniteError,
     NonFiniteWarning,
+    warn,
 )
 from .probes import FINITE_PRESERVING, named_float_tensors, unit_health
 from .selection import ModuleFilter, select_modules, select_parameters, unwrap_model
@@ -58,6 +58,7 @@ from .visuals import grad_flow_image
 __all__ = ["watch", "Watcher", "LOG_KINDS", "DEFAULT_LOG", "DEFAULT_EVERY"]
 
 logger = logging.getLogger("introspect")
+logger.addHandler(logging.NullHandler())  # the application decides where findings go
 
 LOG_KINDS = ("activations", "activation_grads", "weights", "grads")
 DEFAULT_LOG = LOG_KINDS
@@ -217,7 +218,7 @@ class Watcher:
                     else:
                         self._writer.flush()
                 except Exception as e:  # a full disk must not turn a finished run into a crash
-                    warnings.warn(f"introspect: could not flush the writer: {e}", IntrospectWarning, stacklevel=2)
+                    warn(f"introspect: could not flush the writer: {e}", IntrospectWarning)
 
     def __enter__(self) -> "Watcher":
         return self
@@ -483,7 +484,7 @@ class Watcher:
             raise NonFiniteError(f"introspect: step {alert.step}: {alert.message}", alert)
         if new and self.on_nonfinite == "warn" and alert.where not in self._warned_origins:
             self._warned_origins.add(alert.where)
-            warnings.warn(f"introspect: step {alert.step}: {alert.message}", NonFiniteWarning, stacklevel=2)
+            warn(f"introspect: step {alert.step}: {alert.message}", NonFiniteWarning)
 
     def _check_health(self, host: HostStep) -> None:
         alerts = check_activation_health(host.step, host.measures, self._module_types, self.thresholds)
@@ -552,12 +553,9 @@ class Watcher:
             return
         self._disabled.add(name)
         what = f"{name} ({type(module).__name__})" if module is not None else name
-        warnings.warn(
+        warn(
             f"introspect: stopped watching {what} after an error in its probe: "
-            f"{type(error).__name__}: {error}",
-            IntrospectWarning,
-            stacklevel=3,
-        )
+            f"{type(error).__name__}: {error}", IntrospectWarning)
         if name == "<writer>":
             self._writer = None
 
@@ -571,11 +569,8 @@ class Watcher:
                 try:
                     text = model_summary(module, args, kwargs)
                 except Exception as e:
-                    warnings.warn(
-                        f"introspect: model summary skipped: {type(e).__name__}: {e}",
-                        IntrospectWarning,
-                        stacklevel=4,
-                    )
+                    warn(
+                        f"introspect: model summary skipped: {type(e).__name__}: {e}", IntrospectWarning)
                 else:
                     print(text)
                     self._writer.add_text(SUMMARY_TAG, summary_markdown(text), 0)
