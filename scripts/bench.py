@@ -5,20 +5,21 @@ Run it through ``scripts/bench`` (which makes .venv first), or directly with any
 re-executes itself under the repository's ``.venv/bin/python`` when that exists.
 
     scripts/bench --quick                         # a smoke run: under 2 minutes on 2 CPU cores
-    scripts/bench                                 # the full run (10+ minutes on 2 cores)
+    scripts/bench                                 # the full run (roughly 20 minutes on 2 cores)
     scripts/bench --device cuda --models cnn,resnet18 --rounds 7
     scripts/bench --out /tmp/bench.md             # the plot goes beside it: /tmp/bench.png
 
 Method (this VM is noisy: only interleaved, same-process comparisons over several rounds resolve
-a few per cent): each model runs in a fresh worker process.
-The worker first measures peak memory, one forked child per variant (on CUDA: one fresh process
-per variant), each training only that variant for a few steps. Then it builds every variant side
-by side (own model copy, optimizer and SummaryWriter), warms each up, and runs R rounds; in each
-round every variant trains a chunk of K steps, in a new random order, and the chunk's time
-includes ``writer.flush()`` (the writer thread's work belongs to the variant that queued it);
-an untimed pause before each chunk lets threads the previous chunk left spinning go idle.
-Reported: median per-step time over rounds, and the median over rounds of each round's ratio to
-(and difference from) bare training in the same round.
+a few per cent): each model runs in a process of its own, forked from this one once torch is
+imported (and before any torch op has run). It first measures peak memory, one forked child per
+variant (on CUDA: one fresh process per variant), each training only that variant for a few
+steps. Then it builds every variant side by side (own model copy, optimizer and SummaryWriter),
+warms each up, and runs R rounds; in each round every variant trains a chunk of K steps, in a new
+random order, and the chunk's time includes ``writer.flush()`` (the writer thread's work belongs
+to the variant that queued it); an untimed pause and lead-in step before each chunk let threads
+the previous chunk left spinning go idle and warm this variant up again. Reported: median
+per-step time over rounds, and the median over rounds of each round's ratio to (and difference
+from) bare training in the same round. ``--help`` lists the options.
 """
 
 from __future__ import annotations
@@ -781,8 +782,9 @@ def method_text(quick: bool) -> str:
     lead_in = (", and an untimed lead-in step warms the variant up again" if lead == 1 else
                f", and {lead} untimed lead-in steps warm the variant up again" if lead else "")
     return (
-        "Each model runs in a fresh worker process that builds every variant side by side (own model "
-        "copy, Adam optimizer and SummaryWriter; synthetic data made once), warms each up, then runs R "
+        "Each model runs in a process of its own (forked from the harness, which has imported torch "
+        "but run nothing) that builds every variant side by side (own model copy, Adam optimizer and "
+        "SummaryWriter; synthetic data made once), warms each up, then runs R "
         f"rounds in which every variant trains a chunk of K steps in a new random order ({chunks}). A "
         "chunk's time includes `writer.flush()` at its end, since the writer thread's work belongs to "
         f"the variant that queued it; an untimed {pause:g} s pause before each chunk lets threads the "
