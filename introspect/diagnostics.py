@@ -319,13 +319,30 @@ class GradientHealth:
 
 
 # --------------------------------------------------------------------------- report
+def _numbers_text(alert: Alert) -> str:
+    """The measured numbers of a NaN/Inf finding, when a logged step had them."""
+    n = alert.numbers
+    if "nonfinite_values" not in n:
+        return ""
+    text = f" [step {int(n['at_step'])}: {n['nonfinite_values']:.0f} of {n['values']:.0f} values non-finite"
+    if "finite_min" in n:
+        text += f", the rest in [{n['finite_min']:.3g}, {n['finite_max']:.3g}]"
+    if "upstream_min" in n:
+        what = "its input" if alert.phase == "forward" else "the gradient it received"
+        text += f"; {what} in [{n['upstream_min']:.3g}, {n['upstream_max']:.3g}]"
+    return text + "]"
+
+
 def format_report(alerts: Sequence[Alert], steps: int) -> str:
     """A short plain-text table for the terminal."""
     plural = "s" if steps != 1 else ""
     if not alerts:
         return f"introspect: no problems found in {steps} step{plural}."
     rows = [("step", "finding", "where", "details")]
-    rows += [(str(a.step), a.kind + (f" ({a.phase})" if a.phase else ""), a.where, a.message) for a in alerts]
+    rows += [
+        (str(a.step), a.kind + (f" ({a.phase})" if a.phase else ""), a.where, a.message + _numbers_text(a))
+        for a in alerts
+    ]
     widths = [max(len(r[i]) for r in rows) for i in range(3)]
     count = len(alerts)
     lines = [f"introspect: {count} finding{'s' if count != 1 else ''} in {steps} step{plural}"]
@@ -338,6 +355,7 @@ def alerts_markdown(alerts: Sequence[Alert]) -> str:
     """The same findings as a markdown table for TensorBoard's text dashboard."""
     lines = ["| step | finding | where | details |", "| --- | --- | --- | --- |"]
     lines += [
-        f"| {a.step} | {a.kind}{f' ({a.phase})' if a.phase else ''} | `{a.where}` | {a.message} |" for a in alerts
+        f"| {a.step} | {a.kind}{f' ({a.phase})' if a.phase else ''} | `{a.where}` | {a.message}{_numbers_text(a)} |"
+        for a in alerts
     ]
     return "\n".join(lines)

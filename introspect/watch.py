@@ -460,7 +460,36 @@ class Watcher:
                 host = buffer.to_host()  # one transfer for the whole step's records
                 self._write(host)
                 self._check_health(host)
+                self._describe_nonfinite(buffer, host)
             buffer.closed = True
+
+    def _describe_nonfinite(self, buffer: StepBuffer, host: HostStep) -> None:
+        """Put numbers on a NaN/Inf finding from a logged step's histograms: its own step when
+        that was a logging step, else the step after it (always logged). The tensors themselves
+        are gone by the time the per-step check speaks, and keeping them would cost every step."""
+        for alert in self.alerts:
+            if alert.kind != "nonfinite" or "nonfinite_values" in alert.numbers:
+                continue
+            if alert.step not in (host.step, host.step - 1) or alert.where == "input":
+                continue
+            module = alert.where.split("/")[0]
+            calls = [c for c in buffer.calls if c.module == module]
+            producers = [buffer.calls[p].module for p in calls[0].producers] if calls else []
+            kind = "activations" if alert.phase == "forward" else "activation_grads"
+            # Forward: the origin's output, and what it read. Backward: the gradient the culprit
+            # passed back (at its producer's output), and the gradient it received.
+            bad, upstream = (alert.where, producers[:1]) if alert.phase == "forward" else (
+                (producers[:1] or [alert.where])[0], [alert.where])
+            record = host.histograms.get(tag(kind, bad))
+            if record is None or record.nonfinite <= 0:
+                continue
+            numbers = {"at_step": float(host.step), "nonfinite_values": record.nonfinite, "values": float(record.numel)}
+            if record.finite_count > 0:
+                numbers.update(finite_min=record.min, finite_max=record.max)
+            source = host.histograms.get(tag(kind, upstream[0])) if upstream else None
+            if source is not None and source.nonfinite == 0 and source.finite_count > 0:
+                numbers.update(upstream_min=source.min, upstream_max=source.max)
+            alert.numbers.update(numbers)
 
     def _write(self, host: HostStep) -> None:
         if self._writer is None:

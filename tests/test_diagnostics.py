@@ -978,3 +978,83 @@ def test_grad_flow_not_redrawn_while_a_finding_persists(logdir):
     acc = read_events(logdir)
     steps = [e.step for e in acc.Images("diagnostics/grad_flow")]
     assert steps == [0, 5]  # at the finding, and at close
+
+
+# --------------------------------------------------------------------------- numbers on a finding
+class Holes(nn.Module):
+    """Writes NaN into ``count`` entries of its input on the chosen steps."""
+
+    def __init__(self, at: set[int], count: int = 5) -> None:
+        super().__init__()
+        self.at, self.count, self.calls = set(at), count, 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        i, self.calls = self.calls, self.calls + 1
+        if i in self.at:
+            x = x.clone()
+            x.view(-1)[: self.count] = float("nan")
+        return x
+
+
+def holes_net(at: set[int]) -> nn.Sequential:
+    return nn.Sequential(OrderedDict(lin1=nn.Linear(4, 8), holes=Holes(at), lin2=nn.Linear(8, 1)))
+
+
+def test_forward_finding_gets_its_numbers_on_a_logging_step(writer):
+    torch.manual_seed(0)
+    model = holes_net(at={1})
+    seen = {}
+    model.lin1.register_forward_hook(lambda m, a, out: seen.__setitem__(len(seen), out.detach().clone()))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NonFiniteWarning)
+        with watch(model, writer, every=1, **FAST) as w:
+            train_skipping_nonfinite(model, 3, lambda s: (torch.randn(6, 4), torch.randn(6, 1)))
+    [alert] = w.alerts
+    assert (alert.where, alert.step) == ("holes", 1)
+    n = alert.numbers
+    assert n["at_step"] == 1 and n["nonfinite_values"] == 5 and n["values"] == 6 * 8
+    lin1_out = seen[1]
+    rest = lin1_out.reshape(-1)[5:]
+    assert n["finite_min"] == pytest.approx(rest.min().item()) and n["finite_max"] == pytest.approx(rest.max().item())
+    assert n["upstream_min"] == pytest.approx(lin1_out.min().item())  # the input it read: lin1's output
+    assert n["upstream_max"] == pytest.approx(lin1_out.max().item())
+    assert "5 of 48 values non-finite" in w.report()
+
+
+def test_forward_finding_off_cadence_gets_numbers_from_the_next_step(writer):
+    torch.manual_seed(0)
+    model = holes_net(at={3, 4})  # step 3 is not a logging step; step 4 is logged because of it
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NonFiniteWarning)
+        with watch(model, writer, every=100, **FAST) as w:
+            train_skipping_nonfinite(model, 6, lambda s: (torch.randn(6, 4), torch.randn(6, 1)))
+    [alert] = w.alerts
+    assert (alert.where, alert.step) == ("holes", 3)
+    assert alert.numbers["at_step"] == 4 and alert.numbers["nonfinite_values"] == 5
+
+
+def test_transient_finding_off_cadence_has_no_numbers(writer):
+    torch.manual_seed(0)
+    model = holes_net(at={3})  # gone by step 4: nothing measured, nothing made up
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NonFiniteWarning)
+        with watch(model, writer, every=100, **FAST) as w:
+            train_skipping_nonfinite(model, 6, lambda s: (torch.randn(6, 4), torch.randn(6, 1)))
+    [alert] = w.alerts
+    assert "nonfinite_values" not in alert.numbers
+    assert "values non-finite" not in w.report()
+
+
+def test_backward_finding_gets_its_numbers(writer):
+    torch.manual_seed(0)
+    model = norm_net(WithNorm())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NonFiniteWarning)
+        with watch(model, writer, every=1, **FAST) as w:
+            train_skipping_nonfinite(model, 4, padded_batch)
+    [alert] = w.alerts
+    assert (alert.where, alert.phase, alert.step) == ("norm", "backward", 2)
+    n = alert.numbers
+    assert n["at_step"] == 2 and n["values"] == 6 * 8  # the gradient norm passed back to lin1's output
+    assert 1 <= n["nonfinite_values"] <= 8  # the zero row's entries
+    assert math.isfinite(n["upstream_min"]) and math.isfinite(n["upstream_max"])
