@@ -159,7 +159,6 @@ class Watcher:
         self._force_log = False  # log the step after a NaN/Inf, whatever the cadence
         self._disabled: set[str] = set()
         self._alerted: set[tuple[str, str]] = set()
-        self._warned_origins: set[str] = set()
         self._weights_before: dict[str, torch.Tensor] = {}
         self._grad_health = GradientHealth(limits)
         self._unit_windows: dict[str, Any] = {}  # per-unit masks carried across logging steps
@@ -511,8 +510,7 @@ class Watcher:
         new = self._add_alert(alert)
         if self.on_nonfinite == "raise" and may_raise:
             raise NonFiniteError(f"introspect: step {alert.step}: {alert.message}", alert)
-        if new and self.on_nonfinite == "warn" and alert.where not in self._warned_origins:
-            self._warned_origins.add(alert.where)
+        if new and self.on_nonfinite == "warn":  # new: once per origin
             warn(f"introspect: step {alert.step}: {alert.message}", NonFiniteWarning)
 
     def _check_health(self, host: HostStep) -> None:
