@@ -302,7 +302,13 @@ class Watcher:
                 self._open_step()
             buffer = self._buffer
             if buffer is not None and buffer.checking:
-                for _, tensor in named_float_tensors((args, kwargs)):
+                inputs = (
+                    [("", args[0])] if not kwargs and len(args) == 1 and isinstance(args[0], torch.Tensor)
+                    else named_float_tensors((args, kwargs))
+                )
+                for _, tensor in inputs:
+                    if not tensor.is_floating_point():
+                        continue
                     buffer.add_check(("model_in",), tensor)
                     buffer.mark_output(tensor, -1)
         except BaseException:  # e.g. NonFiniteError: this forward never starts
