@@ -56,10 +56,14 @@ class StepBuffer:
     # ------------------------------------------------------------ records for TensorBoard
     def add_histogram(self, tag: str, tensor: torch.Tensor) -> None:
         """Add one call's values; several calls in one step are merged into one histogram."""
+        if tensor.numel() == 0:  # an empty batch or a zero-width layer has no histogram
+            return
         self.histograms.setdefault(tag, []).append((tensor.numel(), self.records.add(tensor)))
 
     def set_histogram(self, tag: str, tensor: torch.Tensor) -> None:
         """Replace the values (a parameter's gradient is final only after the last backward)."""
+        if tensor.numel() == 0:
+            return
         self.histograms[tag] = [(tensor.numel(), self.records.add(tensor))]
 
     def add_scalar(self, tag: str, value: torch.Tensor) -> None:

@@ -1181,3 +1181,22 @@ def test_writer_like_object_gets_the_same_events(logdir):
         assert (h["num"], h["min"], h["max"]) == (real.num, real.min, real.max), t
     for (t, step), value in recorder.scalars.items():
         assert value == pytest.approx(scalar_at(acc, t, step), rel=1e-6), t
+
+
+class EmptyBranch(nn.Module):
+    """Returns its input and an empty slice of it (a zero-width feature group)."""
+
+    def forward(self, x: torch.Tensor):
+        return x, x[:, :0]
+
+
+def test_empty_outputs_are_skipped_quietly(writer, logdir):
+    model = nn.Sequential(nn.Linear(4, 8), EmptyBranch())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", IntrospectWarning)  # no probe may fail on it
+        with watch(model, writer, every=1, **FAST) as w:
+            out, empty = model(torch.randn(3, 4))
+            (out.sum() + empty.sum()).backward()
+    assert w.alerts == []
+    hists = histogram_tags(read_events(logdir))
+    assert "activations/1/0" in hists and "activations/1/1" not in hists
