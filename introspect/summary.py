@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import IntrospectWarning, warn
+from .errors import IntrospectWarning, ModelTypeError, warn
 
 __all__ = ["preserved_state", "model_summary", "summary", "write_graph", "summary_markdown"]
 
@@ -81,8 +81,6 @@ def summary(model: nn.Module, *inputs: Any, depth: int = 3, **kwargs: Any) -> st
 
     Raises ``ModelTypeError`` for a non-module; the model's own errors pass through untouched.
     """
-    from .errors import ModelTypeError
-
     if not isinstance(model, nn.Module):
         raise ModelTypeError(f"summary() expects an nn.Module, got {type(model).__name__}")
     return model_summary(model, inputs, kwargs, depth=depth)

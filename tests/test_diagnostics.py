@@ -1000,15 +1000,21 @@ def holes_net(at: set[int]) -> nn.Sequential:
     return nn.Sequential(OrderedDict(lin1=nn.Linear(4, 8), holes=Holes(at), lin2=nn.Linear(8, 1)))
 
 
+def watch_holes(model: nn.Module, writer, every: int, steps: int):
+    """Train ``model`` under watch with NaN warnings silenced; the watcher, closed."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NonFiniteWarning)
+        with watch(model, writer, every=every, **FAST) as w:
+            train_skipping_nonfinite(model, steps, lambda s: (torch.randn(6, 4), torch.randn(6, 1)))
+    return w
+
+
 def test_forward_finding_gets_its_numbers_on_a_logging_step(writer):
     torch.manual_seed(0)
     model = holes_net(at={1})
     seen = {}
     model.lin1.register_forward_hook(lambda m, a, out: seen.__setitem__(len(seen), out.detach().clone()))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", NonFiniteWarning)
-        with watch(model, writer, every=1, **FAST) as w:
-            train_skipping_nonfinite(model, 3, lambda s: (torch.randn(6, 4), torch.randn(6, 1)))
+    w = watch_holes(model, writer, every=1, steps=3)
     [alert] = w.alerts
     assert (alert.where, alert.step) == ("holes", 1)
     n = alert.numbers
@@ -1024,10 +1030,7 @@ def test_forward_finding_gets_its_numbers_on_a_logging_step(writer):
 def test_forward_finding_off_cadence_gets_numbers_from_the_next_step(writer):
     torch.manual_seed(0)
     model = holes_net(at={3, 4})  # step 3 is not a logging step; step 4 is logged because of it
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", NonFiniteWarning)
-        with watch(model, writer, every=100, **FAST) as w:
-            train_skipping_nonfinite(model, 6, lambda s: (torch.randn(6, 4), torch.randn(6, 1)))
+    w = watch_holes(model, writer, every=100, steps=6)
     [alert] = w.alerts
     assert (alert.where, alert.step) == ("holes", 3)
     assert alert.numbers["at_step"] == 4 and alert.numbers["nonfinite_values"] == 5
@@ -1036,10 +1039,7 @@ def test_forward_finding_off_cadence_gets_numbers_from_the_next_step(writer):
 def test_transient_finding_off_cadence_has_no_numbers(writer):
     torch.manual_seed(0)
     model = holes_net(at={3})  # gone by step 4: nothing measured, nothing made up
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", NonFiniteWarning)
-        with watch(model, writer, every=100, **FAST) as w:
-            train_skipping_nonfinite(model, 6, lambda s: (torch.randn(6, 4), torch.randn(6, 1)))
+    w = watch_holes(model, writer, every=100, steps=6)
     [alert] = w.alerts
     assert "nonfinite_values" not in alert.numbers
     assert "values non-finite" not in w.report()
