@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -76,6 +75,20 @@ def stat_dtype(device: torch.device) -> torch.dtype:
     return torch.float32 if device.type == "mps" else torch.float64
 
 
+def _bin_transform(lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Offset and scale that map ``[lo, hi]`` onto buckets ``0..HIST_BINS``; a constant tensor, or
+    one whose range is NaN/Inf, maps everything to bucket 0."""
+    width = hi - lo
+    usable = width > 0
+    return torch.where(usable, lo, 0.0), torch.where(usable, HIST_BINS / width, 0.0)
+
+
+def _bucket_position(values: torch.Tensor, offset: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Each value's bucket as a float in ``[0, HIST_BINS - 1]``: truncating it is its floor, and
+    int32 converts much faster than int64 on CPU. NaN goes to bucket 0."""
+    return ((values - offset) * scale).nan_to_num_(0.0).clamp_(0, HIST_BINS - 1)
+
+
 class RecordBatch:
     """Records of many tensors computed together: a step's histograms in a dozen device ops.
 
@@ -119,17 +132,14 @@ class RecordBatch:
         if not self._samples:
             return torch.zeros(0, RECORD_LEN, dtype=torch.float64)
         if len({sample.device for sample in self._samples}) > 1:
-            return self._per_device(self.compute)
+            return self._per_device()
         device = self._samples[0].device
         dt = stat_dtype(device)
         n_records = len(self._samples)
         lengths = [s.numel() for s in self._samples]
         stats = torch.stack(self._stats)
-        lo, hi = stats[:, 0], stats[:, 1]
-        width = hi - lo
-        usable = width > 0  # false for a constant tensor, and for NaN/Inf ranges (redone masked)
-        scale = torch.where(usable, HIST_BINS / width, 0.0)
-        offset = torch.where(usable, lo, 0.0)
+        # A NaN/Inf range bins everything into bucket 0; masked_rows redoes those rows.
+        offset, scale = _bin_transform(stats[:, 0], stats[:, 1])
         # Per-value offset, scale and bucket base (record * HIST_BINS) by expanding each record's
         # scalars over its sample: views plus one cat, much cheaper on CPU than a gather by a
         # segment index or repeat_interleave.
@@ -137,9 +147,7 @@ class RecordBatch:
         per_record = torch.stack([offset, scale, base], dim=1)
         spread = torch.cat([row.expand(n, 3) for row, n in zip(per_record.unbind(0), lengths)])
         values = torch.cat(self._samples) if n_records > 1 else self._samples[0]
-        # Truncating a value clamped to [0, HIST_BINS - 1] is its floor; int32 converts much faster
-        # than int64 on CPU. NaN (a non-finite tensor, redone by masked_rows) goes to bucket 0.
-        position = ((values - spread[:, 0]) * spread[:, 1]).nan_to_num_(0.0).clamp_(0, HIST_BINS - 1)
+        position = _bucket_position(values, spread[:, 0], spread[:, 1])
         bucket = (position + spread[:, 2]).to(torch.int32)
         if device.type == "cpu":
             counts = torch.bincount(bucket, minlength=n_records * HIST_BINS)
@@ -167,11 +175,8 @@ class RecordBatch:
             clean = torch.where(finite, sample, 0.0)
             lo = torch.where(finite, sample, math.inf).amin()
             hi = torch.where(finite, sample, -math.inf).amax()
-            width = hi - lo
-            usable = width > 0
-            scale = torch.where(usable, HIST_BINS / width, 0.0)
-            offset = torch.where(usable, lo, 0.0)
-            bucket = ((clean - offset) * scale).nan_to_num_(0.0).clamp_(0, HIST_BINS - 1).to(torch.int32)
+            offset, scale = _bin_transform(lo, hi)
+            bucket = _bucket_position(clean, offset, scale).to(torch.int32)
             counts = torch.zeros(HIST_BINS, dtype=torch.float32, device=sample.device).index_add_(0, bucket, weights)
             n = sample.numel()
             nonfinite = ((n - n_finite) * (numel / n)).clamp_min(1.0) if n < numel else n - n_finite
@@ -181,7 +186,7 @@ class RecordBatch:
             rows.append(torch.cat([head, counts.to(dt) * ratio]))
         return torch.stack(rows)
 
-    def _per_device(self, method: Callable[[], torch.Tensor]) -> torch.Tensor:
+    def _per_device(self) -> torch.Tensor:
         """A model split over devices: one batch per device, rows put back in order on the CPU."""
         rows = torch.zeros(len(self._samples), RECORD_LEN, dtype=torch.float64)
         for device in {sample.device for sample in self._samples}:

@@ -109,10 +109,7 @@ class StepBuffer:
         """Move the pending sums to the host (one transfer); True when any so far is not finite."""
         if self._pending:
             pending, self._pending = self._pending, []
-            if len({p.device for p in pending}) == 1:  # all float32 scalars: one stack, one copy
-                values = torch.stack(pending).tolist()
-            else:
-                values = _one_transfer(pending)
+            values = _one_transfer(pending)
             self.check_values.extend(values)
             # The sum of the sums is finite when every one is (a huge finite total only costs the
             # per-value look below).
@@ -165,9 +162,10 @@ def _one_transfer(parts: list[torch.Tensor]) -> list[float]:
         return []
     devices = {p.device for p in parts}
     if len(devices) == 1:
-        device = devices.pop()
-        dt = stat_dtype(device)
-        return torch.cat([p.reshape(-1).to(dt) for p in parts]).cpu().tolist()
+        dt = stat_dtype(devices.pop())
+        if all(p.dim() == 0 for p in parts):  # the check's sums: one stack, no per-part reshape
+            return torch.stack(parts).to(dt).cpu().tolist()
+        return torch.cat([p.reshape(-1) for p in parts]).to(dt).cpu().tolist()
     values: list[float] = []
     for p in parts:  # a model split over devices: rare, and still correct
         values.extend(p.reshape(-1).to(stat_dtype(p.device)).cpu().tolist())
