@@ -54,11 +54,12 @@ class StepBuffer:
     _safe_readers_for: int = -1
 
     # ------------------------------------------------------------ records for TensorBoard
-    def add_histogram(self, tag: str, tensor: torch.Tensor) -> None:
-        """Add one call's values; several calls in one step are merged into one histogram."""
+    def add_histogram(self, tag: str, tensor: torch.Tensor, total: torch.Tensor | None = None) -> None:
+        """Add one call's values; several calls in one step are merged into one histogram.
+        ``total``: the check's sum of ``tensor``, when it has one (saves a pass over a big tensor)."""
         if tensor.numel() == 0:  # an empty batch or a zero-width layer has no histogram
             return
-        self.histograms.setdefault(tag, []).append((tensor.numel(), self.records.add(tensor)))
+        self.histograms.setdefault(tag, []).append((tensor.numel(), self.records.add(tensor, total)))
 
     def set_histogram(self, tag: str, tensor: torch.Tensor) -> None:
         """Replace the values (a parameter's gradient is final only after the last backward)."""
@@ -74,10 +75,13 @@ class StepBuffer:
         self.measures[key] = value.detach().reshape(())
 
     # ------------------------------------------------------------ the non-finite check
-    def add_check(self, label: tuple, tensor: torch.Tensor) -> None:
-        """One cheap device reduction: a sum is finite exactly when every value is (barring overflow)."""
+    def add_check(self, label: tuple, tensor: torch.Tensor) -> torch.Tensor:
+        """One cheap device reduction: a sum is finite exactly when every value is (barring overflow).
+        Returns the sum, which a histogram of the same tensor can reuse."""
         self.check_labels.append(label)
-        self._pending.append(tensor.detach().sum(dtype=torch.float32))
+        total = tensor.detach().sum(dtype=torch.float32)
+        self._pending.append(total)
+        return total
 
     def new_call(self, record: CallRecord) -> int:
         self.calls.append(record)

@@ -29,6 +29,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from . import eventfile
 from .diagnostics import (
     Alert,
     CallRecord,
@@ -147,6 +148,8 @@ class Watcher:
         self._writer, self._owns_writer = (
             open_writer(writer) if _writes_on_this_rank() else (None, False)
         )
+        # Same bytes, checksummed without a pure-Python byte loop (see eventfile.py); undone in close().
+        self._sped_up = self._writer if eventfile.speed_up(self._writer) else None
 
         self._handles: list[Any] = []  # every hook of the watch, removed in close()
         self._step_handles: list[Any] = []  # hooks of the current logging step only
@@ -210,6 +213,8 @@ class Watcher:
             self._weights_before = {}
             self._unit_windows = {}
             self._active = False
+            if self._sped_up is not None:
+                eventfile.restore(self._sped_up)
             if self._writer is not None:
                 try:
                     if self._owns_writer:
@@ -346,13 +351,14 @@ class Watcher:
                             buffer.calls[call].producers.append(producer)
                 for suffix, tensor in tensors:
                     where = f"{name}/{suffix}" if several else name
+                    total = None
                     if buffer.checking:
                         if not safe:
-                            buffer.add_check(("out", call, where), tensor)
+                            total = buffer.add_check(("out", call, where), tensor)
                         buffer.mark_output(tensor, call)
                     if buffer.logging:
                         if "activations" in self.log:
-                            buffer.add_histogram(tag("activations", where), tensor)
+                            buffer.add_histogram(tag("activations", where), tensor, total)
                         if measure_units is not None:
                             measure_units(buffer, where, tensor, self.thresholds, self._unit_windows)
                     if tensor.requires_grad and (
@@ -370,16 +376,17 @@ class Watcher:
             if buffer.closed or self._closed or where in self._disabled:
                 return None
             try:
+                total = None
                 if buffer.checking:
                     if buffer.grad_check_needed(call):
-                        buffer.add_check(("grad", call, where), grad)
+                        total = buffer.add_check(("grad", call, where), grad)
                     if not buffer.callback_queued:
                         buffer.callback_queued = True
                         torch.autograd.Variable._execution_engine.queue_callback(
                             lambda: self._after_backward(buffer)
                         )
                 if buffer.logging and "activation_grads" in self.log:
-                    buffer.add_histogram(tag("activation_grads", where), grad)
+                    buffer.add_histogram(tag("activation_grads", where), grad, total)
             except Exception as e:
                 self._disable(where, None, e)
             return None

@@ -380,7 +380,7 @@ def _worker_body(args, result: dict) -> None:
 
     name, device = args._worker, args.device
     wandb_version = wandb_available()
-    keys = [k for k in VARIANTS if not k.startswith("wandb") or wandb_version]
+    keys = [k for k in VARIANTS if (not k.startswith("wandb") or wandb_version) and k in args.variant_keys]
     result.update(
         torch=torch.__version__, threads=torch.get_num_threads(), steps=args._steps,
         warmup=args._warmup, rounds=args.rounds, mem_steps=args._mem_steps, align=args._align,
@@ -886,6 +886,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--models", default=",".join(MODELS), help=f"comma-separated subset of {','.join(MODELS)}")
     p.add_argument("--rounds", type=int, default=None, help=f"rounds per model (default {FULL_ROUNDS}; {QUICK_ROUNDS} with --quick)")
     p.add_argument("--steps", type=int, default=None, help="steps per chunk, K (default per model)")
+    p.add_argument("--variants", default=",".join(VARIANTS),
+                   help=f"comma-separated subset of {','.join(VARIANTS)} (bare is always run)")
     p.add_argument("--timeout", type=float, default=None, help="seconds per model before its worker is killed (default 300 with --quick, 3600 otherwise)")
     hidden = argparse.SUPPRESS
     p.add_argument("--_worker", help=hidden)
@@ -901,6 +903,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.rounds = QUICK_ROUNDS if args.quick else FULL_ROUNDS
     if args.timeout is None:
         args.timeout = 300.0 if args.quick else 3600.0
+    args.variant_keys = ["bare"] + [v.strip() for v in args.variants.split(",") if v.strip() and v.strip() != "bare"]
+    unknown = [v for v in args.variant_keys if v not in VARIANTS]
+    if unknown:
+        p.error(f"unknown variant(s) {unknown}; choose from {','.join(VARIANTS)}")
     if args.rounds < 1 or (args.steps is not None and args.steps < 1):
         p.error("--rounds and --steps must be >= 1")
     return args
