@@ -344,6 +344,98 @@ def _time_one_off(base, x, y, device, tmp: Path, reps: int) -> dict:
             "warnings": sorted(set(caught))[:3]}
 
 
+def logging_step_tensors(model, x, y) -> list:
+    """What a logging step of ``watch(every=1)`` takes statistics of: every watched module's
+    output and the gradient w.r.t. it, every watched parameter and its gradient (one training
+    step's forward and backward; the tensors are detached copies, kept for timing)."""
+    import torch
+    from torch import nn
+
+    from introspect.probes import named_float_tensors
+    from introspect.selection import select_modules, select_parameters
+
+    modules = select_modules(model)
+    params = select_parameters(model, modules)
+    found: list = []
+
+    def hook(module, args, output):
+        for _, t in named_float_tensors(output):
+            found.append(t.detach().clone())
+            if t.requires_grad:
+                t.register_hook(lambda g: found.append(g.detach().clone()))
+
+    handles = [m.register_forward_hook(hook) for m in modules.values()]
+    try:
+        loss = nn.BCEWithLogitsLoss()(model(x), y)
+        loss.backward()
+    finally:
+        for h in handles:
+            h.remove()
+    found += [p.detach().clone() for p in params.values()]
+    found += [p.grad.detach().clone() for p in params.values() if p.grad is not None]
+    model.zero_grad(set_to_none=True)
+    return [t for t in found if t.numel() > 0]
+
+
+def _median_time(fn, device: str, reps: int) -> float:
+    import torch
+
+    fn()  # warm-up
+    times = []
+    for _ in range(reps):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def stats_pass_vs_bandwidth(model, x, y, device: str, reps: int = 10, probe_mb: int = 256) -> dict:
+    """The statistics pass of one logging step against reading its tensors once.
+
+    The pass: ``RecordBatch.add`` of every tensor a logging step histograms, ``compute`` and the
+    one transfer to the host, as ``watch`` does it. The yardstick: the bytes of those tensors over
+    the device's read bandwidth, measured here by summing a ``probe_mb`` buffer. Issue target on
+    GPU: the pass within 3x of the yardstick.
+    """
+    import torch
+
+    from introspect.stats import RecordBatch
+
+    tensors = logging_step_tensors(model, x, y)
+    n_bytes = sum(t.numel() * t.element_size() for t in tensors)
+
+    def statistics_pass():
+        batch = RecordBatch()
+        for t in tensors:
+            batch.add(t)
+        batch.compute().cpu()
+
+    pass_s = _median_time(statistics_pass, device, reps)
+    probe = torch.ones(probe_mb * 2**20 // 4, device=device)
+    read_s = _median_time(lambda: probe.sum(), device, reps)
+    bandwidth = probe.numel() * 4 / read_s
+    del probe
+    once_s = n_bytes / bandwidth
+    return {"tensors": len(tensors), "bytes": n_bytes, "pass_s": pass_s, "bandwidth_bps": bandwidth,
+            "read_once_s": once_s, "ratio": pass_s / once_s}
+
+
+def stats_pass_text(sp: dict) -> str:
+    if "error" in sp:
+        return f"Statistics pass vs memory bandwidth: failed ({sp['error'].strip().splitlines()[-1]})."
+    return (
+        f"Statistics pass of one logging step ({sp['tensors']} tensors, {sp['bytes'] / 2**20:.1f} MB: every "
+        f"watched output, output gradient, parameter and gradient; add + compute + one transfer): "
+        f"{sp['pass_s'] * 1e3:.2f} ms; reading those bytes once at the measured read bandwidth "
+        f"({sp['bandwidth_bps'] / 1e9:.0f} GB/s, a sum over a large buffer) takes {sp['read_once_s'] * 1e3:.3f} ms: "
+        f"the pass costs {sp['ratio']:.1f}× one read (target on GPU: ≤ 3×)."
+    )
+
+
 def worker(args) -> int:
     """One model: memory per variant, then the interleaved timing; results as JSON."""
     result: dict = {"model": args._worker, "device": args.device, "variants": {}}
@@ -388,7 +480,8 @@ def _worker_body(args, result: dict) -> None:
     )
     variants = result["variants"]
     for key in VARIANTS:
-        variants[key] = {"status": "not installed"} if key not in keys else {"status": "ok"}
+        variants[key] = {"status": "ok"} if key in keys else {
+            "status": "not installed" if key.startswith("wandb") and not wandb_version else "not run"}
 
     # ---- memory: one process per variant; no parallel torch op has run here yet
     mem_timeout = max(60.0, args.timeout / 4)
@@ -495,6 +588,10 @@ def _worker_body(args, result: dict) -> None:
         except Exception:  # noqa: BLE001
             result["one_off"] = {"error": traceback.format_exc(limit=4)}
         _log(f"summary+graph one-off: {time.perf_counter() - phase:.1f} s")
+        try:
+            result["stats_pass"] = stats_pass_vs_bandwidth(copy.deepcopy(base), x, y, device, reps=3 if args.quick else 10)
+        except Exception:  # noqa: BLE001
+            result["stats_pass"] = {"error": traceback.format_exc(limit=4)}
 
 
 def _drop(runners: dict, variants: dict, key: str) -> None:
@@ -709,6 +806,8 @@ def model_section(result: dict, device: str) -> str:
         lines += [f"| variant | ms/step (median) | ratio to bare (min–max over rounds) | added per step | {mem_head} |",
                   "| --- | ---: | ---: | ---: | ---: |"]
         for r in rows:
+            if r["status"] == "not run":  # left out with --variants
+                continue
             if r.get("ms") is not None:
                 ms = _fmt_ms(r["ms"])
                 if r["key"] == "bare":
@@ -740,6 +839,8 @@ def model_section(result: dict, device: str) -> str:
                 f"without; not part of the per-step numbers above).{note}"
             )
         lines.append("")
+    if result.get("stats_pass"):
+        lines += [stats_pass_text(result["stats_pass"]), ""]
     return "\n".join(lines)
 
 
