@@ -427,12 +427,14 @@ def stats_pass_vs_bandwidth(model, x, y, device: str, reps: int = 10, probe_mb: 
 def stats_pass_text(sp: dict) -> str:
     if "error" in sp:
         return f"Statistics pass vs memory bandwidth: failed ({sp['error'].strip().splitlines()[-1]})."
+    size = f"{sp['bytes'] / 2**20:.1f} MB" if sp["bytes"] >= 2**20 else f"{sp['bytes'] / 2**10:.1f} KB"
     return (
-        f"Statistics pass of one logging step ({sp['tensors']} tensors, {sp['bytes'] / 2**20:.1f} MB: every "
+        f"Statistics pass of one logging step ({sp['tensors']} tensors, {size}: every "
         f"watched output, output gradient, parameter and gradient; add + compute + one transfer): "
-        f"{sp['pass_s'] * 1e3:.2f} ms; reading those bytes once at the measured read bandwidth "
-        f"({sp['bandwidth_bps'] / 1e9:.0f} GB/s, a sum over a large buffer) takes {sp['read_once_s'] * 1e3:.3f} ms: "
-        f"the pass costs {sp['ratio']:.1f}× one read (target on GPU: ≤ 3×)."
+        f"{_fmt_added(sp['pass_s']).lstrip('+')}; reading those bytes once at the measured read bandwidth "
+        f"({sp['bandwidth_bps'] / 1e9:.0f} GB/s, a sum over a large buffer) takes "
+        f"{_fmt_added(sp['read_once_s']).lstrip('+')}: the pass costs {_fmt_ratio(sp['ratio'])} one read "
+        "(target on GPU: ≤ 3×; on small tensors per-op dispatch, not bandwidth, sets the time)."
     )
 
 

@@ -60,4 +60,4 @@ def test_model_section_leaves_out_variants_not_run(bench):
                       "read_once_s": 1e-4, "ratio": 20.0}}
     text = bench.model_section(result, "cpu")
     assert "watch(every=1" in text and "tutorial" not in text
-    assert "20.0× one read" in text
+    assert "20.0× one read" in text and "1.0 MB" in text
