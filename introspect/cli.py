@@ -213,7 +213,7 @@ def graph(model: str, input_shape: tuple[int, ...], dtype: str, logdir: str, arc
         writer.close()
     if not written:  # write_graph has warned why
         raise IntrospectError(f"no graph written for {model}")
-    click.echo(f"graph of {type(net).__name__} written to {logdir}")
+    click.echo(f"graph of {getattr(net, 'original_name', type(net).__name__)} written to {logdir}")
 
 
 @main.command()

@@ -14,6 +14,7 @@ import zipfile
 from pathlib import Path
 from typing import Iterator
 
+import pytest
 import torch
 from torch import nn
 
@@ -32,6 +33,20 @@ MODEL_FORMATS = ("torchscript", "traced", "export")
 """Formats that carry their own model."""
 FORMATS = WEIGHT_FORMATS + MODEL_FORMATS + ("pickled",)
 SUFFIX = {"export": ".pt2", "safetensors": ".safetensors"}
+
+
+X = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+"""The example input every saved model was exported/traced with."""
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """``(files, expected)``: the seed CNN (seed 0) saved in every format, and its output on X."""
+    folder = tmp_path_factory.mktemp("saved")
+    model = seed_cnn()
+    with torch.no_grad():
+        expected = model(X)
+    return {fmt: save_as(model, fmt, folder, X) for fmt in FORMATS}, expected
 
 
 def seed_cnn(seed: int = 0) -> nn.Module:
@@ -132,7 +147,18 @@ def console_script() -> str:
     """The installed ``introspect`` entry point beside this interpreter."""
     script = Path(sys.executable).parent / "introspect"
     if not script.exists():
-        import pytest
-
         pytest.skip("the introspect console script is not installed beside this interpreter")
     return str(script)
+
+
+class RefusesTracing(nn.Module):
+    """Runs eagerly, but its graph cannot be traced (``--arch saved_models:RefusesTracing``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_tracing():
+            raise RuntimeError("no tracing here")
+        return self.fc(x)

@@ -26,28 +26,16 @@ from introspect.weights import compare_weights, weight_stats, write_weight_histo
 
 from conftest import count_hooks, hook_state, read_events
 from saved_models import (
-    FORMATS,
     MODEL_FORMATS,
     SEED_ARCH,
     WEIGHT_FORMATS,
+    X,
     export_with_code_running_part,
-    save_as,
     save_code_running_pickle,
+    saved,  # noqa: F401  (a fixture)
     seed_cnn,
     storages_tagged_cuda,
 )
-
-X = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(1))
-
-
-@pytest.fixture(scope="module")
-def saved(tmp_path_factory):
-    """The seed CNN (seed 0) saved in every format, and its output on X."""
-    folder = tmp_path_factory.mktemp("saved")
-    model = seed_cnn()
-    with torch.no_grad():
-        expected = model(X)
-    return {fmt: save_as(model, fmt, folder, X) for fmt in FORMATS}, expected
 
 
 def assert_same_model(model: nn.Module, expected: torch.Tensor) -> None:
