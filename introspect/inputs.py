@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from .errors import ConfigError, InputShapeError, LoadError
+from .loading import first_line
 from .summary import preserved_state
 
 __all__ = [
@@ -71,8 +72,7 @@ def load_input_file(path: str | os.PathLike) -> tuple[torch.Tensor, ...]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
-        raise LoadError(f"cannot read the input tensor file {path}: {first}") from e
+        raise LoadError(f"cannot read the input tensor file {path}: {first_line(e)}") from e
     if isinstance(obj, torch.Tensor):
         return (obj,)
     if isinstance(obj, (tuple, list)) and obj and all(isinstance(t, torch.Tensor) for t in obj):
@@ -171,8 +171,7 @@ def input_error(model: nn.Module, inputs: Sequence[Any], error: BaseException) -
     root = error
     while root.__cause__ is not None:  # torchinfo wraps the model's own error
         root = root.__cause__
-    lines = [line.strip() for line in str(root).splitlines() if line.strip()]
-    reason = (lines[0] if lines else type(root).__name__)[:300]
+    reason = first_line(root)
     shapes = ", ".join(
         f"{list(x.shape)} {str(x.dtype).replace('torch.', '')}" if isinstance(x, torch.Tensor) else type(x).__name__
         for x in inputs

@@ -38,6 +38,7 @@ __all__ = [
     "read_model_file",
     "build_architecture",
     "find_state_dict",
+    "first_line",
     "load_state_dict_into",
     "STATE_DICT_KEYS",
     "WRAPPER_PREFIXES",
@@ -292,7 +293,7 @@ def load_state_dict_into(model: nn.Module, state: Mapping[str, torch.Tensor], so
         try:
             result = model.load_state_dict(state, strict=False)  # fills what torch can (old BatchNorm files)
         except RuntimeError as e:
-            raise KeyMismatchError(f"the weights in {source} do not fit {type(model).__name__}: {_first_line(e)}") from e
+            raise KeyMismatchError(f"the weights in {source} do not fit {type(model).__name__}: {first_line(e)}") from e
         missing, unexpected = list(result.missing_keys), list(result.unexpected_keys)
     parts = []
     if missing:
@@ -451,7 +452,7 @@ def _unsafe_message(path: Path, error: BaseException | None, what: str | None = 
 
 
 def _corrupt(path: Path, e: BaseException) -> LoadError:
-    return LoadError(f"cannot read {path} (corrupt or truncated?): {type(e).__name__}: {_first_line(e)}")
+    return LoadError(f"cannot read {path} (corrupt or truncated?): {type(e).__name__}: {first_line(e)}")
 
 
 def _describe_state_dict(state: Mapping[str, Any] | None) -> str:
@@ -472,6 +473,7 @@ def _first(names: list[str]) -> str:
     return shown + (f", ... {len(names) - _SHOWN} more" if len(names) > _SHOWN else "")
 
 
-def _first_line(e: BaseException) -> str:
+def first_line(e: BaseException) -> str:
+    """The first non-blank line of an error's message: torch's errors run to paragraphs."""
     lines = [line.strip() for line in str(e).splitlines() if line.strip()]
     return (lines[0] if lines else type(e).__name__)[:300]
