@@ -178,7 +178,9 @@ def _writer(logdir: str) -> Any:
 @click.option("--depth", type=click.IntRange(0), default=3, show_default=True, help="How deep the table goes into submodules.")
 @model_options
 def summary(model: str, input_shape: tuple[int, ...], dtype: str, depth: int, arch: str | None, arch_kwargs: dict | None, unsafe: bool) -> None:
-    """Print the torchinfo table of MODEL (layers, output shapes, parameter counts).
+    """Print MODEL's torchinfo table.
+
+    Layers, output shapes and parameter counts, from one forward of a random input.
 
     \b
     Example:
@@ -221,9 +223,10 @@ def graph(model: str, input_shape: tuple[int, ...], dtype: str, logdir: str, arc
 @click.option("--logdir", type=click.Path(file_okay=False), default=None, help="Also write weights/{name} histograms here (MODEL at step 0, MODEL_B at step 1).")
 @model_options
 def weights(models: tuple[str, ...], logdir: str | None, arch: str | None, arch_kwargs: dict | None, unsafe: bool) -> None:
-    """Per-tensor statistics of MODEL's weights; with two files, how each tensor changed.
+    """Weight statistics of MODEL, or how they changed from A to B.
 
-    A bare state_dict needs no --arch here: every floating tensor in it is shown.
+    One row per tensor: shape, mean, std, min, max, share of zeros, NaN/Inf count; with two
+    files, each tensor's relative change |B - A| / |A|. A bare state_dict needs no --arch here: every floating tensor in it is shown.
 
     \b
     Examples:
@@ -271,9 +274,10 @@ def activations(
     batches: int, batch_size: int, image_size: tuple[int, ...] | None, backward: bool, target: int | None,
     train_mode: bool, dtype: str, seed: int, arch: str | None, arch_kwargs: dict | None, unsafe: bool,
 ) -> None:
-    """Run inputs through MODEL under watch(): activation histograms and the debugger's findings.
+    """Run inputs through MODEL under watch(); report the findings.
 
-    Give exactly one of --input-shape, --input or --images. Each batch is one step in TensorBoard.
+    Writes activation histograms (with --backward also the gradients) and prints the debugger's
+    findings. Give exactly one of --input-shape, --input or --images. Each batch is one step in TensorBoard.
 
     \b
     Examples:
@@ -315,7 +319,9 @@ def activations(
 @click.option("--port", default=6006, show_default=True, type=click.IntRange(0, 65535), help="Port to serve on (0: any free one).")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind; 0.0.0.0 exposes it to the network.")
 def board(logdir: str, port: int, host: str) -> None:
-    """Start TensorBoard on LOGDIR, bound to 127.0.0.1 unless --host says otherwise, and print its URL.
+    """Start TensorBoard on LOGDIR and print its URL.
+
+    It binds 127.0.0.1 (this machine only) unless --host says otherwise.
 
     \b
     Example:
