@@ -158,8 +158,6 @@ class Watcher:
         )
         self._step_fn = step_fn
         self._hparams = run_hparams
-        if run_hparams is not None and self._writer is not None:
-            self._hparams_write(run_hparams.start, self._writer)
 
         self._handles: list[Any] = []  # every hook of the watch, removed in close()
         self._step_handles: list[Any] = []  # hooks of the current logging step only
@@ -182,6 +180,8 @@ class Watcher:
         self._previous_sigterm: Any = None
         self._final_metrics: dict[str, float] | None = None
         self._closed = False
+        if run_hparams is not None and self._writer is not None:
+            self._hparams_write(run_hparams.start, self._writer)
         self._attach()
 
     # ----------------------------------------------------------------- public
@@ -226,7 +226,10 @@ class Watcher:
             self.close()  # writes the metrics before it closes or flushes the writer
         elif self._writer is not None:  # after close: a closed torch SummaryWriter reopens its file
             self._end_hparams(failed=False)
-            self._writer.close() if self._owns_writer else self._writer.flush()
+            if self._owns_writer:
+                self._writer.close()
+            else:
+                self._writer.flush()
 
     def close(self) -> None:
         """Finish the current step, write it, remove every hook, flush; safe to call twice."""
@@ -266,6 +269,8 @@ class Watcher:
             self._hparams_write(run.end, self._writer, True, self._step)
 
     def _hparams_write(self, write: Callable[..., None], *args: Any) -> None:
+        if "<hparams>" in self._disabled:
+            return
         try:
             write(*args)
         except Exception as e:  # hyperparameters are never worth a crashed run

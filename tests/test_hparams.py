@@ -179,3 +179,30 @@ def test_scalar_hparams_raise_no_warning(logdir):
     with warnings.catch_warnings():
         warnings.simplefilter("error", IntrospectWarning)
         watch(_mlp(), logdir, hparams={"lr": 0.1, "name": "x", "bn": False, "n": 3}, **QUIET).close()
+
+
+def test_a_writer_without_a_file_writer_warns_once_and_training_goes_on():
+    class PlainWriter:
+        """SummaryWriter-shaped, but with no _get_file_writer() for plugin records."""
+
+        def __init__(self) -> None:
+            self.scalars: list[str] = []
+
+        def add_histogram_raw(self, tag, **kwargs):
+            pass
+
+        def add_scalar(self, tag, value, step=None):
+            self.scalars.append(tag)
+
+        def add_text(self, tag, text, step=None):
+            pass
+
+        def flush(self):
+            pass
+
+    writer = PlainWriter()
+    with pytest.warns(IntrospectWarning, match="hyperparameters need a torch.utils.tensorboard"):
+        with watch(_mlp(), writer, hparams={"lr": 0.1}, **QUIET) as w:
+            _train(w.model, steps=2)
+            w.finish(metrics={"val_acc": 0.5})
+    assert "grad_norm/0.weight" in writer.scalars
