@@ -30,6 +30,7 @@ if str(REPO_ROOT) not in sys.path:
 import torch  # noqa: E402
 from transformers import BertConfig, BertForSequenceClassification, Trainer, TrainingArguments  # noqa: E402
 
+from examples.args import count, example_parser  # noqa: E402
 from introspect.integrations.transformers import IntrospectCallback  # noqa: E402
 
 VOCAB, LENGTH = 16, 12
@@ -58,15 +59,9 @@ def tiny_bert(seed: int) -> BertForSequenceClassification:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--logdir", default="runs/hf_callback", help="TensorBoard log directory (default: %(default)s)")
-    parser.add_argument("--steps", type=int, default=60, help="optimizer steps (default: %(default)s)")
-    parser.add_argument("--quick", action="store_true", help="tiny run for tests: 10 steps")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
-    args = parser.parse_args(argv)
-    if args.steps < 1:
-        parser.error("--steps must be >= 1")
-    return args
+    parser = example_parser(__doc__, "runs/hf_callback", quick="tiny run for tests: 10 steps")
+    parser.add_argument("--steps", type=count, default=60, help="optimizer steps (default: %(default)s)")
+    return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -29,6 +29,7 @@ from lightning.pytorch.loggers import TensorBoardLogger  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
+from examples.args import count, example_parser  # noqa: E402
 from examples.data import synthetic_images  # noqa: E402
 from examples.models import SeedCNN  # noqa: E402
 from introspect.integrations.lightning import IntrospectCallback  # noqa: E402
@@ -59,15 +60,9 @@ class BarClassifier(L.LightningModule):
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--logdir", default="runs/lightning_callback", help="TensorBoard log directory (default: %(default)s)")
-    parser.add_argument("--epochs", type=int, default=2, help="training epochs (default: %(default)s)")
-    parser.add_argument("--quick", action="store_true", help="tiny run for tests: 1 epoch on 128 images")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
-    args = parser.parse_args(argv)
-    if args.epochs < 1:
-        parser.error("--epochs must be >= 1")
-    return args
+    parser = example_parser(__doc__, "runs/lightning_callback", quick="tiny run for tests: 1 epoch on 128 images")
+    parser.add_argument("--epochs", type=count, default=2, help="training epochs (default: %(default)s)")
+    return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> dict:
