@@ -206,3 +206,35 @@ def test_a_writer_without_a_file_writer_warns_once_and_training_goes_on():
             _train(w.model, steps=2)
             w.finish(metrics={"val_acc": 0.5})
     assert "grad_norm/0.weight" in writer.scalars
+
+
+def test_tensorboards_hparams_plugin_compares_the_runs_side_by_side(tmp_path):
+    """What the HPARAMS tab shows, asked of the plugin's own backend (as its HTTP handler does)."""
+    from tensorboard import context
+    from tensorboard.backend.event_processing import data_provider, plugin_event_multiplexer
+    from tensorboard.plugins import base_plugin
+    from tensorboard.plugins.hparams import api_pb2, backend_context, list_session_groups
+
+    for i, lr in enumerate([0.1, 0.01]):
+        with watch(_mlp(), tmp_path / f"run{i}", hparams={"lr": lr, "bn": bool(i)}, **QUIET) as w:
+            _train(w.model, steps=2)
+            w.finish(metrics={"val_acc": 0.5 + i / 10})
+
+    mux = plugin_event_multiplexer.EventMultiplexer()
+    mux.AddRunsFromDirectory(str(tmp_path))
+    mux.Reload()
+    tb = base_plugin.TBContext(logdir=str(tmp_path), multiplexer=mux,
+                               data_provider=data_provider.MultiplexerDataProvider(mux, str(tmp_path)))
+    request = api_pb2.ListSessionGroupsRequest(
+        start_index=0, slice_size=10,
+        allowed_statuses=[api_pb2.STATUS_SUCCESS, api_pb2.STATUS_FAILURE, api_pb2.STATUS_UNKNOWN],
+        col_params=[api_pb2.ColParams(hparam="lr"), api_pb2.ColParams(hparam="bn"),
+                    api_pb2.ColParams(metric=api_pb2.MetricName(tag="hparams/val_acc"))])
+    response = list_session_groups.Handler(
+        context.RequestContext(), backend_context.Context(tb), "", request).run()
+    rows = {
+        g.name: (g.hparams["lr"].number_value, g.hparams["bn"].bool_value,
+                 round(g.metric_values[0].value, 6), api_pb2.Status.Name(g.sessions[0].status))
+        for g in response.session_groups
+    }
+    assert rows == {"run0": (0.1, False, 0.5, "STATUS_SUCCESS"), "run1": (0.01, True, 0.6, "STATUS_SUCCESS")}
