@@ -107,6 +107,9 @@ class _Scan:
     """Per-image checks, accumulated one image at a time (images may differ in size)."""
 
     expected_range: tuple[float, float] | None
+    planned: int = PREVIEW
+    """Images the scan expects; the preview takes ``PREVIEW`` of them spread evenly (a sorted
+    ImageFolder's first 64 would all be one class)."""
     count: int = 0
     shape: tuple[int, ...] | None = None
     dtype: str = ""
@@ -118,8 +121,13 @@ class _Scan:
     duplicates: list[tuple[int, int]] = field(default_factory=list)
     labels: dict[int, int] = field(default_factory=dict)
     preview: list[tuple[int, torch.Tensor, int | None]] = field(default_factory=list)
+    _preview_at: frozenset[int] = frozenset()
     _pixels: int = 0
     _sums: torch.Tensor | None = None  # per channel: sum, sum of squares, min, max (float64)
+
+    def __post_init__(self) -> None:
+        n = max(self.planned, 1)
+        self._preview_at = frozenset(range(n) if n <= PREVIEW else (i * n // PREVIEW for i in range(PREVIEW)))
 
     def add(self, index: int, image: torch.Tensor, label: int | None) -> None:
         self.count += 1
@@ -127,7 +135,7 @@ class _Scan:
             self.shape, self.dtype = tuple(image.shape), str(image.dtype).replace("torch.", "")
         if label is not None:
             self.labels[index] = label
-        if len(self.preview) < PREVIEW:
+        if self.count - 1 in self._preview_at:
             self.preview.append((index, image, label))
         digest = hashlib.blake2b(_raw_bytes(image), digest_size=16)
         digest.update(repr((tuple(image.shape), image.dtype)).encode())
@@ -623,7 +631,7 @@ def inspect_data(
     names = _class_names(data, classes)
     samples, total, planned = _samples(data, max_samples)
 
-    scan = _Scan(expected_range)
+    scan = _Scan(expected_range, planned)
     bar = tqdm(total=planned, desc="inspect_data", unit="img", disable=not progress, leave=False, file=sys.stderr)
     with bar:
         for index, image, label, error in samples:
