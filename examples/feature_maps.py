@@ -33,13 +33,14 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 import torch  # noqa: E402
-from torch import nn  # noqa: E402
-from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 from torch.utils.tensorboard import SummaryWriter  # noqa: E402
 
 from examples.data import synthetic_images  # noqa: E402
 from examples.models import SeedCNN  # noqa: E402
 from introspect import watch  # noqa: E402
+
+BATCH = 32
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -50,6 +51,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def shuffled_batches(images: torch.Tensor, labels: torch.Tensor, epochs: int):
+    """``(images, float labels)`` batches of ``BATCH``, reshuffled every epoch."""
+    for _ in range(epochs):
+        order = torch.randperm(len(images))
+        for start in range(0, len(images), BATCH):
+            picked = order[start : start + BATCH]
+            yield images[picked], labels[picked].float()
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Train; returns the steps taken, the image steps, the final accuracy and the findings."""
     args = parse_args(argv)
@@ -58,20 +68,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     n, epochs, every, image_every = (64, 1, 1, 2) if args.quick else (640, 3, 10, 30)
     images, labels = synthetic_images(n, seed=args.seed)
     val_x, val_y = synthetic_images(128, seed=args.seed + 1)
-    loader = DataLoader(TensorDataset(images, labels.float()), batch_size=32, shuffle=True)
 
     model = SeedCNN()
-    loss_fn = nn.BCEWithLogitsLoss()
     optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
     with SummaryWriter(args.logdir) as writer:
         with watch(model, writer, every=every, image_every=image_every, log_inputs=True, summary=False) as w:
-            for _ in range(epochs):
-                for x, y in loader:
-                    loss = loss_fn(model(x).squeeze(1), y)
-                    optimizer.zero_grad()
-                    loss.backward()
-                    optimizer.step()
-                    writer.add_scalar("train/loss", loss.item(), w.step)
+            for x, y in shuffled_batches(images, labels, epochs):
+                loss = F.binary_cross_entropy_with_logits(model(x).squeeze(1), y)
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                writer.add_scalar("train/loss", loss.item(), w.step)
         model.eval()
         with torch.no_grad():
             accuracy = ((model(val_x).squeeze(1) > 0).long() == val_y).float().mean().item()
@@ -79,8 +86,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     steps = w.step + 1
     print(w.report())
     print(f"{steps} steps, validation accuracy {accuracy:.1%}")
-    print(f"feature maps at steps {list(range(0, steps, image_every))}; see them with:")
-    print(f"  tensorboard --logdir {args.logdir} --host 127.0.0.1")
+    print(f"feature maps at steps {list(range(0, steps, image_every))}: "
+          f"tensorboard --logdir {args.logdir} --host 127.0.0.1, then IMAGES")
     return {
         "steps": steps,
         "image_steps": list(range(0, steps, image_every)),

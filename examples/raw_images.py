@@ -85,9 +85,7 @@ def main(argv: list[str] | None = None) -> dict[str, DataReport]:
             print(f"class_to_idx: {dataset.class_to_idx}")
             with SummaryWriter(str(logdir / name)) as writer:
                 reports[name] = inspect_data(dataset, writer)  # the one line
-    print()
-    print(f"logs written to {logdir}/{{clean,flawed}}; see them with:")
-    print(f"  tensorboard --logdir {logdir} --host 127.0.0.1")
+    print(f"\nto see them: tensorboard --logdir {logdir} --host 127.0.0.1 (IMAGES and TEXT)")
     return reports
 
 

@@ -461,8 +461,6 @@ def _samples(data: Any, max_samples: int) -> tuple[Iterator[Sample], int | None,
                 yield i, _as_image(image), _as_label(label), None
 
         return from_dataset(), n, len(indices)
-    if isinstance(data, (str, os.PathLike)):
-        return _samples(image_folder(data), max_samples)
     raise ModelTypeError(
         "inspect_data takes a Dataset, a DataLoader, an image batch tensor (N, C, H, W), an "
         f"(images, labels) pair or an ImageFolder path; got {type(data).__name__}"

@@ -74,7 +74,7 @@ logger.addHandler(logging.NullHandler())  # the application decides where findin
 LOG_KINDS = ("activations", "activation_grads", "weights", "grads", "feature_maps")
 DEFAULT_LOG = LOG_KINDS
 DEFAULT_EVERY = 50
-IMAGE_EVERY_FACTOR = 10  # image_every defaults to 10 x every: a picture costs ~50 histograms
+IMAGE_EVERY_FACTOR = 10  # image_every defaults to 10 x every: one picture costs ~10-20 ms (PNG + checksum)
 NONFINITE_ACTIONS = ("warn", "raise", "ignore")
 
 # Which models are being watched right now. Weak, so a watcher left open never keeps a model alive.
@@ -160,8 +160,6 @@ class Watcher:
         self._module_types = {name: type(m).__name__ for name, m in modules.items()}
         self._params = select_parameters(root, modules)
         self.image_every = image_every
-        pickers = {n: sample_picker(m) for n, m in modules.items()} if "feature_maps" in self.log else {}
-        self._pickers = {n: p for n, p in pickers.items() if p is not None}
         self._image_step = False  # this step draws feature maps
         self._maps: dict[str, Picked] = {}  # first sample's slice per output, until the step is written
         self._inputs_pending = log_inputs
@@ -171,6 +169,9 @@ class Watcher:
         self._writer, self._owns_writer = (
             open_writer(writer) if _writes_on_this_rank() else (None, False)
         )
+        draws = "feature_maps" in self.log and callable(getattr(self._writer, "add_image", None))
+        pickers = {n: sample_picker(m) for n, m in modules.items()} if draws else {}
+        self._pickers = {n: p for n, p in pickers.items() if p is not None}
 
         self._handles: list[Any] = []  # every hook of the watch, removed in close()
         self._step_handles: list[Any] = []  # hooks of the current logging step only
@@ -471,7 +472,7 @@ class Watcher:
         logging_step = self._writer is not None and (step % self.every == 0 or self._force_log)
         self._force_log = False
         checking = self.check_every > 0 and step % self.check_every == 0
-        self._image_step = bool(self._pickers) and self._writer is not None and step % self.image_every == 0
+        self._image_step = bool(self._pickers) and step % self.image_every == 0
         buffer = StepBuffer(step=step, logging=logging_step, checking=checking)
         self._buffer = buffer
         if not buffer.logging:

@@ -190,3 +190,25 @@ def test_log_inputs_is_off_by_default_and_skips_non_images(tmp_path, seed_cnn):
         train(mlp, lambda: (torch.zeros(5, 8), torch.rand(5)), bce, steps=1)
     assert "data/inputs" not in read_events(tmp_path / "b").Tags()["images"]
     assert w.alerts == []
+
+
+class HistogramsOnly:
+    """A SummaryWriter-like wrapper without add_image (e.g. a user's own logger)."""
+
+    def __init__(self, logdir) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        self._writer = SummaryWriter(str(logdir))
+        self.add_histogram_raw = self._writer.add_histogram_raw
+        self.add_scalar = self._writer.add_scalar
+        self.add_text = self._writer.add_text
+        self.flush = self._writer.flush
+
+
+def test_a_writer_without_add_image_gets_no_feature_maps_and_no_warning(tmp_path, seed_cnn, quiet):
+    writer = HistogramsOnly(tmp_path)
+    with watch(seed_cnn, writer, every=1, **OPTIONS) as w:
+        train(seed_cnn, image_batch, bce, steps=2)
+    writer._writer.close()
+    assert w._pickers == {}
+    assert "activations/conv1" in read_events(tmp_path).Tags()["histograms"]
