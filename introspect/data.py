@@ -136,7 +136,7 @@ class _Scan:
         if label is not None:
             self.labels[index] = label
         if self.count - 1 in self._preview_at:
-            self.preview.append((index, image, label))
+            self.preview.append((index, image.clone(), label))  # not a view that keeps its batch alive
         digest = hashlib.blake2b(_raw_bytes(image), digest_size=16)
         digest.update(repr((tuple(image.shape), image.dtype)).encode())
         key = digest.digest()

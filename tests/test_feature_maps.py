@@ -212,3 +212,13 @@ def test_a_writer_without_add_image_gets_no_feature_maps_and_no_warning(tmp_path
     writer._writer.close()
     assert w._pickers == {}
     assert "activations/conv1" in read_events(tmp_path).Tags()["histograms"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_feature_maps_and_inputs_on_cuda(tmp_path):
+    torch.manual_seed(0)
+    model = SeedCNN().cuda()
+    with watch(model, str(tmp_path), every=1, log_inputs=True, **OPTIONS):
+        train(model, lambda: tuple(t.cuda() for t in image_batch()), bce, steps=2)
+    images = set(read_events(tmp_path).Tags()["images"])
+    assert {"feature_maps/conv1", "feature_maps/conv2", "data/inputs"} <= images
