@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-import sys
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -28,9 +27,10 @@ from typing import Any
 
 import torch
 
-from .diagnostics import Alert, alerts_markdown, text_table
+from .diagnostics import Alert, alerts_markdown
 from .errors import ConfigError, ModelTypeError
 from .sinks import DATA_TAGS, open_writer
+from .terminal import format_table, number, progress
 from .visuals import class_balance_image, displayable, image_grid, labeled_samples_image
 
 __all__ = [
@@ -85,20 +85,21 @@ class DataReport:
         )
         lines = [head]
         if self.alerts:
-            lines += text_table([("finding", "where", "details")] + [(a.kind, a.where, a.message) for a in self.alerts])
+            lines.append(format_table(("finding", "where", "details"), [(a.kind, a.where, a.message) for a in self.alerts]))
         if self.channels:
             lines.append("")
-            lines += text_table(_channel_rows(self.channels))
+            lines.append(format_table(CHANNEL_COLUMNS, _channel_rows(self.channels)))
         if self.class_counts:
             lines.append("")
             lines.append("classes: " + ", ".join(f"{n} {c}" for n, c in zip(self.class_names, self.class_counts)))
         return "\n".join(lines)
 
 
-def _channel_rows(channels: Sequence[ChannelStats]) -> list[tuple[str, ...]]:
-    rows = [("channel", "mean", "std", "min", "max")]
-    rows += [(str(i), f"{c.mean:.4f}", f"{c.std:.4f}", f"{c.min:.4g}", f"{c.max:.4g}") for i, c in enumerate(channels)]
-    return rows
+CHANNEL_COLUMNS = ("channel", "mean", "std", "min", "max")
+
+
+def _channel_rows(channels: Sequence[ChannelStats]) -> list[tuple[int, float, float, float, float]]:
+    return [(i, c.mean, c.std, c.min, c.max) for i, c in enumerate(channels)]
 
 
 # --------------------------------------------------------------------------- the scan
@@ -544,9 +545,8 @@ def _preview_batch(images: Sequence[torch.Tensor]) -> torch.Tensor:
 
 
 def _channel_markdown(channels: Sequence[ChannelStats]) -> str:
-    rows = _channel_rows(channels)
-    lines = ["| " + " | ".join(rows[0]) + " |", "|" + " --- |" * len(rows[0])]
-    lines += ["| " + " | ".join(r) + " |" for r in rows[1:]]
+    lines = ["| " + " | ".join(CHANNEL_COLUMNS) + " |", "|" + " --- |" * len(CHANNEL_COLUMNS)]
+    lines += ["| " + " | ".join(number(v) for v in row) + " |" for row in _channel_rows(channels)]
     mean = ", ".join(f"{c.mean:.4f}" for c in channels)
     std = ", ".join(f"{c.std:.4f}" for c in channels)
     lines += ["", f"`transforms.Normalize(mean=[{mean}], std=[{std}])`"]
@@ -582,7 +582,7 @@ def inspect_data(
     expected_range: tuple[float, float] | None = None,
     imbalance_ratio: float = DEFAULT_IMBALANCE,
     step: int = 0,
-    progress: bool = True,
+    show_progress: bool = True,
     verbose: bool = True,
 ) -> DataReport:
     """Look at a data set before training on it: pictures in TensorBoard, findings in words.
@@ -607,10 +607,10 @@ def inspect_data(
             normalised data (negative values) is fine.
         imbalance_ratio: report when the largest class has this many times the samples of the smallest.
         step: the global step the pictures are written at.
-        progress / verbose: show the progress bar / print the report.
+        show_progress / verbose: show a progress bar (on a terminal, for scans over half a
+            second) / print the report.
     """
     from torch.utils.data import DataLoader
-    from tqdm.auto import tqdm
 
     if isinstance(max_samples, bool) or not isinstance(max_samples, int) or max_samples < 1:
         raise ConfigError(f"max_samples must be an integer >= 1, got {max_samples!r}")
@@ -630,14 +630,11 @@ def inspect_data(
     samples, total, planned = _samples(data, max_samples)
 
     scan = _Scan(expected_range, planned)
-    bar = tqdm(total=planned, desc="inspect_data", unit="img", disable=not progress, leave=False, file=sys.stderr)
-    with bar:
-        for index, image, label, error in samples:
-            if error is not None:
-                scan.unreadable.append((index, error))
-            else:
-                scan.add(index, image, label)
-            bar.update()
+    for index, image, label, error in progress(samples, show_progress, total=planned, desc="inspect_data", unit="img"):
+        if error is not None:
+            scan.unreadable.append((index, error))
+        else:
+            scan.add(index, image, label)
     if scan.count == 0:
         if scan.unreadable:
             raise ConfigError(f"inspect_data could not load any sample: {scan.unreadable[0][1]}")

@@ -27,7 +27,6 @@ __all__ = [
     "check_activation_health",
     "GradientHealth",
     "format_report",
-    "text_table",
     "alerts_markdown",
 ]
 
@@ -344,15 +343,12 @@ def format_report(alerts: Sequence[Alert], steps: int) -> str:
         (str(a.step), a.kind + (f" ({a.phase})" if a.phase else ""), a.where, a.message + _numbers_text(a))
         for a in alerts
     ]
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
     count = len(alerts)
     lines = [f"introspect: {count} finding{'s' if count != 1 else ''} in {steps} step{plural}"]
-    return "\n".join(lines + text_table(rows))
-
-
-def text_table(rows: Sequence[Sequence[str]]) -> list[str]:
-    """Rows as lines of aligned columns; the last column (free text) is not padded."""
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
-    return ["  ".join([c.ljust(w) for c, w in zip(r, widths)] + [r[-1]]).rstrip() for r in rows]
+    for r in rows:
+        lines.append("  ".join(r[i].ljust(widths[i]) for i in range(3)) + "  " + r[3])
+    return "\n".join(lines)
 
 
 def alerts_markdown(alerts: Sequence[Alert]) -> str:

@@ -20,16 +20,17 @@ def run(*args: str):
 
 def test_data_command_writes_the_pictures(tmp_path):
     folder = write_folder(tmp_path / "images", counts=(6, 6))
-    result = run("data", str(folder), "--logdir", str(tmp_path / "run"), "--no-progress")
+    result = run("data", str(folder), "--logdir", str(tmp_path / "run"))
     assert result.exit_code == 0, result.output
-    assert "no problems found in 12 images" in result.output
+    assert "no problems found in 12 images" in result.stdout
+    assert result.stderr.startswith("pictures written to")
     images = set(read_events(tmp_path / "run").Tags()["images"])
     assert {"data/batch", "data/samples", "data/class_balance"} <= images
 
 
 def test_limit_and_findings(tmp_path):
     folder = write_folder(tmp_path / "images", counts=(18, 2))
-    result = run("data", str(folder), "--logdir", str(tmp_path / "run"), "--limit", "10", "--no-progress")
+    result = run("data", str(folder), "--logdir", str(tmp_path / "run"), "--limit", "10")
     assert result.exit_code == 0, result.output
     assert "in 10 of 20 images" in result.output
     assert "data_imbalance" in result.output  # counted over the whole folder, not the 10 scanned
@@ -50,9 +51,9 @@ def test_bad_folders_get_one_line_and_exit_1(tmp_path, make, words):
     make(folder)
     result = run("data", str(folder), "--logdir", str(tmp_path / "run"))
     assert result.exit_code == 1
-    assert words in result.output
-    assert result.output.startswith("Error: ") and result.output.count("\n") == 1
-    assert "Traceback" not in result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and words in lines[0], result.stderr
+    assert "Traceback" not in result.output and result.stdout == ""
 
 
 def test_bad_limit(tmp_path):
@@ -63,18 +64,18 @@ def test_bad_limit(tmp_path):
 @pytest.mark.slow
 def test_data_command_in_a_subprocess(tmp_path):
     folder = write_folder(tmp_path / "images", counts=(4, 4))
-    command = [sys.executable, "-m", "introspect.cli", "data"]
+    command = [sys.executable, "-m", "introspect", "data"]
     ok = subprocess.run(
         command + [str(folder), "--logdir", str(tmp_path / "run")],
         capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL,
     )
     assert ok.returncode == 0, ok.stderr
     assert "no problems found in 8 images" in ok.stdout
-    assert "introspect board --logdir" in ok.stderr
+    assert ok.stderr.startswith("pictures written to") and "introspect board --logdir" in ok.stderr
     assert "data/batch" in read_events(tmp_path / "run").Tags()["images"]
     missing = subprocess.run(
         command + [str(tmp_path / "nope"), "--logdir", str(tmp_path / "run2")],
         capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL,
     )
     assert missing.returncode == 1
-    assert missing.stderr.strip() == f"Error: no such folder: {tmp_path / 'nope'}"
+    assert missing.stderr.strip() == f"error: no such folder: {tmp_path / 'nope'}"

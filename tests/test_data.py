@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import shutil
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -40,7 +42,7 @@ def write_folder(root: Path, counts=(6, 6), seed: int = 0) -> Path:
 
 def inspect(data, writer, **options) -> DataReport:
     """inspect_data without the progress bar and the printout; ``writer`` a path or a SummaryWriter."""
-    options.setdefault("progress", False)
+    options.setdefault("show_progress", False)
     options.setdefault("verbose", False)
     return inspect_data(data, str(writer) if isinstance(writer, Path) else writer, **options)
 
@@ -56,7 +58,7 @@ def png(event) -> np.ndarray:
 # --------------------------------------------------------------------------- what is written
 def test_image_folder_pictures_and_texts(tmp_path, capsys):
     folder = write_folder(tmp_path / "images", counts=(6, 6))
-    report = inspect_data(str(folder), str(tmp_path / "run"), progress=False)
+    report = inspect_data(str(folder), str(tmp_path / "run"), show_progress=False)
     out = capsys.readouterr().out
     assert "no problems found in 12 images (3x16x16, float32)" in out
     assert "0_airplane 6, 1_automobile 6" in out
@@ -107,12 +109,29 @@ def test_samples_figure_titles_every_class_of_a_sorted_folder(tmp_path):
     assert len(scan._preview_at) == 64 and max(scan._preview_at) > 90
 
 
-def test_progress_bar_is_bounded_by_max_samples(tmp_path, capsys):
-    folder = write_folder(tmp_path / "images", counts=(20, 20))
-    report = inspect(str(folder), tmp_path / "run", progress=True, max_samples=10)
-    err = capsys.readouterr().err
-    assert "inspect_data" in err and "/10" in err and "/40" not in err
-    assert report.samples == 10
+class SlowImages(Dataset):
+    """Random images that take a while to load, so the progress bar (shown after 0.5 s) appears."""
+
+    def __len__(self):
+        return 40
+
+    def __getitem__(self, i):
+        time.sleep(0.08)
+        return torch.rand(3, SIZE, SIZE), i % 2
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_bar_is_bounded_by_max_samples(tmp_path, monkeypatch):
+    stderr = Terminal()
+    monkeypatch.setattr(sys, "stderr", stderr)
+    report = inspect(SlowImages(), tmp_path / "run", show_progress=True, max_samples=10)
+    assert "inspect_data" in stderr.getvalue() and "/10 " in stderr.getvalue()
+    assert "/40" not in stderr.getvalue()
+    assert report.samples == 10 and report.total == 40
 
 
 # --------------------------------------------------------------------------- findings
@@ -214,7 +233,7 @@ def test_unreadable_file(tmp_path):
 def test_findings_are_written_and_printed(tmp_path, capsys):
     images = torch.rand(6, 3, SIZE, SIZE)
     images[2] = 0.0
-    report = inspect_data(images, str(tmp_path / "run"), progress=False)
+    report = inspect_data(images, str(tmp_path / "run"), show_progress=False)
     out = capsys.readouterr().out
     assert out.startswith("introspect: 1 finding in 6 images")
     assert "data_constant" in out and "sample 2" in out
