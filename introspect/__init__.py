@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+from .data import DataReport, inspect_data
 from .diagnostics import Alert, Thresholds
 from .errors import (
     AlreadyWatchedError,
@@ -34,6 +35,8 @@ __all__ = [
     "Watcher",
     "summary",
     "load_model",
+    "inspect_data",
+    "DataReport",
     "Alert",
     "Thresholds",
     "IntrospectError",

@@ -344,5 +344,28 @@ def board(logdir: str, port: int, host: str) -> None:
         raise SystemExit(130) from None
 
 
+# --------------------------------------------------------------------------- introspect data
+@main.command("data")
+@click.argument("folder", type=click.Path())
+@click.option("--logdir", required=True, type=click.Path(file_okay=False), help="Where to write the pictures for TensorBoard.")
+@click.option("--limit", default=1000, show_default=True, type=click.IntRange(1), help="Scan at most this many images, spread over the folder.")
+def data(folder: str, logdir: str, limit: int) -> None:
+    """Look at an ImageFolder tree and report what is wrong with it.
+
+    FOLDER holds one subfolder of images per class. Writes an image grid, a 3x3 figure of labeled
+    samples, the class balance and per-channel statistics for TensorBoard, and prints the
+    findings: NaN/Inf, constant or all-black, 0-255 and duplicate images, unreadable files, class
+    imbalance.
+
+    \b
+    Example:
+      introspect data data/train --logdir runs/data --limit 500
+    """
+    from .data import image_folder, inspect_data
+
+    inspect_data(image_folder(folder), logdir, max_samples=limit)
+    click.echo(f"pictures written to {logdir} (introspect board --logdir {logdir})", err=True)
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

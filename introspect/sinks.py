@@ -12,6 +12,10 @@
 | gradient flow per layer                      | image     | diagnostics/grad_flow             |
 | NaN/Inf count, when not zero                 | scalar    | nonfinite/{module or param}       |
 | a run's final metrics (HPARAMS, finish())    | scalar    | hparams/{metric}                  |
+| input data (``inspect_data``)                | image     | data/batch, data/first_image       |
+|                                              | figure    | data/samples, data/class_balance  |
+|                                              | text      | data/channel_stats, data/findings |
+| the first training batch (``log_inputs``)    | image     | data/inputs                       |
 """
 
 from __future__ import annotations
@@ -42,6 +46,15 @@ TAG_KINDS = (
 SUMMARY_TAG = "model/summary"
 ALERTS_TAG = "diagnostics/alerts"
 GRAD_FLOW_TAG = "diagnostics/grad_flow"
+INPUTS_TAG = "data/inputs"
+DATA_TAGS = {
+    "batch": "data/batch",
+    "first_image": "data/first_image",
+    "samples": "data/samples",
+    "class_balance": "data/class_balance",
+    "channel_stats": "data/channel_stats",
+    "findings": "data/findings",
+}
 
 _WRITER_METHODS = ("add_histogram_raw", "add_scalar", "add_text", "flush")
 

@@ -31,6 +31,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from .data import log_input_batch
 from .diagnostics import (
     Alert,
     CallRecord,
@@ -52,9 +53,19 @@ from .errors import (
     warn,
 )
 from .hparams import RunHparams, check_metrics
+from .feature_maps import Picked, draw, sample_picker
 from .probes import FINITE_PRESERVING, named_float_tensors, unit_health
 from .selection import ModuleFilter, select_modules, select_parameters, unwrap_model
-from .sinks import ALERTS_TAG, GRAD_FLOW_TAG, SUMMARY_TAG, open_writer, tag, tag_name, write_step
+from .sinks import (
+    ALERTS_TAG,
+    GRAD_FLOW_TAG,
+    INPUTS_TAG,
+    SUMMARY_TAG,
+    open_writer,
+    tag,
+    tag_name,
+    write_step,
+)
 from .step import HostStep, StepBuffer
 from .summary import model_summary, summary_markdown, write_graph
 from .visuals import grad_flow_image
@@ -64,9 +75,10 @@ __all__ = ["watch", "Watcher", "LOG_KINDS", "DEFAULT_LOG", "DEFAULT_EVERY"]
 logger = logging.getLogger("introspect")
 logger.addHandler(logging.NullHandler())  # the application decides where findings go
 
-LOG_KINDS = ("activations", "activation_grads", "weights", "grads")
+LOG_KINDS = ("activations", "activation_grads", "weights", "grads", "feature_maps")
 DEFAULT_LOG = LOG_KINDS
 DEFAULT_EVERY = 50
+IMAGE_EVERY_FACTOR = 10  # image_every defaults to 10 x every: one picture costs ~10-20 ms (PNG + checksum)
 NONFINITE_ACTIONS = ("warn", "raise", "ignore")
 
 # Which models are being watched right now. Weak, so a watcher left open never keeps a model alive.
@@ -104,6 +116,8 @@ class Watcher:
         graph: bool = True,
         hparams: Mapping[str, Any] | None = None,
         step_fn: Callable[[], int] | None = None,
+        image_every: int | None = None,
+        log_inputs: bool = False,
     ) -> None:
         # Every check runs before the first hook exists.
         if not isinstance(model, nn.Module):
@@ -117,6 +131,10 @@ class Watcher:
             raise ConfigError(
                 f"check_every must be an integer >= 0 (0 turns the non-finite check off), got {check_every!r}"
             )
+        if image_every is None:
+            image_every = IMAGE_EVERY_FACTOR * every
+        if isinstance(image_every, bool) or not isinstance(image_every, int) or image_every < 1:
+            raise ConfigError(f"image_every must be an integer >= 1 (draw feature maps every N steps), got {image_every!r}")
         kinds = (log,) if isinstance(log, str) else tuple(log)
         unknown = [k for k in kinds if k not in LOG_KINDS]
         if unknown:
@@ -150,6 +168,10 @@ class Watcher:
         self._modules = modules
         self._module_types = {name: type(m).__name__ for name, m in modules.items()}
         self._params = select_parameters(root, modules)
+        self.image_every = image_every
+        self._image_step = False  # this step draws feature maps
+        self._maps: dict[str, Picked] = {}  # first sample's slice per output, until the step is written
+        self._inputs_pending = log_inputs
         self._optimizer = optimizer
         self._summary = summary
         self._graph = graph
@@ -158,6 +180,9 @@ class Watcher:
         )
         self._step_fn = step_fn
         self._hparams = run_hparams
+        draws = "feature_maps" in self.log and callable(getattr(self._writer, "add_image", None))
+        pickers = {n: sample_picker(m) for n, m in modules.items()} if draws else {}
+        self._pickers = {n: p for n, p in pickers.items() if p is not None}
 
         self._handles: list[Any] = []  # every hook of the watch, removed in close()
         self._step_handles: list[Any] = []  # hooks of the current logging step only
@@ -247,6 +272,7 @@ class Watcher:
             self._restore_sigterm()
             _ACTIVE.pop(self._root, None)
             self._weights_before = {}
+            self._maps = {}
             self._unit_windows = {}
             self._active = False
             if self._writer is not None:
@@ -351,6 +377,9 @@ class Watcher:
             if self._first_batch_pending:
                 self._first_batch_pending = False
                 self._first_batch(module, args, kwargs)
+            if self._inputs_pending:
+                self._inputs_pending = False
+                self._log_inputs(args, kwargs)
             self._sync_step()
             buffer = self._buffer
             if buffer is not None and buffer.checking:
@@ -376,6 +405,7 @@ class Watcher:
     def _make_output_hook(self, name: str) -> Callable[[nn.Module, Any, Any], None]:
         module_type = self._module_types[name]
         measure_units = unit_health(module_type)
+        pick_sample = self._pickers.get(name)
         safe = module_type in FINITE_PRESERVING
 
         def hook(module: nn.Module, args: Any, output: Any) -> None:
@@ -384,7 +414,7 @@ class Watcher:
             if not self._active and (self._step_fn is None or not self._join_external_step(module)):
                 return None
             buffer = self._buffer
-            if buffer is None or not (buffer.checking or buffer.logging):
+            if buffer is None or not (buffer.checking or buffer.logging or self._image_step):
                 return None
             try:
                 tensors = named_float_tensors(output)
@@ -409,6 +439,9 @@ class Watcher:
                             buffer.add_histogram(tag("activations", where), tensor)
                         if measure_units is not None:
                             measure_units(buffer, where, tensor, self.thresholds, self._unit_windows)
+                    if pick_sample is not None and self._image_step and suffix in ("", "0"):
+                        if where not in self._maps and (picked := pick_sample(tensor)) is not None:
+                            self._maps[where] = picked
                     if tensor.requires_grad and (
                         buffer.checking or (buffer.logging and "activation_grads" in self.log)
                     ):
@@ -515,6 +548,7 @@ class Watcher:
         logging_step = self._writer is not None and (step % self.every == 0 or self._force_log)
         self._force_log = False
         checking = self.check_every > 0 and step % self.check_every == 0
+        self._image_step = bool(self._pickers) and step % self.image_every == 0
         buffer = StepBuffer(step=step, logging=logging_step, checking=checking)
         self._buffer = buffer
         if not buffer.logging:
@@ -542,6 +576,7 @@ class Watcher:
                 self._write(host)
                 self._check_health(host)
                 self._describe_nonfinite(buffer, host)
+            self._write_maps(buffer.step)
             buffer.closed = True
 
     def _describe_nonfinite(self, buffer: StepBuffer, host: HostStep) -> None:
@@ -571,6 +606,33 @@ class Watcher:
             if source is not None and source.nonfinite == 0 and source.finite_count > 0:
                 numbers.update(upstream_min=source.min, upstream_max=source.max)
             alert.numbers.update(numbers)
+
+    def _write_maps(self, step: int) -> None:
+        """Draw and write the step's feature maps, then drop the slices they were drawn from."""
+        maps, self._maps = self._maps, {}
+        self._image_step = False
+        if self._writer is None:
+            return
+        for where, picked in maps.items():
+            try:
+                self._writer.add_image(tag("feature_maps", where), draw(picked), step)
+            except Exception as e:
+                self._disable(f"<feature_maps {where}>", None, e)
+
+    def _log_inputs(self, args: tuple, kwargs: dict) -> None:
+        """``log_inputs=True``: the first batch as an image grid, and the data checks as findings."""
+        if self._writer is None:
+            return
+        tensors = [t for _, t in named_float_tensors((args, kwargs))]
+        if not tensors:
+            return
+        try:
+            alerts = log_input_batch(tensors[0], self._writer, INPUTS_TAG, self._next_step)
+        except Exception as e:
+            self._disable("<inputs>", None, e)
+            return
+        for alert in alerts:
+            self._add_alert(alert)
 
     def _write(self, host: HostStep) -> None:
         if self._writer is None:
@@ -722,7 +784,13 @@ def watch(model: nn.Module, writer: Any = None, **options: Any) -> Watcher:
         every: log every N steps (step 0 always). Off-cadence steps cost a hook call and one sum
             per output.
         log: what to capture on logging steps: any of "activations", "activation_grads",
-            "weights", "grads".
+            "weights", "grads", "feature_maps" (conv layers' channels as an image grid; 1-D
+            convolutions and RNN/attention sequence outputs as a heat map; at ``image_every``).
+        image_every: draw feature maps every N steps (step 0 always); default ``10 * every``.
+            Only the first sample's slice (at most 64 channels) is copied on those steps.
+        log_inputs: on the first training batch, write the model's input as an image grid
+            (``data/inputs``, for image-like N x C x H x W tensors) and report NaN/Inf, constant
+            images, 0-255 values and duplicates in it as findings.
         include / exclude: module-name globs (``"features.*"``) or module types; default is
             every module that owns parameters plus every leaf.
         optimizer: count one step per ``optimizer.step()`` (gradient accumulation) and log
