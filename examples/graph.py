@@ -18,8 +18,8 @@ model that cannot be traced gets one warning instead of a traceback. Inside a tr
 
 from __future__ import annotations
 
-import argparse
 import sys
+from argparse import Namespace
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,7 @@ import torch  # noqa: E402
 from torch.utils.tensorboard import SummaryWriter  # noqa: E402
 
 import introspect  # noqa: E402
+from examples.cli import example_parser  # noqa: E402
 from examples.models import SeedCNN, SigmoidCNN  # noqa: E402
 from introspect.sinks import SUMMARY_TAG  # noqa: E402
 from introspect.summary import summary_markdown, write_graph  # noqa: E402
@@ -39,11 +40,8 @@ from introspect.summary import summary_markdown, write_graph  # noqa: E402
 RUNS = ("seed000_cnn224", "seed001_cnn32")
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--logdir", default="runs/graph", help="TensorBoard log directory (default: %(default)s)")
-    parser.add_argument("--quick", action="store_true", help="for tests (the same run: it takes a second anyway)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+def parse_args(argv: list[str] | None = None) -> Namespace:
+    parser = example_parser(__doc__, "graph", quick="for tests (the same run: it takes a second anyway)")
     return parser.parse_args(argv)
 
 

@@ -16,8 +16,8 @@ Two runs (HISTOGRAMS, or DISTRIBUTIONS for the same data as bands):
 
 from __future__ import annotations
 
-import argparse
 import sys
+from argparse import Namespace
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.utils.tensorboard import SummaryWriter  # noqa: E402
 
+from examples.cli import example_parser  # noqa: E402
 from examples.data import synthetic_images  # noqa: E402
 from examples.models import SeedCNN  # noqa: E402
 from introspect import watch  # noqa: E402
@@ -76,11 +77,8 @@ def watched_weights(logdir: Path, steps: int, seed: int) -> dict[int, float]:
     return seen
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--logdir", default="runs/histograms", help="TensorBoard log directory (default: %(default)s)")
-    parser.add_argument("--quick", action="store_true", help="40 training steps instead of 200, for tests")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+def parse_args(argv: list[str] | None = None) -> Namespace:
+    parser = example_parser(__doc__, "histograms", quick="40 training steps instead of 200, for tests")
     return parser.parse_args(argv)
 
 

@@ -19,11 +19,11 @@ gradient norms and update/weight ratios, the summary and the graph — the tutor
 
 from __future__ import annotations
 
-import argparse
 import copy
 import math
 import sys
 import time
+from argparse import Namespace
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +37,7 @@ from torch import nn  # noqa: E402
 from torch.utils.data import DataLoader, TensorDataset, random_split  # noqa: E402
 from torch.utils.tensorboard import SummaryWriter  # noqa: E402
 
+from examples.cli import example_parser, positive_int  # noqa: E402
 from introspect import watch  # noqa: E402
 
 # The tutorial's settings. Kept in one dict so they can be logged as TensorBoard hyperparameters.
@@ -89,16 +90,12 @@ def evaluate(model: nn.Module, loader: DataLoader, loss_fn: nn.Module) -> tuple[
     return total_loss / n, correct / n
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--logdir", default="runs/ring", help="TensorBoard log directory (default: %(default)s)")
-    parser.add_argument("--quick", action="store_true", help="at most 3 epochs, for tests")
-    parser.add_argument("--epochs", type=int, default=HPARAMS["max_epochs"], help="at most this many epochs (default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
-    args = parser.parse_args(argv)
-    if args.epochs < 1:
-        parser.error("--epochs must be >= 1")
-    return args
+def parse_args(argv: list[str] | None = None) -> Namespace:
+    parser = example_parser(__doc__, "ring", quick="at most 3 epochs, for tests")
+    parser.add_argument(
+        "--epochs", type=positive_int, default=HPARAMS["max_epochs"], help="at most this many epochs (default: %(default)s)"
+    )
+    return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

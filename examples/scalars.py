@@ -11,8 +11,8 @@ adds, every 10 steps, ``grad_norm/x`` (|f'(x)| = |2x - 2|, shrinking by 2% a ste
 
 from __future__ import annotations
 
-import argparse
 import sys
+from argparse import Namespace
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.utils.tensorboard import SummaryWriter  # noqa: E402
 
+from examples.cli import example_parser, positive_int  # noqa: E402
 from introspect import watch  # noqa: E402
 
 
@@ -41,15 +42,10 @@ class Parabola(nn.Module):
         return a * self.x**2 + b * self.x + c
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--logdir", default="runs/scalars", help="TensorBoard log directory (default: %(default)s)")
-    parser.add_argument("--steps", type=int, default=500, help="SGD steps (default: %(default)s)")
-    parser.add_argument("--quick", action="store_true", help="for tests (the same 500 steps: about a second)")
-    args = parser.parse_args(argv)
-    if args.steps < 1:
-        parser.error("--steps must be >= 1")
-    return args
+def parse_args(argv: list[str] | None = None) -> Namespace:
+    parser = example_parser(__doc__, "scalars", quick="for tests (the same 500 steps: about a second)")
+    parser.add_argument("--steps", type=positive_int, default=500, help="SGD steps (default: %(default)s)")
+    return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -208,3 +208,15 @@ def test_ring_example_quick_logs_losses_accuracies_and_weights(tmp_path):
     (text,) = text_of(acc, "model/summary")
     assert "Total params: 193" in text
     assert acc.Tags()["graph"] is True
+
+
+def test_examples_share_one_command_line(capsys):
+    from examples import graph, histograms, ring, scalars
+
+    for module, name in ((graph, "graph"), (histograms, "histograms"), (scalars, "scalars"), (ring, "ring")):
+        args = module.parse_args([])
+        assert (args.logdir, args.quick, args.seed) == (f"runs/{name}", False, 0)
+    with pytest.raises(SystemExit) as exit_info:
+        ring.parse_args(["--epochs", "0"])
+    assert exit_info.value.code == 2
+    assert "--epochs: must be >= 1, got 0" in capsys.readouterr().err
