@@ -12,6 +12,7 @@ no WebSocket client needed), and read back the text it shows.
 
 from __future__ import annotations
 
+import base64
 import fcntl
 import json
 import os
@@ -127,6 +128,10 @@ class Browser:
         self._session = self._call("Target.attachToTarget", {"targetId": page["targetId"], "flatten": True})[
             "sessionId"
         ]
+        # The page's viewport is exactly the window size (headless windows lose some to chrome).
+        width, height = self.window
+        metrics = {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": False}
+        self._call("Emulation.setDeviceMetricsOverride", metrics, session=True)
         return self
 
     @property
@@ -170,6 +175,18 @@ class Browser:
     def text(self) -> str:
         """All text the page shows, shadow roots included."""
         return self.evaluate(PAGE_TEXT_JS) or ""
+
+    def click(self, x: float, y: float, times: int = 1) -> None:
+        """Left-click at viewport coordinates ``times`` times in a row (2: a double-click)."""
+        for count in range(1, times + 1):
+            for kind in ("mousePressed", "mouseReleased"):
+                event = {"type": kind, "x": x, "y": y, "button": "left", "clickCount": count}
+                self._call("Input.dispatchMouseEvent", event, session=True)
+
+    def screenshot(self, path: str | Path) -> None:
+        """Save what the page shows now as a PNG of the window's size."""
+        data = self._call("Page.captureScreenshot", {"format": "png"}, session=True)["data"]
+        Path(path).write_bytes(base64.b64decode(data))
 
     def count(self, tag: str, inside: str) -> int:
         """How many ``tag`` elements (e.g. ``path``) the ``inside`` elements' shadow roots hold."""
