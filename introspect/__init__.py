@@ -11,13 +11,19 @@ from __future__ import annotations
 from .diagnostics import Alert, Thresholds
 from .errors import (
     AlreadyWatchedError,
+    ArchitectureError,
     ConfigError,
+    InputShapeError,
     IntrospectError,
     IntrospectWarning,
+    KeyMismatchError,
+    LoadError,
     ModelTypeError,
     NonFiniteError,
     NonFiniteWarning,
+    UnsafeLoadError,
 )
+from .loading import load_model
 from .summary import summary
 from .watch import Watcher, watch
 
@@ -27,6 +33,7 @@ __all__ = [
     "watch",
     "Watcher",
     "summary",
+    "load_model",
     "Alert",
     "Thresholds",
     "IntrospectError",
@@ -34,6 +41,11 @@ __all__ = [
     "ModelTypeError",
     "AlreadyWatchedError",
     "NonFiniteError",
+    "LoadError",
+    "UnsafeLoadError",
+    "KeyMismatchError",
+    "ArchitectureError",
+    "InputShapeError",
     "IntrospectWarning",
     "NonFiniteWarning",
 ]

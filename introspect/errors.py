@@ -18,6 +18,11 @@ __all__ = [
     "ModelTypeError",
     "AlreadyWatchedError",
     "NonFiniteError",
+    "LoadError",
+    "UnsafeLoadError",
+    "KeyMismatchError",
+    "ArchitectureError",
+    "InputShapeError",
     "IntrospectWarning",
     "NonFiniteWarning",
     "warn",
@@ -49,6 +54,26 @@ class NonFiniteError(IntrospectError, FloatingPointError):
     def __init__(self, message: str, alert: object | None = None) -> None:
         super().__init__(message)
         self.alert = alert
+
+
+class LoadError(IntrospectError, ValueError):
+    """A model file cannot be read: missing, corrupt, of no format we know, or its reader is not installed."""
+
+
+class UnsafeLoadError(LoadError):
+    """The file holds pickled Python objects; unpickling them runs arbitrary code, so it needs ``unsafe=True``."""
+
+
+class KeyMismatchError(LoadError):
+    """A state_dict's keys or shapes do not fit the architecture it is loaded into."""
+
+
+class ArchitectureError(IntrospectError, ValueError):
+    """The architecture (``package.module:Class``, ``torchvision:name``) is missing, unknown or cannot be built."""
+
+
+class InputShapeError(IntrospectError, ValueError):
+    """The model rejected an input (usually its shape); the message shows what it expects when we can tell."""
 
 
 class IntrospectWarning(UserWarning):
