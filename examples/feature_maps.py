@@ -38,16 +38,14 @@ from torch.utils.tensorboard import SummaryWriter  # noqa: E402
 
 from examples.data import synthetic_images  # noqa: E402
 from examples.models import SeedCNN  # noqa: E402
+from examples.cli import example_parser  # noqa: E402
 from introspect import watch  # noqa: E402
 
 BATCH = 32
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--logdir", default="runs/feature_maps", help="TensorBoard log directory (default: %(default)s)")
-    parser.add_argument("--quick", action="store_true", help="a few steps, for tests")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    parser = example_parser(__doc__, "feature_maps", quick="a few steps, for tests")
     return parser.parse_args(argv)
 
 

@@ -30,7 +30,7 @@ if str(REPO_ROOT) not in sys.path:
 import torch  # noqa: E402
 from transformers import BertConfig, BertForSequenceClassification, Trainer, TrainingArguments  # noqa: E402
 
-from examples.args import count, example_parser  # noqa: E402
+from examples.cli import example_parser, positive_int  # noqa: E402
 from introspect.integrations.transformers import IntrospectCallback  # noqa: E402
 
 VOCAB, LENGTH = 16, 12
@@ -59,8 +59,8 @@ def tiny_bert(seed: int) -> BertForSequenceClassification:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = example_parser(__doc__, "runs/hf_callback", quick="tiny run for tests: 10 steps")
-    parser.add_argument("--steps", type=count, default=60, help="optimizer steps (default: %(default)s)")
+    parser = example_parser(__doc__, "hf_callback", quick="tiny run for tests: 10 steps")
+    parser.add_argument("--steps", type=positive_int, default=60, help="optimizer steps (default: %(default)s)")
     return parser.parse_args(argv)
 
 

@@ -35,15 +35,15 @@ from torch import nn  # noqa: E402
 from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 from torch.utils.tensorboard import SummaryWriter  # noqa: E402
 
-from examples.args import count, example_parser  # noqa: E402
+from examples.cli import example_parser, positive_int  # noqa: E402
 from examples.data import synthetic_images  # noqa: E402
 from examples.models import SeedCNN  # noqa: E402
 from introspect import watch  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = example_parser(__doc__, "runs/quickstart", quick="tiny run for tests: 1 epoch on 128 images")
-    parser.add_argument("--epochs", type=count, default=3, help="training epochs (default: %(default)s)")
+    parser = example_parser(__doc__, "quickstart", quick="tiny run for tests: 1 epoch on 128 images")
+    parser.add_argument("--epochs", type=positive_int, default=3, help="training epochs (default: %(default)s)")
     return parser.parse_args(argv)
 
 

@@ -41,6 +41,7 @@ from torchvision.datasets import ImageFolder  # noqa: E402
 from torchvision.transforms import ToTensor  # noqa: E402
 
 from examples.data import write_image_folder  # noqa: E402
+from examples.cli import example_parser  # noqa: E402
 from introspect import DataReport, inspect_data  # noqa: E402
 
 
@@ -61,11 +62,8 @@ def make_flawed_copy(source: Path, target: Path) -> Path:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--logdir", default="runs/raw_images", help="TensorBoard log directory (default: %(default)s)")
+    parser = example_parser(__doc__, "raw_images", quick="fewer images, for tests")
     parser.add_argument("--data", default=None, help="where to write the image folders (default: a temporary directory)")
-    parser.add_argument("--quick", action="store_true", help="fewer images, for tests")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     return parser.parse_args(argv)
 
 
