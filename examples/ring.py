@@ -122,10 +122,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     history: list[dict[str, float]] = []
     best = {"epoch": 0, "val_acc": -1.0, "state": None}
     started = time.perf_counter()
-    # Hyperparameters: DESIGN.md plans `watch(..., hparams=HPARAMS)` and `w.finish(metrics=...)`;
-    # once watch() takes them, pass HPARAMS below and the best val_acc/val_loss to finish().
+    # hparams= and finish(metrics=) put this run in TensorBoard's HPARAMS tab, beside other runs.
     with SummaryWriter(args.logdir) as writer:
-        with watch(model, writer, optimizer=optimizer, every=len(train_loader)) as w:
+        with watch(model, writer, optimizer=optimizer, every=len(train_loader), hparams=HPARAMS) as w:
             for epoch in range(1, max_epochs + 1):
                 model.train()
                 total_loss, correct = 0.0, 0
@@ -157,6 +156,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 elif epoch - best["epoch"] >= HPARAMS["patience"]:
                     print(f"val_acc without improvement in {HPARAMS['patience']} epochs: early stopping")
                     break
+            w.finish(metrics={"best_val_acc": best["val_acc"], "best_epoch": best["epoch"], "epochs": len(history)})
     seconds = time.perf_counter() - started
 
     model.load_state_dict(best["state"])  # the best epoch's weights, as the tutorial's fit() restores them

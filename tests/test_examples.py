@@ -15,6 +15,7 @@ sys.path.insert(0, str(REPO_ROOT))
 from examples.models import SeedCNN  # noqa: E402
 
 from conftest import read_events, text_of  # noqa: E402
+from hparams_records import hparam_values, hparams_records  # noqa: E402
 
 
 def test_seed_cnn_has_the_tutorials_parameter_count():
@@ -208,6 +209,17 @@ def test_ring_example_quick_logs_losses_accuracies_and_weights(tmp_path):
     (text,) = text_of(acc, "model/summary")
     assert "Total params: 193" in text
     assert acc.Tags()["graph"] is True
+
+    # The run's hyperparameters and its best epoch, for the HPARAMS tab.
+    records = hparams_records(tmp_path)
+    assert hparam_values(records["start"]) == {
+        "lr": 1e-4, "batch_size": 16.0, "hidden": "16-8", "patience": 10.0, "max_epochs": 100.0
+    }
+    metrics = {m.name.tag for m in records["experiment"].metric_infos}
+    assert metrics == {"hparams/best_val_acc", "hparams/best_epoch", "hparams/epochs"}
+    best_epoch = max(history, key=lambda row: row["val/acc"])["epoch"]
+    assert acc.Scalars("hparams/best_epoch")[-1].value == best_epoch == result["best_epoch"]
+    assert acc.Scalars("hparams/best_val_acc")[-1].value == pytest.approx(result["best_val_acc"])
 
 
 def test_examples_share_one_command_line(capsys):
