@@ -182,5 +182,7 @@ def write_step(writer: Any, host: HostStep) -> None:
     for name, count in nonfinite.items():
         batch.scalar(tag("nonfinite", name), count)
     for full_tag, value in host.scalars.items():
+        if value != value:  # NaN: a ratio that is undefined at this step (see update_ratio)
+            continue
         batch.scalar(full_tag, value)
     batch.commit(host.step)

@@ -511,7 +511,10 @@ class Watcher:
             for name, before in self._weights_before.items():
                 param = self._params[name]
                 delta = torch.linalg.vector_norm(param.detach() - before)
-                ratio = delta / torch.linalg.vector_norm(before).clamp_min(1e-12)
+                # Undefined for a weight that was exactly zero (a zero-initialised bias, x = 0):
+                # NaN here, and not written, rather than a 1e10 that flattens the chart.
+                size = torch.linalg.vector_norm(before)
+                ratio = torch.where(size > 0, delta / size, torch.full_like(size, float("nan")))
                 buffer.add_scalar(tag("update_ratio", name), ratio)
             self._weights_before = {}
         self._end_step(may_raise=True)
