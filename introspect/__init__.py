@@ -17,6 +17,7 @@ from .errors import (
     ModelTypeError,
     NonFiniteError,
     NonFiniteWarning,
+    ProbeError,
 )
 from .summary import summary
 from .watch import Watcher, watch
@@ -36,4 +37,5 @@ __all__ = [
     "NonFiniteError",
     "IntrospectWarning",
     "NonFiniteWarning",
+    "ProbeError",
 ]

@@ -18,6 +18,7 @@ __all__ = [
     "ModelTypeError",
     "AlreadyWatchedError",
     "NonFiniteError",
+    "ProbeError",
     "IntrospectWarning",
     "NonFiniteWarning",
     "warn",
@@ -49,6 +50,15 @@ class NonFiniteError(IntrospectError, FloatingPointError):
     def __init__(self, message: str, alert: object | None = None) -> None:
         super().__init__(message)
         self.alert = alert
+
+
+class ProbeError(IntrospectError, RuntimeError):
+    """Raised by ``watch(..., strict=True)`` when a probe fails on a module (without ``strict``
+    the probe warns once, stops, and training goes on). ``module`` is the module's dotted name."""
+
+    def __init__(self, message: str, module: str = "") -> None:
+        super().__init__(message)
+        self.module = module
 
 
 class IntrospectWarning(UserWarning):

@@ -1,0 +1,41 @@
+"""Hooks under ``torch.compile``: what runs outside the graph, and what is skipped.
+
+Dynamo traces module hooks into the compiled graph. Traced as they are, ours would be
+recompiled on every step (they keep Python state: the step clock, buffers, weak references) and
+hit the recompile limit, so a watched compiled model crawled. Instead:
+
+* the root's pre/post hooks (the step clock; weights on logging steps) run eagerly, outside the
+  graph: one graph break at each end of the forward, which costs microseconds;
+* the per-module output hooks see ``torch.compiler.is_compiling()`` while dynamo traces them and
+  return at once, so they add nothing to the graph: per-layer activations, activation gradients
+  and the per-layer non-finite check are unavailable for a compiled forward (one warning says so);
+* parameter hooks (``grads/``, ``weights/``, ``update_ratio/``) and optimizer hooks run in eager
+  autograd and the optimizer, untouched by compilation, so they stay exact.
+
+``torch.compiler.disable`` is applied lazily, from inside the traced hook: importing
+``torch._dynamo`` up front would cost every ``watch()`` seconds.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+
+__all__ = ["compiling", "outside_graph", "COMPILED_WARNING"]
+
+COMPILED_WARNING = (
+    "introspect: the model runs under torch.compile: per-layer activations, activation gradients "
+    "and the per-layer NaN/Inf origin are unavailable inside the compiled graph (weights/, grads/ "
+    "and update_ratio/ are still logged exactly); watch the uncompiled model to see its layers"
+)
+
+
+def compiling() -> bool:
+    """True while dynamo traces the calling code (a cheap flag read otherwise)."""
+    return torch.compiler.is_compiling()
+
+
+def outside_graph(fn: Callable[..., Any], *args: Any) -> Any:
+    """Call ``fn`` eagerly from code dynamo is tracing (a graph break, then ``fn`` as Python)."""
+    return torch.compiler.disable(fn)(*args)
