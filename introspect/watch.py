@@ -467,8 +467,9 @@ class Watcher:
         buffer.callback_queued = False
         if buffer.closed or self._closed:
             return
-        if self._ddp_sync and not self._rank_origin_done:
-            # Queued from this callback, it runs after DDP's own: on the averaged gradients.
+        if self._ddp_sync:
+            # Queued from this callback, it runs after DDP's own: on the averaged gradients, and
+            # a raise cannot stop DDP from finishing its reduction (the next forward needs it).
             _queue_after_backward(lambda: self._after_reduction(buffer))
             return
         self._check_nonfinite(buffer, may_raise=True)
@@ -481,7 +482,7 @@ class Watcher:
         """
         if buffer.closed or self._closed:
             return
-        total = reduced_gradient_sum(list(self._params.values()))
+        total = None if self._rank_origin_done else reduced_gradient_sum(list(self._params.values()))
         if total is not None:
             buffer.add_check(("reduced_grads",), total)  # rides on the check's one transfer
         self._last_origin = None
@@ -489,10 +490,9 @@ class Watcher:
         buffer.sync_checks()  # a no-op unless the check above returned before its transfer
         local = self._last_origin[1] if self._last_origin is not None else None
         reduced = [v for label, v in zip(buffer.check_labels, buffer.check_values) if label == ("reduced_grads",)]
-        if reduced and not math.isfinite(reduced[-1]):
+        if total is not None and not math.isfinite(reduced[-1]):
             self._rank_origin_done = True
-            device = total.device if total is not None else torch.device("cpu")
-            codes = origin_ranks(origin_code(local, list(self._modules)), device)
+            codes = origin_ranks(origin_code(local, list(self._modules)), total.device)
             alert = rank_origin_alert(buffer.step, codes, list(self._modules))
             self._add_alert(alert)
             local = local or alert
