@@ -40,7 +40,7 @@ from .diagnostics import (
     locate_nonfinite,
 )
 from .amp import LOW_PRECISION, check_grad_scaler, overflow_note, scale_tensor, scaler_overflow, unscale
-from .compiled import COMPILED_WARNING, compiling, outside_graph
+from .compiled import COMPILED_WARNING, compiling, forget_compiled_code, is_compiled, outside_graph
 from .distributed import (
     check_rank_mode,
     ddp_syncs_gradients,
@@ -172,6 +172,7 @@ class Watcher:
         )
         self._strict = strict
         self._grad_scaler = grad_scaler
+        self._overflow_step = -1  # the latest step whose scaled gradients overflowed
         self._half_outputs: dict[str, torch.dtype] = {}  # float16/bfloat16 outputs, for overflow notes
         self._compiled_seen = False  # an output hook was traced by torch.compile (see compiled.py)
         self._compiled_warned = False
@@ -240,6 +241,8 @@ class Watcher:
             self._remove_handles(self._handles)
             self._restore_sigterm()
             _ACTIVE.pop(self._root, None)
+            if self._compiled_seen:
+                forget_compiled_code()  # compiled code would go on calling our (removed) hooks
             self._weights_before = {}
             self._unit_windows = {}
             self._active = False
@@ -268,6 +271,8 @@ class Watcher:
     # ----------------------------------------------------------------- hooks
     def _attach(self) -> None:
         _ACTIVE[self._root] = self
+        if is_compiled(self.model, self._root):
+            forget_compiled_code()  # code compiled before now would never call our hooks
         try:
             self._handles.append(
                 self._root.register_forward_pre_hook(self._on_root_pre, with_kwargs=True)
@@ -323,7 +328,7 @@ class Watcher:
     def _open_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         # A root that calls itself recursively would count each call as a step; a depth counter
         # cannot be kept honest, since torch skips always_call hooks on KeyboardInterrupt.
-        if self._suspended:
+        if self._suspended or self._closed:
             return None
         self._active = module.training and torch.is_grad_enabled()
         if not self._active:
@@ -610,6 +615,7 @@ class Watcher:
             return
         buffer.reported = True
         if alert.phase == "backward" and scale_tensor(self._grad_scaler) is not None:
+            self._overflow_step = buffer.step
             self._add_alert(scaler_overflow(alert, self._grad_scaler))  # routine: the scaler skips the step
             return
         alert = nonfinite_on_rank(overflow_note(alert, self._half_outputs.get(alert.where)))
@@ -626,7 +632,7 @@ class Watcher:
         layer_grads: dict[str, list[float]] = {}
         for full_tag, record in host.histograms.items():
             kind, name = tag_name(full_tag)
-            if kind != "grads":
+            if kind != "grads" or host.step == self._overflow_step:  # the scaler skips that step
                 continue
             layer = name.rpartition(".")[0] or name
             entry = layer_grads.setdefault(layer, [0.0, 0.0, 0.0])
