@@ -89,12 +89,15 @@ def warn(message: str, category: type[Warning] = IntrospectWarning) -> None:
     if frame is None:
         warnings.warn(message, category, stacklevel=2)
         return
-    warnings.warn_explicit(
-        message,
-        category,
-        frame.f_code.co_filename,
-        frame.f_lineno,
-        module=frame.f_globals.get("__name__", "<unknown>"),
-        registry=frame.f_globals.setdefault("__warningregistry__", {}),
-        module_globals=frame.f_globals,
-    )
+    try:
+        warnings.warn_explicit(
+            message,
+            category,
+            frame.f_code.co_filename,
+            frame.f_lineno,
+            module=frame.f_globals.get("__name__", "<unknown>"),
+            registry=frame.f_globals.setdefault("__warningregistry__", {}),
+            module_globals=frame.f_globals,
+        )
+    except (ImportError, OSError):  # no source for that frame (``python -c``): warn from here
+        warnings.warn(message, category, stacklevel=2)

@@ -60,7 +60,8 @@ class StepBuffer:
         """Add one call's values; several calls in one step are merged into one histogram."""
         if tensor.numel() == 0:  # an empty batch or a zero-width layer has no histogram
             return
-        self.histograms.setdefault(tag, []).append((tensor.numel(), self.records.add(tensor)))
+        index = self.records.add(tensor)  # first: a tensor it cannot read leaves no empty tag behind
+        self.histograms.setdefault(tag, []).append((tensor.numel(), index))
 
     def set_histogram(self, tag: str, tensor: torch.Tensor) -> None:
         """Replace the values (a parameter's gradient is final only after the last backward)."""
