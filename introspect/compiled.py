@@ -40,9 +40,8 @@ COMPILED_WARNING = (
 )
 
 
-def compiling() -> bool:
-    """True while dynamo traces the calling code (a cheap flag read otherwise)."""
-    return torch.compiler.is_compiling()
+compiling = torch.compiler.is_compiling
+"""True while dynamo traces the calling code; otherwise one cheap call (every hook asks first)."""
 
 
 def outside_graph(fn: Callable[..., Any], *args: Any) -> Any:

@@ -61,27 +61,29 @@ def test_the_bare_loop_does_not_sync():
 
 def test_no_host_sync_off_cadence_with_the_check_off(tmp_path):
     model, opt, batches = _setup()
-    with watch(model, tmp_path / "run", every=4, check_every=0, **FAST) as w:
-        _step(model, opt, batches[0])  # step 0: a logging step, which may sync
+    with watch(model, tmp_path / "run", every=5, check_every=0, **FAST) as w:
+        _step(model, opt, batches[0])  # step 0: a logging step...
+        _step(model, opt, batches[1])  # ...whose records cross to the host at step 1's forward
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")  # any sync raises
         try:
-            for batch in batches[1:4]:  # steps 1-3: off the cadence
+            for batch in batches[2:5]:  # steps 2-4: off the cadence
                 _step(model, opt, batch)
         finally:
             torch.cuda.set_sync_debug_mode("default")
-        _step(model, opt, batches[4])  # step 4 logs again
-    assert w.step == 4
-    assert hist_steps(read_events(tmp_path / "run"), "activations/conv1") == [0, 4]
+        _step(model, opt, batches[5])  # step 5 logs again
+    assert w.step == 5
+    assert hist_steps(read_events(tmp_path / "run"), "activations/conv1") == [0, 5]
 
 
 def test_exactly_one_host_sync_per_step_with_the_default_check(tmp_path):
     model, opt, batches = _setup()
     with watch(model, tmp_path / "run", every=50, **FAST) as w:
-        _step(model, opt, batches[0])  # step 0 logs
-        counts = [_syncs(model, opt, batch) for batch in batches[1:5]]
-    assert counts == [1, 1, 1, 1]
-    assert w.step == 4 and w.alerts == []
+        _step(model, opt, batches[0])  # step 0 logs; its records cross at step 1's forward
+        _step(model, opt, batches[1])
+        counts = [_syncs(model, opt, batch) for batch in batches[2:6]]
+    assert counts == [1, 1, 1, 1]  # the check's one transfer, per step
+    assert w.step == 5 and w.alerts == []
 
 
 def test_cuda_histograms_match_the_tensors(tmp_path):

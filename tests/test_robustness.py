@@ -274,7 +274,7 @@ def _run(spec, watched: bool, logdir: str):
     return losses, grads, [p.detach().clone() for p in model.parameters()]
 
 
-@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(spec=structures)
 def test_any_nested_output_is_watched_without_changing_training(spec):
     with warnings.catch_warnings():
