@@ -295,3 +295,32 @@ def test_any_nested_output_is_watched_without_changing_training(spec):
     n_float = len([t for t in _float_leaves(_build(spec, torch.zeros(3, 4))) if t.numel() > 0])
     emitted = {t for t in histogram_tags(acc) if t.startswith("activations/emit")}
     assert len(emitted) == n_float, (spec, emitted)
+
+
+SPARSE_FROM_C = textwrap.dedent(
+    """
+    import sys, torch
+    from torch import nn
+    from introspect import watch
+
+    class ToSparse(nn.Module):
+        def forward(self, x):
+            return x.to_sparse()
+
+    model = nn.Sequential(nn.Linear(4, 4), ToSparse())
+    with watch(model, sys.argv[1], every=1, summary=False, graph=False) as w:
+        for _ in range(2):
+            model(torch.randn(2, 4)).to_dense().sum().backward()
+    print("steps", w.step + 1)
+    """
+)
+
+
+@pytest.mark.slow
+def test_failing_probe_warning_from_python_c(tmp_path):
+    """``python -c`` code has no source file: the warning must still be issued, not crash."""
+    proc = subprocess.run([sys.executable, "-c", SPARSE_FROM_C, str(tmp_path / "run")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "steps 2" in proc.stdout
+    assert "IntrospectWarning: introspect: stopped watching 1 (ToSparse)" in proc.stderr
