@@ -11,14 +11,20 @@ from __future__ import annotations
 from .diagnostics import Alert, Thresholds
 from .errors import (
     AlreadyWatchedError,
+    ArchitectureError,
     ConfigError,
+    InputShapeError,
     IntrospectError,
     IntrospectWarning,
+    KeyMismatchError,
+    LoadError,
     ModelTypeError,
     NonFiniteError,
     NonFiniteWarning,
     ProbeError,
+    UnsafeLoadError,
 )
+from .loading import load_model
 from .summary import summary
 from .watch import Watcher, watch
 
@@ -28,6 +34,7 @@ __all__ = [
     "watch",
     "Watcher",
     "summary",
+    "load_model",
     "Alert",
     "Thresholds",
     "IntrospectError",
@@ -35,6 +42,11 @@ __all__ = [
     "ModelTypeError",
     "AlreadyWatchedError",
     "NonFiniteError",
+    "LoadError",
+    "UnsafeLoadError",
+    "KeyMismatchError",
+    "ArchitectureError",
+    "InputShapeError",
     "IntrospectWarning",
     "NonFiniteWarning",
     "ProbeError",

@@ -19,6 +19,11 @@ __all__ = [
     "AlreadyWatchedError",
     "NonFiniteError",
     "ProbeError",
+    "LoadError",
+    "UnsafeLoadError",
+    "KeyMismatchError",
+    "ArchitectureError",
+    "InputShapeError",
     "IntrospectWarning",
     "NonFiniteWarning",
     "warn",
@@ -59,6 +64,26 @@ class ProbeError(IntrospectError, RuntimeError):
     def __init__(self, message: str, module: str = "") -> None:
         super().__init__(message)
         self.module = module
+
+
+class LoadError(IntrospectError, ValueError):
+    """A model file cannot be read: missing, corrupt, of no format we know, or its reader is not installed."""
+
+
+class UnsafeLoadError(LoadError):
+    """The file holds pickled Python objects; unpickling them runs arbitrary code, so it needs ``unsafe=True``."""
+
+
+class KeyMismatchError(LoadError):
+    """A state_dict's keys or shapes do not fit the architecture it is loaded into."""
+
+
+class ArchitectureError(IntrospectError, ValueError):
+    """The architecture (``package.module:Class``, ``torchvision:name``) is missing, unknown or cannot be built."""
+
+
+class InputShapeError(IntrospectError, ValueError):
+    """The model rejected an input (usually its shape); the message shows what it expects when we can tell."""
 
 
 class IntrospectWarning(UserWarning):

@@ -11,6 +11,7 @@
 | debugger findings                            | text      | diagnostics/alerts                |
 | gradient flow per layer                      | image     | diagnostics/grad_flow             |
 | NaN/Inf count, when not zero                 | scalar    | nonfinite/{module or param}       |
+| a run's final metrics (HPARAMS, finish())    | scalar    | hparams/{metric}                  |
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ TAG_KINDS = (
     "update_ratio",
     "feature_maps",
     "nonfinite",
+    "hparams",
 )
 
 SUMMARY_TAG = "model/summary"

@@ -20,7 +20,9 @@ from __future__ import annotations
 import inspect
 import logging
 import math
+import operator
 import signal
+import sys
 import threading
 import weakref
 from collections.abc import Iterable, Mapping
@@ -56,6 +58,7 @@ from .distributed import (
 from .errors import (
     AlreadyWatchedError,
     ConfigError,
+    IntrospectError,
     IntrospectWarning,
     ModelTypeError,
     NonFiniteError,
@@ -63,6 +66,7 @@ from .errors import (
     ProbeError,
     warn,
 )
+from .hparams import RunHparams, check_metrics
 from .probes import FINITE_PRESERVING, named_float_tensors, unit_health
 from .selection import ModuleFilter, select_modules, select_parameters, unwrap_model
 from .sinks import ALERTS_TAG, GRAD_FLOW_TAG, SUMMARY_TAG, open_writer, tag, tag_name, write_step
@@ -116,6 +120,8 @@ class Watcher:
         thresholds: Thresholds | Mapping[str, float] | None = None,
         summary: bool = True,
         graph: bool = True,
+        hparams: Mapping[str, Any] | None = None,
+        step_fn: Callable[[], int] | None = None,
         ranks: str = "zero",
         grad_scaler: Any = None,
         strict: bool = False,
@@ -143,6 +149,9 @@ class Watcher:
                 f"optimizer= must be a torch.optim.Optimizer, got {type(optimizer).__name__}"
             )
         limits = Thresholds.coerce(thresholds)
+        run_hparams = RunHparams(hparams) if hparams is not None else None
+        if step_fn is not None:
+            _read_step(step_fn)  # a counter that cannot be read fails here, not inside a hook
         check_rank_mode(ranks)
         check_grad_scaler(grad_scaler)
         root = unwrap_model(model)
@@ -170,6 +179,8 @@ class Watcher:
         self._writer, self._owns_writer = (
             open_writer(rank_writer_target(writer, ranks)) if _writes_on_this_rank(ranks) else (None, False)
         )
+        self._step_fn = step_fn
+        self._hparams = run_hparams
         self._strict = strict
         self._grad_scaler = grad_scaler
         self._overflow_step = -1  # the latest step whose scaled gradients overflowed
@@ -190,7 +201,9 @@ class Watcher:
         self._active = False  # inside a counted (training, grad-enabled) forward of the root
         self._suspended = False  # our own extra forwards (summary, graph) are not observed
         self._first_batch_pending = summary or graph
-        self._force_log = False  # log the step after a NaN/Inf, whatever the cadence
+        # Log the step after a NaN/Inf whatever the cadence; and the first step (with step_fn=,
+        # a resumed run's first step need not be 0).
+        self._force_log = True
         self._disabled: set[str] = set()
         self._alerted: set[tuple[str, str]] = set()
         self._weights_before: dict[str, torch.Tensor] = {}
@@ -199,7 +212,10 @@ class Watcher:
         self._last_layer_grads: tuple[int, dict[str, tuple[float, float, float]]] | None = None
         self._grad_flow_drawn: int | None = None
         self._previous_sigterm: Any = None
+        self._final_metrics: dict[str, float] | None = None
         self._closed = False
+        if run_hparams is not None and self._writer is not None:
+            self._hparams_write(run_hparams.start, self._writer)
         self._attach()
 
     # ----------------------------------------------------------------- public
@@ -227,6 +243,28 @@ class Watcher:
         """What the debugger found, as a short table for the terminal."""
         return format_report(self.alerts, self._next_step)
 
+    def finish(self, metrics: Mapping[str, Any] | None = None) -> None:
+        """Record the run's final (or best) metrics beside its ``hparams`` for TensorBoard's
+        HPARAMS dashboard, then close. Call it once, inside the ``with`` block or after it.
+
+        >>> w.finish(metrics={"val_acc": 0.92})                      # doctest: +SKIP
+        """
+        values = check_metrics(metrics)
+        run = self._hparams = self._hparams or RunHparams({})
+        if run.ended:
+            raise IntrospectError(
+                "this run's HPARAMS session has ended already (finish() was called, or the watch "
+                "closed on an error); metrics are recorded once")
+        self._final_metrics = values
+        if not self._closed:
+            self.close()  # writes the metrics before it closes or flushes the writer
+        elif self._writer is not None:  # after close: a closed torch SummaryWriter reopens its file
+            self._end_hparams(failed=False)
+            if self._owns_writer:
+                self._writer.close()
+            else:
+                self._writer.flush()
+
     def close(self) -> None:
         """Finish the current step, write it, remove every hook, flush; safe to call twice."""
         if self._closed:
@@ -236,6 +274,7 @@ class Watcher:
             if self._buffer is not None:
                 self._end_step(may_raise=False)
             self._draw_grad_flow()
+            self._end_hparams(failed=sys.exc_info()[0] is not None)
         finally:
             self._remove_handles(self._step_handles)
             self._remove_handles(self._handles)
@@ -254,6 +293,24 @@ class Watcher:
                         self._writer.flush()
                 except Exception as e:  # a full disk must not turn a finished run into a crash
                     warn(f"introspect: could not flush the writer: {e}", IntrospectWarning)
+
+    def _end_hparams(self, failed: bool) -> None:
+        """The metrics from ``finish()``, or a failed session's end when closing on an error."""
+        run = self._hparams
+        if run is None or self._writer is None:
+            return
+        if self._final_metrics is not None:
+            self._hparams_write(run.finish, self._writer, self._final_metrics, self._step)
+        elif failed:
+            self._hparams_write(run.end, self._writer, True, self._step)
+
+    def _hparams_write(self, write: Callable[..., None], *args: Any) -> None:
+        if "<hparams>" in self._disabled:
+            return
+        try:
+            write(*args)
+        except Exception as e:  # hyperparameters are never worth a crashed run
+            self._disable("<hparams>", None, e)
 
     def __enter__(self) -> "Watcher":
         return self
@@ -338,12 +395,7 @@ class Watcher:
             if self._first_batch_pending:
                 self._first_batch_pending = False
                 self._first_batch(module, args, kwargs)
-            if self._optimizer is None:
-                if self._buffer is not None:
-                    self._end_step(may_raise=True)
-                self._open_step()
-            elif self._buffer is None:
-                self._open_step()
+            self._sync_step()
             buffer = self._buffer
             if buffer is not None and buffer.checking:
                 inputs = (
@@ -382,7 +434,9 @@ class Watcher:
             if compiling():  # traced into a compiled graph: add nothing to it
                 self._compiled_seen = True
                 return None
-            if not self._active or self._suspended or name in self._disabled:
+            if self._suspended or name in self._disabled:
+                return None
+            if not self._active and (self._step_fn is None or not self._join_external_step(module)):
                 return None
             buffer = self._buffer
             if buffer is None or not (buffer.checking or buffer.logging):
@@ -520,8 +574,7 @@ class Watcher:
         buffer = self._buffer
         if buffer is None:
             # optimizer.step() without a training forward since the last one: still a step.
-            self._step = self._next_step
-            self._next_step += 1
+            self._take_step_number()
             return None
         if self._weights_before:
             for name, before in self._weights_before.items():
@@ -534,10 +587,33 @@ class Watcher:
         return None
 
     # ----------------------------------------------------------------- steps
+    def _sync_step(self) -> None:
+        """Open the step a training forward belongs to, ending the previous one if it is over:
+        at every forward by default; with ``optimizer=`` at ``optimizer.step()``; with
+        ``step_fn=`` (and no optimizer) when the external counter has moved on."""
+        buffer = self._buffer
+        if buffer is not None and self._optimizer is None and (
+            self._step_fn is None or _read_step(self._step_fn) != buffer.step
+        ):
+            self._end_step(may_raise=True)
+        if self._buffer is None:
+            self._open_step()
+
+    def _join_external_step(self, module: nn.Module) -> bool:
+        """With ``step_fn=``, a training forward of a watched module counts even when the root is
+        not called (a LightningModule's ``training_step`` often calls its children directly)."""
+        if not (module.training and torch.is_grad_enabled()):
+            return False
+        self._sync_step()
+        return True
+
+    def _take_step_number(self) -> int:
+        step = self._next_step if self._step_fn is None else _read_step(self._step_fn)
+        self._step, self._next_step = step, step + 1
+        return step
+
     def _open_step(self) -> None:
-        step = self._next_step
-        self._next_step += 1
-        self._step = step
+        step = self._take_step_number()
         logging_step = self._writer is not None and (step % self.every == 0 or self._force_log)
         self._force_log = False
         checking = self.check_every > 0 and step % self.check_every == 0
@@ -725,6 +801,19 @@ class Watcher:
             self._suspended = False
 
 
+def _read_step(step_fn: Callable[[], int]) -> int:
+    """The external counter's value, checked: a step is an integer >= 0."""
+    if not callable(step_fn):
+        raise ConfigError(f"step_fn must be a callable returning the current step, got {step_fn!r}")
+    try:
+        step = operator.index(step_fn())
+    except TypeError as e:
+        raise ConfigError(f"step_fn must return an integer step >= 0: {e}") from None
+    if step < 0:
+        raise ConfigError(f"step_fn must return an integer step >= 0, got {step}")
+    return step
+
+
 def watch(model: nn.Module, writer: Any = None, **options: Any) -> Watcher:
     """Watch ``model`` train: per-layer histograms, gradients, weights, summary, graph, NaN origin.
 
@@ -756,6 +845,10 @@ def watch(model: nn.Module, writer: Any = None, **options: Any) -> Watcher:
         thresholds: when the debugger reports dead units, saturation, vanishing/exploding or
             stuck gradients: an ``introspect.Thresholds`` or a dict of its field names.
         summary / graph: print the torchinfo summary and write the graph on the first batch.
+        hparams: the run's hyperparameters (a dict of JSON-like values) for TensorBoard's HPARAMS
+            dashboard, in the same run; give the final metrics with ``w.finish(metrics={...})``.
+        step_fn: follow an external step counter (a trainer's ``global_step``): training
+            forwards while it returns n make step n, whether or not the root itself is called.
         ranks: under torch.distributed, "zero" (rank 0 writes) or "all" (every rank writes its
             own run in a ``rank{k}`` subdirectory of the log directory). Every rank runs the
             non-finite check on its own tensors; a NaN that DDP spreads to every rank's averaged
