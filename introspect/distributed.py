@@ -8,20 +8,23 @@ Why rank 0 alone by default: under DistributedDataParallel every rank holds the 
 activations differ (each rank sees its own batches), which is what ``ranks="all"`` is for.
 
 The non-finite check runs on every rank over that rank's own tensors, so only the rank whose batch
-made the NaN can name its origin. Telling rank 0 needs a collective, and a collective that one rank
-enters because *it* saw a NaN while the others do not would hang them all. So the collective is
+made the NaN can name its origin. Telling rank 0 needs communication, and a collective that one
+rank enters because *it* saw a NaN while the others do not would hang them all. So the exchange is
 gated on something every rank sees identically: DDP's all-reduce spreads a NaN/Inf in any rank's
 gradients into every rank's averaged gradients. After DDP has finished its reduction, each rank
 sums its (averaged) parameter gradients into the same one-transfer host sync as its own check; when
-that sum is not finite — on every rank at once, by construction — and only then, all ranks
-all-reduce one small tensor saying which of them found a local origin, and where. Off the firing
-path there is no extra collective and no extra host sync; the collective runs once per run.
+that sum is not finite — on every rank at once, by construction — and only then, each rank posts
+which local origin it found (if any) to the process group's key-value store and reads the others',
+waiting at most ``RANK_WAIT_S``. Not a collective: a rank that is not watched at all (``watch``
+on rank 0 only) cannot make the others hang, it only costs them that wait, once. Off the firing
+path there is no extra communication and no extra host sync; the exchange happens once per run.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import datetime
+import itertools
 import os
 from pathlib import Path
 from typing import Any, Sequence
@@ -41,6 +44,8 @@ __all__ = [
     "ddp_syncs_gradients",
     "reduced_gradient_sum",
     "origin_ranks",
+    "new_session",
+    "RANK_WAIT_S",
     "origin_code",
     "rank_origin_alert",
     "nonfinite_on_rank",
@@ -135,20 +140,53 @@ def reduced_gradient_sum(params: Sequence[torch.Tensor]) -> torch.Tensor | None:
     return torch.stack(sums).sum()
 
 
-def origin_ranks(local_code: int, device: torch.device) -> list[int]:
-    """Every rank's ``local_code`` (0: no local origin), gathered by one all-reduce.
+RANK_WAIT_S = 10.0
+"""How long a rank waits for the others' word on a NaN (once per run, on the firing path only)."""
 
-    Call only on a condition every rank shares (see the module docstring), never on a local one.
-    NCCL needs the tensor on the rank's CUDA device, gloo takes it anywhere.
+_SESSIONS = itertools.count()
+
+
+def new_session() -> int:
+    """A number for this watcher's store keys; ranks that make their watchers alike agree on it."""
+    return next(_SESSIONS)
+
+
+def _default_store() -> Any:
+    try:  # the process group's own key-value store (TCPStore under torchrun): private, so guarded
+        from torch.distributed.distributed_c10d import _get_default_store
+
+        return _get_default_store()
+    except Exception:
+        return None
+
+
+def origin_ranks(local_code: int, session: int, step: int) -> list[int | None]:
+    """Every rank's ``local_code`` (0: no local origin; None: no word from that rank).
+
+    Exchanged through the process group's key-value store, not a collective: each rank posts its
+    code and waits at most ``RANK_WAIT_S`` for the others'. A rank that is not watched (say only
+    rank 0 calls ``watch``) or whose check is off costs that wait once and is reported as silent;
+    nothing can hang. Call it on a condition every rank shares (see the module docstring).
     """
-    dist = torch.distributed
     rank, world = rank_and_world()
-    if dist.get_backend() == "nccl" and device.type != "cuda":
-        device = torch.device("cuda", torch.cuda.current_device())
-    codes = torch.zeros(world, dtype=torch.float64, device=device)
-    codes[rank] = float(local_code)
-    dist.all_reduce(codes)
-    return [int(v) for v in codes.cpu().tolist()]
+    store = _default_store()
+    codes: list[int | None] = [None] * world
+    codes[rank] = local_code
+    if store is None:
+        return codes
+    keys = [f"introspect/nonfinite/{session}/{step}/{r}" for r in range(world)]
+    try:
+        store.set(keys[rank], str(local_code))
+        store.wait(keys, datetime.timedelta(seconds=RANK_WAIT_S))
+    except Exception:  # a timeout: some rank did not answer
+        pass
+    for r, key in enumerate(keys):
+        try:
+            if r != rank and store.check([key]):
+                codes[r] = int(store.get(key))
+        except Exception:
+            pass
+    return codes
 
 
 def origin_code(alert: Alert | None, modules: Sequence[str]) -> int:
@@ -163,16 +201,18 @@ def origin_code(alert: Alert | None, modules: Sequence[str]) -> int:
     return 1 + 2 * index + (alert.phase == "backward")
 
 
-def rank_origin_alert(step: int, codes: Sequence[int], modules: Sequence[str]) -> Alert:
+def rank_origin_alert(step: int, codes: Sequence[int | None], modules: Sequence[str]) -> Alert:
     """The finding every rank records once DDP has spread a NaN/Inf to all of them."""
     names = list(modules)
-    found = [(rank, code) for rank, code in enumerate(codes) if code > 0]
+    found = [(rank, code) for rank, code in enumerate(codes) if code]
+    silent = [rank for rank, code in enumerate(codes) if code is None]
+    unheard = f"; no word from rank{'s' if len(silent) > 1 else ''} {silent} (not watched there?)" if silent else ""
     if not found:
         return Alert(
             "nonfinite_rank", "gradients", step,
             "NaN/Inf reached the gradients DDP averaged, but no rank's watched modules made it "
-            "(code outside the watched modules, e.g. the loss, or a rank whose check is off)",
-            {"ranks": 0.0}, phase="backward",
+            "(code outside the watched modules, e.g. the loss, or a rank whose check is off)" + unheard,
+            {"ranks": 0.0, "silent_ranks": float(len(silent))}, phase="backward",
         )
     rank, code = found[0]
     index, backward = divmod(code - 1, 2)
@@ -184,8 +224,8 @@ def rank_origin_alert(step: int, codes: Sequence[int], modules: Sequence[str]) -
         "nonfinite_rank", where, step,
         f"NaN/Inf first appeared on rank {rank}{also}, in the {phase} of {where}; DDP's all-reduce "
         "carried it into every rank's gradients (that rank's own finding has the details; "
-        "ranks='all' writes it)",
-        {"rank": float(rank), "ranks": float(len(found))}, phase=phase,
+        "ranks='all' writes it)" + unheard,
+        {"rank": float(rank), "ranks": float(len(found)), "silent_ranks": float(len(silent))}, phase=phase,
     )
 
 

@@ -47,6 +47,7 @@ from .distributed import (
     check_rank_mode,
     ddp_syncs_gradients,
     find_ddp,
+    new_session,
     nonfinite_on_rank,
     origin_code,
     origin_ranks,
@@ -188,8 +189,9 @@ class Watcher:
         self._compiled_seen = False  # an output hook was traced by torch.compile (see compiled.py)
         self._compiled_warned = False
         self._ddp = find_ddp(model)
+        self._session = new_session()  # names this watcher's keys in the process group's store
         self._ddp_sync = False  # the latest forward's backward all-reduces gradients
-        self._rank_origin_done = False  # the once-per-run collective naming a NaN's rank
+        self._rank_origin_done = False  # the once-per-run exchange naming a NaN's rank
         self._last_origin: tuple[int, Alert] | None = None
         self._reduced_grads: dict[str, torch.Tensor] = {}  # read once DDP has averaged them
 
@@ -536,8 +538,8 @@ class Watcher:
     def _after_reduction(self, buffer: StepBuffer) -> None:
         """Under DDP: this rank's check, plus which rank a NaN in the averaged gradients came from.
 
-        The collective runs only when the averaged gradients hold NaN/Inf, which DDP makes true
-        on every rank at once, and once per run; see distributed.py for why this cannot hang.
+        The exchange runs only when the averaged gradients hold NaN/Inf, which DDP makes true on
+        every rank at once, and once per run; see distributed.py for why it cannot hang.
         """
         if buffer.closed or self._closed:
             return
@@ -551,7 +553,7 @@ class Watcher:
         reduced = [v for label, v in zip(buffer.check_labels, buffer.check_values) if label == ("reduced_grads",)]
         if total is not None and not math.isfinite(reduced[-1]):
             self._rank_origin_done = True
-            codes = origin_ranks(origin_code(local, list(self._modules)), total.device)
+            codes = origin_ranks(origin_code(local, list(self._modules)), self._session, buffer.step)
             alert = rank_origin_alert(buffer.step, codes, list(self._modules))
             self._add_alert(alert)
             local = local or alert

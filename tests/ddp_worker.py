@@ -1,7 +1,8 @@
 """One rank of a 2-process DistributedDataParallel run on CPU (gloo), for tests/test_distributed.py.
 
 Started like torchrun starts a worker (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT in the
-environment); usage: ``ddp_worker.py LOGDIR RANKS_MODE RESULT_JSON [ON_NONFINITE]``. Each rank
+environment); usage: ``ddp_worker.py LOGDIR RANKS_MODE RESULT_JSON [ON_NONFINITE [WATCHED]]``
+(WATCHED: "all" ranks call watch, or "0": rank 0 only). Each rank
 trains on batches of its own size (rank k: 3 + 2k samples), so rank-local and averaged numbers
 differ. On rank 1 only, ``poison`` writes NaN into its output at step 2, and ``side`` puts NaN into
 an output nobody reads at step 4 (a NaN that never reaches the gradients, so no rank but rank 1
@@ -10,6 +11,7 @@ can know of it). The rank writes what it saw to RESULT_JSON.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -19,7 +21,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+import introspect.distributed
 from introspect import NonFiniteError, watch
+
+introspect.distributed.RANK_WAIT_S = 3.0  # a silent rank costs this once; keep the test short
 
 torch.set_num_threads(1)
 
@@ -68,6 +73,7 @@ class Net(nn.Module):
 def main() -> None:
     logdir, ranks, result_path = sys.argv[1:4]
     on_nonfinite = sys.argv[4] if len(sys.argv) > 4 else "warn"
+    watched = sys.argv[5] if len(sys.argv) > 5 else "all"
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     torch.manual_seed(0)
@@ -77,8 +83,11 @@ def main() -> None:
     gen = torch.Generator().manual_seed(100 + rank)
     grads: list[dict[str, list[float]]] = []
     raised: list[int] = []
-    with watch(model, logdir, every=1, ranks=ranks, on_nonfinite=on_nonfinite, summary=False, graph=False) as w:
-        names = w.module_names
+    w = None
+    if watched == "all" or rank == 0:
+        w = watch(model, logdir, every=1, ranks=ranks, on_nonfinite=on_nonfinite, summary=False, graph=False)
+    with w or contextlib.nullcontext():
+        names = w.module_names if w else []
         for step in range(6):
             x = torch.randn(3 + 2 * rank, 4, generator=gen)
             y = torch.randn(3 + 2 * rank, 2, generator=gen)
@@ -98,9 +107,9 @@ def main() -> None:
     result = {
         "rank": rank,
         "module_names": names,
-        "writes": w.writer is not None,
+        "writes": w is not None and w.writer is not None,
         "alerts": [{"kind": a.kind, "where": a.where, "step": a.step, "message": a.message,
-                    "numbers": a.numbers} for a in w.alerts],
+                    "numbers": a.numbers} for a in (w.alerts if w else [])],
         "grads": grads,
         "raised": raised,
     }

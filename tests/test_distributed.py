@@ -35,7 +35,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_ranks(tmp_path: Path, ranks: str, on_nonfinite: str = "warn", world: int = 2) -> list[dict]:
+def run_ranks(tmp_path: Path, ranks: str, on_nonfinite: str = "warn", watched: str = "all", world: int = 2) -> list[dict]:
     """Run ``world`` ranks of tests/ddp_worker.py; their result dicts, by rank."""
     port = _free_port()
     procs = []
@@ -43,7 +43,7 @@ def run_ranks(tmp_path: Path, ranks: str, on_nonfinite: str = "warn", world: int
         env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                    MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
         procs.append(subprocess.Popen(
-            [sys.executable, str(WORKER), str(tmp_path / "run"), ranks, str(tmp_path / f"r{rank}.json"), on_nonfinite],
+            [sys.executable, str(WORKER), str(tmp_path / "run"), ranks, str(tmp_path / f"r{rank}.json"), on_nonfinite, watched],
             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         ))
     outputs = []
@@ -140,6 +140,19 @@ def test_ddp_raise_stops_every_rank_together(tmp_path):
     assert 4 in r1["raised"] and 4 not in r0["raised"]
 
 
+@pytest.mark.slow
+@needs_gloo
+def test_ddp_watched_on_rank_zero_only_cannot_hang(tmp_path):
+    """watch() on rank 0 alone: the NaN rank-1 made reaches rank 0's averaged gradients; rank 0
+    asks, hears nothing from rank 1 within RANK_WAIT_S, says so, and training goes on."""
+    r0, r1 = run_ranks(tmp_path, "zero", watched="0")
+    assert r0["writes"] and not r1["alerts"]
+    [alert] = [a for a in r0["alerts"] if a["kind"] == "nonfinite_rank"]
+    assert (alert["where"], alert["step"]) == ("gradients", 2)
+    assert "no word from rank [1] (not watched there?)" in alert["message"]
+    assert len(r0["grads"]) == 6  # all six steps ran
+
+
 # --------------------------------------------------------------------------- single process
 def test_ranks_option_is_checked(tmp_path):
     model = torch.nn.Linear(2, 2)
@@ -168,3 +181,5 @@ def test_origin_codes_round_trip():
     assert rank_origin_alert(7, [origin_code(Alert("nonfinite", "input", 1, "x"), modules)], modules).where == "input"
     nobody = rank_origin_alert(7, [0, 0], modules)
     assert nobody.where == "gradients" and math.isclose(nobody.numbers["ranks"], 0)
+    silent = rank_origin_alert(7, [None, origin_code(forward_b, modules), None], modules)
+    assert silent.numbers["rank"] == 1 and "no word from ranks [0, 2]" in silent.message
