@@ -22,6 +22,7 @@ from .errors import (
     ModelTypeError,
     NonFiniteError,
     NonFiniteWarning,
+    ProbeError,
     UnsafeLoadError,
 )
 from .loading import load_model
@@ -51,4 +52,5 @@ __all__ = [
     "InputShapeError",
     "IntrospectWarning",
     "NonFiniteWarning",
+    "ProbeError",
 ]

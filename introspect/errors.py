@@ -18,6 +18,7 @@ __all__ = [
     "ModelTypeError",
     "AlreadyWatchedError",
     "NonFiniteError",
+    "ProbeError",
     "LoadError",
     "UnsafeLoadError",
     "KeyMismatchError",
@@ -54,6 +55,15 @@ class NonFiniteError(IntrospectError, FloatingPointError):
     def __init__(self, message: str, alert: object | None = None) -> None:
         super().__init__(message)
         self.alert = alert
+
+
+class ProbeError(IntrospectError, RuntimeError):
+    """Raised by ``watch(..., strict=True)`` when a probe fails on a module (without ``strict``
+    the probe warns once, stops, and training goes on). ``module`` is the module's dotted name."""
+
+    def __init__(self, message: str, module: str = "") -> None:
+        super().__init__(message)
+        self.module = module
 
 
 class LoadError(IntrospectError, ValueError):
@@ -104,12 +114,15 @@ def warn(message: str, category: type[Warning] = IntrospectWarning) -> None:
     if frame is None:
         warnings.warn(message, category, stacklevel=2)
         return
-    warnings.warn_explicit(
-        message,
-        category,
-        frame.f_code.co_filename,
-        frame.f_lineno,
-        module=frame.f_globals.get("__name__", "<unknown>"),
-        registry=frame.f_globals.setdefault("__warningregistry__", {}),
-        module_globals=frame.f_globals,
-    )
+    try:
+        warnings.warn_explicit(
+            message,
+            category,
+            frame.f_code.co_filename,
+            frame.f_lineno,
+            module=frame.f_globals.get("__name__", "<unknown>"),
+            registry=frame.f_globals.setdefault("__warningregistry__", {}),
+            module_globals=frame.f_globals,
+        )
+    except (ImportError, OSError):  # no source for that frame (``python -c``): warn from here
+        warnings.warn(message, category, stacklevel=2)

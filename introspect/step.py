@@ -19,6 +19,8 @@ from .stats import RECORD_LEN, HistogramRecord, RecordBatch, stat_dtype
 
 __all__ = ["StepBuffer", "HostStep"]
 
+_HALF = (torch.float16, torch.bfloat16)
+
 
 @dataclass
 class HostStep:
@@ -58,7 +60,8 @@ class StepBuffer:
         """Add one call's values; several calls in one step are merged into one histogram."""
         if tensor.numel() == 0:  # an empty batch or a zero-width layer has no histogram
             return
-        self.histograms.setdefault(tag, []).append((tensor.numel(), self.records.add(tensor)))
+        index = self.records.add(tensor)  # first: a tensor it cannot read leaves no empty tag behind
+        self.histograms.setdefault(tag, []).append((tensor.numel(), index))
 
     def set_histogram(self, tag: str, tensor: torch.Tensor) -> None:
         """Replace the values (a parameter's gradient is final only after the last backward)."""
@@ -77,7 +80,11 @@ class StepBuffer:
     def add_check(self, label: tuple, tensor: torch.Tensor) -> None:
         """One cheap device reduction: a sum is finite exactly when every value is (barring overflow)."""
         self.check_labels.append(label)
-        self._pending.append(tensor.detach().sum(dtype=torch.float32))
+        tensor = tensor.detach()
+        if tensor.dtype in _HALF:  # |x| summed, one pass too: +Inf and -Inf from an overflow sum to
+            self._pending.append(torch.linalg.vector_norm(tensor, 1, dtype=torch.float32))  # Inf, not NaN
+        else:
+            self._pending.append(tensor.sum(dtype=torch.float32))
 
     def new_call(self, record: CallRecord) -> int:
         self.calls.append(record)

@@ -42,6 +42,21 @@ from .diagnostics import (
     format_report,
     locate_nonfinite,
 )
+from .amp import LOW_PRECISION, check_grad_scaler, overflow_note, scale_tensor, scaler_overflow, unscale
+from .compiled import COMPILED_WARNING, compiling, forget_compiled_code, is_compiled, outside_graph
+from .distributed import (
+    check_rank_mode,
+    ddp_syncs_gradients,
+    find_ddp,
+    new_session,
+    nonfinite_on_rank,
+    origin_code,
+    origin_ranks,
+    rank_origin_alert,
+    rank_writer_target,
+    reduced_gradient_sum,
+    writes_here,
+)
 from .errors import (
     AlreadyWatchedError,
     ConfigError,
@@ -50,6 +65,7 @@ from .errors import (
     ModelTypeError,
     NonFiniteError,
     NonFiniteWarning,
+    ProbeError,
     warn,
 )
 from .hparams import RunHparams, check_metrics
@@ -85,11 +101,14 @@ NONFINITE_ACTIONS = ("warn", "raise", "ignore")
 _ACTIVE: "weakref.WeakKeyDictionary[nn.Module, Watcher]" = weakref.WeakKeyDictionary()
 
 
-def _writes_on_this_rank() -> bool:
-    """Under torch.distributed only rank 0 writes: N copies of the same histograms help nobody."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank() == 0
-    return True
+def _writes_on_this_rank(ranks: str = "zero") -> bool:
+    """Under torch.distributed only rank 0 writes unless ``ranks="all"`` (see distributed.py)."""
+    return writes_here(ranks)
+
+
+def _queue_after_backward(fn: Callable[[], None]) -> None:
+    """Run ``fn`` when the current backward pass finishes (from a hook inside it)."""
+    torch.autograd.Variable._execution_engine.queue_callback(fn)
 
 
 class Watcher:
@@ -118,6 +137,9 @@ class Watcher:
         step_fn: Callable[[], int] | None = None,
         image_every: int | None = None,
         log_inputs: bool = False,
+        ranks: str = "zero",
+        grad_scaler: Any = None,
+        strict: bool = False,
     ) -> None:
         # Every check runs before the first hook exists.
         if not isinstance(model, nn.Module):
@@ -149,6 +171,8 @@ class Watcher:
         run_hparams = RunHparams(hparams) if hparams is not None else None
         if step_fn is not None:
             _read_step(step_fn)  # a counter that cannot be read fails here, not inside a hook
+        check_rank_mode(ranks)
+        check_grad_scaler(grad_scaler)
         root = unwrap_model(model)
         if root in _ACTIVE:
             raise AlreadyWatchedError(
@@ -176,13 +200,25 @@ class Watcher:
         self._summary = summary
         self._graph = graph
         self._writer, self._owns_writer = (
-            open_writer(writer) if _writes_on_this_rank() else (None, False)
+            open_writer(rank_writer_target(writer, ranks)) if _writes_on_this_rank(ranks) else (None, False)
         )
         self._step_fn = step_fn
         self._hparams = run_hparams
         draws = "feature_maps" in self.log and callable(getattr(self._writer, "add_image", None))
         pickers = {n: sample_picker(m) for n, m in modules.items()} if draws else {}
         self._pickers = {n: p for n, p in pickers.items() if p is not None}
+        self._strict = strict
+        self._grad_scaler = grad_scaler
+        self._overflow_step = -1  # the latest step whose scaled gradients overflowed
+        self._half_outputs: dict[str, torch.dtype] = {}  # float16/bfloat16 outputs, for overflow notes
+        self._compiled_seen = False  # an output hook was traced by torch.compile (see compiled.py)
+        self._compiled_warned = False
+        self._ddp = find_ddp(model)
+        self._session = new_session()  # names this watcher's keys in the process group's store
+        self._ddp_sync = False  # the latest forward's backward all-reduces gradients
+        self._rank_origin_done = False  # the once-per-run exchange naming a NaN's rank
+        self._last_origin: tuple[int, Alert] | None = None
+        self._reduced_grads: dict[str, torch.Tensor] = {}  # read once DDP has averaged them
 
         self._handles: list[Any] = []  # every hook of the watch, removed in close()
         self._step_handles: list[Any] = []  # hooks of the current logging step only
@@ -271,6 +307,8 @@ class Watcher:
             self._remove_handles(self._handles)
             self._restore_sigterm()
             _ACTIVE.pop(self._root, None)
+            if self._compiled_seen:
+                forget_compiled_code()  # compiled code would go on calling our (removed) hooks
             self._weights_before = {}
             self._maps = {}
             self._unit_windows = {}
@@ -318,6 +356,8 @@ class Watcher:
     # ----------------------------------------------------------------- hooks
     def _attach(self) -> None:
         _ACTIVE[self._root] = self
+        if is_compiled(self.model, self._root):
+            forget_compiled_code()  # code compiled before now would never call our hooks
         try:
             self._handles.append(
                 self._root.register_forward_pre_hook(self._on_root_pre, with_kwargs=True)
@@ -366,13 +406,19 @@ class Watcher:
             raise SystemExit(128 + signum)
 
     def _on_root_pre(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if compiling():  # the step clock runs eagerly, outside a compiled graph
+            return outside_graph(self._open_forward, module, args, kwargs)
+        return self._open_forward(module, args, kwargs)
+
+    def _open_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         # A root that calls itself recursively would count each call as a step; a depth counter
         # cannot be kept honest, since torch skips always_call hooks on KeyboardInterrupt.
-        if self._suspended:
+        if self._suspended or self._closed:
             return None
         self._active = module.training and torch.is_grad_enabled()
         if not self._active:
             return None
+        self._ddp_sync = ddp_syncs_gradients(self._ddp)
         try:
             if self._first_batch_pending:
                 self._first_batch_pending = False
@@ -398,8 +444,16 @@ class Watcher:
         return None
 
     def _on_root_post(self, module: nn.Module, args: tuple, output: Any) -> None:
+        if compiling():
+            return outside_graph(self._close_forward)
+        return self._close_forward()
+
+    def _close_forward(self) -> None:
         if not self._suspended:
             self._active = False
+        if self._compiled_seen and not self._compiled_warned:
+            self._compiled_warned = True
+            warn(COMPILED_WARNING, IntrospectWarning)
         return None
 
     def _make_output_hook(self, name: str) -> Callable[[nn.Module, Any, Any], None]:
@@ -409,6 +463,9 @@ class Watcher:
         safe = module_type in FINITE_PRESERVING
 
         def hook(module: nn.Module, args: Any, output: Any) -> None:
+            if compiling():  # traced into a compiled graph: add nothing to it
+                self._compiled_seen = True
+                return None
             if self._suspended or name in self._disabled:
                 return None
             if not self._active and (self._step_fn is None or not self._join_external_step(module)):
@@ -431,6 +488,8 @@ class Watcher:
                 for suffix, tensor in tensors:
                     where = f"{name}/{suffix}" if several else name
                     if buffer.checking:
+                        if tensor.dtype in LOW_PRECISION:
+                            self._half_outputs[where] = tensor.dtype
                         if not safe:
                             buffer.add_check(("out", call, where), tensor)
                         buffer.mark_output(tensor, call)
@@ -466,7 +525,7 @@ class Watcher:
                             lambda: self._after_backward(buffer)
                         )
                 if buffer.logging and "activation_grads" in self.log:
-                    buffer.add_histogram(tag("activation_grads", where), grad)
+                    buffer.add_histogram(tag("activation_grads", where), unscale(grad, scale_tensor(self._grad_scaler)))
             except Exception as e:
                 self._disable(where, None, e)
             return None
@@ -477,17 +536,62 @@ class Watcher:
         def hook(param: torch.Tensor) -> None:
             if buffer.closed or param.grad is None:
                 return None
-            buffer.set_histogram(tag("grads", name), param.grad)
+            if self._ddp_sync:  # DDP averages the gradient after this hook: read it once it has
+                if not self._reduced_grads:
+                    _queue_after_backward(lambda: _queue_after_backward(lambda: self._take_reduced_grads(buffer)))
+                self._reduced_grads[name] = param
+                return None
+            buffer.set_histogram(tag("grads", name), unscale(param.grad, scale_tensor(self._grad_scaler)))
             return None
 
         return hook
+
+    def _take_reduced_grads(self, buffer: StepBuffer) -> None:
+        """Queued from inside a callback, so it runs after DDP's end-of-backward reduction."""
+        params, self._reduced_grads = self._reduced_grads, {}
+        if buffer.closed:
+            return
+        scale = scale_tensor(self._grad_scaler)
+        for name, param in params.items():
+            if param.grad is not None:
+                buffer.set_histogram(tag("grads", name), unscale(param.grad, scale))
 
     def _after_backward(self, buffer: StepBuffer) -> None:
         """Runs when a backward pass finishes, before the user's next line (``optimizer.step()``)."""
         buffer.callback_queued = False
         if buffer.closed or self._closed:
             return
+        if self._ddp_sync:
+            # Queued from this callback, it runs after DDP's own: on the averaged gradients, and
+            # a raise cannot stop DDP from finishing its reduction (the next forward needs it).
+            _queue_after_backward(lambda: self._after_reduction(buffer))
+            return
         self._check_nonfinite(buffer, may_raise=True)
+
+    def _after_reduction(self, buffer: StepBuffer) -> None:
+        """Under DDP: this rank's check, plus which rank a NaN in the averaged gradients came from.
+
+        The exchange runs only when the averaged gradients hold NaN/Inf, which DDP makes true on
+        every rank at once, and once per run; see distributed.py for why it cannot hang.
+        """
+        if buffer.closed or self._closed:
+            return
+        total = None if self._rank_origin_done else reduced_gradient_sum(list(self._params.values()))
+        if total is not None:
+            buffer.add_check(("reduced_grads",), total)  # rides on the check's one transfer
+        self._last_origin = None
+        self._check_nonfinite(buffer, may_raise=False)
+        buffer.sync_checks()  # a no-op unless the check above returned before its transfer
+        local = self._last_origin[1] if self._last_origin is not None else None
+        reduced = [v for label, v in zip(buffer.check_labels, buffer.check_values) if label == ("reduced_grads",)]
+        if total is not None and not math.isfinite(reduced[-1]):
+            self._rank_origin_done = True
+            codes = origin_ranks(origin_code(local, list(self._modules)), self._session, buffer.step)
+            alert = rank_origin_alert(buffer.step, codes, list(self._modules))
+            self._add_alert(alert)
+            local = local or alert
+        if local is not None and self.on_nonfinite == "raise":
+            raise NonFiniteError(f"introspect: step {local.step}: {local.message}", local)
 
     def _on_optimizer_pre(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         buffer = self._buffer
@@ -653,6 +757,12 @@ class Watcher:
         if alert is None:
             return
         buffer.reported = True
+        if alert.phase == "backward" and scale_tensor(self._grad_scaler) is not None:
+            self._overflow_step = buffer.step
+            self._add_alert(scaler_overflow(alert, self._grad_scaler))  # routine: the scaler skips the step
+            return
+        alert = nonfinite_on_rank(overflow_note(alert, self._half_outputs.get(alert.where)))
+        self._last_origin = (buffer.step, alert)
         self._force_log = True  # show the next step's histograms, NaN counts included
         new = self._add_alert(alert)
         if self.on_nonfinite == "raise" and may_raise:
@@ -665,7 +775,7 @@ class Watcher:
         layer_grads: dict[str, list[float]] = {}
         for full_tag, record in host.histograms.items():
             kind, name = tag_name(full_tag)
-            if kind != "grads":
+            if kind != "grads" or host.step == self._overflow_step:  # the scaler skips that step
                 continue
             layer = name.rpartition(".")[0] or name
             entry = layer_grads.setdefault(layer, [0.0, 0.0, 0.0])
@@ -722,11 +832,15 @@ class Watcher:
         return True
 
     def _disable(self, name: str, module: nn.Module | None, error: Exception) -> None:
-        """A probe that fails warns once and stops; training goes on."""
+        """A probe that fails warns once and stops; training goes on (``strict=True``: raises)."""
         if name in self._disabled:
             return
         self._disabled.add(name)
         what = f"{name} ({type(module).__name__})" if module is not None else name
+        if self._strict:
+            raise ProbeError(
+                f"introspect: the probe on {what} failed: {type(error).__name__}: {error} "
+                "(strict=True; without it the probe would stop and training go on)", name) from error
         warn(
             f"introspect: stopped watching {what} after an error in its probe: "
             f"{type(error).__name__}: {error}", IntrospectWarning)
@@ -808,6 +922,19 @@ def watch(model: nn.Module, writer: Any = None, **options: Any) -> Watcher:
             dashboard, in the same run; give the final metrics with ``w.finish(metrics={...})``.
         step_fn: follow an external step counter (a trainer's ``global_step``): training
             forwards while it returns n make step n, whether or not the root itself is called.
+        ranks: under torch.distributed, "zero" (rank 0 writes) or "all" (every rank writes its
+            own run in a ``rank{k}`` subdirectory of the log directory). Every rank runs the
+            non-finite check on its own tensors; a NaN that DDP spreads to every rank's averaged
+            gradients is reported with the rank it came from.
+        grad_scaler: the ``torch.amp.GradScaler`` in use: NaN/Inf in the scaled gradients is then
+            a ``grad_overflow`` finding (the scaler skips that step), not a non-finite origin, and
+            gradient histograms are unscaled.
+        strict: a probe that fails on a module raises ``introspect.ProbeError`` instead of
+            warning once and stopping (for tests and CI).
+
+    A compiled model (``torch.compile``, before or after ``watch``) keeps its step clock, weights,
+    gradients and update ratios; its per-layer probes cannot run inside the graph and one warning
+    says so.
     """
     unknown = sorted(set(options) - WATCH_OPTIONS)
     if unknown:
