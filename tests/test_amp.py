@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conftest import hist_at, hist_steps, histogram_tags, read_events
+from conftest import hist_at, read_events
 from introspect import ConfigError, NonFiniteWarning, watch
 
 FAST = dict(summary=False, graph=False)
