@@ -36,6 +36,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
+from examples.cli import example_parser  # noqa: E402
 from introspect import Alert, watch  # noqa: E402
 
 SCENARIOS = ("nan", "exploding", "dead_relu", "vanishing")
@@ -210,10 +211,7 @@ def vanishing_gradients(logdir: Path, steps: int, seed: int) -> list[Alert]:
 
 # --------------------------------------------------------------------------- main
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--logdir", default="runs/broken", help="TensorBoard log directory (default: %(default)s)")
-    parser.add_argument("--quick", action="store_true", help="fewer steps, for tests")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    parser = example_parser(__doc__, "broken", quick="fewer steps, for tests")
     parser.add_argument(
         "--only", choices=SCENARIOS, action="append", help="run only this scenario (repeatable)"
     )

@@ -35,21 +35,16 @@ from torch import nn  # noqa: E402
 from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 from torch.utils.tensorboard import SummaryWriter  # noqa: E402
 
+from examples.cli import example_parser, positive_int  # noqa: E402
 from examples.data import synthetic_images  # noqa: E402
 from examples.models import SeedCNN  # noqa: E402
 from introspect import watch  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--logdir", default="runs/quickstart", help="TensorBoard log directory (default: %(default)s)")
-    parser.add_argument("--epochs", type=int, default=3, help="training epochs (default: %(default)s)")
-    parser.add_argument("--quick", action="store_true", help="tiny run for tests: 1 epoch on 128 images")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
-    args = parser.parse_args(argv)
-    if args.epochs < 1:
-        parser.error("--epochs must be >= 1")
-    return args
+    parser = example_parser(__doc__, "quickstart", quick="tiny run for tests: 1 epoch on 128 images")
+    parser.add_argument("--epochs", type=positive_int, default=3, help="training epochs (default: %(default)s)")
+    return parser.parse_args(argv)
 
 
 def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:

@@ -8,16 +8,24 @@
 
 from __future__ import annotations
 
+from .data import DataReport, inspect_data
 from .diagnostics import Alert, Thresholds
 from .errors import (
     AlreadyWatchedError,
+    ArchitectureError,
     ConfigError,
+    InputShapeError,
     IntrospectError,
     IntrospectWarning,
+    KeyMismatchError,
+    LoadError,
     ModelTypeError,
     NonFiniteError,
     NonFiniteWarning,
+    ProbeError,
+    UnsafeLoadError,
 )
+from .loading import load_model
 from .summary import summary
 from .watch import Watcher, watch
 
@@ -27,6 +35,9 @@ __all__ = [
     "watch",
     "Watcher",
     "summary",
+    "load_model",
+    "inspect_data",
+    "DataReport",
     "Alert",
     "Thresholds",
     "IntrospectError",
@@ -34,6 +45,12 @@ __all__ = [
     "ModelTypeError",
     "AlreadyWatchedError",
     "NonFiniteError",
+    "LoadError",
+    "UnsafeLoadError",
+    "KeyMismatchError",
+    "ArchitectureError",
+    "InputShapeError",
     "IntrospectWarning",
     "NonFiniteWarning",
+    "ProbeError",
 ]

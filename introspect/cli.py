@@ -1,22 +1,317 @@
-"""The ``introspect`` command: a thin shell over the library (see ``introspect --help``)."""
+"""The ``introspect`` command: a thin shell over the library (see ``introspect --help``).
+
+Every command is an :class:`IntrospectCommand` (``@main.command()`` makes one): it gets a
+``--debug`` flag, and any error becomes one line ``error: ...`` on stderr with a non-zero exit code
+(see ``EXIT_CODES``) instead of a traceback; ``IntrospectWarning``\\ s become ``warning: ...`` lines
+and torch's own warnings are silenced. ``--debug`` shows the traceback and every warning.
+"""
 
 from __future__ import annotations
 
+import json
 import shutil
+import socket
 import subprocess
 import sys
+import warnings
+from typing import Any, Callable
 
 import click
 
 from . import __version__
+from .errors import (
+    ArchitectureError,
+    InputShapeError,
+    IntrospectError,
+    IntrospectWarning,
+    KeyMismatchError,
+    LoadError,
+    UnsafeLoadError,
+)
 
-__all__ = ["main"]
+__all__ = ["main", "IntrospectCommand", "model_options", "EXIT_CODES"]
+
+EXIT_CODES: tuple[tuple[type[BaseException], int], ...] = (
+    (UnsafeLoadError, 4),
+    (KeyMismatchError, 6),
+    (LoadError, 3),
+    (ArchitectureError, 5),
+    (InputShapeError, 7),
+    (IntrospectError, 1),
+)
+"""The exit code of each error (the first class that matches); click's usage errors exit with 2,
+anything unexpected with 1, Ctrl-C with 130."""
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class IntrospectCommand(click.Command):
+    """A command with ``--debug`` and one-line errors; ``main``'s default command class."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.params.append(
+            click.Option(["--debug"], is_flag=True, help="Show the full traceback of an error, and every warning.")
+        )
+
+    def invoke(self, ctx: click.Context) -> Any:
+        debug = bool(ctx.params.pop("debug", False))
+        with warnings.catch_warnings():
+            if not debug:
+                warnings.simplefilter("ignore")
+                warnings.simplefilter("default", IntrospectWarning)
+                warnings.showwarning = _warning_line
+            try:
+                return super().invoke(ctx)
+            except (click.exceptions.Exit, click.ClickException, click.Abort):
+                raise
+            except KeyboardInterrupt:
+                click.echo("interrupted", err=True)
+                ctx.exit(130)
+            except Exception as e:
+                if debug:
+                    raise
+                code = next((c for cls, c in EXIT_CODES if isinstance(e, cls)), 1)
+                message = str(e).strip().replace("\n", " ") or type(e).__name__
+                if not isinstance(e, IntrospectError):
+                    message = f"{type(e).__name__}: {message} (run again with --debug for the traceback)"
+                click.echo(f"error: {message}", err=True)
+                ctx.exit(code)
+
+
+def _warning_line(message: Any, category: Any, filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
+    click.echo(f"warning: {str(message).removeprefix('introspect: ')}", err=True)
+
+
+class _IntrospectGroup(click.Group):
+    command_class = IntrospectCommand
+
+
+@click.group(cls=_IntrospectGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="introspect")
 def main() -> None:
-    """See inside PyTorch models: summaries, graphs, histograms and a debugger, in TensorBoard."""
+    """See inside PyTorch models: summaries, graphs, histograms and a debugger, in TensorBoard.
+
+    MODEL files are read safely: a state_dict or checkpoint dict (with --arch), a TorchScript
+    archive, a torch.export program (.pt2) or a safetensors file. A pickled nn.Module needs
+    --unsafe, because unpickling runs arbitrary code.
+    """
+
+
+# --------------------------------------------------------------------------- shared options
+class _JSONObject(click.ParamType):
+    name = "JSON"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> dict[str, Any]:
+        if isinstance(value, dict):
+            return value
+        try:
+            obj = json.loads(value)
+        except ValueError as e:
+            self.fail(f"not valid JSON ({e}): {value!r}", param, ctx)
+        if not isinstance(obj, dict):
+            self.fail(f"expected a JSON object like '{{\"num_classes\": 10}}', got {value!r}", param, ctx)
+        return obj
+
+
+class _Shape(click.ParamType):
+    name = "N,C,H,W"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> tuple[int, ...]:
+        from .inputs import parse_shape
+
+        if isinstance(value, tuple):
+            return value
+        try:
+            return parse_shape(value)
+        except IntrospectError as e:
+            self.fail(str(e), param, ctx)
+
+
+def model_options(f: Callable) -> Callable:
+    """--arch, --arch-kwargs and --unsafe: how to read MODEL files."""
+    f = click.option(
+        "--unsafe", is_flag=True,
+        help="Allow unpickling arbitrary Python objects (a whole pickled nn.Module). Runs code from the file: only for files you trust.",
+    )(f)
+    f = click.option("--arch-kwargs", type=_JSONObject(), default=None, help='Keyword arguments for --arch, as JSON: \'{"num_classes": 10}\'.')(f)
+    f = click.option(
+        "--arch", default=None, metavar="MODULE:CLASS",
+        help="Architecture the weights belong to: package.module:Class (importable, e.g. via PYTHONPATH) or torchvision:resnet18 (never downloads).",
+    )(f)
+    return f
+
+
+def _input_options(f: Callable) -> Callable:
+    f = click.option("--dtype", type=click.Choice(["float32", "float64", "float16", "bfloat16", "int64"]), default="float32", show_default=True,
+                     help="Input dtype; a floating dtype casts the model too, int64 makes token ids.")(f)
+    return f
+
+
+def _load(model: str, arch: str | None, arch_kwargs: dict | None, unsafe: bool) -> Any:
+    from .loading import load_model
+
+    return load_model(model, arch=arch, arch_kwargs=arch_kwargs, unsafe=unsafe)
+
+
+def _shaped_input(model: Any, shape: tuple[int, ...], dtype: str) -> tuple[Any, tuple[Any, ...]]:
+    """The model cast to a floating ``dtype``, and a checked random input of ``shape``."""
+    from .inputs import DTYPES, check_input, random_input
+
+    torch_dtype = DTYPES[dtype]
+    if torch_dtype.is_floating_point:
+        model = model.to(torch_dtype)
+    inputs = (random_input(model, shape, torch_dtype),)
+    check_input(model, inputs)
+    return model, inputs
+
+
+def _writer(logdir: str) -> Any:
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(log_dir=logdir)
+
+
+# --------------------------------------------------------------------------- commands
+@main.command()
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--input-shape", type=_Shape(), required=True, help="Shape of one input, e.g. 1,3,32,32.")
+@_input_options
+@click.option("--depth", type=click.IntRange(0), default=3, show_default=True, help="How deep the table goes into submodules.")
+@model_options
+def summary(model: str, input_shape: tuple[int, ...], dtype: str, depth: int, arch: str | None, arch_kwargs: dict | None, unsafe: bool) -> None:
+    """Print MODEL's torchinfo table.
+
+    Layers, output shapes and parameter counts, from one forward of a random input.
+
+    \b
+    Example:
+      introspect summary weights.pt --arch torchvision:resnet18 --input-shape 1,3,224,224
+    """
+    from .summary import summary as model_summary
+
+    net, inputs = _shaped_input(_load(model, arch, arch_kwargs, unsafe), input_shape, dtype)
+    click.echo(model_summary(net, *inputs, depth=depth))
+
+
+@main.command()
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--input-shape", type=_Shape(), required=True, help="Shape of one input, e.g. 1,3,32,32.")
+@_input_options
+@click.option("--logdir", required=True, type=click.Path(file_okay=False), help="Where to write the graph for TensorBoard.")
+@model_options
+def graph(model: str, input_shape: tuple[int, ...], dtype: str, logdir: str, arch: str | None, arch_kwargs: dict | None, unsafe: bool) -> None:
+    """Write the graph of MODEL for TensorBoard's GRAPHS tab.
+
+    \b
+    Example:
+      introspect graph weights.pt --arch examples.models:SeedCNN --input-shape 1,3,32,32 --logdir runs/graph
+    """
+    from .summary import write_graph
+
+    net, inputs = _shaped_input(_load(model, arch, arch_kwargs, unsafe), input_shape, dtype)
+    writer = _writer(logdir)
+    try:
+        written = write_graph(writer, net, inputs)
+    finally:
+        writer.close()
+    if not written:  # write_graph has warned why
+        raise IntrospectError(f"no graph written for {model}")
+    click.echo(f"graph of {getattr(net, 'original_name', type(net).__name__)} written to {logdir}")
+
+
+@main.command()
+@click.argument("models", nargs=-1, required=True, type=click.Path(dir_okay=False), metavar="MODEL [MODEL_B]")
+@click.option("--logdir", type=click.Path(file_okay=False), default=None, help="Also write weights/{name} histograms here (MODEL at step 0, MODEL_B at step 1).")
+@model_options
+def weights(models: tuple[str, ...], logdir: str | None, arch: str | None, arch_kwargs: dict | None, unsafe: bool) -> None:
+    """Weight statistics of MODEL, or how they changed from A to B.
+
+    One row per tensor: shape, mean, std, min, max, share of zeros, NaN/Inf count; with two
+    files, each tensor's relative change |B - A| / |A|. A bare state_dict needs no --arch here: every floating tensor in it is shown.
+
+    \b
+    Examples:
+      introspect weights ckpt.pt --logdir runs/weights
+      introspect weights epoch1.pt epoch9.pt
+    """
+    from .loading import load_weights
+    from .weights import compare_weights, format_weight_changes, format_weight_stats, weight_stats, write_weight_histograms
+
+    if len(models) > 2:
+        raise click.UsageError(f"give one MODEL, or two to compare; got {len(models)}")
+    loaded = [load_weights(m, arch=arch, arch_kwargs=arch_kwargs, unsafe=unsafe) for m in models]
+    if len(loaded) == 1:
+        click.echo(format_weight_stats(weight_stats(loaded[0], show_progress=True)))
+    else:
+        click.echo(f"A = {models[0]}\nB = {models[1]}")
+        click.echo(format_weight_changes(compare_weights(loaded[0], loaded[1], show_progress=True)))
+    if logdir is not None:
+        writer = _writer(logdir)
+        try:
+            for step, named in enumerate(loaded):
+                write_weight_histograms(writer, named, step)
+        finally:
+            writer.close()
+        click.echo(f"histograms of {sum(len(n) for n in loaded)} tensors written to {logdir}")
+
+
+@main.command()
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--input-shape", type=_Shape(), default=None, help="Random inputs of this shape (reproducible, see --seed).")
+@click.option("--input", "input_file", type=click.Path(dir_okay=False), default=None, help="A torch.save'd tensor (or tuple of tensors): the model's inputs.")
+@click.option("--images", type=click.Path(file_okay=False), default=None, help="A folder of images (subfolders too), read as RGB in [0, 1].")
+@click.option("--logdir", required=True, type=click.Path(file_okay=False), help="Where to write the histograms.")
+@click.option("--batches", type=click.IntRange(1), default=1, show_default=True, help="With --input-shape: how many random batches.")
+@click.option("--batch-size", type=click.IntRange(1), default=16, show_default=True, help="With --images: images per forward.")
+@click.option("--image-size", type=_Shape(), default=None, metavar="H,W", help="With --images: resize every image to this size.")
+@click.option("--backward", is_flag=True, help="Also backpropagate the output's sum (or --target's) and log gradients.")
+@click.option("--target", type=int, default=None, help="With --backward: the output unit (e.g. class index) to backpropagate.")
+@click.option("--train-mode", is_flag=True, help="Run in training mode (dropout on, BatchNorm on batch statistics).")
+@_input_options
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random inputs.")
+@model_options
+def activations(
+    model: str, input_shape: tuple[int, ...] | None, input_file: str | None, images: str | None, logdir: str,
+    batches: int, batch_size: int, image_size: tuple[int, ...] | None, backward: bool, target: int | None,
+    train_mode: bool, dtype: str, seed: int, arch: str | None, arch_kwargs: dict | None, unsafe: bool,
+) -> None:
+    """Run inputs through MODEL under watch(); report the findings.
+
+    Writes activation histograms (with --backward also the gradients) and prints the debugger's
+    findings. Give exactly one of --input-shape, --input or --images. Each batch is one step in TensorBoard.
+
+    \b
+    Examples:
+      introspect activations weights.pt --arch examples.models:SeedCNN --input-shape 8,3,32,32 --logdir runs/acts
+      introspect activations model.pt2 --images data/val --batch-size 32 --logdir runs/acts --backward --target 0
+    """
+    from .activations import record_activations
+    from .inputs import DTYPES, check_input, image_batches, image_files, load_input_file, random_input
+
+    given = [name for name, v in (("--input-shape", input_shape), ("--input", input_file), ("--images", images)) if v is not None]
+    if len(given) != 1:
+        raise click.UsageError("give exactly one of --input-shape, --input or --images" + (f" (got {', '.join(given)})" if given else ""))
+    if image_size is not None and len(image_size) != 2:
+        raise click.BadParameter(f"expected H,W, got {','.join(map(str, image_size))}", param_hint="--image-size")
+    net = _load(model, arch, arch_kwargs, unsafe)
+    torch_dtype = DTYPES[dtype]
+    if torch_dtype.is_floating_point:
+        net = net.to(torch_dtype)
+    total: int | None
+    if input_shape is not None:
+        batch_list: Any = [(random_input(net, input_shape, torch_dtype, seed=seed + i),) for i in range(batches)]
+        total = batches
+    elif input_file is not None:
+        batch_list, total = [load_input_file(input_file)], 1
+    else:
+        files = image_files(images)
+        total = -(-len(files) // batch_size)
+        batch_list = ((x.to(torch_dtype),) for x in image_batches(files, batch_size, image_size))
+    if input_shape is not None or input_file is not None:
+        check_input(net, batch_list[0])
+    w = record_activations(net, batch_list, logdir, backward=backward, target=target, train_mode=train_mode,
+                           show_progress=True, total=total)
+    click.echo(f"{w.step + 1} step(s) of {len(w.module_names)} modules written to {logdir}")
+    click.echo(w.report())
 
 
 @main.command()
@@ -24,18 +319,52 @@ def main() -> None:
 @click.option("--port", default=6006, show_default=True, type=click.IntRange(0, 65535), help="Port to serve on (0: any free one).")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind; 0.0.0.0 exposes it to the network.")
 def board(logdir: str, port: int, host: str) -> None:
-    """Start TensorBoard on LOGDIR, bound to 127.0.0.1 unless --host says otherwise.
+    """Start TensorBoard on LOGDIR and print its URL.
 
-    Example: introspect board --logdir runs
+    It binds 127.0.0.1 (this machine only) unless --host says otherwise.
+
+    \b
+    Example:
+      introspect board --logdir runs
     """
+    if port == 0:  # tensorboard would pick one but not say which; pick it here so the URL is right
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+            s.bind((host, 0))
+            port = s.getsockname()[1]
     exe = shutil.which("tensorboard")
     command = [exe] if exe else [sys.executable, "-m", "tensorboard.main"]
     command += ["--logdir", logdir, "--port", str(port), "--host", host]
-    click.echo(f"TensorBoard for {logdir} at http://{host}:{port}/ (Ctrl-C to stop)", err=True)
+    shown = socket.gethostname() if host in ("0.0.0.0", "::") else (f"[{host}]" if ":" in host else host)
+    click.echo(f"http://{shown}:{port}/")
+    click.echo(f"TensorBoard for {logdir} (Ctrl-C to stop)", err=True)
+    sys.stdout.flush()
     try:
         raise SystemExit(subprocess.call(command))
     except KeyboardInterrupt:
         raise SystemExit(130) from None
+
+
+# --------------------------------------------------------------------------- introspect data
+@main.command("data")
+@click.argument("folder", type=click.Path())
+@click.option("--logdir", required=True, type=click.Path(file_okay=False), help="Where to write the pictures for TensorBoard.")
+@click.option("--limit", default=1000, show_default=True, type=click.IntRange(1), help="Scan at most this many images, spread over the folder.")
+def data(folder: str, logdir: str, limit: int) -> None:
+    """Look at an ImageFolder tree and report what is wrong with it.
+
+    FOLDER holds one subfolder of images per class. Writes an image grid, a 3x3 figure of labeled
+    samples, the class balance and per-channel statistics for TensorBoard, and prints the
+    findings: NaN/Inf, constant or all-black, 0-255 and duplicate images, unreadable files, class
+    imbalance.
+
+    \b
+    Example:
+      introspect data data/train --logdir runs/data --limit 500
+    """
+    from .data import image_folder, inspect_data
+
+    inspect_data(image_folder(folder), logdir, max_samples=limit)
+    click.echo(f"pictures written to {logdir} (introspect board --logdir {logdir})", err=True)
 
 
 if __name__ == "__main__":  # pragma: no cover

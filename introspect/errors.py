@@ -18,6 +18,12 @@ __all__ = [
     "ModelTypeError",
     "AlreadyWatchedError",
     "NonFiniteError",
+    "ProbeError",
+    "LoadError",
+    "UnsafeLoadError",
+    "KeyMismatchError",
+    "ArchitectureError",
+    "InputShapeError",
     "IntrospectWarning",
     "NonFiniteWarning",
     "warn",
@@ -51,6 +57,35 @@ class NonFiniteError(IntrospectError, FloatingPointError):
         self.alert = alert
 
 
+class ProbeError(IntrospectError, RuntimeError):
+    """Raised by ``watch(..., strict=True)`` when a probe fails on a module (without ``strict``
+    the probe warns once, stops, and training goes on). ``module`` is the module's dotted name."""
+
+    def __init__(self, message: str, module: str = "") -> None:
+        super().__init__(message)
+        self.module = module
+
+
+class LoadError(IntrospectError, ValueError):
+    """A model file cannot be read: missing, corrupt, of no format we know, or its reader is not installed."""
+
+
+class UnsafeLoadError(LoadError):
+    """The file holds pickled Python objects; unpickling them runs arbitrary code, so it needs ``unsafe=True``."""
+
+
+class KeyMismatchError(LoadError):
+    """A state_dict's keys or shapes do not fit the architecture it is loaded into."""
+
+
+class ArchitectureError(IntrospectError, ValueError):
+    """The architecture (``package.module:Class``, ``torchvision:name``) is missing, unknown or cannot be built."""
+
+
+class InputShapeError(IntrospectError, ValueError):
+    """The model rejected an input (usually its shape); the message shows what it expects when we can tell."""
+
+
 class IntrospectWarning(UserWarning):
     """Something was skipped or degraded (an untraceable graph, a probe that failed on a module);
     training goes on. Filter it with ``warnings.filterwarnings("ignore", category=IntrospectWarning)``."""
@@ -79,12 +114,15 @@ def warn(message: str, category: type[Warning] = IntrospectWarning) -> None:
     if frame is None:
         warnings.warn(message, category, stacklevel=2)
         return
-    warnings.warn_explicit(
-        message,
-        category,
-        frame.f_code.co_filename,
-        frame.f_lineno,
-        module=frame.f_globals.get("__name__", "<unknown>"),
-        registry=frame.f_globals.setdefault("__warningregistry__", {}),
-        module_globals=frame.f_globals,
-    )
+    try:
+        warnings.warn_explicit(
+            message,
+            category,
+            frame.f_code.co_filename,
+            frame.f_lineno,
+            module=frame.f_globals.get("__name__", "<unknown>"),
+            registry=frame.f_globals.setdefault("__warningregistry__", {}),
+            module_globals=frame.f_globals,
+        )
+    except (ImportError, OSError):  # no source for that frame (``python -c``): warn from here
+        warnings.warn(message, category, stacklevel=2)

@@ -11,6 +11,11 @@
 | debugger findings                            | text      | diagnostics/alerts                |
 | gradient flow per layer                      | image     | diagnostics/grad_flow             |
 | NaN/Inf count, when not zero                 | scalar    | nonfinite/{module or param}       |
+| a run's final metrics (HPARAMS, finish())    | scalar    | hparams/{metric}                  |
+| input data (``inspect_data``)                | image     | data/batch, data/first_image       |
+|                                              | figure    | data/samples, data/class_balance  |
+|                                              | text      | data/channel_stats, data/findings |
+| the first training batch (``log_inputs``)    | image     | data/inputs                       |
 """
 
 from __future__ import annotations
@@ -35,11 +40,21 @@ TAG_KINDS = (
     "update_ratio",
     "feature_maps",
     "nonfinite",
+    "hparams",
 )
 
 SUMMARY_TAG = "model/summary"
 ALERTS_TAG = "diagnostics/alerts"
 GRAD_FLOW_TAG = "diagnostics/grad_flow"
+INPUTS_TAG = "data/inputs"
+DATA_TAGS = {
+    "batch": "data/batch",
+    "first_image": "data/first_image",
+    "samples": "data/samples",
+    "class_balance": "data/class_balance",
+    "channel_stats": "data/channel_stats",
+    "findings": "data/findings",
+}
 
 _WRITER_METHODS = ("add_histogram_raw", "add_scalar", "add_text", "flush")
 
@@ -174,5 +189,7 @@ def write_step(writer: Any, host: HostStep) -> None:
     for name, count in nonfinite.items():
         batch.scalar(tag("nonfinite", name), count)
     for full_tag, value in host.scalars.items():
+        if value != value:  # NaN: a ratio that is undefined at this step (see update_ratio)
+            continue
         batch.scalar(full_tag, value)
     batch.commit(host.step)

@@ -136,19 +136,22 @@ class RecordBatch:
         flat = x.detach().reshape(-1)
         n = flat.numel()
         index = len(self._samples)
-        self._numels.append(n)
         if n <= BATCHED_LIMIT and flat.dtype != torch.float64:
             # A copy: the tensor may be changed in place after the hook (ReLU(inplace=True)).
             self._samples.append(flat.to(torch.float32, copy=True))
+            self._numels.append(n)
             return index
         if flat.dtype not in _FULL_PRECISION:
             flat = flat.float()
         stride = sample_stride(x.shape)
-        self._samples.append((flat[::stride] if stride > 1 else flat).to(torch.float32, copy=True))
+        sample = (flat[::stride] if stride > 1 else flat).to(torch.float32, copy=True)
         mn, mx = torch.aminmax(flat)
         if total is None or flat.dtype != torch.float32:
             total = flat.sum()
-        self._stats[index] = (mn, mx, total, torch.dot(flat, flat))
+        stats = (mn, mx, total, torch.dot(flat, flat))
+        self._samples.append(sample)  # only now: a tensor that cannot be read leaves no trace
+        self._numels.append(n)
+        self._stats[index] = stats
         return index
 
     def _stat_rows(self, lengths: list[int], values: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:

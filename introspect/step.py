@@ -19,6 +19,8 @@ from .stats import RECORD_LEN, HistogramRecord, RecordBatch, stat_dtype
 
 __all__ = ["StepBuffer", "HostStep"]
 
+_HALF = (torch.float16, torch.bfloat16)
+
 
 @dataclass
 class HostStep:
@@ -59,7 +61,8 @@ class StepBuffer:
         ``total``: the check's sum of ``tensor``, when it has one (saves a pass over a big tensor)."""
         if tensor.numel() == 0:  # an empty batch or a zero-width layer has no histogram
             return
-        self.histograms.setdefault(tag, []).append((tensor.numel(), self.records.add(tensor, total)))
+        index = self.records.add(tensor, total)  # first: a tensor it cannot read leaves no empty tag behind
+        self.histograms.setdefault(tag, []).append((tensor.numel(), index))
 
     def set_histogram(self, tag: str, tensor: torch.Tensor) -> None:
         """Replace the values (a parameter's gradient is final only after the last backward)."""
@@ -75,11 +78,15 @@ class StepBuffer:
         self.measures[key] = value.detach().reshape(())
 
     # ------------------------------------------------------------ the non-finite check
-    def add_check(self, label: tuple, tensor: torch.Tensor) -> torch.Tensor:
+    def add_check(self, label: tuple, tensor: torch.Tensor) -> torch.Tensor | None:
         """One cheap device reduction: a sum is finite exactly when every value is (barring overflow).
-        Returns the sum, which a histogram of the same tensor can reuse."""
+        Returns the sum (None for half precision), which a histogram of the same tensor can reuse."""
         self.check_labels.append(label)
-        total = tensor.detach().sum(dtype=torch.float32)
+        tensor = tensor.detach()
+        if tensor.dtype in _HALF:  # |x| summed, one pass too: +Inf and -Inf from an overflow sum to
+            self._pending.append(torch.linalg.vector_norm(tensor, 1, dtype=torch.float32))  # Inf, not NaN
+            return None  # a norm, not the sum a histogram could reuse
+        total = tensor.sum(dtype=torch.float32)
         self._pending.append(total)
         return total
 

@@ -1200,3 +1200,23 @@ def test_empty_outputs_are_skipped_quietly(writer, logdir):
     assert w.alerts == []
     hists = histogram_tags(read_events(logdir))
     assert "activations/1/0" in hists and "activations/1/1" not in hists
+
+
+def test_update_ratio_of_a_weight_that_was_exactly_zero_is_not_written(writer, logdir):
+    # A zero-initialised bias has no size to compare its update with: nothing at that step (not
+    # 1e10), and the ratio from the first step where it is not zero.
+    model = nn.Linear(3, 1)
+    with torch.no_grad():
+        model.bias.zero_()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = torch.randn(8, 3), torch.randn(8, 1)
+    with watch(model, writer, every=1, optimizer=opt, **FAST):
+        for _ in range(3):
+            opt.zero_grad()
+            F.mse_loss(model(x), y).backward()
+            opt.step()
+    acc = read_events(logdir)
+    assert [e.step for e in acc.Scalars("update_ratio/weight")] == [0, 1, 2]
+    ratios = acc.Scalars("update_ratio/bias")
+    assert [e.step for e in ratios] == [1, 2]
+    assert all(0 < e.value < 10 for e in ratios)

@@ -1,0 +1,479 @@
+"""Loading a saved model from disk, safe by default.
+
+>>> model = load_model("ckpt.pt", arch="torchvision:resnet18")           # doctest: +SKIP
+
+A file's format is read from its bytes, not its name: a ``torch.save`` archive (a state_dict, or a
+checkpoint dict holding one), a TorchScript archive, a ``torch.export`` program (``.pt2``) or a
+safetensors file. Only ``torch.load(weights_only=True)`` ever unpickles, and ``torch.export`` archives
+are checked before torch reads them (torch unpickles some of their parts without that guard):
+unpickling arbitrary objects runs whatever code the file's author put in it, so a whole pickled
+``nn.Module`` needs ``unsafe=True``. Everything is mapped to ``map_location`` (the CPU by default),
+so a checkpoint saved on a GPU opens on a machine without one.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import io
+import json
+import os
+import re
+import struct
+import warnings
+import zipfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import ArchitectureError, ConfigError, KeyMismatchError, LoadError, UnsafeLoadError
+
+__all__ = [
+    "load_model",
+    "load_weights",
+    "read_model_file",
+    "build_architecture",
+    "find_state_dict",
+    "first_line",
+    "load_state_dict_into",
+    "STATE_DICT_KEYS",
+    "WRAPPER_PREFIXES",
+]
+
+STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model")
+"""Keys under which checkpoint dicts commonly keep the model's weights, in the order we look."""
+
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+"""Key prefixes added by DataParallel/DistributedDataParallel and by ``torch.compile``."""
+
+FORMATS = ("torch", "torchscript", "export", "safetensors")
+
+_SHOWN = 5  # how many names an error message lists
+
+
+@dataclass
+class ModelFile:
+    """What a file held: a runnable module (TorchScript, torch.export, a pickled module) or only weights."""
+
+    path: Path
+    format: str
+    module: nn.Module | None
+    state_dict: dict[str, torch.Tensor] | None
+
+
+# --------------------------------------------------------------------------- public
+def load_model(
+    path: str | os.PathLike,
+    arch: str | None = None,
+    arch_kwargs: Mapping[str, Any] | None = None,
+    unsafe: bool = False,
+    map_location: str | torch.device = "cpu",
+) -> nn.Module:
+    """The model saved in ``path``, in eval mode on ``map_location``.
+
+    >>> load_model("weights.pt", arch="examples.models:SeedCNN")                 # doctest: +SKIP
+    >>> load_model("ckpt.pt", arch="torchvision:resnet18", arch_kwargs={"num_classes": 10})  # doctest: +SKIP
+    >>> load_model("model.ts")          # TorchScript, or a torch.export .pt2     # doctest: +SKIP
+
+    Args:
+        path: a ``torch.save`` state_dict or checkpoint dict (weights under ``state_dict``,
+            ``model_state_dict`` or ``model``; ``module.`` and ``_orig_mod.`` prefixes are
+            stripped), a TorchScript archive, a ``torch.export`` program, a safetensors file, or
+            (with ``unsafe=True``) a pickled ``nn.Module``.
+        arch: the architecture weights are loaded into: ``"package.module:Class"`` (a class or a
+            factory function, importable from ``sys.path``) or ``"torchvision:resnet18"`` (built
+            with ``weights=None``: nothing is downloaded). Required for bare weights; with a file
+            that carries its own model, that model's weights are loaded into ``arch`` instead.
+        arch_kwargs: keyword arguments for the architecture (``{"num_classes": 10}``).
+        unsafe: allow unpickling arbitrary Python objects. Only for files you trust: unpickling
+            runs any code the file's author chose.
+        map_location: where tensors go (``"cpu"``, ``"cuda:0"``).
+
+    Raises:
+        LoadError: missing, unreadable or corrupt file, or a format whose reader is not installed.
+        UnsafeLoadError: the file needs unpickling of arbitrary objects and ``unsafe`` is False.
+        ArchitectureError: ``arch`` is needed but missing, unknown, or cannot be built.
+        KeyMismatchError: the weights do not fit ``arch`` (missing/unexpected keys, shapes).
+    """
+    kwargs = _check_kwargs(arch_kwargs)
+    loaded = read_model_file(path, unsafe=unsafe, map_location=map_location)
+    if arch is None:
+        if loaded.module is None:
+            raise ArchitectureError(
+                f"{loaded.path} holds only weights ({_describe_state_dict(loaded.state_dict)}); say "
+                "which model they belong to with arch='package.module:Class' or 'torchvision:resnet18' "
+                "(--arch on the command line)"
+            )
+        model = loaded.module
+    else:
+        state = loaded.state_dict if loaded.module is None else loaded.module.state_dict()
+        model = build_architecture(arch, kwargs)
+        load_state_dict_into(model, state, source=str(loaded.path))
+    try:
+        model = model.to(map_location)
+    except Exception:  # an exported program may pin its devices; it still runs where it was saved
+        pass
+    return model.eval()
+
+
+def load_weights(
+    path: str | os.PathLike,
+    arch: str | None = None,
+    arch_kwargs: Mapping[str, Any] | None = None,
+    unsafe: bool = False,
+    map_location: str | torch.device = "cpu",
+) -> dict[str, torch.Tensor]:
+    """Named floating-point weights of a saved model, for statistics and comparisons.
+
+    With a runnable model (or ``arch``) these are its parameters; a bare state_dict needs no
+    architecture and gives every floating tensor it holds (BatchNorm running statistics included).
+    """
+    if arch is not None:
+        model = load_model(path, arch, arch_kwargs, unsafe, map_location)
+        named = dict(model.named_parameters())
+    else:
+        loaded = read_model_file(path, unsafe=unsafe, map_location=map_location)
+        named = dict(loaded.module.named_parameters()) if loaded.module is not None else loaded.state_dict
+    return {name: t.detach() for name, t in named.items() if t.is_floating_point()}
+
+
+def read_model_file(
+    path: str | os.PathLike, unsafe: bool = False, map_location: str | torch.device = "cpu"
+) -> ModelFile:
+    """Read ``path`` in whichever format its bytes say, without building an architecture."""
+    path = Path(path)
+    kind = detect_format(path)
+    if kind == "torchscript":
+        return ModelFile(path, kind, _load_torchscript(path, map_location), None)
+    if kind == "export":
+        return ModelFile(path, kind, _load_exported(path, unsafe), None)
+    if kind == "safetensors":
+        return ModelFile(path, kind, None, _load_safetensors(path, map_location))
+    obj = _torch_load(path, unsafe, map_location)
+    module = _module_in(obj)
+    if module is not None:
+        return ModelFile(path, "pickled module", module, None)
+    return ModelFile(path, kind, None, find_state_dict(obj, source=str(path)))
+
+
+def detect_format(path: Path) -> str:
+    """One of ``FORMATS``, from the file's first bytes and (for zip archives) its member names."""
+    if not path.exists():
+        raise LoadError(f"{path}: no such file")
+    if path.is_dir():
+        raise LoadError(f"{path} is a directory; give the model file itself")
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(9)
+    except OSError as e:
+        raise LoadError(f"cannot read {path}: {e.strerror or e}") from e
+    if size == 0:
+        raise LoadError(f"{path} is empty")
+    if zipfile.is_zipfile(path):
+        try:
+            with zipfile.ZipFile(path) as z:
+                names = z.namelist()
+                format_files = [n for n in names if n.rsplit("/", 1)[-1] == "archive_format"]
+                if format_files and z.read(format_files[0]).strip() == b"pt2":
+                    return "export"
+        except (zipfile.BadZipFile, OSError) as e:
+            raise LoadError(f"{path} is a corrupt zip archive: {e}") from e
+        if any("/code/" in n or n.endswith("constants.pkl") for n in names):
+            return "torchscript"
+        if any(n.endswith("serialized_exported_program.json") for n in names):
+            return "export"
+        if any(n.endswith("data.pkl") for n in names):
+            return "torch"
+        raise LoadError(
+            f"{path} is a zip archive but not one PyTorch writes (no data.pkl, TorchScript code or "
+            "torch.export program in it)"
+        )
+    if head[:4] == b"PK\x03\x04":
+        raise LoadError(f"{path} is a truncated or corrupt zip archive (torch.save/TorchScript/.pt2)")
+    if len(head) == 9 and head[8:9] == b"{" and struct.unpack("<Q", head[:8])[0] < size:
+        return "safetensors"
+    if head[:1] == b"\x80":  # a pickle protocol marker: the legacy (pre-1.6) torch.save format
+        return "torch"
+    raise LoadError(
+        f"{path} is not a file we can read: not a torch.save archive, a TorchScript archive, a "
+        "torch.export program or a safetensors file"
+    )
+
+
+def build_architecture(arch: str, kwargs: Mapping[str, Any] | None = None) -> nn.Module:
+    """An untrained ``nn.Module`` from ``"package.module:Class"`` or ``"torchvision:name"``."""
+    kwargs = _check_kwargs(kwargs)
+    if not isinstance(arch, str) or arch.count(":") != 1 or not all(arch.split(":")):
+        raise ArchitectureError(
+            f"architecture must look like 'package.module:Class' or 'torchvision:resnet18', got {arch!r}"
+        )
+    module_name, attr = arch.split(":")
+    if module_name == "torchvision":
+        return _torchvision_model(attr, kwargs)
+    try:
+        target: Any = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ArchitectureError(
+            f"cannot import {module_name!r} for architecture {arch!r}: {e} (is its directory on "
+            "PYTHONPATH?)"
+        ) from e
+    for part in attr.split("."):
+        if not hasattr(target, part):
+            names = [n for n in dir(target) if not n.startswith("_")]
+            hint = difflib.get_close_matches(part, names, n=3)
+            raise ArchitectureError(
+                f"{module_name} has no {attr!r}" + (f"; did you mean {', '.join(hint)}?" if hint else "")
+            )
+        target = getattr(target, part)
+    if not callable(target):
+        raise ArchitectureError(f"{arch} is a {type(target).__name__}, not a class or function that builds a model")
+    try:
+        model = target(**kwargs)
+    except Exception as e:
+        raise ArchitectureError(f"building {arch}(**{kwargs}) failed: {type(e).__name__}: {e}") from e
+    if not isinstance(model, nn.Module):
+        raise ArchitectureError(f"{arch}(**{kwargs}) returned a {type(model).__name__}, not an nn.Module")
+    return model
+
+
+def find_state_dict(obj: Any, source: str = "the file") -> dict[str, torch.Tensor]:
+    """The state_dict in a loaded object: the object itself, or a checkpoint dict's entry under
+    one of ``STATE_DICT_KEYS``; wrapper prefixes (``module.``, ``_orig_mod.``) are stripped."""
+    if _is_state_dict(obj):
+        return strip_wrapper_prefixes(obj)
+    if isinstance(obj, Mapping):
+        for key in STATE_DICT_KEYS:
+            if key in obj and _is_state_dict(obj[key]):
+                return strip_wrapper_prefixes(obj[key])
+        keys = [repr(k) for k in list(obj)[: _SHOWN * 2]]
+        raise LoadError(
+            f"{source} holds a dict with keys [{', '.join(keys)}{', ...' if len(obj) > _SHOWN * 2 else ''}] "
+            f"but no state_dict: none of {list(STATE_DICT_KEYS)} maps names to tensors"
+        )
+    raise LoadError(f"{source} holds a {type(obj).__name__}, not a state_dict, checkpoint dict or model")
+
+
+def strip_wrapper_prefixes(state: Mapping[str, Any]) -> dict[str, Any]:
+    """Drop ``module.`` (DataParallel/DDP) and ``_orig_mod.`` (torch.compile) from every key."""
+    state = dict(state)
+    changed = True
+    while changed and state:
+        changed = False
+        for prefix in WRAPPER_PREFIXES:
+            if all(k.startswith(prefix) for k in state):
+                state = {k[len(prefix):]: v for k, v in state.items()}
+                changed = True
+    return state
+
+
+def load_state_dict_into(model: nn.Module, state: Mapping[str, torch.Tensor], source: str = "the file") -> None:
+    """``model.load_state_dict(state)``, with a message listing what does not fit when it fails."""
+    own = model.state_dict()
+    if own and state and not (own.keys() & state.keys()):
+        # e.g. a LightningModule's "model." prefix: strip one shared leading component if it then fits
+        heads = {k.split(".", 1)[0] for k in state}
+        if len(heads) == 1 and all("." in k for k in state):
+            head = heads.pop() + "."
+            stripped = {k[len(head):]: v for k, v in state.items()}
+            if stripped.keys() == own.keys():
+                state = stripped
+    shapes = [
+        f"{k}: file {list(state[k].shape)} vs model {list(v.shape)}"
+        for k, v in own.items()
+        if k in state and isinstance(state[k], torch.Tensor) and state[k].shape != v.shape
+    ]
+    if shapes:  # torch would stop at the first; say everything that does not fit
+        missing, unexpected = [k for k in own if k not in state], [k for k in state if k not in own]
+    else:
+        try:
+            result = model.load_state_dict(state, strict=False)  # fills what torch can (old BatchNorm files)
+        except RuntimeError as e:
+            raise KeyMismatchError(f"the weights in {source} do not fit {type(model).__name__}: {first_line(e)}") from e
+        missing, unexpected = list(result.missing_keys), list(result.unexpected_keys)
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing keys ({_first(missing)})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected keys ({_first(unexpected)})")
+    if shapes:
+        parts.append(f"{len(shapes)} shape mismatch{'es' if len(shapes) > 1 else ''} ({_first(shapes)})")
+    if parts:
+        raise KeyMismatchError(f"the weights in {source} do not fit {type(model).__name__}: {'; '.join(parts)}")
+
+
+# --------------------------------------------------------------------------- formats
+def _torch_load(path: Path, unsafe: bool, map_location: Any) -> Any:
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:
+        if not _is_weights_only_refusal(e):
+            raise _corrupt(path, e) from e
+        refusal = e
+    if not unsafe:
+        raise UnsafeLoadError(_unsafe_message(path, refusal)) from None
+    try:
+        return torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as e:
+        raise _corrupt(path, e) from e
+
+
+def _load_torchscript(path: Path, map_location: Any) -> nn.Module:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # "torch.jit.load is deprecated"
+            return torch.jit.load(str(path), map_location=map_location)
+    except Exception as e:
+        raise _corrupt(path, e) from e
+
+
+def _load_exported(path: Path, unsafe: bool) -> nn.Module:
+    """A ``torch.export`` program, unflattened back into its named submodules (so hooks see layers).
+
+    ``torch.export.load`` unpickles pickled weights and constants with ``weights_only=False`` and
+    falls back to it for sample inputs; every such part is first read here with
+    ``weights_only=True`` (the same pickle opcodes, with only torch's allowlist of globals), so a
+    part that would run code is refused before torch sees it.
+    """
+    if not unsafe:
+        _check_export_archive(path)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            program = torch.export.load(str(path))
+            return torch.export.unflatten(program)
+    except Exception as e:
+        raise _corrupt(path, e) from e
+
+
+def _check_export_archive(path: Path) -> None:
+    with zipfile.ZipFile(path) as z:
+        names = z.namelist()
+        pickled: list[str] = []
+        for name in names:
+            if name.endswith("_config.json") and "/data/" in name:
+                folder = name.rsplit("/", 1)[0]
+                try:
+                    config = json.loads(z.read(name)).get("config", {})
+                except ValueError as e:
+                    raise LoadError(f"{path}: corrupt torch.export archive ({name}: {e})") from e
+                for entry in config.values():
+                    file = f"{folder}/{entry.get('path_name', '')}"
+                    if file.rsplit("/", 1)[-1].startswith("opaque_obj"):
+                        raise UnsafeLoadError(_unsafe_message(path, None, what="an opaque Python object (pickle)"))
+                    if entry.get("use_pickle"):
+                        pickled.append(file)
+            elif name.endswith((".pt", ".pkl")) and "/data/" in name:  # sample inputs, legacy weights
+                pickled.append(name)
+        for name in pickled:
+            if name not in names:
+                continue
+            try:
+                torch.load(io.BytesIO(z.read(name)), weights_only=True, map_location="cpu")
+            except Exception as e:
+                if _is_weights_only_refusal(e):
+                    raise UnsafeLoadError(_unsafe_message(path, e)) from None
+                raise _corrupt(path, e) from e
+
+
+def _load_safetensors(path: Path, map_location: Any) -> dict[str, torch.Tensor]:
+    try:
+        from safetensors.torch import load_file
+    except ImportError:
+        raise LoadError(
+            f"{path} is a safetensors file; reading it needs the safetensors package: pip install safetensors"
+        ) from None
+    try:
+        state = load_file(str(path), device=str(map_location))
+    except Exception as e:
+        raise _corrupt(path, e) from e
+    return strip_wrapper_prefixes(state)
+
+
+def _torchvision_model(name: str, kwargs: dict[str, Any]) -> nn.Module:
+    import torchvision
+
+    available = torchvision.models.list_models()
+    if name not in available:
+        hint = difflib.get_close_matches(name, available, n=3)
+        raise ArchitectureError(
+            f"torchvision has no model {name!r}"
+            + (f"; did you mean {', '.join(hint)}?" if hint else f"; it has {', '.join(available[:8])}, ...")
+        )
+    if "weights" in kwargs:
+        raise ArchitectureError(
+            "torchvision architectures are built with weights=None: the weights come from the file, "
+            "and nothing is downloaded; drop 'weights' from the architecture's keyword arguments"
+        )
+    try:
+        return torchvision.models.get_model(name, weights=None, **kwargs)
+    except Exception as e:
+        raise ArchitectureError(f"building torchvision:{name}(**{kwargs}) failed: {type(e).__name__}: {e}") from e
+
+
+# --------------------------------------------------------------------------- helpers
+def _module_in(obj: Any) -> nn.Module | None:
+    """A pickled module, alone or under a checkpoint key (only ``unsafe=True`` loads can hold one)."""
+    if isinstance(obj, nn.Module):
+        return obj
+    if isinstance(obj, Mapping):
+        for key in STATE_DICT_KEYS:
+            if isinstance(obj.get(key), nn.Module):
+                return obj[key]
+    return None
+
+
+def _is_state_dict(obj: Any) -> bool:
+    if not isinstance(obj, Mapping) or not obj:
+        return False
+    tensors = [v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)]
+    others = [k for k, v in obj.items() if not isinstance(v, torch.Tensor) and not str(k).endswith("_extra_state")]
+    return bool(tensors) and not others
+
+
+def _is_weights_only_refusal(e: BaseException) -> bool:
+    text = str(e).lower()
+    return "weights only load failed" in text or ("weights_only" in text and "global" in text)
+
+
+def _unsafe_message(path: Path, error: BaseException | None, what: str | None = None) -> str:
+    if what is None:
+        found = re.search(r"GLOBAL ([\w.]+)", str(error)) if error is not None else None
+        what = f"Python objects beyond tensors (it needs {found.group(1)})" if found else "Python objects beyond tensors"
+    return (
+        f"refusing to load {path}: it holds {what}, and unpickling runs arbitrary code — a file "
+        "can do anything your account can. If you trust its source, pass --unsafe (unsafe=True); "
+        "better, save model.state_dict() and load it with --arch"
+    )
+
+
+def _corrupt(path: Path, e: BaseException) -> LoadError:
+    return LoadError(f"cannot read {path} (corrupt or truncated?): {type(e).__name__}: {first_line(e)}")
+
+
+def _describe_state_dict(state: Mapping[str, Any] | None) -> str:
+    names = list(state or {})
+    return f"{len(names)} tensors: {_first(names)}"
+
+
+def _check_kwargs(kwargs: Mapping[str, Any] | None) -> dict[str, Any]:
+    if kwargs is None:
+        return {}
+    if not isinstance(kwargs, Mapping):
+        raise ConfigError(f"arch_kwargs must be a dict of keyword arguments, got {type(kwargs).__name__}")
+    return dict(kwargs)
+
+
+def _first(names: list[str]) -> str:
+    shown = ", ".join(names[:_SHOWN])
+    return shown + (f", ... {len(names) - _SHOWN} more" if len(names) > _SHOWN else "")
+
+
+def first_line(e: BaseException) -> str:
+    """The first non-blank line of an error's message: torch's errors run to paragraphs."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return (lines[0] if lines else type(e).__name__)[:300]
