@@ -100,19 +100,26 @@ class _EventBatch:
     """
 
     def __init__(self, writer: Any) -> None:
-        from tensorboard.compat.proto.summary_pb2 import Summary
-        from torch.utils.tensorboard import summary as tb_summary
+        from tensorboard.compat.proto.summary_pb2 import HistogramProto, Summary
 
         self._writer = writer
         self._summary_cls = Summary
-        self._tb = tb_summary
+        self._value_cls = Summary.Value
+        self._histogram_cls = HistogramProto
         self._values: list[Any] = []
 
+    # The protos are built directly: the same bytes as torch's summary.histogram_raw / scalar,
+    # without a Summary wrapper per value (and, for scalars, a numpy round trip) to unpack again.
     def histogram(self, full_tag: str, **fields: Any) -> None:
-        self._values.extend(self._tb.histogram_raw(full_tag, **fields).value)
+        histo = self._histogram_cls(
+            min=fields["min"], max=fields["max"], num=fields["num"], sum=fields["sum"],
+            sum_squares=fields["sum_squares"], bucket_limit=fields["bucket_limits"],
+            bucket=fields["bucket_counts"],
+        )
+        self._values.append(self._value_cls(tag=full_tag, histo=histo))
 
     def scalar(self, full_tag: str, value: float) -> None:
-        self._values.extend(self._tb.scalar(full_tag, float(value)).value)
+        self._values.append(self._value_cls(tag=full_tag, simple_value=float(value)))
 
     def commit(self, step: int) -> None:
         if self._values:

@@ -56,11 +56,12 @@ class StepBuffer:
     _safe_readers_for: int = -1
 
     # ------------------------------------------------------------ records for TensorBoard
-    def add_histogram(self, tag: str, tensor: torch.Tensor) -> None:
-        """Add one call's values; several calls in one step are merged into one histogram."""
+    def add_histogram(self, tag: str, tensor: torch.Tensor, total: torch.Tensor | None = None) -> None:
+        """Add one call's values; several calls in one step are merged into one histogram.
+        ``total``: the check's sum of ``tensor``, when it has one (saves a pass over a big tensor)."""
         if tensor.numel() == 0:  # an empty batch or a zero-width layer has no histogram
             return
-        index = self.records.add(tensor)  # first: a tensor it cannot read leaves no empty tag behind
+        index = self.records.add(tensor, total)  # first: a tensor it cannot read leaves no empty tag behind
         self.histograms.setdefault(tag, []).append((tensor.numel(), index))
 
     def set_histogram(self, tag: str, tensor: torch.Tensor) -> None:
@@ -77,14 +78,17 @@ class StepBuffer:
         self.measures[key] = value.detach().reshape(())
 
     # ------------------------------------------------------------ the non-finite check
-    def add_check(self, label: tuple, tensor: torch.Tensor) -> None:
-        """One cheap device reduction: a sum is finite exactly when every value is (barring overflow)."""
+    def add_check(self, label: tuple, tensor: torch.Tensor) -> torch.Tensor | None:
+        """One cheap device reduction: a sum is finite exactly when every value is (barring overflow).
+        Returns the sum (None for half precision), which a histogram of the same tensor can reuse."""
         self.check_labels.append(label)
         tensor = tensor.detach()
         if tensor.dtype in _HALF:  # |x| summed, one pass too: +Inf and -Inf from an overflow sum to
             self._pending.append(torch.linalg.vector_norm(tensor, 1, dtype=torch.float32))  # Inf, not NaN
-        else:
-            self._pending.append(tensor.sum(dtype=torch.float32))
+            return None  # a norm, not the sum a histogram could reuse
+        total = tensor.sum(dtype=torch.float32)
+        self._pending.append(total)
+        return total
 
     def new_call(self, record: CallRecord) -> int:
         self.calls.append(record)

@@ -31,6 +31,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from . import eventfile
 from .data import log_input_batch
 from .diagnostics import (
     Alert,
@@ -202,6 +203,8 @@ class Watcher:
         self._writer, self._owns_writer = (
             open_writer(rank_writer_target(writer, ranks)) if _writes_on_this_rank(ranks) else (None, False)
         )
+        # Same bytes, checksummed without a pure-Python byte loop (see eventfile.py); undone in close().
+        self._sped_up = self._writer if eventfile.speed_up(self._writer) else None
         self._step_fn = step_fn
         self._hparams = run_hparams
         draws = "feature_maps" in self.log and callable(getattr(self._writer, "add_image", None))
@@ -313,6 +316,8 @@ class Watcher:
             self._maps = {}
             self._unit_windows = {}
             self._active = False
+            if self._sped_up is not None:
+                eventfile.restore(self._sped_up)
             if self._writer is not None:
                 try:
                     if self._owns_writer:
@@ -487,15 +492,16 @@ class Watcher:
                             buffer.calls[call].producers.append(producer)
                 for suffix, tensor in tensors:
                     where = f"{name}/{suffix}" if several else name
+                    total = None
                     if buffer.checking:
                         if tensor.dtype in LOW_PRECISION:
                             self._half_outputs[where] = tensor.dtype
                         if not safe:
-                            buffer.add_check(("out", call, where), tensor)
+                            total = buffer.add_check(("out", call, where), tensor)
                         buffer.mark_output(tensor, call)
                     if buffer.logging:
                         if "activations" in self.log:
-                            buffer.add_histogram(tag("activations", where), tensor)
+                            buffer.add_histogram(tag("activations", where), tensor, total)
                         if measure_units is not None:
                             measure_units(buffer, where, tensor, self.thresholds, self._unit_windows)
                     if pick_sample is not None and self._image_step and suffix in ("", "0"):
@@ -516,16 +522,19 @@ class Watcher:
             if buffer.closed or self._closed or where in self._disabled:
                 return None
             try:
+                total = None
                 if buffer.checking:
                     if buffer.grad_check_needed(call):
-                        buffer.add_check(("grad", call, where), grad)
+                        total = buffer.add_check(("grad", call, where), grad)
                     if not buffer.callback_queued:
                         buffer.callback_queued = True
                         torch.autograd.Variable._execution_engine.queue_callback(
                             lambda: self._after_backward(buffer)
                         )
                 if buffer.logging and "activation_grads" in self.log:
-                    buffer.add_histogram(tag("activation_grads", where), unscale(grad, scale_tensor(self._grad_scaler)))
+                    values = unscale(grad, scale_tensor(self._grad_scaler))
+                    # The check's sum is of this same tensor only when nothing was unscaled.
+                    buffer.add_histogram(tag("activation_grads", where), values, total if values is grad else None)
             except Exception as e:
                 self._disable(where, None, e)
             return None

@@ -344,6 +344,100 @@ def _time_one_off(base, x, y, device, tmp: Path, reps: int) -> dict:
             "warnings": sorted(set(caught))[:3]}
 
 
+def logging_step_tensors(model, x, y) -> list:
+    """What a logging step of ``watch(every=1)`` takes statistics of: every watched module's
+    output and the gradient w.r.t. it, every watched parameter and its gradient (one training
+    step's forward and backward; the tensors are detached copies, kept for timing)."""
+    import torch
+    from torch import nn
+
+    from introspect.probes import named_float_tensors
+    from introspect.selection import select_modules, select_parameters
+
+    modules = select_modules(model)
+    params = select_parameters(model, modules)
+    found: list = []
+
+    def hook(module, args, output):
+        for _, t in named_float_tensors(output):
+            found.append(t.detach().clone())
+            if t.requires_grad:
+                t.register_hook(lambda g: found.append(g.detach().clone()))
+
+    handles = [m.register_forward_hook(hook) for m in modules.values()]
+    try:
+        loss = nn.BCEWithLogitsLoss()(model(x), y)
+        loss.backward()
+    finally:
+        for h in handles:
+            h.remove()
+    found += [p.detach().clone() for p in params.values()]
+    found += [p.grad.detach().clone() for p in params.values() if p.grad is not None]
+    model.zero_grad(set_to_none=True)
+    return [t for t in found if t.numel() > 0]
+
+
+def _median_time(fn, device: str, reps: int) -> float:
+    import torch
+
+    fn()  # warm-up
+    times = []
+    for _ in range(reps):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def stats_pass_vs_bandwidth(model, x, y, device: str, reps: int = 10, probe_mb: int = 256) -> dict:
+    """The statistics pass of one logging step against reading its tensors once.
+
+    The pass: ``RecordBatch.add`` of every tensor a logging step histograms, ``compute`` and the
+    one transfer to the host, as ``watch`` does it. The yardstick: the bytes of those tensors over
+    the device's read bandwidth, measured here by summing a ``probe_mb`` buffer. Issue target on
+    GPU: the pass within 3x of the yardstick.
+    """
+    import torch
+
+    from introspect.stats import RecordBatch
+
+    tensors = logging_step_tensors(model, x, y)
+    n_bytes = sum(t.numel() * t.element_size() for t in tensors)
+
+    def statistics_pass():
+        batch = RecordBatch()
+        for t in tensors:
+            batch.add(t)
+        batch.compute().cpu()
+
+    pass_s = _median_time(statistics_pass, device, reps)
+    probe = torch.ones(probe_mb * 2**20 // 4, device=device)
+    read_s = _median_time(lambda: probe.sum(), device, reps)
+    bandwidth = probe.numel() * 4 / read_s
+    del probe
+    once_s = n_bytes / bandwidth
+    return {"tensors": len(tensors), "bytes": n_bytes, "pass_s": pass_s, "bandwidth_bps": bandwidth,
+            "read_once_s": once_s, "ratio": pass_s / once_s}
+
+
+def stats_pass_text(sp: dict) -> str:
+    if "error" in sp:
+        return f"Statistics pass vs memory bandwidth: failed ({sp['error'].strip().splitlines()[-1]})."
+    size = f"{sp['bytes'] / 2**20:.1f} MB" if sp["bytes"] >= 2**20 else f"{sp['bytes'] / 2**10:.1f} KB"
+    return (
+        f"Statistics pass of one logging step ({sp['tensors']} tensors, {size}: every "
+        f"watched output, output gradient, parameter and gradient; add + compute + one transfer): "
+        f"{_fmt_added(sp['pass_s']).lstrip('+')}; reading those bytes once at the measured read bandwidth "
+        f"({sp['bandwidth_bps'] / 1e9:.0f} GB/s, a sum over a large buffer) takes "
+        f"{_fmt_added(sp['read_once_s']).lstrip('+')}: the pass costs {_fmt_ratio(sp['ratio'])} one read "
+        "(target on GPU: ≤ 3×; on small tensors per-op dispatch, not bandwidth, sets the time)."
+    )
+
+
 def worker(args) -> int:
     """One model: memory per variant, then the interleaved timing; results as JSON."""
     result: dict = {"model": args._worker, "device": args.device, "variants": {}}
@@ -380,7 +474,7 @@ def _worker_body(args, result: dict) -> None:
 
     name, device = args._worker, args.device
     wandb_version = wandb_available()
-    keys = [k for k in VARIANTS if not k.startswith("wandb") or wandb_version]
+    keys = [k for k in VARIANTS if (not k.startswith("wandb") or wandb_version) and k in args.variant_keys]
     result.update(
         torch=torch.__version__, threads=torch.get_num_threads(), steps=args._steps,
         warmup=args._warmup, rounds=args.rounds, mem_steps=args._mem_steps, align=args._align,
@@ -388,7 +482,8 @@ def _worker_body(args, result: dict) -> None:
     )
     variants = result["variants"]
     for key in VARIANTS:
-        variants[key] = {"status": "not installed"} if key not in keys else {"status": "ok"}
+        variants[key] = {"status": "ok"} if key in keys else {
+            "status": "not installed" if key.startswith("wandb") and not wandb_version else "not run"}
 
     # ---- memory: one process per variant; no parallel torch op has run here yet
     mem_timeout = max(60.0, args.timeout / 4)
@@ -495,6 +590,10 @@ def _worker_body(args, result: dict) -> None:
         except Exception:  # noqa: BLE001
             result["one_off"] = {"error": traceback.format_exc(limit=4)}
         _log(f"summary+graph one-off: {time.perf_counter() - phase:.1f} s")
+        try:
+            result["stats_pass"] = stats_pass_vs_bandwidth(copy.deepcopy(base), x, y, device, reps=3 if args.quick else 10)
+        except Exception:  # noqa: BLE001
+            result["stats_pass"] = {"error": traceback.format_exc(limit=4)}
 
 
 def _drop(runners: dict, variants: dict, key: str) -> None:
@@ -709,6 +808,8 @@ def model_section(result: dict, device: str) -> str:
         lines += [f"| variant | ms/step (median) | ratio to bare (min–max over rounds) | added per step | {mem_head} |",
                   "| --- | ---: | ---: | ---: | ---: |"]
         for r in rows:
+            if r["status"] == "not run":  # left out with --variants
+                continue
             if r.get("ms") is not None:
                 ms = _fmt_ms(r["ms"])
                 if r["key"] == "bare":
@@ -740,6 +841,8 @@ def model_section(result: dict, device: str) -> str:
                 f"without; not part of the per-step numbers above).{note}"
             )
         lines.append("")
+    if result.get("stats_pass"):
+        lines += [stats_pass_text(result["stats_pass"]), ""]
     return "\n".join(lines)
 
 
@@ -886,6 +989,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--models", default=",".join(MODELS), help=f"comma-separated subset of {','.join(MODELS)}")
     p.add_argument("--rounds", type=int, default=None, help=f"rounds per model (default {FULL_ROUNDS}; {QUICK_ROUNDS} with --quick)")
     p.add_argument("--steps", type=int, default=None, help="steps per chunk, K (default per model)")
+    p.add_argument("--variants", default=",".join(VARIANTS),
+                   help=f"comma-separated subset of {','.join(VARIANTS)} (bare is always run)")
     p.add_argument("--timeout", type=float, default=None, help="seconds per model before its worker is killed (default 300 with --quick, 3600 otherwise)")
     hidden = argparse.SUPPRESS
     p.add_argument("--_worker", help=hidden)
@@ -901,6 +1006,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.rounds = QUICK_ROUNDS if args.quick else FULL_ROUNDS
     if args.timeout is None:
         args.timeout = 300.0 if args.quick else 3600.0
+    args.variant_keys = ["bare"] + [v.strip() for v in args.variants.split(",") if v.strip() and v.strip() != "bare"]
+    unknown = [v for v in args.variant_keys if v not in VARIANTS]
+    if unknown:
+        p.error(f"unknown variant(s) {unknown}; choose from {','.join(VARIANTS)}")
     if args.rounds < 1 or (args.steps is not None and args.steps < 1):
         p.error("--rounds and --steps must be >= 1")
     return args

@@ -304,3 +304,46 @@ def test_record_on_cuda_matches_cpu(n):
     assert (gpu.min, gpu.max, gpu.nonfinite) == (cpu.min, cpu.max, cpu.nonfinite)
     assert gpu.sum == pytest.approx(cpu.sum, abs=1e-3)
     assert list(gpu.counts) == pytest.approx(list(cpu.counts))
+
+
+# --------------------------------------------------------------------------- many records at once
+def test_batch_of_mixed_sizes_matches_one_record_each():
+    """Small tensors get their stats from compute()'s segment reductions, larger ones from their
+    own passes; in one batch, every row is what the tensor alone would give, in the order added."""
+    from introspect.stats import BATCHED_LIMIT, RecordBatch
+
+    g = torch.Generator().manual_seed(3)
+    tensors = [
+        torch.randn(BATCHED_LIMIT + 5, generator=g),  # own passes, exact bins
+        torch.randn(16, 16, generator=g) * 3,  # batched
+        torch.randn(4 * SAMPLE_LIMIT, generator=g) + 2,  # sampled
+        torch.randn(7, 5, generator=g).double(),  # float64: own passes
+        torch.tensor([1.5]),  # batched, one value
+        torch.randn(BATCHED_LIMIT, generator=g).half(),  # batched, the largest batched size
+        torch.randn(3, 9, generator=g).t(),  # batched, non-contiguous
+    ]
+    batch = RecordBatch()
+    for i, x in enumerate(tensors):
+        # A sum handed in (the non-finite check's) is used as is.
+        assert batch.add(x, x.sum(dtype=torch.float32) if i == 2 else None) == i
+    rows = batch.compute()
+    for x, row in zip(tensors, rows):
+        alone = tensor_record(x)
+        assert torch.allclose(row, alone, rtol=1e-6, atol=1e-5), (x.shape, row[:5], alone[:5])
+        r = HistogramRecord.from_row(x.numel(), row.tolist())
+        assert (r.min, r.max) == (x.double().min().item(), x.double().max().item())
+        assert r.sum_squares == pytest.approx((x.double() ** 2).sum().item(), rel=1e-5)
+
+
+def test_batch_with_nan_in_a_small_tensor():
+    from introspect.stats import RecordBatch
+
+    batch = RecordBatch()
+    batch.add(torch.randn(10_000))
+    batch.add(torch.tensor([1.0, float("nan"), 3.0, float("inf")]))
+    batch.add(torch.tensor([2.0, 4.0]))
+    rows = batch.compute()
+    assert not math.isfinite(rows[1, 2].item())  # a non-finite range: to be redone
+    assert torch.isfinite(rows[[0, 2]]).all()
+    fixed = HistogramRecord.from_row(4, batch.masked_rows([1])[0].tolist())
+    assert (fixed.nonfinite, fixed.min, fixed.max, fixed.sum) == (2.0, 1.0, 3.0, 4.0)
