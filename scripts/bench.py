@@ -348,7 +348,6 @@ def logging_step_tensors(model, x, y) -> list:
     """What a logging step of ``watch(every=1)`` takes statistics of: every watched module's
     output and the gradient w.r.t. it, every watched parameter and its gradient (one training
     step's forward and backward; the tensors are detached copies, kept for timing)."""
-    import torch
     from torch import nn
 
     from introspect.probes import named_float_tensors
@@ -418,7 +417,7 @@ def stats_pass_vs_bandwidth(model, x, y, device: str, reps: int = 10, probe_mb: 
     probe = torch.ones(probe_mb * 2**20 // 4, device=device)
     read_s = _median_time(lambda: probe.sum(), device, reps)
     bandwidth = probe.numel() * 4 / read_s
-    del probe
+    probe = None  # the buffer goes before the numbers are returned
     once_s = n_bytes / bandwidth
     return {"tensors": len(tensors), "bytes": n_bytes, "pass_s": pass_s, "bandwidth_bps": bandwidth,
             "read_once_s": once_s, "ratio": pass_s / once_s}
