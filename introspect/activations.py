@@ -25,8 +25,8 @@ from .watch import Watcher, watch
 
 __all__ = ["record_activations", "ACTIVATION_LOG", "BACKWARD_LOG"]
 
-ACTIVATION_LOG: tuple[str, ...] = ("activations",)
-"""What every batch logs (add "feature_maps" here once ``watch`` draws them)."""
+ACTIVATION_LOG: tuple[str, ...] = ("activations", "feature_maps")
+"""What every batch logs: histograms, and each conv layer's channels for the batch's first input."""
 BACKWARD_LOG: tuple[str, ...] = ("activation_grads", "grads")
 """What a batch with a backward logs in addition."""
 
@@ -65,7 +65,8 @@ def record_activations(
     model.training = True
     log = ACTIVATION_LOG + (BACKWARD_LOG if backward else ())
     try:
-        with watch(model, logdir, every=1, log=log, summary=False, graph=False, on_nonfinite="ignore") as w:
+        with watch(model, logdir, every=1, image_every=1, log=log, summary=False, graph=False,
+                   on_nonfinite="ignore") as w:
             for inputs in progress(batches, show_progress, total=total, desc="batches", unit="batch"):
                 inputs = tuple(
                     x.detach().requires_grad_(True) if backward and isinstance(x, torch.Tensor) and x.is_floating_point() else x

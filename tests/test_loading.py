@@ -353,6 +353,9 @@ def test_record_activations_through_watch(saved, tmp_path):
     assert {"activations/conv1", "activations/linear2", "activation_grads/conv1", "grads/conv1.weight"} <= tags
     assert [e.step for e in acc.Histograms("activations/conv1")] == [0, 1, 2]
     assert acc.Histograms("activations/conv1")[0].histogram_value.num == 4 * 32 * 30 * 30
+    # Each batch's first input as a grid of conv1's and conv2's channels.
+    assert {"feature_maps/conv1", "feature_maps/conv2"} <= set(acc.Tags()["images"])
+    assert [e.step for e in acc.Images("feature_maps/conv1")] == [0, 1, 2]
 
 
 def test_record_activations_runs_layers_as_in_inference_unless_asked(tmp_path):
