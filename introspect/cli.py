@@ -19,6 +19,7 @@ from typing import Any, Callable
 import click
 
 from . import __version__
+from .sinks import open_writer
 from .errors import (
     ArchitectureError,
     InputShapeError,
@@ -152,22 +153,22 @@ def _load(model: str, arch: str | None, arch_kwargs: dict | None, unsafe: bool) 
     return load_model(model, arch=arch, arch_kwargs=arch_kwargs, unsafe=unsafe)
 
 
-def _shaped_input(model: Any, shape: tuple[int, ...], dtype: str) -> tuple[Any, tuple[Any, ...]]:
-    """The model cast to a floating ``dtype``, and a checked random input of ``shape``."""
-    from .inputs import DTYPES, check_input, random_input
+def _cast(model: Any, dtype: str) -> tuple[Any, Any]:
+    """The model cast to ``dtype`` when it is a floating type, and that torch dtype."""
+    from .inputs import DTYPES
 
     torch_dtype = DTYPES[dtype]
-    if torch_dtype.is_floating_point:
-        model = model.to(torch_dtype)
+    return (model.to(torch_dtype) if torch_dtype.is_floating_point else model), torch_dtype
+
+
+def _shaped_input(model: Any, shape: tuple[int, ...], dtype: str) -> tuple[Any, tuple[Any, ...]]:
+    """The model cast to a floating ``dtype``, and a checked random input of ``shape``."""
+    from .inputs import check_input, random_input
+
+    model, torch_dtype = _cast(model, dtype)
     inputs = (random_input(model, shape, torch_dtype),)
     check_input(model, inputs)
     return model, inputs
-
-
-def _writer(logdir: str) -> Any:
-    from torch.utils.tensorboard import SummaryWriter
-
-    return SummaryWriter(log_dir=logdir)
 
 
 # --------------------------------------------------------------------------- commands
@@ -208,7 +209,7 @@ def graph(model: str, input_shape: tuple[int, ...], dtype: str, logdir: str, arc
     from .summary import write_graph
 
     net, inputs = _shaped_input(_load(model, arch, arch_kwargs, unsafe), input_shape, dtype)
-    writer = _writer(logdir)
+    writer, _ = open_writer(logdir)
     try:
         written = write_graph(writer, net, inputs)
     finally:
@@ -245,7 +246,7 @@ def weights(models: tuple[str, ...], logdir: str | None, arch: str | None, arch_
         click.echo(f"A = {models[0]}\nB = {models[1]}")
         click.echo(format_weight_changes(compare_weights(loaded[0], loaded[1], show_progress=True)))
     if logdir is not None:
-        writer = _writer(logdir)
+        writer, _ = open_writer(logdir)
         try:
             for step, named in enumerate(loaded):
                 write_weight_histograms(writer, named, step)
@@ -285,17 +286,14 @@ def activations(
       introspect activations model.pt2 --images data/val --batch-size 32 --logdir runs/acts --backward --target 0
     """
     from .activations import record_activations
-    from .inputs import DTYPES, check_input, image_batches, image_files, load_input_file, random_input
+    from .inputs import check_input, image_batches, image_files, load_input_file, random_input
 
     given = [name for name, v in (("--input-shape", input_shape), ("--input", input_file), ("--images", images)) if v is not None]
     if len(given) != 1:
         raise click.UsageError("give exactly one of --input-shape, --input or --images" + (f" (got {', '.join(given)})" if given else ""))
     if image_size is not None and len(image_size) != 2:
         raise click.BadParameter(f"expected H,W, got {','.join(map(str, image_size))}", param_hint="--image-size")
-    net = _load(model, arch, arch_kwargs, unsafe)
-    torch_dtype = DTYPES[dtype]
-    if torch_dtype.is_floating_point:
-        net = net.to(torch_dtype)
+    net, torch_dtype = _cast(_load(model, arch, arch_kwargs, unsafe), dtype)
     total: int | None
     if input_shape is not None:
         batch_list: Any = [(random_input(net, input_shape, torch_dtype, seed=seed + i),) for i in range(batches)]

@@ -27,6 +27,7 @@ __all__ = [
     "IntrospectWarning",
     "NonFiniteWarning",
     "warn",
+    "first_line",
 ]
 
 
@@ -114,15 +115,21 @@ def warn(message: str, category: type[Warning] = IntrospectWarning) -> None:
     if frame is None:
         warnings.warn(message, category, stacklevel=2)
         return
-    try:
-        warnings.warn_explicit(
-            message,
-            category,
-            frame.f_code.co_filename,
-            frame.f_lineno,
-            module=frame.f_globals.get("__name__", "<unknown>"),
-            registry=frame.f_globals.setdefault("__warningregistry__", {}),
-            module_globals=frame.f_globals,
-        )
-    except (ImportError, OSError):  # no source for that frame (``python -c``): warn from here
-        warnings.warn(message, category, stacklevel=2)
+    filename = frame.f_code.co_filename
+    warnings.warn_explicit(
+        message,
+        category,
+        filename,
+        frame.f_lineno,
+        module=frame.f_globals.get("__name__", "<unknown>"),
+        registry=frame.f_globals.setdefault("__warningregistry__", {}),
+        # Globals let the warnings module fetch a source line through the module's loader; code
+        # with no file (``python -c``, "<string>") has none, and asking raises ImportError.
+        module_globals=None if filename.startswith("<") else frame.f_globals,
+    )
+
+
+def first_line(e: BaseException) -> str:
+    """The first non-blank line of an error's message: torch's errors run to paragraphs."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return (lines[0] if lines else type(e).__name__)[:300]

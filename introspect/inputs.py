@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .errors import ConfigError, InputShapeError, LoadError
-from .loading import first_line
+from .errors import first_line
 from .summary import preserved_state
 
 __all__ = [

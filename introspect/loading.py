@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import ArchitectureError, ConfigError, KeyMismatchError, LoadError, UnsafeLoadError
+from .errors import ArchitectureError, ConfigError, KeyMismatchError, LoadError, UnsafeLoadError, first_line
 
 __all__ = [
     "load_model",
@@ -38,7 +38,6 @@ __all__ = [
     "read_model_file",
     "build_architecture",
     "find_state_dict",
-    "first_line",
     "load_state_dict_into",
     "STATE_DICT_KEYS",
     "WRAPPER_PREFIXES",
@@ -472,8 +471,3 @@ def _first(names: list[str]) -> str:
     shown = ", ".join(names[:_SHOWN])
     return shown + (f", ... {len(names) - _SHOWN} more" if len(names) > _SHOWN else "")
 
-
-def first_line(e: BaseException) -> str:
-    """The first non-blank line of an error's message: torch's errors run to paragraphs."""
-    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-    return (lines[0] if lines else type(e).__name__)[:300]

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import IntrospectWarning, ModelTypeError, warn
+from .errors import IntrospectWarning, ModelTypeError, first_line, warn
 
 __all__ = ["preserved_state", "model_summary", "summary", "write_graph", "summary_markdown"]
 
@@ -110,9 +110,8 @@ def write_graph(writer: Any, model: nn.Module, args: Sequence[Any], kwargs: dict
                     raise
                 writer.add_graph(model, tuple(args))
     except Exception as e:  # tracing fails on data-dependent control flow, odd outputs, ...
-        first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
         warn(
             f"introspect: graph not written: tracing {type(model).__name__} failed "
-            f"({type(e).__name__}: {first_line[:200]}); training goes on. Pass graph=False to skip it.", IntrospectWarning)
+            f"({type(e).__name__}: {first_line(e)[:200]}); training goes on. Pass graph=False to skip it.", IntrospectWarning)
         return False
     return True

@@ -6,7 +6,6 @@ half a second, so piped output and tests stay clean.
 
 from __future__ import annotations
 
-import math
 import sys
 from collections.abc import Iterable, Sequence
 from typing import Any, TypeVar
@@ -26,9 +25,7 @@ def progress(items: Iterable[T], enabled: bool = True, **options: Any) -> Iterab
 
 
 def number(value: float) -> str:
-    """Four significant digits, NaN/Inf spelled out."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
+    """Four significant digits (NaN/Inf come out as nan/inf)."""
     if isinstance(value, int):
         return f"{value:,}"
     return f"{value:.4g}"

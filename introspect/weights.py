@@ -82,7 +82,7 @@ def weight_stats(weights: Mapping[str, torch.Tensor], show_progress: bool = Fals
 def format_weight_stats(stats: Sequence[WeightStats]) -> str:
     """The terminal table: one row per tensor, then the totals."""
     rows = [
-        [s.name, _shape(s.shape), s.mean, s.std, s.min, s.max, f"{s.zero_fraction:.1%}", s.nonfinite]
+        [s.name, str(list(s.shape)), s.mean, s.std, s.min, s.max, f"{s.zero_fraction:.1%}", s.nonfinite]
         for s in stats
     ]
     table = format_table(
@@ -95,14 +95,12 @@ def format_weight_stats(stats: Sequence[WeightStats]) -> str:
     return f"{table}\n{len(stats)} tensors, {total:,} values" + (f", {bad:,} non-finite" if bad else "")
 
 
-def write_weight_histograms(writer: Any, weights: Mapping[str, torch.Tensor], step: int = 0) -> list[str]:
-    """``weights/{name}`` histograms of every tensor at ``step``, as one event; returns the tags."""
+def write_weight_histograms(writer: Any, weights: Mapping[str, torch.Tensor], step: int = 0) -> None:
+    """``weights/{name}`` histograms of every tensor at ``step``, as one event."""
     buffer = StepBuffer(step=step, logging=True, checking=False)
     for name, t in weights.items():
         buffer.add_histogram(tag("weights", name), t.detach())
-    tags = list(buffer.histograms)
     write_step(writer, buffer.to_host())
-    return tags
 
 
 def compare_weights(
@@ -116,16 +114,17 @@ def compare_weights(
             continue
         y = b[name]
         if x.shape != y.shape:
-            out.append(WeightChange(name, tuple(x.shape), math.nan, math.nan, f"shape differs: {_shape(y.shape)} in B"))
+            out.append(WeightChange(name, tuple(x.shape), math.nan, math.nan, f"shape differs: {list(y.shape)} in B"))
             continue
         x64, y64 = x.detach().double(), y.detach().to(x.device).double()
-        delta = torch.linalg.vector_norm(y64 - x64)
+        diff = y64 - x64
+        delta = torch.linalg.vector_norm(diff)
         base = torch.linalg.vector_norm(x64)
         if float(base) > 0:
             relative = float(delta / base)
         else:
             relative = 0.0 if float(delta) == 0 else math.inf
-        biggest = float((y64 - x64).abs().max()) if x.numel() else 0.0
+        biggest = float(diff.abs().max()) if x.numel() else 0.0
         out.append(WeightChange(name, tuple(x.shape), relative, biggest, "compared"))
     out += [WeightChange(n, tuple(t.shape), math.nan, math.nan, "only in B") for n, t in b.items() if n not in a]
     return out
@@ -134,7 +133,7 @@ def compare_weights(
 def format_weight_changes(changes: Sequence[WeightChange]) -> str:
     """The terminal table of a comparison, then one line naming the tensor that moved most."""
     rows = [
-        [c.name, _shape(c.shape)]
+        [c.name, str(list(c.shape))]
         + ([f"{c.relative_change:.3e}", f"{c.max_abs_change:.3e}", ""] if c.status == "compared" else ["—", "—", c.status])
         for c in changes
     ]
@@ -151,7 +150,3 @@ def format_weight_changes(changes: Sequence[WeightChange]) -> str:
     if skipped:
         lines[-1] += f"; {skipped} not comparable"
     return "\n".join(lines)
-
-
-def _shape(shape: Sequence[int]) -> str:
-    return "[" + ", ".join(str(d) for d in shape) + "]"
