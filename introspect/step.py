@@ -14,12 +14,12 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .amp import LOW_PRECISION
 from .diagnostics import CallRecord
 from .stats import RECORD_LEN, HistogramRecord, RecordBatch, stat_dtype
 
 __all__ = ["StepBuffer", "HostStep"]
 
-_HALF = (torch.float16, torch.bfloat16)
 
 
 @dataclass
@@ -83,7 +83,7 @@ class StepBuffer:
         Returns the sum (None for half precision), which a histogram of the same tensor can reuse."""
         self.check_labels.append(label)
         tensor = tensor.detach()
-        if tensor.dtype in _HALF:  # |x| summed, one pass too: +Inf and -Inf from an overflow sum to
+        if tensor.dtype in LOW_PRECISION:  # |x| summed, one pass too: +Inf and -Inf from an overflow sum to
             self._pending.append(torch.linalg.vector_norm(tensor, 1, dtype=torch.float32))  # Inf, not NaN
             return None  # a norm, not the sum a histogram could reuse
         total = tensor.sum(dtype=torch.float32)

@@ -102,11 +102,6 @@ NONFINITE_ACTIONS = ("warn", "raise", "ignore")
 _ACTIVE: "weakref.WeakKeyDictionary[nn.Module, Watcher]" = weakref.WeakKeyDictionary()
 
 
-def _writes_on_this_rank(ranks: str = "zero") -> bool:
-    """Under torch.distributed only rank 0 writes unless ``ranks="all"`` (see distributed.py)."""
-    return writes_here(ranks)
-
-
 def _queue_after_backward(fn: Callable[[], None]) -> None:
     """Run ``fn`` when the current backward pass finishes (from a hook inside it)."""
     torch.autograd.Variable._execution_engine.queue_callback(fn)
@@ -201,7 +196,7 @@ class Watcher:
         self._summary = summary
         self._graph = graph
         self._writer, self._owns_writer = (
-            open_writer(rank_writer_target(writer, ranks)) if _writes_on_this_rank(ranks) else (None, False)
+            open_writer(rank_writer_target(writer, ranks)) if writes_here(ranks) else (None, False)
         )
         # Same bytes, checksummed without a pure-Python byte loop (see eventfile.py); undone in close().
         self._sped_up = self._writer if eventfile.speed_up(self._writer) else None
@@ -220,7 +215,6 @@ class Watcher:
         self._session = new_session()  # names this watcher's keys in the process group's store
         self._ddp_sync = False  # the latest forward's backward all-reduces gradients
         self._rank_origin_done = False  # the once-per-run exchange naming a NaN's rank
-        self._last_origin: tuple[int, Alert] | None = None
         self._reduced_grads: dict[str, torch.Tensor] = {}  # read once DDP has averaged them
 
         self._handles: list[Any] = []  # every hook of the watch, removed in close()
@@ -528,9 +522,7 @@ class Watcher:
                         total = buffer.add_check(("grad", call, where), grad)
                     if not buffer.callback_queued:
                         buffer.callback_queued = True
-                        torch.autograd.Variable._execution_engine.queue_callback(
-                            lambda: self._after_backward(buffer)
-                        )
+                        _queue_after_backward(lambda: self._after_backward(buffer))
                 if buffer.logging and "activation_grads" in self.log:
                     values = unscale(grad, scale_tensor(self._grad_scaler))
                     # The check's sum is of this same tensor only when nothing was unscaled.
@@ -588,10 +580,8 @@ class Watcher:
         total = None if self._rank_origin_done else reduced_gradient_sum(list(self._params.values()))
         if total is not None:
             buffer.add_check(("reduced_grads",), total)  # rides on the check's one transfer
-        self._last_origin = None
-        self._check_nonfinite(buffer, may_raise=False)
+        local = self._check_nonfinite(buffer, may_raise=False)
         buffer.sync_checks()  # a no-op unless the check above returned before its transfer
-        local = self._last_origin[1] if self._last_origin is not None else None
         reduced = [v for label, v in zip(buffer.check_labels, buffer.check_values) if label == ("reduced_grads",)]
         if total is not None and not math.isfinite(reduced[-1]):
             self._rank_origin_done = True
@@ -759,25 +749,26 @@ class Watcher:
             self._disable("<writer>", None, e)
 
     # ----------------------------------------------------------------- findings
-    def _check_nonfinite(self, buffer: StepBuffer, may_raise: bool) -> None:
+    def _check_nonfinite(self, buffer: StepBuffer, may_raise: bool) -> Alert | None:
+        """The step's NaN/Inf origin, reported (None when there is none, or it was a scaler overflow)."""
         if buffer.reported or not buffer.sync_checks():
-            return
+            return None
         alert = locate_nonfinite(buffer.step, buffer.calls, buffer.check_labels, buffer.check_values)
         if alert is None:
-            return
+            return None
         buffer.reported = True
         if alert.phase == "backward" and scale_tensor(self._grad_scaler) is not None:
             self._overflow_step = buffer.step
             self._add_alert(scaler_overflow(alert, self._grad_scaler))  # routine: the scaler skips the step
-            return
+            return None
         alert = nonfinite_on_rank(overflow_note(alert, self._half_outputs.get(alert.where)))
-        self._last_origin = (buffer.step, alert)
         self._force_log = True  # show the next step's histograms, NaN counts included
         new = self._add_alert(alert)
         if self.on_nonfinite == "raise" and may_raise:
             raise NonFiniteError(f"introspect: step {alert.step}: {alert.message}", alert)
         if new and self.on_nonfinite == "warn":  # new: once per origin
             warn(f"introspect: step {alert.step}: {alert.message}", NonFiniteWarning)
+        return alert
 
     def _check_health(self, host: HostStep) -> None:
         alerts = check_activation_health(host.step, host.measures, self._module_types, self.thresholds)
