@@ -15,6 +15,7 @@ import torch
 __all__ = [
     "IntrospectError",
     "ConfigError",
+    "ConfigTypeError",
     "ModelTypeError",
     "AlreadyWatchedError",
     "NonFiniteError",
@@ -37,6 +38,11 @@ class IntrospectError(Exception):
 
 class ConfigError(IntrospectError, ValueError):
     """An option of ``watch`` (or another entry point) has a value we cannot use."""
+
+
+class ConfigTypeError(ConfigError, TypeError):
+    """An option has the wrong type (``writer=42``, ``log=None``): a ``ConfigError`` that is also a
+    ``TypeError``, so either handler catches it."""
 
 
 class ModelTypeError(IntrospectError, TypeError):
