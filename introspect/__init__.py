@@ -28,13 +28,14 @@ from .errors import (
 )
 from .loading import load_model
 from .summary import summary
-from .watch import Watcher, watch
+from .watch import Probe, Watcher, watch
 
 __version__ = "0.1.0"
 
 __all__ = [
     "watch",
     "Watcher",
+    "Probe",
     "summary",
     "load_model",
     "inspect_data",

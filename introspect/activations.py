@@ -19,7 +19,7 @@ from torch import nn
 
 from .errors import ConfigError, ModelTypeError
 from .inputs import input_error
-from .probes import named_float_tensors
+from .tensors import named_float_tensors
 from .terminal import progress
 from .watch import Watcher, watch
 

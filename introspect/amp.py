@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from ._torch import grad_scaler_scale
 from .diagnostics import Alert
 from .errors import ConfigError
 
@@ -52,8 +53,7 @@ def scale_tensor(scaler: Any) -> torch.Tensor | None:
     """The scaler's current scale as a device tensor (no host sync), or None when not scaling."""
     if scaler is None or not scaler.is_enabled():
         return None
-    scale = getattr(scaler, "_scale", None)  # set by the first scaler.scale(loss)
-    return scale if isinstance(scale, torch.Tensor) else None
+    return grad_scaler_scale(scaler)
 
 
 def unscale(tensor: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:

@@ -65,4 +65,4 @@ def is_compiled(model: nn.Module, root: nn.Module) -> bool:
 def forget_compiled_code() -> None:
     """Make compiled models retrace with the hooks they have now (see the module docstring)."""
     if "torch._dynamo" in sys.modules:  # never imported: nothing was compiled
-        torch._dynamo.reset()
+        torch.compiler.reset()

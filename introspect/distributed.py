@@ -32,6 +32,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from ._torch import default_store
 from .diagnostics import Alert
 from .errors import ConfigError
 
@@ -151,15 +152,6 @@ def new_session() -> int:
     return next(_SESSIONS)
 
 
-def _default_store() -> Any:
-    try:  # the process group's own key-value store (TCPStore under torchrun): private, so guarded
-        from torch.distributed.distributed_c10d import _get_default_store
-
-        return _get_default_store()
-    except Exception:
-        return None
-
-
 def origin_ranks(local_code: int, session: int, step: int) -> list[int | None]:
     """Every rank's ``local_code`` (0: no local origin; None: no word from that rank).
 
@@ -169,7 +161,7 @@ def origin_ranks(local_code: int, session: int, step: int) -> list[int | None]:
     nothing can hang. Call it on a condition every rank shares (see the module docstring).
     """
     rank, world = rank_and_world()
-    store = _default_store()
+    store = default_store()
     codes: list[int | None] = [None] * world
     codes[rank] = local_code
     if store is None:

@@ -12,6 +12,7 @@
 | gradient flow per layer                      | image     | diagnostics/grad_flow             |
 | NaN/Inf count, when not zero                 | scalar    | nonfinite/{module or param}       |
 | a run's final metrics (HPARAMS, finish())    | scalar    | hparams/{metric}                  |
+| a user probe's values (``probes=``)          | scalar    | {probe.name}/{key}/{module}       |
 | input data (``inspect_data``)                | image     | data/batch, data/first_image       |
 |                                              | figure    | data/samples, data/class_balance  |
 |                                              | text      | data/channel_stats, data/findings |
@@ -29,7 +30,7 @@ from .errors import ConfigError
 from .stats import HistogramRecord
 from .step import HostStep
 
-__all__ = ["tag", "tag_name", "open_writer", "histogram_fields", "write_step", "TAG_KINDS"]
+__all__ = ["tag", "probe_tag", "tag_name", "open_writer", "histogram_fields", "write_step", "TAG_KINDS"]
 
 TAG_KINDS = (
     "activations",
@@ -64,6 +65,11 @@ def tag(kind: str, name: str) -> str:
     if kind not in TAG_KINDS:
         raise ValueError(f"unknown tag kind {kind!r}; one of {TAG_KINDS}")
     return f"{kind}/{name}"
+
+
+def probe_tag(probe: str, key: str, where: str) -> str:
+    """A user probe's scalar: ``{probe.name}/{key}/{module}`` (see ``introspect.Probe``)."""
+    return f"{probe}/{key}/{where}"
 
 
 def tag_name(full_tag: str) -> tuple[str, str]:

@@ -41,6 +41,8 @@ class StepBuffer:
     """tag -> [(numel, index in ``records``)], one entry per call."""
     records: RecordBatch = field(default_factory=RecordBatch)
     scalars: dict[str, torch.Tensor] = field(default_factory=dict)
+    plain_scalars: dict[str, float] = field(default_factory=dict)
+    """Scalars that are Python numbers already (a user probe's), written beside ``scalars``."""
     measures: dict[str, torch.Tensor] = field(default_factory=dict)
     calls: list[CallRecord] = field(default_factory=list)
     check_labels: list[tuple] = field(default_factory=list)
@@ -52,6 +54,7 @@ class StepBuffer:
     _pending: list[torch.Tensor] = field(default_factory=list)
     _any_nonfinite: bool = False
     _outputs: dict[int, tuple[weakref.ref, int]] = field(default_factory=dict)
+    _sums: dict[int, tuple[weakref.ref, torch.Tensor]] = field(default_factory=dict)
     _safe_readers_of: dict[int, bool] | None = None
     _safe_readers_for: int = -1
 
@@ -73,6 +76,9 @@ class StepBuffer:
     def add_scalar(self, tag: str, value: torch.Tensor) -> None:
         self.scalars[tag] = value.detach().reshape(())
 
+    def add_plain_scalar(self, tag: str, value: float) -> None:
+        self.plain_scalars[tag] = value
+
     def add_measure(self, key: str, value: torch.Tensor) -> None:
         """A number for the debugger only (e.g. ``dead/relu1``); the last call of a step wins."""
         self.measures[key] = value.detach().reshape(())
@@ -89,6 +95,17 @@ class StepBuffer:
         total = tensor.sum(dtype=torch.float32)
         self._pending.append(total)
         return total
+
+    def remember_sum(self, tensor: torch.Tensor, total: torch.Tensor | None) -> None:
+        """The check's sum of ``tensor``, for a histogram of the same tensor to reuse."""
+        if total is not None:
+            self._sums[id(tensor)] = (weakref.ref(tensor), total)
+
+    def known_sum(self, tensor: torch.Tensor) -> torch.Tensor | None:
+        entry = self._sums.get(id(tensor))
+        if entry is None or entry[0]() is not tensor:  # a freed tensor's id may be reused
+            return None
+        return entry[1]
 
     def new_call(self, record: CallRecord) -> int:
         self.calls.append(record)
@@ -133,6 +150,7 @@ class StepBuffer:
         """Everything but the checks, in one transfer; the buffer is closed afterwards."""
         self.closed = True
         self._outputs.clear()
+        self._sums.clear()
         parts: list[torch.Tensor] = []
         if len(self.records):
             parts.append(self.records.compute().reshape(-1))
@@ -160,6 +178,8 @@ class StepBuffer:
         measures: dict[str, float] = {}
         for (kind, key), value in zip(keys, values[rows:]):
             (scalars if kind == "s" else measures)[key] = value
+        scalars.update(self.plain_scalars)
+        self.plain_scalars.clear()
         self.histograms.clear()
         self.scalars.clear()
         self.measures.clear()

@@ -350,7 +350,7 @@ def logging_step_tensors(model, x, y) -> list:
     step's forward and backward; the tensors are detached copies, kept for timing)."""
     from torch import nn
 
-    from introspect.probes import named_float_tensors
+    from introspect.tensors import named_float_tensors
     from introspect.selection import select_modules, select_parameters
 
     modules = select_modules(model)

@@ -36,6 +36,10 @@ def png(event) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(event.encoded_image_string)).convert("L")).astype(int)
 
 
+def _feature_maps_probe(w):
+    return next(p for p in w.probes if p.name == "feature_maps")
+
+
 def test_feature_maps_are_on_by_default():
     assert "feature_maps" in DEFAULT_LOG
 
@@ -48,7 +52,7 @@ def test_conv_layers_only_at_the_image_cadence(tmp_path, seed_cnn):
     assert maps == {"feature_maps/conv1", "feature_maps/conv2"}  # not pools, dropout, linears
     assert image_steps(acc, "feature_maps/conv1") == [0, 3, 6]
     assert image_steps(acc, "feature_maps/conv2") == [0, 3, 6]
-    assert w._maps == {}  # nothing kept after the steps were written
+    assert _feature_maps_probe(w).maps == {}  # nothing kept after the steps were written
 
 
 def test_default_image_cadence_is_ten_times_every(tmp_path, seed_cnn):
@@ -210,7 +214,7 @@ def test_a_writer_without_add_image_gets_no_feature_maps_and_no_warning(tmp_path
     with watch(seed_cnn, writer, every=1, **OPTIONS) as w:
         train(seed_cnn, image_batch, bce, steps=2)
     writer._writer.close()
-    assert w._pickers == {}
+    assert _feature_maps_probe(w).pickers == {}
     assert "activations/conv1" in read_events(tmp_path).Tags()["histograms"]
 
 

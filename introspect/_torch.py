@@ -1,0 +1,96 @@
+"""Every private torch API torch-introspect uses, in one place, each with why and since when.
+
+When torch changes one of these, this is the only file to read. Each function degrades to
+"not available" rather than raising where that is safe.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+
+__all__ = [
+    "queue_after_backward",
+    "default_store",
+    "grad_scaler_scale",
+    "file_writer",
+    "jit_graph",
+]
+
+
+def queue_after_backward(fn: Callable[[], None]) -> None:
+    """Run ``fn`` when the current backward pass finishes (call it from a hook inside backward).
+
+    ``Variable._execution_engine.queue_callback`` (torch >= 1.0, unchanged through 2.14) is the
+    only way to run code after the whole backward and before the user's next line: a gradient
+    hook fires per tensor, ``register_multi_grad_hook`` needs the tensors up front.
+    """
+    torch.autograd.Variable._execution_engine.queue_callback(fn)
+
+
+def default_store() -> Any | None:
+    """The default process group's key-value store (a TCPStore under torchrun), or None.
+
+    ``distributed_c10d._get_default_store`` (torch >= 1.8): the store lets ranks exchange a NaN's
+    origin without a collective, which could hang when only some ranks take part.
+    """
+    try:
+        from torch.distributed.distributed_c10d import _get_default_store
+
+        return _get_default_store()
+    except Exception:
+        return None
+
+
+def grad_scaler_scale(scaler: Any) -> torch.Tensor | None:
+    """A ``GradScaler``'s current scale as the device tensor it keeps, without a host sync.
+
+    ``GradScaler._scale`` (torch >= 1.6): the public ``get_scale()`` returns a Python float,
+    which would sync the device on every gradient hook.
+    """
+    scale = getattr(scaler, "_scale", None)  # set by the first scaler.scale(loss)
+    return scale if isinstance(scale, torch.Tensor) else None
+
+
+def file_writer(writer: Any) -> Any | None:
+    """The ``FileWriter`` behind a torch ``SummaryWriter`` (None for any other writer).
+
+    ``SummaryWriter._get_file_writer`` (torch >= 1.1): a whole step's values go out as one event
+    (``add_summary``) and a graph as one ``add_graph`` call, which the public per-tag methods
+    cannot do.
+    """
+    from torch.utils.tensorboard import SummaryWriter
+
+    get = getattr(writer, "_get_file_writer", None)
+    if not isinstance(writer, SummaryWriter) or not callable(get):
+        return None
+    return get()
+
+
+def jit_graph(model: torch.nn.Module, args: tuple) -> tuple[Any, Any]:
+    """``(GraphDef, RunMetadata)`` of ``model`` traced on ``args``, as ``add_graph`` writes it.
+
+    The same steps as ``torch.utils.tensorboard._pytorch_graph.graph`` (torch >= 1.13), whose
+    ``parse`` we call, without the ``print`` it makes on failure: silencing that print would
+    mean swapping ``sys.stdout``, which other threads share. ``torch._C._jit_pass_inline``
+    inlines submodule calls so TensorBoard shows their ops (what ``add_graph`` does too).
+    """
+    from tensorboard.compat.proto.config_pb2 import RunMetadata
+    from tensorboard.compat.proto.graph_pb2 import GraphDef
+    from tensorboard.compat.proto.step_stats_pb2 import DeviceStepStats, StepStats
+    from tensorboard.compat.proto.versions_pb2 import VersionDef
+    from torch.utils.tensorboard._pytorch_graph import parse
+
+    modes = [(m, m.training) for m in model.modules()]
+    model.train(False)  # add_graph traces in eval mode
+    try:
+        trace = torch.jit.trace(model, args, strict=False)
+    finally:
+        for module, mode in modes:
+            module.training = mode
+    graph = trace.graph
+    torch._C._jit_pass_inline(graph)
+    nodes = parse(graph, trace, args)
+    stepstats = RunMetadata(step_stats=StepStats(dev_stats=[DeviceStepStats(device="/device:CPU:0")]))
+    return GraphDef(node=nodes, versions=VersionDef(producer=22)), stepstats

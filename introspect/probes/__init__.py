@@ -1,0 +1,57 @@
+"""The built-in probes of ``watch``: one concern each, all on the public :class:`introspect.Probe`
+protocol (see :mod:`introspect.watch.protocol`).
+
+Their order is the order events reach them: the non-finite check comes first (its sums are reused
+by the activation and gradient histograms of the same tensors, and it decides whether a step's
+gradients overflowed before gradient health reads them).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..watch.protocol import Probe
+
+__all__ = ["built_in_probes"]
+
+
+def built_in_probes(config: Any, ctx: Any) -> list[Probe]:
+    """The probes ``config`` asks for, in dispatch order."""
+    from .activation_grads import ActivationGrads
+    from .activations import Activations
+    from .feature_maps import FeatureMaps
+    from .first_batch import FirstBatch
+    from .grad_health import GradHealth
+    from .grads import Grads
+    from .hparams import Hparams
+    from .inputs import Inputs
+    from .nonfinite import NonFiniteCheck, NonFiniteNumbers
+    from .unit_health import UnitHealth
+    from .update_ratio import UpdateRatio
+    from .weights import Weights
+
+    log = config.log
+    probes: list[Probe] = []
+    if config.summary or config.graph:
+        probes.append(FirstBatch())
+    if config.log_inputs:
+        probes.append(Inputs())
+    if config.check_every > 0:
+        probes.append(NonFiniteCheck())
+    probes.append(NonFiniteNumbers())
+    if "weights" in log:
+        probes.append(Weights())
+    if "activations" in log:
+        probes.append(Activations())
+    probes.append(UnitHealth())
+    if "activation_grads" in log:
+        probes.append(ActivationGrads())
+    if "grads" in log:
+        probes.append(Grads())
+    if config.optimizer is not None:
+        probes.append(UpdateRatio())
+    probes.append(GradHealth())
+    if "feature_maps" in log:
+        probes.append(FeatureMaps())
+    probes.append(Hparams())
+    return probes

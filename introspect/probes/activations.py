@@ -1,0 +1,25 @@
+"""``activations/{module}``: a histogram of every floating output of each watched module."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from ..sinks import tag
+from ..watch.protocol import Probe
+
+
+class Activations(Probe):
+    name = "activations"
+    builtin = True
+
+    def on_output(self, name: str, module: nn.Module, output: Any) -> None:
+        buffer = self.ctx.buffer
+        tensors = self.ctx.tensors(output)
+        several = len(tensors) > 1
+        for suffix, tensor in tensors:
+            where = f"{name}/{suffix}" if several else name
+            # The non-finite check summed this tensor already: the histogram reuses that pass.
+            buffer.add_histogram(tag("activations", where), tensor, buffer.known_sum(tensor))
+        return None

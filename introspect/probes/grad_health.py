@@ -1,0 +1,74 @@
+"""Vanishing, exploding and stuck layers from each logging step's gradient records, and the
+gradient-flow figure (``diagnostics/grad_flow``) when a new gradient finding appears and at the end."""
+
+from __future__ import annotations
+
+import math
+
+from ..diagnostics import GradientHealth
+from ..sinks import GRAD_FLOW_TAG, tag_name
+from ..step import HostStep
+from ..visuals import grad_flow_image
+from ..watch.protocol import Probe
+
+__all__ = ["GradHealth"]
+
+
+class GradHealth(Probe):
+    name = "grad_health"
+    builtin = True
+
+    def bind(self, ctx) -> None:  # type: ignore[no-untyped-def]
+        super().bind(ctx)
+        self._health = GradientHealth(ctx.config.thresholds)
+        self._last: tuple[int, dict[str, tuple[float, float, float]]] | None = None
+        self._drawn: int | None = None
+
+    def on_step_end(self, host: HostStep | None) -> None:
+        if host is None:
+            return
+        layers: dict[str, list[float]] = {}
+        for full_tag, record in host.histograms.items():
+            kind, name = tag_name(full_tag)
+            if kind != "grads" or host.step == self.ctx.overflow_step:  # the scaler skips that step
+                continue
+            layer = name.rpartition(".")[0] or name
+            entry = layers.setdefault(layer, [0.0, 0.0, 0.0])
+            entry[0] += record.sum_squares
+            entry[1] += record.finite_count
+            entry[2] = max(entry[2], abs(record.min), abs(record.max))
+        if not layers:
+            return
+        ratios = {tag_name(t)[1]: v for t, v in host.scalars.items() if tag_name(t)[0] == "update_ratio"}
+        sums = {layer: (v[0], v[1]) for layer, v in layers.items()}
+        alerts = self._health.check(host.step, sums, ratios)
+        self._last = (host.step, {k: (v[0], v[1], v[2]) for k, v in layers.items()})
+        # A new gradient finding gets the figure now; one that persists does not redraw it.
+        if [a for a in alerts if self.ctx.findings.add(a)]:
+            self._draw()
+
+    def on_close(self, failed: bool) -> None:
+        self._draw()
+
+    def _draw(self) -> None:
+        """The gradient-flow figure (a figure costs ~0.2 s, so only on news and at the end)."""
+        writer = self.ctx.writer
+        if not writer or self._last is None or not hasattr(writer.writer, "add_image"):
+            return
+        step, layers = self._last
+        if self._drawn == step:
+            return
+
+        def finite(v: float) -> float:
+            return v if math.isfinite(v) else 0.0
+
+        names = list(layers)
+        rms = [finite(math.sqrt(v[0] / v[1])) if v[1] and v[0] >= 0 else 0.0 for v in layers.values()]
+        max_abs = [finite(v[2]) for v in layers.values()]
+        try:
+            image = grad_flow_image(names, rms, max_abs, step)
+        except Exception as e:
+            self.ctx.disable("<grad_flow>", None, e)
+            return
+        if writer.call("add_image", GRAD_FLOW_TAG, image, step, dataformats="HWC"):
+            self._drawn = step

@@ -1,0 +1,58 @@
+"""``grads/{param}`` (and ``grad_norm/{param}``, derived when written): the gradients a logging
+step's backward produced.
+
+Without ``optimizer=`` each parameter's gradient is read when it is accumulated (the hook lives
+for the logging step only; a later backward of the same step replaces the record). Under DDP the
+gradient is read after DDP has averaged it, from a callback queued behind DDP's own. With
+``optimizer=`` the gradients are read just before ``optimizer.step()``, after any accumulation.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .._torch import queue_after_backward
+from ..amp import unscale
+from ..sinks import tag
+from ..step import StepBuffer
+from ..watch.protocol import Probe
+
+
+class Grads(Probe):
+    name = "grads"
+    builtin = True
+
+    def bind(self, ctx) -> None:  # type: ignore[no-untyped-def]
+        super().bind(ctx)
+        self.wants_param_grads = ctx.config.optimizer is None
+        self._reduced: dict[str, torch.Tensor] = {}  # read once DDP has averaged them
+
+    def on_param_grad(self, name: str, param: torch.Tensor) -> None:
+        buffer = self.ctx.buffer
+        if self.ctx.ddp_sync:  # DDP averages the gradient after this hook: read it once it has
+            if not self._reduced:
+                queue_after_backward(lambda: queue_after_backward(lambda: self._take_reduced(buffer)))
+            self._reduced[name] = param
+            return
+        buffer.set_histogram(tag("grads", name), unscale(param.grad, self.ctx.grad_scale()))
+
+    def _take_reduced(self, buffer: StepBuffer) -> None:
+        """Queued from inside a callback, so it runs after DDP's end-of-backward reduction."""
+        params, self._reduced = self._reduced, {}
+        if buffer.closed:
+            return
+        scale = self.ctx.grad_scale()
+        for name, param in params.items():
+            if param.grad is not None:
+                buffer.set_histogram(tag("grads", name), unscale(param.grad, scale))
+
+    def on_optimizer_pre(self) -> None:
+        buffer = self.ctx.buffer
+        if self.wants_param_grads:
+            return
+        for name, param in self.ctx.params.items():
+            if param.grad is not None:
+                buffer.set_histogram(tag("grads", name), param.grad)
+
+    def on_close(self, failed: bool) -> None:
+        self._reduced = {}

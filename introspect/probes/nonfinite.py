@@ -1,0 +1,188 @@
+"""The non-finite check: the first module whose output (or, in backward, whose input gradient)
+holds NaN/Inf, on every checked step.
+
+Each watched output is summed on the device (a sum is finite exactly when every value is, barring
+overflow), as are the inputs no watched module produced and the gradients flowing back; the sums
+cross to the host once per backward (or at the end of a step without one), and
+:func:`introspect.diagnostics.locate_nonfinite` names the origin from which sums went bad in
+which order. Parameter-free modules that map finite values to finite values (``FINITE_PRESERVING``)
+are not summed: their outputs are finite exactly when their inputs are.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from .._torch import queue_after_backward
+from ..amp import LOW_PRECISION, overflow_note, scaler_overflow
+from ..diagnostics import Alert, CallRecord, locate_nonfinite
+from ..distributed import nonfinite_on_rank
+from ..errors import NonFiniteError, NonFiniteWarning, warn
+from ..sinks import tag
+from ..step import HostStep, StepBuffer
+from ..tensors import named_float_tensors
+from ..watch.clock import StepPlan
+from ..watch.protocol import Probe
+from .rank import RankOrigin
+
+__all__ = ["NonFiniteCheck", "NonFiniteNumbers", "FINITE_PRESERVING"]
+
+FINITE_PRESERVING = frozenset({
+    "ReLU", "ReLU6", "LeakyReLU", "ELU", "SELU", "CELU", "GELU", "SiLU", "Mish", "Hardtanh",
+    "Hardswish", "Hardsigmoid", "Sigmoid", "Tanh", "Softsign", "Tanhshrink",
+    "MaxPool1d", "MaxPool2d", "MaxPool3d", "AdaptiveMaxPool1d", "AdaptiveMaxPool2d", "AdaptiveMaxPool3d",
+    "AvgPool1d", "AvgPool2d", "AvgPool3d", "AdaptiveAvgPool1d", "AdaptiveAvgPool2d", "AdaptiveAvgPool3d",
+    "Dropout", "Dropout1d", "Dropout2d", "Dropout3d", "AlphaDropout", "FeatureAlphaDropout",
+    "Flatten", "Unflatten", "Identity", "ZeroPad1d", "ZeroPad2d", "ZeroPad3d",
+})
+"""Parameter-free modules whose forward and backward map finite values to finite values (short of
+float overflow): the non-finite check need not sum their outputs or the gradients they receive."""
+
+
+class NonFiniteCheck(Probe):
+    name = "nonfinite"
+    builtin = True
+
+    def bind(self, ctx) -> None:  # type: ignore[no-untyped-def]
+        super().bind(ctx)
+        self._types = dict(ctx.module_types)
+        self._safe = {name: t in FINITE_PRESERVING for name, t in self._types.items()}
+        self._half_outputs: dict[str, torch.dtype] = {}  # float16/bfloat16 outputs, for overflow notes
+        self._rank = RankOrigin(ctx)
+
+    def active(self, plan: StepPlan) -> bool:
+        return plan.checking
+
+    def on_forward(self, args: tuple, kwargs: dict) -> None:
+        """The model's own inputs: a NaN already in the batch is the data's, not a module's."""
+        buffer = self.ctx.buffer
+        inputs = (
+            [("", args[0])] if not kwargs and len(args) == 1 and isinstance(args[0], torch.Tensor)
+            else named_float_tensors((args, kwargs))
+        )
+        for _, tensor in inputs:
+            if tensor.is_floating_point():
+                buffer.add_check(("model_in",), tensor)
+                buffer.mark_output(tensor, -1)
+
+    def on_output(self, name: str, module: nn.Module, output: Any) -> None:
+        ctx = self.ctx
+        buffer = ctx.buffer
+        safe = self._safe[name]
+        call = buffer.new_call(CallRecord(name, self._types[name], safe=safe))
+        ctx.call_index = call  # the output-gradient hooks of this call check under this number
+        for _, tensor in named_float_tensors(ctx.args):
+            producer = buffer.producer_of(tensor)
+            if producer is None:
+                buffer.add_check(("in", call), tensor)
+            elif producer >= 0:
+                buffer.calls[call].producers.append(producer)
+        tensors = ctx.tensors(output)
+        several = len(tensors) > 1
+        for suffix, tensor in tensors:
+            where = f"{name}/{suffix}" if several else name
+            if tensor.dtype in LOW_PRECISION:
+                self._half_outputs[where] = tensor.dtype
+            if not safe:
+                buffer.remember_sum(tensor, buffer.add_check(("out", call, where), tensor))
+            buffer.mark_output(tensor, call)
+        return None
+
+    def on_output_grad(self, name: str, module: nn.Module, grad: torch.Tensor) -> None:
+        buffer = self.ctx.buffer
+        call = self.ctx.call_index
+        if buffer is not None and buffer.checking and buffer.grad_check_needed(call):
+            buffer.remember_sum(grad, buffer.add_check(("grad", call, name), grad))
+        return None
+
+    def on_after_backward(self) -> None:
+        buffer = self.ctx.buffer
+        if buffer is None:
+            return
+        if self.ctx.ddp_sync:
+            # Queued from this callback, it runs after DDP's own: on the averaged gradients, and
+            # a raise cannot stop DDP from finishing its reduction (the next forward needs it).
+            queue_after_backward(lambda: self._after_reduction(buffer))
+            return
+        self.check(buffer, may_raise=True)
+
+    def _after_reduction(self, buffer: StepBuffer) -> None:
+        """Under DDP: this rank's check, plus which rank a NaN in the averaged gradients came from."""
+        if buffer.closed or self.ctx.closing:
+            return
+        pending = self._rank.add_reduced_check(buffer)
+        local = self.check(buffer, may_raise=False)
+        alert = self._rank.exchange(buffer, local) if pending else None
+        if alert is not None:
+            self.ctx.findings.add(alert)
+            local = local or alert
+        if local is not None and self.ctx.config.on_nonfinite == "raise":
+            raise NonFiniteError(f"introspect: step {local.step}: {local.message}", local)
+
+    def on_step_end(self, host: HostStep | None) -> None:
+        buffer = self.ctx.buffer
+        if buffer is not None:
+            self.check(buffer, may_raise=not self.ctx.closing)
+
+    def check(self, buffer: StepBuffer, may_raise: bool) -> Alert | None:
+        """The step's NaN/Inf origin, reported (None when there is none, or it was a scaler overflow)."""
+        if buffer.reported or not buffer.sync_checks():
+            return None
+        alert = locate_nonfinite(buffer.step, buffer.calls, buffer.check_labels, buffer.check_values)
+        if alert is None:
+            return None
+        ctx = self.ctx
+        buffer.reported = True
+        if alert.phase == "backward" and ctx.grad_scale() is not None:
+            ctx.overflow_step = buffer.step
+            ctx.findings.add(scaler_overflow(alert, ctx.config.grad_scaler))  # routine: the scaler skips the step
+            return None
+        alert = nonfinite_on_rank(overflow_note(alert, self._half_outputs.get(alert.where)))
+        ctx.force_log()  # show the next step's histograms, NaN counts included
+        new = ctx.findings.add(alert)
+        action = ctx.config.on_nonfinite
+        if action == "raise" and may_raise:
+            raise NonFiniteError(f"introspect: step {alert.step}: {alert.message}", alert)
+        if new and action == "warn":  # new: once per origin
+            warn(f"introspect: step {alert.step}: {alert.message}", NonFiniteWarning)
+        return alert
+
+
+class NonFiniteNumbers(Probe):
+    """Put numbers on a NaN/Inf finding from a logged step's histograms: its own step when that
+    was a logging step, else the step after it (always logged). The tensors themselves are gone
+    by the time the per-step check speaks, and keeping them would cost every step."""
+
+    name = "nonfinite_numbers"
+    builtin = True
+
+    def on_step_end(self, host: HostStep | None) -> None:
+        buffer = self.ctx.buffer
+        if host is None or buffer is None:
+            return
+        for alert in self.ctx.findings.alerts:
+            if alert.kind != "nonfinite" or "nonfinite_values" in alert.numbers:
+                continue
+            if alert.step not in (host.step, host.step - 1) or alert.where == "input":
+                continue
+            module = alert.where.split("/")[0]
+            calls = [c for c in buffer.calls if c.module == module]
+            producers = [buffer.calls[p].module for p in calls[0].producers] if calls else []
+            kind = "activations" if alert.phase == "forward" else "activation_grads"
+            # Forward: the origin's output, and what it read. Backward: the gradient the culprit
+            # passed back (at its producer's output), and the gradient it received.
+            bad, upstream = (alert.where, producers[:1]) if alert.phase == "forward" else (
+                (producers[:1] or [alert.where])[0], [alert.where])
+            record = host.histograms.get(tag(kind, bad))
+            if record is None or record.nonfinite <= 0:
+                continue
+            numbers = {"at_step": float(host.step), "nonfinite_values": record.nonfinite, "values": float(record.numel)}
+            if record.finite_count > 0:
+                numbers.update(finite_min=record.min, finite_max=record.max)
+            source = host.histograms.get(tag(kind, upstream[0])) if upstream else None
+            if source is not None and source.nonfinite == 0 and source.finite_count > 0:
+                numbers.update(upstream_min=source.min, upstream_max=source.max)
+            alert.numbers.update(numbers)

@@ -1,0 +1,45 @@
+"""Which rank a NaN came from, under DDP (see :mod:`introspect.distributed` for why the exchange
+runs only when DDP's averaged gradients hold NaN/Inf, once per run, and cannot hang)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from ..diagnostics import Alert
+from ..distributed import new_session, origin_code, origin_ranks, rank_origin_alert, reduced_gradient_sum
+from ..step import StepBuffer
+
+__all__ = ["RankOrigin"]
+
+_LABEL = ("reduced_grads",)
+
+
+class RankOrigin:
+    """A service of the non-finite check: the once-per-run exchange naming a NaN's rank."""
+
+    def __init__(self, ctx: Any) -> None:
+        self._ctx = ctx
+        self._session = new_session()  # names this watcher's keys in the process group's store
+        self._done = False
+
+    def add_reduced_check(self, buffer: StepBuffer) -> bool:
+        """Sum the averaged gradients into the check's one transfer; False once the exchange ran."""
+        if self._done:
+            return False
+        total = reduced_gradient_sum(list(self._ctx.params.values()))
+        if total is None:
+            return False
+        buffer.add_check(_LABEL, total)
+        return True
+
+    def exchange(self, buffer: StepBuffer, local: Alert | None) -> Alert | None:
+        """When the averaged gradients are not finite (on every rank at once): the rank finding."""
+        buffer.sync_checks()  # a no-op unless the check returned before its transfer
+        reduced = [v for label, v in zip(buffer.check_labels, buffer.check_values) if label == _LABEL]
+        if not reduced or math.isfinite(reduced[-1]):
+            return None
+        self._done = True
+        names = list(self._ctx.modules)
+        codes = origin_ranks(origin_code(local, names), self._session, buffer.step)
+        return rank_origin_alert(buffer.step, codes, names)

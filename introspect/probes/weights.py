@@ -1,0 +1,17 @@
+"""``weights/{param}``: the values the step's forward used, taken when a logging step opens."""
+
+from __future__ import annotations
+
+from ..sinks import tag
+from ..watch.clock import StepPlan
+from ..watch.protocol import Probe
+
+
+class Weights(Probe):
+    name = "weights"
+    builtin = True
+
+    def on_step_start(self, plan: StepPlan) -> None:
+        buffer = self.ctx.buffer
+        for name, param in self.ctx.params.items():
+            buffer.add_histogram(tag("weights", name), param)

@@ -1,0 +1,57 @@
+"""What the hooks capture from a module's output: every floating-point tensor, by a stable name."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch.nn.utils.rnn import PackedSequence
+
+__all__ = ["named_float_tensors"]
+
+_MAX_DEPTH = 8
+
+
+def _is_float_tensor(x: Any) -> bool:
+    return isinstance(x, torch.Tensor) and x.is_floating_point() and x.device.type != "meta"
+
+
+def named_float_tensors(output: Any) -> list[tuple[str, torch.Tensor]]:
+    """``[(suffix, tensor)]`` for every floating tensor in a module's output.
+
+    Tuples and lists contribute their index, dicts (and ``ModelOutput``) their key, namedtuples
+    their field name, nested as ``"1/0"``; a ``PackedSequence`` contributes its ``.data``. Integer,
+    boolean, quantized and meta tensors, ``None`` and other objects are skipped quietly. When there
+    is exactly one floating tensor its suffix is dropped by the caller, so a plain tensor output
+    gets the module's own tag.
+    """
+    if isinstance(output, torch.Tensor):  # the common cases, without the walk
+        return [("", output)] if _is_float_tensor(output) else []
+    if type(output) is tuple and len(output) == 1 and isinstance(output[0], torch.Tensor):
+        return [("0", output[0])] if _is_float_tensor(output[0]) else []
+    found: list[tuple[str, torch.Tensor]] = []
+    _walk(output, "", found, 0)
+    return found
+
+
+def _walk(obj: Any, path: str, found: list[tuple[str, torch.Tensor]], depth: int) -> None:
+    if depth > _MAX_DEPTH:
+        return
+    if isinstance(obj, torch.Tensor):
+        if _is_float_tensor(obj):
+            found.append((path, obj))
+        return
+    if isinstance(obj, PackedSequence):
+        _walk(obj.data, path, found, depth + 1)
+        return
+    if isinstance(obj, Mapping):
+        items = [(str(k), v) for k, v in obj.items()]
+    elif isinstance(obj, tuple) and hasattr(obj, "_fields"):
+        items = list(zip(obj._fields, obj))
+    elif isinstance(obj, (tuple, list)):
+        items = [(str(i), v) for i, v in enumerate(obj)]
+    else:
+        return
+    for key, value in items:
+        _walk(value, f"{path}/{key}" if path else key, found, depth + 1)

@@ -1,0 +1,503 @@
+"""The watcher: a step clock, a registry of what it changed, and the dispatch of events to probes.
+
+Lifecycle of a step (see :mod:`introspect.watch.clock` for when steps open and end):
+
+* the root's forward pre-hook opens the step and asks the clock for its plan; the probes active
+  for that plan get ``on_step_start`` (on a logging step: weights, and hooks on the parameters'
+  gradient accumulation for this step only);
+* each selected module's forward hook dispatches ``on_output`` to the active probes that selected
+  it, and hooks the output's gradient when one of them wants ``on_output_grad``;
+* the step ends at the next training forward, at ``optimizer.step()``, or on exit: its records
+  cross to the host in one transfer, are written, and the probes get ``on_step_end``.
+
+Off the logging cadence only the non-finite check is active: a Python call and one ``sum`` per
+output; no tensor is kept, nothing is written.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Mapping
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from .. import eventfile
+from .._torch import queue_after_backward
+from ..compiled import COMPILED_WARNING, compiling, forget_compiled_code, is_compiled, outside_graph
+from ..diagnostics import Alert, format_report
+from ..distributed import ddp_syncs_gradients, find_ddp, rank_writer_target, writes_here
+from ..errors import AlreadyWatchedError, IntrospectWarning, NonFiniteError, ProbeError, warn
+from ..selection import select_modules, select_parameters, unwrap_model
+from ..sinks import open_writer, probe_tag, write_step
+from ..step import HostStep, StepBuffer
+from .clock import StepClock
+from .config import WatchConfig
+from .findings import Findings, GuardedWriter
+from .protocol import EVENTS, Probe, ProbeContext, overrides
+from .registry import ACTIVE, Registry
+from .signals import SignalGuard
+
+__all__ = ["Watcher"]
+
+
+class Watcher:
+    """Hooks on one model while it trains. Made by :func:`introspect.watch`; see it for options.
+
+    Read ``step`` for your own logging, ``alerts`` for what the debugger found and ``report()`` for
+    the same in words. ``close()`` (or leaving the ``with`` block) removes every hook.
+    """
+
+    def __init__(self, model: nn.Module, writer: Any, config: WatchConfig) -> None:
+        from ..probes import built_in_probes
+
+        root = unwrap_model(model)
+        if root in ACTIVE:
+            raise AlreadyWatchedError(
+                f"{type(root).__name__} is already being watched; leave the first watch() (or call "
+                "its close()) before starting another on the same model"
+            )
+        modules = select_modules(root, config.include, config.exclude)
+        self.model = model
+        self.config = config
+        self._root = root
+        self._closed = False
+        self._active = False  # inside a counted (training, grad-enabled) forward of the root
+        self._suspended = False  # our own extra forwards (summary, graph) are not observed
+        self._registry = Registry()
+        self._step_hooks = Registry()
+        self._guard: SignalGuard | None = None
+        self._compiled_seen = False  # an output hook was traced by torch.compile (see compiled.py)
+        self._compiled_warned = False
+        try:
+            raw, self._owns_writer = (
+                open_writer(rank_writer_target(writer, config.ranks)) if writes_here(config.ranks) else (None, False)
+            )
+            self._raw_writer = raw
+            if raw is not None:
+                self._registry.add("the writer", self._finish_writer)
+                # Same bytes, checksummed without a pure-Python byte loop (see eventfile.py).
+                if eventfile.speed_up(raw):
+                    self._registry.add("the event-file checksum", lambda: eventfile.restore(raw))
+            self._writer = GuardedWriter(raw, self._writer_failed)
+            self.findings = Findings(self._writer)
+            self._clock = StepClock(
+                every=config.every, check_every=config.check_every, image_every=config.image_every,
+                writes=raw is not None, counts_optimizer_steps=config.optimizer is not None,
+                step_fn=config.step_fn,
+            )
+            self.ctx = ProbeContext(
+                config=config, model=model, root=root, modules=modules,
+                params=select_parameters(root, modules), writer=self._writer, findings=self.findings,
+                step_hooks=self._step_hooks, force_log=self._force_log,
+            )
+            self.ctx.ddp = find_ddp(model)
+            self.ctx.clock = self._clock
+            self._probes: list[Probe] = [*built_in_probes(config, self.ctx), *config.probes]
+            for probe in self._probes:
+                probe.bind(self.ctx)
+            self._module_probes = {
+                name: [p for p in self._probes if p.select(name, module)] for name, module in modules.items()
+            }
+            self._first_batch = [p for p in self._probes if overrides(p, "on_first_batch")]
+            self._events: dict[str, list[Probe]] = {event: [] for event in EVENTS}
+            self._per_module: dict[str, tuple[list[Probe], list[Probe]]] = {}
+            self._attach()
+        except BaseException:
+            self._registry.undo()
+            raise
+
+    # ----------------------------------------------------------------- public
+    @property
+    def step(self) -> int:
+        """The step of the most recent training forward (0 before the first)."""
+        return self._clock.step
+
+    @property
+    def writer(self) -> Any:
+        """The SummaryWriter in use (None on a non-zero distributed rank, or after it failed)."""
+        return self._writer.writer
+
+    @property
+    def alerts(self) -> list[Alert]:
+        """What the debugger found, in the order it found it."""
+        return self.findings.alerts
+
+    @property
+    def probes(self) -> tuple[Probe, ...]:
+        """The probes at work: the built-in ones, then yours (``probes=``)."""
+        return tuple(self._probes)
+
+    @property
+    def module_names(self) -> list[str]:
+        """Tag names of the modules whose outputs are watched."""
+        return list(self.ctx.modules)
+
+    @property
+    def parameter_names(self) -> list[str]:
+        """Names of the parameters whose weights and gradients are watched."""
+        return list(self.ctx.params)
+
+    every = property(lambda self: self.config.every, doc="Log every N steps.")
+    log = property(lambda self: self.config.log, doc="What is captured on logging steps.")
+    on_nonfinite = property(lambda self: self.config.on_nonfinite)
+    check_every = property(lambda self: self.config.check_every)
+    image_every = property(lambda self: self.config.image_every)
+    thresholds = property(lambda self: self.config.thresholds)
+
+    def report(self) -> str:
+        """What the debugger found, as a short table for the terminal."""
+        return format_report(self.alerts, self._clock.next_step)
+
+    def finish(self, metrics: Mapping[str, Any] | None = None) -> None:
+        """Record the run's final (or best) metrics beside its ``hparams`` for TensorBoard's
+        HPARAMS dashboard, then close. Call it once, inside the ``with`` block or after it.
+
+        >>> w.finish(metrics={"val_acc": 0.92})                      # doctest: +SKIP
+        """
+        from ..probes.hparams import Hparams
+
+        hparams = next(p for p in self._probes if isinstance(p, Hparams))
+        hparams.set_final_metrics(metrics)  # raises when the session has ended already
+        if not self._closed:
+            self.close()  # writes the metrics before it closes or flushes the writer
+        elif self._raw_writer is not None and self._writer:
+            # After close: a closed torch SummaryWriter reopens its file for this one record.
+            hparams.on_close(failed=False)
+            self._finish_writer()
+
+    def close(self) -> None:
+        """Finish the current step, write it, remove every hook, flush; safe to call twice."""
+        if self._closed:
+            return
+        self._closed = True
+        self.ctx.closing = True
+        failed = sys.exc_info()[0] is not None
+        try:
+            try:
+                if self.ctx.buffer is not None:
+                    self._end_step()
+            finally:
+                for probe in self._probes:
+                    self._call_close(probe, failed)
+        finally:
+            self._active = False
+            self._registry.undo()
+            guard, self._guard = self._guard, None
+            if guard is not None and guard.pending is not None:
+                guard.deliver()  # the signal that came while watching, now to its own handler
+
+    def __enter__(self) -> "Watcher":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else f"step {self.step}"
+        return (
+            f"Watcher({type(self._root).__name__}, {len(self.ctx.modules)} modules, "
+            f"{len(self.ctx.params)} parameters, every={self.config.every}, {state})"
+        )
+
+    # ----------------------------------------------------------------- set-up and undo
+    def _attach(self) -> None:
+        root, registry = self._root, self._registry
+        ACTIVE[root] = self
+        registry.add("the table of watched models", lambda: ACTIVE.pop(root, None))
+        if is_compiled(self.model, root):
+            forget_compiled_code()  # code compiled before now would never call our hooks
+        # Compiled code would go on calling our (removed) hooks.
+        registry.add("compiled code", lambda: self._compiled_seen and forget_compiled_code())
+        registry.hook(root.register_forward_pre_hook(self._on_root_pre, with_kwargs=True))
+        for name, module in self.ctx.modules.items():
+            registry.hook(module.register_forward_hook(self._make_output_hook(name)))
+        # Registered last so that it runs after the root's own output hook.
+        registry.hook(root.register_forward_hook(self._on_root_post, always_call=True))
+        optimizer = self.config.optimizer
+        if optimizer is not None:
+            registry.hook(optimizer.register_step_pre_hook(self._on_optimizer_pre))
+            registry.hook(optimizer.register_step_post_hook(self._on_optimizer_post))
+        guard = SignalGuard(close=self.close)
+        if guard.install():
+            self._guard = guard
+            registry.add("the signal handlers", guard.restore)
+        registry.add("the step's hooks", self._step_hooks.undo)
+
+    def _finish_writer(self) -> None:
+        """Close a writer we opened; flush one the user passed (never close theirs)."""
+        raw = self._raw_writer
+        if raw is None:
+            return
+        try:
+            if self._owns_writer:
+                raw.close()
+            else:
+                raw.flush()
+        except Exception as e:  # a full disk must not turn a finished run into a crash
+            warn(f"introspect: could not flush the writer: {e}", IntrospectWarning)
+
+    def _writer_failed(self, error: Exception) -> None:
+        self.ctx.disable("<writer>", None, error)
+
+    def _force_log(self) -> None:
+        self._clock.force_log = True
+
+    def _call_close(self, probe: Probe, failed: bool) -> None:
+        try:
+            probe.on_close(failed)
+        except Exception as e:  # one probe's end must not stop the others' (or the undo)
+            self.ctx.disable(f"<{probe.name}>", None, e)
+
+    # ----------------------------------------------------------------- the root: step clock
+    def _on_root_pre(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if compiling():  # the step clock runs eagerly, outside a compiled graph
+            return outside_graph(self._open_forward, module, args, kwargs)
+        return self._open_forward(module, args, kwargs)
+
+    def _open_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        # A root that calls itself recursively would count each call as a step; a depth counter
+        # cannot be kept honest, since torch skips always_call hooks on KeyboardInterrupt.
+        if self._suspended or self._closed:
+            return None
+        self._active = module.training and torch.is_grad_enabled()
+        if not self._active:
+            return None
+        if self._guard is not None and self._guard.pending is not None and self._at_step_boundary():
+            self._active = False
+            self.close()  # writes the step that just completed, then passes the signal on
+            return None
+        self.ctx.ddp_sync = ddp_syncs_gradients(self.ctx.ddp)
+        try:
+            if self._first_batch:
+                self._run_first_batch(module, args, kwargs)
+            self._sync_step()
+            for probe in self._events["on_forward"]:
+                probe.on_forward(args, kwargs)
+        except BaseException:  # e.g. NonFiniteError: this forward never starts
+            self._active = False
+            raise
+        return None
+
+    def _at_step_boundary(self) -> bool:
+        buffer = self.ctx.buffer
+        return buffer is None or self._clock.forward_ends_step(buffer.step)
+
+    def _run_first_batch(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        """Summary, graph and input checks on the real first batch; their forwards are not observed."""
+        probes, self._first_batch = self._first_batch, []
+        self._suspended = True
+        try:
+            for probe in probes:
+                probe.on_first_batch(module, args, kwargs)
+        finally:
+            self._suspended = False
+
+    def _on_root_post(self, module: nn.Module, args: tuple, output: Any) -> None:
+        if compiling():
+            return outside_graph(self._close_forward)
+        return self._close_forward()
+
+    def _close_forward(self) -> None:
+        if not self._suspended:
+            self._active = False
+        if self._compiled_seen and not self._compiled_warned:
+            self._compiled_warned = True
+            warn(COMPILED_WARNING, IntrospectWarning)
+        return None
+
+    def _sync_step(self) -> None:
+        """Open the step a training forward belongs to, ending the previous one if it is over."""
+        buffer = self.ctx.buffer
+        if buffer is not None and self._clock.forward_ends_step(buffer.step):
+            self._end_step()
+        if self.ctx.buffer is None:
+            self._open_step()
+
+    def _join_external_step(self, module: nn.Module) -> bool:
+        """With ``step_fn=``, a training forward of a watched module counts even when the root is
+        not called (a LightningModule's ``training_step`` often calls its children directly)."""
+        if not (module.training and torch.is_grad_enabled()):
+            return False
+        self._sync_step()
+        return True
+
+    def _open_step(self) -> None:
+        plan = self._clock.plan()
+        buffer = StepBuffer(step=plan.step, logging=plan.logging, checking=plan.checking)
+        self.ctx.plan, self.ctx.buffer = plan, buffer
+        active = [p for p in self._probes if f"<probe {p.name}>" not in self.ctx.disabled and p.active(plan)]
+        self._events = {event: [p for p in active if overrides(p, event)] for event in EVENTS}
+        self._per_module = {}
+        for probe in self._events["on_step_start"]:
+            probe.on_step_start(plan)
+        takers = [p for p in self._events["on_param_grad"] if getattr(p, "wants_param_grads", True)]
+        if takers:
+            for name, param in self.ctx.params.items():
+                self._step_hooks.hook(
+                    param.register_post_accumulate_grad_hook(self._make_param_grad_hook(buffer, name, takers)))
+
+    def _end_step(self) -> None:
+        """Write the step, then tell the probes; a NaN/Inf to raise waits until all have run."""
+        ctx = self.ctx
+        buffer = ctx.buffer
+        if buffer is None:
+            return
+        self._step_hooks.undo()
+        error: NonFiniteError | None = None
+        try:
+            host: HostStep | None = None
+            if buffer.logging:
+                host = buffer.to_host()  # one transfer for the whole step's records
+                self._writer.run(write_step, host)
+            for probe in self._events["on_step_end"]:
+                try:
+                    probe.on_step_end(host)
+                except NonFiniteError as e:  # on_nonfinite="raise": after the step is complete
+                    error = error or e
+        finally:
+            buffer.closed = True
+            ctx.buffer = ctx.plan = None  # only now: a signal during the transfer loses nothing
+            self._events = {event: [] for event in EVENTS}
+            self._per_module = {}
+        if error is not None:
+            raise error
+
+    # ----------------------------------------------------------------- module outputs
+    def _probes_for(self, name: str) -> tuple[list[Probe], list[Probe]]:
+        """This step's (output, output-gradient) probes of one module, worked out once a step."""
+        found = self._per_module.get(name)
+        if found is None:
+            active_out = self._events["on_output"]
+            active_grad = self._events["on_output_grad"]
+            mine = self._module_probes[name]
+            found = ([p for p in mine if p in active_out], [p for p in mine if p in active_grad])
+            self._per_module[name] = found
+        return found
+
+    def _make_output_hook(self, name: str) -> Callable[[nn.Module, Any, Any], None]:
+        ctx = self.ctx
+
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            if compiling():  # traced into a compiled graph: add nothing to it
+                self._compiled_seen = True
+                return None
+            if self._suspended or name in ctx.disabled:
+                return None
+            if not self._active and (self.config.step_fn is None or not self._join_external_step(module)):
+                return None
+            buffer = ctx.buffer
+            if buffer is None:
+                return None
+            on_output, on_grad = self._probes_for(name)
+            if not on_output and not on_grad:
+                return None
+            ctx.call_index = -1
+            ctx.args = args
+            try:
+                for probe in on_output:
+                    try:
+                        result = probe.on_output(name, module, output)
+                        if result:
+                            self._record(probe, name, result)
+                    except Exception as e:
+                        if probe.builtin:
+                            ctx.disable(name, module, e)
+                            return None
+                        ctx.disable_probe(probe, name, module, e)
+                on_grad = [p for p in on_grad if f"<probe {p.name}>" not in ctx.disabled]
+                if on_grad:
+                    tensors = ctx.tensors(output)
+                    several = len(tensors) > 1
+                    for suffix, tensor in tensors:
+                        if tensor.requires_grad:
+                            where = f"{name}/{suffix}" if several else name
+                            tensor.register_hook(self._make_output_grad_hook(buffer, module, where, on_grad))
+            except ProbeError:  # strict=True: the user asked for it to surface
+                raise
+            except Exception as e:
+                ctx.disable(name, module, e)
+            finally:
+                ctx.forget_output()
+                ctx.args = None
+            return None
+
+        return hook
+
+    def _make_output_grad_hook(
+        self, buffer: StepBuffer, module: nn.Module, where: str, probes: list[Probe]
+    ) -> Callable[[torch.Tensor], None]:
+        ctx = self.ctx
+        call = ctx.call_index
+
+        def hook(grad: torch.Tensor) -> None:
+            if buffer.closed or self._closed or where in ctx.disabled:
+                return None
+            ctx.call_index = call
+            for probe in probes:
+                try:
+                    result = probe.on_output_grad(where, module, grad)
+                    if result:
+                        self._record(probe, where, result)
+                except Exception as e:
+                    if probe.builtin:
+                        ctx.disable(where, None, e)
+                        return None
+                    ctx.disable_probe(probe, where, module, e)
+            if self._events["on_after_backward"] and not buffer.callback_queued:
+                buffer.callback_queued = True
+                queue_after_backward(lambda: self._after_backward(buffer))
+            return None
+
+        return hook
+
+    def _record(self, probe: Probe, where: str, values: Mapping[str, Any]) -> None:
+        """A user probe's values as this step's scalars ``{probe}/{key}/{module}``."""
+        buffer = self.ctx.buffer
+        if buffer is None:
+            return
+        for key, value in values.items():
+            if isinstance(value, torch.Tensor):
+                buffer.add_scalar(probe_tag(probe.name, key, where), value.detach().reshape(()).float())
+            else:
+                buffer.add_plain_scalar(probe_tag(probe.name, key, where), float(value))
+
+    # ----------------------------------------------------------------- backward and optimizer
+    def _make_param_grad_hook(self, buffer: StepBuffer, name: str, probes: list[Probe]) -> Callable[[torch.Tensor], None]:
+        def hook(param: torch.Tensor) -> None:
+            if buffer.closed or param.grad is None:
+                return None
+            for probe in probes:
+                probe.on_param_grad(name, param)
+            return None
+
+        return hook
+
+    def _after_backward(self, buffer: StepBuffer) -> None:
+        """Runs when a backward pass finishes, before the user's next line (``optimizer.step()``)."""
+        buffer.callback_queued = False
+        if buffer.closed or self._closed:
+            return
+        for probe in self._events["on_after_backward"]:
+            probe.on_after_backward()
+
+    def _on_optimizer_pre(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        if self.ctx.buffer is None:
+            return None
+        for probe in self._events["on_optimizer_pre"]:
+            probe.on_optimizer_pre()
+        return None
+
+    def _on_optimizer_post(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        if self.ctx.buffer is None:
+            # optimizer.step() without a training forward since the last one: still a step.
+            self._clock.take()
+        else:
+            for probe in self._events["on_optimizer_step"]:
+                probe.on_optimizer_step()
+            self._end_step()
+        if self._guard is not None and self._guard.pending is not None:
+            self.close()  # a step boundary: the step is written; then the signal goes on
+        return None
+
