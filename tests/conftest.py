@@ -187,7 +187,7 @@ def writer(logdir: Path):
 @pytest.fixture
 def seed_cnn():
     """The seed CNN with weights from seed 0."""
-    from zoo import SeedCNN
+    from examples.models import SeedCNN
 
     torch.manual_seed(0)
     return SeedCNN()
