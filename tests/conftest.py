@@ -6,6 +6,7 @@ ones tests usually want (a seeded seed CNN, a log directory, a writer).
 
 from __future__ import annotations
 
+import sys
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -15,8 +16,17 @@ import torch
 from torch import nn
 from torch.utils.tensorboard import SummaryWriter
 
+# The examples package (examples.models.SeedCNN, the broken-training models) is imported by tests.
+REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
 # Tiny tensors: one thread is faster than two, and keeps timings sane on a busy 2-core runner.
 torch.set_num_threads(1)
+
+# watch() without its first-batch extras: no torchinfo pass on stdout, no graph trace. Most tests
+# check something else and should neither pay for nor print those.
+QUIET = dict(summary=False, graph=False)
 
 SIZE_GUIDANCE = {"histograms": 0, "scalars": 0, "tensors": 0, "images": 0}
 
@@ -151,6 +161,16 @@ def assert_same_losses(a: Iterable[torch.Tensor], b: Iterable[torch.Tensor]) -> 
         assert torch.equal(x, y), f"loss {i}: {x.item()!r} != {y.item()!r}"
 
 
+# --------------------------------------------------------------------------- options
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--update-golden",
+        action="store_true",
+        default=False,
+        help="rewrite tests/golden/*.json from the current code instead of comparing with them",
+    )
+
+
 # --------------------------------------------------------------------------- fixtures
 @pytest.fixture
 def logdir(tmp_path: Path) -> Path:
@@ -167,7 +187,7 @@ def writer(logdir: Path):
 @pytest.fixture
 def seed_cnn():
     """The seed CNN with weights from seed 0."""
-    from zoo import SeedCNN
+    from examples.models import SeedCNN
 
     torch.manual_seed(0)
     return SeedCNN()

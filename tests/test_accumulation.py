@@ -9,10 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conftest import hist_at, hist_steps, read_events
+from conftest import QUIET, hist_at, hist_steps, read_events
 from introspect import watch
 
-FAST = dict(summary=False, graph=False)
 MICRO = 3
 
 
@@ -30,7 +29,7 @@ def test_grads_histogram_is_the_sum_of_micro_batch_gradients(tmp_path):
     twin_opt = torch.optim.SGD(twin.parameters(), lr=0.1)
     data = _batches(3)
     expected = []
-    with watch(model, tmp_path / "run", every=1, optimizer=opt, **FAST) as w:
+    with watch(model, tmp_path / "run", every=1, optimizer=opt, **QUIET) as w:
         for k, micro in enumerate(data):
             # The twin: each micro-batch's gradient on its own, summed by hand in the same order.
             sums = None

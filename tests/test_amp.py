@@ -9,10 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conftest import hist_at, read_events
+from conftest import QUIET, hist_at, read_events
 from introspect import ConfigError, NonFiniteWarning, watch
 
-FAST = dict(summary=False, graph=False)
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (autocast and GradScaler on CUDA)")
 
 
@@ -55,7 +54,7 @@ def test_autocast_activations_and_gradients_in_float32(tmp_path, device, dtype):
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # not one warning from our probes
-        with watch(model, tmp_path / "run", every=1, **FAST) as w:
+        with watch(model, tmp_path / "run", every=1, **QUIET) as w:
             for _ in range(2):
                 x, y = torch.randn(5, 6, device=device), torch.randn(5, 3, device=device)
                 with torch.autocast(device, dtype=dtype):
@@ -92,7 +91,7 @@ def test_float16_forward_overflow_is_named(tmp_path):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 8), HalfBlowUp(), nn.Linear(8, 2).half())
     with pytest.warns(NonFiniteWarning, match="float16 overflow"):
-        with watch(model, tmp_path / "run", every=1, **FAST) as w:
+        with watch(model, tmp_path / "run", every=1, **QUIET) as w:
             for step in range(3):
                 model[1].armed = step == 1
                 model(torch.randn(3, 4) * 10).float().sum().backward()
@@ -113,7 +112,7 @@ def _scaler_run(tmp_path, device: str, dtype: torch.dtype, grad_scaler: bool, op
     scaler = torch.amp.GradScaler(device, init_scale=2.0**40, backoff_factor=2.0**-32)
     true_grads = []
     options = dict(grad_scaler=scaler if grad_scaler else None, optimizer=opt if optimizer else None)
-    with watch(model, tmp_path / "run", every=1, **options, **FAST) as w:
+    with watch(model, tmp_path / "run", every=1, **options, **QUIET) as w:
         for _ in range(3):
             x, y = torch.randn(4, 6, device=device), torch.randn(4, 3, device=device)
             with torch.autocast(device, dtype=dtype):

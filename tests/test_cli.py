@@ -325,6 +325,17 @@ def test_console_script_bad_shape_and_python_dash_m(saved, tmp_path):
     assert version.returncode == 0 and "introspect, version" in version.stdout
 
 
+def test_installed_version_is_the_package_version():
+    """pyproject.toml reads its version from ``introspect.__version__`` (one place): the installed
+    distribution's metadata says the same as the package and ``introspect --version``."""
+    import importlib.metadata
+
+    import introspect
+
+    assert importlib.metadata.version("torch-introspect") == introspect.__version__
+    assert CliRunner().invoke(main, ["--version"]).output.strip() == f"introspect, version {introspect.__version__}"
+
+
 @pytest.mark.slow
 def test_board_prints_its_url_and_serves_it(tmp_path):
     proc = subprocess.Popen([console_script(), "board", "--logdir", str(tmp_path), "--port", "0"],

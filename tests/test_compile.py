@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conftest import hist_at, hist_steps, histogram_tags, hook_state, read_events
+from conftest import QUIET, hist_at, hist_steps, histogram_tags, hook_state, read_events
 from introspect import IntrospectWarning, watch
 from introspect.compiled import COMPILED_WARNING
 
@@ -22,8 +22,6 @@ pytestmark = [
     pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
                        reason="torch.compile on CPU needs a C++ compiler"),
 ]
-
-FAST = dict(summary=False, graph=False)
 
 
 def _mlp() -> nn.Sequential:
@@ -48,9 +46,9 @@ def test_compiled_model_keeps_weights_grads_and_steps(tmp_path, order):
         warnings.simplefilter("always", IntrospectWarning)
         if order == "compile-then-watch":
             run = torch.compile(model)
-            w = watch(run, tmp_path / "run", every=1, optimizer=opt, **FAST)
+            w = watch(run, tmp_path / "run", every=1, optimizer=opt, **QUIET)
         else:
-            w = watch(model, tmp_path / "run", every=1, optimizer=opt, **FAST)
+            w = watch(model, tmp_path / "run", every=1, optimizer=opt, **QUIET)
             if order == "watch-then-compile":
                 run = torch.compile(model)
             else:
@@ -97,7 +95,7 @@ def test_compiled_model_without_optimizer_counts_forwards(tmp_path):
     model = _mlp()
     run = torch.compile(model)
     with pytest.warns(IntrospectWarning, match="torch.compile"):
-        with watch(run, tmp_path / "run", every=2, **FAST) as w:
+        with watch(run, tmp_path / "run", every=2, **QUIET) as w:
             for step in range(5):
                 F.mse_loss(run(torch.randn(5, 8)), torch.randn(5, 4)).backward()
                 assert w.step == step
@@ -117,7 +115,7 @@ def test_watch_after_compiled_warmup_and_run_on_after_close(tmp_path):
     F.mse_loss(run(torch.randn(5, 8)), torch.randn(5, 4)).backward()  # compiled without hooks
     before = hook_state(model)
     with pytest.warns(IntrospectWarning, match="torch.compile"):
-        with watch(run, tmp_path / "run", every=1, **FAST) as w:
+        with watch(run, tmp_path / "run", every=1, **QUIET) as w:
             for _ in range(2):
                 F.mse_loss(run(torch.randn(5, 8)), torch.randn(5, 4)).backward()
     assert w.step == 1

@@ -14,13 +14,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import hist_at, hist_steps, read_events
+from conftest import QUIET, hist_at, hist_steps, read_events
 from introspect import watch
 from zoo import SeedCNN
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-
-FAST = dict(summary=False, graph=False)
 
 
 def _setup():
@@ -61,7 +59,7 @@ def test_the_bare_loop_does_not_sync():
 
 def test_no_host_sync_off_cadence_with_the_check_off(tmp_path):
     model, opt, batches = _setup()
-    with watch(model, tmp_path / "run", every=5, check_every=0, **FAST) as w:
+    with watch(model, tmp_path / "run", every=5, check_every=0, **QUIET) as w:
         _step(model, opt, batches[0])  # step 0: a logging step...
         _step(model, opt, batches[1])  # ...whose records cross to the host at step 1's forward
         torch.cuda.synchronize()
@@ -78,7 +76,7 @@ def test_no_host_sync_off_cadence_with_the_check_off(tmp_path):
 
 def test_exactly_one_host_sync_per_step_with_the_default_check(tmp_path):
     model, opt, batches = _setup()
-    with watch(model, tmp_path / "run", every=50, **FAST) as w:
+    with watch(model, tmp_path / "run", every=50, **QUIET) as w:
         _step(model, opt, batches[0])  # step 0 logs; its records cross at step 1's forward
         _step(model, opt, batches[1])
         counts = [_syncs(model, opt, batch) for batch in batches[2:6]]
@@ -88,7 +86,7 @@ def test_exactly_one_host_sync_per_step_with_the_default_check(tmp_path):
 
 def test_cuda_histograms_match_the_tensors(tmp_path):
     model, opt, batches = _setup()
-    with watch(model, tmp_path / "run", every=1, **FAST):
+    with watch(model, tmp_path / "run", every=1, **QUIET):
         _step(model, opt, batches[0])
         grads = {n: p.grad.detach().cpu() for n, p in model.named_parameters()}
     acc = read_events(tmp_path / "run")

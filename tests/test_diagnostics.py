@@ -28,10 +28,9 @@ from introspect.diagnostics import (
     locate_nonfinite,
 )
 
-from conftest import count_hooks, hist_steps, hook_state, read_events, text_of
+from conftest import QUIET, count_hooks, hist_steps, hook_state, read_events, text_of
 from zoo import SeedCNN
 
-FAST = dict(summary=False, graph=False)
 NAN = float("nan")
 INF = float("inf")
 
@@ -315,9 +314,9 @@ def test_thresholds_unknown_name_is_a_config_error():
 def test_watch_rejects_unknown_thresholds_before_hooking(seed_cnn, tmp_path):
     before = count_hooks(hook_state(seed_cnn))
     with pytest.raises(ConfigError, match="bogus"):
-        watch(seed_cnn, str(tmp_path), thresholds={"bogus": 1.0}, **FAST)
+        watch(seed_cnn, str(tmp_path), thresholds={"bogus": 1.0}, **QUIET)
     assert count_hooks(hook_state(seed_cnn)) == before
-    with watch(seed_cnn, str(tmp_path), thresholds={"dead_fraction": 0.9}, **FAST) as w:
+    with watch(seed_cnn, str(tmp_path), thresholds={"dead_fraction": 0.9}, **QUIET) as w:
         assert w.thresholds.dead_fraction == 0.9
 
 
@@ -426,7 +425,7 @@ def test_nan_born_deep_in_the_forward_is_located(logdir, nested, origin, later):
 
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
-        with watch(model, str(logdir), every=100, **FAST) as w:
+        with watch(model, str(logdir), every=100, **QUIET) as w:
             losses = train_skipping_nonfinite(model, 6, vector_batch, before_step)
     assert [math.isfinite(v) for v in losses] == [True, True, True, False, True, True]
     assert len(w.alerts) == 1, w.alerts
@@ -473,7 +472,7 @@ def test_nan_made_between_watched_modules_names_the_next_and_says_so(writer):
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", NonFiniteWarning)
-        with watch(model, writer, every=1, **FAST) as w:
+        with watch(model, writer, every=1, **QUIET) as w:
             train_skipping_nonfinite(model, 3, lambda s: (torch.randn(4, 4), torch.randn(4, 1)), before_step)
     [alert] = w.alerts
     assert (alert.where, alert.step, alert.phase) == ("b", 1, "forward")
@@ -531,7 +530,7 @@ def test_nan_born_in_the_backward_is_located(logdir, middle, width):
 
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
-        with watch(model, str(logdir), every=100, **FAST) as w:
+        with watch(model, str(logdir), every=100, **QUIET) as w:
             train_skipping_nonfinite(model, 5, batch)
     assert all(outputs_finite)  # the forward never saw a NaN
     assert grads_finite == [True, True, False, True]  # steps 0..3: step 2's backward made it
@@ -553,7 +552,7 @@ def test_nan_in_backward_warns_once_across_steps(writer):
     model = norm_net(WithNorm())
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
-        with watch(model, writer, every=1, **FAST) as w:
+        with watch(model, writer, every=1, **QUIET) as w:
             train_skipping_nonfinite(model, 6, lambda s: padded_batch(s, zero_at=s if s >= 2 else -1))
     warned = [r for r in record if issubclass(r.category, NonFiniteWarning)]
     assert len(warned) == 1
@@ -568,7 +567,7 @@ def test_nan_in_backward_raises_inside_backward_before_the_weights_change(writer
     phases = []
     weights = {}
     with pytest.raises(NonFiniteError) as info:
-        with watch(model, writer, every=1, optimizer=opt, on_nonfinite="raise", **FAST) as w:
+        with watch(model, writer, every=1, optimizer=opt, on_nonfinite="raise", **QUIET) as w:
             for step in range(5):
                 x, y = padded_batch(step)
                 loss = F.mse_loss(model(x), y)
@@ -595,7 +594,7 @@ def test_nonfinite_loss_gradient_names_the_last_module(writer):
     model = nn.Sequential(OrderedDict(lin1=nn.Linear(4, 8), act=nn.ReLU(), lin2=nn.Linear(8, 1)))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", NonFiniteWarning)
-        with watch(model, writer, every=1, **FAST) as w:
+        with watch(model, writer, every=1, **QUIET) as w:
             for step in range(3):
                 out = model(torch.randn(16, 4))
                 loss = (out - out.detach()).sqrt().sum() if step == 1 else out.pow(2).mean()
@@ -617,7 +616,7 @@ def test_nan_in_the_input_batch(writer, logdir):
 
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
-        with watch(model, writer, every=1, **FAST) as w:
+        with watch(model, writer, every=1, **QUIET) as w:
             train_skipping_nonfinite(model, 4, batch)
     [alert] = w.alerts
     assert (alert.kind, alert.where, alert.step, alert.phase) == ("nonfinite", "input", 2, "forward")
@@ -634,7 +633,7 @@ def test_nan_in_the_input_batch_raises(writer):
     model = deep_tanh_net(ShiftedLog())
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     with pytest.raises(NonFiniteError) as info:
-        with watch(model, writer, every=10, optimizer=opt, on_nonfinite="raise", **FAST):
+        with watch(model, writer, every=10, optimizer=opt, on_nonfinite="raise", **QUIET):
             for step in range(4):
                 x, y = vector_batch(step)
                 if step == 1:
@@ -664,7 +663,7 @@ def test_no_false_alarm_seed_cnn(writer):
     model = SeedCNN()
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     losses = []
-    with watch(model, writer, every=10, **FAST) as w:
+    with watch(model, writer, every=10, **QUIET) as w:
         for _ in range(200):
             x, y = seed_cnn_learnable_batch()
             loss = F.mse_loss(model(x), y)
@@ -690,7 +689,7 @@ def test_no_false_alarm_ring_mlp(writer):
     model = nn.Sequential(nn.Linear(2, 16), nn.ReLU(), nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 1))
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
     loss_fn = nn.BCEWithLogitsLoss()
-    with watch(model, writer, every=10, **FAST) as w:
+    with watch(model, writer, every=10, **QUIET) as w:
         for _ in range(200):
             x, y = ring_batch()
             loss = loss_fn(model(x), y)
@@ -708,7 +707,7 @@ def regression_batch(features: int, n: int = 16):
 
 def run(model, logdir_or_writer, make_batch, steps, opt=None, **options) -> list[Alert]:
     opt = opt or torch.optim.SGD(model.parameters(), lr=0.01)
-    with watch(model, logdir_or_writer, **FAST, **options) as w:
+    with watch(model, logdir_or_writer, **QUIET, **options) as w:
         for _ in range(steps):
             x, y = make_batch()
             loss = F.mse_loss(model(x), y)
@@ -836,7 +835,7 @@ def test_exploding_gradient_jump(writer):
         act2=nn.Tanh(), lin3=nn.Linear(16, 1),
     ))
     opt = torch.optim.SGD(model.parameters(), lr=0.0)  # keep the weights: only the gradient jumps
-    with watch(model, writer, every=1, **FAST) as w:
+    with watch(model, writer, every=1, **QUIET) as w:
         for step in range(5):
             model.amp.scale = 1e4 if step == 3 else 1.0
             x, y = regression_batch(8)()
@@ -909,7 +908,7 @@ def test_health_checks_run_on_logging_steps_only(writer):
             with torch.no_grad():
                 model[0].bias.fill_(-100.0)
 
-    with watch(model, writer, every=5, thresholds={"dead_min_samples": 8}, **FAST) as w:
+    with watch(model, writer, every=5, thresholds={"dead_min_samples": 8}, **QUIET) as w:
         for step in range(8):
             kill(step)
             x, y = regression_batch(8)()
@@ -957,7 +956,7 @@ def test_grad_flow_drawn_on_a_gradient_alert(logdir):
 def test_no_grad_flow_without_gradients(logdir):
     torch.manual_seed(0)
     model = deep_sigmoid_mlp(depth=2)
-    with watch(model, str(logdir), every=1, log=("activations", "weights"), **FAST):
+    with watch(model, str(logdir), every=1, log=("activations", "weights"), **QUIET):
         for _ in range(2):
             model(torch.randn(4, 32)).sum().backward()
     acc = read_events(logdir)
@@ -1004,7 +1003,7 @@ def watch_holes(model: nn.Module, writer, every: int, steps: int):
     """Train ``model`` under watch with NaN warnings silenced; the watcher, closed."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", NonFiniteWarning)
-        with watch(model, writer, every=every, **FAST) as w:
+        with watch(model, writer, every=every, **QUIET) as w:
             train_skipping_nonfinite(model, steps, lambda s: (torch.randn(6, 4), torch.randn(6, 1)))
     return w
 
@@ -1050,7 +1049,7 @@ def test_backward_finding_gets_its_numbers(writer):
     model = norm_net(WithNorm())
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", NonFiniteWarning)
-        with watch(model, writer, every=1, **FAST) as w:
+        with watch(model, writer, every=1, **QUIET) as w:
             train_skipping_nonfinite(model, 4, padded_batch)
     [alert] = w.alerts
     assert (alert.where, alert.phase, alert.step) == ("norm", "backward", 2)

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import hist_at, hist_steps, histogram_tags, read_events
+from conftest import QUIET, hist_at, hist_steps, histogram_tags, read_events
 from introspect import ConfigError, watch
 from introspect.distributed import origin_code, rank_origin_alert, rank_writer_target
 from introspect.diagnostics import Alert
@@ -162,7 +162,7 @@ def test_ranks_option_is_checked(tmp_path):
 
 def test_ranks_all_without_a_process_group_is_a_plain_run(tmp_path):
     model = torch.nn.Linear(2, 2)
-    with watch(model, tmp_path / "run", ranks="all", summary=False, graph=False):
+    with watch(model, tmp_path / "run", ranks="all", **QUIET):
         model(torch.randn(3, 2)).sum().backward()
     assert hist_steps(read_events(tmp_path / "run"), "activations/model") == [0]
     assert not (tmp_path / "run" / "rank0").exists()

@@ -14,7 +14,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 from introspect import eventfile, watch
 
-from conftest import hist_at, read_events
+from conftest import QUIET, hist_at, read_events
 
 
 @pytest.mark.parametrize("n", [0, 1, 7, 8, 63, 64, 65, eventfile.BLOCK - 1, eventfile.BLOCK, eventfile.BLOCK + 1,
@@ -72,7 +72,7 @@ def test_watch_speeds_up_its_writer_and_restores_it(tmp_path):
     model = nn.Sequential(nn.Linear(4, 300), nn.ReLU(), nn.Linear(300, 1))
     writer = SummaryWriter(str(tmp_path))
     record_writer = writer.file_writer.event_writer._async_writer._writer
-    with watch(model, writer, every=1, summary=False, graph=False):
+    with watch(model, writer, every=1, **QUIET):
         assert "write" in vars(record_writer)
         for _ in range(2):
             model(torch.randn(8, 4)).sum().backward()

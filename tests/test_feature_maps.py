@@ -8,7 +8,7 @@ import io
 import numpy as np
 import pytest
 import torch
-from conftest import read_events, text_of, train
+from conftest import QUIET, read_events, text_of, train
 from PIL import Image
 from torch import nn
 from zoo import SeedCNN
@@ -16,8 +16,6 @@ from zoo import SeedCNN
 from introspect import ConfigError, watch
 from introspect.feature_maps import MAX_CHANNELS, sample_picker
 from introspect.watch import DEFAULT_LOG
-
-OPTIONS = dict(summary=False, graph=False)
 
 
 def bce(out, y):
@@ -45,7 +43,7 @@ def test_feature_maps_are_on_by_default():
 
 
 def test_conv_layers_only_at_the_image_cadence(tmp_path, seed_cnn):
-    with watch(seed_cnn, str(tmp_path), every=1, image_every=3, **OPTIONS) as w:
+    with watch(seed_cnn, str(tmp_path), every=1, image_every=3, **QUIET) as w:
         train(seed_cnn, image_batch, bce, steps=7)
     acc = read_events(tmp_path)
     maps = {t for t in acc.Tags()["images"] if t.startswith("feature_maps/")}
@@ -56,7 +54,7 @@ def test_conv_layers_only_at_the_image_cadence(tmp_path, seed_cnn):
 
 
 def test_default_image_cadence_is_ten_times_every(tmp_path, seed_cnn):
-    with watch(seed_cnn, str(tmp_path), every=2, **OPTIONS) as w:
+    with watch(seed_cnn, str(tmp_path), every=2, **QUIET) as w:
         train(seed_cnn, image_batch, bce, steps=21)
     assert w.image_every == 20
     assert image_steps(read_events(tmp_path), "feature_maps/conv1") == [0, 20]
@@ -68,7 +66,7 @@ def test_the_grid_is_the_first_samples_channels_each_scaled_on_its_own(tmp_path,
     x[0, :, :, :16] *= 10.0  # give the first sample's channels very different scales from the rest
     with torch.no_grad():
         expected = seed_cnn.conv1(x)[0]  # step 0 uses these weights
-    with watch(seed_cnn, str(tmp_path), every=1, **OPTIONS):
+    with watch(seed_cnn, str(tmp_path), every=1, **QUIET):
         train(seed_cnn, lambda: (x, y), bce, steps=1)
     event = read_events(tmp_path).Images("feature_maps/conv1")[0]
     # 32 channels of 30x30 in a 6x6 grid with 1 pixel of padding.
@@ -86,7 +84,7 @@ def test_the_grid_is_the_first_samples_channels_each_scaled_on_its_own(tmp_path,
 def test_channels_are_capped(tmp_path):
     model = nn.Sequential(nn.Conv2d(3, 100, 3), nn.Flatten(), nn.LazyLinear(1))
     model(torch.rand(1, 3, 8, 8))  # materialise the lazy layer
-    with watch(model, str(tmp_path), every=1, **OPTIONS):
+    with watch(model, str(tmp_path), every=1, **QUIET):
         train(model, lambda: image_batch(2, 8), bce, steps=1)
     event = read_events(tmp_path).Images("feature_maps/0")[0]
     # 6x6 maps are enlarged 5x to 30x30; 64 of the 100 channels in an 8x8 grid.
@@ -110,7 +108,7 @@ class SequenceNet(nn.Module):
 def test_sequences_become_heat_maps(tmp_path):
     torch.manual_seed(0)
     model = SequenceNet()
-    with watch(model, str(tmp_path), every=1, **OPTIONS):
+    with watch(model, str(tmp_path), every=1, **QUIET):
         train(model, lambda: (torch.randn(3, 4, 10), torch.rand(3)), bce, steps=2)
     acc = read_events(tmp_path)
     maps = {t for t in acc.Tags()["images"] if t.startswith("feature_maps/")}
@@ -130,14 +128,14 @@ def test_sequence_first_modules_pick_the_first_sample():
 
 
 def test_feature_maps_off(tmp_path, seed_cnn):
-    with watch(seed_cnn, str(tmp_path), every=1, log=("activations", "grads"), **OPTIONS):
+    with watch(seed_cnn, str(tmp_path), every=1, log=("activations", "grads"), **QUIET):
         train(seed_cnn, image_batch, bce, steps=2)
     assert not [t for t in read_events(tmp_path).Tags()["images"] if t.startswith("feature_maps/")]
 
 
 def test_image_steps_alone_do_not_log_histograms(tmp_path, seed_cnn):
     """image_every need not be a multiple of every: an image step is not a histogram step."""
-    with watch(seed_cnn, str(tmp_path), every=4, image_every=3, check_every=0, **OPTIONS):
+    with watch(seed_cnn, str(tmp_path), every=4, image_every=3, check_every=0, **QUIET):
         train(seed_cnn, image_batch, bce, steps=7)
     acc = read_events(tmp_path)
     assert image_steps(acc, "feature_maps/conv1") == [0, 3, 6]
@@ -159,7 +157,7 @@ def test_training_is_unchanged(tmp_path):
         torch.manual_seed(1)
         if not watched:
             return model, train(model, image_batch, bce, steps=3)
-        with watch(model, str(tmp_path), every=1, image_every=1, log_inputs=True, **OPTIONS):
+        with watch(model, str(tmp_path), every=1, image_every=1, log_inputs=True, **QUIET):
             return model, train(model, image_batch, bce, steps=3)
 
     (a, la), (b, lb) = run(False), run(True)
@@ -173,7 +171,7 @@ def test_first_batch_is_logged_and_checked(tmp_path, seed_cnn):
     x[1] = 0.0  # an all-black image
     x[4] = x[4] * 255  # a 0-255 image
     batches = iter([(x, y)] + [image_batch(6) for _ in range(3)])
-    with watch(seed_cnn, str(tmp_path), log_inputs=True, **OPTIONS) as w:
+    with watch(seed_cnn, str(tmp_path), log_inputs=True, **QUIET) as w:
         train(seed_cnn, lambda: next(batches), bce, steps=3)
     acc = read_events(tmp_path)
     inputs = acc.Images("data/inputs")
@@ -186,11 +184,11 @@ def test_first_batch_is_logged_and_checked(tmp_path, seed_cnn):
 
 
 def test_log_inputs_is_off_by_default_and_skips_non_images(tmp_path, seed_cnn):
-    with watch(seed_cnn, str(tmp_path / "a"), **OPTIONS):
+    with watch(seed_cnn, str(tmp_path / "a"), **QUIET):
         train(seed_cnn, image_batch, bce, steps=1)
     assert "data/inputs" not in read_events(tmp_path / "a").Tags()["images"]
     mlp = nn.Sequential(nn.Linear(8, 4), nn.ReLU(), nn.Linear(4, 1))
-    with watch(mlp, str(tmp_path / "b"), log_inputs=True, **OPTIONS) as w:
+    with watch(mlp, str(tmp_path / "b"), log_inputs=True, **QUIET) as w:
         train(mlp, lambda: (torch.zeros(5, 8), torch.rand(5)), bce, steps=1)
     assert "data/inputs" not in read_events(tmp_path / "b").Tags()["images"]
     assert w.alerts == []
@@ -211,7 +209,7 @@ class HistogramsOnly:
 
 def test_a_writer_without_add_image_gets_no_feature_maps_and_no_warning(tmp_path, seed_cnn, quiet):
     writer = HistogramsOnly(tmp_path)
-    with watch(seed_cnn, writer, every=1, **OPTIONS) as w:
+    with watch(seed_cnn, writer, every=1, **QUIET) as w:
         train(seed_cnn, image_batch, bce, steps=2)
     writer._writer.close()
     assert _feature_maps_probe(w).pickers == {}
@@ -222,7 +220,7 @@ def test_a_writer_without_add_image_gets_no_feature_maps_and_no_warning(tmp_path
 def test_feature_maps_and_inputs_on_cuda(tmp_path):
     torch.manual_seed(0)
     model = SeedCNN().cuda()
-    with watch(model, str(tmp_path), every=1, log_inputs=True, **OPTIONS):
+    with watch(model, str(tmp_path), every=1, log_inputs=True, **QUIET):
         train(model, lambda: tuple(t.cuda() for t in image_batch()), bce, steps=2)
     images = set(read_events(tmp_path).Tags()["images"])
     assert {"feature_maps/conv1", "feature_maps/conv2", "data/inputs"} <= images

@@ -13,7 +13,7 @@ from torch.utils.tensorboard import SummaryWriter
 from introspect import ConfigError, IntrospectError, IntrospectWarning, watch
 from introspect.hparams import check_hparams, check_metrics
 
-from conftest import hist_steps, read_events, scalar_at, train
+from conftest import QUIET, hist_steps, read_events, scalar_at, train
 from hparams_records import event_dirs, hparam_values, hparams_records, metric_tags, status_name
 
 
@@ -26,14 +26,14 @@ def _train(model: nn.Module, steps: int = 3) -> None:
     train(model, lambda: (torch.randn(8, 4), torch.randn(8, 1)), nn.functional.mse_loss, steps)
 
 
-QUIET = dict(summary=False, graph=False, every=1)
+EVERY_STEP = dict(QUIET, every=1)
 
 
 def test_hparams_and_metrics_in_the_runs_own_directory(logdir):
     hparams = {"lr": 0.001, "layers": 3, "optimizer": "adam", "batch_norm": True, "sizes": [64, 32],
                "schedule": {"kind": "cosine"}, "warmup": None}
     with pytest.warns(IntrospectWarning, match=r"\['sizes', 'schedule'\]") as caught:
-        w = watch(_mlp(), logdir, hparams=hparams, **QUIET)
+        w = watch(_mlp(), logdir, hparams=hparams, **EVERY_STEP)
     assert len([c for c in caught if issubclass(c.category, IntrospectWarning)]) == 1
     with w:
         _train(w.model, steps=3)
@@ -61,7 +61,7 @@ def test_hparams_and_metrics_in_the_runs_own_directory(logdir):
 
 
 def test_close_without_finish_leaves_the_hparams_readable(logdir):
-    with watch(_mlp(), logdir, hparams={"lr": 0.1}, **QUIET) as w:
+    with watch(_mlp(), logdir, hparams={"lr": 0.1}, **EVERY_STEP) as w:
         _train(w.model, steps=2)
     records = hparams_records(logdir)
     assert hparam_values(records["start"]) == {"lr": 0.1}
@@ -71,7 +71,7 @@ def test_close_without_finish_leaves_the_hparams_readable(logdir):
 
 def test_hparams_written_at_watch_start_before_any_step(logdir):
     writer = SummaryWriter(str(logdir))
-    w = watch(_mlp(), writer, hparams={"lr": 0.1}, **QUIET)
+    w = watch(_mlp(), writer, hparams={"lr": 0.1}, **EVERY_STEP)
     writer.flush()
     assert hparam_values(hparams_records(logdir)["start"]) == {"lr": 0.1}
     w.close()
@@ -80,7 +80,7 @@ def test_hparams_written_at_watch_start_before_any_step(logdir):
 
 def test_an_exception_ends_the_session_as_failed(logdir):
     with pytest.raises(RuntimeError, match="boom"):
-        with watch(_mlp(), logdir, hparams={"lr": 0.1}, **QUIET) as w:
+        with watch(_mlp(), logdir, hparams={"lr": 0.1}, **EVERY_STEP) as w:
             _train(w.model, steps=1)
             raise RuntimeError("boom")
     assert status_name(hparams_records(logdir)["end"]) == "STATUS_FAILURE"
@@ -91,7 +91,7 @@ def test_an_exception_ends_the_session_as_failed(logdir):
 @pytest.mark.parametrize("own_writer", [True, False], ids=["logdir", "user_writer"])
 def test_finish_after_the_block(logdir, own_writer):
     writer = str(logdir) if own_writer else SummaryWriter(str(logdir))
-    with watch(_mlp(), writer, hparams={"lr": 0.1}, **QUIET) as w:
+    with watch(_mlp(), writer, hparams={"lr": 0.1}, **EVERY_STEP) as w:
         _train(w.model, steps=2)
     w.finish(metrics={"val_acc": 0.75})
     if not own_writer:
@@ -103,7 +103,7 @@ def test_finish_after_the_block(logdir, own_writer):
 
 
 def test_finish_without_hparams_still_makes_a_session(logdir):
-    with watch(_mlp(), logdir, **QUIET) as w:
+    with watch(_mlp(), logdir, **EVERY_STEP) as w:
         _train(w.model, steps=1)
         w.finish(metrics={"val_acc": 0.5})
     records = hparams_records(logdir)
@@ -112,7 +112,7 @@ def test_finish_without_hparams_still_makes_a_session(logdir):
 
 
 def test_finish_twice_is_an_error(logdir):
-    with watch(_mlp(), logdir, **QUIET) as w:
+    with watch(_mlp(), logdir, **EVERY_STEP) as w:
         _train(w.model, steps=1)
         w.finish(metrics={"a": 1.0})
         with pytest.raises(IntrospectError, match="recorded once"):
@@ -124,7 +124,7 @@ def test_finish_closes_the_watch(logdir):
 
     model = _mlp()
     before = count_hooks(hook_state(model))
-    w = watch(model, logdir, hparams={"lr": 0.1}, **QUIET)
+    w = watch(model, logdir, hparams={"lr": 0.1}, **EVERY_STEP)
     _train(model, steps=1)
     w.finish()
     assert count_hooks(hook_state(model)) == before
@@ -154,8 +154,8 @@ def test_numpy_and_tensor_scalars_are_numbers():
 def test_bad_hparams_are_config_errors_naming_the_key(hparams, match, logdir):
     model = _mlp()
     with pytest.raises(ConfigError, match=match):
-        watch(model, logdir, hparams=hparams, **QUIET)
-    watch(model, logdir, **QUIET).close()  # nothing was left attached
+        watch(model, logdir, hparams=hparams, **EVERY_STEP)
+    watch(model, logdir, **EVERY_STEP).close()  # nothing was left attached
 
 
 @pytest.mark.parametrize(
@@ -170,7 +170,7 @@ def test_bad_hparams_are_config_errors_naming_the_key(hparams, match, logdir):
     ids=["string", "none", "list", "empty_key", "not_a_dict"],
 )
 def test_bad_metrics_are_config_errors_naming_the_key(metrics, match, logdir):
-    with watch(_mlp(), logdir, **QUIET) as w:
+    with watch(_mlp(), logdir, **EVERY_STEP) as w:
         with pytest.raises(ConfigError, match=match):
             w.finish(metrics=metrics)
 
@@ -178,7 +178,7 @@ def test_bad_metrics_are_config_errors_naming_the_key(metrics, match, logdir):
 def test_scalar_hparams_raise_no_warning(logdir):
     with warnings.catch_warnings():
         warnings.simplefilter("error", IntrospectWarning)
-        watch(_mlp(), logdir, hparams={"lr": 0.1, "name": "x", "bn": False, "n": 3}, **QUIET).close()
+        watch(_mlp(), logdir, hparams={"lr": 0.1, "name": "x", "bn": False, "n": 3}, **EVERY_STEP).close()
 
 
 def test_a_writer_without_a_file_writer_warns_once_and_training_goes_on():
@@ -202,7 +202,7 @@ def test_a_writer_without_a_file_writer_warns_once_and_training_goes_on():
 
     writer = PlainWriter()
     with pytest.warns(IntrospectWarning, match="hyperparameters need a torch.utils.tensorboard"):
-        with watch(_mlp(), writer, hparams={"lr": 0.1}, **QUIET) as w:
+        with watch(_mlp(), writer, hparams={"lr": 0.1}, **EVERY_STEP) as w:
             _train(w.model, steps=2)
             w.finish(metrics={"val_acc": 0.5})
     assert "grad_norm/0.weight" in writer.scalars
@@ -216,7 +216,7 @@ def test_tensorboards_hparams_plugin_compares_the_runs_side_by_side(tmp_path):
     from tensorboard.plugins.hparams import api_pb2, backend_context, list_session_groups
 
     for i, lr in enumerate([0.1, 0.01]):
-        with watch(_mlp(), tmp_path / f"run{i}", hparams={"lr": lr, "bn": bool(i)}, **QUIET) as w:
+        with watch(_mlp(), tmp_path / f"run{i}", hparams={"lr": lr, "bn": bool(i)}, **EVERY_STEP) as w:
             _train(w.model, steps=2)
             w.finish(metrics={"val_acc": 0.5 + i / 10})
 

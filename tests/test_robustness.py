@@ -18,10 +18,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from conftest import hist_steps, histogram_tags, hook_state, make_optimizer, read_events
+from conftest import QUIET, hist_steps, histogram_tags, hook_state, make_optimizer, read_events
 from introspect import IntrospectError, IntrospectWarning, ProbeError, watch
-
-FAST = dict(summary=False, graph=False)
 
 
 # =========================================================================== failing probes
@@ -45,7 +43,7 @@ def _sparse_steps(model: nn.Module, steps: int) -> None:
 def test_failing_probe_warns_once_and_training_goes_on(tmp_path):
     model = _sparse_model()
     with pytest.warns(IntrospectWarning, match=r"stopped watching 1 \(ToSparse\).*sparse") as record:
-        with watch(model, tmp_path / "run", every=1, **FAST) as w:
+        with watch(model, tmp_path / "run", every=1, **QUIET) as w:
             _sparse_steps(model, 3)
     assert w.step == 2
     assert len([r for r in record if "stopped watching" in str(r.message)]) == 1
@@ -58,7 +56,7 @@ def test_strict_raises_with_the_module_name(tmp_path):
     model = _sparse_model()
     before = hook_state(model)
     with pytest.raises(ProbeError) as info:
-        with watch(model, tmp_path / "run", every=1, strict=True, **FAST):
+        with watch(model, tmp_path / "run", every=1, strict=True, **QUIET):
             _sparse_steps(model, 2)
     assert isinstance(info.value, IntrospectError)
     assert info.value.module == "1"
@@ -70,7 +68,7 @@ def test_strict_raises_with_the_module_name(tmp_path):
 def test_strict_is_quiet_when_nothing_fails(tmp_path):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 1))
-    with watch(model, tmp_path / "run", every=1, strict=True, **FAST) as w:
+    with watch(model, tmp_path / "run", every=1, strict=True, **QUIET) as w:
         for _ in range(2):
             model(torch.randn(3, 4)).sum().backward()
     assert w.step == 1
@@ -98,7 +96,7 @@ def test_interrupt_mid_step_keeps_every_event_and_removes_hooks(tmp_path, where)
     opt = make_optimizer(model)
     before = hook_state(model, opt)
     with pytest.raises(KeyboardInterrupt):
-        with watch(model, tmp_path / "run", every=1, **FAST):
+        with watch(model, tmp_path / "run", every=1, **QUIET):
             for _ in range(2):
                 loss = model(torch.randn(3, 4)).pow(2).mean()
                 opt.zero_grad()
@@ -114,7 +112,7 @@ def test_interrupt_mid_step_keeps_every_event_and_removes_hooks(tmp_path, where)
     assert hist_steps(acc, "grads/0.weight") == [0, 1]
     # The graph built under the watcher still runs backward, and nothing of ours fires.
     model(torch.randn(3, 4)).sum().backward()
-    with watch(model, tmp_path / "again", every=1, **FAST) as w:
+    with watch(model, tmp_path / "again", every=1, **QUIET) as w:
         model(torch.randn(3, 4)).sum().backward()
     assert w.step == 0
 
@@ -258,7 +256,7 @@ def _run(spec, watched: bool, logdir: str):
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     before = hook_state(model, opt)
     losses, grads = [], []
-    w = watch(model, logdir, every=1, **FAST) if watched else None
+    w = watch(model, logdir, every=1, **QUIET) if watched else None
     try:
         for _ in range(2):
             loss = model(torch.randn(3, 4))

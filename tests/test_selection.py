@@ -10,10 +10,8 @@ from torch import nn
 from introspect import ConfigError, ModelTypeError, watch
 from introspect.selection import root_name, select_modules, select_parameters, unwrap_model
 
-from conftest import histogram_tags, read_events, tags_with_prefix, train
+from conftest import QUIET, histogram_tags, read_events, tags_with_prefix, train
 from zoo import SEED_CNN_MODULES, SeedCNN, seed_cnn_batch, seed_cnn_loss
-
-FAST = dict(summary=False, graph=False)
 
 
 class Block(nn.Module):
@@ -206,7 +204,7 @@ def test_wrapped_model_tags_are_the_users_names(writer, logdir):
     torch.manual_seed(0)
     model = SeedCNN()
     wrapped = nn.DataParallel(model)  # on CPU it simply calls the module
-    with watch(wrapped, writer, every=1, **FAST) as w:
+    with watch(wrapped, writer, every=1, **QUIET) as w:
         assert w.module_names == list(SEED_CNN_MODULES)
         train(wrapped, seed_cnn_batch, seed_cnn_loss, 2)
         assert w.step == 1
@@ -220,7 +218,7 @@ def test_wrapped_model_tags_are_the_users_names(writer, logdir):
 def test_watch_writes_only_selected_modules(writer, logdir):
     torch.manual_seed(0)
     model = SeedCNN()
-    with watch(model, writer, every=1, include=["conv*", nn.Linear], exclude="linear2", **FAST) as w:
+    with watch(model, writer, every=1, include=["conv*", nn.Linear], exclude="linear2", **QUIET) as w:
         assert w.module_names == ["conv1", "conv2", "linear1"]
         assert w.parameter_names == ["conv1.weight", "conv1.bias", "conv2.weight", "conv2.bias", "linear1.weight", "linear1.bias"]
         train(model, seed_cnn_batch, seed_cnn_loss, 1)
@@ -234,7 +232,7 @@ def test_watch_writes_only_selected_modules(writer, logdir):
 def test_watch_a_container_block_output(writer, logdir):
     torch.manual_seed(0)
     model = Net()
-    with watch(model, writer, every=1, include=["block", "model"], **FAST):
+    with watch(model, writer, every=1, include=["block", "model"], **QUIET):
         train(model, lambda: (torch.randn(5, 3), torch.randn(5, 2)), F.mse_loss, 1)
     acc = read_events(logdir)
     assert {t for t in histogram_tags(acc) if t.startswith("activations/")} == {"activations/block", "activations/model"}

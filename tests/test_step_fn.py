@@ -8,9 +8,7 @@ from torch import nn
 
 from introspect import ConfigError, watch
 
-from conftest import count_hooks, hist_steps, hook_state, read_events
-
-QUIET = dict(summary=False, graph=False)
+from conftest import QUIET, count_hooks, hist_steps, hook_state, read_events
 
 
 class Counter:

@@ -15,7 +15,7 @@ import introspect
 from introspect import IntrospectWarning, ModelTypeError, watch
 from introspect.summary import model_summary, preserved_state, summary_markdown, write_graph
 
-from conftest import hist_at, read_events, text_of, train
+from conftest import QUIET, hist_at, read_events, text_of, train
 from zoo import SEED_CNN_PARAMS, SeedCNN, seed_cnn_batch, seed_cnn_loss
 
 TOTAL = f"Total params: {SEED_CNN_PARAMS:,}"  # "Total params: 54,273"
@@ -71,7 +71,7 @@ def test_summary_waits_for_a_training_batch(seed_cnn, writer, logdir, capsys):
 
 
 def test_summary_and_graph_off(seed_cnn, writer, logdir, capsys):
-    with watch(seed_cnn, writer, every=1, summary=False, graph=False):
+    with watch(seed_cnn, writer, every=1, **QUIET):
         train(seed_cnn, seed_cnn_batch, seed_cnn_loss, 2)
     assert capsys.readouterr().out == ""
     acc = read_events(logdir)

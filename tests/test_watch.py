@@ -30,6 +30,7 @@ from introspect import (
 )
 
 from conftest import (
+    QUIET,
     assert_same_losses,
     assert_same_state,
     count_hooks,
@@ -54,7 +55,6 @@ from zoo import (
     seed_cnn_loss,
 )
 
-FAST = dict(summary=False, graph=False)
 
 # Output shapes of the seed CNN's modules for a 2 x 3 x 32 x 32 batch, worked out by hand:
 # 32 -conv3-> 30 -pool2-> 15 -conv5-> 11 -pool2-> 5 -adaptive-> 1.
@@ -94,7 +94,7 @@ def test_seed_cnn_exact_tags_and_steps(seed_cnn, writer, logdir):
         weights_at[step] = {n: p.detach().clone() for n, p in seed_cnn.named_parameters()}
 
     snapshot(0)
-    with watch(seed_cnn, writer, every=2, **FAST) as w:
+    with watch(seed_cnn, writer, every=2, **QUIET) as w:
         # weights_at[k] = the weights step k's forward uses (captured after step k-1's update).
         train(seed_cnn, seed_cnn_batch, seed_cnn_loss, 5, after_step=lambda i: snapshot(i + 1))
         assert w.step == 4
@@ -148,7 +148,7 @@ def test_grads_and_grad_norm_match_the_real_gradients(seed_cnn, writer, logdir):
         outputs.setdefault("linear2", out.detach().clone())
 
     seed_cnn.linear2.register_forward_hook(keep)
-    with watch(seed_cnn, writer, every=1, **FAST):
+    with watch(seed_cnn, writer, every=1, **QUIET):
         x, y = seed_cnn_batch()
         loss = seed_cnn_loss(seed_cnn(x), y)
         opt.zero_grad()
@@ -175,7 +175,7 @@ def test_gradient_hooks_only_on_logging_steps(seed_cnn, writer, logdir):
     """Off-cadence steps attach no output-gradient hook and no parameter hook (with the non-finite
     check, the one thing that runs every step, turned off)."""
     seen = []
-    with watch(seed_cnn, writer, every=2, check_every=0, **FAST):
+    with watch(seed_cnn, writer, every=2, check_every=0, **QUIET):
         # Registered after watch's own hook, so it sees the output after watch handled it.
         def spy(module, args, out):
             param_hooks = any(getattr(p, "_post_accumulate_grad_hooks", None) for p in seed_cnn.parameters())
@@ -191,7 +191,7 @@ def test_gradient_hooks_only_on_logging_steps(seed_cnn, writer, logdir):
 
 
 def test_activation_grads_only_on_logging_steps_with_checks_on(seed_cnn, writer, logdir):
-    with watch(seed_cnn, writer, every=2, check_every=1, **FAST):
+    with watch(seed_cnn, writer, every=2, check_every=1, **QUIET):
         train(seed_cnn, seed_cnn_batch, seed_cnn_loss, 5)
     acc = read_events(logdir)
     for m in SEED_CNN_MODULES:
@@ -203,7 +203,7 @@ def test_activation_grads_only_on_logging_steps_with_checks_on(seed_cnn, writer,
 
 def test_step_counts_training_forwards_from_zero(seed_cnn, writer):
     steps = []
-    with watch(seed_cnn, writer, every=3, **FAST) as w:
+    with watch(seed_cnn, writer, every=3, **QUIET) as w:
         assert w.step == 0
         train(seed_cnn, seed_cnn_batch, seed_cnn_loss, 7, after_step=lambda i: steps.append(w.step))
     assert steps == list(range(7))
@@ -211,7 +211,7 @@ def test_step_counts_training_forwards_from_zero(seed_cnn, writer):
 
 
 def test_step_zero_always_logs(seed_cnn, writer, logdir):
-    with watch(seed_cnn, writer, every=1000, **FAST):
+    with watch(seed_cnn, writer, every=1000, **QUIET):
         train(seed_cnn, seed_cnn_batch, seed_cnn_loss, 3)
     acc = read_events(logdir)
     assert hist_steps(acc, "activations/conv1") == [0]
@@ -230,7 +230,7 @@ def test_step_zero_always_logs(seed_cnn, writer, logdir):
     ids=["weights", "grads-str", "activations", "act-grads+weights"],
 )
 def test_log_selects_what_is_written(seed_cnn, writer, logdir, kinds, present, absent):
-    with watch(seed_cnn, writer, every=1, log=kinds, **FAST):
+    with watch(seed_cnn, writer, every=1, log=kinds, **QUIET):
         train(seed_cnn, seed_cnn_batch, seed_cnn_loss, 2)
     acc = read_events(logdir)
     for prefix in present:
@@ -251,7 +251,7 @@ def test_module_that_never_runs_logs_nothing(writer, logdir):
 
     torch.manual_seed(0)
     model = Partial()
-    with watch(model, writer, every=1, **FAST):
+    with watch(model, writer, every=1, **QUIET):
         train(model, lambda: (torch.randn(3, 4), torch.randn(3, 2)), F.mse_loss, 2)
     acc = read_events(logdir)
     assert "activations/used" in histogram_tags(acc)
@@ -265,7 +265,7 @@ def test_module_that_never_runs_logs_nothing(writer, logdir):
 # =========================================================================== eval / no_grad
 def test_eval_and_no_grad_passes_are_not_steps(seed_cnn, writer, logdir):
     big = torch.randn(5, 3, 32, 32)
-    with watch(seed_cnn, writer, every=1, **FAST) as w:
+    with watch(seed_cnn, writer, every=1, **QUIET) as w:
         seed_cnn.eval()
         seed_cnn(big)  # before the first training step: nothing happens
         assert w.step == 0
@@ -300,7 +300,7 @@ def test_user_writer_is_flushed_not_closed(seed_cnn, logdir):
     real_close = writer.close
     writer.close = lambda: closed.append(True)
     try:
-        with watch(seed_cnn, writer, every=1, **FAST) as w:
+        with watch(seed_cnn, writer, every=1, **QUIET) as w:
             train(seed_cnn, seed_cnn_batch, seed_cnn_loss, 2)
         assert w.writer is writer
         assert closed == []
@@ -315,7 +315,7 @@ def test_user_writer_is_flushed_not_closed(seed_cnn, logdir):
 
 @pytest.mark.parametrize("as_type", [str, Path], ids=["str", "Path"])
 def test_log_directory_writer_is_made_and_closed(seed_cnn, logdir, as_type):
-    with watch(seed_cnn, as_type(logdir), every=1, **FAST) as w:
+    with watch(seed_cnn, as_type(logdir), every=1, **QUIET) as w:
         assert isinstance(w.writer, SummaryWriter)
         train(seed_cnn, seed_cnn_batch, seed_cnn_loss, 2)
     assert w.writer.file_writer is None  # torch's SummaryWriter.close() drops its file writer
@@ -325,7 +325,7 @@ def test_log_directory_writer_is_made_and_closed(seed_cnn, logdir, as_type):
 
 def test_no_writer_logs_under_runs(seed_cnn, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    with watch(seed_cnn, every=1, **FAST):
+    with watch(seed_cnn, every=1, **QUIET):
         train(seed_cnn, seed_cnn_batch, seed_cnn_loss, 1)
     runs = [p for p in (tmp_path / "runs").iterdir() if p.is_dir()]
     assert len(runs) == 1
@@ -341,7 +341,7 @@ def _check_hooks_attached(model, before, optimizer=None):
 def test_hooks_removed_after_normal_exit(seed_cnn, writer):
     opt = make_optimizer(seed_cnn)
     before = hook_state(seed_cnn, opt)
-    with watch(seed_cnn, writer, every=1, **FAST):
+    with watch(seed_cnn, writer, every=1, **QUIET):
         _check_hooks_attached(seed_cnn, before)
         train(seed_cnn, seed_cnn_batch, seed_cnn_loss, 2, optimizer=opt)
     assert hook_state(seed_cnn, opt) == before
@@ -350,7 +350,7 @@ def test_hooks_removed_after_normal_exit(seed_cnn, writer):
 def test_hooks_removed_after_normal_exit_optimizer_mode(seed_cnn, writer):
     opt = make_optimizer(seed_cnn)
     before = hook_state(seed_cnn, opt)
-    with watch(seed_cnn, writer, every=1, optimizer=opt, **FAST):
+    with watch(seed_cnn, writer, every=1, optimizer=opt, **QUIET):
         during = hook_state(seed_cnn, opt)
         assert during[("optimizer", "pre")] and during[("optimizer", "post")]
         train(seed_cnn, seed_cnn_batch, seed_cnn_loss, 2, optimizer=opt)
@@ -361,7 +361,7 @@ def test_hooks_removed_mid_step(seed_cnn, writer):
     """Leaving between forward and backward of a logging step: the step's own hooks go too."""
     opt = make_optimizer(seed_cnn)
     before = hook_state(seed_cnn, opt)
-    with watch(seed_cnn, writer, every=1, **FAST):
+    with watch(seed_cnn, writer, every=1, **QUIET):
         x, y = seed_cnn_batch()
         out = seed_cnn(x)
         assert any(getattr(p, "_post_accumulate_grad_hooks", None) for p in seed_cnn.parameters())
@@ -375,7 +375,7 @@ def test_hooks_removed_and_steps_on_disk_after_exception_in_block(seed_cnn, writ
     opt = make_optimizer(seed_cnn)
     before = hook_state(seed_cnn, opt)
     with pytest.raises(exc_type):
-        with watch(seed_cnn, writer, every=1, optimizer=None, **FAST) as w:
+        with watch(seed_cnn, writer, every=1, optimizer=None, **QUIET) as w:
             _check_hooks_attached(seed_cnn, before)
             train(seed_cnn, seed_cnn_batch, seed_cnn_loss, 3, optimizer=opt)
             raise exc_type("stop")
@@ -385,7 +385,7 @@ def test_hooks_removed_and_steps_on_disk_after_exception_in_block(seed_cnn, writ
     assert hist_steps(acc, "activations/conv1") == [0, 1, 2]
     assert hist_steps(acc, "grads/conv1.weight") == [0, 1, 2]
     # And the model can be watched again.
-    with watch(seed_cnn, writer, every=1, **FAST) as w2:
+    with watch(seed_cnn, writer, every=1, **QUIET) as w2:
         train(seed_cnn, seed_cnn_batch, seed_cnn_loss, 1)
     assert w2.step == 0
 
@@ -418,7 +418,7 @@ def test_exception_inside_forward(writer, logdir, exc_type):
     opt = make_optimizer(model)
     before = hook_state(model, opt)
     with pytest.raises(exc_type):
-        with watch(model, writer, every=1, **FAST) as w:
+        with watch(model, writer, every=1, **QUIET) as w:
             train(model, _vec_batch, F.mse_loss, 2, optimizer=opt)
             model[1].exc = exc_type
             try:
@@ -436,7 +436,7 @@ def test_exception_inside_forward(writer, logdir, exc_type):
     assert hist_steps(acc, "activations/3") == [0, 1, 3]
     assert hist_steps(acc, "grads/3.weight") == [0, 1, 3]
     model[1].exc = None
-    with watch(model, writer, every=1, **FAST) as w2:
+    with watch(model, writer, every=1, **QUIET) as w2:
         train(model, _vec_batch, F.mse_loss, 2, optimizer=opt)
     assert w2.step == 1
 
@@ -444,7 +444,7 @@ def test_exception_inside_forward(writer, logdir, exc_type):
 def test_user_forward_hook_keeps_firing(seed_cnn, writer):
     calls = []
     handle = seed_cnn.conv1.register_forward_hook(lambda m, a, out: calls.append(out.shape[0]))
-    with watch(seed_cnn, writer, every=1, **FAST):
+    with watch(seed_cnn, writer, every=1, **QUIET):
         train(seed_cnn, seed_cnn_batch, seed_cnn_loss, 2)
         assert len(calls) == 2
     train(seed_cnn, seed_cnn_batch, seed_cnn_loss, 1)
@@ -456,7 +456,7 @@ def test_user_forward_hook_keeps_firing(seed_cnn, writer):
 
 def test_close_is_idempotent_and_works_without_with(seed_cnn, writer, logdir):
     before = hook_state(seed_cnn)
-    w = watch(seed_cnn, writer, every=1, **FAST)
+    w = watch(seed_cnn, writer, every=1, **QUIET)
     _check_hooks_attached(seed_cnn, before)
     train(seed_cnn, seed_cnn_batch, seed_cnn_loss, 2)
     w.close()
@@ -470,15 +470,15 @@ def test_close_is_idempotent_and_works_without_with(seed_cnn, writer, logdir):
 
 def test_second_watch_is_an_error_until_the_first_closes(seed_cnn, writer):
     before = hook_state(seed_cnn)
-    with watch(seed_cnn, writer, **FAST):
+    with watch(seed_cnn, writer, **QUIET):
         during = hook_state(seed_cnn)
         with pytest.raises(AlreadyWatchedError, match="already being watched"):
-            watch(seed_cnn, writer, **FAST)
+            watch(seed_cnn, writer, **QUIET)
         assert hook_state(seed_cnn) == during  # the refused watch attached nothing
         with pytest.raises(AlreadyWatchedError):
-            watch(nn.DataParallel(seed_cnn), writer, **FAST)  # the same model under a wrapper
+            watch(nn.DataParallel(seed_cnn), writer, **QUIET)  # the same model under a wrapper
     assert hook_state(seed_cnn) == before
-    with watch(seed_cnn, writer, every=1, **FAST) as w:
+    with watch(seed_cnn, writer, every=1, **QUIET) as w:
         train(seed_cnn, seed_cnn_batch, seed_cnn_loss, 1)
     assert w.step == 0
 
@@ -568,7 +568,7 @@ def test_zoo(case: ZooCase, tmp_path):
     before = hook_state(model, opt)
     with warnings.catch_warnings():
         warnings.simplefilter("error", IntrospectWarning)  # no probe may fail on any zoo model
-        with watch(model, tmp_path / "run", every=1, **FAST) as w:
+        with watch(model, tmp_path / "run", every=1, **QUIET) as w:
             losses = train(model, case.make_input, case.loss_fn, steps, optimizer=opt)
     assert hook_state(model, opt) == before
     assert_same_losses(bare_losses, losses)
@@ -611,7 +611,7 @@ def test_shared_module_calls_are_merged(writer, logdir):
         outs.append(out.detach().clone())
 
     model.shared.register_forward_hook(keep)
-    with watch(model, writer, every=1, **FAST):
+    with watch(model, writer, every=1, **QUIET):
         x, y = torch.randn(4, 8), torch.randn(4, 2)
         F.mse_loss(model(x), y).backward()
     acc = read_events(logdir)
@@ -631,7 +631,7 @@ def test_lstm_tuple_output_tags(writer, logdir):
 
     torch.manual_seed(0)
     model = LSTMNet()
-    with watch(model, writer, every=1, **FAST):
+    with watch(model, writer, every=1, **QUIET):
         train(model, lambda: (torch.randn(2, 5, 8), torch.randn(2, 1)), F.mse_loss, 1)
     acc = read_events(logdir)
     assert {t for t in histogram_tags(acc) if t.startswith("activations/lstm")} == {
@@ -647,7 +647,7 @@ def test_lstm_tuple_output_tags(writer, logdir):
 def test_bare_lstm_root_is_tagged_model(writer, logdir):
     torch.manual_seed(0)
     lstm = nn.LSTM(8, 16, batch_first=True)
-    with watch(lstm, writer, every=1, **FAST) as w:
+    with watch(lstm, writer, every=1, **QUIET) as w:
         out, (h, c) = lstm(torch.randn(2, 5, 8))
         out.sum().backward()
     assert w.module_names == ["model"]
@@ -665,7 +665,7 @@ def test_bare_lstm_root_is_tagged_model(writer, logdir):
 def test_optimizer_mode_with_gradient_accumulation(seed_cnn, writer, logdir):
     opt = torch.optim.SGD(seed_cnn.parameters(), lr=0.05)
     seen_steps, grad_norms, ratios, weights_at = [], {}, {}, {}
-    with watch(seed_cnn, writer, every=1, optimizer=opt, **FAST) as w:
+    with watch(seed_cnn, writer, every=1, optimizer=opt, **QUIET) as w:
         for k in range(3):
             opt.zero_grad()
             weights_at[k] = {n: p.detach().clone() for n, p in seed_cnn.named_parameters()}
@@ -703,7 +703,7 @@ def test_optimizer_mode_with_gradient_accumulation(seed_cnn, writer, logdir):
 
 def test_optimizer_mode_cadence_and_bare_optimizer_steps(seed_cnn, writer, logdir):
     opt = torch.optim.SGD(seed_cnn.parameters(), lr=0.01)
-    with watch(seed_cnn, writer, every=2, optimizer=opt, **FAST) as w:
+    with watch(seed_cnn, writer, every=2, optimizer=opt, **QUIET) as w:
         train(seed_cnn, seed_cnn_batch, seed_cnn_loss, 5, optimizer=opt)
         assert w.step == 4
         opt.step()  # a step without a forward is still a step
@@ -767,7 +767,7 @@ def test_nonfinite_is_counted_histogrammed_and_located(writer, logdir, value):
 
     model.poison.register_forward_hook(keep)
     with pytest.warns(NonFiniteWarning) as record:
-        with watch(model, writer, every=1, **FAST) as w:
+        with watch(model, writer, every=1, **QUIET) as w:
             _poison_steps(model, 3)
     assert len([r for r in record if issubclass(r.category, NonFiniteWarning)]) == 1
     assert len(w.alerts) == 1
@@ -804,7 +804,7 @@ def test_nonfinite_warns_once_per_origin(writer):
     model = PoisonNet(at={1, 2, 3})
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
-        with watch(model, writer, every=1, **FAST) as w:
+        with watch(model, writer, every=1, **QUIET) as w:
             _poison_steps(model, 5)
     nonfinite = [r for r in record if issubclass(r.category, NonFiniteWarning)]
     assert len(nonfinite) == 1
@@ -821,7 +821,7 @@ def test_nonfinite_raise_at_the_end_of_that_backward(writer, logdir):
     before = hook_state(model)
     phases = []
     with pytest.raises(NonFiniteError) as info:
-        with watch(model, writer, every=1, on_nonfinite="raise", **FAST) as w:
+        with watch(model, writer, every=1, on_nonfinite="raise", **QUIET) as w:
             for i in range(4):
                 loss = model(torch.randn(2, 4)).mean()
                 phases.append((i, "backward"))
@@ -844,7 +844,7 @@ def test_nonfinite_raise_not_on_exit(writer):
     torch.manual_seed(0)
     model = PoisonNet(at={2})
     before = hook_state(model)
-    with watch(model, writer, every=1, on_nonfinite="raise", **FAST) as w:
+    with watch(model, writer, every=1, on_nonfinite="raise", **QUIET) as w:
         for _ in range(2):
             model(torch.randn(2, 4)).mean().backward()
         model(torch.randn(2, 4))  # step 2: forward only, NaN in poison
@@ -860,7 +860,7 @@ def test_nonfinite_raise_stops_before_the_weights_change(writer):
     phases = []
     weights_after_step0 = None
     with pytest.raises(NonFiniteError) as info:
-        with watch(model, writer, every=1, optimizer=opt, on_nonfinite="raise", **FAST):
+        with watch(model, writer, every=1, optimizer=opt, on_nonfinite="raise", **QUIET):
             for i in range(3):
                 phases.append((i, "forward"))
                 loss = model(torch.randn(2, 4)).mean()
@@ -885,7 +885,7 @@ def test_nonfinite_ignore(writer):
     model = PoisonNet(at={1})
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        with watch(model, writer, every=1, on_nonfinite="ignore", **FAST):
+        with watch(model, writer, every=1, on_nonfinite="ignore", **QUIET):
             _poison_steps(model, 3)
 
 
@@ -895,7 +895,7 @@ def test_check_every(writer, check_every, found):
     model = PoisonNet(at={1, 2})
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", NonFiniteWarning)
-        with watch(model, writer, every=1, check_every=check_every, **FAST) as w:
+        with watch(model, writer, every=1, check_every=check_every, **QUIET) as w:
             _poison_steps(model, 3)
     assert [(a.where, a.step) for a in w.alerts] == found
 
@@ -925,7 +925,7 @@ def test_nonfinite_gradient_is_found_in_backward(writer, logdir):
     model.add_module("lin2", nn.Linear(8, 3))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", NonFiniteWarning)
-        with watch(model, writer, every=1, **FAST) as w:
+        with watch(model, writer, every=1, **QUIET) as w:
             model(torch.randn(2, 4)).mean().backward()
             model(torch.randn(2, 4))  # the next step ends step 0
     acc = read_events(logdir)
@@ -973,7 +973,7 @@ def test_non_float_outputs_are_skipped_quietly(writer, logdir):
     model = OddOutputs()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        with watch(model, writer, every=1, **FAST) as w:
+        with watch(model, writer, every=1, **QUIET) as w:
             train(model, lambda: (torch.randint(0, 10, (3, 5)), torch.randn(3, 5, 4)), F.mse_loss, 2)
     assert [a for a in w.alerts if a.kind == "nonfinite"] == []
     acc = read_events(logdir)
@@ -1035,12 +1035,12 @@ def test_bad_input(seed_cnn, tmp_path, kwargs, error, words):
     kwargs.setdefault("writer", tmp_path / "run")
     before = hook_state(seed_cnn)
     with pytest.raises(error) as info:
-        watch(model, **kwargs, **FAST)
+        watch(model, **kwargs, **QUIET)
     for word in words:
         assert word in str(info.value), (word, str(info.value))
     assert hook_state(seed_cnn) == before
     # Nothing half-done: the model can be watched right away.
-    watch(seed_cnn, tmp_path / "ok", **FAST).close()
+    watch(seed_cnn, tmp_path / "ok", **QUIET).close()
 
 
 def test_error_classes():
@@ -1054,7 +1054,7 @@ def test_error_classes():
 
 # =========================================================================== report
 def test_report_without_findings(seed_cnn, writer):
-    with watch(seed_cnn, writer, every=1, **FAST) as w:
+    with watch(seed_cnn, writer, every=1, **QUIET) as w:
         train(seed_cnn, seed_cnn_batch, seed_cnn_loss, 3)
     assert w.alerts == []
     assert "no problems found in 3 steps" in w.report()
@@ -1109,7 +1109,7 @@ def test_cuda_model(tmp_path):
     model = SeedCNN().cuda()
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    with watch(model, tmp_path / "run", every=1, **FAST) as w:
+    with watch(model, tmp_path / "run", every=1, **QUIET) as w:
         for _ in range(2):
             x, y = seed_cnn_batch()
             loss = seed_cnn_loss(model(x.cuda()), y.cuda())
@@ -1164,7 +1164,7 @@ def test_writer_like_object_gets_the_same_events(logdir):
     def run(writer):
         torch.manual_seed(0)
         model = SeedCNN()
-        with watch(model, writer, every=2, summary=False, graph=False):
+        with watch(model, writer, every=2, **QUIET):
             train(model, seed_cnn_batch, seed_cnn_loss, 3)
 
     recorder = RecordingWriter()
@@ -1194,7 +1194,7 @@ def test_empty_outputs_are_skipped_quietly(writer, logdir):
     model = nn.Sequential(nn.Linear(4, 8), EmptyBranch())
     with warnings.catch_warnings():
         warnings.simplefilter("error", IntrospectWarning)  # no probe may fail on it
-        with watch(model, writer, every=1, **FAST) as w:
+        with watch(model, writer, every=1, **QUIET) as w:
             out, empty = model(torch.randn(3, 4))
             (out.sum() + empty.sum()).backward()
     assert w.alerts == []
@@ -1210,7 +1210,7 @@ def test_update_ratio_of_a_weight_that_was_exactly_zero_is_not_written(writer, l
         model.bias.zero_()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     x, y = torch.randn(8, 3), torch.randn(8, 1)
-    with watch(model, writer, every=1, optimizer=opt, **FAST):
+    with watch(model, writer, every=1, optimizer=opt, **QUIET):
         for _ in range(3):
             opt.zero_grad()
             F.mse_loss(model(x), y).backward()

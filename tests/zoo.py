@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from examples.models import SeedCNN  # one definition, shared with the examples (conftest puts the repo on sys.path)
+
 __all__ = [
     "ZooCase",
     "ZOO",
@@ -46,30 +48,6 @@ class ZooCase:
 
 
 # --------------------------------------------------------------------------- models
-class SeedCNN(nn.Module):
-    """The project's seed example: 54,273 parameters, input N x 3 x H x W (H, W >= 32), output N x 1."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 32, 3)
-        self.pool1 = nn.MaxPool2d(2, 2)
-        self.conv2 = nn.Conv2d(32, 64, 5)
-        self.pool2 = nn.MaxPool2d(2, 2)
-        self.dropout = nn.Dropout2d(0.1)
-        self.adaptive_pool = nn.AdaptiveMaxPool2d((1, 1))
-        self.flatten = nn.Flatten()
-        self.linear1 = nn.Linear(64, 32)
-        self.relu = nn.ReLU()
-        self.linear2 = nn.Linear(32, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.pool1(self.conv1(x))
-        x = self.pool2(self.conv2(x))
-        x = self.dropout(x)
-        x = self.flatten(self.adaptive_pool(x))
-        return self.linear2(self.relu(self.linear1(x)))
-
-
 SEED_CNN_PARAMS = 54_273
 SEED_CNN_MODULES = (
     "conv1",
