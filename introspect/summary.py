@@ -9,7 +9,7 @@ and other buffers, every module's train/eval flag (torchinfo and ``add_graph`` b
 from __future__ import annotations
 
 import contextlib
-import io
+import threading
 import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -17,11 +17,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import _torch
 from .errors import IntrospectWarning, ModelTypeError, first_line, warn
 
 __all__ = ["preserved_state", "model_summary", "summary", "write_graph", "summary_markdown"]
 
 SUMMARY_COLUMNS = ("input_size", "output_size", "num_params", "trainable")
+_TRACE_LOCK = threading.Lock()
 
 
 @contextlib.contextmanager
@@ -100,15 +102,21 @@ def write_graph(writer: Any, model: nn.Module, args: Sequence[Any], kwargs: dict
             "to silence this", IntrospectWarning)
         return False
     try:
-        with preserved_state(model), warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        # Tracing warns about every Python branch it freezes (TracerWarning); the filters are the
+        # process's, so their swap is held as short as the trace and one watcher at a time.
+        with _TRACE_LOCK, preserved_state(model), warnings.catch_warnings():
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
-            warnings.simplefilter("ignore", FutureWarning)  # "torch.jit.trace is deprecated": add_graph still uses it
-            try:
-                writer.add_graph(model, tuple(args), use_strict_trace=False)
-            except TypeError as e:  # a writer whose add_graph has no use_strict_trace
-                if "use_strict_trace" not in str(e):
-                    raise
-                writer.add_graph(model, tuple(args))
+            warnings.simplefilter("ignore", FutureWarning)  # "torch.jit.trace is deprecated"
+            file_writer = _torch.file_writer(writer)
+            if file_writer is not None:  # torch's SummaryWriter: traced here, without add_graph's print
+                file_writer.add_graph(_torch.jit_graph(model, tuple(args)))
+            else:  # tensorboardX or a user's writer: its own add_graph
+                try:
+                    writer.add_graph(model, tuple(args), use_strict_trace=False)
+                except TypeError as e:  # an add_graph without use_strict_trace
+                    if "use_strict_trace" not in str(e):
+                        raise
+                    writer.add_graph(model, tuple(args))
     except Exception as e:  # tracing fails on data-dependent control flow, odd outputs, ...
         warn(
             f"introspect: graph not written: tracing {type(model).__name__} failed "
