@@ -232,3 +232,17 @@ def test_examples_share_one_command_line(capsys):
         ring.parse_args(["--epochs", "0"])
     assert exit_info.value.code == 2
     assert "--epochs: must be >= 1, got 0" in capsys.readouterr().err
+
+
+def test_custom_probe_example_writes_its_scalars(tmp_path, capsys):
+    from examples import custom_probe
+
+    result = custom_probe.main(["--quick", "--logdir", str(tmp_path)])
+    assert result["steps"] == 20
+    acc = read_events(tmp_path)
+    tags = set(acc.Tags()["scalars"])
+    assert {"sparsity/zero_fraction/relu", "peak/out/conv1", "peak/out/conv2", "peak/grad/conv1", "peak/grad/conv2"} <= tags
+    assert [e.step for e in acc.Scalars("peak/out/conv1")] == [0, 5, 10, 15]
+    assert all(0.0 <= e.value <= 1.0 for e in acc.Scalars("sparsity/zero_fraction/relu"))
+    assert all(e.value > 0 for e in acc.Scalars("peak/grad/conv2"))
+    assert "sparsity/zero_fraction/relu" in capsys.readouterr().out.replace("{module}", "relu")
