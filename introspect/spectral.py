@@ -344,7 +344,7 @@ def format_spectral_changes(changes: Sequence[SpectralChange]) -> str:
         rows, right=[False, True, True, True, True, True, False],
     )
     moved = [c for c in changes if not math.isnan(c.alpha_change)]
-    line = f"{len(moved)} matrices compared"
+    line = f"{len(changes)} matrices, {len(moved)} with an alpha fit in both"
     if moved:
         top = max(moved, key=lambda c: abs(c.alpha_change))
         line += f"; alpha moved most in {top.name} ({top.alpha_change:+.2f})"

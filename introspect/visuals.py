@@ -232,9 +232,8 @@ def health_map_image(
     )
     if hi <= lo:
         lo, hi = lo - 0.5, hi + 0.5
-    colours = colormaps[cmap].copy()
-    colours.set_bad(_NOT_MEASURED)
-    colours.set_under(_ZERO_COLOUR if zero_colour else colours(0.0))
+    base = colormaps[cmap]
+    colours = base.with_extremes(bad=_NOT_MEASURED, under=_ZERO_COLOUR if zero_colour else base(0.0))
     shown = np.ma.masked_invalid(np.where(np.isneginf(values), lo - 1.0, values))
     image = ax.imshow(shown, aspect="auto", interpolation="nearest", cmap=colours, vmin=lo, vmax=hi)
     bar = fig.colorbar(image, ax=ax, fraction=0.04, pad=0.02, extend="min" if zero_colour and np.isneginf(values).any() else "neither")
