@@ -254,19 +254,32 @@ def weights(models: tuple[str, ...], logdir: str | None, spectral_: bool, arch: 
     if spectral_:
         return _spectral_command(models, logdir, arch, arch_kwargs, unsafe)
     loaded = [load_weights(m, arch=arch, arch_kwargs=arch_kwargs, unsafe=unsafe) for m in models]
-    if len(loaded) == 1:
-        click.echo(format_weight_stats(weight_stats(loaded[0], show_progress=True)))
+    _one_or_two(
+        models, loaded,
+        lambda named: format_weight_stats(weight_stats(named, show_progress=True)),
+        lambda a, b: format_weight_changes(compare_weights(a, b, show_progress=True)),
+        write_weight_histograms, logdir, f"histograms of {sum(len(n) for n in loaded)} tensors",
+    )
+
+
+def _one_or_two(
+    models: tuple[str, ...], items: list[Any], show_one: Callable[[Any], str], show_two: Callable[[Any, Any], str],
+    write: Callable[[Any, Any, int], None], logdir: str | None, written: str,
+) -> None:
+    """Print one file's table or A -> B's, and with ``logdir`` write each file at its own step (A 0, B 1)."""
+    if len(items) == 1:
+        click.echo(show_one(items[0]))
     else:
         click.echo(f"A = {models[0]}\nB = {models[1]}")
-        click.echo(format_weight_changes(compare_weights(loaded[0], loaded[1], show_progress=True)))
+        click.echo(show_two(items[0], items[1]))
     if logdir is not None:
         writer, _ = open_writer(logdir)
         try:
-            for step, named in enumerate(loaded):
-                write_weight_histograms(writer, named, step)
+            for step, item in enumerate(items):
+                write(writer, item, step)
         finally:
             writer.close()
-        click.echo(f"histograms of {sum(len(n) for n in loaded)} tensors written to {logdir}")
+        click.echo(f"{written} written to {logdir}")
 
 
 def _spectral_command(models: tuple[str, ...], logdir: str | None, arch: str | None, arch_kwargs: dict | None, unsafe: bool) -> None:
@@ -285,19 +298,10 @@ def _spectral_command(models: tuple[str, ...], logdir: str | None, arch: str | N
     analysed = [spectral(source(m), show_progress=True) for m in models]
     if not analysed[0]:
         raise IntrospectError(f"{models[0]} holds no weight matrix (no floating tensor of two or more dimensions)")
-    if len(analysed) == 1:
-        click.echo(format_spectral(analysed[0]))
-    else:
-        click.echo(f"A = {models[0]}\nB = {models[1]}")
-        click.echo(format_spectral_changes(compare_spectral(analysed[0], analysed[1])))
-    if logdir is not None:
-        writer, _ = open_writer(logdir)
-        try:
-            for step, stats in enumerate(analysed):
-                write_spectral_scalars(writer, stats, step)
-        finally:
-            writer.close()
-        click.echo(f"spectral/ scalars of {sum(len(a) for a in analysed)} matrices written to {logdir}")
+    _one_or_two(
+        models, analysed, format_spectral, lambda a, b: format_spectral_changes(compare_spectral(a, b)),
+        write_spectral_scalars, logdir, f"spectral/ scalars of {sum(len(a) for a in analysed)} matrices",
+    )
 
 
 @main.command()

@@ -115,14 +115,9 @@ class Original(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
-class Refactored(nn.Module):
-    """The same layers under the same names; the activation moved after the last layer by mistake."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(8, 16)
-        self.act = nn.ReLU()
-        self.fc2 = nn.Linear(16, 4)
+class Refactored(Original):
+    """Another class, the same layers under the same names; the activation moved after the last
+    layer by mistake."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.act(self.fc2(self.fc1(x)))
