@@ -55,6 +55,9 @@ class StatSpec:
 
     name: str
     label: str
+    """The map's title."""
+    unit: str
+    """The colour bar's label: what its numbers are."""
     log: bool
     """Coloured by log10 of the value (exact zeros get their own colour)."""
     cmap: str
@@ -63,11 +66,11 @@ class StatSpec:
 
 
 STATS: dict[str, StatSpec] = {
-    "grad_rms": StatSpec("grad_rms", "log10 RMS gradient w.r.t. the module's output", True, "viridis"),
-    "activation_std": StatSpec("activation_std", "log10 std of the module's output", True, "cividis"),
-    "dead_fraction": StatSpec("dead_fraction", "share of dead units (ReLU)", False, "magma_r", (0.0, 1.0)),
-    "update_ratio": StatSpec("update_ratio", "log10 update/weight ratio of the module's weight", True, "plasma"),
-    "nonfinite": StatSpec("nonfinite", "log10(1 + NaN/Inf values in output and its gradient)", False, "Reds"),
+    "grad_rms": StatSpec("grad_rms", "log10 RMS gradient w.r.t. the module's output", "log10 RMS gradient", True, "viridis"),
+    "activation_std": StatSpec("activation_std", "log10 std of the module's output", "log10 std", True, "cividis"),
+    "dead_fraction": StatSpec("dead_fraction", "share of dead units (ReLU)", "share of dead units", False, "magma_r", (0.0, 1.0)),
+    "update_ratio": StatSpec("update_ratio", "log10 update/weight ratio of the module's weight", "log10 |update| / |weight|", True, "plasma"),
+    "nonfinite": StatSpec("nonfinite", "NaN/Inf values in the output and its gradient", "log10(1 + NaN/Inf count)", False, "Reds"),
 }
 """Every statistic a health map can show, in the order ``introspect map`` draws them."""
 
@@ -183,7 +186,7 @@ class HealthMap:
             note = ("from event files: 1 where every logged output value was 0; a partial dead fraction is "
                     "measured live only (the run's findings are outlined)")
         return health_map_image(
-            rows=self.rows, steps=self.steps, values=shown, marks=self.marks(), label=spec.label,
+            rows=self.rows, steps=self.steps, values=shown, marks=self.marks(), title=spec.label, unit=spec.unit,
             cmap=spec.cmap, limits=spec.limits, zero_colour=spec.log, findings=self.findings, note=note,
         )
 

