@@ -244,7 +244,7 @@ def test_cli_errors(tmp_path):
     assert both.exit_code == 2 and "exactly one of --input-shape, --input or --images" in both.output
     other = runner.invoke(main, ["compare", str(path), str(path), "--arch", SEED_ARCH, "--arch-b", "torchvision:resnet18",
                                  "--input-shape", "1,3,32,32"])
-    assert other.exit_code != 0 and other.output.startswith("error:")
+    assert other.exit_code == 6 and other.output.startswith("error:")  # the weights do not fit resnet18
     wrong_input = runner.invoke(main, ["compare", str(path), str(path), "--arch", SEED_ARCH, "--input-shape", "1,5,32,32"])
     assert wrong_input.exit_code == 7 and "expects [N, 3, H, W]" in wrong_input.output
 
@@ -253,15 +253,44 @@ def test_cli_refactored_class_with_arch_b(tmp_path):
     import sys
     import types
 
+    class Renamed(Original):
+        """The same weights (its extra module has none), one more module name."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.extra = nn.Identity()
+
     module = types.ModuleType("refactor_zoo")
-    module.Original, module.Refactored = Original, Refactored
+    module.Original, module.Refactored, module.Renamed = Original, Refactored, Renamed
     sys.modules["refactor_zoo"] = module
     try:
         path = tmp_path / "original.pt"
         torch.save(Original().state_dict(), path)
-        result = CliRunner().invoke(main, ["compare", str(path), str(path), "--arch", "refactor_zoo:Original",
-                                           "--arch-b", "refactor_zoo:Refactored", "--input-shape", "3,8"])
+        command = ["compare", str(path), str(path), "--arch", "refactor_zoo:Original", "--input-shape", "3,8", "--arch-b"]
+        result = CliRunner().invoke(main, command + ["refactor_zoo:Refactored"])
+        renamed = CliRunner().invoke(main, command + ["refactor_zoo:Renamed"])
     finally:
         del sys.modules["refactor_zoo"]
     assert result.exit_code == 0, result.output
     assert "first divergence at act (ReLU)" in result.output and "shape [3, 16] in A, [3, 4] in B" in result.output
+    assert renamed.exit_code == 1
+    assert renamed.output.startswith("error: the models' module names do not correspond") and "only in B: extra" in renamed.output
+
+
+def test_a_transformers_model_with_dict_outputs():
+    """A tiny random GPT-2 (built from a config, nothing downloaded): ModelOutput outputs,
+    transformers' Conv1D layers, embeddings; a nudge in the second block's MLP."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=100, n_positions=16,
+                                     bos_token_id=0, eos_token_id=0)
+    a = transformers.GPT2LMHeadModel(config).eval()
+    b = copy.deepcopy(a)
+    with torch.no_grad():  # one input feature's row: a nudge of every weight would vanish, as
+        b.transformer.h[1].mlp.c_fc.weight[0].add_(1e-3)  # LayerNorm's output sums to 0
+    tokens = torch.randint(0, 100, (2, 8), generator=torch.Generator().manual_seed(0))
+    result = first_divergence(a, b, tokens)
+    assert result.first.module == "transformer.h.1.mlp.c_fc" and result.first.module_type == "Conv1D"
+    before = result.forward[: result.first.index]
+    assert [d.module for d in before][-2:] == ["transformer.h.1.attn", "transformer.h.1.ln_2"]
+    assert all(d.exact for d in before)

@@ -182,12 +182,8 @@ def test_the_same_map_from_event_files(run):
     dead = offline.matrix("dead_fraction")
     assert (dead[ROWS.index("act2")] == 1.0).all() and np.isnan(dead[ROWS.index("act1")]).all()
     assert [(a.kind, a.where, a.step) for a in offline.findings] == [(a.kind, a.where, a.step) for a in alerts]
-    assert [(a.kind, a.where, a.step, a.phase) for a in read_alerts(_accumulator(logdir))] == [
+    assert [(a.kind, a.where, a.step, a.phase) for a in read_alerts(read_events(logdir))] == [
         (a.kind, a.where, a.step, a.phase) for a in alerts]
-
-
-def _accumulator(logdir):
-    return read_events(logdir)
 
 
 def test_find_run(tmp_path, run):
@@ -237,7 +233,7 @@ def test_cli_map_errors(tmp_path):
     assert bad_stat.exit_code == 2
 
 
-def test_cli_map_stat_without_data(tmp_path, monkeypatch):
+def test_cli_map_stat_without_data(tmp_path):
     model = nn.Sequential(nn.Linear(4, 4), nn.Tanh())
     with watch(model, tmp_path / "r", every=1, summary=False, graph=False):
         model(torch.randn(2, 4)).sum().backward()
