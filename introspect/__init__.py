@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+from .compare import Divergence, ModuleDiff, first_divergence
 from .data import DataReport, inspect_data
 from .diagnostics import Alert, Thresholds
 from .errors import (
@@ -27,6 +28,7 @@ from .errors import (
     UnsafeLoadError,
 )
 from .loading import load_model
+from .spectral import SpectralChange, SpectralStats, spectral
 from .summary import summary
 from .watch import Probe, Watcher, watch
 
@@ -40,6 +42,12 @@ __all__ = [
     "load_model",
     "inspect_data",
     "DataReport",
+    "spectral",
+    "SpectralStats",
+    "SpectralChange",
+    "first_divergence",
+    "Divergence",
+    "ModuleDiff",
     "Alert",
     "Thresholds",
     "IntrospectError",

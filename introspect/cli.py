@@ -171,6 +171,15 @@ def _shaped_input(model: Any, shape: tuple[int, ...], dtype: str) -> tuple[Any, 
     return model, inputs
 
 
+def _check_input_options(input_shape: Any, input_file: Any, images: Any, image_size: tuple[int, ...] | None) -> None:
+    """Exactly one of --input-shape, --input and --images; --image-size is H,W."""
+    given = [name for name, v in (("--input-shape", input_shape), ("--input", input_file), ("--images", images)) if v is not None]
+    if len(given) != 1:
+        raise click.UsageError("give exactly one of --input-shape, --input or --images" + (f" (got {', '.join(given)})" if given else ""))
+    if image_size is not None and len(image_size) != 2:
+        raise click.BadParameter(f"expected H,W, got {','.join(map(str, image_size))}", param_hint="--image-size")
+
+
 # --------------------------------------------------------------------------- commands
 @main.command()
 @click.argument("model", type=click.Path(dir_okay=False))
@@ -221,38 +230,78 @@ def graph(model: str, input_shape: tuple[int, ...], dtype: str, logdir: str, arc
 
 @main.command()
 @click.argument("models", nargs=-1, required=True, type=click.Path(dir_okay=False), metavar="MODEL [MODEL_B]")
-@click.option("--logdir", type=click.Path(file_okay=False), default=None, help="Also write weights/{name} histograms here (MODEL at step 0, MODEL_B at step 1).")
+@click.option("--logdir", type=click.Path(file_okay=False), default=None, help="Also write weights/{name} histograms here (MODEL at step 0, MODEL_B at step 1); with --spectral, spectral/ scalars.")
+@click.option("--spectral", "spectral_", is_flag=True, help="Spectral analysis instead: sigma_max, stable rank, power-law alpha and Marchenko-Pastur outliers of every weight matrix.")
 @model_options
-def weights(models: tuple[str, ...], logdir: str | None, arch: str | None, arch_kwargs: dict | None, unsafe: bool) -> None:
+def weights(models: tuple[str, ...], logdir: str | None, spectral_: bool, arch: str | None, arch_kwargs: dict | None, unsafe: bool) -> None:
     """Weight statistics of MODEL, or how they changed from A to B.
 
     One row per tensor: shape, mean, std, min, max, share of zeros, NaN/Inf count; with two
     files, each tensor's relative change |B - A| / |A|. A bare state_dict needs no --arch here: every floating tensor in it is shown.
+    With --spectral, one row per weight matrix, and alpha outside WeightWatcher's 2-6 band flagged.
 
     \b
     Examples:
       introspect weights ckpt.pt --logdir runs/weights
       introspect weights epoch1.pt epoch9.pt
+      introspect weights ckpt.pt --spectral --arch torchvision:resnet18 --logdir runs/spectral
     """
     from .loading import load_weights
     from .weights import compare_weights, format_weight_changes, format_weight_stats, weight_stats, write_weight_histograms
 
     if len(models) > 2:
         raise click.UsageError(f"give one MODEL, or two to compare; got {len(models)}")
+    if spectral_:
+        return _spectral_command(models, logdir, arch, arch_kwargs, unsafe)
     loaded = [load_weights(m, arch=arch, arch_kwargs=arch_kwargs, unsafe=unsafe) for m in models]
-    if len(loaded) == 1:
-        click.echo(format_weight_stats(weight_stats(loaded[0], show_progress=True)))
+    _one_or_two(
+        models, loaded,
+        lambda named: format_weight_stats(weight_stats(named, show_progress=True)),
+        lambda a, b: format_weight_changes(compare_weights(a, b, show_progress=True)),
+        write_weight_histograms, logdir, f"histograms of {sum(len(n) for n in loaded)} tensors",
+    )
+
+
+def _one_or_two(
+    models: tuple[str, ...], items: list[Any], show_one: Callable[[Any], str], show_two: Callable[[Any, Any], str],
+    write: Callable[[Any, Any, int], None], logdir: str | None, written: str,
+) -> None:
+    """Print one file's table or A -> B's, and with ``logdir`` write each file at its own step (A 0, B 1)."""
+    if len(items) == 1:
+        click.echo(show_one(items[0]))
     else:
         click.echo(f"A = {models[0]}\nB = {models[1]}")
-        click.echo(format_weight_changes(compare_weights(loaded[0], loaded[1], show_progress=True)))
+        click.echo(show_two(items[0], items[1]))
     if logdir is not None:
         writer, _ = open_writer(logdir)
         try:
-            for step, named in enumerate(loaded):
-                write_weight_histograms(writer, named, step)
+            for step, item in enumerate(items):
+                write(writer, item, step)
         finally:
             writer.close()
-        click.echo(f"histograms of {sum(len(n) for n in loaded)} tensors written to {logdir}")
+        click.echo(f"{written} written to {logdir}")
+
+
+def _spectral_command(models: tuple[str, ...], logdir: str | None, arch: str | None, arch_kwargs: dict | None, unsafe: bool) -> None:
+    """``weights --spectral``: the spectra of one file, or of two side by side (A -> B)."""
+    from .loading import load_model, read_model_file
+    from .spectral import compare_spectral, format_spectral, format_spectral_changes, spectral, write_spectral_scalars
+
+    def source(path: str) -> Any:
+        # A module (with --arch, or a file that carries one) says which tensors are embeddings;
+        # a bare state_dict is analysed as it is.
+        if arch is not None:
+            return load_model(path, arch=arch, arch_kwargs=arch_kwargs, unsafe=unsafe)
+        loaded = read_model_file(path, unsafe=unsafe)
+        return loaded.module if loaded.module is not None else loaded.state_dict
+
+    analysed = [spectral(source(m), show_progress=True) for m in models]
+    if not analysed[0]:
+        raise IntrospectError(f"{models[0]} holds no weight matrix (no floating tensor of two or more dimensions)")
+    _one_or_two(
+        models, analysed, format_spectral, lambda a, b: format_spectral_changes(compare_spectral(a, b)),
+        write_spectral_scalars, logdir, f"spectral/ scalars of {sum(len(a) for a in analysed)} matrices",
+    )
 
 
 @main.command()
@@ -288,11 +337,7 @@ def activations(
     from .activations import record_activations
     from .inputs import check_input, image_batches, image_files, load_input_file, random_input
 
-    given = [name for name, v in (("--input-shape", input_shape), ("--input", input_file), ("--images", images)) if v is not None]
-    if len(given) != 1:
-        raise click.UsageError("give exactly one of --input-shape, --input or --images" + (f" (got {', '.join(given)})" if given else ""))
-    if image_size is not None and len(image_size) != 2:
-        raise click.BadParameter(f"expected H,W, got {','.join(map(str, image_size))}", param_hint="--image-size")
+    _check_input_options(input_shape, input_file, images, image_size)
     net, torch_dtype = _cast(_load(model, arch, arch_kwargs, unsafe), dtype)
     total: int | None
     if input_shape is not None:
@@ -310,6 +355,103 @@ def activations(
                            show_progress=True, total=total)
     click.echo(f"{w.step + 1} step(s) of {len(w.module_names)} modules written to {logdir}")
     click.echo(w.report())
+
+
+@main.command()
+@click.argument("model_a", type=click.Path(dir_okay=False))
+@click.argument("model_b", type=click.Path(dir_okay=False))
+@click.option("--input-shape", type=_Shape(), default=None, help="A random input of this shape (reproducible, see --seed).")
+@click.option("--input", "input_file", type=click.Path(dir_okay=False), default=None, help="A torch.save'd tensor (or tuple of tensors): the models' inputs.")
+@click.option("--images", type=click.Path(file_okay=False), default=None, help="A folder of images: the first --batch-size of them, as RGB in [0, 1].")
+@click.option("--batch-size", type=click.IntRange(1), default=8, show_default=True, help="With --images: how many images.")
+@click.option("--image-size", type=_Shape(), default=None, metavar="H,W", help="With --images: resize every image to this size.")
+@click.option("--backward", is_flag=True, help="Also backpropagate each output's sum and compare the gradients w.r.t. every module output.")
+@click.option("--autocast", type=click.Choice(["bf16", "fp16"]), default=None, help="Run MODEL_B under torch.autocast with this dtype (MODEL_A as it is).")
+@click.option("--rtol", type=click.FloatRange(0), default=1e-4, show_default=True, help="A module diverges when max|a-b| > atol + rtol * max|a|.")
+@click.option("--atol", type=click.FloatRange(0), default=0.0, show_default=True, help="See --rtol.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random input and of both forwards' RNG.")
+@click.option("--out", type=click.Path(dir_okay=False), default=None, help="Also draw the per-module difference to this PNG.")
+@click.option("--arch-b", default=None, metavar="MODULE:CLASS", help="MODEL_B's architecture, when it differs from --arch (a refactored class).")
+@_input_options
+@model_options
+def compare(
+    model_a: str, model_b: str, input_shape: tuple[int, ...] | None, input_file: str | None, images: str | None,
+    batch_size: int, image_size: tuple[int, ...] | None, backward: bool, autocast: str | None, rtol: float, atol: float,
+    seed: int, out: str | None, arch_b: str | None, dtype: str, arch: str | None, arch_kwargs: dict | None, unsafe: bool,
+) -> None:
+    """Find the first module where MODEL_A and MODEL_B diverge on the same batch.
+
+    Both run the same input from the same RNG state; every module output (with --backward, every
+    gradient w.r.t. one) is compared in execution order: exact equality, max |a-b|, max |a-b|
+    relative to max |a|, cosine. Modules are matched by name. Give exactly one of --input-shape,
+    --input or --images.
+
+    \b
+    Examples:
+      introspect compare epoch1.pt epoch2.pt --arch examples.models:SeedCNN --input-shape 8,3,32,32
+      introspect compare ckpt.pt ckpt.pt --arch torchvision:resnet18 --input-shape 2,3,64,64 --autocast bf16 --out diff.png
+    """
+    from .compare import first_divergence
+    from .inputs import image_batches, image_files, load_input_file, random_input
+
+    _check_input_options(input_shape, input_file, images, image_size)
+    net_a, torch_dtype = _cast(_load(model_a, arch, arch_kwargs, unsafe), dtype)
+    net_b, _ = _cast(_load(model_b, arch_b or arch, arch_kwargs, unsafe), dtype)
+    if input_shape is not None:
+        inputs: tuple[Any, ...] = (random_input(net_a, input_shape, torch_dtype, seed=seed),)
+    elif input_file is not None:
+        inputs = load_input_file(input_file)
+    else:
+        inputs = (next(iter(image_batches(image_files(images)[:batch_size], batch_size, image_size))).to(torch_dtype),)
+    result = first_divergence(net_a, net_b, *inputs, backward=backward, autocast=autocast, rtol=rtol, atol=atol, seed=seed)
+    click.echo(f"A = {model_a}\nB = {model_b}" + (f" (under autocast {autocast})" if autocast else ""))
+    click.echo(str(result))
+    if out is not None:
+        _save_png(result.image(), out)
+        click.echo(f"figure written to {out}")
+
+
+def _save_png(image: Any, path: str) -> None:
+    from PIL import Image
+
+    try:
+        Image.fromarray(image).save(path, format="PNG")
+    except OSError as e:
+        raise IntrospectError(f"cannot write {path}: {e}") from e
+
+
+@main.command("map")
+@click.argument("rundir", type=click.Path())
+@click.option("--stat", "stats", multiple=True, type=click.Choice(["grad_rms", "activation_std", "dead_fraction", "update_ratio", "nonfinite"]),
+              help="Which statistic to draw (repeatable); default: every one the run has.")
+@click.option("--out", type=click.Path(dir_okay=False), default="health_map.png", show_default=True,
+              help="The PNG; with several statistics, one file each: health_map_{stat}.png.")
+def health_map(rundir: str, stats: tuple[str, ...], out: str) -> None:
+    """Draw the training health map of a watch() run from its event files.
+
+    Rows are the watched modules in execution order, columns the logging steps, the colour one
+    statistic; cells with a debugger finding are outlined in red. RUNDIR is one run's directory
+    (or a directory holding exactly one run). Nothing is rerun.
+
+    \b
+    Examples:
+      introspect map runs/exp1
+      introspect map runs/broken/nan --stat nonfinite --out nan.png
+    """
+    from .health_map import STATS, health_map_from_events
+
+    hm = health_map_from_events(rundir)
+    chosen = list(stats) or hm.available()
+    missing = [s for s in chosen if s not in hm.available()]
+    if missing:
+        raise IntrospectError(f"{rundir} has no data for {', '.join(missing)}; it has {', '.join(hm.available())}")
+    base = out[:-4] if out.lower().endswith(".png") else out
+    for stat in chosen:
+        path = out if len(chosen) == 1 else f"{base}_{stat}.png"
+        _save_png(hm.render(stat), path)
+        click.echo(f"{stat}: {path}")
+    click.echo(f"{len(hm.rows)} modules x {len(hm.steps)} logging steps, {len(hm.findings)} findings "
+               f"(statistics: {', '.join(s for s in STATS if s in hm.available())})", err=True)
 
 
 @main.command()

@@ -13,6 +13,8 @@
 | NaN/Inf count, when not zero                 | scalar    | nonfinite/{module or param}       |
 | a run's final metrics (HPARAMS, finish())    | scalar    | hparams/{metric}                  |
 | a user probe's values (``probes=``)          | scalar    | {probe.name}/{key}/{module}       |
+| spectra of saved weights (``weights --spectral``) | scalar | spectral/{alpha,stable_rank,sigma_max,mp_outliers}/{param} |
+| training health map (modules x logging steps) | image    | diagnostics/health_map/{stat}     |
 | input data (``inspect_data``)                | image     | data/batch, data/first_image       |
 |                                              | figure    | data/samples, data/class_balance  |
 |                                              | text      | data/channel_stats, data/findings |
@@ -42,11 +44,13 @@ TAG_KINDS = (
     "feature_maps",
     "nonfinite",
     "hparams",
+    "spectral",
 )
 
 SUMMARY_TAG = "model/summary"
 ALERTS_TAG = "diagnostics/alerts"
 GRAD_FLOW_TAG = "diagnostics/grad_flow"
+HEALTH_MAP_TAG = "diagnostics/health_map"
 INPUTS_TAG = "data/inputs"
 DATA_TAGS = {
     "batch": "data/batch",

@@ -4,7 +4,9 @@ drawn without pyplot (no global backend switch in the user's process)."""
 from __future__ import annotations
 
 import math
+import textwrap
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -17,6 +19,8 @@ __all__ = [
     "image_grid",
     "labeled_samples_image",
     "class_balance_image",
+    "health_map_image",
+    "divergence_image",
 ]
 
 
@@ -169,5 +173,141 @@ def class_balance_image(names: Sequence[str], counts: Sequence[int]) -> np.ndarr
     ax.set_ylabel("samples")
     ax.set_title(f"Class balance ({sum(int(c) for c in counts)} samples)")
     ax.margins(y=0.12)
+    fig.tight_layout()
+    return _render(fig)
+
+
+# --------------------------------------------------------------------------- whole-model pictures
+_NOT_MEASURED = "#d9d9d9"
+_ZERO_COLOUR = "black"
+_FINDING_COLOUR = "#e41a1c"
+_LINE = 0.13  # inches per line of 7-point text under a figure
+
+
+def _tick_positions(n: int, most: int) -> list[int]:
+    """Every k-th of ``n`` positions, k chosen so at most ``most`` (plus the last) are labelled."""
+    stride = max(1, math.ceil(n / most))
+    ticks = list(range(0, n, stride))
+    if n and ticks[-1] != n - 1 and n - 1 - ticks[-1] >= stride / 2:
+        ticks.append(n - 1)
+    return ticks
+
+
+def health_map_image(
+    rows: Sequence[str],
+    steps: Sequence[int],
+    values: np.ndarray,
+    marks: Sequence[tuple[int, int, Any]],
+    title: str,
+    unit: str,
+    cmap: str = "viridis",
+    limits: tuple[float, float] | None = None,
+    zero_colour: bool = False,
+    findings: Sequence[Any] = (),
+    note: str = "",
+) -> np.ndarray:
+    """Modules (rows, in execution order) x logging steps (columns) coloured by one statistic.
+
+    ``values`` holds the drawn numbers (NaN: not measured, grey; with ``zero_colour``, -inf: an
+    exact zero of a log-scaled statistic, black). ``marks`` are ``(row, column, finding)`` cells
+    outlined in red; ``findings`` are listed under the map (at most eight).
+    """
+    from matplotlib import colormaps
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Patch, Rectangle
+
+    n_rows, n_cols = values.shape
+    # The layout is computed here, in inches, rather than by tight_layout: measuring every label
+    # to place them was half the cost of a picture (~0.35 s), and one is drawn per statistic.
+    font = 7 if n_rows > 30 else 8
+    longest = max((len(r) for r in rows), default=4)
+    left = min(0.6 * font / 72 * longest, 3.5) + 0.45  # the names, and the axis label beside them
+    right, top = 1.25, 0.4  # the colour bar and its label; the title
+    width = min(max(6.5, left + right + 0.16 * n_cols), 16.0)
+    row_height = 0.2 if n_rows <= 40 else 0.14
+    listed = list(findings)[:8]
+    lines = [f"step {a.step}: {a.kind}{f' ({a.phase})' if a.phase else ''} at {a.where}" for a in listed]
+    if len(findings) > len(listed):
+        lines.append(f"... and {len(findings) - len(listed)} more findings")
+    lines += textwrap.wrap(note, width=int(width / 0.07)) if note else []
+    bottom = 0.75 + 0.25 + _LINE * len(lines)  # step labels and axis label, the legend, the list
+    height = min(bottom + top + max(1.8, row_height * n_rows), 40.0)
+    fig = Figure(figsize=(width, height), dpi=100)
+    box = (left / width, bottom / height, (width - left - right) / width, (height - top - bottom) / height)
+    ax = fig.add_axes(box)
+    bar_ax = fig.add_axes(((width - right + 0.15) / width, box[1], 0.15 / width, box[3]))
+    finite = values[np.isfinite(values)]
+    lo, hi = limits if limits is not None else (
+        (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+    )
+    if hi <= lo:
+        lo, hi = lo - 0.5, hi + 0.5
+    base = colormaps[cmap]
+    colours = base.with_extremes(bad=_NOT_MEASURED, under=_ZERO_COLOUR if zero_colour else base(0.0))
+    shown = np.ma.masked_invalid(np.where(np.isneginf(values), lo - 1.0, values))
+    image = ax.imshow(shown, aspect="auto", interpolation="nearest", cmap=colours, vmin=lo, vmax=hi)
+    bar = fig.colorbar(image, cax=bar_ax, extend="min" if zero_colour and np.isneginf(values).any() else "neither")
+    bar.set_label(unit, fontsize=8)
+    bar.ax.tick_params(labelsize=7)
+    ax.set_yticks(range(n_rows))
+    ax.set_yticklabels(rows, fontsize=font)
+    cols = _tick_positions(n_cols, 24)
+    ax.set_xticks(cols)
+    ax.set_xticklabels([str(steps[j]) for j in cols], fontsize=8, rotation=90 if n_cols > 8 else 0)
+    ax.set_xlabel("logging step")
+    ax.set_ylabel("module, in execution order", fontsize=8)
+    ax.set_title(f"Health map: {title}", fontsize=10)
+    for i, j, _ in marks:
+        ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor=_FINDING_COLOUR, linewidth=1.8))
+    handles = [Patch(facecolor=_NOT_MEASURED, label="not measured")]
+    if zero_colour:
+        handles.append(Patch(facecolor=_ZERO_COLOUR, label="exactly 0"))
+    if marks:
+        handles.append(Patch(fill=False, edgecolor=_FINDING_COLOUR, linewidth=1.8, label="finding"))
+    fig.legend(handles=handles, loc="lower right", ncol=len(handles), fontsize=7, frameon=False,
+               bbox_to_anchor=(1.0, (_LINE * len(lines) + 0.05) / height))
+    if lines:
+        fig.text(0.01, 0.08 / height, "\n".join(lines), fontsize=7, va="bottom", ha="left", family="monospace")
+    return _render(fig)
+
+
+def divergence_image(forward: Sequence[Any], backward: Sequence[Any], rtol: float) -> np.ndarray:
+    """Per-module relative difference of two models (``ModuleDiff`` rows), log scale.
+
+    Exactly equal outputs sit on the bottom line, the tolerance is a dashed line, and the first
+    divergence is marked; a second panel shows the gradients when there are any.
+    """
+    from matplotlib.figure import Figure
+
+    panels = [(p, d) for p, d in (("forward: module outputs", forward), ("backward: gradients w.r.t. outputs", backward)) if d]
+    n = max((len(d) for _, d in panels), default=1)
+    fig = Figure(figsize=(min(max(6.5, 0.16 * n + 2.5), 18.0), 3.6 * max(len(panels), 1) + 0.6), dpi=100)
+    for k, (title, diffs) in enumerate(panels):
+        ax = fig.add_subplot(len(panels), 1, k + 1)
+        rel = np.array([d.max_rel for d in diffs], dtype=float)
+        positive = rel[np.isfinite(rel) & (rel > 0)]
+        floor = min(float(positive.min()) / 10 if positive.size else rtol / 100, rtol / 100)
+        top = max(float(positive.max()) * 10 if positive.size else rtol * 10, rtol * 10)
+        drawn = np.where(np.isfinite(rel), np.maximum(rel, floor), top)
+        x = np.arange(len(diffs))
+        colours = ["#2ca02c" if d.exact else (_FINDING_COLOUR if d.diverged else "#ff7f0e") for d in diffs]
+        ax.scatter(x, drawn, c=colours, s=18, zorder=3)
+        ax.plot(x, drawn, color="#999999", linewidth=0.8, zorder=2)
+        ax.axhline(rtol, color="#555555", linestyle="--", linewidth=1, label=f"rtol {rtol:g}")
+        ax.set_yscale("log")
+        ax.set_ylim(floor / 2, top * 2)
+        first = next((d for d in diffs if d.diverged), None)
+        if first is not None:
+            ax.axvline(first.index, color=_FINDING_COLOUR, linewidth=1.2)
+            ax.annotate(f"first divergence: {first.module}", (first.index, top), xytext=(4, -12), textcoords="offset points",
+                        fontsize=8, color=_FINDING_COLOUR)
+        ticks = _tick_positions(len(diffs), 60)
+        ax.set_xticks(ticks)
+        ax.set_xticklabels([diffs[i].module for i in ticks], rotation=70, ha="right", fontsize=6 if len(ticks) > 30 else 7)
+        ax.set_xlim(-0.75, len(diffs) - 0.25)
+        ax.set_ylabel("max |a-b| / max |a|", fontsize=8)
+        ax.set_title(f"{title} (green: exactly equal, drawn at the bottom; red: beyond tolerance)", fontsize=9)
+        ax.grid(True, axis="y", alpha=0.3)
+        ax.legend(loc="upper left", fontsize=7)
     fig.tight_layout()
     return _render(fig)
