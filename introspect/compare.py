@@ -40,7 +40,7 @@ from .activations import backward_target
 from .compiled import forget_compiled_code, is_compiled
 from .errors import ConfigError, ModelTypeError
 from .inputs import input_error
-from .probes import named_float_tensors
+from .tensors import named_float_tensors
 from .selection import root_name, unwrap_model
 from .summary import preserved_state
 from .terminal import format_table

@@ -272,3 +272,35 @@ def test_broken_training_nan_map(tmp_path):
     with Image.open(tmp_path / "nan.png") as image:
         pixels = np.asarray(image.convert("RGB"))
     assert np.all(pixels == FINDING_RGB, axis=-1).sum() > 30
+
+
+def test_watch_writes_the_health_map_at_image_steps_and_at_close(tmp_path):
+    from introspect.watch import DEFAULT_LOG
+
+    model = dead_mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    g = torch.Generator().manual_seed(1)
+    with watch(model, tmp_path / "run", every=2, image_every=6, optimizer=opt, log=(*DEFAULT_LOG, "health_map"),
+               summary=False, graph=False) as w:
+        for _ in range(9):
+            x = torch.randn(64, 8, generator=g)
+            loss = F.mse_loss(model(x), x[:, :1])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    acc = read_events(tmp_path / "run")
+    maps = {t for t in acc.Tags()["images"] if t.startswith("diagnostics/health_map/")}
+    assert {health_map_tag(s) for s in ("grad_rms", "activation_std", "dead_fraction", "update_ratio")} <= maps
+    # Step 0 has one column only (nothing to draw yet); step 6 is an image step; step 8 is the close.
+    assert [e.step for e in acc.Images(health_map_tag("grad_rms"))] == [6, 8]
+    dead = [a for a in w.alerts if a.kind == "dead_units"]
+    assert dead and dead[0].where == "act2"
+    picture = acc.Images(health_map_tag("dead_fraction"))[-1]
+    assert picture.width > 200 and picture.height > 100
+
+
+def test_the_health_map_is_opt_in(tmp_path):
+    with watch(dead_mlp(), tmp_path / "run", every=1, summary=False, graph=False) as w:
+        for _ in range(3):
+            w.model(torch.randn(4, 8)).sum().backward()
+    assert not [t for t in read_events(tmp_path / "run").Tags()["images"] if t.startswith("diagnostics/health_map")]

@@ -23,6 +23,7 @@ def built_in_probes(config: Any, ctx: Any) -> list[Probe]:
     from .first_batch import FirstBatch
     from .grad_health import GradHealth
     from .grads import Grads
+    from .health_map import HealthMapProbe
     from .hparams import Hparams
     from .inputs import Inputs
     from .nonfinite import NonFiniteCheck, NonFiniteNumbers
@@ -53,5 +54,7 @@ def built_in_probes(config: Any, ctx: Any) -> list[Probe]:
     probes.append(GradHealth())
     if "feature_maps" in log:
         probes.append(FeatureMaps())
+    if "health_map" in log:
+        probes.append(HealthMapProbe())
     probes.append(Hparams())
     return probes

@@ -33,8 +33,8 @@ __all__ = [
     "read_step",
 ]
 
-LOG_KINDS = ("activations", "activation_grads", "weights", "grads", "feature_maps")
-DEFAULT_LOG = LOG_KINDS
+LOG_KINDS = ("activations", "activation_grads", "weights", "grads", "feature_maps", "health_map")
+DEFAULT_LOG = LOG_KINDS[:5]  # the health map is opt-in: its pictures cost ~1 s (see probes/health_map.py)
 DEFAULT_EVERY = 50
 IMAGE_EVERY_FACTOR = 10  # image_every defaults to 10 x every: one picture costs ~10-20 ms (PNG + checksum)
 NONFINITE_ACTIONS = ("warn", "raise", "ignore")
