@@ -16,10 +16,7 @@ class Activations(Probe):
 
     def on_output(self, name: str, module: nn.Module, output: Any) -> None:
         buffer = self.ctx.buffer
-        tensors = self.ctx.tensors(output)
-        several = len(tensors) > 1
-        for suffix, tensor in tensors:
-            where = f"{name}/{suffix}" if several else name
+        for where, _, tensor in self.ctx.outputs(name, output):
             # The non-finite check summed this tensor already: the histogram reuses that pass.
             buffer.add_histogram(tag("activations", where), tensor, buffer.known_sum(tensor))
         return None

@@ -36,12 +36,9 @@ class FeatureMaps(Probe):
 
     def on_output(self, name: str, module: nn.Module, output: Any) -> None:
         pick = self.pickers[name]
-        tensors = self.ctx.tensors(output)
-        several = len(tensors) > 1
-        for suffix, tensor in tensors:
+        for where, suffix, tensor in self.ctx.outputs(name, output):
             if suffix not in ("", "0"):
                 continue
-            where = f"{name}/{suffix}" if several else name
             if where not in self.maps and (picked := pick(tensor)) is not None:
                 self.maps[where] = picked
         return None

@@ -80,10 +80,7 @@ class NonFiniteCheck(Probe):
                 buffer.add_check(("in", call), tensor)
             elif producer >= 0:
                 buffer.calls[call].producers.append(producer)
-        tensors = ctx.tensors(output)
-        several = len(tensors) > 1
-        for suffix, tensor in tensors:
-            where = f"{name}/{suffix}" if several else name
+        for where, _, tensor in ctx.outputs(name, output):
             if tensor.dtype in LOW_PRECISION:
                 self._half_outputs[where] = tensor.dtype
             if not safe:

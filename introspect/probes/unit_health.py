@@ -85,10 +85,7 @@ class UnitHealth(Probe):
 
     def on_output(self, name: str, module: nn.Module, output: Any) -> None:
         measure = self._measures[name]
-        tensors = self.ctx.tensors(output)
-        several = len(tensors) > 1
-        for suffix, tensor in tensors:
-            where = f"{name}/{suffix}" if several else name
+        for where, _, tensor in self.ctx.outputs(name, output):
             measure(self.ctx.buffer, where, tensor, self.ctx.config.thresholds, self._windows)
         return None
 

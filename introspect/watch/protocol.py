@@ -149,6 +149,8 @@ class ProbeContext:
         self.disabled: set[str] = set()
         self._tensors_of: Any = None
         self._tensors: list[tuple[str, torch.Tensor]] = []
+        self._outputs_name: str | None = None
+        self._outputs: list[tuple[str, str, torch.Tensor]] = []
 
     # ------------------------------------------------------------ shared views of an output
     def tensors(self, output: Any) -> list[tuple[str, torch.Tensor]]:
@@ -160,6 +162,7 @@ class ProbeContext:
     def forget_output(self) -> None:
         """Drop the last output's view (nothing holds on to activations between calls)."""
         self._tensors_of, self._tensors = None, []
+        self._outputs_name, self._outputs = None, []
 
     def grad_scale(self) -> torch.Tensor | None:
         from ..amp import scale_tensor
@@ -170,29 +173,33 @@ class ProbeContext:
     def disable(self, key: str, module: nn.Module | None, error: Exception) -> None:
         """A built-in probe failed on ``key`` (a module, or ``<writer>``-like name): warn once and
         stop it; training goes on (``strict=True``: raise ``ProbeError``)."""
-        if key in self.disabled:
-            return
-        self.disabled.add(key)
         what = f"{key} ({type(module).__name__})" if module is not None else key
-        if self.config.strict:
-            raise ProbeError(
-                f"introspect: the probe on {what} failed: {type(error).__name__}: {error} "
-                "(strict=True; without it the probe would stop and training go on)", key) from error
-        warn(
-            f"introspect: stopped watching {what} after an error in its probe: "
-            f"{type(error).__name__}: {error}", IntrospectWarning)
+        self._fail(key, key, error, f"the probe on {what} failed", f"stopped watching {what} after an error in its probe")
 
     def disable_probe(self, probe: Probe, where: str, module: nn.Module | None, error: Exception) -> None:
         """A user probe failed: it stops for the rest of the run, with one warning."""
-        key = f"<probe {probe.name}>"
+        what = f"{where} ({type(module).__name__})" if module is not None else where
+        self._fail(f"<probe {probe.name}>", where, error, f"probe {probe.name!r} failed on {what}",
+                   f"probe {probe.name!r} stopped after an error on {what}")
+
+    def _fail(self, key: str, module: str, error: Exception, failed: str, stopped: str) -> None:
         if key in self.disabled:
             return
         self.disabled.add(key)
-        what = f"{where} ({type(module).__name__})" if module is not None else where
         if self.config.strict:
             raise ProbeError(
-                f"introspect: probe {probe.name!r} failed on {what}: {type(error).__name__}: {error} "
-                "(strict=True; without it the probe would stop and training go on)", where) from error
-        warn(
-            f"introspect: probe {probe.name!r} stopped after an error on {what}: "
-            f"{type(error).__name__}: {error}", IntrospectWarning)
+                f"introspect: {failed}: {type(error).__name__}: {error} "
+                "(strict=True; without it the probe would stop and training go on)", module) from error
+        warn(f"introspect: {stopped}: {type(error).__name__}: {error}", IntrospectWarning)
+
+    def outputs(self, name: str, output: Any) -> list[tuple[str, str, torch.Tensor]]:
+        """``[(where, suffix, tensor)]`` of a module call: ``where`` is the tag name, the module's
+        own name with the output's suffix when it returns several floating tensors."""
+        if output is not self._tensors_of or self._outputs_name != name:
+            tensors = self.tensors(output)
+            self._outputs_name = name
+            self._outputs = (
+                [(name, tensors[0][0], tensors[0][1])] if len(tensors) == 1
+                else [(f"{name}/{suffix}", suffix, tensor) for suffix, tensor in tensors]
+            )
+        return self._outputs

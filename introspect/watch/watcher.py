@@ -24,18 +24,18 @@ import torch
 from torch import nn
 
 from .. import eventfile
-from .._torch import queue_after_backward
 from ..compiled import COMPILED_WARNING, compiling, forget_compiled_code, is_compiled, outside_graph
 from ..diagnostics import Alert, format_report
 from ..distributed import ddp_syncs_gradients, find_ddp, rank_writer_target, writes_here
-from ..errors import AlreadyWatchedError, IntrospectWarning, NonFiniteError, ProbeError, warn
+from ..errors import AlreadyWatchedError, IntrospectWarning, NonFiniteError, warn
 from ..selection import select_modules, select_parameters, unwrap_model
-from ..sinks import open_writer, probe_tag, write_step
+from ..sinks import open_writer, write_step
 from ..step import HostStep, StepBuffer
 from .clock import StepClock
 from .config import WatchConfig
 from .findings import Findings, GuardedWriter
-from .protocol import EVENTS, Probe, ProbeContext, overrides
+from .dispatch import Dispatch
+from .protocol import Probe, ProbeContext, overrides
 from .registry import ACTIVE, Registry
 from .signals import SignalGuard
 
@@ -97,12 +97,8 @@ class Watcher:
             self._probes: list[Probe] = [*built_in_probes(config, self.ctx), *config.probes]
             for probe in self._probes:
                 probe.bind(self.ctx)
-            self._module_probes = {
-                name: [p for p in self._probes if p.select(name, module)] for name, module in modules.items()
-            }
+            self._dispatch = Dispatch(self.ctx, self._probes)
             self._first_batch = [p for p in self._probes if overrides(p, "on_first_batch")]
-            self._events: dict[str, list[Probe]] = {event: [] for event in EVENTS}
-            self._per_module: dict[str, tuple[list[Probe], list[Probe]]] = {}
             self._attach()
         except BaseException:
             self._registry.undo()
@@ -273,7 +269,7 @@ class Watcher:
             if self._first_batch:
                 self._run_first_batch(module, args, kwargs)
             self._sync_step()
-            for probe in self._events["on_forward"]:
+            for probe in self._dispatch.events["on_forward"]:
                 probe.on_forward(args, kwargs)
         except BaseException:  # e.g. NonFiniteError: this forward never starts
             self._active = False
@@ -327,16 +323,7 @@ class Watcher:
         plan = self._clock.plan()
         buffer = StepBuffer(step=plan.step, logging=plan.logging, checking=plan.checking)
         self.ctx.plan, self.ctx.buffer = plan, buffer
-        active = [p for p in self._probes if f"<probe {p.name}>" not in self.ctx.disabled and p.active(plan)]
-        self._events = {event: [p for p in active if overrides(p, event)] for event in EVENTS}
-        self._per_module = {}
-        for probe in self._events["on_step_start"]:
-            probe.on_step_start(plan)
-        takers = [p for p in self._events["on_param_grad"] if getattr(p, "wants_param_grads", True)]
-        if takers:
-            for name, param in self.ctx.params.items():
-                self._step_hooks.hook(
-                    param.register_post_accumulate_grad_hook(self._make_param_grad_hook(buffer, name, takers)))
+        self._dispatch.start_step(plan, buffer)
 
     def _end_step(self) -> None:
         """Write the step, then tell the probes; a NaN/Inf to raise waits until all have run."""
@@ -351,7 +338,7 @@ class Watcher:
             if buffer.logging:
                 host = buffer.to_host()  # one transfer for the whole step's records
                 self._writer.run(write_step, host)
-            for probe in self._events["on_step_end"]:
+            for probe in self._dispatch.events["on_step_end"]:
                 try:
                     probe.on_step_end(host)
                 except NonFiniteError as e:  # on_nonfinite="raise": after the step is complete
@@ -359,25 +346,13 @@ class Watcher:
         finally:
             buffer.closed = True
             ctx.buffer = ctx.plan = None  # only now: a signal during the transfer loses nothing
-            self._events = {event: [] for event in EVENTS}
-            self._per_module = {}
+            self._dispatch.end_step()
         if error is not None:
             raise error
 
     # ----------------------------------------------------------------- module outputs
-    def _probes_for(self, name: str) -> tuple[list[Probe], list[Probe]]:
-        """This step's (output, output-gradient) probes of one module, worked out once a step."""
-        found = self._per_module.get(name)
-        if found is None:
-            active_out = self._events["on_output"]
-            active_grad = self._events["on_output_grad"]
-            mine = self._module_probes[name]
-            found = ([p for p in mine if p in active_out], [p for p in mine if p in active_grad])
-            self._per_module[name] = found
-        return found
-
     def _make_output_hook(self, name: str) -> Callable[[nn.Module, Any, Any], None]:
-        ctx = self.ctx
+        ctx, dispatch = self.ctx, self._dispatch
 
         def hook(module: nn.Module, args: Any, output: Any) -> None:
             if compiling():  # traced into a compiled graph: add nothing to it
@@ -387,105 +362,17 @@ class Watcher:
                 return None
             if not self._active and (self.config.step_fn is None or not self._join_external_step(module)):
                 return None
-            buffer = ctx.buffer
-            if buffer is None:
-                return None
-            on_output, on_grad = self._probes_for(name)
-            if not on_output and not on_grad:
-                return None
-            ctx.call_index = -1
-            ctx.args = args
-            try:
-                for probe in on_output:
-                    try:
-                        result = probe.on_output(name, module, output)
-                        if result:
-                            self._record(probe, name, result)
-                    except Exception as e:
-                        if probe.builtin:
-                            ctx.disable(name, module, e)
-                            return None
-                        ctx.disable_probe(probe, name, module, e)
-                on_grad = [p for p in on_grad if f"<probe {p.name}>" not in ctx.disabled]
-                if on_grad:
-                    tensors = ctx.tensors(output)
-                    several = len(tensors) > 1
-                    for suffix, tensor in tensors:
-                        if tensor.requires_grad:
-                            where = f"{name}/{suffix}" if several else name
-                            tensor.register_hook(self._make_output_grad_hook(buffer, module, where, on_grad))
-            except ProbeError:  # strict=True: the user asked for it to surface
-                raise
-            except Exception as e:
-                ctx.disable(name, module, e)
-            finally:
-                ctx.forget_output()
-                ctx.args = None
+            if ctx.buffer is not None:
+                dispatch.module_output(name, module, args, output)
             return None
 
         return hook
 
-    def _make_output_grad_hook(
-        self, buffer: StepBuffer, module: nn.Module, where: str, probes: list[Probe]
-    ) -> Callable[[torch.Tensor], None]:
-        ctx = self.ctx
-        call = ctx.call_index
-
-        def hook(grad: torch.Tensor) -> None:
-            if buffer.closed or self._closed or where in ctx.disabled:
-                return None
-            ctx.call_index = call
-            for probe in probes:
-                try:
-                    result = probe.on_output_grad(where, module, grad)
-                    if result:
-                        self._record(probe, where, result)
-                except Exception as e:
-                    if probe.builtin:
-                        ctx.disable(where, None, e)
-                        return None
-                    ctx.disable_probe(probe, where, module, e)
-            if self._events["on_after_backward"] and not buffer.callback_queued:
-                buffer.callback_queued = True
-                queue_after_backward(lambda: self._after_backward(buffer))
-            return None
-
-        return hook
-
-    def _record(self, probe: Probe, where: str, values: Mapping[str, Any]) -> None:
-        """A user probe's values as this step's scalars ``{probe}/{key}/{module}``."""
-        buffer = self.ctx.buffer
-        if buffer is None:
-            return
-        for key, value in values.items():
-            if isinstance(value, torch.Tensor):
-                buffer.add_scalar(probe_tag(probe.name, key, where), value.detach().reshape(()).float())
-            else:
-                buffer.add_plain_scalar(probe_tag(probe.name, key, where), float(value))
-
-    # ----------------------------------------------------------------- backward and optimizer
-    def _make_param_grad_hook(self, buffer: StepBuffer, name: str, probes: list[Probe]) -> Callable[[torch.Tensor], None]:
-        def hook(param: torch.Tensor) -> None:
-            if buffer.closed or param.grad is None:
-                return None
-            for probe in probes:
-                probe.on_param_grad(name, param)
-            return None
-
-        return hook
-
-    def _after_backward(self, buffer: StepBuffer) -> None:
-        """Runs when a backward pass finishes, before the user's next line (``optimizer.step()``)."""
-        buffer.callback_queued = False
-        if buffer.closed or self._closed:
-            return
-        for probe in self._events["on_after_backward"]:
-            probe.on_after_backward()
-
+    # ----------------------------------------------------------------- optimizer
     def _on_optimizer_pre(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         if self.ctx.buffer is None:
             return None
-        for probe in self._events["on_optimizer_pre"]:
+        for probe in self._dispatch.events["on_optimizer_pre"]:
             probe.on_optimizer_pre()
         return None
 
@@ -494,7 +381,7 @@ class Watcher:
             # optimizer.step() without a training forward since the last one: still a step.
             self._clock.take()
         else:
-            for probe in self._events["on_optimizer_step"]:
+            for probe in self._dispatch.events["on_optimizer_step"]:
                 probe.on_optimizer_step()
             self._end_step()
         if self._guard is not None and self._guard.pending is not None:

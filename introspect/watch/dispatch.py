@@ -1,0 +1,161 @@
+"""Which probe hears which event in the open step, and the per-module and backward hooks that
+carry events to them.
+
+At each step's start the dispatch keeps, per event, the probes active for that step's plan (a
+probe that is off costs nothing), and works out once a step and per module which of them that
+module's output and output gradient go to.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from .._torch import queue_after_backward
+from ..errors import ProbeError
+from ..sinks import probe_tag
+from ..step import StepBuffer
+from .clock import StepPlan
+from .protocol import EVENTS, Probe, ProbeContext, overrides
+
+__all__ = ["Dispatch"]
+
+
+class Dispatch:
+    def __init__(self, ctx: ProbeContext, probes: list[Probe]) -> None:
+        self.ctx = ctx
+        self.probes = probes
+        self._module_probes = {
+            name: [p for p in probes if p.select(name, module)] for name, module in ctx.modules.items()
+        }
+        self.events: dict[str, list[Probe]] = {event: [] for event in EVENTS}
+        self._per_module: dict[str, tuple[list[Probe], list[Probe]]] = {}
+
+    # ----------------------------------------------------------------- step scope
+    def start_step(self, plan: StepPlan, buffer: StepBuffer) -> None:
+        """The probes of this step; ``on_step_start``; gradient-accumulation hooks if wanted."""
+        ctx = self.ctx
+        active = [p for p in self.probes if f"<probe {p.name}>" not in ctx.disabled and p.active(plan)]
+        self.events = {event: [p for p in active if overrides(p, event)] for event in EVENTS}
+        self._per_module = {}
+        for probe in self.events["on_step_start"]:
+            probe.on_step_start(plan)
+        takers = [p for p in self.events["on_param_grad"] if getattr(p, "wants_param_grads", True)]
+        if takers:
+            for name, param in ctx.params.items():
+                ctx.step_hooks.hook(
+                    param.register_post_accumulate_grad_hook(self._param_grad_hook(buffer, name, takers)))
+
+    def end_step(self) -> None:
+        self.events = {event: [] for event in EVENTS}
+        self._per_module = {}
+
+    # ----------------------------------------------------------------- module outputs
+    def _probes_for(self, name: str) -> tuple[list[Probe], list[Probe]]:
+        """This step's (output, output-gradient) probes of one module, worked out once a step."""
+        found = self._per_module.get(name)
+        if found is None:
+            active_out = self.events["on_output"]
+            active_grad = self.events["on_output_grad"]
+            mine = self._module_probes[name]
+            found = ([p for p in mine if p in active_out], [p for p in mine if p in active_grad])
+            self._per_module[name] = found
+        return found
+
+    def module_output(self, name: str, module: nn.Module, args: Any, output: Any) -> None:
+        """A selected module's forward returned, in an open step."""
+        on_output, on_grad = self._probes_for(name)
+        if not on_output and not on_grad:
+            return
+        ctx = self.ctx
+        buffer = ctx.buffer
+        ctx.call_index = -1
+        ctx.args = args
+        try:
+            for probe in on_output:
+                if not self._send(probe, probe.on_output, name, module, output, name, module):
+                    return  # a built-in probe failed: this module is no longer watched
+            on_grad = [p for p in on_grad if f"<probe {p.name}>" not in ctx.disabled]
+            if on_grad:
+                for where, _, tensor in ctx.outputs(name, output):
+                    if tensor.requires_grad:
+                        tensor.register_hook(self._output_grad_hook(buffer, module, where, on_grad))
+        except ProbeError:  # strict=True: the user asked for it to surface
+            raise
+        except Exception as e:
+            ctx.disable(name, module, e)
+        finally:
+            ctx.forget_output()
+            ctx.args = None
+
+    def _output_grad_hook(
+        self, buffer: StepBuffer, module: nn.Module, where: str, probes: list[Probe]
+    ) -> Callable[[torch.Tensor], None]:
+        ctx = self.ctx
+        call = ctx.call_index
+
+        def hook(grad: torch.Tensor) -> None:
+            if buffer.closed or ctx.closing or where in ctx.disabled:
+                return None
+            ctx.call_index = call
+            for probe in probes:
+                if not self._send(probe, probe.on_output_grad, where, module, grad, where, None):
+                    return None
+            if self.events["on_after_backward"] and not buffer.callback_queued:
+                buffer.callback_queued = True
+                queue_after_backward(lambda: self._after_backward(buffer))
+            return None
+
+        return hook
+
+    def _send(
+        self, probe: Probe, method: Callable[..., Any], where: str, module: nn.Module, value: Any,
+        disable_key: str, disable_module: nn.Module | None,
+    ) -> bool:
+        """One per-module event to one probe, its scalars recorded; False when a built-in probe
+        failed (the module is disabled), True otherwise (a failing user probe is disabled alone)."""
+        try:
+            result = method(where, module, value)
+            if result:
+                self._record(probe, where, result)
+        except ProbeError:
+            raise
+        except Exception as e:
+            if probe.builtin:
+                self.ctx.disable(disable_key, disable_module, e)
+                return False
+            self.ctx.disable_probe(probe, where, module, e)
+        return True
+
+    def _record(self, probe: Probe, where: str, values: Mapping[str, Any]) -> None:
+        """A user probe's values as this step's scalars ``{probe}/{key}/{module}``."""
+        buffer = self.ctx.buffer
+        if buffer is None:
+            return
+        for key, value in values.items():
+            if isinstance(value, torch.Tensor):
+                buffer.add_scalar(probe_tag(probe.name, key, where), value.detach().reshape(()).float())
+            else:
+                buffer.add_plain_scalar(probe_tag(probe.name, key, where), float(value))
+
+    # ----------------------------------------------------------------- backward
+    def _param_grad_hook(self, buffer: StepBuffer, name: str, probes: list[Probe]) -> Callable[[torch.Tensor], None]:
+        def hook(param: torch.Tensor) -> None:
+            if buffer.closed or param.grad is None:
+                return None
+            for probe in probes:
+                probe.on_param_grad(name, param)
+            return None
+
+        return hook
+
+    def _after_backward(self, buffer: StepBuffer) -> None:
+        """Runs when a backward pass finishes, before the user's next line (``optimizer.step()``)."""
+        buffer.callback_queued = False
+        if buffer.closed or self.ctx.closing:
+            return
+        for probe in self.events["on_after_backward"]:
+            probe.on_after_backward()
