@@ -120,9 +120,10 @@ def locate_nonfinite(
 ) -> Alert | None:
     """The origin of this step's first NaN/Inf, or None when every checked sum is finite.
 
-    ``labels`` name each sum: ``("in", call)`` an input the call read that no earlier call
-    produced, ``("out", call, where)`` an output, ``("grad", call, where)`` the gradient w.r.t.
-    an output (in the order backward produced them), ``("model_in",)`` the model's own input.
+    ``labels`` name each sum, as :class:`introspect.step.Check` ``(kind, call, where)``: ``"in"``
+    an input the call read that no earlier call produced, ``"out"`` an output, ``"grad"`` the
+    gradient w.r.t. an output (in the order backward produced them), ``"model_in"`` the model's
+    own input.
     """
     checked = _finite_by_label(labels, values)
     if all(ok for _, ok in checked):
@@ -135,20 +136,20 @@ def locate_nonfinite(
     model_input_ok = True
     grad_events: list[tuple[int, str, bool]] = []
     for (label, ok), value in zip(checked, values):
-        tag = label[0]
-        if tag == "out":
+        kind, call, where = label
+        if kind == "out":
             if not ok:
-                out_ok[label[1]] = False
-                first_bad_out.setdefault(label[1], label[2])
-                bad_values.setdefault(label[2], []).append(value)
-        elif tag == "in":
-            own_in_ok[label[1]] = own_in_ok[label[1]] and ok
-        elif tag == "model_in":
+                out_ok[call] = False
+                first_bad_out.setdefault(call, where)
+                bad_values.setdefault(where, []).append(value)
+        elif kind == "in":
+            own_in_ok[call] = own_in_ok[call] and ok
+        elif kind == "model_in":
             model_input_ok = model_input_ok and ok
-        elif tag == "grad":
-            grad_events.append((label[1], label[2], ok))
+        elif kind == "grad":
+            grad_events.append((call, where, ok))
             if not ok:
-                bad_values.setdefault(label[2], []).append(value)
+                bad_values.setdefault(where, []).append(value)
 
     def inputs_ok(i: int) -> bool:
         return own_in_ok[i] and all(out_ok[p] for p in calls[i].producers)

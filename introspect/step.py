@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import weakref
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
@@ -18,8 +19,19 @@ from .amp import LOW_PRECISION
 from .diagnostics import CallRecord
 from .stats import RECORD_LEN, HistogramRecord, RecordBatch, stat_dtype
 
-__all__ = ["StepBuffer", "HostStep"]
+__all__ = ["StepBuffer", "HostStep", "Check"]
 
+
+
+class Check(NamedTuple):
+    """What one sum of the non-finite check was taken of: ``kind`` is ``"model_in"`` (the model's
+    own input), ``"in"`` (an input of call ``call`` that no earlier call produced), ``"out"`` (an
+    output, named ``where``), ``"grad"`` (the gradient w.r.t. that output) or ``"reduced_grads"``
+    (DDP's averaged gradients)."""
+
+    kind: str
+    call: int = -1
+    where: str = ""
 
 
 @dataclass
@@ -45,7 +57,7 @@ class StepBuffer:
     """Scalars that are Python numbers already (a user probe's), written beside ``scalars``."""
     measures: dict[str, torch.Tensor] = field(default_factory=dict)
     calls: list[CallRecord] = field(default_factory=list)
-    check_labels: list[tuple] = field(default_factory=list)
+    check_labels: list[Check] = field(default_factory=list)
     check_values: list[float] = field(default_factory=list)
     """Host copies of the sums in ``check_labels`` already moved; the rest are in ``_pending``."""
     reported: bool = False
@@ -84,7 +96,7 @@ class StepBuffer:
         self.measures[key] = value.detach().reshape(())
 
     # ------------------------------------------------------------ the non-finite check
-    def add_check(self, label: tuple, tensor: torch.Tensor) -> torch.Tensor | None:
+    def add_check(self, label: Check, tensor: torch.Tensor) -> torch.Tensor | None:
         """One cheap device reduction: a sum is finite exactly when every value is (barring overflow).
         Returns the sum (None for half precision), which a histogram of the same tensor can reuse."""
         self.check_labels.append(label)

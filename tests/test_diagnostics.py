@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from introspect import Alert, ConfigError, NonFiniteError, NonFiniteWarning, watch
+from introspect.step import Check
 from introspect.diagnostics import (
     CallRecord,
     GradientHealth,
@@ -54,14 +55,14 @@ def chain(*names: str, safe: tuple[str, ...] = ()) -> list[CallRecord]:
 
 def test_locate_all_finite_is_none():
     calls = chain("a", "b")
-    labels = [("model_in",), ("in", 0), ("out", 0, "a"), ("out", 1, "b"), ("grad", 1, "b"), ("grad", 0, "a")]
+    labels = [Check("model_in"), Check("in", 0), Check("out", 0, "a"), Check("out", 1, "b"), Check("grad", 1, "b"), Check("grad", 0, "a")]
     assert locate_nonfinite(0, calls, labels, [1.0, 1.0, 2.0, -3.0, 0.5, 0.0]) is None
     assert locate_nonfinite(0, [], [], []) is None
 
 
 def test_locate_forward_origin_not_the_modules_downstream():
     calls = chain("a", "b", "c", "d")
-    labels = [("in", 0), ("out", 0, "a"), ("out", 1, "b"), ("out", 2, "c"), ("out", 3, "d")]
+    labels = [Check("in", 0), Check("out", 0, "a"), Check("out", 1, "b"), Check("out", 2, "c"), Check("out", 3, "d")]
     alert = locate_nonfinite(7, calls, labels, [1.0, 1.0, NAN, NAN, NAN])
     assert alert.kind == "nonfinite"
     assert alert.where == "b"
@@ -74,7 +75,7 @@ def test_locate_forward_origin_not_the_modules_downstream():
 
 def test_locate_inf_is_called_inf():
     calls = chain("a", "b")
-    alert = locate_nonfinite(0, calls, [("out", 0, "a"), ("out", 1, "b")], [INF, -INF])
+    alert = locate_nonfinite(0, calls, [Check("out", 0, "a"), Check("out", 1, "b")], [INF, -INF])
     assert alert.where == "a"
     assert alert.message.startswith("Inf first appears")
     assert alert.numbers["later_nonfinite_modules"] == 1
@@ -90,8 +91,8 @@ def test_locate_container_and_child_gives_the_deepest():
         CallRecord("block", "Block", producers=[0]),
         CallRecord("head", "Linear", producers=[3]),
     ]
-    labels = [("in", 0), ("out", 0, "stem"), ("out", 1, "block.log"), ("out", 2, "block.lin"),
-              ("out", 3, "block"), ("out", 4, "head")]
+    labels = [Check("in", 0), Check("out", 0, "stem"), Check("out", 1, "block.log"), Check("out", 2, "block.lin"),
+              Check("out", 3, "block"), Check("out", 4, "head")]
     alert = locate_nonfinite(3, calls, labels, [0.0, 1.0, NAN, NAN, NAN, NAN])
     assert (alert.where, alert.step, alert.phase, alert.module_type) == ("block.log", 3, "forward", "ShiftedLog")
     assert alert.numbers["later_nonfinite_modules"] == 3
@@ -104,7 +105,7 @@ def test_locate_container_whose_own_code_made_it():
         CallRecord("block", "Block"),
         CallRecord("head", "Linear", producers=[1]),
     ]
-    labels = [("in", 0), ("out", 0, "block.lin"), ("in", 1), ("out", 1, "block"), ("out", 2, "head")]
+    labels = [Check("in", 0), Check("out", 0, "block.lin"), Check("in", 1), Check("out", 1, "block"), Check("out", 2, "head")]
     alert = locate_nonfinite(0, calls, labels, [1.0, 1.0, 1.0, NAN, NAN])
     assert alert.where == "block"
 
@@ -113,7 +114,7 @@ def test_locate_nan_made_between_modules_by_unwatched_code():
     """``b`` reads a tensor no watched call produced (``torch.log(a_out - 5)`` in the parent's
     forward): it is named, with the news that the NaN reached it through its input."""
     calls = [CallRecord("a", "Linear"), CallRecord("b", "Linear"), CallRecord("c", "Linear", producers=[1])]
-    labels = [("in", 0), ("out", 0, "a"), ("in", 1), ("out", 1, "b"), ("out", 2, "c")]
+    labels = [Check("in", 0), Check("out", 0, "a"), Check("in", 1), Check("out", 1, "b"), Check("out", 2, "c")]
     alert = locate_nonfinite(4, calls, labels, [1.0, 2.0, NAN, NAN, NAN])
     assert alert.where == "b"
     assert alert.step == 4
@@ -125,7 +126,7 @@ def test_locate_nan_made_between_modules_by_unwatched_code():
 
 def test_locate_unwatched_code_before_the_first_module():
     calls = [CallRecord("a", "Linear"), CallRecord("b", "Linear", producers=[0])]
-    labels = [("model_in",), ("in", 0), ("out", 0, "a"), ("out", 1, "b")]
+    labels = [Check("model_in"), Check("in", 0), Check("out", 0, "a"), Check("out", 1, "b")]
     alert = locate_nonfinite(0, calls, labels, [1.0, NAN, NAN, NAN])
     assert alert.where == "a"
     assert "before a" in alert.message
@@ -133,7 +134,7 @@ def test_locate_unwatched_code_before_the_first_module():
 
 def test_locate_model_input():
     calls = chain("a", "b")
-    labels = [("model_in",), ("out", 0, "a"), ("out", 1, "b")]
+    labels = [Check("model_in"), Check("out", 0, "a"), Check("out", 1, "b")]
     alert = locate_nonfinite(2, calls, labels, [NAN, NAN, NAN])
     assert (alert.where, alert.step, alert.phase) == ("input", 2, "forward")
     assert "data" in alert.message
@@ -143,7 +144,7 @@ def test_locate_safe_modules_pass_nonfinite_through():
     """Finite-preserving calls (ReLU, pooling) are not summed: their output is as finite as their
     input, so the origin is the module before them."""
     calls = chain("lin1", "relu", "lin2", safe=("relu",))
-    labels = [("in", 0), ("out", 0, "lin1"), ("out", 2, "lin2")]
+    labels = [Check("in", 0), Check("out", 0, "lin1"), Check("out", 2, "lin2")]
     alert = locate_nonfinite(0, calls, labels, [1.0, NAN, NAN])
     assert alert.where == "lin1"
     assert alert.numbers["later_nonfinite_modules"] == 1  # lin2; the safe relu is not counted
@@ -153,8 +154,8 @@ def test_locate_backward_origin():
     """Forward finite; gradients in the order backward made them: lin2's and sqrt's outputs got a
     finite gradient, lin1's output a NaN one, so sqrt's backward made it."""
     calls = chain("lin1", "sqrt", "lin2")
-    labels = [("in", 0), ("out", 0, "lin1"), ("out", 1, "sqrt"), ("out", 2, "lin2"),
-              ("grad", 2, "lin2"), ("grad", 1, "sqrt"), ("grad", 0, "lin1")]
+    labels = [Check("in", 0), Check("out", 0, "lin1"), Check("out", 1, "sqrt"), Check("out", 2, "lin2"),
+              Check("grad", 2, "lin2"), Check("grad", 1, "sqrt"), Check("grad", 0, "lin1")]
     alert = locate_nonfinite(5, calls, labels, [1.0, 1.0, 1.0, 1.0, 0.5, 0.3, NAN])
     assert (alert.where, alert.step, alert.phase, alert.module_type) == ("sqrt", 5, "backward", "Linear")
     assert "backward of sqrt" in alert.message
@@ -168,8 +169,8 @@ def test_locate_backward_origin_skips_safe_readers():
         CallRecord("norm", "Norm", producers=[0]),
         CallRecord("lin2", "Linear", producers=[1, 2]),
     ]
-    labels = [("out", 0, "lin1"), ("out", 2, "norm"), ("out", 3, "lin2"),
-              ("grad", 3, "lin2"), ("grad", 2, "norm"), ("grad", 0, "lin1")]
+    labels = [Check("out", 0, "lin1"), Check("out", 2, "norm"), Check("out", 3, "lin2"),
+              Check("grad", 3, "lin2"), Check("grad", 2, "norm"), Check("grad", 0, "lin1")]
     alert = locate_nonfinite(1, calls, labels, [1.0, 1.0, 1.0, 1.0, 1.0, INF])
     assert (alert.where, alert.phase) == ("norm", "backward")
     assert "Inf gradient" in alert.message
@@ -177,7 +178,7 @@ def test_locate_backward_origin_skips_safe_readers():
 
 def test_locate_loss_gradient_nonfinite_names_the_last_module():
     calls = chain("lin1", "act", "lin2", safe=("act",))
-    labels = [("in", 0), ("out", 0, "lin1"), ("out", 2, "lin2"), ("grad", 2, "lin2"), ("grad", 0, "lin1")]
+    labels = [Check("in", 0), Check("out", 0, "lin1"), Check("out", 2, "lin2"), Check("grad", 2, "lin2"), Check("grad", 0, "lin1")]
     alert = locate_nonfinite(3, calls, labels, [1.0, 1.0, 1.0, NAN, NAN])
     assert (alert.where, alert.step, alert.phase) == ("lin2", 3, "backward")
     assert "loss" in alert.message
@@ -186,14 +187,14 @@ def test_locate_loss_gradient_nonfinite_names_the_last_module():
 def test_locate_backward_made_by_unwatched_code():
     """The only reader of lin1's output got a NaN gradient itself: the code between them did it."""
     calls = [CallRecord("lin1", "Linear"), CallRecord("relu", "ReLU", producers=[0], safe=True)]
-    alert = locate_nonfinite(0, calls, [("out", 0, "lin1"), ("grad", 0, "lin1")], [1.0, NAN])
+    alert = locate_nonfinite(0, calls, [Check("out", 0, "lin1"), Check("grad", 0, "lin1")], [1.0, NAN])
     assert alert.where == "lin1"
     assert "no watched module covers" in alert.message
 
 
 def test_locate_forward_wins_over_backward():
     calls = chain("a", "b")
-    labels = [("out", 0, "a"), ("out", 1, "b"), ("grad", 1, "b"), ("grad", 0, "a")]
+    labels = [Check("out", 0, "a"), Check("out", 1, "b"), Check("grad", 1, "b"), Check("grad", 0, "a")]
     alert = locate_nonfinite(0, calls, labels, [1.0, NAN, NAN, NAN])
     assert (alert.where, alert.phase) == ("b", "forward")
 

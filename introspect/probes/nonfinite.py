@@ -22,7 +22,7 @@ from ..diagnostics import Alert, CallRecord, locate_nonfinite
 from ..distributed import nonfinite_on_rank
 from ..errors import NonFiniteError, NonFiniteWarning, warn
 from ..sinks import tag
-from ..step import HostStep, StepBuffer
+from ..step import Check, HostStep, StepBuffer
 from ..tensors import named_float_tensors
 from ..watch.clock import StepPlan
 from ..watch.protocol import Probe
@@ -65,7 +65,7 @@ class NonFiniteCheck(Probe):
         )
         for _, tensor in inputs:
             if tensor.is_floating_point():
-                buffer.add_check(("model_in",), tensor)
+                buffer.add_check(Check("model_in"), tensor)
                 buffer.mark_output(tensor, -1)
 
     def on_output(self, name: str, module: nn.Module, output: Any) -> None:
@@ -77,14 +77,14 @@ class NonFiniteCheck(Probe):
         for _, tensor in named_float_tensors(ctx.args):
             producer = buffer.producer_of(tensor)
             if producer is None:
-                buffer.add_check(("in", call), tensor)
+                buffer.add_check(Check("in", call), tensor)
             elif producer >= 0:
                 buffer.calls[call].producers.append(producer)
         for where, _, tensor in ctx.outputs(name, output):
             if tensor.dtype in LOW_PRECISION:
                 self._half_outputs[where] = tensor.dtype
             if not safe:
-                buffer.remember_sum(tensor, buffer.add_check(("out", call, where), tensor))
+                buffer.remember_sum(tensor, buffer.add_check(Check("out", call, where), tensor))
             buffer.mark_output(tensor, call)
         return None
 
@@ -92,7 +92,7 @@ class NonFiniteCheck(Probe):
         buffer = self.ctx.buffer
         call = self.ctx.call_index
         if buffer is not None and buffer.checking and buffer.grad_check_needed(call):
-            buffer.remember_sum(grad, buffer.add_check(("grad", call, name), grad))
+            buffer.remember_sum(grad, buffer.add_check(Check("grad", call, name), grad))
         return None
 
     def on_after_backward(self) -> None:

@@ -8,11 +8,11 @@ from typing import Any
 
 from ..diagnostics import Alert
 from ..distributed import new_session, origin_code, origin_ranks, rank_origin_alert, reduced_gradient_sum
-from ..step import StepBuffer
+from ..step import Check, StepBuffer
 
 __all__ = ["RankOrigin"]
 
-_LABEL = ("reduced_grads",)
+_LABEL = Check("reduced_grads")
 
 
 class RankOrigin:
@@ -36,7 +36,7 @@ class RankOrigin:
     def exchange(self, buffer: StepBuffer, local: Alert | None) -> Alert | None:
         """When the averaged gradients are not finite (on every rank at once): the rank finding."""
         buffer.sync_checks()  # a no-op unless the check returned before its transfer
-        reduced = [v for label, v in zip(buffer.check_labels, buffer.check_values) if label == _LABEL]
+        reduced = [v for label, v in zip(buffer.check_labels, buffer.check_values) if label.kind == _LABEL.kind]
         if not reduced or math.isfinite(reduced[-1]):
             return None
         self._done = True
