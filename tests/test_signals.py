@@ -36,6 +36,9 @@ SERVER = textwrap.dedent(
     from introspect.visuals import grad_flow_image
     grad_flow_image(["a", "b"], [1.0, 2.0], [1.0, 2.0], 0)  # matplotlib's fonts, loaded once
     torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)  # the optimizer's lazy imports (~1.5 s)
+    import importlib, pkgutil, introspect.probes  # watch() imports its probes lazily: once, here
+    for info in pkgutil.iter_modules(introspect.probes.__path__):
+        importlib.import_module(f"introspect.probes.{info.name}")
 
     def child(logdir, where, nth, out_fd):
         torch.set_num_threads(1)
@@ -137,7 +140,10 @@ def _run(trials: list[dict]) -> list[dict]:
         capture_output=True, text=True, timeout=len(trials) * (EXIT_WITHIN_S + 2) + 60,
     )
     assert server.returncode == 0, server.stderr[-2000:]
-    return [json.loads(line) for line in server.stdout.splitlines()]
+    results = [json.loads(line) for line in server.stdout.splitlines()]
+    for result in results:
+        result["stderr"] = server.stderr[-1500:]  # the children's tracebacks, if any
+    return results
 
 
 @pytest.mark.slow
@@ -149,7 +155,8 @@ def test_a_signal_at_any_moment_loses_no_completed_step(tmp_path, signum):
     assert len(results) == len(trials)
     expected_exit = {128 + signum, -signum, 130 if signum == signal.SIGINT else 143}
     for trial, result in zip(trials, results):
-        what = f"{trial['where']} trial (nth={trial['nth']}, delay={trial['delay']:.2f}): {result}"
+        stderr = result.pop("stderr")
+        what = f"{trial['where']} trial (nth={trial['nth']}, delay={trial['delay']:.2f}): {result}\n{stderr}"
         assert result["exit"] is not None, f"did not exit within {EXIT_WITHIN_S} s: {what}"
         assert result["seconds"] < EXIT_WITHIN_S, what
         assert result["exit"] in expected_exit, what
