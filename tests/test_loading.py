@@ -232,7 +232,7 @@ def test_mismatched_keys_are_listed(tmp_path):
     torch.save(partial, path)
     with pytest.raises(KeyMismatchError) as info:
         load_model(path, arch=SEED_ARCH)
-    assert "1 missing keys (linear2.bias); 1 unexpected keys (head.weight)" in str(info.value)
+    assert "1 missing key (linear2.bias); 1 unexpected key (head.weight)" in str(info.value)
 
     with pytest.raises(KeyMismatchError, match=r"keys \(bn1.weight, bn1.bias, .*, \.\.\. \d+ more\).*conv1.weight: file \[32, 3, 3, 3\] vs model \[64, 3, 7, 7\]"):
         load_model(path, arch="torchvision:resnet18")
