@@ -9,7 +9,7 @@ transfer; no tensor is touched. Two families of findings:
   gradient reaching its output was finite (backward);
 * health, on logging steps: dead or saturated units, vanishing, exploding or stuck layers. A
   layer whose gradient holds NaN/Inf gets no vanishing or exploding verdict (its RMS is taken
-  over the finite values only, so it would read as ~0): it is a non-finite finding instead. A
+  over the finite values only, so it would read as ~0): that is the non-finite finding's. A
   module whose own weights are non-finite is said to be so (:func:`blame_nonfinite_weights`),
   not called the origin of a NaN it only passes on from the optimizer.
 """
@@ -282,13 +282,12 @@ class GradientHealth:
     ) -> list[Alert]:
         """``layer_grads``: ``{layer: (sum of squares, number of values)}`` of its parameters' grads,
         over their finite values. ``nonfinite``: ``{layer: how many of its gradient values are
-        NaN/Inf}`` (see :func:`nonfinite_gradients`); such a layer gets one ``nonfinite_gradient``
-        finding and no vanishing/exploding verdict, and is left out of the median the other
-        layers are measured against and of its own norm history."""
-        bad = {layer: n for layer, n in (nonfinite or {}).items() if n > 0}
+        NaN/Inf}`` (see :func:`nonfinite_gradients`). Such a layer gets no vanishing or exploding
+        verdict (its finite rest says nothing: often all zeros, the rows a batch did not touch):
+        it is the non-finite check's finding, which names where the NaN began. It is left out of
+        the median the other layers are measured against, and of its own norm history."""
+        bad = {layer for layer, n in (nonfinite or {}).items() if n > 0}
         alerts: list[Alert] = []
-        if bad:
-            alerts.append(self._nonfinite_alert(step, layer_grads, bad))
         rms = {
             layer: math.sqrt(sq / count)
             for layer, (sq, count) in layer_grads.items()
@@ -333,21 +332,6 @@ class GradientHealth:
                     {"update_ratio": ratio},
                 ))
         return alerts
-
-    @staticmethod
-    def _nonfinite_alert(step: int, layer_grads: Mapping[str, tuple[float, float]], bad: Mapping[str, float]) -> Alert:
-        """One finding for every layer whose gradient holds NaN/Inf, at the first of them."""
-        layer, count = next(iter(bad.items()))
-        values = count + (layer_grads[layer][1] if layer in layer_grads else 0.0)
-        others = len(bad) - 1
-        more = f", and so {'does' if others == 1 else 'do'} the gradients of {counted(others, 'more layer')}" if others else ""
-        return Alert(
-            "nonfinite_gradient", layer, step,
-            f"its gradient holds {count:.0f} NaN/Inf of {counted(values, 'value')}{more}: not a "
-            "vanishing or exploding gradient but a non-finite one (the nonfinite finding says where "
-            "it began)",
-            {"nonfinite_gradient_values": float(count), "nonfinite_gradient_layers": float(len(bad))},
-        )
 
 
 def layer_of(param: str) -> str:

@@ -184,13 +184,13 @@ def write_graph(writer: Any, model: nn.Module, args: Sequence[Any], kwargs: dict
                      (*args, *KeywordCall.traced_values(kwargs)))
         return True
     except Exception as e:  # tracing fails on data-dependent control flow, odd outputs, ...
-        why = f"tracing {name} failed ({type(e).__name__}: {first_line(e)[:200]})"
+        why = f"tracing {name} failed ({type(e).__name__}: {_gist(e)})"
     try:
         graph = write_module_graph(writer, model, args, kwargs)
     except Exception as e:
         warn(
             f"introspect: graph not written: {why}, and so did recording its module calls "
-            f"({type(e).__name__}: {first_line(e)[:200]}); training goes on. Pass graph=False to skip it.",
+            f"({type(e).__name__}: {_gist(e)}); training goes on. Pass graph=False to skip it.",
             IntrospectWarning)
         return False
     left_out = f" (the first {len(graph.calls)} module calls)" if graph.truncated else ""
@@ -199,6 +199,14 @@ def write_graph(writer: Any, model: nn.Module, args: Sequence[Any], kwargs: dict
         f"and shapes, from hooks on one forward; {why}, so there are no operator nodes. Pass "
         "graph=False to skip it.", IntrospectWarning)
     return True
+
+
+def _gist(e: BaseException) -> str:
+    """The error's first line, short: the tracer quotes whole outputs, tensors and all."""
+    text = first_line(e)
+    if "tensor(" in text:
+        text = text.split("tensor(")[0].rstrip("=( ") + " ..."
+    return text if len(text) <= 200 else text[:197] + "..."
 
 
 class KeywordCall(nn.Module):

@@ -361,3 +361,67 @@ def test_write_graph_that_cannot_be_written_is_one_warning_and_false():
     assert "GraphlessWriter has no file writer" in found[0]
 
 
+
+
+# --------------------------------------------------------------------------- torchinfo's numbers put right
+def test_a_tied_weight_is_counted_once():
+    from hf_models import tiny_gpt2, token_ids
+
+    torch.manual_seed(0)
+    model = tiny_gpt2()
+    assert model.lm_head.weight is model.transformer.wte.weight
+    count = sum(p.numel() for p in model.parameters())
+    text = introspect.summary(model, token_ids())
+    assert f"Total params: {count:,}" in text and f"Trainable params: {count:,}" in text
+    # torchinfo alone counts the head's copy too
+    import torchinfo
+
+    raw = torchinfo.summary(model, input_data=[token_ids()], verbose=0)
+    assert raw.total_params == count + model.lm_head.weight.numel()
+
+
+def test_mult_adds_are_an_exact_count_without_an_enum_name():
+    torch.manual_seed(0)
+    text = model_summary(nn.Linear(4, 3), (torch.randn(2, 4),))
+    assert "Total mult-adds: 30" in text.splitlines()  # 2 samples x (4 x 3 weights + 3 biases)
+    assert "Units." not in text
+
+
+class PackedLSTM(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lstm = nn.LSTM(4, 6, batch_first=True)
+        self.fc = nn.Linear(6, 2)
+
+    def forward(self, packed):
+        _, (h, _) = self.lstm(packed)
+        return self.fc(h[-1])
+
+
+@pytest.mark.parametrize("root", ["lstm", "model"])
+def test_a_packed_sequence_input_is_summarized(root):
+    from torch.nn.utils.rnn import pack_padded_sequence
+
+    torch.manual_seed(0)
+    model = nn.LSTM(4, 6, batch_first=True) if root == "lstm" else PackedLSTM()
+    packed = pack_padded_sequence(torch.randn(3, 5, 4), [5, 3, 2], batch_first=True)
+    hooks = {name: len(m._forward_pre_hooks) for name, m in model.named_modules()}
+    text = introspect.summary(model, packed)
+    count = sum(p.numel() for p in model.parameters())
+    assert f"Total params: {count:,}" in text
+    assert "[10, 4]" in text  # the packed rows: 5 + 3 + 2 steps of 4 features
+    assert {name: len(m._forward_pre_hooks) for name, m in model.named_modules()} == hooks
+
+
+def test_what_torchinfo_cannot_size_is_a_clear_error_and_the_models_own_error_is_untouched():
+    from introspect import IntrospectError
+
+    with pytest.raises(IntrospectError, match=r"^torchinfo cannot summarize SetOutput on these inputs: TypeError: Model contains a layer with an unsupported"):
+        introspect.summary(SetOutput(), torch.randn(2, 4))
+
+    class Raises(nn.Module):
+        def forward(self, x):
+            raise KeyError("the model's own")
+
+    with pytest.raises(KeyError, match="the model's own"):
+        introspect.summary(Raises(), torch.randn(2, 4))
