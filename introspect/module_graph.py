@@ -34,7 +34,9 @@ from torch.nn.utils.rnn import PackedSequence
 
 from .summary import preserved_state
 
-__all__ = ["MAX_CALLS", "ModuleCall", "ModuleGraph", "record_module_graph", "graph_def", "write_module_graph"]
+__all__ = [
+    "MAX_CALLS", "ModuleCall", "ModuleGraph", "named_tensors", "record_module_graph", "graph_def", "write_module_graph",
+]
 
 MAX_CALLS = 5000
 """Module calls recorded at most: a recurrent cell looped over a long sequence would otherwise
@@ -88,7 +90,7 @@ def record_module_graph(model: nn.Module, args: Sequence[Any] = (), kwargs: Mapp
     """
     kwargs = dict(kwargs or {})
     recorder = _Recorder()
-    for name, tensor in _tensors(list(args), "") + _tensors(kwargs, ""):  # "0", "0/1", "labels"
+    for name, tensor in named_tensors(list(args)) + named_tensors(kwargs):  # "0", "0/1", "labels"
         recorder.add_model_input(name, tensor)
     handles: list[Any] = []
     try:
@@ -97,7 +99,7 @@ def record_module_graph(model: nn.Module, args: Sequence[Any] = (), kwargs: Mapp
             handles.append(module.register_forward_hook(recorder.post_hook(name)))
         with preserved_state(model):
             output = model(*args, **kwargs)
-        outputs = [(path or "0", recorder.resolve(tensor, None)) for path, tensor in _tensors(output, "")]
+        outputs = [(path or "0", recorder.resolve(tensor, None)) for path, tensor in named_tensors(output)]
     finally:
         for handle in handles:
             handle.remove()
@@ -136,7 +138,7 @@ class _Recorder:
                 return None
             self._seen[name] = self._seen.get(name, 0) + 1
             call = ModuleCall(name, type(module).__name__, _extra(module), parent, occurrence=self._seen[name])
-            for _, tensor in _tensors((args, kwargs), ""):
+            for _, tensor in named_tensors((args, kwargs)):
                 ref = self.resolve(tensor, parent)
                 if ref not in call.inputs:
                     call.inputs.append(ref)
@@ -152,7 +154,7 @@ class _Recorder:
             if index is None:
                 return None
             call = self.calls[index]
-            for _, tensor in _tensors(output, ""):
+            for _, tensor in named_tensors(output):
                 ref = self._producer(tensor)
                 if ref is None:  # new: made by this call (or its own code)
                     ref = self._new_output(index, tensor)
@@ -193,14 +195,16 @@ class _Recorder:
         return entry[1]
 
 
-def _tensors(obj: Any, path: str, depth: int = 0) -> list[tuple[str, torch.Tensor]]:
-    """Every tensor in ``obj`` (any dtype: token ids are edges too), named by its path."""
+def named_tensors(obj: Any, path: str = "", depth: int = 0) -> list[tuple[str, torch.Tensor]]:
+    """Every tensor in ``obj``, of any dtype (token ids are edges too), named by its path as
+    ``probes.named_float_tensors`` names them (index, key or field, nested as ``"1/0"``; a
+    ``PackedSequence`` gives its ``.data``). That walk is this one keeping floating tensors only."""
     if isinstance(obj, torch.Tensor):
         return [(path, obj)] if obj.device.type != "meta" else []
     if depth > _MAX_DEPTH:
         return []
     if isinstance(obj, PackedSequence):
-        return _tensors(obj.data, path, depth + 1)
+        return named_tensors(obj.data, path, depth + 1)
     if isinstance(obj, Mapping):
         items = [(str(k), v) for k, v in obj.items()]
     elif isinstance(obj, tuple) and hasattr(obj, "_fields"):
@@ -211,7 +215,7 @@ def _tensors(obj: Any, path: str, depth: int = 0) -> list[tuple[str, torch.Tenso
         return []
     found: list[tuple[str, torch.Tensor]] = []
     for key, value in items:
-        found.extend(_tensors(value, f"{path}/{key}" if path else key, depth + 1))
+        found.extend(named_tensors(value, f"{path}/{key}" if path else key, depth + 1))
     return found
 
 

@@ -116,6 +116,15 @@ def test_weights_and_graph_of_a_folder(folders, tmp_path):
 
 
 # --------------------------------------------------------------------------- what is refused
+def copy_of(source, folder, config: dict | None = None, weights: bool = True):
+    """``folder`` with ``source``'s config.json (or ``config``) and, with ``weights``, its weights."""
+    folder.mkdir(exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(config) if config else (source / "config.json").read_text())
+    if weights:
+        (folder / "model.safetensors").write_bytes((source / "model.safetensors").read_bytes())
+    return folder
+
+
 def test_a_config_without_weights_is_one_line(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
     line = one_line_error(run("summary", tmp_path, "--input-shape", "2,8", "--dtype", "int64"), 3)
@@ -128,8 +137,7 @@ def test_a_folder_that_needs_its_own_code_is_refused_and_its_code_never_runs(fol
     (tmp_path / "modeling_evil.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
     config = json.loads((source / "config.json").read_text())
     config["auto_map"] = {"AutoModel": "modeling_evil.EvilModel", "AutoConfig": "modeling_evil.EvilConfig"}
-    (tmp_path / "config.json").write_text(json.dumps(config))
-    (tmp_path / "model.safetensors").write_bytes((source / "model.safetensors").read_bytes())
+    copy_of(source, tmp_path, config)
     with pytest.raises(LoadError, match="needs its own Python code to build"):
         load_model(tmp_path)
     assert not marker.exists()
@@ -137,7 +145,7 @@ def test_a_folder_that_needs_its_own_code_is_refused_and_its_code_never_runs(fol
 
 def test_a_bin_that_would_run_code_is_refused(folders, tmp_path):
     source, _ = folders["gpt2", "safetensors"]
-    (tmp_path / "config.json").write_text((source / "config.json").read_text())
+    copy_of(source, tmp_path, weights=False)
     marker = tmp_path / "unpickled"
     save_code_running_pickle(tmp_path / "pytorch_model.bin", marker)
     with pytest.raises(UnsafeLoadError, match="refusing to load"):
@@ -147,11 +155,8 @@ def test_a_bin_that_would_run_code_is_refused(folders, tmp_path):
 
 def test_a_shard_outside_the_folder_is_refused(folders, tmp_path):
     source, _ = folders["gpt2", "safetensors"]
-    (tmp_path / "config.json").write_text((source / "config.json").read_text())
     (tmp_path / "outside.safetensors").write_bytes((source / "model.safetensors").read_bytes())
-    folder = tmp_path / "model"
-    folder.mkdir()
-    (folder / "config.json").write_text((source / "config.json").read_text())
+    folder = copy_of(source, tmp_path / "model", weights=False)
     index = {"weight_map": {"transformer.wte.weight": "../outside.safetensors"}}
     (folder / "model.safetensors.index.json").write_text(json.dumps(index))
     with pytest.raises(LoadError, match="names a shard '../outside.safetensors' that is not a file in"):
@@ -162,8 +167,7 @@ def test_weights_that_do_not_fit_the_config_are_listed(folders, tmp_path):
     source, _ = folders["gpt2", "safetensors"]
     config = json.loads((source / "config.json").read_text())
     config["n_embd"] = 64
-    (tmp_path / "config.json").write_text(json.dumps(config))
-    (tmp_path / "model.safetensors").write_bytes((source / "model.safetensors").read_bytes())
+    copy_of(source, tmp_path, config)
     line = one_line_error(run("summary", tmp_path, "--input-shape", "2,8", "--dtype", "int64"), 6)
     assert "do not fit GPT2LMHeadModel" in line and "shape mismatches (transformer.wte.weight: file [100, 32] vs model [100, 64]" in line
 

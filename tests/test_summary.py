@@ -16,7 +16,7 @@ from introspect import IntrospectWarning, ModelTypeError, watch
 from introspect.summary import model_summary, preserved_state, summary_markdown, write_graph
 
 from conftest import hist_at, read_events, text_of, train
-from zoo import SEED_CNN_PARAMS, SeedCNN, seed_cnn_batch, seed_cnn_loss
+from zoo import SEED_CNN_PARAMS, PackedLSTM, SeedCNN, seed_cnn_batch, seed_cnn_loss
 
 TOTAL = f"Total params: {SEED_CNN_PARAMS:,}"  # "Total params: 54,273"
 
@@ -385,17 +385,6 @@ def test_mult_adds_are_an_exact_count_without_an_enum_name():
     text = model_summary(nn.Linear(4, 3), (torch.randn(2, 4),))
     assert "Total mult-adds: 30" in text.splitlines()  # 2 samples x (4 x 3 weights + 3 biases)
     assert "Units." not in text
-
-
-class PackedLSTM(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.lstm = nn.LSTM(4, 6, batch_first=True)
-        self.fc = nn.Linear(6, 2)
-
-    def forward(self, packed):
-        _, (h, _) = self.lstm(packed)
-        return self.fc(h[-1])
 
 
 @pytest.mark.parametrize("root", ["lstm", "model"])
