@@ -375,8 +375,7 @@ def blame_nonfinite_weights(alert: Alert, histograms: Mapping[str, Any], earlier
     since = [a.step for a in earlier if a.kind == "nonfinite" and a.step < alert.step]
     when = f"since step {max(since)}'s optimizer step" if since else f"already when step {alert.step} began"
     shown = ", ".join(
-        f"{param.removeprefix(module + '.')}: {r.nonfinite:.0f} of {counted(r.numel, 'value')}"
-        for param, r in list(weights.items())[:3]
+        f"{param} has {r.nonfinite:.0f} of {counted(r.numel, 'value')} NaN/Inf" for param, r in list(weights.items())[:3]
     )
     more = f", {counted(len(weights) - 3, 'more parameter')}" if len(weights) > 3 else ""
     numbers = dict(alert.numbers)

@@ -1174,8 +1174,8 @@ def test_nan_weights_are_named_as_such_not_as_the_modules_fault(tmp_path):
     histograms = host_step(1, "weights", weights_at_1).histograms
     blamed = blame_nonfinite_weights(origins[1], histograms, w.alerts)
     assert blamed.message == (
-        "weights of emb (Embedding) are non-finite (since step 0's optimizer step): weight: 32 of 512 "
-        "values; its inputs were finite, its output is not because of them"
+        "weights of emb (Embedding) are non-finite (since step 0's optimizer step): emb.weight has 32 of "
+        "512 values NaN/Inf; its inputs were finite, its output is not because of them"
     )
     assert (blamed.kind, blamed.where, blamed.step, blamed.phase) == ("nonfinite", "emb", 1, "forward")
     assert blamed.numbers["nonfinite_weights"] == 32 and blamed.numbers["since_step"] == 0
@@ -1185,6 +1185,17 @@ def test_nan_weights_are_named_as_such_not_as_the_modules_fault(tmp_path):
     finite = host_step(1, "weights", {n: torch.zeros(3) for n in weights_at_1}).histograms
     assert blame_nonfinite_weights(origins[1], finite, w.alerts) is origins[1]
     assert blame_nonfinite_weights(origins[0], histograms, w.alerts) is origins[0]
+
+
+@pytest.mark.xfail(strict=True, reason="watch.py must pass each logged step's findings through blame_nonfinite_weights")
+def test_nan_weights_under_watch_are_named_as_such(tmp_path):
+    torch.manual_seed(0)
+    model = EmbedHead()
+    with watch(model, tmp_path, every=1, **FAST) as w, warnings.catch_warnings():
+        warnings.simplefilter("ignore", NonFiniteWarning)
+        nan_loss_at_step_0(model, 2)
+    step_1 = [a for a in nonfinite(w.alerts) if a.step == 1]
+    assert step_1[0].message.startswith("weights of emb (Embedding) are non-finite (since step 0's optimizer step)")
 
 
 def test_later_outputs_singular_and_plural():
