@@ -98,16 +98,14 @@ def model_summary(
 def _raised_by(error: BaseException, package: Any) -> bool:
     """Whether the innermost frame of ``error``'s traceback outside torch itself is ``package``'s
     (torch's own frames sit between any caller and its failure)."""
-    roots = [os.path.dirname(package.__file__)]
-    torch_root = os.path.dirname(torch.__file__)
+    root = os.path.dirname(package.__file__) + os.sep
+    torch_root = os.path.dirname(torch.__file__) + os.sep
     tb, files = error.__traceback__, []
     while tb is not None:
         files.append(tb.tb_frame.f_code.co_filename)
         tb = tb.tb_next
-    for file in reversed(files):
-        if not file.startswith(torch_root + os.sep):
-            return any(file.startswith(root + os.sep) for root in roots)
-    return False
+    outside_torch = [f for f in files if not f.startswith(torch_root)]
+    return bool(outside_torch) and outside_torch[-1].startswith(root)
 
 
 class _Opaque:
