@@ -92,8 +92,9 @@ def main() -> None:
     """See inside PyTorch models: summaries, graphs, histograms and a debugger, in TensorBoard.
 
     MODEL files are read safely: a state_dict or checkpoint dict (with --arch), a TorchScript
-    archive, a torch.export program (.pt2) or a safetensors file. A pickled nn.Module needs
-    --unsafe, because unpickling runs arbitrary code.
+    archive, a torch.export program (.pt2), a safetensors file, or a Hugging Face save_pretrained
+    folder (built from its config.json, offline). A pickled nn.Module needs --unsafe, because
+    unpickling runs arbitrary code.
     """
 
 
@@ -136,7 +137,7 @@ def model_options(f: Callable) -> Callable:
     f = click.option("--arch-kwargs", type=_JSONObject(), default=None, help='Keyword arguments for --arch, as JSON: \'{"num_classes": 10}\'.')(f)
     f = click.option(
         "--arch", default=None, metavar="MODULE:CLASS",
-        help="Architecture the weights belong to: package.module:Class (importable, e.g. via PYTHONPATH) or torchvision:resnet18 (never downloads).",
+        help="Architecture the weights belong to: package.module:Class (importable, or in the current directory), torchvision:resnet18 or timm:resnet18 (never downloads).",
     )(f)
     return f
 
@@ -182,7 +183,7 @@ def _check_input_options(input_shape: Any, input_file: Any, images: Any, image_s
 
 # --------------------------------------------------------------------------- commands
 @main.command()
-@click.argument("model", type=click.Path(dir_okay=False))
+@click.argument("model", type=click.Path())
 @click.option("--input-shape", type=_Shape(), required=True, help="Shape of one input, e.g. 1,3,32,32.")
 @_input_options
 @click.option("--depth", type=click.IntRange(0), default=3, show_default=True, help="How deep the table goes into submodules.")
@@ -203,7 +204,7 @@ def summary(model: str, input_shape: tuple[int, ...], dtype: str, depth: int, ar
 
 
 @main.command()
-@click.argument("model", type=click.Path(dir_okay=False))
+@click.argument("model", type=click.Path())
 @click.option("--input-shape", type=_Shape(), required=True, help="Shape of one input, e.g. 1,3,32,32.")
 @_input_options
 @click.option("--logdir", required=True, type=click.Path(file_okay=False), help="Where to write the graph for TensorBoard.")
@@ -229,7 +230,7 @@ def graph(model: str, input_shape: tuple[int, ...], dtype: str, logdir: str, arc
 
 
 @main.command()
-@click.argument("models", nargs=-1, required=True, type=click.Path(dir_okay=False), metavar="MODEL [MODEL_B]")
+@click.argument("models", nargs=-1, required=True, type=click.Path(), metavar="MODEL [MODEL_B]")
 @click.option("--logdir", type=click.Path(file_okay=False), default=None, help="Also write weights/{name} histograms here (MODEL at step 0, MODEL_B at step 1); with --spectral, spectral/ scalars.")
 @click.option("--spectral", "spectral_", is_flag=True, help="Spectral analysis instead: sigma_max, stable rank, power-law alpha and Marchenko-Pastur outliers of every weight matrix.")
 @model_options
@@ -305,7 +306,7 @@ def _spectral_command(models: tuple[str, ...], logdir: str | None, arch: str | N
 
 
 @main.command()
-@click.argument("model", type=click.Path(dir_okay=False))
+@click.argument("model", type=click.Path())
 @click.option("--input-shape", type=_Shape(), default=None, help="Random inputs of this shape (reproducible, see --seed).")
 @click.option("--input", "input_file", type=click.Path(dir_okay=False), default=None, help="A torch.save'd tensor (or tuple of tensors): the model's inputs.")
 @click.option("--images", type=click.Path(file_okay=False), default=None, help="A folder of images (subfolders too), read as RGB in [0, 1].")

@@ -7,7 +7,11 @@ transfer; no tensor is touched. Two families of findings:
   the inputs it read and of the gradients flowing back, the first module whose output went
   NaN/Inf while its inputs were finite (forward), or whose input gradient went NaN/Inf while the
   gradient reaching its output was finite (backward);
-* health, on logging steps: dead or saturated units, vanishing, exploding or stuck layers.
+* health, on logging steps: dead or saturated units, vanishing, exploding or stuck layers. A
+  layer whose gradient holds NaN/Inf gets no vanishing or exploding verdict (its RMS is taken
+  over the finite values only, so it would read as ~0): that is the non-finite finding's. A
+  module whose own weights are non-finite is said to be so (:func:`blame_nonfinite_weights`),
+  not called the origin of a NaN it only passes on from the optimizer.
 """
 
 from __future__ import annotations
@@ -16,8 +20,10 @@ import math
 import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
+from typing import Any
 
 from .errors import ConfigError
+from .terminal import counted
 
 __all__ = [
     "Alert",
@@ -26,6 +32,9 @@ __all__ = [
     "locate_nonfinite",
     "check_activation_health",
     "GradientHealth",
+    "layer_of",
+    "nonfinite_gradients",
+    "blame_nonfinite_weights",
     "format_report",
     "alerts_markdown",
 ]
@@ -181,7 +190,7 @@ def _forward_origin(step, calls, forward_bad, first_bad_out, bad_values, inputs_
             later = len(forward_bad) - 1
             message = f"{what} first appears in the output of {where} ({calls[i].module_type}) while its inputs were finite"
             if later:
-                message += f"; {later} later module output{'s' if later != 1 else ''} inherit it"
+                message += f"; {counted(later, 'later module output')} inherit{'s' if later == 1 else ''} it"
             return Alert(
                 "nonfinite", where, step, message,
                 {"later_nonfinite_modules": float(later)}, phase="forward", module_type=calls[i].module_type,
@@ -270,13 +279,20 @@ class GradientHealth:
         step: int,
         layer_grads: Mapping[str, tuple[float, float]],
         update_ratios: Mapping[str, float],
+        nonfinite: Mapping[str, float] | None = None,
     ) -> list[Alert]:
-        """``layer_grads``: ``{layer: (sum of squares, number of values)}`` of its parameters' grads."""
+        """``layer_grads``: ``{layer: (sum of squares, number of values)}`` of its parameters' grads,
+        over their finite values. ``nonfinite``: ``{layer: how many of its gradient values are
+        NaN/Inf}`` (see :func:`nonfinite_gradients`). Such a layer gets no vanishing or exploding
+        verdict (its finite rest says nothing: often all zeros, the rows a batch did not touch):
+        it is the non-finite check's finding, which names where the NaN began. It is left out of
+        the median the other layers are measured against, and of its own norm history."""
+        bad = {layer for layer, n in (nonfinite or {}).items() if n > 0}
         alerts: list[Alert] = []
         rms = {
             layer: math.sqrt(sq / count)
             for layer, (sq, count) in layer_grads.items()
-            if count > 0 and math.isfinite(sq)
+            if count > 0 and math.isfinite(sq) and layer not in bad
         }
         for layer, value in rms.items():
             others = [v for k, v in rms.items() if k != layer]
@@ -319,13 +335,69 @@ class GradientHealth:
         return alerts
 
 
+def layer_of(param: str) -> str:
+    """The layer a parameter belongs to (``fc1`` for ``fc1.weight``): the unit of gradient health."""
+    return param.rpartition(".")[0] or param
+
+
+def nonfinite_gradients(histograms: Mapping[str, Any]) -> dict[str, float]:
+    """``{layer: NaN/Inf count}`` of the ``grads/{param}`` records of a step (``HostStep.histograms``),
+    for ``GradientHealth.check(..., nonfinite=)``; layers whose gradients are finite are left out."""
+    counts: dict[str, float] = {}
+    for full_tag, record in histograms.items():
+        kind, _, param = full_tag.partition("/")
+        if kind == "grads" and record.nonfinite > 0:
+            layer = layer_of(param)
+            counts[layer] = counts.get(layer, 0.0) + record.nonfinite
+    return counts
+
+
+def blame_nonfinite_weights(alert: Alert, histograms: Mapping[str, Any], earlier: Sequence[Alert] = ()) -> Alert:
+    """``alert`` said the way it is true when the module's own weights are non-finite.
+
+    A forward origin, "NaN first appears in the output of emb while its inputs were finite", is
+    right about where but wrong about why when ``emb``'s weights already hold NaN (an optimizer
+    step applied a NaN gradient): the module is not the culprit, its weights are. With the step's
+    ``weights/{param}`` records (``HostStep.histograms``: the values that step's forward used),
+    the finding becomes "weights of emb are non-finite (since step k's optimizer step)", k being
+    the step of the latest NaN/Inf finding in ``earlier`` before this one. Any other alert, or
+    one whose module's weights are finite, comes back unchanged.
+    """
+    if alert.kind != "nonfinite" or alert.phase != "forward" or alert.where == "input":
+        return alert
+    module = alert.where.split("/")[0]
+    weights = {}
+    for full_tag, record in histograms.items():
+        kind, _, param = full_tag.partition("/")
+        if kind == "weights" and record.nonfinite > 0 and (layer_of(param) == module or param.startswith(module + ".")):
+            weights[param] = record
+    if not weights:
+        return alert
+    since = [a.step for a in earlier if a.kind == "nonfinite" and a.step < alert.step]
+    when = f"since step {max(since)}'s optimizer step" if since else f"already when step {alert.step} began"
+    shown = ", ".join(
+        f"{param} has {r.nonfinite:.0f} of {counted(r.numel, 'value')} NaN/Inf" for param, r in list(weights.items())[:3]
+    )
+    more = f", {counted(len(weights) - 3, 'more parameter')}" if len(weights) > 3 else ""
+    numbers = dict(alert.numbers)
+    numbers["nonfinite_weights"] = float(sum(r.nonfinite for r in weights.values()))
+    if since:
+        numbers["since_step"] = float(max(since))
+    return Alert(
+        "nonfinite", alert.where, alert.step,
+        f"weights of {module} ({alert.module_type}) are non-finite ({when}): {shown}{more}; its "
+        "inputs were finite, its output is not because of them",
+        numbers, phase="forward", module_type=alert.module_type,
+    )
+
+
 # --------------------------------------------------------------------------- report
 def _numbers_text(alert: Alert) -> str:
     """The measured numbers of a NaN/Inf finding, when a logged step had them."""
     n = alert.numbers
     if "nonfinite_values" not in n:
         return ""
-    text = f" [step {int(n['at_step'])}: {n['nonfinite_values']:.0f} of {n['values']:.0f} values non-finite"
+    text = f" [step {int(n['at_step'])}: {n['nonfinite_values']:.0f} of {counted(n['values'], 'value')} non-finite"
     if "finite_min" in n:
         text += f", the rest in [{n['finite_min']:.3g}, {n['finite_max']:.3g}]"
     if "upstream_min" in n:

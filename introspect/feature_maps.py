@@ -3,16 +3,18 @@ first sample's slice of their output that the picture is drawn from.
 
 A convolution's 4-D output (N, C, H, W) becomes a grid of the first sample's channels; a 1-D
 convolution's (N, C, L) and the sequence output of a recurrent or attention layer (batch, time,
-features) become a heat map. Only that one sample's slice is copied on an image step (at most 64
+features) become a heat map. A recurrent layer fed a ``PackedSequence`` returns one too: its first
+sample (in the batch's own order) is taken out of the packed rows, as long as that sample is. Only that one sample's slice is copied on an image step (at most 64
 channels), and it is dropped once the step is written; the pictures are drawn then.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import nn
+from torch.nn.utils.rnn import PackedSequence
 
 from .visuals import channel_grid, heatmap
 
@@ -35,9 +37,40 @@ def _batch_first(module: nn.Module) -> bool:
     return bool(getattr(module, "batch_first", False))
 
 
-def sample_picker(module: nn.Module) -> Callable[[torch.Tensor], Picked | None] | None:
-    """For a module that gets feature-map pictures, a function from its output (the sole tensor,
-    or the first of a tuple) to the first sample's slice; None for every other module."""
+def sample_picker(module: nn.Module) -> Callable[[Any], Picked | None] | None:
+    """For a module that gets feature-map pictures, a function from its output to the first
+    sample's slice; None for every other module.
+
+    The function takes the module's whole output (a tensor, a ``PackedSequence``, or a tuple whose
+    first element is one, as an LSTM's ``(output, (h, c))``) or that first tensor alone. Only the
+    whole output can say where a packed batch's first sample is; its ``.data`` alone gets None.
+    """
+    pick = _tensor_picker(module)
+    if pick is None:
+        return None
+
+    def picker(output: Any) -> Picked | None:
+        first = output[0] if isinstance(output, tuple) and not isinstance(output, PackedSequence) and output else output
+        if isinstance(first, PackedSequence) and isinstance(module, nn.RNNBase):
+            return "heatmap", _first_packed_sample(first).detach().clone()
+        return pick(first) if isinstance(first, torch.Tensor) else None
+
+    return picker
+
+
+def _first_packed_sample(packed: PackedSequence) -> torch.Tensor:
+    """(its length, features): the batch's first sample's rows of a ``PackedSequence``.
+
+    The rows are time-major: step t holds ``batch_sizes[t]`` samples, in order of decreasing length,
+    and a sample at sorted position p is in every step whose size exceeds p.
+    """
+    position = 0 if packed.unsorted_indices is None else int(packed.unsorted_indices[0])
+    sizes = packed.batch_sizes  # always on the CPU
+    rows = (torch.cumsum(sizes, 0) - sizes)[sizes > position] + position
+    return packed.data[rows.to(packed.data.device)]
+
+
+def _tensor_picker(module: nn.Module) -> Callable[[torch.Tensor], Picked | None] | None:
     if isinstance(module, _GRID_CONVS):
         def grid(output: torch.Tensor) -> Picked | None:
             if output.dim() != 4 or output.shape[0] == 0:  # unbatched or empty: nothing to show

@@ -4,8 +4,10 @@
 
 A file's format is read from its bytes, not its name: a ``torch.save`` archive (a state_dict, or a
 checkpoint dict holding one), a TorchScript archive, a ``torch.export`` program (``.pt2``) or a
-safetensors file. Only ``torch.load(weights_only=True)`` ever unpickles, and ``torch.export`` archives
-are checked before torch reads them (torch unpickles some of their parts without that guard):
+safetensors file. A Hugging Face ``save_pretrained`` folder is built from its own config
+(:mod:`introspect.hf_folder`). Only ``torch.load(weights_only=True)`` ever unpickles, and
+``torch.export`` archives are checked before torch reads them (torch unpickles some of their parts
+without that guard):
 unpickling arbitrary objects runs whatever code the file's author put in it, so a whole pickled
 ``nn.Module`` needs ``unsafe=True``. Everything is mapped to ``map_location`` (the CPU by default),
 so a checkpoint saved on a GPU opens on a machine without one.
@@ -20,6 +22,7 @@ import json
 import os
 import re
 import struct
+import sys
 import warnings
 import zipfile
 from collections.abc import Mapping
@@ -30,7 +33,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import hf_folder
 from .errors import ArchitectureError, ConfigError, KeyMismatchError, LoadError, UnsafeLoadError, first_line
+from .terminal import counted
 
 __all__ = [
     "load_model",
@@ -81,11 +86,13 @@ def load_model(
     Args:
         path: a ``torch.save`` state_dict or checkpoint dict (weights under ``state_dict``,
             ``model_state_dict`` or ``model``; ``module.`` and ``_orig_mod.`` prefixes are
-            stripped), a TorchScript archive, a ``torch.export`` program, a safetensors file, or
-            (with ``unsafe=True``) a pickled ``nn.Module``.
+            stripped), a TorchScript archive, a ``torch.export`` program, a safetensors file,
+            a Hugging Face ``save_pretrained`` folder (built from its config.json, needs
+            ``transformers``), or (with ``unsafe=True``) a pickled ``nn.Module``.
         arch: the architecture weights are loaded into: ``"package.module:Class"`` (a class or a
-            factory function, importable from ``sys.path``) or ``"torchvision:resnet18"`` (built
-            with ``weights=None``: nothing is downloaded). Required for bare weights; with a file
+            factory function, importable from ``sys.path`` or the current directory),
+            ``"torchvision:resnet18"`` (built with ``weights=None``) or ``"timm:resnet18"`` (built
+            with ``pretrained=False``): nothing is downloaded. Required for bare weights; with a file
             that carries its own model, that model's weights are loaded into ``arch`` instead.
         arch_kwargs: keyword arguments for the architecture (``{"num_classes": 10}``).
         unsafe: allow unpickling arbitrary Python objects. Only for files you trust: unpickling
@@ -143,8 +150,11 @@ def load_weights(
 def read_model_file(
     path: str | os.PathLike, unsafe: bool = False, map_location: str | torch.device = "cpu"
 ) -> ModelFile:
-    """Read ``path`` in whichever format its bytes say, without building an architecture."""
+    """Read ``path`` in whichever format its bytes say, without building an architecture (a
+    Hugging Face folder carries its own, in its config.json)."""
     path = Path(path)
+    if hf_folder.is_hf_folder(path):
+        return ModelFile(path, "huggingface", hf_folder.load_hf_folder(path, map_location), None)
     kind = detect_format(path)
     if kind == "torchscript":
         return ModelFile(path, kind, _load_torchscript(path, map_location), None)
@@ -205,17 +215,26 @@ def detect_format(path: Path) -> str:
 
 
 def build_architecture(arch: str, kwargs: Mapping[str, Any] | None = None) -> nn.Module:
-    """An untrained ``nn.Module`` from ``"package.module:Class"`` or ``"torchvision:name"``."""
+    """An untrained ``nn.Module`` from ``"package.module:Class"``, ``"torchvision:name"`` or
+    ``"timm:name"`` (``timm.create_model(name, pretrained=False, **kwargs)``).
+
+    A package that is not importable but sits in the current directory is imported from there, as
+    ``python -m`` would: ``--arch examples.models:SeedCNN`` works from the repository root, though
+    the ``introspect`` console script does not put the current directory on ``sys.path``.
+    """
     kwargs = _check_kwargs(kwargs)
     if not isinstance(arch, str) or arch.count(":") != 1 or not all(arch.split(":")):
         raise ArchitectureError(
-            f"architecture must look like 'package.module:Class' or 'torchvision:resnet18', got {arch!r}"
+            "architecture must look like 'package.module:Class', 'torchvision:resnet18' or "
+            f"'timm:resnet18', got {arch!r}"
         )
     module_name, attr = arch.split(":")
     if module_name == "torchvision":
         return _torchvision_model(attr, kwargs)
+    if module_name == "timm":
+        return _timm_model(attr, kwargs)
     try:
-        target: Any = importlib.import_module(module_name)
+        target: Any = _import_here_too(module_name)
     except ImportError as e:
         raise ArchitectureError(
             f"cannot import {module_name!r} for architecture {arch!r}: {e} (is its directory on "
@@ -296,11 +315,11 @@ def load_state_dict_into(model: nn.Module, state: Mapping[str, torch.Tensor], so
         missing, unexpected = list(result.missing_keys), list(result.unexpected_keys)
     parts = []
     if missing:
-        parts.append(f"{len(missing)} missing keys ({_first(missing)})")
+        parts.append(f"{counted(len(missing), 'missing key')} ({_first(missing)})")
     if unexpected:
-        parts.append(f"{len(unexpected)} unexpected keys ({_first(unexpected)})")
+        parts.append(f"{counted(len(unexpected), 'unexpected key')} ({_first(unexpected)})")
     if shapes:
-        parts.append(f"{len(shapes)} shape mismatch{'es' if len(shapes) > 1 else ''} ({_first(shapes)})")
+        parts.append(f"{counted(len(shapes), 'shape mismatch', 'shape mismatches')} ({_first(shapes)})")
     if parts:
         raise KeyMismatchError(f"the weights in {source} do not fit {type(model).__name__}: {'; '.join(parts)}")
 
@@ -391,6 +410,42 @@ def _load_safetensors(path: Path, map_location: Any) -> dict[str, torch.Tensor]:
     except Exception as e:
         raise _corrupt(path, e) from e
     return strip_wrapper_prefixes(state)
+
+
+def _import_here_too(module_name: str) -> Any:
+    """``importlib.import_module``, retried with the current directory on ``sys.path`` when the
+    top-level package is missing and the current directory holds it. Appended, not prepended:
+    nothing installed is shadowed, since the first try found nothing."""
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        top = module_name.split(".")[0]
+        here = os.getcwd()
+        if e.name != top or here in sys.path or not (Path(here, top).is_dir() or Path(here, f"{top}.py").is_file()):
+            raise
+        sys.path.append(here)
+        return importlib.import_module(module_name)
+
+
+def _timm_model(name: str, kwargs: dict[str, Any]) -> nn.Module:
+    try:
+        import timm
+    except ImportError:
+        raise ArchitectureError(f"timm:{name} needs the timm package: pip install timm") from None
+    if "pretrained" in kwargs or "pretrained_cfg_overlay" in kwargs:
+        raise ArchitectureError(
+            "timm architectures are built with pretrained=False: the weights come from the file, and "
+            "nothing is downloaded; drop 'pretrained' from the architecture's keyword arguments"
+        )
+    if not timm.is_model(name):
+        hint = difflib.get_close_matches(name, timm.list_models(), n=3)
+        raise ArchitectureError(
+            f"timm has no model {name!r}" + (f"; did you mean {', '.join(hint)}?" if hint else "")
+        )
+    try:
+        return timm.create_model(name, pretrained=False, **kwargs)
+    except Exception as e:
+        raise ArchitectureError(f"building timm:{name}(**{kwargs}) failed: {type(e).__name__}: {e}") from e
 
 
 def _torchvision_model(name: str, kwargs: dict[str, Any]) -> nn.Module:

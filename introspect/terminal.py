@@ -10,7 +10,7 @@ import sys
 from collections.abc import Iterable, Sequence
 from typing import Any, TypeVar
 
-__all__ = ["progress", "format_table", "number"]
+__all__ = ["progress", "format_table", "number", "counted"]
 
 T = TypeVar("T")
 
@@ -29,6 +29,12 @@ def number(value: float) -> str:
     if isinstance(value, int):
         return f"{value:,}"
     return f"{value:.4g}"
+
+
+def counted(count: float, noun: str, plural: str | None = None) -> str:
+    """``"1 value"``, ``"3 values"``, ``"2 matches"`` (with ``plural="matches"``): a count with its noun."""
+    shown = f"{count:.0f}" if isinstance(count, float) else str(count)
+    return f"{shown} {noun if count == 1 else (plural or noun + 's')}"
 
 
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], right: Sequence[bool] | None = None) -> str:

@@ -1058,3 +1058,148 @@ def test_backward_finding_gets_its_numbers(writer):
     assert n["at_step"] == 2 and n["values"] == 6 * 8  # the gradient norm passed back to lin1's output
     assert 1 <= n["nonfinite_values"] <= 8  # the zero row's entries
     assert math.isfinite(n["upstream_min"]) and math.isfinite(n["upstream_max"])
+
+
+# =========================================================================== NaN gradients and NaN weights, in words
+class EmbedHead(nn.Module):
+    """Token embedding and a linear head; a batch of 4 tokens reaches 4 of the 64 rows."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(64, 8)
+        self.fc = nn.Linear(8, 1)
+
+    def forward(self, x):
+        return self.fc(self.emb(x)).squeeze(-1)
+
+
+TOKENS = torch.tensor([[0, 1, 2, 3]])
+
+
+def nan_loss_at_step_0(model: nn.Module, steps: int, on_step=None) -> None:
+    """SGD steps whose first loss is NaN: every gradient that step is NaN where it is not zero,
+    and the optimizer step writes NaN into the rows it touched."""
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for step in range(steps):
+        loss = model(TOKENS).sum() * (NAN if step == 0 else 1.0)
+        opt.zero_grad()
+        loss.backward()
+        if on_step is not None:
+            on_step(step)
+        opt.step()
+
+
+def host_step(step: int, kind: str, named: dict[str, torch.Tensor]):
+    """The HostStep the watcher's StepBuffer makes of these tensors under ``{kind}/{name}``."""
+    from introspect.sinks import tag
+    from introspect.step import StepBuffer
+
+    buffer = StepBuffer(step=step, logging=True, checking=False)
+    for name, tensor in named.items():
+        buffer.add_histogram(tag(kind, name), tensor.detach())
+    return buffer.to_host()
+
+
+def layer_sums(histograms) -> dict[str, tuple[float, float]]:
+    """Per-layer (sum of squares, finite count) of the grads/ records, as the watcher sums them."""
+    sums: dict[str, list[float]] = {}
+    for full_tag, record in histograms.items():
+        kind, _, name = full_tag.partition("/")
+        if kind == "grads":
+            entry = sums.setdefault(name.rpartition(".")[0] or name, [0.0, 0.0])
+            entry[0] += record.sum_squares
+            entry[1] += record.finite_count
+    return {k: (v[0], v[1]) for k, v in sums.items()}
+
+
+def test_a_nan_gradient_is_not_called_vanishing():
+    from introspect.diagnostics import nonfinite_gradients
+
+    torch.manual_seed(0)
+    model = EmbedHead()
+    grads = {}
+    nan_loss_at_step_0(model, 1, lambda step: grads.update({n: p.grad.clone() for n, p in model.named_parameters()}))
+    host = host_step(0, "grads", grads)
+    assert host.histograms["grads/emb.weight"].nonfinite == 32  # 4 rows of 8; the other 480 values are 0
+    sums = layer_sums(host.histograms)
+    # What the watcher concludes without the NaN counts: the finite rest is all zero, "vanishing".
+    assert kinds_at(GradientHealth(Thresholds()).check(0, sums, {}), "vanishing_gradient") == ["emb"]
+    counts = nonfinite_gradients(host.histograms)
+    assert counts == {"emb": 32.0, "fc": 9.0}
+    assert GradientHealth(Thresholds()).check(0, sums, {}, nonfinite=counts) == []
+
+
+def test_a_layer_with_nan_gradient_is_left_out_of_the_median_and_the_history():
+    # RMS: a 0.1, d 0.03, c ~1e-11 over its finite values (which NaN makes meaningless)
+    layers = {"a": (1.0, 100.0), "c": (1e-20, 50.0), "d": (0.09, 100.0)}
+    limits = Thresholds(vanishing_ratio=0.5)
+    # With c, d's reference is the median of a and c (0.05): d is fine, c "vanishes".
+    assert kinds_at(GradientHealth(limits).check(0, layers, {}), "vanishing_gradient") == ["c"]
+    # Without c, d is measured against a alone (0.1) and is half of it at most: vanishing.
+    health = GradientHealth(limits)
+    assert kinds_at(health.check(0, layers, {}, nonfinite={"c": 50.0, "a": 0.0}), "vanishing_gradient") == ["d"]
+    assert set(health.history) == {"a", "d"}
+
+
+def test_a_nan_gradient_under_watch_is_not_called_vanishing(tmp_path):
+    torch.manual_seed(0)
+    model = EmbedHead()
+    with watch(model, tmp_path, every=1, **QUIET) as w, warnings.catch_warnings():
+        warnings.simplefilter("ignore", NonFiniteWarning)
+        nan_loss_at_step_0(model, 1)
+    # the one finding is the non-finite check's: the loss made the NaN gradient
+    assert [(a.kind, a.where, a.phase) for a in w.alerts] == [("nonfinite", "fc", "backward")]
+
+
+def test_nan_weights_are_named_as_such_not_as_the_modules_fault(tmp_path):
+    """Through watch: the step after an optimizer step applied NaN gradients, the forward check
+    names emb (finite token ids in, NaN out); with that step's weight records the finding says why."""
+    from introspect.diagnostics import blame_nonfinite_weights
+
+    torch.manual_seed(0)
+    model = EmbedHead()
+    weights_at_1 = {}
+
+    def keep_weights(step: int) -> None:
+        if step == 1:  # the values step 1's forward used (the watcher records them as the step opens)
+            weights_at_1.update({n: p.detach().clone() for n, p in model.named_parameters()})
+
+    with watch(model, tmp_path, every=1, **QUIET) as w, warnings.catch_warnings():
+        warnings.simplefilter("ignore", NonFiniteWarning)
+        nan_loss_at_step_0(model, 2, keep_weights)
+    origins = nonfinite(w.alerts)
+    assert [(a.step, a.where, a.phase) for a in origins] == [(0, "fc", "backward"), (1, "emb", "forward")]
+    # The watcher words it so itself (it reads emb's parameters on this firing path):
+    assert origins[1].message.startswith("weights of emb (Embedding) are non-finite (since step 0's optimizer step)")
+    histograms = host_step(1, "weights", weights_at_1).histograms
+    blamed = blame_nonfinite_weights(origins[1], histograms, w.alerts)
+    assert blamed.message == (
+        "weights of emb (Embedding) are non-finite (since step 0's optimizer step): emb.weight has 32 of "
+        "512 values NaN/Inf; its inputs were finite, its output is not because of them"
+    )
+    assert (blamed.kind, blamed.where, blamed.step, blamed.phase) == ("nonfinite", "emb", 1, "forward")
+    assert blamed.numbers["nonfinite_weights"] == 32 and blamed.numbers["since_step"] == 0
+    # Without an earlier finding (NaN weights loaded from a checkpoint, say): no step to blame.
+    assert "(already when step 1 began)" in blame_nonfinite_weights(origins[1], histograms).message
+    # Finite weights, a backward finding or the input: unchanged.
+    finite = host_step(1, "weights", {n: torch.zeros(3) for n in weights_at_1}).histograms
+    assert blame_nonfinite_weights(origins[1], finite, w.alerts) is origins[1]
+    assert blame_nonfinite_weights(origins[0], histograms, w.alerts) is origins[0]
+
+
+def test_nan_weights_under_watch_are_named_as_such(tmp_path):
+    torch.manual_seed(0)
+    model = EmbedHead()
+    with watch(model, tmp_path, every=1, **QUIET) as w, warnings.catch_warnings():
+        warnings.simplefilter("ignore", NonFiniteWarning)
+        nan_loss_at_step_0(model, 2)
+    step_1 = [a for a in nonfinite(w.alerts) if a.step == 1]
+    assert step_1[0].message.startswith("weights of emb (Embedding) are non-finite (since step 0's optimizer step)")
+
+
+def test_later_outputs_singular_and_plural():
+    calls = chain("a", "b", "c")
+    one = locate_nonfinite(0, calls[:2], [Check("in", 0), Check("out", 0, "a"), Check("out", 1, "b")], [1.0, NAN, NAN])
+    assert one.message.endswith("; 1 later module output inherits it")
+    two = locate_nonfinite(0, calls, [Check("in", 0), Check("out", 0, "a"), Check("out", 1, "b"), Check("out", 2, "c")], [1.0, NAN, NAN, NAN])
+    assert two.message.endswith("; 2 later module outputs inherit it")

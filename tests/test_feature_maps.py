@@ -11,7 +11,7 @@ import torch
 from conftest import QUIET, read_events, text_of, train
 from PIL import Image
 from torch import nn
-from zoo import SeedCNN
+from zoo import PackedLSTM, SeedCNN
 
 from introspect import ConfigError, watch
 from introspect.feature_maps import MAX_CHANNELS, sample_picker
@@ -125,6 +125,40 @@ def test_sequence_first_modules_pick_the_first_sample():
     kind, picked = sample_picker(lstm)(output)
     assert kind == "heatmap" and torch.equal(picked, output[:, 0])
     assert sample_picker(nn.Linear(2, 2)) is None and sample_picker(nn.MaxPool2d(2)) is None
+
+
+def test_a_packed_sequence_gives_its_first_samples_rows():
+    from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+    torch.manual_seed(0)
+    for lstm in (nn.LSTM(4, 6, batch_first=True), nn.GRU(4, 6)):
+        x = torch.randn(3, 5, 4) if lstm.batch_first else torch.randn(5, 3, 4)
+        # unsorted lengths: the first sample is neither the longest nor first in the packed rows
+        packed = pack_padded_sequence(x, [2, 5, 3], batch_first=lstm.batch_first, enforce_sorted=False)
+        output = lstm(packed)
+        kind, picked = sample_picker(lstm)(output)
+        padded, lengths = pad_packed_sequence(output[0], batch_first=True)
+        assert kind == "heatmap" and lengths[0] == 2
+        assert torch.equal(picked, padded[0, :2])  # its 2 steps x 6 features, no padding
+        # the packed rows alone cannot say which are the first sample's
+        assert sample_picker(lstm)(output[0].data) is None
+
+
+def packed_batch():
+    from torch.nn.utils.rnn import pack_padded_sequence
+
+    x = torch.randn(3, 10, 4)
+    return pack_padded_sequence(x, [10, 6, 3], batch_first=True), torch.rand(3)
+
+
+def test_packed_sequences_get_heat_maps_under_watch(tmp_path):
+    torch.manual_seed(0)
+    model = PackedLSTM(hidden=16, outputs=1)
+    with watch(model, str(tmp_path), every=1, **QUIET):
+        train(model, packed_batch, bce, steps=2)
+    acc = read_events(tmp_path)
+    lstm = acc.Images("feature_maps/lstm/0")[0]
+    assert (lstm.height, lstm.width) == (20, 32)  # the first sample's 10 steps x 16 features, 2x
 
 
 def test_feature_maps_off(tmp_path, seed_cnn):

@@ -117,6 +117,49 @@ def test_torchvision_architecture_with_kwargs(tmp_path):
     assert not loaded.training
 
 
+def test_timm_architecture_by_name(tmp_path):
+    pytest.importorskip("timm")
+    from click.testing import CliRunner
+
+    from introspect.cli import main
+
+    torch.manual_seed(0)
+    net = build_architecture("timm:resnet18", {"num_classes": 10})
+    path = tmp_path / "timm_r18.safetensors"
+    from safetensors.torch import save_file
+
+    save_file(net.state_dict(), str(path))
+    loaded = load_model(path, arch="timm:resnet18", arch_kwargs={"num_classes": 10})
+    assert type(loaded).__module__.startswith("timm.") and loaded.fc.out_features == 10
+    assert all(torch.equal(v, net.state_dict()[k]) for k, v in loaded.state_dict().items())
+    result = CliRunner().invoke(main, ["summary", str(path), "--arch", "timm:resnet18", "--arch-kwargs",
+                                       '{"num_classes": 10}', "--input-shape", "1,3,64,64"])
+    assert result.exit_code == 0, result.output
+    assert f"Total params: {sum(p.numel() for p in net.parameters()):,}" in result.stdout
+
+
+def test_timm_names_and_pretrained_are_checked():
+    pytest.importorskip("timm")
+    with pytest.raises(ArchitectureError, match="timm has no model 'resnet181'; did you mean resnet18"):
+        build_architecture("timm:resnet181")
+    with pytest.raises(ArchitectureError, match="pretrained=False"):
+        build_architecture("timm:resnet18", {"pretrained": True})
+
+
+def test_an_architecture_in_the_current_directory_is_found(tmp_path, monkeypatch):
+    """As ``python -m`` would: the console script does not put the current directory on sys.path."""
+    (tmp_path / "my_models").mkdir()
+    (tmp_path / "my_models" / "__init__.py").write_text(
+        "from torch import nn\n\ndef tiny():\n    return nn.Linear(2, 3)\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", ".", str(tmp_path))])
+    assert build_architecture("my_models:tiny").out_features == 3
+    assert sys.path[-1] == str(tmp_path)  # appended: nothing installed is shadowed
+    with pytest.raises(ArchitectureError, match="cannot import 'not_here'"):
+        build_architecture("not_here:tiny")
+
+
 def test_checkpoint_saved_on_a_gpu_loads_on_the_cpu(tmp_path):
     model = seed_cnn()
     path = tmp_path / "cuda.pt"
@@ -232,7 +275,7 @@ def test_mismatched_keys_are_listed(tmp_path):
     torch.save(partial, path)
     with pytest.raises(KeyMismatchError) as info:
         load_model(path, arch=SEED_ARCH)
-    assert "1 missing keys (linear2.bias); 1 unexpected keys (head.weight)" in str(info.value)
+    assert "1 missing key (linear2.bias); 1 unexpected key (head.weight)" in str(info.value)
 
     with pytest.raises(KeyMismatchError, match=r"keys \(bn1.weight, bn1.bias, .*, \.\.\. \d+ more\).*conv1.weight: file \[32, 3, 3, 3\] vs model \[64, 3, 7, 7\]"):
         load_model(path, arch="torchvision:resnet18")

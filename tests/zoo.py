@@ -28,6 +28,7 @@ __all__ = [
     "ZOO",
     "ZOO_IDS",
     "SeedCNN",
+    "PackedLSTM",
     "MLP",
     "SEED_CNN_PARAMS",
     "seed_cnn_batch",
@@ -86,6 +87,19 @@ class LSTMNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out, (h, c) = self.lstm(x)
         return self.head(out[:, -1])
+
+
+class PackedLSTM(nn.Module):
+    """An LSTM fed a PackedSequence, and a head on its last hidden state."""
+
+    def __init__(self, hidden: int = 6, outputs: int = 2) -> None:
+        super().__init__()
+        self.lstm = nn.LSTM(4, hidden, batch_first=True)
+        self.head = nn.Linear(hidden, outputs)
+
+    def forward(self, packed: Any) -> torch.Tensor:
+        _, (h, _) = self.lstm(packed)
+        return self.head(h[-1])
 
 
 def _sequence_batch() -> tuple[torch.Tensor, torch.Tensor]:

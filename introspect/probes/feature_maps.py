@@ -36,11 +36,13 @@ class FeatureMaps(Probe):
 
     def on_output(self, name: str, module: nn.Module, output: Any) -> None:
         pick = self.pickers[name]
-        for where, suffix, tensor in self.ctx.outputs(name, output):
-            if suffix not in ("", "0"):
-                continue
-            if where not in self.maps and (picked := pick(tensor)) is not None:
-                self.maps[where] = picked
+        # The picture is of the sole tensor, or the first of several (an RNN's sequence, not its
+        # state); the picker takes the whole output, so a PackedSequence is unpacked there.
+        for where, suffix, _ in self.ctx.outputs(name, output):
+            if suffix in ("", "0"):
+                if where not in self.maps and (picked := pick(output)) is not None:
+                    self.maps[where] = picked
+                break
         return None
 
     def on_step_end(self, host: HostStep | None) -> None:

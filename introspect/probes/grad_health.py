@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 
-from ..diagnostics import GradientHealth
+from ..diagnostics import GradientHealth, nonfinite_gradients
 from ..sinks import GRAD_FLOW_TAG, tag_name
 from ..step import HostStep
 from ..visuals import grad_flow_image
@@ -41,7 +41,7 @@ class GradHealth(Probe):
             return
         ratios = {tag_name(t)[1]: v for t, v in host.scalars.items() if tag_name(t)[0] == "update_ratio"}
         sums = {layer: (v[0], v[1]) for layer, v in layers.items()}
-        alerts = self._health.check(host.step, sums, ratios)
+        alerts = self._health.check(host.step, sums, ratios, nonfinite=nonfinite_gradients(host.histograms))
         self._last = (host.step, {k: (v[0], v[1], v[2]) for k, v in layers.items()})
         # A new gradient finding gets the figure now; one that persists does not redraw it.
         if [a for a in alerts if self.ctx.findings.add(a)]:

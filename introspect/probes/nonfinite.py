@@ -11,6 +11,7 @@ are not summed: their outputs are finite exactly when their inputs are.
 
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -18,7 +19,7 @@ from torch import nn
 
 from .._torch import queue_after_backward
 from ..amp import LOW_PRECISION, overflow_note, scaler_overflow
-from ..diagnostics import Alert, CallRecord, locate_nonfinite
+from ..diagnostics import Alert, CallRecord, blame_nonfinite_weights, locate_nonfinite
 from ..distributed import nonfinite_on_rank
 from ..errors import NonFiniteError, NonFiniteWarning, warn
 from ..sinks import tag
@@ -137,6 +138,8 @@ class NonFiniteCheck(Probe):
             ctx.overflow_step = buffer.step
             ctx.findings.add(scaler_overflow(alert, ctx.config.grad_scaler))  # routine: the scaler skips the step
             return None
+        if alert.phase == "forward":
+            alert = blame_nonfinite_weights(alert, self._nonfinite_weights(alert.where), ctx.findings.alerts)
         alert = nonfinite_on_rank(overflow_note(alert, self._half_outputs.get(alert.where)))
         ctx.force_log()  # show the next step's histograms, NaN counts included
         new = ctx.findings.add(alert)
@@ -146,6 +149,22 @@ class NonFiniteCheck(Probe):
         if new and action == "warn":  # new: once per origin
             warn(f"introspect: step {alert.step}: {alert.message}", NonFiniteWarning)
         return alert
+
+
+    def _nonfinite_weights(self, where: str) -> dict[str, SimpleNamespace]:
+        """``weights/{param}`` -> NaN/Inf count of the origin module's own parameters, read on
+        this (firing) path only: an origin whose weights are already NaN is not the culprit."""
+        name = where.split("/")[0]
+        module = self.ctx.modules.get(name)
+        found: dict[str, SimpleNamespace] = {}
+        if module is None:
+            return found
+        for param_name, param in module.named_parameters(prefix=name):
+            if param.is_floating_point():
+                count = int((~torch.isfinite(param.detach())).sum())
+                if count:
+                    found[tag("weights", param_name)] = SimpleNamespace(nonfinite=float(count), numel=param.numel())
+        return found
 
 
 class NonFiniteNumbers(Probe):
