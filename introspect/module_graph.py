@@ -30,19 +30,18 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.nn.utils.rnn import PackedSequence
 
 from .summary import preserved_state
+from .tensors import named_tensors
 
 __all__ = [
-    "MAX_CALLS", "ModuleCall", "ModuleGraph", "named_tensors", "record_module_graph", "graph_def", "write_module_graph",
+    "MAX_CALLS", "ModuleCall", "ModuleGraph", "record_module_graph", "graph_def", "write_module_graph",
 ]
 
 MAX_CALLS = 5000
 """Module calls recorded at most: a recurrent cell looped over a long sequence would otherwise
 make a graph TensorBoard cannot lay out. Calls after these are left out (``ModuleGraph.truncated``)."""
 
-_MAX_DEPTH = 8  # how deep inputs and outputs are searched for tensors (as probes.named_float_tensors)
 
 Ref = tuple[int, int]
 """``(node, output index)``: node -1 - k is the model's k-th input tensor, node c >= 0 is call c."""
@@ -193,30 +192,6 @@ class _Recorder:
         if entry is None or entry[0]() is not tensor:
             return None
         return entry[1]
-
-
-def named_tensors(obj: Any, path: str = "", depth: int = 0) -> list[tuple[str, torch.Tensor]]:
-    """Every tensor in ``obj``, of any dtype (token ids are edges too), named by its path as
-    ``probes.named_float_tensors`` names them (index, key or field, nested as ``"1/0"``; a
-    ``PackedSequence`` gives its ``.data``). That walk is this one keeping floating tensors only."""
-    if isinstance(obj, torch.Tensor):
-        return [(path, obj)] if obj.device.type != "meta" else []
-    if depth > _MAX_DEPTH:
-        return []
-    if isinstance(obj, PackedSequence):
-        return named_tensors(obj.data, path, depth + 1)
-    if isinstance(obj, Mapping):
-        items = [(str(k), v) for k, v in obj.items()]
-    elif isinstance(obj, tuple) and hasattr(obj, "_fields"):
-        items = list(zip(obj._fields, obj))
-    elif isinstance(obj, (tuple, list)):
-        items = [(str(i), v) for i, v in enumerate(obj)]
-    else:
-        return []
-    found: list[tuple[str, torch.Tensor]] = []
-    for key, value in items:
-        found.extend(named_tensors(value, f"{path}/{key}" if path else key, depth + 1))
-    return found
 
 
 def _extra(module: nn.Module) -> str:

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch.nn.utils.rnn import PackedSequence
 
-__all__ = ["named_float_tensors"]
+__all__ = ["named_float_tensors", "named_tensors"]
 
 _MAX_DEPTH = 8
 
@@ -31,19 +31,27 @@ def named_float_tensors(output: Any) -> list[tuple[str, torch.Tensor]]:
     if type(output) is tuple and len(output) == 1 and isinstance(output[0], torch.Tensor):
         return [("0", output[0])] if _is_float_tensor(output[0]) else []
     found: list[tuple[str, torch.Tensor]] = []
-    _walk(output, "", found, 0)
+    _walk(output, "", found, 0, _is_float_tensor)
     return found
 
 
-def _walk(obj: Any, path: str, found: list[tuple[str, torch.Tensor]], depth: int) -> None:
+def named_tensors(obj: Any) -> list[tuple[str, torch.Tensor]]:
+    """Every tensor in ``obj``, of any dtype but meta (token ids are graph edges too), named as
+    :func:`named_float_tensors` names them."""
+    found: list[tuple[str, torch.Tensor]] = []
+    _walk(obj, "", found, 0, lambda t: t.device.type != "meta")
+    return found
+
+
+def _walk(obj: Any, path: str, found: list[tuple[str, torch.Tensor]], depth: int, keep: Callable[[torch.Tensor], bool]) -> None:
     if depth > _MAX_DEPTH:
         return
     if isinstance(obj, torch.Tensor):
-        if _is_float_tensor(obj):
+        if keep(obj):
             found.append((path, obj))
         return
     if isinstance(obj, PackedSequence):
-        _walk(obj.data, path, found, depth + 1)
+        _walk(obj.data, path, found, depth + 1, keep)
         return
     if isinstance(obj, Mapping):
         items = [(str(k), v) for k, v in obj.items()]
@@ -54,4 +62,4 @@ def _walk(obj: Any, path: str, found: list[tuple[str, torch.Tensor]], depth: int
     else:
         return
     for key, value in items:
-        _walk(value, f"{path}/{key}" if path else key, found, depth + 1)
+        _walk(value, f"{path}/{key}" if path else key, found, depth + 1, keep)
