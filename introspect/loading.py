@@ -15,10 +15,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
-import io
-import json
 import os
-import re
 import struct
 import warnings
 import zipfile
@@ -30,6 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import archive
 from .errors import ArchitectureError, ConfigError, KeyMismatchError, LoadError, UnsafeLoadError, first_line
 
 __all__ = [
@@ -152,7 +150,7 @@ def read_model_file(
         return ModelFile(path, kind, _load_exported(path, unsafe), None)
     if kind == "safetensors":
         return ModelFile(path, kind, None, _load_safetensors(path, map_location))
-    obj = _torch_load(path, unsafe, map_location)
+    obj = torch_load(path, unsafe, map_location)
     module = _module_in(obj)
     if module is not None:
         return ModelFile(path, "pickled module", module, None)
@@ -176,9 +174,10 @@ def detect_format(path: Path) -> str:
     if zipfile.is_zipfile(path):
         try:
             with zipfile.ZipFile(path) as z:
+                archive.check_zip_sizes(z, path)  # before any reader inflates a member
                 names = z.namelist()
                 format_files = [n for n in names if n.rsplit("/", 1)[-1] == "archive_format"]
-                if format_files and z.read(format_files[0]).strip() == b"pt2":
+                if format_files and archive.read_member(z, format_files[0], 64, path).strip() == b"pt2":
                     return "export"
         except (zipfile.BadZipFile, OSError) as e:
             raise LoadError(f"{path} is a corrupt zip archive: {e}") from e
@@ -306,19 +305,18 @@ def load_state_dict_into(model: nn.Module, state: Mapping[str, torch.Tensor], so
 
 
 # --------------------------------------------------------------------------- formats
-def _torch_load(path: Path, unsafe: bool, map_location: Any) -> Any:
+def torch_load(path: Path, unsafe: bool, map_location: Any) -> Any:
+    """``torch.load`` with ``weights_only=True``; arbitrary objects only with ``unsafe``."""
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
-        if not _is_weights_only_refusal(e):
-            raise _corrupt(path, e) from e
-        refusal = e
-    if not unsafe:
-        raise UnsafeLoadError(_unsafe_message(path, refusal)) from None
+        error = archive.read_error(path, e)
+        if not (unsafe and isinstance(error, UnsafeLoadError)):
+            raise error from (None if isinstance(error, UnsafeLoadError) else e)
     try:
         return torch.load(path, map_location=map_location, weights_only=False)
     except Exception as e:
-        raise _corrupt(path, e) from e
+        raise archive.read_error(path, e) from e
 
 
 def _load_torchscript(path: Path, map_location: Any) -> nn.Module:
@@ -327,7 +325,7 @@ def _load_torchscript(path: Path, map_location: Any) -> nn.Module:
             warnings.simplefilter("ignore", FutureWarning)  # "torch.jit.load is deprecated"
             return torch.jit.load(str(path), map_location=map_location)
     except Exception as e:
-        raise _corrupt(path, e) from e
+        raise archive.read_error(path, e) from e
 
 
 def _load_exported(path: Path, unsafe: bool) -> nn.Module:
@@ -339,44 +337,14 @@ def _load_exported(path: Path, unsafe: bool) -> nn.Module:
     part that would run code is refused before torch sees it.
     """
     if not unsafe:
-        _check_export_archive(path)
+        archive.check_export_archive(path)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             program = torch.export.load(str(path))
             return torch.export.unflatten(program)
     except Exception as e:
-        raise _corrupt(path, e) from e
-
-
-def _check_export_archive(path: Path) -> None:
-    with zipfile.ZipFile(path) as z:
-        names = z.namelist()
-        pickled: list[str] = []
-        for name in names:
-            if name.endswith("_config.json") and "/data/" in name:
-                folder = name.rsplit("/", 1)[0]
-                try:
-                    config = json.loads(z.read(name)).get("config", {})
-                except ValueError as e:
-                    raise LoadError(f"{path}: corrupt torch.export archive ({name}: {e})") from e
-                for entry in config.values():
-                    file = f"{folder}/{entry.get('path_name', '')}"
-                    if file.rsplit("/", 1)[-1].startswith("opaque_obj"):
-                        raise UnsafeLoadError(_unsafe_message(path, None, what="an opaque Python object (pickle)"))
-                    if entry.get("use_pickle"):
-                        pickled.append(file)
-            elif name.endswith((".pt", ".pkl")) and "/data/" in name:  # sample inputs, legacy weights
-                pickled.append(name)
-        for name in pickled:
-            if name not in names:
-                continue
-            try:
-                torch.load(io.BytesIO(z.read(name)), weights_only=True, map_location="cpu")
-            except Exception as e:
-                if _is_weights_only_refusal(e):
-                    raise UnsafeLoadError(_unsafe_message(path, e)) from None
-                raise _corrupt(path, e) from e
+        raise archive.read_error(path, e) from e
 
 
 def _load_safetensors(path: Path, map_location: Any) -> dict[str, torch.Tensor]:
@@ -389,7 +357,7 @@ def _load_safetensors(path: Path, map_location: Any) -> dict[str, torch.Tensor]:
     try:
         state = load_file(str(path), device=str(map_location))
     except Exception as e:
-        raise _corrupt(path, e) from e
+        raise archive.read_error(path, e) from e
     return strip_wrapper_prefixes(state)
 
 
@@ -432,26 +400,6 @@ def _is_state_dict(obj: Any) -> bool:
     tensors = [v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)]
     others = [k for k, v in obj.items() if not isinstance(v, torch.Tensor) and not str(k).endswith("_extra_state")]
     return bool(tensors) and not others
-
-
-def _is_weights_only_refusal(e: BaseException) -> bool:
-    text = str(e).lower()
-    return "weights only load failed" in text or ("weights_only" in text and "global" in text)
-
-
-def _unsafe_message(path: Path, error: BaseException | None, what: str | None = None) -> str:
-    if what is None:
-        found = re.search(r"GLOBAL ([\w.]+)", str(error)) if error is not None else None
-        what = f"Python objects beyond tensors (it needs {found.group(1)})" if found else "Python objects beyond tensors"
-    return (
-        f"refusing to load {path}: it holds {what}, and unpickling runs arbitrary code — a file "
-        "can do anything your account can. If you trust its source, pass --unsafe (unsafe=True); "
-        "better, save model.state_dict() and load it with --arch"
-    )
-
-
-def _corrupt(path: Path, e: BaseException) -> LoadError:
-    return LoadError(f"cannot read {path} (corrupt or truncated?): {type(e).__name__}: {first_line(e)}")
 
 
 def _describe_state_dict(state: Mapping[str, Any] | None) -> str:
