@@ -179,7 +179,7 @@ def _check_current_layout(z: zipfile.ZipFile, names: list[str], records: Any, pa
         if name in _META_RECORDS or _EXTRA.fullmatch(name):
             continue
         if name.startswith(_COMPILED):
-            raise UnsafeLoadError(unsafe_message(path, "compiled code (AOTInductor), which runs as it loads"))
+            raise UnsafeLoadError(unsafe_message(path, "compiled code (AOTInductor)", "loading it"))
         folder, _, leaf = name.rpartition("/")
         if _PROGRAM.fullmatch(name):
             programs.append(name)
@@ -300,7 +300,7 @@ def _walk(node: Any, key: str, visit: Callable[[str, str], None]) -> None:
 
 def _check_string(key: str, text: str, name: str, path: Path) -> None:
     if key == "guards_code":
-        raise UnsafeLoadError(unsafe_message(path, f"guards as Python source in {name}, which torch compiles"))
+        raise UnsafeLoadError(unsafe_message(path, f"guards as Python source in {name}", "compiling them"))
     if key == "expr_str":
         problem = check_sym_expr(text)
     elif key in ("in_spec", "out_spec"):
@@ -318,7 +318,8 @@ def _check_string(key: str, text: str, name: str, path: Path) -> None:
     if problem is not None:
         shown = text if len(text) <= 60 else text[:57] + "..."
         raise UnsafeLoadError(unsafe_message(
-            path, f"a string torch would turn into code ({key or 'a value'} {shown!r} in {name}: {problem})"
+            path, f"a string torch would turn into code ({key or 'a value'} {shown!r} in {name}: {problem})",
+            "loading it",
         ))
 
 
@@ -489,10 +490,10 @@ def is_weights_only_refusal(e: BaseException) -> bool:
     return ("weights only load failed" in text or "weights_only" in text) and "global" in text
 
 
-def unsafe_message(path: Path, what: str) -> str:
-    """Why ``path`` is refused, and what ``--unsafe`` would risk."""
+def unsafe_message(path: Path, what: str, action: str = "unpickling") -> str:
+    """Why ``path`` is refused, and what ``--unsafe`` would risk (``action``: what runs the code)."""
     return (
-        f"refusing to load {path}: it holds {what}, and loading that runs arbitrary code — a file "
+        f"refusing to load {path}: it holds {what}, and {action} runs arbitrary code — a file "
         "can do anything your account can. If you trust its source, pass --unsafe (unsafe=True); "
         "better, save model.state_dict() and load it with --arch"
     )

@@ -163,6 +163,8 @@ def detect_format(path: Path) -> str:
         raise LoadError(f"{path}: no such file")
     if path.is_dir():
         raise LoadError(f"{path} is a directory; give the model file itself")
+    if not path.is_file():  # opening a pipe would wait for a writer forever
+        raise LoadError(f"{path} is not a regular file (a pipe, socket or device); give the model file itself")
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
