@@ -131,30 +131,33 @@ def check_export_archive(path: Path) -> None:
         with zipfile.ZipFile(path) as z:
             check_zip_sizes(z, path)
             names = z.namelist()
-            records = _torch_records(path)
+            reader = _torch_reader(path)
             if "version" in names:  # torch.export.load's fallback for the older flat layout
-                _check_flat_layout(z, names, records, path)
+                _check_flat_layout(z, names, reader, path)
             else:
-                _check_current_layout(z, names, records, path)
+                _check_current_layout(names, reader, path)
     except zipfile.BadZipFile as e:
         raise LoadError(f"{path} is a corrupt zip archive: {e}") from e
 
 
-def _torch_records(path: Path) -> Any:
-    """``(reader, names)`` as torch's own zip reader sees the archive, or None when it cannot."""
+def _torch_reader(path: Path) -> Any:
+    """torch's own zip reader on ``path`` (the one ``torch.export.load`` uses), or None when it
+    cannot open it."""
     import torch
 
     try:
-        reader = torch._C.PyTorchFileReader(str(path))
-        return reader, list(reader.get_all_records())
+        return torch._C.PyTorchFileReader(str(path))
     except RuntimeError:
         return None
 
 
-def _check_current_layout(z: zipfile.ZipFile, names: list[str], records: Any, path: Path) -> None:
-    if records is None:
-        raise LoadError(f"{path}: not a torch.export archive torch can read (no archive_format in one top folder)")
-    reader, members = records
+def _check_current_layout(names: list[str], reader: Any, path: Path) -> None:
+    try:
+        members = list(reader.get_all_records()) if reader is not None else None
+    except RuntimeError:  # "file in archive is not in a subdirectory"
+        members = None
+    if members is None:
+        raise LoadError(f"{path}: not a torch.export archive torch can read (its members are not all in one top folder)")
     root = names[0].split("/", 1)[0] if names else ""
     if sorted(names) != sorted(f"{root}/{m}" for m in members):
         raise LoadError(f"refusing {path}: its zip directory reads differently in Python and in torch")
@@ -226,9 +229,9 @@ def _config_pickles(config: Any, kind: str, name: str, members: list[str], path:
     return pickled
 
 
-def _check_flat_layout(z: zipfile.ZipFile, names: list[str], records: Any, path: Path) -> None:
+def _check_flat_layout(z: zipfile.ZipFile, names: list[str], reader: Any, path: Path) -> None:
     """The layout of torch 2.7 and before, read by ``torch.export.load`` with Python's zipfile."""
-    if records is not None and any(m.lower() == "archive_format" for m in records[1]):
+    if reader is not None and reader.has_record("archive_format"):
         # torch would read the current layout first and fall back to the flat one on an error:
         # two programs in one file, one of them unchecked.
         raise LoadError(f"refusing {path}: it mixes the current torch.export layout with the older flat one")
@@ -268,7 +271,7 @@ def _json(data: bytes, name: str, path: Path) -> Any:
 # quote or a bracket in it is code. torch's own names are identifiers and dotted paths.
 _PLAIN = re.compile(r"[A-Za-z0-9_.\-]*")
 _EXTENSION_TARGET = re.compile(r"#[A-Za-z0-9_.]+:[A-Za-z0-9_.]+")
-_MODULE_STACK = re.compile(r"[A-Za-z0-9_.,;@\-]*")  # "key,path,type;...", "relu@1" for a reused module
+_MODULE_STACK = re.compile(r"[A-Za-z0-9_.,;@<>\-]*")  # "key,path,type;...": relu@1 (a reused module), f.<locals>.Net
 _VERSION = re.compile(r"[A-Za-z0-9_.+\-]*")
 # Free text that never becomes code: string constants (repr()'d into the source), annotations. A
 # stack trace's last line becomes a comment in the source; a carriage return there would end it.
@@ -310,7 +313,7 @@ def _check_string(key: str, text: str, name: str, path: Path) -> None:
     elif key == "target":
         problem = None if _PLAIN.fullmatch(text) or _EXTENSION_TARGET.fullmatch(text) else "an operator name beyond [A-Za-z0-9_.-]"
     elif key in ("nn_module_stack", "source_fn_stack", "torch_fn"):
-        problem = None if _MODULE_STACK.fullmatch(text) else "a module path beyond [A-Za-z0-9_.,;@-]"
+        problem = None if _MODULE_STACK.fullmatch(text) else "a module path beyond [A-Za-z0-9_.,;@<>-]"
     elif key == "torch_version":
         problem = None if _VERSION.fullmatch(text) else "a version beyond [A-Za-z0-9_.+-]"
     else:
@@ -403,7 +406,7 @@ def check_sym_expr(text: str) -> str | None:
                 or (_SYMBOL.fullmatch(value) and value not in _sympy_namespace())
             )
             if not known:
-                return f"the name {value!r}"
+                return f"the name {value[:40]!r}"
         elif kind == tokenize.NUMBER:
             if not (_INTEGER.fullmatch(value) or _FLOAT.fullmatch(value)):
                 return f"the number {value!r}"

@@ -316,7 +316,7 @@ def activations(
 
 
 @main.command()
-@click.option("--logdir", required=True, type=click.Path(file_okay=False), help="Directory of runs to show (it must exist).")
+@click.option("--logdir", required=True, type=click.Path(), help="Directory of runs to show (it must exist).")
 @click.option("--port", default=6006, show_default=True, type=click.IntRange(0, 65535), help="Port to serve on (0: any free one).")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind; 0.0.0.0 exposes it to the network (with a warning).")
 def board(logdir: str, port: int, host: str) -> None:

@@ -286,3 +286,38 @@ def deflate_bomb(path: Path, inflated: int = 2 * 2**30, member: str = "bomb/arch
         f.write(central)
         f.write(struct.pack("<4s4H2LH", b"PK\x05\x06", 0, 0, 1, 1, len(central), directory, 0))
     return path
+
+
+_MEASURE = """
+import json, resource, subprocess, sys
+limit, timeout, code = int(sys.argv[1]), float(sys.argv[2]), sys.argv[3]
+
+def cap():
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+try:
+    child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout,
+                           preexec_fn=cap)
+    result = {"returncode": child.returncode, "stdout": child.stdout, "stderr": child.stderr}
+except subprocess.TimeoutExpired as e:
+    result = {"returncode": None, "stdout": e.stdout or "", "stderr": e.stderr or ""}
+    result = {k: v.decode() if isinstance(v, bytes) else v for k, v in result.items()}
+result["peak_rss"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+print(json.dumps(result))
+"""
+
+
+def run_limited(code: str, address_space: int = 6 * 2**30, timeout: float = 120.0) -> dict:
+    """Run ``code`` in a fresh Python whose address space is capped (``RLIMIT_AS``) and whose run
+    is cut at ``timeout`` seconds; returns its ``returncode`` (None when cut), ``stdout``,
+    ``stderr`` and ``peak_rss`` in bytes (``getrusage(RUSAGE_CHILDREN)`` of a parent that ran only it).
+
+    Importing torch maps about 3.5 GB of address space and touches about 0.6 GB, so the default
+    cap leaves about 2.5 GB for the work itself.
+    """
+    import subprocess
+
+    measured = subprocess.run([sys.executable, "-c", _MEASURE, str(address_space), str(timeout), code],
+                              capture_output=True, text=True, env=cli_env(), timeout=timeout + 60)
+    assert measured.returncode == 0, measured.stderr
+    return json.loads(measured.stdout)
