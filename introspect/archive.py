@@ -136,7 +136,7 @@ def check_export_archive(path: Path) -> None:
                 _check_flat_layout(z, names, reader, path)
             else:
                 _check_current_layout(names, reader, path)
-    except zipfile.BadZipFile as e:
+    except (zipfile.BadZipFile, UnicodeDecodeError) as e:
         raise LoadError(f"{path} is a corrupt zip archive: {e}") from e
 
 
@@ -147,14 +147,14 @@ def _torch_reader(path: Path) -> Any:
 
     try:
         return torch._C.PyTorchFileReader(str(path))
-    except RuntimeError:
+    except (RuntimeError, UnicodeDecodeError):  # not a torch archive; a member name that is not UTF-8
         return None
 
 
 def _check_current_layout(names: list[str], reader: Any, path: Path) -> None:
     try:
         members = list(reader.get_all_records()) if reader is not None else None
-    except RuntimeError:  # "file in archive is not in a subdirectory"
+    except (RuntimeError, UnicodeDecodeError):  # "file in archive is not in a subdirectory"
         members = None
     if members is None:
         raise LoadError(f"{path}: not a torch.export archive torch can read (its members are not all in one top folder)")

@@ -13,13 +13,15 @@ so a checkpoint saved on a GPU opens on a machine without one.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import importlib
+import logging
 import os
 import struct
 import warnings
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -181,7 +183,7 @@ def detect_format(path: Path) -> str:
                 format_files = [n for n in names if n.rsplit("/", 1)[-1] == "archive_format"]
                 if format_files and archive.read_member(z, format_files[0], 64, path).strip() == b"pt2":
                     return "export"
-        except (zipfile.BadZipFile, OSError) as e:
+        except (zipfile.BadZipFile, OSError, UnicodeDecodeError) as e:  # a member name that is not UTF-8
             raise LoadError(f"{path} is a corrupt zip archive: {e}") from e
         if any("/code/" in n or n.endswith("constants.pkl") for n in names):
             return "torchscript"
@@ -341,12 +343,25 @@ def _load_exported(path: Path, unsafe: bool) -> nn.Module:
     if not unsafe:
         archive.check_export_archive(path)
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _quiet_logger("torch.export"):
             warnings.simplefilter("ignore")
             program = torch.export.load(str(path))
             return torch.export.unflatten(program)
     except Exception as e:
         raise archive.read_error(path, e) from e
+
+
+@contextlib.contextmanager
+def _quiet_logger(name: str) -> Iterator[None]:
+    """Silence a logger for a moment: torch.export.load logs each failed attempt with its
+    traceback before it tries the older layout; the error we raise says what went wrong."""
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _load_safetensors(path: Path, map_location: Any) -> dict[str, torch.Tensor]:

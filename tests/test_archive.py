@@ -283,3 +283,22 @@ def test_deflate_bomb_fails_within_1_gb_of_peak_rss(tmp_path):
     assert result["returncode"] == 0, result["stderr"]
     assert "refused:" in result["stdout"] and "zip bomb" in result["stdout"]
     assert result["peak_rss"] < 2**30, f"peak RSS {result['peak_rss'] / 2**20:.0f} MiB"
+
+
+@pytest.mark.parametrize("flagged, old, new", [
+    (True, b"/byteorder", b"/byteorde\x80"),
+    (False, b"/byteorder", b"/byteorde\x80"),
+], ids=["utf8-flag", "cp437"])
+def test_a_member_name_that_is_not_utf8_is_a_load_error(exported, tmp_path, flagged, old, new):
+    """Found by the fuzz test. With the UTF-8 flag set Python's zipfile fails on such a name;
+    without it Python reads it as cp437 and torch's reader raises UnicodeDecodeError."""
+    source = exported
+    if not flagged:  # fresh ZipInfos: ASCII names are written without the flag
+        source = tmp_path / "plain.pt2"
+        with zipfile.ZipFile(exported) as zin, zipfile.ZipFile(source, "w") as zout:
+            for item in zin.infolist():
+                zout.writestr(item.filename, zin.read(item))
+    path = tmp_path / "latin.pt2"
+    path.write_bytes(source.read_bytes().replace(old, new))
+    with pytest.raises(LoadError):
+        load_model(path)

@@ -32,9 +32,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def kill_leftovers(port: int) -> list[int]:
-    """End any process still serving ``port`` (found by its command line), so that a failing
-    test leaves nothing behind; returns their pids."""
+def tensorboards_serving(port: int) -> list[int]:
+    """The pids of live tensorboard processes started for ``port`` (found by their command line)."""
     found = []
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
@@ -43,11 +42,21 @@ def kill_leftovers(port: int) -> list[int]:
             continue
         if b"--port" in command and str(port).encode() in command and any(b"tensorboard" in c for c in command):
             found.append(int(pid))
-            try:
-                os.kill(int(pid), signal.SIGKILL)
-            except ProcessLookupError:
-                pass
     return found
+
+
+def gone_within(port: int, seconds: float) -> list[int]:
+    """Wait until no tensorboard for ``port`` is alive (it may take a moment to stop after its
+    SIGTERM); returns those still alive at the deadline, killed so that nothing is left behind."""
+    deadline = time.monotonic() + seconds
+    while (alive := tensorboards_serving(port)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    for pid in alive:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return alive
 
 
 @pytest.mark.slow
@@ -76,7 +85,7 @@ def test_nothing_listens_after_the_command_is_signalled(tmp_path, how):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-        leftovers = kill_leftovers(port)
+        leftovers = gone_within(port, seconds=15)
     assert not leftovers, f"tensorboard processes outlived the command: {leftovers}"
 
 
