@@ -201,13 +201,14 @@ def _check_current_layout(names: list[str], reader: Any, path: Path) -> None:
 
     for name in programs:
         check_program(_json(record(name, MAX_JSON), name, path), name, path)
+    sizes = {m: reader.get_record_size(m) for m in members if m.startswith(("data/weights/", "data/constants/"))}
     for kind, name in configs:
-        pickled += _config_pickles(_json(record(name, MAX_JSON), name, path), kind, name, members, path)
+        pickled += _config_pickles(_json(record(name, MAX_JSON), name, path), kind, name, members, sizes, path)
     for name in pickled:
         _check_pickle(record(name), name, path)
 
 
-def _config_pickles(config: Any, kind: str, name: str, members: list[str], path: Path) -> list[str]:
+def _config_pickles(config: Any, kind: str, name: str, members: list[str], reader_sizes: dict[str, int], path: Path) -> list[str]:
     """The members a weights or constants config marks as pickled; refuses entries torch would not
     read as plain tensors (a path outside the folder, an opaque or custom object)."""
     entries = config.get("config") if isinstance(config, dict) else None
@@ -226,7 +227,29 @@ def _config_pickles(config: Any, kind: str, name: str, members: list[str], path:
             raise LoadError(f"refusing {path}: {name} points {fqn!r} at {member}, which the archive lacks")
         if entry.get("use_pickle") is not False:  # torch unpickles on any true value
             pickled.append(member)
+        elif reader_sizes.get(member) == 0 and _declared_elements(entry) * 8 > MAX_INFLATION:
+            # torch fills an empty record with torch.zeros(sizes): no bytes in the file could
+            # claim terabytes of memory
+            raise LoadError(
+                f"refusing {path}: {name} declares {fqn!r} with {_declared_elements(entry):,} elements "
+                "and no bytes behind them"
+            )
     return pickled
+
+
+def _declared_elements(entry: dict) -> int:
+    """How many elements a payload entry's ``tensor_meta`` declares."""
+    meta = entry.get("tensor_meta")
+    sizes = meta.get("sizes") if isinstance(meta, dict) else None
+    if not isinstance(sizes, list):
+        return 0
+    total = 1
+    for size in sizes:
+        value = size.get("as_int") if isinstance(size, dict) else None
+        if not isinstance(value, int) or value < 0:
+            return MAX_INFLATION  # symbolic or odd: no plain weight has such a size
+        total *= value
+    return total
 
 
 def _check_flat_layout(z: zipfile.ZipFile, names: list[str], reader: Any, path: Path) -> None:

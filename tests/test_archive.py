@@ -302,3 +302,26 @@ def test_a_member_name_that_is_not_utf8_is_a_load_error(exported, tmp_path, flag
     path.write_bytes(source.read_bytes().replace(old, new))
     with pytest.raises(LoadError):
         load_model(path)
+
+
+@pytest.mark.slow
+def test_an_empty_weight_that_declares_gigabytes_is_refused_within_1_gb(exported, tmp_path):
+    """torch fills a weight with an empty record with torch.zeros(its declared sizes): 0 bytes
+    in the file claimed 1.6 GB of memory (2.2 GB peak RSS)."""
+    def edit(name: str, data: bytes) -> bytes:
+        if name.endswith("data/weights/weight_0"):
+            return b""
+        if name.endswith("model_weights_config.json"):
+            config = json.loads(data)
+            for entry in config["config"].values():
+                if entry["path_name"] == "weight_0":
+                    entry["tensor_meta"]["sizes"] = [{"as_int": 20000}, {"as_int": 20000}]
+                    entry["tensor_meta"]["strides"] = [{"as_int": 20000}, {"as_int": 1}]
+            return json.dumps(config).encode()
+        return data
+
+    path = rewrite_zip(exported, tmp_path / "zeros.pt2", edit)
+    code = f"from introspect import load_model, LoadError\ntry:\n    load_model({str(path)!r})\nexcept LoadError as e:\n    print(e)\n"
+    result = run_limited(code, timeout=120)
+    assert "400,000,000 elements and no bytes behind them" in result["stdout"], result["stdout"] + result["stderr"][-500:]
+    assert result["peak_rss"] < 2**30
