@@ -14,10 +14,12 @@ locally to search further.
 
 from __future__ import annotations
 
+import atexit
 import io
 import json
 import os
 import pickle
+import shutil
 import tempfile
 import warnings
 import zipfile
@@ -37,6 +39,7 @@ from saved_models import RunsCode, X, python_writing, quoteless, save_as, seed_c
 
 EXAMPLES = int(os.environ.get("INTROSPECT_FUZZ_EXAMPLES", "1000"))
 MARKER = Path(tempfile.mkdtemp(prefix="introspect-fuzz-")) / "marker.txt"
+atexit.register(shutil.rmtree, MARKER.parent, True)  # module-level: hypothesis wants no function-scoped tmp_path
 FORMATS = ("state_dict", "legacy", "torchscript", "export", "safetensors")
 
 
