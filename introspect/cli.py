@@ -9,9 +9,7 @@ and torch's own warnings are silenced. ``--debug`` shows the traceback and every
 from __future__ import annotations
 
 import json
-import shutil
 import socket
-import subprocess
 import sys
 import warnings
 from typing import Any, Callable
@@ -172,6 +170,11 @@ def _shaped_input(model: Any, shape: tuple[int, ...], dtype: str) -> tuple[Any, 
     return model, inputs
 
 
+_MODEL_PATH = click.Path()
+"""A file argument whose checks are the loader's: a missing, unreadable or directory path is a
+``LoadError`` (one ``error:`` line, exit 3), not click's usage error (exit 2)."""
+
+
 def _check_input_options(input_shape: Any, input_file: Any, images: Any, image_size: tuple[int, ...] | None) -> None:
     """Exactly one of --input-shape, --input and --images; --image-size is H,W."""
     given = [name for name, v in (("--input-shape", input_shape), ("--input", input_file), ("--images", images)) if v is not None]
@@ -183,7 +186,7 @@ def _check_input_options(input_shape: Any, input_file: Any, images: Any, image_s
 
 # --------------------------------------------------------------------------- commands
 @main.command()
-@click.argument("model", type=click.Path())
+@click.argument("model", type=_MODEL_PATH)
 @click.option("--input-shape", type=_Shape(), required=True, help="Shape of one input, e.g. 1,3,32,32.")
 @_input_options
 @click.option("--depth", type=click.IntRange(0), default=3, show_default=True, help="How deep the table goes into submodules.")
@@ -204,7 +207,7 @@ def summary(model: str, input_shape: tuple[int, ...], dtype: str, depth: int, ar
 
 
 @main.command()
-@click.argument("model", type=click.Path())
+@click.argument("model", type=_MODEL_PATH)
 @click.option("--input-shape", type=_Shape(), required=True, help="Shape of one input, e.g. 1,3,32,32.")
 @_input_options
 @click.option("--logdir", required=True, type=click.Path(file_okay=False), help="Where to write the graph for TensorBoard.")
@@ -230,7 +233,7 @@ def graph(model: str, input_shape: tuple[int, ...], dtype: str, logdir: str, arc
 
 
 @main.command()
-@click.argument("models", nargs=-1, required=True, type=click.Path(), metavar="MODEL [MODEL_B]")
+@click.argument("models", nargs=-1, required=True, type=_MODEL_PATH, metavar="MODEL [MODEL_B]")
 @click.option("--logdir", type=click.Path(file_okay=False), default=None, help="Also write weights/{name} histograms here (MODEL at step 0, MODEL_B at step 1); with --spectral, spectral/ scalars.")
 @click.option("--spectral", "spectral_", is_flag=True, help="Spectral analysis instead: sigma_max, stable rank, power-law alpha and Marchenko-Pastur outliers of every weight matrix.")
 @model_options
@@ -306,9 +309,9 @@ def _spectral_command(models: tuple[str, ...], logdir: str | None, arch: str | N
 
 
 @main.command()
-@click.argument("model", type=click.Path())
+@click.argument("model", type=_MODEL_PATH)
 @click.option("--input-shape", type=_Shape(), default=None, help="Random inputs of this shape (reproducible, see --seed).")
-@click.option("--input", "input_file", type=click.Path(dir_okay=False), default=None, help="A torch.save'd tensor (or tuple of tensors): the model's inputs.")
+@click.option("--input", "input_file", type=_MODEL_PATH, default=None, help="A torch.save'd tensor (or tuple of tensors): the model's inputs (--unsafe applies to it too).")
 @click.option("--images", type=click.Path(file_okay=False), default=None, help="A folder of images (subfolders too), read as RGB in [0, 1].")
 @click.option("--logdir", required=True, type=click.Path(file_okay=False), help="Where to write the histograms.")
 @click.option("--batches", type=click.IntRange(1), default=1, show_default=True, help="With --input-shape: how many random batches.")
@@ -345,7 +348,7 @@ def activations(
         batch_list: Any = [(random_input(net, input_shape, torch_dtype, seed=seed + i),) for i in range(batches)]
         total = batches
     elif input_file is not None:
-        batch_list, total = [load_input_file(input_file)], 1
+        batch_list, total = [load_input_file(input_file, unsafe=unsafe)], 1
     else:
         files = image_files(images)
         total = -(-len(files) // batch_size)
@@ -359,8 +362,8 @@ def activations(
 
 
 @main.command()
-@click.argument("model_a", type=click.Path(dir_okay=False))
-@click.argument("model_b", type=click.Path(dir_okay=False))
+@click.argument("model_a", type=_MODEL_PATH)
+@click.argument("model_b", type=_MODEL_PATH)
 @click.option("--input-shape", type=_Shape(), default=None, help="A random input of this shape (reproducible, see --seed).")
 @click.option("--input", "input_file", type=click.Path(dir_okay=False), default=None, help="A torch.save'd tensor (or tuple of tensors): the models' inputs.")
 @click.option("--images", type=click.Path(file_okay=False), default=None, help="A folder of images: the first --batch-size of them, as RGB in [0, 1].")
@@ -456,33 +459,31 @@ def health_map(rundir: str, stats: tuple[str, ...], out: str) -> None:
 
 
 @main.command()
-@click.option("--logdir", required=True, type=click.Path(file_okay=False), help="Directory of runs to show.")
+@click.option("--logdir", required=True, type=click.Path(), help="Directory of runs to show (it must exist).")
 @click.option("--port", default=6006, show_default=True, type=click.IntRange(0, 65535), help="Port to serve on (0: any free one).")
-@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind; 0.0.0.0 exposes it to the network.")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind; 0.0.0.0 exposes it to the network (with a warning).")
 def board(logdir: str, port: int, host: str) -> None:
     """Start TensorBoard on LOGDIR and print its URL.
 
-    It binds 127.0.0.1 (this machine only) unless --host says otherwise.
+    It binds 127.0.0.1 (this machine only) unless --host says otherwise. TensorBoard stops
+    with the command: Ctrl-C, SIGTERM or a closed terminal end it too.
 
     \b
     Example:
       introspect board --logdir runs
     """
-    if port == 0:  # tensorboard would pick one but not say which; pick it here so the URL is right
-        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
-            s.bind((host, 0))
-            port = s.getsockname()[1]
-    exe = shutil.which("tensorboard")
-    command = [exe] if exe else [sys.executable, "-m", "tensorboard.main"]
-    command += ["--logdir", logdir, "--port", str(port), "--host", host]
+    from .board import pick_port, serve
+
+    if port == 0:
+        port = pick_port(host)
     shown = socket.gethostname() if host in ("0.0.0.0", "::") else (f"[{host}]" if ":" in host else host)
-    click.echo(f"http://{shown}:{port}/")
-    click.echo(f"TensorBoard for {logdir} (Ctrl-C to stop)", err=True)
-    sys.stdout.flush()
-    try:
-        raise SystemExit(subprocess.call(command))
-    except KeyboardInterrupt:
-        raise SystemExit(130) from None
+
+    def announce() -> None:
+        click.echo(f"http://{shown}:{port}/")
+        click.echo(f"TensorBoard for {logdir} (Ctrl-C to stop)", err=True)
+        sys.stdout.flush()
+
+    raise SystemExit(serve(logdir, port, host, announce))
 
 
 # --------------------------------------------------------------------------- introspect data

@@ -29,6 +29,7 @@ import torch
 
 from .diagnostics import Alert, alerts_markdown
 from .errors import ConfigError, ModelTypeError
+from .files import FolderWalk, read_image
 from .sinks import DATA_TAGS, open_writer
 from .terminal import format_table, number, progress
 from .visuals import class_balance_image, displayable, image_grid, labeled_samples_image
@@ -312,7 +313,6 @@ def _class_counts(counts: Mapping[int, int], names: Sequence[str] | None) -> lis
 def image_folder(path: str | os.PathLike[str]) -> Any:
     """An ImageFolder (``path/<class>/<image>``) of 0-1 float tensors, or a ``ConfigError`` that
     says what is wrong with the folder."""
-    from torchvision.datasets import ImageFolder
     from torchvision.transforms import ToTensor
 
     root = Path(path)
@@ -328,9 +328,44 @@ def image_folder(path: str | os.PathLike[str]) -> Any:
             f"{root} is not an ImageFolder: it has no class subfolders (expected {root}/<class>/<image>.png)"
         )
     try:
-        return ImageFolder(str(root), transform=ToTensor())
+        return _image_tree()(str(root), transform=ToTensor())
     except (FileNotFoundError, OSError) as e:  # "Found no valid file for the classes ..."
         raise ConfigError(f"{root} is not an ImageFolder: {e}") from None
+
+
+def _image_tree() -> type:
+    """torchvision's ImageFolder, walked with :class:`~introspect.files.FolderWalk` (symlink loops
+    are not followed, each file is one sample) and read with :func:`~introspect.files.read_image`
+    (an image too large to decode is an unreadable sample, not a crash)."""
+    from torchvision.datasets import ImageFolder
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+
+    class ImageTree(ImageFolder):
+        def __init__(self, root: str, **kwargs: Any) -> None:
+            self._walk = FolderWalk()
+            self._walk.stand_above(root)  # a class folder that leads back up is a loop, not a class
+            super().__init__(root, loader=read_image, **kwargs)
+
+        def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
+            classes = sorted(e.name for e in os.scandir(directory) if e.is_dir() and not self._walk.entered(e.path))
+            if not classes:
+                raise FileNotFoundError(f"Couldn't find any class folder in {directory}.")
+            return classes, {name: i for i, name in enumerate(classes)}
+
+        def make_dataset(self, directory: str, class_to_idx: dict[str, int], extensions: Any = None,
+                         is_valid_file: Any = None, allow_empty: bool = False) -> list[tuple[str, int]]:
+            samples = [
+                (str(file), index)
+                for name, index in sorted(class_to_idx.items())
+                for file in self._walk.files_under(Path(directory) / name, IMG_EXTENSIONS)
+            ]
+            present = {index for _, index in samples}
+            empty = sorted(name for name, index in class_to_idx.items() if index not in present)
+            if empty and not allow_empty:
+                raise FileNotFoundError(f"Found no valid file for the classes {', '.join(empty)}")
+            return samples
+
+    return ImageTree
 
 
 def _as_image(x: Any) -> torch.Tensor:
@@ -456,7 +491,7 @@ def _samples(data: Any, max_samples: int) -> tuple[Iterator[Sample], int | None,
             for i in indices:
                 try:
                     image, label = _split_item(data[i])
-                except (OSError, ValueError, RuntimeError) as e:  # a corrupt file is a finding, not a crash
+                except _unreadable() as e:  # a corrupt file is a finding, not a crash
                     yield i, None, None, f"{type(e).__name__}: {e}"
                     continue
                 yield i, _as_image(image), _as_label(label), None
@@ -466,6 +501,16 @@ def _samples(data: Any, max_samples: int) -> tuple[Iterator[Sample], int | None,
         "inspect_data takes a Dataset, a DataLoader, an image batch tensor (N, C, H, W), an "
         f"(images, labels) pair or an ImageFolder path; got {type(data).__name__}"
     )
+
+
+def _unreadable() -> tuple[type[BaseException], ...]:
+    """What a dataset raises for a file it cannot read; Pillow's DecompressionBombError (an image
+    whose header claims too many pixels) derives from none of the built-in errors."""
+    try:
+        from PIL.Image import DecompressionBombError
+    except ImportError:  # pragma: no cover - torchvision brings Pillow
+        return (OSError, ValueError, RuntimeError)
+    return (OSError, ValueError, RuntimeError, DecompressionBombError)
 
 
 def _length(dataset: Any) -> int | None:

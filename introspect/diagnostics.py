@@ -17,12 +17,13 @@ transfer; no tensor is touched. Two families of findings:
 from __future__ import annotations
 
 import math
+import numbers
 import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from .errors import ConfigError
+from .errors import ConfigError, ConfigTypeError
 from .terminal import counted
 
 __all__ = [
@@ -83,17 +84,34 @@ class Thresholds:
 
     @classmethod
     def coerce(cls, value: "Thresholds | Mapping[str, float] | None") -> "Thresholds":
+        """``value`` as Thresholds, every number checked (a Thresholds built by hand too).
+
+        Raises:
+            ConfigTypeError: not a dict or Thresholds, or a threshold that is not a number ("abc").
+            ConfigError: an unknown name, or a threshold that is NaN, infinite or negative (each
+                is a share, a ratio or a norm: none of them can be below zero).
+        """
         if value is None:
             return cls()
-        if isinstance(value, cls):
-            return value
         if isinstance(value, Mapping):
             known = {f.name for f in fields(cls)}
-            unknown = sorted(set(value) - known)
+            unknown = sorted(map(str, set(value) - known))
             if unknown:
                 raise ConfigError(f"thresholds= got unknown names {unknown}; known: {sorted(known)}")
-            return cls(**{k: float(v) for k, v in value.items()})
-        raise ConfigError(f"thresholds= takes a dict or introspect.Thresholds, got {type(value).__name__}")
+            value = cls(**dict(value))
+        elif not isinstance(value, cls):
+            raise ConfigTypeError(f"thresholds= takes a dict or introspect.Thresholds, got {type(value).__name__}")
+        return cls(**{f.name: _threshold(f.name, getattr(value, f.name)) for f in fields(cls)})
+
+
+def _threshold(name: str, value: object) -> float:
+    """One threshold as a float: a real number (not a bool, not a string), finite and >= 0."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ConfigTypeError(f"thresholds: {name} must be a number, got {value!r} ({type(value).__name__})")
+    number = float(value)
+    if not math.isfinite(number) or number < 0:
+        raise ConfigError(f"thresholds: {name} must be a finite number >= 0, got {name}={value!r}")
+    return number
 
 
 # --------------------------------------------------------------------------- non-finite origin

@@ -16,8 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import ConfigError, InputShapeError, LoadError
-from .errors import first_line
+from .errors import ConfigError, InputShapeError, LoadError, first_line
+from .files import read_image, walk_files
 from .summary import preserved_state
 
 __all__ = [
@@ -64,15 +64,19 @@ def random_input(model: nn.Module, shape: Sequence[int], dtype: torch.dtype = to
     return torch.randint(0, high, tuple(shape), generator=g, dtype=dtype)
 
 
-def load_input_file(path: str | os.PathLike) -> tuple[torch.Tensor, ...]:
-    """The positional inputs saved with ``torch.save``: one tensor, or a tuple/list of them."""
+def load_input_file(path: str | os.PathLike, unsafe: bool = False) -> tuple[torch.Tensor, ...]:
+    """The positional inputs saved with ``torch.save``: one tensor, or a tuple/list of them.
+
+    Read as a model file is (``detect_format``, then ``torch.load(weights_only=True)``): a text
+    file or a directory is one clear error, and a pickle of other objects needs ``unsafe``.
+    """
+    from .loading import detect_format, torch_load
+
     path = Path(path)
-    if not path.is_file():
-        raise LoadError(f"{path}: no such file")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise LoadError(f"cannot read the input tensor file {path}: {first_line(e)}") from e
+    kind = detect_format(path)
+    if kind != "torch":
+        raise LoadError(f"{path} is a {kind} file; --input takes a torch.save'd tensor or tuple of tensors")
+    obj = torch_load(path, unsafe, "cpu")
     if isinstance(obj, torch.Tensor):
         return (obj,)
     if isinstance(obj, (tuple, list)) and obj and all(isinstance(t, torch.Tensor) for t in obj):
@@ -85,7 +89,7 @@ def image_files(folder: str | os.PathLike) -> list[Path]:
     folder = Path(folder)
     if not folder.is_dir():
         raise LoadError(f"{folder}: no such directory")
-    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    files = walk_files(folder, IMAGE_SUFFIXES)  # symlink loops not followed, each file once
     if not files:
         raise LoadError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {folder}")
     return files
@@ -96,7 +100,6 @@ def image_batches(
 ) -> Iterator[torch.Tensor]:
     """Batches of images as floats in [0, 1], ``channels`` (1 or 3) deep, resized to ``size`` (H, W)
     when given; without a size every image must have the first one's."""
-    from PIL import Image
     from torchvision.transforms.functional import pil_to_tensor, resize
 
     if batch_size < 1:
@@ -108,8 +111,7 @@ def image_batches(
     batch: list[torch.Tensor] = []
     for file in files:
         try:
-            with Image.open(file) as image:
-                x = pil_to_tensor(image.convert(mode)).float() / 255.0
+            x = pil_to_tensor(read_image(file, mode)).float() / 255.0
         except Exception as e:
             raise LoadError(f"cannot read image {file}: {e}") from e
         if size is not None:

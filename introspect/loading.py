@@ -15,17 +15,16 @@ so a checkpoint saved on a GPU opens on a machine without one.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import importlib
-import io
-import json
+import logging
 import os
-import re
 import struct
 import sys
 import warnings
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,7 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import hf_folder
+from . import archive, hf_folder
 from .errors import ArchitectureError, ConfigError, KeyMismatchError, LoadError, UnsafeLoadError, first_line
 from .terminal import counted
 
@@ -162,7 +161,7 @@ def read_model_file(
         return ModelFile(path, kind, _load_exported(path, unsafe), None)
     if kind == "safetensors":
         return ModelFile(path, kind, None, _load_safetensors(path, map_location))
-    obj = _torch_load(path, unsafe, map_location)
+    obj = torch_load(path, unsafe, map_location)
     module = _module_in(obj)
     if module is not None:
         return ModelFile(path, "pickled module", module, None)
@@ -175,6 +174,8 @@ def detect_format(path: Path) -> str:
         raise LoadError(f"{path}: no such file")
     if path.is_dir():
         raise LoadError(f"{path} is a directory; give the model file itself")
+    if not path.is_file():  # opening a pipe would wait for a writer forever
+        raise LoadError(f"{path} is not a regular file (a pipe, socket or device); give the model file itself")
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
@@ -186,11 +187,12 @@ def detect_format(path: Path) -> str:
     if zipfile.is_zipfile(path):
         try:
             with zipfile.ZipFile(path) as z:
+                archive.check_zip_sizes(z, path)  # before any reader inflates a member
                 names = z.namelist()
                 format_files = [n for n in names if n.rsplit("/", 1)[-1] == "archive_format"]
-                if format_files and z.read(format_files[0]).strip() == b"pt2":
+                if format_files and archive.read_member(z, format_files[0], 64, path).strip() == b"pt2":
                     return "export"
-        except (zipfile.BadZipFile, OSError) as e:
+        except (zipfile.BadZipFile, OSError, UnicodeDecodeError) as e:  # a member name that is not UTF-8
             raise LoadError(f"{path} is a corrupt zip archive: {e}") from e
         if any("/code/" in n or n.endswith("constants.pkl") for n in names):
             return "torchscript"
@@ -325,19 +327,18 @@ def load_state_dict_into(model: nn.Module, state: Mapping[str, torch.Tensor], so
 
 
 # --------------------------------------------------------------------------- formats
-def _torch_load(path: Path, unsafe: bool, map_location: Any) -> Any:
+def torch_load(path: Path, unsafe: bool, map_location: Any) -> Any:
+    """``torch.load`` with ``weights_only=True``; arbitrary objects only with ``unsafe``."""
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
-        if not _is_weights_only_refusal(e):
-            raise _corrupt(path, e) from e
-        refusal = e
-    if not unsafe:
-        raise UnsafeLoadError(_unsafe_message(path, refusal)) from None
+        error = archive.read_error(path, e)
+        if not (unsafe and isinstance(error, UnsafeLoadError)):
+            raise error from (None if isinstance(error, UnsafeLoadError) else e)
     try:
         return torch.load(path, map_location=map_location, weights_only=False)
     except Exception as e:
-        raise _corrupt(path, e) from e
+        raise archive.read_error(path, e) from e
 
 
 def _load_torchscript(path: Path, map_location: Any) -> nn.Module:
@@ -346,7 +347,7 @@ def _load_torchscript(path: Path, map_location: Any) -> nn.Module:
             warnings.simplefilter("ignore", FutureWarning)  # "torch.jit.load is deprecated"
             return torch.jit.load(str(path), map_location=map_location)
     except Exception as e:
-        raise _corrupt(path, e) from e
+        raise archive.read_error(path, e) from e
 
 
 def _load_exported(path: Path, unsafe: bool) -> nn.Module:
@@ -358,44 +359,27 @@ def _load_exported(path: Path, unsafe: bool) -> nn.Module:
     part that would run code is refused before torch sees it.
     """
     if not unsafe:
-        _check_export_archive(path)
+        archive.check_export_archive(path)
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _quiet_logger("torch.export"):
             warnings.simplefilter("ignore")
             program = torch.export.load(str(path))
             return torch.export.unflatten(program)
     except Exception as e:
-        raise _corrupt(path, e) from e
+        raise archive.read_error(path, e) from e
 
 
-def _check_export_archive(path: Path) -> None:
-    with zipfile.ZipFile(path) as z:
-        names = z.namelist()
-        pickled: list[str] = []
-        for name in names:
-            if name.endswith("_config.json") and "/data/" in name:
-                folder = name.rsplit("/", 1)[0]
-                try:
-                    config = json.loads(z.read(name)).get("config", {})
-                except ValueError as e:
-                    raise LoadError(f"{path}: corrupt torch.export archive ({name}: {e})") from e
-                for entry in config.values():
-                    file = f"{folder}/{entry.get('path_name', '')}"
-                    if file.rsplit("/", 1)[-1].startswith("opaque_obj"):
-                        raise UnsafeLoadError(_unsafe_message(path, None, what="an opaque Python object (pickle)"))
-                    if entry.get("use_pickle"):
-                        pickled.append(file)
-            elif name.endswith((".pt", ".pkl")) and "/data/" in name:  # sample inputs, legacy weights
-                pickled.append(name)
-        for name in pickled:
-            if name not in names:
-                continue
-            try:
-                torch.load(io.BytesIO(z.read(name)), weights_only=True, map_location="cpu")
-            except Exception as e:
-                if _is_weights_only_refusal(e):
-                    raise UnsafeLoadError(_unsafe_message(path, e)) from None
-                raise _corrupt(path, e) from e
+@contextlib.contextmanager
+def _quiet_logger(name: str) -> Iterator[None]:
+    """Silence a logger for a moment: torch.export.load logs each failed attempt with its
+    traceback before it tries the older layout; the error we raise says what went wrong."""
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _load_safetensors(path: Path, map_location: Any) -> dict[str, torch.Tensor]:
@@ -408,7 +392,7 @@ def _load_safetensors(path: Path, map_location: Any) -> dict[str, torch.Tensor]:
     try:
         state = load_file(str(path), device=str(map_location))
     except Exception as e:
-        raise _corrupt(path, e) from e
+        raise archive.read_error(path, e) from e
     return strip_wrapper_prefixes(state)
 
 
@@ -487,26 +471,6 @@ def _is_state_dict(obj: Any) -> bool:
     tensors = [v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)]
     others = [k for k, v in obj.items() if not isinstance(v, torch.Tensor) and not str(k).endswith("_extra_state")]
     return bool(tensors) and not others
-
-
-def _is_weights_only_refusal(e: BaseException) -> bool:
-    text = str(e).lower()
-    return "weights only load failed" in text or ("weights_only" in text and "global" in text)
-
-
-def _unsafe_message(path: Path, error: BaseException | None, what: str | None = None) -> str:
-    if what is None:
-        found = re.search(r"GLOBAL ([\w.]+)", str(error)) if error is not None else None
-        what = f"Python objects beyond tensors (it needs {found.group(1)})" if found else "Python objects beyond tensors"
-    return (
-        f"refusing to load {path}: it holds {what}, and unpickling runs arbitrary code — a file "
-        "can do anything your account can. If you trust its source, pass --unsafe (unsafe=True); "
-        "better, save model.state_dict() and load it with --arch"
-    )
-
-
-def _corrupt(path: Path, e: BaseException) -> LoadError:
-    return LoadError(f"cannot read {path} (corrupt or truncated?): {type(e).__name__}: {first_line(e)}")
 
 
 def _describe_state_dict(state: Mapping[str, Any] | None) -> str:

@@ -25,10 +25,11 @@ from __future__ import annotations
 
 import datetime
 import os
+import re
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
+from .errors import ConfigError, ConfigTypeError
 from .stats import HistogramRecord
 from .step import HostStep
 
@@ -83,21 +84,51 @@ def tag_name(full_tag: str) -> tuple[str, str]:
 
 
 def open_writer(writer: Any) -> tuple[Any, bool]:
-    """``(writer, owned)``: a writer object is used as is; a path or None gets a new SummaryWriter."""
-    if writer is None or isinstance(writer, (str, os.PathLike)):
-        from torch.utils.tensorboard import SummaryWriter
+    """``(writer, owned)``: a writer object is used as is; a path or None gets a new SummaryWriter.
 
-        if writer is None:
-            stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-            writer = Path("runs") / stamp
-        return SummaryWriter(log_dir=str(writer)), True
+    Raises:
+        ConfigTypeError: ``writer`` is neither a path, None, nor a writer (``writer=42``), or it is
+            a string that is an object's ``str()`` (``"<...SummaryWriter object at 0x...>"``).
+        ConfigError: the path exists and is not a directory (``"/etc/passwd"``).
+    """
+    if isinstance(writer, (str, os.PathLike)):
+        return _new_summary_writer(writer), True
+    if writer is None:
+        return _new_summary_writer(Path("runs") / datetime.datetime.now().strftime("%Y%m%d-%H%M%S")), True
     missing = [m for m in _WRITER_METHODS if not callable(getattr(writer, m, None))]
     if missing:
-        raise ConfigError(
+        raise ConfigTypeError(
             f"writer must be a SummaryWriter (torch.utils.tensorboard or tensorboardX), a log "
-            f"directory path, or None; got {type(writer).__name__}, which lacks {missing}"
+            f"directory path, or None; got {type(writer).__name__}"
+            + (f", which lacks {missing}" if len(missing) < len(_WRITER_METHODS) else "")
         )
     return writer, False
+
+
+# What str() of an object without __str__ gives: a path like this is a writer (or another object)
+# turned into text by mistake, and would create a directory of that name.
+_OBJECT_REPR = re.compile(r"<[\w.]+ object at 0x[0-9a-fA-F]+>")
+
+
+def _new_summary_writer(log_dir: str | os.PathLike) -> Any:
+    """A new torch SummaryWriter on ``log_dir``, after checking that the path can be a log directory."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    text = os.fspath(log_dir)
+    if isinstance(text, bytes):
+        text = os.fsdecode(text)
+    if _OBJECT_REPR.search(text):
+        raise ConfigTypeError(
+            f"writer={text!r} is the str() of an object, not a log directory: pass the writer "
+            "itself (watch(model, writer)), or its log_dir"
+        )
+    path = Path(text)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"writer={text!r}: {path} exists and is not a directory; give a log directory")
+    try:
+        return SummaryWriter(log_dir=text)
+    except OSError as e:  # a parent that is a file, no permission
+        raise ConfigError(f"writer={text!r}: cannot create the log directory ({e.strerror or e})") from e
 
 
 class _EventBatch:

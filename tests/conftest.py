@@ -6,6 +6,7 @@ ones tests usually want (a seeded seed CNN, a log directory, a writer).
 
 from __future__ import annotations
 
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -201,3 +202,26 @@ def quiet():
     with warnings.catch_warnings():
         warnings.simplefilter("error", IntrospectWarning)
         yield
+
+
+_REPOSITORY = Path(__file__).resolve().parent.parent
+_NOT_SEARCHED = {".venv", ".git", "node_modules", "__pycache__", ".pytest_cache", ".hypothesis"}
+
+
+def _event_files_in_repository() -> set[Path]:
+    found = set()
+    for folder, subfolders, names in os.walk(_REPOSITORY):
+        subfolders[:] = [d for d in subfolders if d not in _NOT_SEARCHED]
+        found.update(Path(folder) / n for n in names if n.startswith("events.out.tfevents."))
+    return found
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_runs_left_in_the_repository():
+    """Tests write under tmp_path. An event file that appears in the checkout is how a directory
+    named ``<torch.utils.tensorboard.writer.SummaryWriter object at 0x...>`` once got committed (a
+    writer passed as ``str(writer)`` and taken for a path): the session fails instead."""
+    before = _event_files_in_repository()
+    yield
+    left = sorted(_event_files_in_repository() - before)
+    assert not left, f"tests wrote event files into the repository: {[str(p.relative_to(_REPOSITORY)) for p in left[:5]]}"

@@ -7,12 +7,15 @@ with the repository root on ``sys.path``, as ``--arch examples.models:SeedCNN`` 
 from __future__ import annotations
 
 import contextlib
+import io
+import json
 import os
+import pickle
 import sys
 import warnings
 import zipfile
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import pytest
 import torch
@@ -107,14 +110,99 @@ def export_with_code_running_part(exported: Path, path: Path, marker: Path) -> P
 
     torch.export.load falls back to ``torch.load(weights_only=False)`` for sample inputs.
     """
-    buffer = path.with_suffix(".evil")
+    evil = code_running_torch_save(marker)
+    return rewrite_zip(exported, path, lambda name, data: evil if name.endswith("sample_inputs/model.pt") else data)
+
+
+def code_running_torch_save(marker: Path) -> bytes:
+    """``torch.save`` bytes whose unpickling (with weights_only=False) writes ``marker``."""
+    buffer = io.BytesIO()
     torch.save((RunsCode(marker),), buffer)
-    with zipfile.ZipFile(exported) as src, zipfile.ZipFile(path, "w") as dst:
-        for item in src.infolist():
-            data = buffer.read_bytes() if item.filename.endswith("sample_inputs/model.pt") else src.read(item)
-            dst.writestr(item, data)
-    buffer.unlink()
+    return buffer.getvalue()
+
+
+def rewrite_zip(
+    src: Path, dst: Path, edit: Callable[[str, bytes], bytes | None] = lambda name, data: data,
+    add: dict[str, bytes] | None = None,
+) -> Path:
+    """A copy of the zip ``src`` with each member's bytes passed through ``edit`` (None drops the
+    member), and the members of ``add`` appended."""
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w") as zout:
+        for item in zin.infolist():
+            data = edit(item.filename, zin.read(item))
+            if data is not None:
+                zout.writestr(item, data)
+        for name, data in (add or {}).items():
+            zout.writestr(name, data)
+    return dst
+
+
+def rewrite_program(exported: Path, path: Path, edit: Callable[[dict], dict]) -> Path:
+    """A copy of a torch.export archive whose program JSON (``models/model.json``) is ``edit``ed."""
+    def program(name: str, data: bytes) -> bytes:
+        return json.dumps(edit(json.loads(data))).encode() if name.endswith("models/model.json") else data
+
+    return rewrite_zip(exported, path, program)
+
+
+def python_writing(marker: Path) -> str:
+    """Python source that writes ``marker``: the payload hostile programs smuggle in."""
+    return f"open({str(marker)!r}, 'w').write('ran')"
+
+
+def quoteless(source: str) -> str:
+    """``exec(chr(..)+chr(..)...)``: ``source`` run without a quote or a dot in sight, as sympify
+    would run it from a shape expression."""
+    return "exec(" + "+".join(f"chr({ord(c)})" for c in source) + ")"
+
+
+def opaque_constant_export(exported: Path, path: Path, marker: Path) -> Path:
+    """The first .pt2 bypass: a constant at ``opaque_obj_0/p`` marked ``use_pickle: false``, which
+    torch's ``_load_constants`` hands to ``pickle.loads`` because of its name's prefix."""
+    root = _zip_root(exported)
+    config_name = f"{root}/data/constants/model_constants_config.json"
+    payload = pickle.dumps(RunsCode(marker))
+
+    def constants(name: str, data: bytes) -> bytes:
+        if name != config_name:
+            return data
+        config = json.loads(data)
+        config.setdefault("config", {})["evil"] = {
+            "path_name": "opaque_obj_0/p", "is_param": False, "use_pickle": False,
+            "tensor_meta": {  # read first as raw uint8 bytes, then unpickled
+                "dtype": 1, "sizes": [{"as_int": len(payload)}], "requires_grad": False,
+                "device": {"type": "cpu", "index": None}, "strides": [{"as_int": 1}],
+                "storage_offset": {"as_int": 0}, "layout": 7,
+            },
+        }
+        return json.dumps(config).encode()
+
+    return rewrite_zip(exported, path, constants, add={f"{root}/data/constants/opaque_obj_0/p": payload})
+
+
+def flat_layout_export(exported: Path, path: Path, marker: Path) -> Path:
+    """The second .pt2 bypass: the older flat layout (``version``, ``serialized_*``) that
+    ``torch.export.load`` reads with ``torch.load(weights_only=False)`` as a fallback."""
+    from torch._export.serde.schema import SCHEMA_VERSION
+
+    root = _zip_root(exported)
+    with zipfile.ZipFile(exported) as z:
+        program = z.read(f"{root}/models/model.json")
+        sample_inputs = z.read(f"{root}/data/sample_inputs/model.pt")
+    empty = io.BytesIO()
+    torch.save({}, empty)
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("version", ".".join(map(str, SCHEMA_VERSION)))
+        z.writestr("serialized_exported_program.json", program)
+        z.writestr("serialized_state_dict.pt", code_running_torch_save(marker))
+        z.writestr("serialized_constants.pt", empty.getvalue())
+        z.writestr("serialized_example_inputs.pt", sample_inputs)
     return path
+
+
+def _zip_root(path: Path) -> str:
+    with zipfile.ZipFile(path) as z:
+        return z.namelist()[0].split("/", 1)[0]
 
 
 @contextlib.contextmanager
@@ -162,3 +250,74 @@ class RefusesTracing(nn.Module):
         if torch.jit.is_tracing():
             raise RuntimeError("no tracing here")
         return self.fc(x)
+
+
+def deflate_bomb(path: Path, inflated: int = 2 * 2**30, member: str = "bomb/archive_format") -> Path:
+    """A zip of about ``inflated / 1000`` bytes whose one member inflates to ``inflated`` zero bytes.
+
+    zlib compresses a MiB of zeros into one block; after a full flush that block is the same every
+    time, so the stream is built by repetition rather than by compressing gigabytes.
+    """
+    import struct
+    import zlib
+
+    chunk = 2**20
+    if inflated % chunk:
+        raise ValueError("inflated must be a whole number of MiB")
+    deflate = zlib.compressobj(9, zlib.DEFLATED, -15)
+    block = deflate.compress(bytes(chunk)) + deflate.flush(zlib.Z_FULL_FLUSH)
+    crc = 0
+    zeros = bytes(chunk)
+    for _ in range(inflated // chunk):
+        crc = zlib.crc32(zeros, crc)
+    final = b"\x03\x00"  # an empty last block
+    compressed = len(block) * (inflated // chunk) + len(final)
+    name = member.encode()
+    local = struct.pack("<4s5H3L2H", b"PK\x03\x04", 20, 0, 8, 0, 0, crc, compressed, inflated, len(name), 0) + name
+    with open(path, "wb") as f:
+        f.write(local)
+        for _ in range(inflated // chunk):
+            f.write(block)
+        f.write(final)
+        directory = f.tell()
+        central = struct.pack(
+            "<4s6H3L5H2L", b"PK\x01\x02", 20, 20, 0, 8, 0, 0, crc, compressed, inflated, len(name), 0, 0, 0, 0, 0, 0,
+        ) + name
+        f.write(central)
+        f.write(struct.pack("<4s4H2LH", b"PK\x05\x06", 0, 0, 1, 1, len(central), directory, 0))
+    return path
+
+
+_MEASURE = """
+import json, resource, subprocess, sys
+limit, timeout, code = int(sys.argv[1]), float(sys.argv[2]), sys.argv[3]
+
+def cap():
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+try:
+    child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout,
+                           preexec_fn=cap)
+    result = {"returncode": child.returncode, "stdout": child.stdout, "stderr": child.stderr}
+except subprocess.TimeoutExpired as e:
+    result = {"returncode": None, "stdout": e.stdout or "", "stderr": e.stderr or ""}
+    result = {k: v.decode() if isinstance(v, bytes) else v for k, v in result.items()}
+result["peak_rss"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+print(json.dumps(result))
+"""
+
+
+def run_limited(code: str, address_space: int = 6 * 2**30, timeout: float = 120.0) -> dict:
+    """Run ``code`` in a fresh Python whose address space is capped (``RLIMIT_AS``) and whose run
+    is cut at ``timeout`` seconds; returns its ``returncode`` (None when cut), ``stdout``,
+    ``stderr`` and ``peak_rss`` in bytes (``getrusage(RUSAGE_CHILDREN)`` of a parent that ran only it).
+
+    Importing torch maps about 3.5 GB of address space and touches about 0.6 GB, so the default
+    cap leaves about 2.5 GB for the work itself.
+    """
+    import subprocess
+
+    measured = subprocess.run([sys.executable, "-c", _MEASURE, str(address_space), str(timeout), code],
+                              capture_output=True, text=True, env=cli_env(), timeout=timeout + 60)
+    assert measured.returncode == 0, measured.stderr
+    return json.loads(measured.stdout)

@@ -358,3 +358,72 @@ def test_board_prints_its_url_and_serves_it(tmp_path):
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=60)
+
+
+# --------------------------------------------------------------------------- directories, unreadable files, refusals
+def _unreadable(tmp_path: Path, kind: str) -> Path:
+    if kind == "directory":
+        (tmp_path / "model_dir").mkdir()
+        return tmp_path / "model_dir"
+    if kind == "socket":  # open() fails even for root
+        import socket
+
+        path = tmp_path / "model.sock"
+        server = socket.socket(socket.AF_UNIX)
+        server.bind(str(path))
+        server.close()
+        return path
+    if kind == "fifo":  # open() would wait for a writer forever
+        path = tmp_path / "model.fifo"
+        os.mkfifo(path)
+        return path
+    if os.geteuid() == 0:
+        pytest.skip("root reads any file")
+    path = tmp_path / "model.pt"
+    torch.save({"w": torch.zeros(1)}, path)
+    path.chmod(0)
+    return path
+
+
+@pytest.mark.parametrize("kind, message", [
+    ("directory", "is a directory; give the model file itself"),
+    ("socket", "is not a regular file"),
+    ("fifo", "is not a regular file"),
+    ("no-permission", "cannot read"),
+])
+def test_a_directory_or_unreadable_model_is_one_line_and_exit_3(saved, tmp_path, kind, message):
+    files, _ = saved
+    path = _unreadable(tmp_path, kind)
+    for args in (["summary", path, *SHAPE, "--arch", SEED_ARCH], ["weights", path],
+                 ["activations", files["state_dict"], "--arch", SEED_ARCH, "--input", path, "--logdir", tmp_path / "run"]):
+        assert_one_line_error(run(*args), 3, message)
+
+
+def test_input_files_are_read_like_models(saved, tmp_path):
+    files, _ = saved
+    notes = tmp_path / "notes.txt"
+    notes.write_text("the inputs are in the other folder\n")
+    result = run("activations", files["state_dict"], "--arch", SEED_ARCH, "--input", notes, "--logdir", tmp_path / "run")
+    assert_one_line_error(result, 3, "is not a file we can read")
+    marker = tmp_path / "marker.txt"
+    evil = save_code_running_pickle(tmp_path / "evil_input.pt", marker)
+    result = run("activations", files["state_dict"], "--arch", SEED_ARCH, "--input", evil, "--logdir", tmp_path / "run")
+    assert_one_line_error(result, 4, "pass --unsafe")
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("content", [
+    b"\x80\x02\x00\x00",  # a pickle header, then an opcode torch's weights-only unpickler does not know
+    b"\x80\x02cposix\nsystem\nq\x00.",  # a global outside the allowlist
+])
+def test_weights_only_messages_never_advise_weights_only_false(tmp_path, content):
+    path = tmp_path / "odd.pt"
+    path.write_bytes(content)
+    result = run("weights", path)
+    assert result.exit_code in (3, 4)
+    text = result.stderr.replace(str(path), "PATH")  # the test's own name holds "weights_only"
+    assert "weights_only" not in text and "Weights only load failed" not in text
+    if result.exit_code == 4:
+        assert "--unsafe" in text and "arbitrary code" in text
+    else:
+        assert "Unsupported operand" in text

@@ -44,7 +44,7 @@ def inspect(data, writer, **options) -> DataReport:
     """inspect_data without the progress bar and the printout; ``writer`` a path or a SummaryWriter."""
     options.setdefault("show_progress", False)
     options.setdefault("verbose", False)
-    return inspect_data(data, str(writer) if isinstance(writer, Path) else writer, **options)
+    return inspect_data(data, writer, **options)
 
 
 def kinds(report: DataReport) -> set[str]:
