@@ -77,7 +77,7 @@ def test_every_readme_command_line_works_as_written(tmp_path):
         assert result.returncode == 0, (command, result.stderr[-2000:])
         assert "error:" not in result.stderr, (command, result.stderr)
         ran.append(args[1])
-    assert ran.count("summary") == 3 and {"graph", "weights", "activations", "data"} <= set(ran)
+    assert ran.count("summary") == 3 and {"graph", "weights", "activations", "data", "compare", "map"} <= set(ran)
     assert (tmp_path / "runs" / "graph").is_dir() and (tmp_path / "runs" / "acts").is_dir()
 
 
