@@ -292,12 +292,16 @@ class Watcher:
 
     def _on_root_post(self, module: nn.Module, args: tuple, output: Any) -> None:
         if compiling():
-            return outside_graph(self._close_forward)
-        return self._close_forward()
+            return outside_graph(self._close_forward, output)
+        return self._close_forward(output)
 
-    def _close_forward(self) -> None:
+    def _close_forward(self, output: Any = None) -> None:
         if not self._suspended:
-            self._active = False
+            active, self._active = self._active, False
+            if active and self.ctx.buffer is not None:
+                # Also after a forward that raised (always_call): a probe's mode must end here.
+                for probe in self._dispatch.events["on_forward_end"]:
+                    probe.on_forward_end(output)
         if self._compiled_seen and not self._compiled_warned:
             self._compiled_warned = True
             warn(COMPILED_WARNING, IntrospectWarning)
