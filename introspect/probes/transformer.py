@@ -10,7 +10,8 @@ the same; the logits are then recomputed, without gradients, on at most ``SAMPLE
 spaced query rows (no random numbers: the run's RNG stream is untouched), with the call's mask,
 causal flag and scale. Attention modules and blocks often own no parameters (``GPT2Attention``,
 ``GPT2Block``), so the default selection does not watch them: this pack hooks them itself, for the
-logging step only.
+logging step only. Under ``torch.compile`` the attention and block probes stay off: a function
+mode or per-step hooks would make the compiled code recompile.
 """
 
 from __future__ import annotations
@@ -186,6 +187,9 @@ class AttentionProbe(Probe):
         self._modules = [m for _, m in ctx.root.named_modules()]
         self._seen: dict[str, tuple[str, str]] = {}  # module -> its two tags
 
+    def active(self, plan: StepPlan) -> bool:
+        return plan.logging and not self.ctx.compiled
+
     def on_step_start(self, plan: StepPlan) -> None:
         """Which module makes each call: the innermost one whose forward is running (hooked on
         every module for this step only; the hooks go when the step ends)."""
@@ -295,7 +299,7 @@ class MassiveActivations(Probe):
         self._in_forward = False
 
     def active(self, plan: StepPlan) -> bool:
-        return plan.logging and bool(self._blocks)
+        return plan.logging and bool(self._blocks) and not self.ctx.compiled
 
     def on_step_start(self, plan: StepPlan) -> None:
         for name, block in self._blocks.items():
@@ -347,7 +351,8 @@ def output_logits(output: Any) -> torch.Tensor | None:
         logits = output.get("logits")
     if logits is None and isinstance(output, torch.Tensor):
         logits = output
-    if isinstance(logits, torch.Tensor) and logits.is_floating_point() and logits.dim() >= 2 and logits.shape[-1] >= 2:
+    if (isinstance(logits, torch.Tensor) and logits.layout == torch.strided and logits.is_floating_point()
+            and logits.dim() >= 2 and logits.shape[-1] >= 2):
         return logits
     return None
 
@@ -366,12 +371,16 @@ class LogitDivergence(Probe):
     def on_forward_end(self, output: Any) -> None:
         logits = output_logits(output)
         buffer = self.ctx.buffer
-        if logits is None or buffer is None:
+        if logits is None or buffer is None or "<logit_divergence>" in self.ctx.disabled:
             return
-        with torch.no_grad():
-            log_z = torch.logsumexp(logits.detach().float(), dim=-1).reshape(-1)
-            buffer.add_measure("log_z/mean", log_z.mean())
-            buffer.add_measure("log_z/std", log_z.std() if log_z.numel() > 1 else torch.zeros((), device=log_z.device))
+        try:
+            with torch.no_grad():
+                log_z = torch.logsumexp(logits.detach().float(), dim=-1).reshape(-1)
+                buffer.add_measure("log_z/mean", log_z.mean())
+                buffer.add_measure("log_z/std", log_z.std() if log_z.numel() > 1 else torch.zeros((), device=log_z.device))
+        except Exception as e:  # an output it cannot read: this probe stops, training goes on
+            self.ctx.disable("<logit_divergence>", None, e)
+            return
         self._classes = logits.shape[-1]
 
     def on_step_end(self, host: HostStep | None) -> None:

@@ -148,6 +148,9 @@ class ProbeContext:
         self.closing = False  # the watch is ending: no finding may raise now
         self.overflow_step = -1  # the latest step whose scaled gradients overflowed (GradScaler)
         self.call_index = -1  # the non-finite check's number for the module call being dispatched
+        self.compiled = False
+        """The model runs under ``torch.compile``: a probe that would add hooks or a function mode
+        per step stays off (either would make compiled code recompile)."""
         self.disabled: set[str] = set()
         self._tensors_of: Any = None
         self._tensors: list[tuple[str, torch.Tensor]] = []
