@@ -232,3 +232,34 @@ def test_stats_match_the_attention_weights():
         masked = logits.masked_fill(~mask, float("-inf"))
         assert torch.allclose(max_logit, masked.amax(dim=(0, 2, 3)))
         assert torch.allclose(entropy, torch.special.entr(masked.softmax(-1)).sum(-1).mean(dim=(0, 2)), atol=1e-6)
+
+
+def test_gradient_norm_rides_in_the_checks_one_transfer(tmp_path, monkeypatch):
+    """Off the logging cadence a checked step still makes exactly one host transfer, and the norm
+    the spike score reads is the global gradient norm."""
+    import introspect.step as step_module
+    from introspect.probes.grad_spike import GradNormSpike
+
+    transfers: list[int] = []
+    real = step_module._one_transfer
+    monkeypatch.setattr(step_module, "_one_transfer", lambda parts: transfers.append(len(parts)) or real(parts))
+    torch.manual_seed(0)
+    model = Encoder()
+    x = torch.randint(0, VOCAB, (BATCH, SEQ))
+    norms = []
+    with introspect.watch(model, tmp_path, every=10**9, summary=False, graph=False) as w:
+        for _ in range(6):
+            loss_of(model, x).backward()
+            norms.append(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters()])).item())
+            model.zero_grad()
+            transfers.append(-1)  # a step boundary
+        spike = next(p for p in w.probes if isinstance(p, GradNormSpike))
+        steps: list[list[int]] = [[]]
+        for n in transfers[:-1]:
+            if n == -1:
+                steps.append([])
+            else:
+                steps[-1].append(n)
+    # One transfer per step, at its backward; step 1's forward also ends logging step 0 (its records).
+    assert [len(g) for g in steps] == [1, 2, 1, 1, 1, 1], transfers
+    assert list(spike._window) == pytest.approx(norms, rel=1e-5)
