@@ -81,6 +81,34 @@ class Thresholds:
     steps."""
     stuck_ratio: float = 1e-10
     """With ``optimizer=``: a parameter whose update/weight ratio stays below this is not learning."""
+    # Transformers (see introspect.probes.transformer and introspect.probes.grad_spike).
+    attention_entropy_floor: float = 0.1
+    """An attention module whose softmax entropy (nats, mean over its heads and sampled query
+    rows) falls below this has collapsed to one-hot attention (Zhai et al. 2023, "Stabilizing
+    transformer training by preventing attention entropy collapse": collapsed runs sit near 0)."""
+    attention_max_logit: float = 100.0
+    """An attention module whose largest logit q·kᵀ·scale exceeds this shows attention logit
+    growth (Dehghani et al. 2023, ViT-22B; Wortsman et al. 2023, "Small-scale proxies for
+    large-scale Transformer training instabilities": stable runs stay in the tens, diverging ones
+    grow into the thousands)."""
+    massive_activation_abs: float = 100.0
+    """A block output (the residual stream) holding a value above this in magnitude..."""
+    massive_activation_ratio: float = 1000.0
+    """...and this many times its median |x| has a massive activation (Sun et al. 2024,
+    "Massive activations in large language models")."""
+    logit_log_z_drift: float = 50.0
+    """Output logits whose log Z = logsumexp (mean over positions) is further than this from
+    log(vocabulary size), the value of uniform logits, or whose std over positions exceeds it,
+    diverge (Wortsman et al. 2023; PaLM's z-loss exists to keep log Z near 0)."""
+    grad_spike_sigma: float = 7.0
+    """A global gradient norm this many standard deviations above its rolling mean is a spike
+    (OLMo 2's spike score, Team OLMo 2024)..."""
+    grad_spike_ratio: float = 2.0
+    """...and at least this many times the mean (a window of near-equal norms has a tiny σ)."""
+    grad_spike_window: float = 100
+    """How many earlier checked steps the rolling mean and σ are taken over..."""
+    grad_spike_min_history: float = 10
+    """...once at least this many are known."""
 
     @classmethod
     def coerce(cls, value: "Thresholds | Mapping[str, float] | None") -> "Thresholds":

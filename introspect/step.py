@@ -26,8 +26,9 @@ __all__ = ["StepBuffer", "HostStep", "Check"]
 class Check(NamedTuple):
     """What one sum of the non-finite check was taken of: ``kind`` is ``"model_in"`` (the model's
     own input), ``"in"`` (an input of call ``call`` that no earlier call produced), ``"out"`` (an
-    output, named ``where``), ``"grad"`` (the gradient w.r.t. that output) or ``"reduced_grads"``
-    (DDP's averaged gradients)."""
+    output, named ``where``), ``"grad"`` (the gradient w.r.t. that output), ``"reduced_grads"``
+    (DDP's averaged gradients) or ``"grad_norm"`` (the global gradient norm, which rides in the
+    same transfer for the spike score and is no finiteness check)."""
 
     kind: str
     call: int = -1

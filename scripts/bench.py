@@ -69,6 +69,9 @@ VARIANTS: dict[str, tuple[str, int | None]] = {
     "watch_every1": ("watch(every=1, optimizer=opt): everything on", 1),
     "watch_check": ("watch(every=10**9): non-finite check only", None),
     "watch_hooks": ("watch(every=10**9, check_every=0): hooks only", None),
+    # The transformer pack's attention probe, on and off (its cost is the difference).
+    "watch_every1_no_attn": ("watch(every=1, optimizer=opt), attention probe off", 1),
+    "watch_check_no_attn": ("watch(every=10**9), attention probe off", None),
     "wandb_1": ('wandb.watch(log="all", log_freq=1), offline', 1),
     "wandb_100": ('wandb.watch(log="all", log_freq=100), offline', 100),
 }
@@ -188,8 +191,12 @@ class Runner:
                 "watch_every1": {"every": 1, "optimizer": self.opt},
                 "watch_check": {"every": 10**9},
                 "watch_hooks": {"every": 10**9, "check_every": 0},
+                "watch_every1_no_attn": {"every": 1, "optimizer": self.opt},
+                "watch_check_no_attn": {"every": 10**9},
             }[key]
-            self._stack.enter_context(watch(model, self.writer, summary=False, graph=False, **opts))
+            w = self._stack.enter_context(watch(model, self.writer, summary=False, graph=False, **opts))
+            if key.endswith("_no_attn"):
+                w.ctx.disabled.add("<probe attention>")  # the dispatch then never makes it active
         elif self.wandb_freq:
             import wandb
 
@@ -473,7 +480,8 @@ def _worker_body(args, result: dict) -> None:
 
     name, device = args._worker, args.device
     wandb_version = wandb_available()
-    keys = [k for k in VARIANTS if (not k.startswith("wandb") or wandb_version) and k in args.variant_keys]
+    keys = [k for k in VARIANTS if (not k.startswith("wandb") or wandb_version) and k in args.variant_keys
+            and (name == "transformer" or not k.endswith("_no_attn"))]  # only a transformer has attention
     result.update(
         torch=torch.__version__, threads=torch.get_num_threads(), steps=args._steps,
         warmup=args._warmup, rounds=args.rounds, mem_steps=args._mem_steps, align=args._align,

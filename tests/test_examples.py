@@ -246,3 +246,20 @@ def test_custom_probe_example_writes_its_scalars(tmp_path, capsys):
     assert all(0.0 <= e.value <= 1.0 for e in acc.Scalars("sparsity/zero_fraction/relu"))
     assert all(e.value > 0 for e in acc.Scalars("peak/grad/conv2"))
     assert "sparsity/zero_fraction/relu" in capsys.readouterr().out.replace("{module}", "relu")
+
+
+def test_transformer_instability_names_the_attention_layer(tmp_path):
+    pytest.importorskip("transformers")
+    result = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "examples" / "transformer_instability.py"), "--quick", "--logdir", str(tmp_path)],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "MPLBACKEND": "Agg"}, stdin=subprocess.DEVNULL,
+    )
+    assert result.returncode == 0, f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+    healthy, broken = result.stdout.split("== broken")
+    assert "no problems found in 40 steps" in healthy
+    assert "attention_logit_growth      transformer.h.1.attn" in broken
+    assert "grad_norm_spike" in broken
+    acc = read_events(tmp_path / "broken")
+    assert "attention/max_logit/transformer.h.1.attn" in acc.Tags()["scalars"]
+    (pre_spike,) = text_of(acc, "diagnostics/pre_spike")
+    assert "| attention/entropy/transformer.h.1.attn |" in pre_spike

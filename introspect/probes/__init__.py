@@ -3,7 +3,8 @@ protocol (see :mod:`introspect.watch.protocol`).
 
 Their order is the order events reach them: the non-finite check comes first (its sums are reused
 by the activation and gradient histograms of the same tensors, and it decides whether a step's
-gradients overflowed before gradient health reads them).
+gradients overflowed before gradient health reads them), but for the gradient-norm spike, whose
+norm joins the check's one transfer.
 """
 
 from __future__ import annotations
@@ -22,12 +23,14 @@ def built_in_probes(config: Any, ctx: Any) -> list[Probe]:
     from .feature_maps import FeatureMaps
     from .first_batch import FirstBatch
     from .grad_health import GradHealth
+    from .grad_spike import GradNormSpike
     from .grads import Grads
     from .health_map import HealthMapProbe
     from .hparams import Hparams
     from .inputs import Inputs
     from .nonfinite import NonFiniteCheck, NonFiniteNumbers
     from .unit_health import UnitHealth
+    from .transformer import AttentionProbe, LogitDivergence, MassiveActivations
     from .update_ratio import UpdateRatio
     from .weights import Weights
 
@@ -37,6 +40,7 @@ def built_in_probes(config: Any, ctx: Any) -> list[Probe]:
         probes.append(FirstBatch())
     if config.log_inputs:
         probes.append(Inputs())
+    probes.append(GradNormSpike())  # before the check: its norm joins the check's one transfer
     if config.check_every > 0:
         probes.append(NonFiniteCheck())
     probes.append(NonFiniteNumbers())
@@ -56,5 +60,6 @@ def built_in_probes(config: Any, ctx: Any) -> list[Probe]:
         probes.append(FeatureMaps())
     if "health_map" in log:
         probes.append(HealthMapProbe())
+    probes += [AttentionProbe(), MassiveActivations(), LogitDivergence()]
     probes.append(Hparams())
     return probes

@@ -7,6 +7,7 @@ A probe is told about a small set of events, in this order within a step:
                             forwards here are not observed)
 ``on_step_start(plan)``     a step opened; ``plan`` says whether it logs, checks, draws
 ``on_forward(args, kw)``    each counted forward of the root, after its step opened
+``on_forward_end(output)``  that forward returned (or raised: ``output`` is None then)
 ``on_output``               a selected module's forward returned
 ``on_output_grad``          the gradient w.r.t. one floating output of a selected module arrived
 ``on_param_grad``           a watched parameter's gradient was accumulated
@@ -45,7 +46,7 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = ["Probe", "ProbeContext", "EVENTS"]
 
 EVENTS = (
-    "on_first_batch", "on_step_start", "on_forward", "on_output", "on_output_grad", "on_param_grad",
+    "on_first_batch", "on_step_start", "on_forward", "on_forward_end", "on_output", "on_output_grad", "on_param_grad",
     "on_after_backward", "on_optimizer_pre", "on_optimizer_step", "on_step_end", "on_close",
 )
 
@@ -97,6 +98,7 @@ class Probe:
     def on_first_batch(self, module: nn.Module, args: tuple, kwargs: dict) -> None: ...
     def on_step_start(self, plan: "StepPlan") -> None: ...
     def on_forward(self, args: tuple, kwargs: dict) -> None: ...
+    def on_forward_end(self, output: Any) -> None: ...
     def on_param_grad(self, name: str, param: torch.Tensor) -> None: ...
     def on_after_backward(self) -> None: ...
     def on_optimizer_pre(self) -> None: ...
@@ -146,6 +148,9 @@ class ProbeContext:
         self.closing = False  # the watch is ending: no finding may raise now
         self.overflow_step = -1  # the latest step whose scaled gradients overflowed (GradScaler)
         self.call_index = -1  # the non-finite check's number for the module call being dispatched
+        self.compiled = False
+        """The model runs under ``torch.compile``: a probe that would add hooks or a function mode
+        per step stays off (either would make compiled code recompile)."""
         self.disabled: set[str] = set()
         self._tensors_of: Any = None
         self._tensors: list[tuple[str, torch.Tensor]] = []

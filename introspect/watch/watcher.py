@@ -203,6 +203,7 @@ class Watcher:
         ACTIVE[root] = self
         registry.add("the table of watched models", lambda: ACTIVE.pop(root, None))
         if is_compiled(self.model, root):
+            self.ctx.compiled = True
             forget_compiled_code()  # code compiled before now would never call our hooks
         # Compiled code would go on calling our (removed) hooks.
         registry.add("compiled code", lambda: self._compiled_seen and forget_compiled_code())
@@ -249,6 +250,7 @@ class Watcher:
     # ----------------------------------------------------------------- the root: step clock
     def _on_root_pre(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         if compiling():  # the step clock runs eagerly, outside a compiled graph
+            self.ctx.compiled = True
             return outside_graph(self._open_forward, module, args, kwargs)
         return self._open_forward(module, args, kwargs)
 
@@ -292,12 +294,16 @@ class Watcher:
 
     def _on_root_post(self, module: nn.Module, args: tuple, output: Any) -> None:
         if compiling():
-            return outside_graph(self._close_forward)
-        return self._close_forward()
+            return outside_graph(self._close_forward, output)
+        return self._close_forward(output)
 
-    def _close_forward(self) -> None:
+    def _close_forward(self, output: Any = None) -> None:
         if not self._suspended:
-            self._active = False
+            active, self._active = self._active, False
+            if active and self.ctx.buffer is not None:
+                # Also after a forward that raised (always_call): a probe's mode must end here.
+                for probe in self._dispatch.events["on_forward_end"]:
+                    probe.on_forward_end(output)
         if self._compiled_seen and not self._compiled_warned:
             self._compiled_warned = True
             warn(COMPILED_WARNING, IntrospectWarning)
@@ -356,7 +362,7 @@ class Watcher:
 
         def hook(module: nn.Module, args: Any, output: Any) -> None:
             if compiling():  # traced into a compiled graph: add nothing to it
-                self._compiled_seen = True
+                self._compiled_seen = self.ctx.compiled = True
                 return None
             if self._suspended or name in ctx.disabled:
                 return None

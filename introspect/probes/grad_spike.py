@@ -1,0 +1,109 @@
+"""Gradient-norm spikes: the global gradient norm of every checked step, scored against a rolling
+window (OLMo 2's spike score: ≥ 7σ from the rolling mean). Gradient-norm spikes come before loss
+spikes.
+
+The norm costs no host sync of its own: it joins the non-finite check's one per-step transfer as a
+check of its own kind (``grad_norm``, which :func:`introspect.diagnostics.locate_nonfinite`
+ignores), added in ``on_after_backward`` before the check's own (this probe comes first in the
+dispatch order) and read after the check's sync. With the check off, it rides in a logging step's
+transfer instead. On a spike, ``diagnostics/pre_spike`` gets the per-module scalars of the last
+``PRE_SPIKE_STEPS`` logging steps: what the model looked like before it.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections import deque
+
+import torch
+
+from ..diagnostics import Alert
+from ..selection import root_name
+from ..step import Check, HostStep
+from ..watch.clock import StepPlan
+from ..watch.protocol import Probe
+
+__all__ = ["GradNormSpike", "PRE_SPIKE_TAG", "PRE_SPIKE_STEPS", "spike_score"]
+
+PRE_SPIKE_TAG = "diagnostics/pre_spike"
+PRE_SPIKE_STEPS = 3
+_LABEL = Check("grad_norm")
+_MEASURE = "grad_norm/global"
+
+
+def spike_score(value: float, window: "deque[float] | list[float]") -> tuple[float, float, float]:
+    """``(σ above the mean, mean, σ)`` of ``value`` against the earlier values in ``window``."""
+    mean = statistics.fmean(window)
+    sigma = statistics.pstdev(window, mean)
+    return ((value - mean) / sigma if sigma > 0 else (math.inf if value > mean else 0.0)), mean, sigma
+
+
+class GradNormSpike(Probe):
+    name = "grad_norm_spike"
+    builtin = True
+
+    def bind(self, ctx) -> None:  # type: ignore[no-untyped-def]
+        super().bind(ctx)
+        limits = ctx.config.thresholds
+        self._window: deque[float] = deque(maxlen=max(2, int(limits.grad_spike_window)))
+        self._history: deque[tuple[int, dict[str, float]]] = deque(maxlen=PRE_SPIKE_STEPS)
+
+    def active(self, plan: StepPlan) -> bool:
+        return plan.checking or plan.logging
+
+    def on_after_backward(self) -> None:
+        buffer = self.ctx.buffer
+        grads = [p.grad for p in self.ctx.params.values() if p.grad is not None]
+        if buffer is None or not grads:
+            return
+        with torch.no_grad():
+            norms = torch._foreach_norm([g.detach() for g in grads])
+            total = torch.linalg.vector_norm(torch.stack([n.float() for n in norms]))
+            scale = self.ctx.grad_scale()
+            if scale is not None:
+                total = total / scale
+        if buffer.checking:  # the last backward of the step wins when it reads the values
+            buffer.add_check(_LABEL, total)
+        else:
+            buffer.add_measure(_MEASURE, total)
+
+    def on_step_end(self, host: HostStep | None) -> None:
+        buffer = self.ctx.buffer
+        value: float | None = None
+        if buffer is not None and buffer.checking:
+            buffer.sync_checks()  # a no-op: the non-finite check moved them already
+            found = [v for label, v in zip(buffer.check_labels, buffer.check_values) if label.kind == _LABEL.kind]
+            value = found[-1] if found else None
+        elif host is not None:
+            value = host.measures.get(_MEASURE)
+        if host is not None:
+            self._history.append((host.step, dict(host.scalars)))
+        if value is None or not math.isfinite(value) or buffer is None or buffer.step == self.ctx.overflow_step:
+            return
+        limits = self.ctx.config.thresholds
+        if len(self._window) >= max(2, int(limits.grad_spike_min_history)):
+            score, mean, sigma = spike_score(value, self._window)
+            if score >= limits.grad_spike_sigma and value >= limits.grad_spike_ratio * mean:
+                self._spike(buffer.step, value, score, mean, sigma)
+        self._window.append(value)
+
+    def _spike(self, step: int, value: float, score: float, mean: float, sigma: float) -> None:
+        new = self.ctx.findings.add(Alert(
+            "grad_norm_spike", root_name(self.ctx.root), step,
+            f"the global gradient norm {value:.3g} is {score:.3g}σ above its rolling mean {mean:.3g}: "
+            "a loss spike tends to follow (see diagnostics/pre_spike for the steps before)",
+            {"grad_norm": value, "sigma_above": score, "rolling_mean": mean, "rolling_std": sigma}))
+        if new and self._history:
+            self.ctx.writer.call("add_text", PRE_SPIKE_TAG, pre_spike_markdown(list(self._history)), step)
+
+
+def pre_spike_markdown(history: list[tuple[int, dict[str, float]]]) -> str:
+    """The per-module scalars of the last logging steps, one row per tag, one column per step."""
+    steps = [step for step, _ in history]
+    tags = sorted({t for _, scalars in history for t in scalars})
+    lines = ["| tag | " + " | ".join(f"step {s}" for s in steps) + " |", "| --- |" + " --- |" * len(steps)]
+    for t in tags:
+        cells = [f"{scalars[t]:.4g}" if t in scalars else "" for _, scalars in history]
+        lines.append(f"| {t} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)

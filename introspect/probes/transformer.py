@@ -1,0 +1,396 @@
+"""The transformer pack: attention entropy and logit growth, massive activations in the residual
+stream, and output-logit divergence, each on logging steps only.
+
+Attention is seen through a :class:`torch.overrides.TorchFunctionMode` entered for the root's
+forward on logging steps (never off the cadence: zero cost there). It sees each
+``F.scaled_dot_product_attention`` call (Hugging Face's default ``sdpa`` attention) and each
+``F.multi_head_attention_forward`` (``nn.MultiheadAttention`` in training; the calls nested in it
+are not dispatched to the mode again). The call itself runs unchanged, so its output is bitwise
+the same; the logits are then recomputed, without gradients, on at most ``SAMPLED_ROWS`` evenly
+spaced query rows (no random numbers: the run's RNG stream is untouched), with the call's mask,
+causal flag and scale. Attention modules and blocks often own no parameters (``GPT2Attention``,
+``GPT2Block``), so the default selection does not watch them: this pack hooks them itself, for the
+logging step only. Under ``torch.compile`` the attention and block probes stay off: a function
+mode or per-step hooks would make the compiled code recompile.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from ..diagnostics import Alert
+from ..selection import root_name
+from ..sinks import probe_tag
+from ..step import HostStep
+from ..watch.clock import StepPlan
+from ..watch.protocol import Probe
+
+__all__ = ["AttentionProbe", "MassiveActivations", "LogitDivergence", "SAMPLED_ROWS", "repeated_blocks"]
+
+SAMPLED_ROWS = 64
+"""Query rows per head whose logits are recomputed (evenly spaced over the sequence)."""
+MEDIAN_SAMPLE = 1 << 20
+"""A block output is subsampled (strided) to this many values for its median |x|."""
+
+_MHA_PARAMS = list(inspect.signature(F.multi_head_attention_forward).parameters)
+_SDPA_PARAMS = ["query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa"]
+
+
+def _bind(names: list[str], args: tuple, kwargs: dict) -> dict[str, Any]:
+    bound = dict(zip(names, args))
+    bound.update(kwargs)
+    return bound
+
+
+def attention_stats(
+    q: torch.Tensor, k: torch.Tensor, scale: float, allowed: torch.Tensor | None, bias: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-head (max logit, mean softmax entropy in nats) of sampled query rows.
+
+    ``q``: (B, H, r, d) sampled rows; ``k``: (B, H, S, d); ``allowed``: bool, broadcastable to
+    (B, H, r, S), False where a key is masked out; ``bias``: an additive float mask (ALiBi, padding
+    as -inf) on the same shape. The max is over the positions a query may attend to."""
+    logits = torch.matmul(q.float(), k.float().transpose(-2, -1)) * scale
+    scores = logits if bias is None else logits + bias.float()
+    ok = torch.isfinite(scores)
+    if allowed is not None:
+        ok = ok & allowed
+    neg = torch.tensor(float("-inf"), device=logits.device)
+    max_logit = torch.where(ok, logits, neg).amax(dim=(0, 2, 3))
+    p = torch.softmax(torch.where(ok, scores, neg), dim=-1)
+    entropy = torch.special.entr(p).nan_to_num(0.0).sum(-1)  # (B, H, r); entr(0) = 0
+    rows = ok.any(-1).expand_as(entropy).float()  # a fully masked row has no distribution
+    mean_entropy = (entropy * rows).sum(dim=(0, 2)) / rows.sum(dim=(0, 2)).clamp_min(1)
+    return max_logit, mean_entropy
+
+
+def _rows(length: int, device: torch.device) -> torch.Tensor:
+    return torch.linspace(0, length - 1, min(length, SAMPLED_ROWS), device=device).round().long()
+
+
+def _rows_of(mask: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """The sampled query rows of a mask broadcastable to (..., L, S)."""
+    return mask if mask.dim() < 2 or mask.shape[-2] == 1 else mask.index_select(-2, rows)
+
+
+def _split_mask(mask: torch.Tensor | None, masked_is_true: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(allowed, bias) of a bool or additive float mask."""
+    if mask is None:
+        return None, None
+    if mask.dtype == torch.bool:
+        return (~mask if masked_is_true else mask), None
+    return None, mask
+
+
+def _causal(rows: torch.Tensor, keys: int) -> torch.Tensor:
+    """SDPA's ``is_causal``: query i sees keys j <= i (top-left aligned)."""
+    return torch.arange(keys, device=rows.device)[None, :] <= rows[:, None]
+
+
+def _and(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
+    return b if a is None else a if b is None else a & b
+
+
+def sdpa_stats(args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """The stats of one ``F.scaled_dot_product_attention(query, key, ...)`` call."""
+    a = _bind(_SDPA_PARAMS, args, kwargs)
+    q, k = a["query"].detach(), a["key"].detach()
+    if q.dim() == 3:
+        q, k = q.unsqueeze(1), k.unsqueeze(1)
+    if a.get("enable_gqa") and k.shape[-3] != q.shape[-3]:
+        k = k.repeat_interleave(q.shape[-3] // k.shape[-3], dim=-3)
+    scale = a.get("scale")
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    rows = _rows(q.shape[-2], q.device)
+    mask = a.get("attn_mask")
+    allowed, bias = _split_mask(None if mask is None else _rows_of(mask.detach(), rows), masked_is_true=False)
+    if a.get("is_causal"):
+        allowed = _and(allowed, _causal(rows, k.shape[-2]))
+    return attention_stats(q.index_select(-2, rows), k, scale, allowed, bias)
+
+
+def mha_stats(args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """The stats of one ``F.multi_head_attention_forward`` call, from its in-projection weights
+    (``query``/``key`` are (L, N, E) there: ``nn.MultiheadAttention`` transposes batch-first input)."""
+    a = _bind(_MHA_PARAMS, args, kwargs)
+    query, key = a["query"].detach(), a["key"].detach()
+    batched = query.dim() == 3
+    if not batched:
+        query, key = query.unsqueeze(1), key.unsqueeze(1)
+    heads = int(a["num_heads"])
+    embed = query.shape[-1]
+    bias = a.get("in_proj_bias")
+    if a.get("use_separate_proj_weight"):
+        wq, wk = a["q_proj_weight"], a["k_proj_weight"]
+    else:
+        wq, wk = a["in_proj_weight"][:embed], a["in_proj_weight"][embed : 2 * embed]
+    bq, bk = (None, None) if bias is None else (bias[:embed], bias[embed : 2 * embed])
+    rows = _rows(query.shape[0], query.device)
+    q = F.linear(query.index_select(0, rows), wq.detach(), None if bq is None else bq.detach())
+    k = F.linear(key, wk.detach(), None if bk is None else bk.detach())
+    n, d = q.shape[1], embed // heads
+    q = q.reshape(q.shape[0], n, heads, d).permute(1, 2, 0, 3)  # (N, H, r, d)
+    k = k.reshape(k.shape[0], n, heads, d).permute(1, 2, 0, 3)
+    attn_mask, padding = a.get("attn_mask"), a.get("key_padding_mask")
+    allowed, add = _split_mask(None if attn_mask is None else _rows_of(attn_mask.detach(), rows), masked_is_true=True)
+    if allowed is not None and allowed.dim() == 3:  # (N*H, L, S)
+        allowed = allowed.reshape(n, heads, *allowed.shape[-2:])
+    if add is not None and add.dim() == 3:
+        add = add.reshape(n, heads, *add.shape[-2:])
+    if a.get("is_causal") and attn_mask is None:
+        allowed = _causal(rows, k.shape[-2])
+    if padding is not None:
+        pad_ok, pad_add = _split_mask(padding.detach().reshape(n, 1, 1, -1), masked_is_true=True)
+        allowed = _and(allowed, pad_ok)
+        add = pad_add if add is None else (add if pad_add is None else add + pad_add)
+    return attention_stats(q, k, 1.0 / math.sqrt(d), allowed, add)
+
+
+class _AttentionMode(TorchFunctionMode):
+    """Runs every function unchanged; measures the attention calls after they return."""
+
+    def __init__(self, probe: "AttentionProbe") -> None:
+        super().__init__()
+        self.probe = probe
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if func is F.scaled_dot_product_attention:
+            self.probe.measure(sdpa_stats, args, kwargs)
+        elif func is F.multi_head_attention_forward:
+            self.probe.measure(mha_stats, args, kwargs)
+        return out
+
+
+class AttentionProbe(Probe):
+    """Per attention module: the mean over heads of the max logit and of the softmax entropy
+    (``attention/max_logit/{module}``, ``attention/entropy/{module}``), and the findings
+    ``attention_logit_growth`` and ``attention_entropy_collapse``."""
+
+    name = "attention"
+    builtin = True
+
+    def bind(self, ctx) -> None:  # type: ignore[no-untyped-def]
+        super().bind(ctx)
+        self._mode: _AttentionMode | None = None
+        self._stack: list[str] = []
+        top = root_name(ctx.root)
+        self._names = {id(m): (n or top) for n, m in ctx.root.named_modules()}
+        self._modules = [m for _, m in ctx.root.named_modules()]
+        self._seen: dict[str, tuple[str, str]] = {}  # module -> its two tags
+
+    def active(self, plan: StepPlan) -> bool:
+        return plan.logging and not self.ctx.compiled
+
+    def on_step_start(self, plan: StepPlan) -> None:
+        """Which module makes each call: the innermost one whose forward is running (hooked on
+        every module for this step only; the hooks go when the step ends)."""
+        hooks = self.ctx.step_hooks
+        for module in self._modules:
+            name = self._names[id(module)]
+            hooks.hook(module.register_forward_pre_hook(lambda m, a, n=name: self._stack.append(n)))
+            hooks.hook(module.register_forward_hook(lambda m, a, o: self._pop(), always_call=True))
+
+    def _pop(self) -> None:
+        if self._stack:
+            self._stack.pop()
+
+    def on_forward(self, args: tuple, kwargs: dict) -> None:
+        if self._mode is None:
+            self._mode = _AttentionMode(self)
+            self._mode.__enter__()
+
+    def on_forward_end(self, output: Any) -> None:
+        self._exit()
+
+    def _exit(self) -> None:
+        mode, self._mode = self._mode, None
+        if mode is not None:
+            mode.__exit__(None, None, None)
+
+    def measure(self, stats: Any, args: tuple, kwargs: dict) -> None:
+        buffer = self.ctx.buffer
+        if buffer is None or "<attention>" in self.ctx.disabled:
+            return
+        where = self._stack[-1] if self._stack else self._names[id(self.ctx.root)]
+        try:
+            with torch.no_grad():
+                max_logit, entropy = stats(args, kwargs)
+            buffer.add_scalar(probe_tag("attention", "max_logit", where), max_logit.mean())
+            buffer.add_scalar(probe_tag("attention", "entropy", where), entropy.mean())
+            buffer.add_measure(f"attention_max_logit/{where}", max_logit.amax())
+            self._seen[where] = (probe_tag("attention", "entropy", where), f"attention_max_logit/{where}")
+        except Exception as e:  # the attention itself ran already: training goes on
+            self.ctx.disable("<attention>", None, e)
+
+    def on_step_end(self, host: HostStep | None) -> None:
+        self._exit()
+        self._stack.clear()
+        if host is None:
+            return
+        limits = self.ctx.config.thresholds
+        types = self.ctx.module_types
+        for where, (entropy_tag, max_key) in self._seen.items():
+            entropy, max_logit = host.scalars.get(entropy_tag), host.measures.get(max_key)
+            kind = type(self._module(where)).__name__
+            if max_logit is not None and max_logit > limits.attention_max_logit:
+                self.ctx.findings.add(Alert(
+                    "attention_logit_growth", where, host.step,
+                    f"attention logits reach {max_logit:.3g} (> {limits.attention_max_logit:g}): attention turns "
+                    "one-hot; qk-layernorm or a lower learning rate is the usual fix",
+                    {"max_logit": max_logit}, module_type=types.get(where, kind)))
+            if entropy is not None and math.isfinite(entropy) and entropy < limits.attention_entropy_floor:
+                self.ctx.findings.add(Alert(
+                    "attention_entropy_collapse", where, host.step,
+                    f"attention entropy fell to {entropy:.3g} nats (< {limits.attention_entropy_floor:g}): each query "
+                    "attends to one key; the loss tends to oscillate or diverge next",
+                    {"entropy": entropy}, module_type=types.get(where, kind)))
+        self._seen = {}
+
+    def _module(self, where: str) -> nn.Module | None:
+        for module in self._modules:
+            if self._names[id(module)] == where:
+                return module
+        return None
+
+    def on_close(self, failed: bool) -> None:
+        self._exit()
+
+
+def repeated_blocks(root: nn.Module) -> dict[str, nn.Module]:
+    """The transformer blocks: the elements of each ``nn.ModuleList`` of two or more modules of
+    one type that hold parameters (``transformer.h.0``, ``layers.1``, ``model.layers.3``)."""
+    blocks: dict[str, nn.Module] = {}
+    for name, module in root.named_modules():
+        if not isinstance(module, nn.ModuleList) or len(module) < 2:
+            continue
+        children = list(module)
+        if len({type(c) for c in children}) == 1 and any(True for _ in children[0].parameters()):
+            for i, child in enumerate(children):
+                blocks[f"{name}.{i}" if name else str(i)] = child
+    return blocks
+
+
+def _first_float(output: Any) -> torch.Tensor | None:
+    if isinstance(output, torch.Tensor):
+        return output if output.is_floating_point() else None
+    if isinstance(output, (tuple, list)) and output:
+        return _first_float(output[0])
+    return None
+
+
+class MassiveActivations(Probe):
+    """Per block output (the residual stream): max |x| against median |x| (Sun et al. 2024)."""
+
+    name = "massive_activations"
+    builtin = True
+
+    def bind(self, ctx) -> None:  # type: ignore[no-untyped-def]
+        super().bind(ctx)
+        self._blocks = repeated_blocks(ctx.root)
+        self._in_forward = False
+
+    def active(self, plan: StepPlan) -> bool:
+        return plan.logging and bool(self._blocks) and not self.ctx.compiled
+
+    def on_step_start(self, plan: StepPlan) -> None:
+        for name, block in self._blocks.items():
+            self.ctx.step_hooks.hook(block.register_forward_hook(lambda m, a, o, n=name: self._measure(n, o)))
+
+    def on_forward(self, args: tuple, kwargs: dict) -> None:
+        self._in_forward = True
+
+    def on_forward_end(self, output: Any) -> None:
+        self._in_forward = False
+
+    def _measure(self, name: str, output: Any) -> None:
+        buffer = self.ctx.buffer
+        x = _first_float(output)
+        if not self._in_forward or buffer is None or x is None or x.numel() == 0 or "<massive>" in self.ctx.disabled:
+            return
+        try:
+            with torch.no_grad():
+                flat = x.detach().reshape(-1)
+                stride = max(1, flat.numel() // MEDIAN_SAMPLE)
+                buffer.add_measure(f"massive_max/{name}", flat.abs().amax().float())
+                buffer.add_measure(f"massive_median/{name}", flat[::stride].abs().float().median())
+        except Exception as e:
+            self.ctx.disable("<massive>", None, e)
+
+    def on_step_end(self, host: HostStep | None) -> None:
+        self._in_forward = False
+        if host is None:
+            return
+        limits = self.ctx.config.thresholds
+        for name, block in self._blocks.items():
+            top, median = host.measures.get(f"massive_max/{name}"), host.measures.get(f"massive_median/{name}")
+            if top is None or median is None or not math.isfinite(top):
+                continue
+            if top > limits.massive_activation_abs and top > limits.massive_activation_ratio * median:
+                ratio = top / median if median > 0 else math.inf
+                self.ctx.findings.add(Alert(
+                    "massive_activation", name, host.step,
+                    f"one residual-stream value reaches {top:.3g}, {ratio:.3g}x the median |x| {median:.3g}: "
+                    "such values act as fixed biases and break low-precision training",
+                    {"max_abs": top, "median_abs": median}, module_type=type(block).__name__))
+
+
+def output_logits(output: Any) -> torch.Tensor | None:
+    """The model's output logits: ``ModelOutput.logits`` (Hugging Face), a ``"logits"`` entry, or
+    a floating tensor of two or more dimensions whose last is the class axis."""
+    logits = getattr(output, "logits", None)
+    if logits is None and isinstance(output, dict):
+        logits = output.get("logits")
+    if logits is None and isinstance(output, torch.Tensor):
+        logits = output
+    if (isinstance(logits, torch.Tensor) and logits.layout == torch.strided and logits.is_floating_point()
+            and logits.dim() >= 2 and logits.shape[-1] >= 2):
+        return logits
+    return None
+
+
+class LogitDivergence(Probe):
+    """log Z = logsumexp of the output logits, its mean and std over positions (Wortsman et al.)."""
+
+    name = "logit_divergence"
+    builtin = True
+
+    def bind(self, ctx) -> None:  # type: ignore[no-untyped-def]
+        super().bind(ctx)
+        self._classes = 0
+        self._where = root_name(ctx.root)
+
+    def on_forward_end(self, output: Any) -> None:
+        logits = output_logits(output)
+        buffer = self.ctx.buffer
+        if logits is None or buffer is None or "<logit_divergence>" in self.ctx.disabled:
+            return
+        try:
+            with torch.no_grad():
+                log_z = torch.logsumexp(logits.detach().float(), dim=-1).reshape(-1)
+                buffer.add_measure("log_z/mean", log_z.mean())
+                buffer.add_measure("log_z/std", log_z.std() if log_z.numel() > 1 else torch.zeros((), device=log_z.device))
+        except Exception as e:  # an output it cannot read: this probe stops, training goes on
+            self.ctx.disable("<logit_divergence>", None, e)
+            return
+        self._classes = logits.shape[-1]
+
+    def on_step_end(self, host: HostStep | None) -> None:
+        if host is None or "log_z/mean" not in host.measures:
+            return
+        mean, std = host.measures["log_z/mean"], host.measures["log_z/std"]
+        drift, limit = mean - math.log(self._classes), self.ctx.config.thresholds.logit_log_z_drift
+        if math.isfinite(drift) and (abs(drift) > limit or std > limit):
+            self.ctx.findings.add(Alert(
+                "logit_divergence", self._where, host.step,
+                f"log Z of the output logits is {mean:.3g} ± {std:.3g} (uniform logits: {math.log(self._classes):.3g}): "
+                "the logits diverge; a z-loss (PaLM) keeps log Z near 0",
+                {"log_z_mean": mean, "log_z_std": std}, module_type=type(self.ctx.root).__name__))
