@@ -29,6 +29,7 @@ from ..diagnostics import Alert, format_report
 from ..distributed import ddp_syncs_gradients, find_ddp, rank_writer_target, writes_here
 from ..errors import AlreadyWatchedError, IntrospectWarning, NonFiniteError, warn
 from ..selection import select_modules, select_parameters, unwrap_model
+from ..sharded import ShardRecords, shard_combiner
 from ..sinks import open_writer, write_step
 from ..step import HostStep, StepBuffer
 from .clock import StepClock
@@ -82,14 +83,16 @@ class Watcher:
                     self._registry.add("the event-file checksum", lambda: eventfile.restore(raw))
             self._writer = GuardedWriter(raw, self._writer_failed)
             self.findings = Findings(self._writer)
+            params = select_parameters(root, modules)
+            self._shards = shard_combiner(root, params, config.log)
             self._clock = StepClock(
                 every=config.every, check_every=config.check_every, image_every=config.image_every,
                 writes=raw is not None, counts_optimizer_steps=config.optimizer is not None,
-                step_fn=config.step_fn,
+                step_fn=config.step_fn, shared=self._shards is not None,
             )
             self.ctx = ProbeContext(
                 config=config, model=model, root=root, modules=modules,
-                params=select_parameters(root, modules), writer=self._writer, findings=self.findings,
+                params=params, writer=self._writer, findings=self.findings,
                 step_hooks=self._step_hooks, force_log=self._force_log,
             )
             self.ctx.ddp = find_ddp(model)
@@ -238,7 +241,7 @@ class Watcher:
         self.ctx.disable("<writer>", None, error)
 
     def _force_log(self) -> None:
-        self._clock.force_log = True
+        self._clock.request_log()
 
     def _call_close(self, probe: Probe, failed: bool) -> None:
         try:
@@ -321,7 +324,8 @@ class Watcher:
 
     def _open_step(self) -> None:
         plan = self._clock.plan()
-        buffer = StepBuffer(step=plan.step, logging=plan.logging, checking=plan.checking)
+        buffer = StepBuffer(step=plan.step, logging=plan.logging, checking=plan.checking,
+                            shards=ShardRecords(self._shards) if plan.logging and self._shards is not None else None)
         self.ctx.plan, self.ctx.buffer = plan, buffer
         self._dispatch.start_step(plan, buffer)
 
