@@ -34,7 +34,7 @@ from torch import nn
 from .errors import IntrospectWarning, warn
 from .stats import HIST_BINS, HistogramRecord, RecordBatch
 
-__all__ = ["is_dtensor", "local_view", "has_dtensor_parameters", "shard_combiner", "ShardCombiner", "ShardRecords"]
+__all__ = ["is_dtensor", "local_view", "has_dtensor_parameters", "user_type_name", "shard_combiner", "ShardCombiner", "ShardRecords"]
 
 _EMPTY = (0.0, 0.0, math.inf, -math.inf, 0.0, 0.0)  # count, non-finite, min, max, sum, sum^2
 
@@ -57,6 +57,15 @@ def local_view(tensor: torch.Tensor) -> torch.Tensor:
 def has_dtensor_parameters(model: nn.Module) -> bool:
     """Whether any parameter of ``model`` is a ``DTensor`` (its weights and gradients are shards)."""
     return any(is_dtensor(p) for p in model.parameters())
+
+
+def user_type_name(module: nn.Module) -> str:
+    """The class name the user wrote: FSDP2 swaps a module's class for ``FSDP{name}``, a subclass
+    of ``(FSDPModule, the user's class)``."""
+    cls = type(module)
+    if cls.__name__.startswith("FSDP") and len(cls.__bases__) == 2 and cls.__bases__[0].__name__ == "FSDPModule":
+        return cls.__bases__[1].__name__
+    return cls.__name__
 
 
 def _replicas(tensor: torch.Tensor) -> int:

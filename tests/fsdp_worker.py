@@ -17,6 +17,7 @@ import json
 import os
 import sys
 import time
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -85,6 +86,9 @@ def main() -> None:
     before = hook_counts(net)
     weights, grads, times = [], [], []
     w = None
+    caught = warnings.catch_warnings(record=True)
+    seen = caught.__enter__()
+    warnings.simplefilter("always")
     if mode != "plain" and (mode != "rank0" or rank == 0):
         w = watch(net, logdir, every=every, summary=False, graph=False)
     with w or contextlib.nullcontext():
@@ -101,6 +105,7 @@ def main() -> None:
             loss.backward()
             grads.append(full_stats({n: p.grad for n, p in net.named_parameters()}))
             opt.step()
+    caught.__exit__(None, None, None)
     final = {n: p.full_tensor().detach().tolist() for n, p in net.named_parameters()}
     result = {
         "rank": rank,
@@ -112,6 +117,7 @@ def main() -> None:
         "weights": weights, "grads": grads, "final": final,
         "hooks_before": before, "hooks_after": hook_counts(net),
         "forward_s": times,
+        "warnings": [str(m.message) for m in seen if "introspect" in str(m.message)],
     }
     with open(result_path, "w") as f:
         json.dump(result, f)

@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from ..errors import IntrospectWarning, ProbeError, warn
+from ..sharded import user_type_name
 from ..tensors import named_float_tensors
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -131,7 +132,7 @@ class ProbeContext:
         self.model = model
         self.root = root
         self.modules = modules
-        self.module_types = {name: type(m).__name__ for name, m in modules.items()}
+        self.module_types = {name: user_type_name(m) for name, m in modules.items()}
         self.params = params
         self.writer = writer
         self.findings = findings
