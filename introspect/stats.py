@@ -254,8 +254,12 @@ class RecordBatch:
         """``(len(self), 6)`` float64 on the host: count, non-finite count, min, max, sum and sum of
         squares of every record, of its finite values only (min ``+inf``, max ``-inf`` when it has
         none): what the ranks' shards of one tensor add up from (see ``sharded.py``)."""
-        rows = self.compute().cpu().to(torch.float64)
-        broken = [i for i in range(len(rows)) if not bool(torch.isfinite(rows[i, 1:3]).all())]
+        device = self._samples[0].device
+        lengths = [s.numel() for s in self._samples]
+        values = torch.cat([s.to(device) for s in self._samples])
+        stats = self._stat_rows(lengths, values, torch.tensor(lengths, device=device))
+        rows = torch.cat([torch.zeros(len(lengths), 1), stats.cpu()], dim=1).to(torch.float64)
+        broken = torch.nonzero(~torch.isfinite(rows[:, 1:3]).all(dim=1)).flatten().tolist()
         if broken:
             rows[broken] = self.masked_rows(broken).cpu().to(torch.float64)
             for i in broken:
