@@ -34,7 +34,7 @@ from torch import nn
 from .errors import IntrospectWarning, warn
 from .stats import HIST_BINS, HistogramRecord, RecordBatch
 
-__all__ = ["is_dtensor", "local_view", "has_dtensor_parameters", "user_type_name", "shard_combiner", "ShardCombiner", "ShardRecords"]
+__all__ = ["is_dtensor", "local_view", "has_dtensor_parameters", "user_type_name", "fsdp1_parameters", "shard_combiner", "ShardCombiner", "ShardRecords"]
 
 _EMPTY = (0.0, 0.0, math.inf, -math.inf, 0.0, 0.0)  # count, non-finite, min, max, sum, sum^2
 
@@ -68,6 +68,34 @@ def user_type_name(module: nn.Module) -> str:
     return cls.__name__
 
 
+FLAT_PARAMETER_WARNING = (
+    "introspect: FSDP without use_orig_params=True keeps every parameter of a wrapped module in one "
+    "flat shard, so weights/ and grads/ can only show that flat shard, not your layers; wrap with "
+    "FullyShardedDataParallel(..., use_orig_params=True) for per-parameter histograms"
+)
+
+
+def fsdp1_parameters(model: nn.Module) -> set[int]:
+    """The ids of the parameters FSDP1 (``FullyShardedDataParallel``) keeps as views of each rank's
+    flat shard (``use_orig_params=True``): each rank holds a piece of them, maybe none. Warns once
+    when a unit flattens its parameters away (``use_orig_params=False``)."""
+    found: set[int] = set()
+    flat = False
+    for module in model.modules():
+        if type(module).__name__ != "FullyShardedDataParallel":
+            continue
+        handle = getattr(module, "_handle", None)
+        if handle is None:
+            continue
+        if getattr(handle, "_use_orig_params", False):
+            found.update(id(p) for p in (handle.flat_param._params or []))
+        else:
+            flat = True
+    if flat:
+        warn(FLAT_PARAMETER_WARNING, IntrospectWarning)
+    return found
+
+
 def _replicas(tensor: torch.Tensor) -> int:
     """How many ranks hold each value of a DTensor (its ``Replicate`` mesh dimensions): summed
     over the world, counts and sums are that many times too large."""
@@ -85,6 +113,9 @@ class ShardCombiner:
         """Every sharded tag, in one order that every rank shares."""
         self._group: Any = None
         self.broken = False
+        self.flat_views = False
+        """FSDP1's views: their gradients are set at the end of backward, without the
+        accumulation hooks a gradient probe would otherwise hear (see ``probes/grads.py``)."""
 
     def _our_group(self) -> Any:
         from . import distributed
@@ -148,17 +179,24 @@ class ShardCombiner:
 
 
 def shard_combiner(model: nn.Module, params: dict[str, nn.Parameter], log: Any) -> ShardCombiner | None:
-    """The combiner of a watch whose parameters are DTensors in a process group of several ranks
-    (None otherwise): its tags are ``weights/`` and ``grads/`` of every watched DTensor parameter,
-    as far as ``log`` asks for them."""
+    """The combiner of a watch whose parameters are sharded over a process group of several ranks
+    (DTensors, or FSDP1's views of its flat shards; None otherwise): its tags are ``weights/`` and
+    ``grads/`` of every watched sharded parameter, as far as ``log`` asks for them. ``model``: the
+    model as passed to ``watch`` (an FSDP1 root included)."""
     from .distributed import rank_and_world
+
+    if rank_and_world()[1] == 1:
+        return None
+    fsdp1 = fsdp1_parameters(model)
+    sharded = [name for name, p in params.items() if is_dtensor(p) or id(p) in fsdp1]
+    if not sharded:
+        return None
     from .sinks import tag
 
-    sharded = [name for name, p in params.items() if is_dtensor(p)]
-    if not sharded or rank_and_world()[1] == 1:
-        return None
     kinds = [kind for kind in ("weights", "grads") if kind in log]
-    return ShardCombiner([tag(kind, name) for kind in kinds for name in sharded])
+    combiner = ShardCombiner([tag(kind, name) for kind in kinds for name in sharded])
+    combiner.flat_views = bool(fsdp1)
+    return combiner
 
 
 class ShardRecords:
@@ -177,9 +215,7 @@ class ShardRecords:
         """This rank's shard of ``tensor`` (a DTensor) as ``tag``'s record; a later call replaces it
         (an empty shard, as FSDP gives a rank when a dimension is smaller than the world, still
         counts: it makes the rank join with nothing to add)."""
-        if tag not in self.combiner.tags:
-            return  # not a tag every rank combines: it would make the ranks disagree
-        self.replicas[tag] = _replicas(tensor)
+        self.replicas[tag] = _replicas(tensor) if is_dtensor(tensor) else 1
         shard = local_view(tensor)
         if shard.numel() == 0:
             self.index.pop(tag, None)

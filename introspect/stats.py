@@ -277,10 +277,12 @@ class RecordBatch:
         values = torch.cat([s.to(device) for s in self._samples])
         sizes = torch.tensor(lengths, device=device)
         offset, scale = _bin_transform(lo.to(device, torch.float32), hi.to(device, torch.float32))
-        base = torch.arange(len(lengths), device=device, dtype=torch.float32) * HIST_BINS
+        base = torch.arange(len(lengths), device=device, dtype=torch.int32) * HIST_BINS
         offset_v, scale_v, base_v = (
             torch.repeat_interleave(column, sizes, output_size=values.numel()) for column in (offset, scale, base))
-        bucket = _bucket_position(values, offset_v, scale_v).add_(base_v).to(torch.int32)
+        # Truncated before the record's base is added: a float32 position just under a bucket edge
+        # would round up when added to a large base, and a value's bucket depend on its record.
+        bucket = _bucket_position(values, offset_v, scale_v).to(torch.int32) + base_v
         weights = torch.isfinite(values).to(torch.float32)
         counts = torch.zeros(len(lengths) * HIST_BINS, dtype=torch.float32, device=device).index_add_(0, bucket, weights)
         scale_up = torch.tensor([n / max(k, 1) for n, k in zip(self._numels, lengths)], dtype=torch.float64)

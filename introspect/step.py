@@ -17,7 +17,7 @@ import torch
 
 from .amp import LOW_PRECISION
 from .diagnostics import CallRecord
-from .sharded import ShardRecords, is_dtensor, local_view
+from .sharded import ShardRecords, local_view
 from .stats import RECORD_LEN, HistogramRecord, RecordBatch, stat_dtype
 
 __all__ = ["StepBuffer", "HostStep", "Check"]
@@ -97,8 +97,8 @@ class StepBuffer:
 
     def _sharded(self, tag: str, tensor: torch.Tensor) -> bool:
         """Whether ``tensor`` is a shard whose record waits for the other ranks' (taken here)."""
-        if self.shards is None or not is_dtensor(tensor):
-            return False
+        if self.shards is None or tag not in self.shards.combiner.tags:
+            return False  # (a tag every rank combines, or the ranks would disagree)
         self.shards.set(tag, tensor)
         return True
 

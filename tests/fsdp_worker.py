@@ -2,7 +2,8 @@
 
 Started like torchrun starts a worker; usage: ``fsdp_worker.py LOGDIR MODE RESULT_JSON [EVERY]``
 with MODE ``watched``, ``plain`` (the same run unwatched), ``nan`` (watched; rank 1 alone gets a
-NaN in its input at step 2) or ``rank0`` (only rank 0 calls watch: it must not hang). The model
+NaN in its input at step 2), ``rank0`` (only rank 0 calls watch: it must not hang), or ``fsdp1``
+/ ``fsdp1-flat`` (FSDP1 with one unit per Linear, with / without ``use_orig_params``). The model
 has a block under activation checkpointing (``_checkpoint_wrapped_module.`` in its module
 names), a layer of 4096 weights (the large-tensor path of the statistics) and a bias of one value
 (rank 1's shard of it is empty). The rank writes what it saw to RESULT_JSON: the exact full
@@ -56,14 +57,23 @@ class Net(nn.Module):
         return self.out(self.block(torch.relu(self.inp(x))))
 
 
-def full_stats(tensors: dict[str, torch.Tensor]) -> dict[str, list[float]]:
+def full_stats(tensors: dict[str, torch.Tensor | None]) -> dict[str, list[float]]:
     """[numel, min, max, sum, bucket counts...] of each full (gathered) tensor."""
     found = {}
     for name, t in tensors.items():
-        full = t.full_tensor().detach()
+        if t is None:
+            continue
+        full = (t.full_tensor() if hasattr(t, "full_tensor") else t).detach()
         row = tensor_record(full).tolist()
         found[name] = [full.numel(), row[1], row[2], full.double().sum().item(), *row[5:]]
     return found
+
+
+def gathered(model: nn.Module):
+    """FSDP1: the full parameters and gradients for a moment (FSDP2 gathers with full_tensor())."""
+    if type(model).__name__ != "FullyShardedDataParallel":
+        return contextlib.nullcontext()
+    return type(model).summon_full_params(model, with_grads=model._use_orig_params)
 
 
 def hook_counts(model: nn.Module) -> list[int]:
@@ -78,35 +88,48 @@ def main() -> None:
     rank = dist.get_rank()
     torch.manual_seed(0)
     net = Net()
-    for layer in (net.inp, net.block, net.out):
-        fully_shard(layer)
-    fully_shard(net)
-    opt = torch.optim.SGD(net.parameters(), lr=0.05)
+    model: nn.Module = net
+    if mode.startswith("fsdp1"):  # FSDP1: one unit per Linear (``_fsdp_wrapped_module.`` names)
+        from torch.distributed.fsdp import FullyShardedDataParallel
+        from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+        model = FullyShardedDataParallel(
+            net, auto_wrap_policy=ModuleWrapPolicy({nn.Linear}), use_orig_params=mode == "fsdp1",
+            device_id=torch.device("cpu"))
+    else:
+        for layer in (net.inp, net.block, net.out):
+            fully_shard(layer)
+        fully_shard(net)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
     gen = torch.Generator().manual_seed(100 + rank)
-    before = hook_counts(net)
+    before = hook_counts(model)
     weights, grads, times = [], [], []
     w = None
     caught = warnings.catch_warnings(record=True)
     seen = caught.__enter__()
     warnings.simplefilter("always")
     if mode != "plain" and (mode != "rank0" or rank == 0):
-        w = watch(net, logdir, every=every, summary=False, graph=False)
+        w = watch(model, logdir, every=every, summary=False, graph=False)
     with w or contextlib.nullcontext():
         for step in range(5):
             x = torch.randn(4, 6, generator=gen)
             y = torch.randn(4, 1, generator=gen)
             if mode == "nan" and rank == 1 and step == 2:
                 x[0, 0] = float("nan")
-            weights.append(full_stats(dict(net.named_parameters())))
+            with gathered(model):
+                weights.append(full_stats(dict(net.named_parameters())))
             opt.zero_grad()
             start = time.perf_counter()
-            loss = F.mse_loss(net(x), y)
+            loss = F.mse_loss(model(x), y)
             times.append(time.perf_counter() - start)
             loss.backward()
-            grads.append(full_stats({n: p.grad for n, p in net.named_parameters()}))
+            with gathered(model):
+                grads.append(full_stats({n: p.grad for n, p in net.named_parameters()}))
             opt.step()
     caught.__exit__(None, None, None)
-    final = {n: p.full_tensor().detach().tolist() for n, p in net.named_parameters()}
+    with gathered(model):
+        final = {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().tolist()
+                 for n, p in net.named_parameters()}
     result = {
         "rank": rank,
         "module_names": w.module_names if w else [],
@@ -115,7 +138,7 @@ def main() -> None:
         "alerts": [{"kind": a.kind, "where": a.where, "step": a.step, "message": a.message,
                     "numbers": a.numbers} for a in (w.alerts if w else [])],
         "weights": weights, "grads": grads, "final": final,
-        "hooks_before": before, "hooks_after": hook_counts(net),
+        "hooks_before": before, "hooks_after": hook_counts(model),
         "forward_s": times,
         "warnings": [str(m.message) for m in seen if "introspect" in str(m.message)],
     }

@@ -56,9 +56,17 @@ def test_fsdp2_training_is_untouched_and_shards_are_combined_exactly(tmp_path):
     assert {f"weights/{n}" for n in NAMES} | {f"grads/{n}" for n in NAMES} <= tags
     # Logging steps only (every=2), although rank 1 writes nothing: it joined at those steps.
     assert hist_steps(acc, "grads/block.fc.weight") == [0, 2, 4]
-    for step in (0, 2, 4):
+    assert_full_histograms(acc, r0, (0, 2, 4))
+    # out.bias has one value: rank 1's shard of it is empty, and it still joined.
+    assert hist_at(acc, "weights/out.bias", 0).num == 1
+
+
+def assert_full_histograms(acc, result: dict, steps) -> None:
+    """weights/ and grads/ on disk are the histograms of the full tensors the worker gathered."""
+    for step in steps:
         for kind in ("weights", "grads"):
-            for raw, (numel, mn, mx, total, *buckets) in r0[kind][step].items():
+            assert result[kind][step]
+            for raw, (numel, mn, mx, total, *buckets) in result[kind][step].items():
                 name = clean_name(raw)
                 h = hist_at(acc, f"{kind}/{name}", step)
                 assert h.num == numel, (kind, name, step)  # every shard counted, once
@@ -66,8 +74,32 @@ def test_fsdp2_training_is_untouched_and_shards_are_combined_exactly(tmp_path):
                 assert h.sum / h.num == pytest.approx(total / numel, rel=1e-5, abs=1e-8)
                 if mn < mx:  # tensors up to SAMPLE_LIMIT values are binned exactly
                     assert list(h.bucket) == buckets, (kind, name, step)
-    # out.bias has one value: rank 1's shard of it is empty, and it still joined.
-    assert hist_at(acc, "weights/out.bias", 0).num == 1
+
+
+@pytest.mark.slow
+@needs_gloo
+@needs_fsdp2
+def test_fsdp1_with_orig_params_has_readable_names_and_full_histograms(tmp_path):
+    r0, r1 = run_fsdp(tmp_path, "fsdp1")
+    for r in (r0, r1):
+        assert r["module_names"] == ["inp", "block.fc", "block.act", "out"]  # no _fsdp_wrapped_module.
+        assert r["parameter_names"] == NAMES
+        assert r["hooks_after"] == r["hooks_before"] and not r["warnings"]
+    acc = read_events(tmp_path / "run")
+    assert not [t for t in histogram_tags(acc) if "_wrapped_module" in t]
+    assert_full_histograms(acc, r0, range(5))  # each rank holds a piece of each flat shard
+
+
+@pytest.mark.slow
+@needs_gloo
+@needs_fsdp2
+def test_fsdp1_flat_parameters_warn_once(tmp_path):
+    r0, r1 = run_fsdp(tmp_path, "fsdp1-flat")
+    for r in (r0, r1):
+        [message] = r["warnings"]
+        assert "use_orig_params=True" in message
+        assert r["hooks_after"] == r["hooks_before"]
+    assert "activations/inp" in histogram_tags(read_events(tmp_path / "run"))
 
 
 @pytest.mark.slow

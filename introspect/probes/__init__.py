@@ -22,7 +22,7 @@ def built_in_probes(config: Any, ctx: Any) -> list[Probe]:
     from .feature_maps import FeatureMaps
     from .first_batch import FirstBatch
     from .grad_health import GradHealth
-    from .grads import Grads
+    from .grads import FlatShardGrads, Grads
     from .health_map import HealthMapProbe
     from .hparams import Hparams
     from .inputs import Inputs
@@ -49,6 +49,8 @@ def built_in_probes(config: Any, ctx: Any) -> list[Probe]:
         probes.append(ActivationGrads())
     if "grads" in log:
         probes.append(Grads())
+        if config.optimizer is None and ctx.shards is not None and ctx.shards.flat_views:
+            probes.append(FlatShardGrads())
     if config.optimizer is not None:
         probes.append(UpdateRatio())
     probes.append(GradHealth())

@@ -143,6 +143,8 @@ class ProbeContext:
         self.plan: "StepPlan | None" = None
         self.buffer: "StepBuffer | None" = None
         self.ddp: nn.Module | None = None
+        self.shards: Any = None
+        """The ``sharded.ShardCombiner`` of sharded training (FSDP2, FSDP1 views), else None."""
         self.ddp_sync = False  # the latest forward's backward all-reduces gradients
         self.closing = False  # the watch is ending: no finding may raise now
         self.overflow_step = -1  # the latest step whose scaled gradients overflowed (GradScaler)

@@ -84,7 +84,7 @@ class Watcher:
             self._writer = GuardedWriter(raw, self._writer_failed)
             self.findings = Findings(self._writer)
             params = select_parameters(root, modules)
-            self._shards = shard_combiner(root, params, config.log)
+            self._shards = shard_combiner(model, params, config.log)
             self._clock = StepClock(
                 every=config.every, check_every=config.check_every, image_every=config.image_every,
                 writes=raw is not None, counts_optimizer_steps=config.optimizer is not None,
@@ -97,6 +97,7 @@ class Watcher:
             )
             self.ctx.ddp = find_ddp(model)
             self.ctx.clock = self._clock
+            self.ctx.shards = self._shards
             self._probes: list[Probe] = [*built_in_probes(config, self.ctx), *config.probes]
             for probe in self._probes:
                 probe.bind(self.ctx)
