@@ -24,13 +24,13 @@ parameters' names); a tag no rank has this step (no gradient yet) is simply not 
 
 from __future__ import annotations
 
-import datetime
 import math
 from typing import Any
 
 import torch
 from torch import nn
 
+from .distributed import SideGroup, rank_and_world
 from .errors import IntrospectWarning, warn
 from .stats import HIST_BINS, HistogramRecord, RecordBatch
 
@@ -108,25 +108,17 @@ def _replicas(tensor: torch.Tensor) -> int:
 class ShardCombiner:
     """The process group and state of one watcher's combination of shard records."""
 
-    def __init__(self, tags: list[str]) -> None:
+    def __init__(self, tags: list[str], group: SideGroup) -> None:
         self.tags = tags
         """Every sharded tag, in one order that every rank shares."""
-        self._group: Any = None
+        self.group = group
         self.broken = False
         self.flat_views = False
         """FSDP1's views: their gradients are set at the end of backward, without the
         accumulation hooks a gradient probe would otherwise hear (see ``probes/grads.py``)."""
 
-    def _our_group(self) -> Any:
-        from . import distributed
-
-        if self._group is None:
-            timeout = datetime.timedelta(seconds=distributed.RANK_WAIT_S)
-            self._group = torch.distributed.new_group(backend="gloo", timeout=timeout)
-        return self._group
-
     def _all_reduce(self, tensor: torch.Tensor, op: Any) -> None:
-        torch.distributed.all_reduce(tensor, op=op, group=self._our_group())
+        self.group.all_reduce(tensor, op)
 
     def combine(self, shards: "ShardRecords") -> dict[str, HistogramRecord]:
         """Every rank's shards of every tag as one histogram per tag (the same on every rank);
@@ -178,13 +170,11 @@ class ShardCombiner:
         return found
 
 
-def shard_combiner(model: nn.Module, params: dict[str, nn.Parameter], log: Any) -> ShardCombiner | None:
+def shard_combiner(model: nn.Module, params: dict[str, nn.Parameter], log: Any, group: SideGroup) -> ShardCombiner | None:
     """The combiner of a watch whose parameters are sharded over a process group of several ranks
     (DTensors, or FSDP1's views of its flat shards; None otherwise): its tags are ``weights/`` and
     ``grads/`` of every watched sharded parameter, as far as ``log`` asks for them. ``model``: the
     model as passed to ``watch`` (an FSDP1 root included)."""
-    from .distributed import rank_and_world
-
     if rank_and_world()[1] == 1:
         return None
     fsdp1 = fsdp1_parameters(model)
@@ -194,7 +184,7 @@ def shard_combiner(model: nn.Module, params: dict[str, nn.Parameter], log: Any) 
     from .sinks import tag
 
     kinds = [kind for kind in ("weights", "grads") if kind in log]
-    combiner = ShardCombiner([tag(kind, name) for kind in kinds for name in sharded])
+    combiner = ShardCombiner([tag(kind, name) for kind in kinds for name in sharded], group)
     combiner.flat_views = bool(fsdp1)
     return combiner
 

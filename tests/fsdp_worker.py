@@ -2,7 +2,8 @@
 
 Started like torchrun starts a worker; usage: ``fsdp_worker.py LOGDIR MODE RESULT_JSON [EVERY]``
 with MODE ``watched``, ``plain`` (the same run unwatched), ``nan`` (watched; rank 1 alone gets a
-NaN in its input at step 2), ``rank0`` (only rank 0 calls watch: it must not hang), or ``fsdp1``
+NaN in its input at step 2), ``scaled`` (watched; rank 2 alone gets its input x100 at step
+3, on 3 ranks), ``rank0`` (only rank 0 calls watch: it must not hang), or ``fsdp1``
 / ``fsdp1-flat`` (FSDP1 with one unit per Linear, with / without ``use_orig_params``). The model
 has a block under activation checkpointing (``_checkpoint_wrapped_module.`` in its module
 names), a layer of 4096 weights (the large-tensor path of the statistics) and a bias of one value
@@ -116,6 +117,8 @@ def main() -> None:
             y = torch.randn(4, 1, generator=gen)
             if mode == "nan" and rank == 1 and step == 2:
                 x[0, 0] = float("nan")
+            if mode == "scaled" and rank == 2 and step == 3:
+                x = x * 100
             with gathered(model):
                 weights.append(full_stats(dict(net.named_parameters())))
             opt.zero_grad()

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import hist_at, hist_steps, histogram_tags, read_events, scalar_at
+from conftest import hist_at, hist_steps, histogram_tags, read_events, scalar_at, text_of
 from introspect.selection import clean_name
 from test_distributed import needs_gloo, run_worker
 
@@ -29,9 +29,9 @@ needs_fsdp2 = pytest.mark.skipif(not _has_fsdp2(), reason="needs torch.distribut
 NAMES = ["inp.weight", "inp.bias", "block.fc.weight", "block.fc.bias", "out.weight", "out.bias"]
 
 
-def run_fsdp(tmp_path: Path, mode: str, every: int = 1) -> list[dict]:
+def run_fsdp(tmp_path: Path, mode: str, every: int = 1, world: int = 2) -> list[dict]:
     tmp_path.mkdir(parents=True, exist_ok=True)
-    return run_worker(WORKER, tmp_path, [mode], [str(every)])
+    return run_worker(WORKER, tmp_path, [mode], [str(every)], world)
 
 
 @pytest.mark.slow
@@ -136,3 +136,22 @@ def test_fsdp2_watched_on_rank_zero_only_cannot_hang(tmp_path):
     acc = read_events(tmp_path / "run")
     assert "activations/inp" in histogram_tags(acc)
     assert "weights/inp.weight" not in histogram_tags(acc)
+
+
+@pytest.mark.slow
+@needs_gloo
+@needs_fsdp2
+def test_rank_divergence_names_the_rank_and_the_step(tmp_path):
+    """3 ranks (two cannot say which one is wrong): rank 2's input x100 at step 3 stands apart;
+    every rank finds it (they all gathered the same vectors); a healthy run finds nothing."""
+    results = run_fsdp(tmp_path / "scaled", "scaled", world=3)
+    for r in results:
+        found = [a for a in r["alerts"] if a["kind"] == "rank_divergence"]
+        assert found, r["alerts"]
+        assert {(a["numbers"]["rank"], a["step"]) for a in found} == {(2, 3)}
+        assert found[0]["where"] == "inp" and found[0]["message"].startswith("rank 2 stands apart")
+    texts = "\n".join(text_of(read_events(tmp_path / "scaled" / "run"), "diagnostics/alerts"))
+    assert "rank 2 stands apart" in texts
+    healthy = run_fsdp(tmp_path / "healthy", "watched", world=3)
+    for r in healthy:
+        assert not [a for a in r["alerts"] if a["kind"] == "rank_divergence"], r["alerts"]

@@ -19,6 +19,7 @@ def built_in_probes(config: Any, ctx: Any) -> list[Probe]:
     """The probes ``config`` asks for, in dispatch order."""
     from .activation_grads import ActivationGrads
     from .activations import Activations
+    from .divergence import RankDivergence, divergence_wanted
     from .feature_maps import FeatureMaps
     from .first_batch import FirstBatch
     from .grad_health import GradHealth
@@ -54,6 +55,8 @@ def built_in_probes(config: Any, ctx: Any) -> list[Probe]:
     if config.optimizer is not None:
         probes.append(UpdateRatio())
     probes.append(GradHealth())
+    if divergence_wanted(ctx):
+        probes.append(RankDivergence())
     if "feature_maps" in log:
         probes.append(FeatureMaps())
     if "health_map" in log:

@@ -145,6 +145,8 @@ class ProbeContext:
         self.ddp: nn.Module | None = None
         self.shards: Any = None
         """The ``sharded.ShardCombiner`` of sharded training (FSDP2, FSDP1 views), else None."""
+        self.side_group: Any = None
+        """The watcher's own process group (``distributed.SideGroup``) for its collectives."""
         self.ddp_sync = False  # the latest forward's backward all-reduces gradients
         self.closing = False  # the watch is ending: no finding may raise now
         self.overflow_step = -1  # the latest step whose scaled gradients overflowed (GradScaler)

@@ -26,7 +26,8 @@ from torch import nn
 from .. import eventfile
 from ..compiled import COMPILED_WARNING, compiling, forget_compiled_code, is_compiled, outside_graph
 from ..diagnostics import Alert, format_report
-from ..distributed import ddp_syncs_gradients, find_ddp, rank_writer_target, writes_here
+from ..distributed import SideGroup, ddp_syncs_gradients, find_ddp, rank_and_world, rank_writer_target, writes_here
+from ..probes.divergence import MIN_RANKS
 from ..errors import AlreadyWatchedError, IntrospectWarning, NonFiniteError, warn
 from ..selection import select_modules, select_parameters, unwrap_model
 from ..sharded import ShardRecords, shard_combiner
@@ -84,18 +85,24 @@ class Watcher:
             self._writer = GuardedWriter(raw, self._writer_failed)
             self.findings = Findings(self._writer)
             params = select_parameters(root, modules)
-            self._shards = shard_combiner(model, params, config.log)
+            side_group = SideGroup()
+            self._shards = shard_combiner(model, params, config.log, side_group)
+            ddp = find_ddp(model)
+            # Every rank plans the logging steps when their collectives need every rank.
+            shared = self._shards is not None or (
+                rank_and_world()[1] >= MIN_RANKS and ddp is not None)
             self._clock = StepClock(
                 every=config.every, check_every=config.check_every, image_every=config.image_every,
                 writes=raw is not None, counts_optimizer_steps=config.optimizer is not None,
-                step_fn=config.step_fn, shared=self._shards is not None,
+                step_fn=config.step_fn, shared=shared,
             )
             self.ctx = ProbeContext(
                 config=config, model=model, root=root, modules=modules,
                 params=params, writer=self._writer, findings=self.findings,
                 step_hooks=self._step_hooks, force_log=self._force_log,
             )
-            self.ctx.ddp = find_ddp(model)
+            self.ctx.ddp = ddp
+            self.ctx.side_group = side_group
             self.ctx.clock = self._clock
             self.ctx.shards = self._shards
             self._probes: list[Probe] = [*built_in_probes(config, self.ctx), *config.probes]
