@@ -261,7 +261,7 @@ class RecordBatch:
         rows = torch.cat([torch.zeros(len(lengths), 1), stats.cpu()], dim=1).to(torch.float64)
         broken = torch.nonzero(~torch.isfinite(rows[:, 1:3]).all(dim=1)).flatten().tolist()
         if broken:
-            rows[broken] = self.masked_rows(broken).cpu().to(torch.float64)
+            rows[broken] = self.masked_rows(broken)[:, :5].cpu().to(torch.float64)
             for i in broken:
                 if rows[i, 0] >= self._numels[i]:  # no finite value: the empty range
                     rows[i, 1], rows[i, 2] = math.inf, -math.inf

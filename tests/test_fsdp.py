@@ -112,6 +112,8 @@ def test_fsdp2_nan_on_one_rank_is_named_with_its_rank(tmp_path):
     message = next(a["message"] for a in r1["alerts"] if a["where"] == "input")
     assert message.startswith("on rank 1: the batch fed to the model already holds NaN/Inf")
     assert not [a for a in r0["alerts"] if a["step"] == 2]  # rank 0's own step 2 was clean
+    for r in (r0, r1):  # NaN shards are combined like any others
+        assert not [m for m in r["warnings"] if "could not be combined" in m]
     # The NaN reached every rank's weights and gradients through the reduced gradients: step 3's
     # non-finite count (weights and gradients of inp.weight) adds up every rank's shard, and
     # training finished on both ranks.
