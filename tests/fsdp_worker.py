@@ -15,7 +15,6 @@ runs alike), the final weights, the watcher's names and findings, and its hook c
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import sys
 import time
@@ -29,6 +28,7 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoi
 from torch.distributed.fsdp import fully_shard
 
 import introspect.distributed
+from ddp_worker import alerts_of, finish
 from introspect import watch
 from introspect.stats import tensor_record
 
@@ -138,17 +138,13 @@ def main() -> None:
         "module_names": w.module_names if w else [],
         "parameter_names": w.parameter_names if w else [],
         "writes": w is not None and w.writer is not None,
-        "alerts": [{"kind": a.kind, "where": a.where, "step": a.step, "message": a.message,
-                    "numbers": a.numbers} for a in (w.alerts if w else [])],
+        "alerts": alerts_of(w),
         "weights": weights, "grads": grads, "final": final,
         "hooks_before": before, "hooks_after": hook_counts(model),
         "forward_s": times,
         "warnings": [str(m.message) for m in seen if "introspect" in str(m.message)],
     }
-    with open(result_path, "w") as f:
-        json.dump(result, f)
-    dist.barrier()
-    dist.destroy_process_group()
+    finish(result, result_path)
 
 
 if __name__ == "__main__":
