@@ -7,6 +7,8 @@ The reference for every histogram is the exact full tensor each rank gathers its
 
 from __future__ import annotations
 
+import math
+
 from pathlib import Path
 
 import pytest
@@ -157,3 +159,23 @@ def test_rank_divergence_names_the_rank_and_the_step(tmp_path):
     healthy = run_fsdp(tmp_path / "healthy", "watched", world=3)
     for r in healthy:
         assert not [a for a in r["alerts"] if a["kind"] == "rank_divergence"], r["alerts"]
+
+
+def test_divergent_ranks_needs_a_strong_deviation_and_three_ranks():
+    from introspect.probes.divergence import divergent_ranks
+
+    healthy = torch.tensor([[[1.0, 5.0, 0.0]], [[1.3, 5.5, 0.0]], [[0.8, 4.6, 0.0]], [[1.1, 5.1, 0.0]]])
+    assert divergent_ranks(healthy.double()) == []
+    scaled = healthy.clone()
+    scaled[2, 0, :2] *= 100
+    [(rank, module, measure, z)] = divergent_ranks(scaled.double())
+    assert (rank, module) == (2, 0) and z > 6
+    nan = healthy.clone()
+    nan[3, 0, 2] = 7.0
+    assert divergent_ranks(nan.double())[0][:3] == (3, 0, "nonfinite")
+    # Two ranks cannot say which one is wrong; a rank without the output is not counted.
+    assert divergent_ranks(scaled[:2].double()) == []
+    missing = scaled.clone()
+    missing[0, 0] = math.nan
+    missing[1, 0] = math.nan
+    assert divergent_ranks(missing.double()) == []
