@@ -106,20 +106,25 @@ class RankDivergence(Probe):
         return None
 
     def on_step_end(self, host: HostStep | None) -> None:
-        if host is None or self.ctx.side_group.broken:
+        if host is None or self.ctx.side_group.broken or self._warned:
             return
+        try:
+            self._compare(host)
+        except Exception as e:  # never the training's end: one warning, and the check stops
+            self._stop(e)
+
+    def _stop(self, error: Exception) -> None:
+        if not self._warned:
+            self._warned = True
+            warn(f"introspect: rank_divergence stopped: {type(error).__name__}: {error} "
+                 "(does every rank call watch()?)", IntrospectWarning)
+
+    def _compare(self, host: HostStep) -> None:
         local = torch.full((len(self._names), 3), math.nan, dtype=torch.float64)
         for index, rows in self._step.items():
             local[index] = torch.stack(rows).amax(dim=0).cpu().to(torch.float64)
         self._step = {}
-        try:
-            values = self.ctx.side_group.all_gather(local)
-        except Exception as e:  # a rank that never came: warn once, never hang or crash training
-            if not self._warned:
-                self._warned = True
-                warn(f"introspect: rank_divergence stopped: the ranks' activation measures could not be "
-                     f"gathered ({type(e).__name__}: {e}; does every rank call watch()?)", IntrospectWarning)
-            return
+        values = self.ctx.side_group.all_gather(local)  # bounded: a rank that never comes raises
         world = values.shape[0]
         for rank, m, measure, z in divergent_ranks(values):
             name = self._names[m]
