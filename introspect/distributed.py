@@ -50,6 +50,7 @@ __all__ = [
     "origin_code",
     "rank_origin_alert",
     "nonfinite_on_rank",
+    "SideGroup",
 ]
 
 RANK_MODES = ("zero", "all")
@@ -229,3 +230,44 @@ def nonfinite_on_rank(alert: Alert) -> Alert:
     return dataclasses.replace(
         alert, message=f"on rank {rank}: {alert.message}", numbers={**alert.numbers, "rank": float(rank)}
     )
+
+
+class SideGroup:
+    """A gloo process group of the watcher's own, for the small collectives it runs on logging
+    steps (shard statistics, rank divergence), created on first use.
+
+    Its own group, so a collective of ours can never pair with one of the user's (or FSDP's) on
+    the default group; gloo, on host tensors, whatever the training backend; and its timeout
+    (``RANK_WAIT_S``) bounds every wait: a rank that does not come (not watched, or failed) costs
+    the others that wait once, and then ``broken`` is True for good (callers warn and stop).
+    """
+
+    def __init__(self) -> None:
+        self._group: Any = None
+        self.broken = False
+
+    def _get(self) -> Any:
+        if self._group is None:
+            timeout = datetime.timedelta(seconds=RANK_WAIT_S)
+            self._group = torch.distributed.new_group(backend="gloo", timeout=timeout)
+        return self._group
+
+    def all_reduce(self, tensor: torch.Tensor, op: Any) -> None:
+        """In place, on a host tensor; raises (and breaks the group) when a rank does not come."""
+        self._run(lambda: torch.distributed.all_reduce(tensor, op=op, group=self._get()))
+
+    def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``(world, *tensor.shape)``: every rank's ``tensor``, by rank."""
+        world = rank_and_world()[1]
+        parts = [torch.empty_like(tensor) for _ in range(world)]
+        self._run(lambda: torch.distributed.all_gather(parts, tensor, group=self._get()))
+        return torch.stack(parts)
+
+    def _run(self, collective: Any) -> None:
+        if self.broken:
+            raise RuntimeError("an earlier collective of the watcher's group failed")
+        try:
+            collective()
+        except Exception:
+            self.broken = True
+            raise

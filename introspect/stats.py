@@ -250,6 +250,44 @@ class RecordBatch:
             rows.append(torch.cat([head, counts.to(dt) * ratio]))
         return torch.stack(rows)
 
+    def local_stats(self) -> torch.Tensor:
+        """``(len(self), 6)`` float64 on the host: count, non-finite count, min, max, sum and sum of
+        squares of every record, of its finite values only (min ``+inf``, max ``-inf`` when it has
+        none): what the ranks' shards of one tensor add up from (see ``sharded.py``)."""
+        device = self._samples[0].device
+        lengths = [s.numel() for s in self._samples]
+        values = torch.cat([s.to(device) for s in self._samples])
+        stats = self._stat_rows(lengths, values, torch.tensor(lengths, device=device))
+        rows = torch.cat([torch.zeros(len(lengths), 1), stats.cpu()], dim=1).to(torch.float64)
+        broken = torch.nonzero(~torch.isfinite(rows[:, 1:3]).all(dim=1)).flatten().tolist()
+        if broken:
+            rows[broken] = self.masked_rows(broken)[:, :5].cpu().to(torch.float64)
+            for i in broken:
+                if rows[i, 0] >= self._numels[i]:  # no finite value: the empty range
+                    rows[i, 1], rows[i, 2] = math.inf, -math.inf
+        numels = torch.tensor(self._numels, dtype=torch.float64).unsqueeze(1)
+        return torch.cat([numels, rows[:, :5]], dim=1)
+
+    def counts_over(self, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+        """``(len(self), HIST_BINS)`` float64 bucket counts on the host, each record binned over the
+        range ``[lo[i], hi[i]]`` given to it (one the ranks agreed on) rather than its own. Only
+        finite values count; a sample's counts are scaled up to its tensor's size, as in ``compute``."""
+        device = self._samples[0].device
+        lengths = [s.numel() for s in self._samples]
+        values = torch.cat([s.to(device) for s in self._samples])
+        sizes = torch.tensor(lengths, device=device)
+        offset, scale = _bin_transform(lo.to(device, torch.float32), hi.to(device, torch.float32))
+        base = torch.arange(len(lengths), device=device, dtype=torch.int32) * HIST_BINS
+        offset_v, scale_v, base_v = (
+            torch.repeat_interleave(column, sizes, output_size=values.numel()) for column in (offset, scale, base))
+        # Truncated before the record's base is added: a float32 position just under a bucket edge
+        # would round up when added to a large base, and a value's bucket depend on its record.
+        bucket = _bucket_position(values, offset_v, scale_v).to(torch.int32) + base_v
+        weights = torch.isfinite(values).to(torch.float32)
+        counts = torch.zeros(len(lengths) * HIST_BINS, dtype=torch.float32, device=device).index_add_(0, bucket, weights)
+        scale_up = torch.tensor([n / max(k, 1) for n, k in zip(self._numels, lengths)], dtype=torch.float64)
+        return counts.view(len(lengths), HIST_BINS).cpu().to(torch.float64) * scale_up.unsqueeze(1)
+
     def _per_device(self) -> torch.Tensor:
         """A model split over devices: one batch per device, rows put back in order on the CPU."""
         rows = torch.zeros(len(self._samples), RECORD_LEN, dtype=torch.float64)

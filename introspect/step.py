@@ -17,6 +17,7 @@ import torch
 
 from .amp import LOW_PRECISION
 from .diagnostics import CallRecord
+from .sharded import ShardRecords, local_view
 from .stats import RECORD_LEN, HistogramRecord, RecordBatch, stat_dtype
 
 __all__ = ["StepBuffer", "HostStep", "Check"]
@@ -64,6 +65,9 @@ class StepBuffer:
     reported: bool = False
     callback_queued: bool = False
     closed: bool = False
+    shards: ShardRecords | None = None
+    """Under sharded training, the records of DTensor weights and gradients (combined across
+    ranks at the end of a logging step); without it a DTensor's local shard is recorded alone."""
     _pending: list[torch.Tensor] = field(default_factory=list)
     _any_nonfinite: bool = False
     _outputs: dict[int, tuple[weakref.ref, int]] = field(default_factory=dict)
@@ -75,6 +79,9 @@ class StepBuffer:
     def add_histogram(self, tag: str, tensor: torch.Tensor, total: torch.Tensor | None = None) -> None:
         """Add one call's values; several calls in one step are merged into one histogram.
         ``total``: the check's sum of ``tensor``, when it has one (saves a pass over a big tensor)."""
+        if self._sharded(tag, tensor):
+            return
+        tensor = local_view(tensor)
         if tensor.numel() == 0:  # an empty batch or a zero-width layer has no histogram
             return
         index = self.records.add(tensor, total)  # first: a tensor it cannot read leaves no empty tag behind
@@ -82,9 +89,19 @@ class StepBuffer:
 
     def set_histogram(self, tag: str, tensor: torch.Tensor) -> None:
         """Replace the values (a parameter's gradient is final only after the last backward)."""
+        if self._sharded(tag, tensor):
+            return
+        tensor = local_view(tensor)
         if tensor.numel() == 0:
             return
         self.histograms[tag] = [(tensor.numel(), self.records.add(tensor))]
+
+    def _sharded(self, tag: str, tensor: torch.Tensor) -> bool:
+        """Whether ``tensor`` is a shard whose record waits for the other ranks' (taken here)."""
+        if self.shards is None or tag not in self.shards.combiner.tags:
+            return False  # (a tag every rank combines, or the ranks would disagree)
+        self.shards.set(tag, tensor)
+        return True
 
     def add_scalar(self, tag: str, value: torch.Tensor) -> None:
         self.scalars[tag] = value.detach().reshape(())
@@ -101,7 +118,7 @@ class StepBuffer:
         """One cheap device reduction: a sum is finite exactly when every value is (barring overflow).
         Returns the sum (None for half precision), which a histogram of the same tensor can reuse."""
         self.check_labels.append(label)
-        tensor = tensor.detach()
+        tensor = local_view(tensor.detach())  # this rank's values: no collective on one rank alone
         if tensor.dtype in LOW_PRECISION:  # |x| summed, one pass too: +Inf and -Inf from an overflow sum to
             self._pending.append(torch.linalg.vector_norm(tensor, 1, dtype=torch.float32))  # Inf, not NaN
             return None  # a norm, not the sum a histogram could reuse
@@ -187,6 +204,8 @@ class StepBuffer:
             ])
             for tag, calls in self.histograms.items()
         }
+        if self.shards is not None:  # every rank, at the same step (see sharded.py)
+            histograms.update(self.shards.combine())
         scalars: dict[str, float] = {}
         measures: dict[str, float] = {}
         for (kind, key), value in zip(keys, values[rows:]):

@@ -108,11 +108,21 @@ def main() -> None:
         "rank": rank,
         "module_names": names,
         "writes": w is not None and w.writer is not None,
-        "alerts": [{"kind": a.kind, "where": a.where, "step": a.step, "message": a.message,
-                    "numbers": a.numbers} for a in (w.alerts if w else [])],
+        "alerts": alerts_of(w),
         "grads": grads,
         "raised": raised,
     }
+    finish(result, result_path)
+
+
+def alerts_of(w) -> list[dict]:  # type: ignore[no-untyped-def]
+    """A watcher's findings as JSON (none without a watcher)."""
+    return [{"kind": a.kind, "where": a.where, "step": a.step, "message": a.message,
+             "numbers": a.numbers} for a in (w.alerts if w else [])]
+
+
+def finish(result: dict, result_path: str) -> None:
+    """Write this rank's result, then leave the process group together."""
     with open(result_path, "w") as f:
         json.dump(result, f)
     dist.barrier()

@@ -37,13 +37,19 @@ def _free_port() -> int:
 
 def run_ranks(tmp_path: Path, ranks: str, on_nonfinite: str = "warn", watched: str = "all", world: int = 2) -> list[dict]:
     """Run ``world`` ranks of tests/ddp_worker.py; their result dicts, by rank."""
+    return run_worker(WORKER, tmp_path, [ranks], [on_nonfinite, watched], world)
+
+
+def run_worker(worker: Path, tmp_path: Path, before: list[str], after: list[str], world: int = 2) -> list[dict]:
+    """Run ``world`` ranks of ``worker LOGDIR *before RESULT_JSON *after`` the way torchrun
+    starts them; their result dicts, by rank."""
     port = _free_port()
     procs = []
     for rank in range(world):
         env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                    MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
         procs.append(subprocess.Popen(
-            [sys.executable, str(WORKER), str(tmp_path / "run"), ranks, str(tmp_path / f"r{rank}.json"), on_nonfinite, watched],
+            [sys.executable, str(worker), str(tmp_path / "run"), *before, str(tmp_path / f"r{rank}.json"), *after],
             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         ))
     outputs = []

@@ -20,11 +20,12 @@ def built_in_probes(config: Any, ctx: Any) -> list[Probe]:
     """The probes ``config`` asks for, in dispatch order."""
     from .activation_grads import ActivationGrads
     from .activations import Activations
+    from .divergence import RankDivergence, divergence_wanted
     from .feature_maps import FeatureMaps
     from .first_batch import FirstBatch
     from .grad_health import GradHealth
     from .grad_spike import GradNormSpike
-    from .grads import Grads
+    from .grads import FlatShardGrads, Grads
     from .health_map import HealthMapProbe
     from .hparams import Hparams
     from .inputs import Inputs
@@ -53,9 +54,13 @@ def built_in_probes(config: Any, ctx: Any) -> list[Probe]:
         probes.append(ActivationGrads())
     if "grads" in log:
         probes.append(Grads())
+        if config.optimizer is None and ctx.shards is not None and ctx.shards.flat_views:
+            probes.append(FlatShardGrads())
     if config.optimizer is not None:
         probes.append(UpdateRatio())
     probes.append(GradHealth())
+    if divergence_wanted(ctx):
+        probes.append(RankDivergence())
     if "feature_maps" in log:
         probes.append(FeatureMaps())
     if "health_map" in log:

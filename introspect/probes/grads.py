@@ -24,7 +24,9 @@ class Grads(Probe):
 
     def bind(self, ctx) -> None:  # type: ignore[no-untyped-def]
         super().bind(ctx)
-        self.wants_param_grads = ctx.config.optimizer is None
+        # FSDP1's parameter views get their gradients without accumulation hooks: FlatShardGrads.
+        flat = ctx.shards is not None and ctx.shards.flat_views
+        self.wants_param_grads = ctx.config.optimizer is None and not flat
         self._reduced: dict[str, torch.Tensor] = {}  # read once DDP has averaged them
 
     def on_param_grad(self, name: str, param: torch.Tensor) -> None:
@@ -56,3 +58,23 @@ class Grads(Probe):
 
     def on_close(self, failed: bool) -> None:
         self._reduced = {}
+
+
+class FlatShardGrads(Probe):
+    """``grads/`` under FSDP1 with ``use_orig_params=True`` and without ``optimizer=``: FSDP sets
+    each parameter view's gradient (this rank's piece) in its own end-of-backward callback, and no
+    accumulation hook runs, so the gradients are read from a callback queued behind FSDP's."""
+
+    name = "flat_shard_grads"
+    builtin = True
+
+    def on_after_backward(self) -> None:
+        buffer = self.ctx.buffer
+        queue_after_backward(lambda: self._take(buffer))
+
+    def _take(self, buffer: StepBuffer) -> None:
+        if buffer.closed:
+            return
+        for name, param in self.ctx.params.items():
+            if param.grad is not None:
+                buffer.set_histogram(tag("grads", name), param.grad)

@@ -22,6 +22,7 @@ from ..amp import LOW_PRECISION, overflow_note, scaler_overflow
 from ..diagnostics import Alert, CallRecord, blame_nonfinite_weights, locate_nonfinite
 from ..distributed import nonfinite_on_rank
 from ..errors import NonFiniteError, NonFiniteWarning, warn
+from ..sharded import local_view
 from ..sinks import tag
 from ..step import Check, HostStep, StepBuffer
 from ..tensors import named_float_tensors
@@ -161,7 +162,9 @@ class NonFiniteCheck(Probe):
             return found
         for param_name, param in module.named_parameters(prefix=name):
             if param.is_floating_point():
-                count = int((~torch.isfinite(param.detach())).sum())
+                # This rank's shard only: a DTensor reduction here would be a collective that
+                # the ranks without a NaN never join.
+                count = int((~torch.isfinite(local_view(param.detach()))).sum())
                 if count:
                     found[tag("weights", param_name)] = SimpleNamespace(nonfinite=float(count), numel=param.numel())
         return found

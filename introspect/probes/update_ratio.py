@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from ..sharded import is_dtensor
 from ..sinks import tag
 from ..watch.protocol import Probe
 
@@ -31,6 +32,8 @@ class UpdateRatio(Probe):
             # Undefined for a weight that was exactly zero (a zero-initialised bias, x = 0):
             # NaN here, and not written, rather than a 1e10 that flattens the chart.
             size = torch.linalg.vector_norm(weight)
+            if is_dtensor(delta):  # sharded: the norms of the whole tensors, on every rank alike
+                delta, size = delta.full_tensor(), size.full_tensor()
             ratio = torch.where(size > 0, delta / size, torch.full_like(size, float("nan")))
             buffer.add_scalar(tag("update_ratio", name), ratio)
 

@@ -42,16 +42,27 @@ class StepClock:
         writes: bool,
         counts_optimizer_steps: bool,
         step_fn: Callable[[], int] | None,
+        shared: bool = False,
     ) -> None:
+        """``shared``: every rank plans the logging steps, writing or not, because their statistics
+        are combined by collectives every rank must join (sharded training, see ``sharded.py``);
+        the cadence is then ``every`` alone, the same on every rank (no ``force_log`` after one
+        rank's NaN, which the others cannot know of)."""
         self.every = every
         self.check_every = check_every
         self.image_every = image_every
         self.writes = writes
         self.counts_optimizer_steps = counts_optimizer_steps
         self.step_fn = step_fn
+        self.shared = shared
         self.step = 0  # the open (or latest) step
         self.next_step = 0
         self.force_log = True  # the first step always logs
+
+    def request_log(self) -> None:
+        """Make the next step a logging step (after a NaN/Inf), unless the ranks share the cadence."""
+        if not self.shared:
+            self.force_log = True
 
     def external_step(self) -> int:
         assert self.step_fn is not None
@@ -74,7 +85,7 @@ class StepClock:
     def plan(self) -> StepPlan:
         """Open the next step and say what it does."""
         step = self.take()
-        logging = self.writes and (step % self.every == 0 or self.force_log)
+        logging = (self.writes or self.shared) and (step % self.every == 0 or self.force_log)
         self.force_log = False
         return StepPlan(
             step=step,

@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from ..errors import IntrospectWarning, ProbeError, warn
+from ..sharded import user_type_name
 from ..tensors import named_float_tensors
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -133,7 +134,7 @@ class ProbeContext:
         self.model = model
         self.root = root
         self.modules = modules
-        self.module_types = {name: type(m).__name__ for name, m in modules.items()}
+        self.module_types = {name: user_type_name(m) for name, m in modules.items()}
         self.params = params
         self.writer = writer
         self.findings = findings
@@ -144,6 +145,10 @@ class ProbeContext:
         self.plan: "StepPlan | None" = None
         self.buffer: "StepBuffer | None" = None
         self.ddp: nn.Module | None = None
+        self.shards: Any = None
+        """The ``sharded.ShardCombiner`` of sharded training (FSDP2, FSDP1 views), else None."""
+        self.side_group: Any = None
+        """The watcher's own process group (``distributed.SideGroup``) for its collectives."""
         self.ddp_sync = False  # the latest forward's backward all-reduces gradients
         self.closing = False  # the watch is ending: no finding may raise now
         self.overflow_step = -1  # the latest step whose scaled gradients overflowed (GradScaler)

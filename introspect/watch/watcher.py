@@ -26,9 +26,11 @@ from torch import nn
 from .. import eventfile
 from ..compiled import COMPILED_WARNING, compiling, forget_compiled_code, is_compiled, outside_graph
 from ..diagnostics import Alert, format_report
-from ..distributed import ddp_syncs_gradients, find_ddp, rank_writer_target, writes_here
+from ..distributed import SideGroup, ddp_syncs_gradients, find_ddp, rank_and_world, rank_writer_target, writes_here
+from ..probes.divergence import MIN_RANKS
 from ..errors import AlreadyWatchedError, IntrospectWarning, NonFiniteError, warn
 from ..selection import select_modules, select_parameters, unwrap_model
+from ..sharded import ShardRecords, shard_combiner
 from ..sinks import open_writer, write_step
 from ..step import HostStep, StepBuffer
 from .clock import StepClock
@@ -82,18 +84,27 @@ class Watcher:
                     self._registry.add("the event-file checksum", lambda: eventfile.restore(raw))
             self._writer = GuardedWriter(raw, self._writer_failed)
             self.findings = Findings(self._writer)
+            params = select_parameters(root, modules)
+            side_group = SideGroup()
+            self._shards = shard_combiner(model, params, config.log, side_group)
+            ddp = find_ddp(model)
+            # Every rank plans the logging steps when their collectives need every rank.
+            shared = self._shards is not None or (
+                rank_and_world()[1] >= MIN_RANKS and ddp is not None)
             self._clock = StepClock(
                 every=config.every, check_every=config.check_every, image_every=config.image_every,
                 writes=raw is not None, counts_optimizer_steps=config.optimizer is not None,
-                step_fn=config.step_fn,
+                step_fn=config.step_fn, shared=shared,
             )
             self.ctx = ProbeContext(
                 config=config, model=model, root=root, modules=modules,
-                params=select_parameters(root, modules), writer=self._writer, findings=self.findings,
+                params=params, writer=self._writer, findings=self.findings,
                 step_hooks=self._step_hooks, force_log=self._force_log,
             )
-            self.ctx.ddp = find_ddp(model)
+            self.ctx.ddp = ddp
+            self.ctx.side_group = side_group
             self.ctx.clock = self._clock
+            self.ctx.shards = self._shards
             self._probes: list[Probe] = [*built_in_probes(config, self.ctx), *config.probes]
             for probe in self._probes:
                 probe.bind(self.ctx)
@@ -239,7 +250,7 @@ class Watcher:
         self.ctx.disable("<writer>", None, error)
 
     def _force_log(self) -> None:
-        self._clock.force_log = True
+        self._clock.request_log()
 
     def _call_close(self, probe: Probe, failed: bool) -> None:
         try:
@@ -327,7 +338,8 @@ class Watcher:
 
     def _open_step(self) -> None:
         plan = self._clock.plan()
-        buffer = StepBuffer(step=plan.step, logging=plan.logging, checking=plan.checking)
+        buffer = StepBuffer(step=plan.step, logging=plan.logging, checking=plan.checking,
+                            shards=ShardRecords(self._shards) if plan.logging and self._shards is not None else None)
         self.ctx.plan, self.ctx.buffer = plan, buffer
         self._dispatch.start_step(plan, buffer)
 
