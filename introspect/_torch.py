@@ -16,6 +16,10 @@ __all__ = [
     "grad_scaler_scale",
     "file_writer",
     "jit_graph",
+    "foreach_norm",
+    "any_file_writer",
+    "zip_reader",
+    "fsdp1_flat_handle",
 ]
 
 
@@ -94,3 +98,44 @@ def jit_graph(model: torch.nn.Module, args: tuple) -> tuple[Any, Any]:
     nodes = parse(graph, trace, args)
     stepstats = RunMetadata(step_stats=StepStats(dev_stats=[DeviceStepStats(device="/device:CPU:0")]))
     return GraphDef(node=nodes, versions=VersionDef(producer=22)), stepstats
+
+
+def foreach_norm(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The L2 norm of each tensor, in one fused kernel launch per device and dtype.
+
+    ``torch._foreach_norm`` (torch >= 1.13; what ``clip_grad_norm_`` uses): one launch for all of a
+    model's gradients instead of one per parameter, which matters on every step.
+    """
+    return list(torch._foreach_norm(tensors))
+
+
+def any_file_writer(writer: Any) -> Any | None:
+    """The ``FileWriter`` of a torch or a tensorboardX ``SummaryWriter`` (None for other writers).
+
+    ``SummaryWriter._get_file_writer`` (torch >= 1.1, tensorboardX >= 1.0): plugin records
+    (HPARAMS), whole-step summaries and graphs go through it; the public methods write one tag each.
+    """
+    get = getattr(writer, "_get_file_writer", None)
+    return get() if callable(get) else None
+
+
+def zip_reader(path: str) -> Any:
+    """torch's own zip reader, the one ``torch.load`` and ``torch.export.load`` open files with.
+
+    ``torch._C.PyTorchFileReader`` (torch >= 1.6): checking an archive through the same reader as
+    torch sees the same bytes torch will (Python's ``zipfile`` can disagree on odd archives).
+    """
+    return torch._C.PyTorchFileReader(path)
+
+
+def fsdp1_flat_handle(module: Any) -> tuple[bool, list[Any]] | None:
+    """``(use_orig_params, the original parameters)`` of an FSDP1 unit, or None when it has none.
+
+    ``FullyShardedDataParallel._handle``, ``._use_orig_params`` and ``flat_param._params``
+    (torch >= 2.0): FSDP1 offers no public way to map its flat shard back to the user's parameters.
+    """
+    handle = getattr(module, "_handle", None)
+    if handle is None:
+        return None
+    orig = bool(getattr(handle, "_use_orig_params", False))
+    return orig, list(getattr(handle.flat_param, "_params", None) or []) if orig else []

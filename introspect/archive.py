@@ -32,6 +32,7 @@ import zipfile
 from pathlib import Path
 from typing import Any, Callable
 
+from ._torch import zip_reader
 from .errors import LoadError, UnsafeLoadError
 
 __all__ = [
@@ -143,10 +144,8 @@ def check_export_archive(path: Path) -> None:
 def _torch_reader(path: Path) -> Any:
     """torch's own zip reader on ``path`` (the one ``torch.export.load`` uses), or None when it
     cannot open it."""
-    import torch
-
     try:
-        return torch._C.PyTorchFileReader(str(path))
+        return zip_reader(str(path))
     except (RuntimeError, UnicodeDecodeError):  # not a torch archive; a member name that is not UTF-8
         return None
 

@@ -29,6 +29,7 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
+from ._torch import any_file_writer
 from .errors import ConfigError, IntrospectWarning, warn
 from .sinks import tag
 
@@ -183,10 +184,10 @@ class RunHparams:
 
 def _add_summary(writer: Any, summary: Any, step: int) -> None:
     """Plugin records need the writer's file writer (torch's and tensorboardX's SummaryWriter)."""
-    get_file_writer = getattr(writer, "_get_file_writer", None)
-    if not callable(get_file_writer):
+    file_writer = any_file_writer(writer)
+    if file_writer is None:
         raise TypeError(
-            f"{type(writer).__name__} has no _get_file_writer(); hyperparameters need a "
+            f"{type(writer).__name__} has no file writer; hyperparameters need a "
             "torch.utils.tensorboard or tensorboardX SummaryWriter")
-    get_file_writer().add_summary(summary, step)
+    file_writer.add_summary(summary, step)
 

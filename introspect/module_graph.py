@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._torch import any_file_writer
 from .summary import preserved_state
 from .tensors import named_tensors
 
@@ -292,9 +293,9 @@ def write_module_graph(writer: Any, model: nn.Module, args: Sequence[Any] = (), 
     Raises ``TypeError`` when the writer has no file writer to take a ``GraphDef`` (it is not a
     ``torch.utils.tensorboard.SummaryWriter``); the model's own errors pass through.
     """
-    get_file_writer = getattr(writer, "_get_file_writer", None)
-    if get_file_writer is None:
+    file_writer = any_file_writer(writer)
+    if file_writer is None:
         raise TypeError(f"{type(writer).__name__} has no file writer to take a GraphDef")
     graph = record_module_graph(model, args, kwargs)
-    get_file_writer().add_graph(graph_def(graph))
+    file_writer.add_graph(graph_def(graph))
     return graph

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._torch import fsdp1_flat_handle
 from .distributed import SideGroup, rank_and_world
 from .errors import IntrospectWarning, warn
 from .stats import HIST_BINS, HistogramRecord, RecordBatch
@@ -84,11 +85,12 @@ def fsdp1_parameters(model: nn.Module) -> set[int]:
     for module in model.modules():
         if type(module).__name__ != "FullyShardedDataParallel":
             continue
-        handle = getattr(module, "_handle", None)
+        handle = fsdp1_flat_handle(module)
         if handle is None:
             continue
-        if getattr(handle, "_use_orig_params", False):
-            found.update(id(p) for p in (handle.flat_param._params or []))
+        orig, params = handle
+        if orig:
+            found.update(id(p) for p in params)
         else:
             flat = True
     if flat:
@@ -101,8 +103,8 @@ def _replicas(tensor: torch.Tensor) -> int:
     over the world, counts and sums are that many times too large."""
     from torch.distributed.tensor import Replicate
 
-    spec = tensor._spec
-    return math.prod(spec.mesh.size(d) for d, p in enumerate(spec.placements) if isinstance(p, Replicate))
+    mesh = tensor.device_mesh
+    return math.prod(mesh.size(d) for d, p in enumerate(tensor.placements) if isinstance(p, Replicate))
 
 
 class ShardCombiner:

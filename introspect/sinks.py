@@ -29,6 +29,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from ._torch import any_file_writer
 from .errors import ConfigError, ConfigTypeError
 from .stats import HistogramRecord
 from .step import HostStep
@@ -164,7 +165,7 @@ class _EventBatch:
 
     def commit(self, step: int) -> None:
         if self._values:
-            self._writer._get_file_writer().add_summary(self._summary_cls(value=self._values), step)
+            any_file_writer(self._writer).add_summary(self._summary_cls(value=self._values), step)
 
 
 class _PerTagCalls:

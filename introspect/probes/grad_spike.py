@@ -18,6 +18,9 @@ from collections import deque
 
 import torch
 
+from .._torch import foreach_norm
+from ..sharded import local_view
+
 from ..diagnostics import Alert
 from ..selection import root_name
 from ..step import Check, HostStep
@@ -54,11 +57,14 @@ class GradNormSpike(Probe):
 
     def on_after_backward(self) -> None:
         buffer = self.ctx.buffer
-        grads = [p.grad for p in self.ctx.params.values() if p.grad is not None]
+        # A DTensor's own shard: a norm of the whole sharded gradient would be a collective that a
+        # rank watching alone would wait on forever. Under FSDP the spike is scored on each rank's
+        # shard of the gradients (a spike in the whole shows in its parts).
+        grads = [local_view(p.grad) for p in self.ctx.params.values() if p.grad is not None]
         if buffer is None or not grads:
             return
         with torch.no_grad():
-            norms = torch._foreach_norm([g.detach() for g in grads])
+            norms = foreach_norm([g.detach() for g in grads])
             total = torch.linalg.vector_norm(torch.stack([n.float() for n in norms]))
             scale = self.ctx.grad_scale()
             if scale is not None:
