@@ -6,7 +6,10 @@ import logging
 from typing import Any, Callable
 
 from ..diagnostics import Alert, alerts_markdown
-from ..sinks import ALERTS_TAG
+from .. import eventfile
+from ..errors import IntrospectWarning, warn
+from ..sinks import ALERTS_TAG, open_writer
+from .registry import Registry
 
 __all__ = ["Findings", "GuardedWriter", "logger"]
 
@@ -16,30 +19,40 @@ logger.addHandler(logging.NullHandler())  # the application decides where findin
 
 class GuardedWriter:
     """The run's writer behind one door: the first call that fails disables writing, with one
-    warning (through ``on_failure``), and training goes on. ``None`` on a rank that does not write."""
+    warning (through ``on_failure``), and training goes on. ``None`` on a rank that does not write.
 
-    def __init__(self, writer: Any, on_failure: Callable[[Exception], None]) -> None:
+    It also owns the writer's end: a writer ``watch`` opened is closed, one the user passed is
+    flushed (never closed), and the event-file checksum patch is undone first.
+    """
+
+    def __init__(self, writer: Any, on_failure: Callable[[Exception], None], owned: bool = False) -> None:
         self.writer = writer
+        self.raw = writer  # kept after a failure: finish() still flushes what was written
+        self.owned = owned
         self._on_failure = on_failure
+
+    @classmethod
+    def open(cls, target: Any, registry: Registry, on_failure: Callable[[Exception], None]) -> "GuardedWriter":
+        """The writer for ``target`` (a writer, a path, None; ``False``: this rank writes nothing),
+        its end and its checksum patch registered in ``registry``."""
+        raw, owned = open_writer(target) if target is not False else (None, False)
+        guarded = cls(raw, on_failure, owned)
+        if raw is not None:
+            registry.add("the writer", guarded.finish)
+            # Same bytes, checksummed without a pure-Python byte loop (see eventfile.py).
+            if eventfile.speed_up(raw):
+                registry.add("the event-file checksum", lambda: eventfile.restore(raw))
+        return guarded
 
     def __bool__(self) -> bool:
         return self.writer is not None
 
     def call(self, method: str, *args: Any, **kwargs: Any) -> bool:
         """``writer.method(*args, **kwargs)``; False when there is no writer or it failed."""
-        writer = self.writer
-        if writer is None:
-            return False
-        try:
-            getattr(writer, method)(*args, **kwargs)
-        except Exception as e:
-            self.writer = None
-            self._on_failure(e)
-            return False
-        return True
+        return self.run(lambda writer: getattr(writer, method)(*args, **kwargs))
 
     def run(self, write: Callable[..., None], *args: Any) -> bool:
-        """``write(writer, *args)`` for writing that is more than one method call."""
+        """``write(writer, *args)``; False when there is no writer or it failed."""
         writer = self.writer
         if writer is None:
             return False
@@ -50,6 +63,18 @@ class GuardedWriter:
             self._on_failure(e)
             return False
         return True
+
+    def finish(self) -> None:
+        """Close a writer we opened; flush one the user passed (never close theirs)."""
+        if self.raw is None:
+            return
+        try:
+            if self.owned:
+                self.raw.close()
+            else:
+                self.raw.flush()
+        except Exception as e:  # a full disk must not turn a finished run into a crash
+            warn(f"introspect: could not flush the writer: {e}", IntrospectWarning)
 
 
 class Findings:

@@ -23,7 +23,6 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from .. import eventfile
 from ..compiled import COMPILED_WARNING, compiling, forget_compiled_code, is_compiled, outside_graph
 from ..diagnostics import Alert, format_report
 from ..distributed import SideGroup, ddp_syncs_gradients, find_ddp, rank_and_world, rank_writer_target, writes_here
@@ -31,7 +30,7 @@ from ..probes.divergence import MIN_RANKS
 from ..errors import AlreadyWatchedError, IntrospectWarning, NonFiniteError, warn
 from ..selection import select_modules, select_parameters, unwrap_model
 from ..sharded import ShardRecords, shard_combiner
-from ..sinks import open_writer, write_step
+from ..sinks import write_step
 from ..step import HostStep, StepBuffer
 from .clock import StepClock
 from .config import WatchConfig
@@ -73,16 +72,9 @@ class Watcher:
         self._compiled_seen = False  # an output hook was traced by torch.compile (see compiled.py)
         self._compiled_warned = False
         try:
-            raw, self._owns_writer = (
-                open_writer(rank_writer_target(writer, config.ranks)) if writes_here(config.ranks) else (None, False)
-            )
-            self._raw_writer = raw
-            if raw is not None:
-                self._registry.add("the writer", self._finish_writer)
-                # Same bytes, checksummed without a pure-Python byte loop (see eventfile.py).
-                if eventfile.speed_up(raw):
-                    self._registry.add("the event-file checksum", lambda: eventfile.restore(raw))
-            self._writer = GuardedWriter(raw, self._writer_failed)
+            target = rank_writer_target(writer, config.ranks) if writes_here(config.ranks) else False
+            self._writer = GuardedWriter.open(target, self._registry, self._writer_failed)
+            raw = self._writer.raw
             self.findings = Findings(self._writer)
             params = select_parameters(root, modules)
             side_group = SideGroup()
@@ -169,10 +161,10 @@ class Watcher:
         hparams.set_final_metrics(metrics)  # raises when the session has ended already
         if not self._closed:
             self.close()  # writes the metrics before it closes or flushes the writer
-        elif self._raw_writer is not None and self._writer:
+        elif self._writer:
             # After close: a closed torch SummaryWriter reopens its file for this one record.
             hparams.on_close(failed=False)
-            self._finish_writer()
+            self._writer.finish()
 
     def close(self) -> None:
         """Finish the current step, write it, remove every hook, flush; safe to call twice."""
@@ -232,19 +224,6 @@ class Watcher:
             self._guard = guard
             registry.add("the signal handlers", guard.restore)
         registry.add("the step's hooks", self._step_hooks.undo)
-
-    def _finish_writer(self) -> None:
-        """Close a writer we opened; flush one the user passed (never close theirs)."""
-        raw = self._raw_writer
-        if raw is None:
-            return
-        try:
-            if self._owns_writer:
-                raw.close()
-            else:
-                raw.flush()
-        except Exception as e:  # a full disk must not turn a finished run into a crash
-            warn(f"introspect: could not flush the writer: {e}", IntrospectWarning)
 
     def _writer_failed(self, error: Exception) -> None:
         self.ctx.disable("<writer>", None, error)
