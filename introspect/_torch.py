@@ -20,6 +20,7 @@ __all__ = [
     "any_file_writer",
     "zip_reader",
     "fsdp1_flat_handle",
+    "tensor_version",
 ]
 
 
@@ -100,13 +101,27 @@ def jit_graph(model: torch.nn.Module, args: tuple) -> tuple[Any, Any]:
     return GraphDef(node=nodes, versions=VersionDef(producer=22)), stepstats
 
 
-def foreach_norm(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+def foreach_norm(tensors: list[torch.Tensor], dtype: torch.dtype | None = None) -> list[torch.Tensor]:
     """The L2 norm of each tensor, in one fused kernel launch per device and dtype.
 
     ``torch._foreach_norm`` (torch >= 1.13; what ``clip_grad_norm_`` uses): one launch for all of a
-    model's gradients instead of one per parameter, which matters on every step.
+    model's gradients instead of one per parameter, which matters on every step. ``dtype`` (the
+    accumulation and result type; the argument exists since torch 2.3) makes norms of float16 and
+    float32 tensors one dtype, so they stack without a cast per tensor.
     """
-    return list(torch._foreach_norm(tensors))
+    if dtype is None:
+        return list(torch._foreach_norm(tensors))
+    try:
+        return list(torch._foreach_norm(tensors, 2, dtype=dtype))
+    except TypeError:  # torch < 2.3: no dtype argument
+        return [n.to(dtype) for n in torch._foreach_norm(tensors)]
+
+
+def tensor_version(tensor: torch.Tensor) -> int:
+    """How many times ``tensor`` was changed in place (``Tensor._version``, torch >= 0.4; autograd
+    uses the same counter to refuse a backward through a tensor changed after it was saved). The
+    replay check compares it to tell whether a forward's inputs are still what the forward read."""
+    return tensor._version
 
 
 def any_file_writer(writer: Any) -> Any | None:

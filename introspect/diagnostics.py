@@ -439,11 +439,13 @@ def blame_nonfinite_weights(alert: Alert, histograms: Mapping[str, Any], earlier
 
 # --------------------------------------------------------------------------- report
 def _numbers_text(alert: Alert) -> str:
-    """The measured numbers of a NaN/Inf finding, when a logged step had them."""
+    """The measured numbers of a NaN/Inf finding: read in full by the replay of its step, or from
+    a logged step's histograms (``at_step``) under the per-module check."""
     n = alert.numbers
     if "nonfinite_values" not in n:
         return ""
-    text = f" [step {int(n['at_step'])}: {n['nonfinite_values']:.0f} of {counted(n['values'], 'value')} non-finite"
+    source = f"step {int(n['at_step'])}" if "at_step" in n else "replayed"
+    text = f" [{source}: {n['nonfinite_values']:.0f} of {counted(n['values'], 'value')} non-finite"
     if "finite_min" in n:
         text += f", the rest in [{n['finite_min']:.3g}, {n['finite_max']:.3g}]"
     if "upstream_min" in n:

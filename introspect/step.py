@@ -20,7 +20,7 @@ from .diagnostics import CallRecord
 from .sharded import ShardRecords, local_view
 from .stats import RECORD_LEN, HistogramRecord, RecordBatch, stat_dtype
 
-__all__ = ["StepBuffer", "HostStep", "Check"]
+__all__ = ["StepBuffer", "HostStep", "Check", "one_transfer"]
 
 
 
@@ -63,6 +63,8 @@ class StepBuffer:
     check_values: list[float] = field(default_factory=list)
     """Host copies of the sums in ``check_labels`` already moved; the rest are in ``_pending``."""
     reported: bool = False
+    grad_norm: float | None = None
+    """The global gradient norm of the step's last backward, when the non-finite sentinel read it."""
     callback_queued: bool = False
     closed: bool = False
     shards: ShardRecords | None = None
@@ -167,7 +169,7 @@ class StepBuffer:
         """Move the pending sums to the host (one transfer); True when any so far is not finite."""
         if self._pending:
             pending, self._pending = self._pending, []
-            values = _one_transfer(pending)
+            values = one_transfer(pending)
             self.check_values.extend(values)
             # The sum of the sums is finite when every one is (a huge finite total only costs the
             # per-value look below).
@@ -187,7 +189,7 @@ class StepBuffer:
         keys = [("s", k) for k in self.scalars] + [("m", k) for k in self.measures]
         if keys:
             parts.append(torch.stack([*self.scalars.values(), *self.measures.values()]).reshape(-1))
-        values = _one_transfer(parts)
+        values = one_transfer(parts)
         rows = len(self.records) * RECORD_LEN
         broken = [
             i for i in range(len(self.records))
@@ -219,7 +221,7 @@ class StepBuffer:
         return HostStep(step=self.step, histograms=histograms, scalars=scalars, measures=measures)
 
 
-def _one_transfer(parts: list[torch.Tensor]) -> list[float]:
+def one_transfer(parts: list[torch.Tensor]) -> list[float]:
     """Concatenate per device and copy to the host once per device (once, in practice)."""
     if not parts:
         return []

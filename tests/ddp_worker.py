@@ -1,12 +1,12 @@
 """One rank of a 2-process DistributedDataParallel run on CPU (gloo), for tests/test_distributed.py.
 
 Started like torchrun starts a worker (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT in the
-environment); usage: ``ddp_worker.py LOGDIR RANKS_MODE RESULT_JSON [ON_NONFINITE [WATCHED]]``
+environment); usage: ``ddp_worker.py LOGDIR RANKS_MODE RESULT_JSON [ON_NONFINITE [WATCHED [CHECK_MODE]]]``
 (WATCHED: "all" ranks call watch, or "0": rank 0 only). Each rank
 trains on batches of its own size (rank k: 3 + 2k samples), so rank-local and averaged numbers
 differ. On rank 1 only, ``poison`` writes NaN into its output at step 2, and ``side`` puts NaN into
 an output nobody reads at step 4 (a NaN that never reaches the gradients, so no rank but rank 1
-can know of it). The rank writes what it saw to RESULT_JSON.
+can know of it, and only its per-module check: the sentinel looks at outputs and gradients). The rank writes what it saw to RESULT_JSON.
 """
 
 from __future__ import annotations
@@ -30,13 +30,14 @@ torch.set_num_threads(1)
 
 
 class Poison(nn.Module):
+    """NaN at the chosen steps (``step`` is set by the training loop: a replay meets it again)."""
+
     def __init__(self, at: set[int]) -> None:
         super().__init__()
-        self.at, self.calls = at, 0
+        self.at, self.step = at, 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        i, self.calls = self.calls, self.calls + 1
-        if i in self.at:
+        if self.step in self.at:
             x = x.clone()
             x[:, 0] = float("nan")
         return x
@@ -47,12 +48,11 @@ class Side(nn.Module):
 
     def __init__(self, at: set[int]) -> None:
         super().__init__()
-        self.at, self.calls = at, 0
+        self.at, self.step = at, 0
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        i, self.calls = self.calls, self.calls + 1
         side = x.detach().mean(dim=1)
-        if i in self.at:
+        if self.step in self.at:
             side = side * float("nan")
         return x, side
 
@@ -74,6 +74,7 @@ def main() -> None:
     logdir, ranks, result_path = sys.argv[1:4]
     on_nonfinite = sys.argv[4] if len(sys.argv) > 4 else "warn"
     watched = sys.argv[5] if len(sys.argv) > 5 else "all"
+    check_mode = sys.argv[6] if len(sys.argv) > 6 else "replay"
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     torch.manual_seed(0)
@@ -85,10 +86,12 @@ def main() -> None:
     raised: list[int] = []
     w = None
     if watched == "all" or rank == 0:
-        w = watch(model, logdir, every=1, ranks=ranks, on_nonfinite=on_nonfinite, summary=False, graph=False)
+        w = watch(model, logdir, every=1, ranks=ranks, on_nonfinite=on_nonfinite, check_mode=check_mode,
+                  summary=False, graph=False)
     with w or contextlib.nullcontext():
         names = w.module_names if w else []
         for step in range(6):
+            net.poison.step = net.side.step = step
             x = torch.randn(3 + 2 * rank, 4, generator=gen)
             y = torch.randn(3 + 2 * rank, 2, generator=gen)
             opt.zero_grad()

@@ -982,15 +982,15 @@ def test_grad_flow_not_redrawn_while_a_finding_persists(logdir):
 
 # --------------------------------------------------------------------------- numbers on a finding
 class Holes(nn.Module):
-    """Writes NaN into ``count`` entries of its input on the chosen steps."""
+    """Writes NaN into ``count`` entries of its input on the chosen steps (the training loop sets
+    ``step``: the fault is the step's, and a replay meets it again)."""
 
     def __init__(self, at: set[int], count: int = 5) -> None:
         super().__init__()
-        self.at, self.count, self.calls = set(at), count, 0
+        self.at, self.count, self.step = set(at), count, 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        i, self.calls = self.calls, self.calls + 1
-        if i in self.at:
+        if self.step in self.at:
             x = x.clone()
             x.view(-1)[: self.count] = float("nan")
         return x
@@ -1000,25 +1000,33 @@ def holes_net(at: set[int]) -> nn.Sequential:
     return nn.Sequential(OrderedDict(lin1=nn.Linear(4, 8), holes=Holes(at), lin2=nn.Linear(8, 1)))
 
 
-def watch_holes(model: nn.Module, writer, every: int, steps: int):
+def watch_holes(model: nn.Module, writer, every: int, steps: int, check_mode: str = "replay"):
     """Train ``model`` under watch with NaN warnings silenced; the watcher, closed."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", NonFiniteWarning)
-        with watch(model, writer, every=every, **QUIET) as w:
-            train_skipping_nonfinite(model, steps, lambda s: (torch.randn(6, 4), torch.randn(6, 1)))
+        with watch(model, writer, every=every, check_mode=check_mode, **QUIET) as w:
+            train_skipping_nonfinite(model, steps, lambda s: (torch.randn(6, 4), torch.randn(6, 1)),
+                                     before_step=lambda s: setattr(model.holes, "step", s))
     return w
 
 
-def test_forward_finding_gets_its_numbers_on_a_logging_step(writer):
+MODES = pytest.mark.parametrize("check_mode", ["replay", "per_module"])
+
+
+@MODES
+def test_forward_finding_gets_its_numbers(writer, check_mode):
+    """The replay reads the bad values in full; the per-module check reads them from the step's
+    histograms: the same numbers."""
     torch.manual_seed(0)
     model = holes_net(at={1})
     seen = {}
-    model.lin1.register_forward_hook(lambda m, a, out: seen.__setitem__(len(seen), out.detach().clone()))
-    w = watch_holes(model, writer, every=1, steps=3)
+    model.lin1.register_forward_hook(lambda m, a, out: seen.setdefault(model.holes.step, out.detach().clone()))
+    w = watch_holes(model, writer, every=1, steps=3, check_mode=check_mode)
     [alert] = w.alerts
     assert (alert.where, alert.step) == ("holes", 1)
     n = alert.numbers
-    assert n["at_step"] == 1 and n["nonfinite_values"] == 5 and n["values"] == 6 * 8
+    assert n.get("at_step", 1) == 1 and n["nonfinite_values"] == 5 and n["values"] == 6 * 8
+    assert ("at_step" in n) == (check_mode == "per_module")  # the replay's numbers are the step's own
     lin1_out = seen[1]
     rest = lin1_out.reshape(-1)[5:]
     assert n["finite_min"] == pytest.approx(rest.min().item()) and n["finite_max"] == pytest.approx(rest.max().item())
@@ -1027,35 +1035,47 @@ def test_forward_finding_gets_its_numbers_on_a_logging_step(writer):
     assert "5 of 48 values non-finite" in w.report()
 
 
-def test_forward_finding_off_cadence_gets_numbers_from_the_next_step(writer):
+@MODES
+def test_forward_finding_off_cadence_gets_numbers(writer, check_mode):
+    """Off the logging cadence the replay still has the step's own numbers; the per-module check
+    takes them from the next step (always logged after a finding) when the fault is still there."""
     torch.manual_seed(0)
     model = holes_net(at={3, 4})  # step 3 is not a logging step; step 4 is logged because of it
-    w = watch_holes(model, writer, every=100, steps=6)
+    w = watch_holes(model, writer, every=100, steps=6, check_mode=check_mode)
     [alert] = w.alerts
     assert (alert.where, alert.step) == ("holes", 3)
-    assert alert.numbers["at_step"] == 4 and alert.numbers["nonfinite_values"] == 5
+    assert alert.numbers.get("at_step") == (4 if check_mode == "per_module" else None)
+    assert alert.numbers["nonfinite_values"] == 5
 
 
-def test_transient_finding_off_cadence_has_no_numbers(writer):
+@MODES
+def test_transient_finding_off_cadence(writer, check_mode):
+    """A fault gone by the next step: the replay measured it; the per-module check has nothing to
+    read and makes nothing up."""
     torch.manual_seed(0)
-    model = holes_net(at={3})  # gone by step 4: nothing measured, nothing made up
-    w = watch_holes(model, writer, every=100, steps=6)
+    model = holes_net(at={3})
+    w = watch_holes(model, writer, every=100, steps=6, check_mode=check_mode)
     [alert] = w.alerts
-    assert "nonfinite_values" not in alert.numbers
-    assert "values non-finite" not in w.report()
+    if check_mode == "replay":
+        assert alert.numbers["nonfinite_values"] == 5
+        assert "[replayed: 5 of 48 values non-finite" in w.report()
+    else:
+        assert "nonfinite_values" not in alert.numbers
+        assert "values non-finite" not in w.report()
 
 
-def test_backward_finding_gets_its_numbers(writer):
+@MODES
+def test_backward_finding_gets_its_numbers(writer, check_mode):
     torch.manual_seed(0)
     model = norm_net(WithNorm())
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", NonFiniteWarning)
-        with watch(model, writer, every=1, **QUIET) as w:
+        with watch(model, writer, every=1, check_mode=check_mode, **QUIET) as w:
             train_skipping_nonfinite(model, 4, padded_batch)
     [alert] = w.alerts
     assert (alert.where, alert.phase, alert.step) == ("norm", "backward", 2)
     n = alert.numbers
-    assert n["at_step"] == 2 and n["values"] == 6 * 8  # the gradient norm passed back to lin1's output
+    assert n.get("at_step", 2) == 2 and n["values"] == 6 * 8  # the gradient norm passed back to lin1's output
     assert 1 <= n["nonfinite_values"] <= 8  # the zero row's entries
     assert math.isfinite(n["upstream_min"]) and math.isfinite(n["upstream_max"])
 

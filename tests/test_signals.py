@@ -57,11 +57,11 @@ SERVER = textwrap.dedent(
                 return original_check(self)
             event_file_writer._AsyncWriter._check_worker_status = check
         elif where == "transfer":  # inside a step's one transfer to the host
-            original_transfer = step_module._one_transfer
+            original_transfer = step_module.one_transfer
             def transfer(parts):
                 trigger()
                 return original_transfer(parts)
-            step_module._one_transfer = transfer
+            step_module.one_transfer = transfer
         torch.manual_seed(0)
         model = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 1))
         opt = torch.optim.SGD(model.parameters(), lr=0.01)

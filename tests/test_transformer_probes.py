@@ -241,8 +241,8 @@ def test_gradient_norm_rides_in_the_checks_one_transfer(tmp_path, monkeypatch):
     from introspect.probes.grad_spike import GradNormSpike
 
     transfers: list[int] = []
-    real = step_module._one_transfer
-    monkeypatch.setattr(step_module, "_one_transfer", lambda parts: transfers.append(len(parts)) or real(parts))
+    real = step_module.one_transfer
+    monkeypatch.setattr(step_module, "one_transfer", lambda parts: transfers.append(len(parts)) or real(parts))
     torch.manual_seed(0)
     model = Encoder()
     x = torch.randint(0, VOCAB, (BATCH, SEQ))

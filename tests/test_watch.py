@@ -717,21 +717,28 @@ def test_optimizer_mode_cadence_and_bare_optimizer_steps(seed_cnn, writer, logdi
 
 # =========================================================================== NaN / Inf
 class Poison(nn.Module):
-    """Writes ``value`` into column 0 of its input on the chosen calls (counted from 0)."""
+    """Writes ``value`` into column 0 of its input at the chosen steps. The training loop says
+    which step it is (:func:`at_step`), so the fault belongs to the step, as a bad batch's would:
+    a replay of the step meets it again."""
 
     def __init__(self, at: set[int], value: float = float("nan")) -> None:
         super().__init__()
         self.at = set(at)
         self.value = value
-        self.calls = 0
+        self.step = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        i = self.calls
-        self.calls += 1
-        if i in self.at:
+        if self.step in self.at:
             x = x.clone()
             x[:, 0] = self.value
         return x
+
+
+def at_step(model: nn.Module, step: int) -> None:
+    """Tell the model's poisons which training step this is."""
+    for module in model.modules():
+        if isinstance(module, Poison):
+            module.step = step
 
 
 class PoisonNet(nn.Module):
@@ -748,7 +755,8 @@ class PoisonNet(nn.Module):
 def _poison_steps(model: nn.Module, steps: int, opt: torch.optim.Optimizer | None = None) -> None:
     """Train, skipping the update when the loss is not finite (so the weights stay finite)."""
     opt = opt or torch.optim.SGD(model.parameters(), lr=0.01)
-    for _ in range(steps):
+    for step in range(steps):
+        at_step(model, step)
         loss = model(torch.randn(2, 4)).mean()
         opt.zero_grad()
         loss.backward()
@@ -763,7 +771,7 @@ def test_nonfinite_is_counted_histogrammed_and_located(writer, logdir, value):
     seen = {}
 
     def keep(module, args, out):
-        seen[module.calls - 1] = out.detach().clone()
+        seen[module.step] = out.detach().clone()
 
     model.poison.register_forward_hook(keep)
     with pytest.warns(NonFiniteWarning) as record:
@@ -823,6 +831,7 @@ def test_nonfinite_raise_at_the_end_of_that_backward(writer, logdir):
     with pytest.raises(NonFiniteError) as info:
         with watch(model, writer, every=1, on_nonfinite="raise", **QUIET) as w:
             for i in range(4):
+                at_step(model, i)
                 loss = model(torch.randn(2, 4)).mean()
                 phases.append((i, "backward"))
                 loss.backward()
@@ -845,8 +854,10 @@ def test_nonfinite_raise_not_on_exit(writer):
     model = PoisonNet(at={2})
     before = hook_state(model)
     with watch(model, writer, every=1, on_nonfinite="raise", **QUIET) as w:
-        for _ in range(2):
+        for step in range(2):
+            at_step(model, step)
             model(torch.randn(2, 4)).mean().backward()
+        at_step(model, 2)
         model(torch.randn(2, 4))  # step 2: forward only, NaN in poison
     assert [(a.where, a.step) for a in w.alerts] == [("poison", 2)]
     assert hook_state(model) == before
@@ -863,6 +874,7 @@ def test_nonfinite_raise_stops_before_the_weights_change(writer):
         with watch(model, writer, every=1, optimizer=opt, on_nonfinite="raise", **QUIET):
             for i in range(3):
                 phases.append((i, "forward"))
+                at_step(model, i)
                 loss = model(torch.randn(2, 4)).mean()
                 opt.zero_grad()
                 phases.append((i, "backward"))

@@ -4,7 +4,7 @@ protocol (see :mod:`introspect.watch.protocol`).
 Their order is the order events reach them: the non-finite check comes first (its sums are reused
 by the activation and gradient histograms of the same tensors, and it decides whether a step's
 gradients overflowed before gradient health reads them), but for the gradient-norm spike, whose
-norm joins the check's one transfer.
+norm joins the per-module check's one transfer (the sentinel computes the norm itself).
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ def built_in_probes(config: Any, ctx: Any) -> list[Probe]:
     from .hparams import Hparams
     from .inputs import Inputs
     from .nonfinite import NonFiniteCheck, NonFiniteNumbers
+    from .sentinel import NonFiniteSentinel, check_mode_for
     from .unit_health import UnitHealth
     from .transformer import AttentionProbe, LogitDivergence, MassiveActivations
     from .update_ratio import UpdateRatio
@@ -41,8 +42,11 @@ def built_in_probes(config: Any, ctx: Any) -> list[Probe]:
         probes.append(FirstBatch())
     if config.log_inputs:
         probes.append(Inputs())
+    ctx.check_mode = check_mode_for(config, ctx)
     probes.append(GradNormSpike())  # before the check: its norm joins the check's one transfer
-    if config.check_every > 0:
+    if ctx.check_mode == "replay":
+        probes.append(NonFiniteSentinel())
+    elif ctx.check_mode == "per_module":
         probes.append(NonFiniteCheck())
     probes.append(NonFiniteNumbers())
     if "weights" in log:

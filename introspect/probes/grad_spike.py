@@ -2,10 +2,12 @@
 window (OLMo 2's spike score: ≥ 7σ from the rolling mean). Gradient-norm spikes come before loss
 spikes.
 
-The norm costs no host sync of its own: it joins the non-finite check's one per-step transfer as a
-check of its own kind (``grad_norm``, which :func:`introspect.diagnostics.locate_nonfinite`
-ignores), added in ``on_after_backward`` before the check's own (this probe comes first in the
-dispatch order) and read after the check's sync. With the check off, it rides in a logging step's
+The norm costs nothing of its own with the default non-finite sentinel, which computes it from
+the parameter-gradient norms it reads anyway (after DDP's averaging) and leaves it on the step's
+buffer. Under ``check_mode="per_module"`` it joins that check's one per-step transfer as a check
+of its own kind (``grad_norm``, which :func:`introspect.diagnostics.locate_nonfinite` ignores),
+added in ``on_after_backward`` before the check's own (this probe comes first in the dispatch
+order) and read after the check's sync. With the check off, it rides in a logging step's
 transfer instead. On a spike, ``diagnostics/pre_spike`` gets the per-module scalars of the last
 ``PRE_SPIKE_STEPS`` logging steps: what the model looked like before it.
 """
@@ -51,12 +53,15 @@ class GradNormSpike(Probe):
         limits = ctx.config.thresholds
         self._window: deque[float] = deque(maxlen=max(2, int(limits.grad_spike_window)))
         self._history: deque[tuple[int, dict[str, float]]] = deque(maxlen=PRE_SPIKE_STEPS)
+        self._from_sentinel = ctx.check_mode == "replay"
 
     def active(self, plan: StepPlan) -> bool:
         return plan.checking or plan.logging
 
     def on_after_backward(self) -> None:
         buffer = self.ctx.buffer
+        if buffer is not None and buffer.checking and self._from_sentinel:
+            return  # the sentinel reads the norm on this step
         # A DTensor's own shard: a norm of the whole sharded gradient would be a collective that a
         # rank watching alone would wait on forever. Under FSDP the spike is scored on each rank's
         # shard of the gradients (a spike in the whole shows in its parts).
@@ -77,7 +82,9 @@ class GradNormSpike(Probe):
     def on_step_end(self, host: HostStep | None) -> None:
         buffer = self.ctx.buffer
         value: float | None = None
-        if buffer is not None and buffer.checking:
+        if buffer is not None and buffer.checking and self._from_sentinel:
+            value = buffer.grad_norm
+        elif buffer is not None and buffer.checking:
             buffer.sync_checks()  # a no-op: the non-finite check moved them already
             found = [v for label, v in zip(buffer.check_labels, buffer.check_values) if label.kind == _LABEL.kind]
             value = found[-1] if found else None

@@ -30,7 +30,7 @@ from ..watch.clock import StepPlan
 from ..watch.protocol import Probe
 from .rank import RankOrigin
 
-__all__ = ["NonFiniteCheck", "NonFiniteNumbers", "FINITE_PRESERVING"]
+__all__ = ["NonFiniteCheck", "NonFiniteNumbers", "CallLedger", "NonFiniteReport", "FINITE_PRESERVING"]
 
 FINITE_PRESERVING = frozenset({
     "ReLU", "ReLU6", "LeakyReLU", "ELU", "SELU", "CELU", "GELU", "SiLU", "Mish", "Hardtanh",
@@ -44,23 +44,20 @@ FINITE_PRESERVING = frozenset({
 float overflow): the non-finite check need not sum their outputs or the gradients they receive."""
 
 
-class NonFiniteCheck(Probe):
-    name = "nonfinite"
-    builtin = True
+class CallLedger:
+    """The per-module ledger of the non-finite check, written into one :class:`StepBuffer`: each
+    watched call in order, which earlier call produced each of its inputs, and one device sum per
+    output, per input no watched module produced, and per output gradient. The every-step check
+    (``check_mode="per_module"``) keeps it on every checked step; the sentinel's replay keeps it
+    for the replayed step only. :func:`introspect.diagnostics.locate_nonfinite` reads it."""
 
-    def bind(self, ctx) -> None:  # type: ignore[no-untyped-def]
-        super().bind(ctx)
-        self._types = dict(ctx.module_types)
-        self._safe = {name: t in FINITE_PRESERVING for name, t in self._types.items()}
-        self._half_outputs: dict[str, torch.dtype] = {}  # float16/bfloat16 outputs, for overflow notes
-        self._rank = RankOrigin(ctx)
+    def __init__(self, module_types: dict[str, str]) -> None:
+        self.types = dict(module_types)
+        self.safe = {name: t in FINITE_PRESERVING for name, t in self.types.items()}
+        self.half_outputs: dict[str, torch.dtype] = {}  # float16/bfloat16 outputs, for overflow notes
 
-    def active(self, plan: StepPlan) -> bool:
-        return plan.checking
-
-    def on_forward(self, args: tuple, kwargs: dict) -> None:
+    def model_inputs(self, buffer: StepBuffer, args: tuple, kwargs: dict) -> None:
         """The model's own inputs: a NaN already in the batch is the data's, not a module's."""
-        buffer = self.ctx.buffer
         inputs = (
             [("", args[0])] if not kwargs and len(args) == 1 and isinstance(args[0], torch.Tensor)
             else named_float_tensors((args, kwargs))
@@ -70,31 +67,105 @@ class NonFiniteCheck(Probe):
                 buffer.add_check(Check("model_in"), tensor)
                 buffer.mark_output(tensor, -1)
 
-    def on_output(self, name: str, module: nn.Module, output: Any) -> None:
-        ctx = self.ctx
-        buffer = ctx.buffer
-        safe = self._safe[name]
-        call = buffer.new_call(CallRecord(name, self._types[name], safe=safe))
-        ctx.call_index = call  # the output-gradient hooks of this call check under this number
-        for _, tensor in named_float_tensors(ctx.args):
+    def output(self, buffer: StepBuffer, name: str, args: Any, outputs: list[tuple[str, str, torch.Tensor]]) -> int:
+        """One call of ``name`` that read ``args`` and returned ``outputs`` (``ctx.outputs``);
+        returns its number, under which its output gradients are checked."""
+        safe = self.safe[name]
+        call = buffer.new_call(CallRecord(name, self.types[name], safe=safe))
+        for _, tensor in named_float_tensors(args):
             producer = buffer.producer_of(tensor)
             if producer is None:
                 buffer.add_check(Check("in", call), tensor)
             elif producer >= 0:
                 buffer.calls[call].producers.append(producer)
-        for where, _, tensor in ctx.outputs(name, output):
+        for where, _, tensor in outputs:
             if tensor.dtype in LOW_PRECISION:
-                self._half_outputs[where] = tensor.dtype
+                self.half_outputs[where] = tensor.dtype
             if not safe:
                 buffer.remember_sum(tensor, buffer.add_check(Check("out", call, where), tensor))
             buffer.mark_output(tensor, call)
+        return call
+
+    def output_grad(self, buffer: StepBuffer, call: int, where: str, grad: torch.Tensor) -> None:
+        if buffer.checking and buffer.grad_check_needed(call):
+            buffer.remember_sum(grad, buffer.add_check(Check("grad", call, where), grad))
+
+
+class NonFiniteReport:
+    """What the check does with an origin it found: the same for both modes. A backward NaN/Inf
+    under GradScaler is the routine overflow; a forward one at a module whose own weights are
+    non-finite blames the weights; the finding is recorded once, the next step is logged, and
+    ``on_nonfinite`` decides between a warning (once per origin), a raise and nothing."""
+
+    def __init__(self, ctx: Any) -> None:
+        self.ctx = ctx
+
+    def __call__(self, alert: Alert, may_raise: bool, half_outputs: dict[str, torch.dtype]) -> Alert | None:
+        ctx = self.ctx
+        if alert.phase == "backward" and ctx.grad_scale() is not None:
+            ctx.overflow_step = alert.step
+            ctx.findings.add(scaler_overflow(alert, ctx.config.grad_scaler))  # routine: the scaler skips the step
+            return None
+        if alert.phase == "forward":
+            alert = blame_nonfinite_weights(alert, self._nonfinite_weights(alert.where), ctx.findings.alerts)
+        alert = nonfinite_on_rank(overflow_note(alert, half_outputs.get(alert.where)))
+        ctx.force_log()  # show the next step's histograms, NaN counts included
+        new = ctx.findings.add(alert)
+        action = ctx.config.on_nonfinite
+        if action == "raise" and may_raise:
+            raise NonFiniteError(f"introspect: step {alert.step}: {alert.message}", alert)
+        if new and action == "warn":  # new: once per origin
+            warn(f"introspect: step {alert.step}: {alert.message}", NonFiniteWarning)
+        return alert
+
+    def _nonfinite_weights(self, where: str) -> dict[str, SimpleNamespace]:
+        """``weights/{param}`` -> NaN/Inf count of the origin module's own parameters, read on
+        this (firing) path only: an origin whose weights are already NaN is not the culprit."""
+        name = where.split("/")[0]
+        module = self.ctx.modules.get(name)
+        found: dict[str, SimpleNamespace] = {}
+        if module is None:
+            return found
+        for param_name, param in module.named_parameters(prefix=name):
+            if param.is_floating_point():
+                # This rank's shard only: a DTensor reduction here would be a collective that
+                # the ranks without a NaN never join.
+                count = int((~torch.isfinite(local_view(param.detach()))).sum())
+                if count:
+                    found[tag("weights", param_name)] = SimpleNamespace(nonfinite=float(count), numel=param.numel())
+        return found
+
+
+class NonFiniteCheck(Probe):
+    """``check_mode="per_module"``: the ledger on every checked step, read once per backward (or
+    at the end of a step without one). For steps that cannot be replayed (see
+    :mod:`introspect.probes.sentinel`); it costs a sum per watched output and output gradient."""
+
+    name = "nonfinite"
+    builtin = True
+
+    def bind(self, ctx) -> None:  # type: ignore[no-untyped-def]
+        super().bind(ctx)
+        self._ledger = CallLedger(ctx.module_types)
+        self._report = NonFiniteReport(ctx)
+        self._rank = RankOrigin(ctx)
+
+    def active(self, plan: StepPlan) -> bool:
+        return plan.checking
+
+    def on_forward(self, args: tuple, kwargs: dict) -> None:
+        self._ledger.model_inputs(self.ctx.buffer, args, kwargs)
+
+    def on_output(self, name: str, module: nn.Module, output: Any) -> None:
+        ctx = self.ctx
+        # The output-gradient hooks of this call check under its number.
+        ctx.call_index = self._ledger.output(ctx.buffer, name, ctx.args, ctx.outputs(name, output))
         return None
 
     def on_output_grad(self, name: str, module: nn.Module, grad: torch.Tensor) -> None:
         buffer = self.ctx.buffer
-        call = self.ctx.call_index
-        if buffer is not None and buffer.checking and buffer.grad_check_needed(call):
-            buffer.remember_sum(grad, buffer.add_check(Check("grad", call, name), grad))
+        if buffer is not None:
+            self._ledger.output_grad(buffer, self.ctx.call_index, name, grad)
         return None
 
     def on_after_backward(self) -> None:
@@ -133,41 +204,8 @@ class NonFiniteCheck(Probe):
         alert = locate_nonfinite(buffer.step, buffer.calls, buffer.check_labels, buffer.check_values)
         if alert is None:
             return None
-        ctx = self.ctx
         buffer.reported = True
-        if alert.phase == "backward" and ctx.grad_scale() is not None:
-            ctx.overflow_step = buffer.step
-            ctx.findings.add(scaler_overflow(alert, ctx.config.grad_scaler))  # routine: the scaler skips the step
-            return None
-        if alert.phase == "forward":
-            alert = blame_nonfinite_weights(alert, self._nonfinite_weights(alert.where), ctx.findings.alerts)
-        alert = nonfinite_on_rank(overflow_note(alert, self._half_outputs.get(alert.where)))
-        ctx.force_log()  # show the next step's histograms, NaN counts included
-        new = ctx.findings.add(alert)
-        action = ctx.config.on_nonfinite
-        if action == "raise" and may_raise:
-            raise NonFiniteError(f"introspect: step {alert.step}: {alert.message}", alert)
-        if new and action == "warn":  # new: once per origin
-            warn(f"introspect: step {alert.step}: {alert.message}", NonFiniteWarning)
-        return alert
-
-
-    def _nonfinite_weights(self, where: str) -> dict[str, SimpleNamespace]:
-        """``weights/{param}`` -> NaN/Inf count of the origin module's own parameters, read on
-        this (firing) path only: an origin whose weights are already NaN is not the culprit."""
-        name = where.split("/")[0]
-        module = self.ctx.modules.get(name)
-        found: dict[str, SimpleNamespace] = {}
-        if module is None:
-            return found
-        for param_name, param in module.named_parameters(prefix=name):
-            if param.is_floating_point():
-                # This rank's shard only: a DTensor reduction here would be a collective that
-                # the ranks without a NaN never join.
-                count = int((~torch.isfinite(local_view(param.detach()))).sum())
-                if count:
-                    found[tag("weights", param_name)] = SimpleNamespace(nonfinite=float(count), numel=param.numel())
-        return found
+        return self._report(alert, may_raise, self._ledger.half_outputs)
 
 
 class NonFiniteNumbers(Probe):

@@ -33,13 +33,22 @@ class RankOrigin:
         buffer.add_check(_LABEL, total)
         return True
 
+    @property
+    def done(self) -> bool:
+        """The exchange ran (it runs once per run)."""
+        return self._done
+
     def exchange(self, buffer: StepBuffer, local: Alert | None) -> Alert | None:
         """When the averaged gradients are not finite (on every rank at once): the rank finding."""
         buffer.sync_checks()  # a no-op unless the check returned before its transfer
         reduced = [v for label, v in zip(buffer.check_labels, buffer.check_values) if label.kind == _LABEL.kind]
         if not reduced or math.isfinite(reduced[-1]):
             return None
+        return self.exchange_reduced(buffer.step, local)
+
+    def exchange_reduced(self, step: int, local: Alert | None) -> Alert:
+        """The rank finding, on a step whose averaged gradients every rank saw non-finite."""
         self._done = True
         names = list(self._ctx.modules)
-        codes = origin_ranks(origin_code(local, names), self._session, buffer.step)
-        return rank_origin_alert(buffer.step, codes, names)
+        codes = origin_ranks(origin_code(local, names), self._session, step)
+        return rank_origin_alert(step, codes, names)

@@ -40,6 +40,7 @@ def watch(
     optimizer: torch.optim.Optimizer | None = None,
     on_nonfinite: str = "warn",
     check_every: int = 1,
+    check_mode: str = "replay",
     thresholds: Thresholds | Mapping[str, float] | None = None,
     summary: bool = True,
     graph: bool = True,
@@ -83,8 +84,17 @@ def watch(
         optimizer: count one step per ``optimizer.step()`` (gradient accumulation) and log
             ``update_ratio/{param}``.
         on_nonfinite: "warn" (once per origin), "raise" (``NonFiniteError``) or "ignore".
-        check_every: run the non-finite check every N steps (0: never). It costs one sum per
-            watched output (and per output gradient) and one host sync per backward.
+        check_every: run the non-finite check every N steps (0: never).
+        check_mode: "replay" (default): per checked step, a sentinel takes the norms of the
+            model's outputs, of the gradient arriving at them and of the parameter gradients
+            (one fused reduction, one host sync per backward); only when one is NaN/Inf is the
+            step replayed (same inputs, RNG and buffers; ``.grad`` untouched) with every watched
+            module checked, to name the origin. "per_module": check every watched module on every
+            checked step (a sum per output and output gradient), for steps that cannot be
+            replayed: inputs changed in place after the forward, a non-deterministic forward, or
+            Python side effects in ``forward`` that must not run twice. Sharded training (FSDP)
+            and SyncBatchNorm under torch.distributed always use "per_module": their forward is
+            a collective that the ranks whose step was finite would not join.
         thresholds: when the debugger reports dead units, saturation, vanishing/exploding or
             stuck gradients: an ``introspect.Thresholds`` or a dict of its field names.
         summary / graph: print the torchinfo summary and write the graph on the first batch.
@@ -116,7 +126,7 @@ def watch(
     """
     config = WatchConfig.validate(
         model, writer, every=every, log=log, include=include, exclude=exclude, optimizer=optimizer,
-        on_nonfinite=on_nonfinite, check_every=check_every, thresholds=thresholds, summary=summary,
+        on_nonfinite=on_nonfinite, check_every=check_every, check_mode=check_mode, thresholds=thresholds, summary=summary,
         graph=graph, hparams=hparams, step_fn=step_fn, image_every=image_every, log_inputs=log_inputs,
         ranks=ranks, grad_scaler=grad_scaler, strict=strict, probes=probes,
     )

@@ -30,6 +30,7 @@ __all__ = [
     "DEFAULT_EVERY",
     "IMAGE_EVERY_FACTOR",
     "NONFINITE_ACTIONS",
+    "CHECK_MODES",
     "read_step",
 ]
 
@@ -38,6 +39,9 @@ DEFAULT_LOG = LOG_KINDS[:5]  # the health map is opt-in: its pictures cost ~1 s 
 DEFAULT_EVERY = 50
 IMAGE_EVERY_FACTOR = 10  # image_every defaults to 10 x every: one picture costs ~10-20 ms (PNG + checksum)
 NONFINITE_ACTIONS = ("warn", "raise", "ignore")
+CHECK_MODES = ("replay", "per_module")
+"""How the non-finite check runs: a per-step sentinel that replays a step only when it fires
+(``introspect.probes.sentinel``), or the per-module check on every step."""
 
 
 def _count(value: Any, name: str, minimum: int, meaning: str) -> int:
@@ -99,6 +103,7 @@ class WatchConfig:
     optimizer: Any = None
     on_nonfinite: str = "warn"
     check_every: int = 1
+    check_mode: str = "replay"
     thresholds: Thresholds = Thresholds()
     summary: bool = True
     graph: bool = True
@@ -125,6 +130,7 @@ class WatchConfig:
         optimizer: torch.optim.Optimizer | None,
         on_nonfinite: str,
         check_every: int,
+        check_mode: str,
         thresholds: Thresholds | Mapping[str, float] | None,
         summary: bool,
         graph: bool,
@@ -152,6 +158,10 @@ class WatchConfig:
             image_every = IMAGE_EVERY_FACTOR * every
         _count(image_every, "image_every", 1, "draw feature maps every N steps")
         kinds = _log_kinds(log)
+        if not isinstance(check_mode, str):
+            raise ConfigTypeError(f"check_mode= takes one of {CHECK_MODES}, got {type(check_mode).__name__}")
+        if check_mode not in CHECK_MODES:
+            raise ConfigError(f"check_mode must be one of {CHECK_MODES}, got {check_mode!r}")
         if on_nonfinite not in NONFINITE_ACTIONS:
             raise ConfigError(f"on_nonfinite must be one of {NONFINITE_ACTIONS}, got {on_nonfinite!r}")
         if optimizer is not None and not callable(getattr(optimizer, "register_step_post_hook", None)):
@@ -180,7 +190,7 @@ class WatchConfig:
             raise ConfigError(f"probes= got two probes with one name: {sorted(names)}; names are tag prefixes")
         return cls(
             every=every, log=kinds, include=include, exclude=exclude, optimizer=optimizer,
-            on_nonfinite=on_nonfinite, check_every=check_every, thresholds=limits, summary=summary,
+            on_nonfinite=on_nonfinite, check_every=check_every, check_mode=check_mode, thresholds=limits, summary=summary,
             graph=graph, hparams=hparams, step_fn=step_fn, image_every=image_every,
             log_inputs=log_inputs, ranks=ranks, grad_scaler=grad_scaler, strict=strict,
             probes=user_probes,

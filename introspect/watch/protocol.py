@@ -27,6 +27,7 @@ same class, and reach the step's records through ``self.ctx`` (a :class:`ProbeCo
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -129,6 +130,7 @@ class ProbeContext:
         findings: "Findings",
         step_hooks: "Registry",
         force_log: Callable[[], None],
+        unobserved: Callable[[], Any] = contextlib.nullcontext,
     ) -> None:
         self.config = config
         self.model = model
@@ -142,6 +144,10 @@ class ProbeContext:
         """Hooks that live for the open step only (removed when it ends)."""
         self.force_log = force_log
         """Make the next step a logging step whatever the cadence (after a NaN/Inf)."""
+        self.unobserved = unobserved
+        """A context in which the model's forwards are not observed (the watcher's own: a replay)."""
+        self.check_mode = "off"
+        """How the non-finite check runs: "replay" (the sentinel), "per_module" or "off"."""
         self.plan: "StepPlan | None" = None
         self.buffer: "StepBuffer | None" = None
         self.ddp: nn.Module | None = None

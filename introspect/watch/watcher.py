@@ -16,8 +16,9 @@ output; no tensor is kept, nothing is written.
 
 from __future__ import annotations
 
+import contextlib
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any, Callable
 
 import torch
@@ -91,7 +92,7 @@ class Watcher:
             self.ctx = ProbeContext(
                 config=config, model=model, root=root, modules=modules,
                 params=params, writer=self._writer, findings=self.findings,
-                step_hooks=self._step_hooks, force_log=self._force_log,
+                step_hooks=self._step_hooks, force_log=self._force_log, unobserved=self._unobserved,
             )
             self.ctx.ddp = ddp
             self.ctx.side_group = side_group
@@ -275,12 +276,18 @@ class Watcher:
     def _run_first_batch(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         """Summary, graph and input checks on the real first batch; their forwards are not observed."""
         probes, self._first_batch = self._first_batch, []
-        self._suspended = True
-        try:
+        with self._unobserved():
             for probe in probes:
                 probe.on_first_batch(module, args, kwargs)
+
+    @contextlib.contextmanager
+    def _unobserved(self) -> Iterator[None]:
+        """Forwards of our own (summary, graph, the non-finite replay) count no step, reach no probe."""
+        was, self._suspended = self._suspended, True
+        try:
+            yield
         finally:
-            self._suspended = False
+            self._suspended = was
 
     def _on_root_post(self, module: nn.Module, args: tuple, output: Any) -> None:
         if compiling():
