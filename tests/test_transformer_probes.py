@@ -107,6 +107,34 @@ def test_scaled_query_key_names_the_attention_module(name, tmp_path):
     assert growth[-1] > 100 * max(growth[:-1])
 
 
+ATTENTION_MODULES = {
+    "gpt2": ["transformer.h.0.attn", "transformer.h.1.attn"],
+    "encoder": ["encoder.layers.0.self_attn", "encoder.layers.1.self_attn"],
+}
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_per_head_histograms_match_the_mean_scalars(name, tmp_path):
+    """``attention/{entropy,max_logit}_heads/{module}``: one value per head at each logging step,
+    whose mean is the scalar beside it, read back from the event file."""
+    make, _, _ = MODELS[name]
+    torch.manual_seed(0)
+    train(make(), tmp_path, 11)
+    acc = read_events(tmp_path)
+    histograms = set(acc.Tags()["histograms"])
+    for module in ATTENTION_MODULES[name]:
+        for stat in ("entropy", "max_logit"):
+            heads = acc.Histograms(f"attention/{stat}_heads/{module}")
+            means = {e.step: e.value for e in acc.Scalars(f"attention/{stat}/{module}")}
+            assert [e.step for e in heads] == sorted(means) == [0, 5, 10]
+            for event in heads:
+                h = event.histogram_value
+                assert h.num == 2  # both models have two heads
+                assert h.min < h.max  # two different heads, not the mean twice
+                assert h.sum / h.num == pytest.approx(means[event.step], rel=1e-5, abs=1e-6)
+        assert f"attention/entropy_heads/{module}" in histograms
+
+
 def test_thresholds_move_the_attention_findings(tmp_path):
     torch.manual_seed(0)
     w = train(Encoder(), tmp_path, 12, on_step=lambda step, m, o: step == 6 and scale_qk(m, 30.0),

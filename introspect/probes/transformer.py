@@ -191,8 +191,9 @@ class _AttentionMode(TorchFunctionMode):
 
 class AttentionProbe(Probe):
     """Per attention module: the mean over heads of the max logit and of the softmax entropy
-    (``attention/max_logit/{module}``, ``attention/entropy/{module}``), and the findings
-    ``attention_logit_growth`` and ``attention_entropy_collapse``."""
+    (scalars ``attention/max_logit/{module}``, ``attention/entropy/{module}``), the per-head values
+    (histograms ``attention/max_logit_heads/{module}``, ``attention/entropy_heads/{module}``, one
+    value per head), and the findings ``attention_logit_growth`` and ``attention_entropy_collapse``."""
 
     name = "attention"
     builtin = True
@@ -245,6 +246,12 @@ class AttentionProbe(Probe):
                 max_logit, entropy = stats(args, kwargs)
             buffer.add_scalar(probe_tag("attention", "max_logit", where), max_logit.mean())
             buffer.add_scalar(probe_tag("attention", "entropy", where), entropy.mean())
+            # The per-head values as histograms (one value per head; DISTRIBUTIONS shows the
+            # spread, so one collapsing head stands out of a healthy mean). set_, not add_: like
+            # the scalar beside it, the last call of the step wins (a module called twice in a
+            # step, e.g. two micro-batches, would otherwise hold 2 x heads values).
+            buffer.set_histogram(probe_tag("attention", "max_logit_heads", where), max_logit)
+            buffer.set_histogram(probe_tag("attention", "entropy_heads", where), entropy)
             buffer.add_measure(f"attention_max_logit/{where}", max_logit.amax())
             self._seen[where] = (probe_tag("attention", "entropy", where), f"attention_max_logit/{where}")
         except Exception as e:  # the attention itself ran already: training goes on
