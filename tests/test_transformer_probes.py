@@ -230,38 +230,6 @@ def test_attention_outputs_are_bitwise_unchanged(name, tmp_path):
     assert [m > 0 for m in modes] == [True, False, True]  # the mode only on logging steps 0 and 2
 
 
-def test_stats_match_the_attention_weights():
-    """``mha_stats`` against ``nn.MultiheadAttention(need_weights=True)``'s own weights, and
-    ``sdpa_stats`` with a causal flag and with a boolean mask against a direct softmax."""
-    torch.manual_seed(0)
-    mha = nn.MultiheadAttention(16, 4, batch_first=True)
-    x = torch.randn(3, 10, 16)
-    padding = torch.zeros(3, 10, dtype=torch.bool)
-    padding[0, 7:] = True
-    calls = []
-
-    class Spy(torch.overrides.TorchFunctionMode):
-        def __torch_function__(self, func, types, args=(), kwargs=None):
-            if func is F.multi_head_attention_forward:
-                calls.append((args, kwargs or {}))
-            return func(*args, **(kwargs or {}))
-
-    with Spy():
-        _, weights = mha(x, x, x, key_padding_mask=padding, need_weights=True, average_attn_weights=False)
-    max_logit, entropy = mha_stats(*calls[0])
-    expected = torch.special.entr(weights).sum(-1).mean(dim=(0, 2))
-    assert torch.allclose(entropy, expected, atol=1e-5)
-
-    q, k = torch.randn(2, 3, 12, 8), torch.randn(2, 3, 12, 8)
-    logits = q @ k.transpose(-2, -1) / math.sqrt(8)
-    causal = torch.ones(12, 12, dtype=torch.bool).tril()
-    for kwargs, mask in (({"is_causal": True}, causal), ({"attn_mask": causal}, causal)):
-        max_logit, entropy = sdpa_stats((q, k, k), kwargs)
-        masked = logits.masked_fill(~mask, float("-inf"))
-        assert torch.allclose(max_logit, masked.amax(dim=(0, 2, 3)))
-        assert torch.allclose(entropy, torch.special.entr(masked.softmax(-1)).sum(-1).mean(dim=(0, 2)), atol=1e-6)
-
-
 @pytest.fixture
 def softmax_inputs(monkeypatch) -> list[torch.Tensor]:
     """What ``F.softmax`` is given from now on: inside ``F.multi_head_attention_forward``, the
@@ -299,6 +267,29 @@ def without_appended_keys(mha: nn.MultiheadAttention) -> nn.MultiheadAttention:
     plain = nn.MultiheadAttention(mha.embed_dim, mha.num_heads, batch_first=mha.batch_first)
     plain.load_state_dict({k: v for k, v in mha.state_dict().items() if k not in ("bias_k", "bias_v")})
     return plain
+
+
+def test_stats_match_the_attention_weights():
+    """``mha_stats`` against ``nn.MultiheadAttention(need_weights=True)``'s own weights, and
+    ``sdpa_stats`` with a causal flag and with a boolean mask against a direct softmax."""
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(16, 4, batch_first=True)
+    x = torch.randn(3, 10, 16)
+    padding = torch.zeros(3, 10, dtype=torch.bool)
+    padding[0, 7:] = True
+    call, weights = mha_call(mha, x, key_padding_mask=padding, need_weights=True)
+    max_logit, entropy = mha_stats(*call)
+    expected = torch.special.entr(weights).sum(-1).mean(dim=(0, 2))
+    assert torch.allclose(entropy, expected, atol=1e-5)
+
+    q, k = torch.randn(2, 3, 12, 8), torch.randn(2, 3, 12, 8)
+    logits = q @ k.transpose(-2, -1) / math.sqrt(8)
+    causal = torch.ones(12, 12, dtype=torch.bool).tril()
+    for kwargs, mask in (({"is_causal": True}, causal), ({"attn_mask": causal}, causal)):
+        max_logit, entropy = sdpa_stats((q, k, k), kwargs)
+        masked = logits.masked_fill(~mask, float("-inf"))
+        assert torch.allclose(max_logit, masked.amax(dim=(0, 2, 3)))
+        assert torch.allclose(entropy, torch.special.entr(masked.softmax(-1)).sum(-1).mean(dim=(0, 2)), atol=1e-6)
 
 
 @pytest.mark.parametrize("bias_kv, zero_attn", [(True, False), (False, True), (True, True)])
