@@ -107,6 +107,34 @@ def test_scaled_query_key_names_the_attention_module(name, tmp_path):
     assert growth[-1] > 100 * max(growth[:-1])
 
 
+ATTENTION_MODULES = {
+    "gpt2": ["transformer.h.0.attn", "transformer.h.1.attn"],
+    "encoder": ["encoder.layers.0.self_attn", "encoder.layers.1.self_attn"],
+}
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_per_head_histograms_match_the_mean_scalars(name, tmp_path):
+    """``attention/{entropy,max_logit}_heads/{module}``: one value per head at each logging step,
+    whose mean is the scalar beside it, read back from the event file."""
+    make, _, _ = MODELS[name]
+    torch.manual_seed(0)
+    train(make(), tmp_path, 11)
+    acc = read_events(tmp_path)
+    histograms = set(acc.Tags()["histograms"])
+    for module in ATTENTION_MODULES[name]:
+        for stat in ("entropy", "max_logit"):
+            heads = acc.Histograms(f"attention/{stat}_heads/{module}")
+            means = {e.step: e.value for e in acc.Scalars(f"attention/{stat}/{module}")}
+            assert [e.step for e in heads] == sorted(means) == [0, 5, 10]
+            for event in heads:
+                h = event.histogram_value
+                assert h.num == 2  # both models have two heads
+                assert h.min < h.max  # two different heads, not the mean twice
+                assert h.sum / h.num == pytest.approx(means[event.step], rel=1e-5, abs=1e-6)
+        assert f"attention/entropy_heads/{module}" in histograms
+
+
 def test_thresholds_move_the_attention_findings(tmp_path):
     torch.manual_seed(0)
     w = train(Encoder(), tmp_path, 12, on_step=lambda step, m, o: step == 6 and scale_qk(m, 30.0),
@@ -202,14 +230,25 @@ def test_attention_outputs_are_bitwise_unchanged(name, tmp_path):
     assert [m > 0 for m in modes] == [True, False, True]  # the mode only on logging steps 0 and 2
 
 
-def test_stats_match_the_attention_weights():
-    """``mha_stats`` against ``nn.MultiheadAttention(need_weights=True)``'s own weights, and
-    ``sdpa_stats`` with a causal flag and with a boolean mask against a direct softmax."""
-    torch.manual_seed(0)
-    mha = nn.MultiheadAttention(16, 4, batch_first=True)
-    x = torch.randn(3, 10, 16)
-    padding = torch.zeros(3, 10, dtype=torch.bool)
-    padding[0, 7:] = True
+@pytest.fixture
+def softmax_inputs(monkeypatch) -> list[torch.Tensor]:
+    """What ``F.softmax`` is given from now on: inside ``F.multi_head_attention_forward``, the
+    scores (logits, -inf where masked). A mode would not see them: calls nested in its handler
+    are not dispatched to modes."""
+    seen: list[torch.Tensor] = []
+    real = F.softmax
+
+    def softmax(input, *args, **kwargs):  # type: ignore[no-untyped-def]
+        seen.append(input.detach().clone())
+        return real(input, *args, **kwargs)
+
+    monkeypatch.setattr(F, "softmax", softmax)
+    return seen
+
+
+def mha_call(mha: nn.MultiheadAttention, x: torch.Tensor, **kwargs):
+    """``mha(x, x, x, **kwargs)``: the ``F.multi_head_attention_forward`` call it makes and its
+    per-head attention weights."""
     calls = []
 
     class Spy(torch.overrides.TorchFunctionMode):
@@ -219,8 +258,27 @@ def test_stats_match_the_attention_weights():
             return func(*args, **(kwargs or {}))
 
     with Spy():
-        _, weights = mha(x, x, x, key_padding_mask=padding, need_weights=True, average_attn_weights=False)
-    max_logit, entropy = mha_stats(*calls[0])
+        _, weights = mha(x, x, x, average_attn_weights=False, **kwargs)
+    return calls[0], weights
+
+
+def without_appended_keys(mha: nn.MultiheadAttention) -> nn.MultiheadAttention:
+    """The same projections, no ``bias_k``/``bias_v`` and no zero row."""
+    plain = nn.MultiheadAttention(mha.embed_dim, mha.num_heads, batch_first=mha.batch_first)
+    plain.load_state_dict({k: v for k, v in mha.state_dict().items() if k not in ("bias_k", "bias_v")})
+    return plain
+
+
+def test_stats_match_the_attention_weights():
+    """``mha_stats`` against ``nn.MultiheadAttention(need_weights=True)``'s own weights, and
+    ``sdpa_stats`` with a causal flag and with a boolean mask against a direct softmax."""
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(16, 4, batch_first=True)
+    x = torch.randn(3, 10, 16)
+    padding = torch.zeros(3, 10, dtype=torch.bool)
+    padding[0, 7:] = True
+    call, weights = mha_call(mha, x, key_padding_mask=padding, need_weights=True)
+    max_logit, entropy = mha_stats(*call)
     expected = torch.special.entr(weights).sum(-1).mean(dim=(0, 2))
     assert torch.allclose(entropy, expected, atol=1e-5)
 
@@ -232,6 +290,62 @@ def test_stats_match_the_attention_weights():
         masked = logits.masked_fill(~mask, float("-inf"))
         assert torch.allclose(max_logit, masked.amax(dim=(0, 2, 3)))
         assert torch.allclose(entropy, torch.special.entr(masked.softmax(-1)).sum(-1).mean(dim=(0, 2)), atol=1e-6)
+
+
+@pytest.mark.parametrize("bias_kv, zero_attn", [(True, False), (False, True), (True, True)])
+def test_mha_appended_keys_match_the_attention_weights(bias_kv, zero_attn, softmax_inputs):
+    """``add_bias_kv`` and ``add_zero_attn`` append keys that every query attends to: the max
+    logit and entropy count them, as torch's softmax does, under a causal and a padding mask."""
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(16, 4, batch_first=True, add_bias_kv=bias_kv, add_zero_attn=zero_attn)
+    if bias_kv:  # large enough to be the max logit of some rows
+        nn.init.normal_(mha.bias_k, std=3.0)
+    x = torch.randn(3, 10, 16)
+    padding = torch.zeros(3, 10, dtype=torch.bool)
+    padding[0, 7:] = True
+    causal = torch.ones(10, 10, dtype=torch.bool).triu(1)  # True: masked
+    call, weights = mha_call(mha, x, attn_mask=causal, key_padding_mask=padding, need_weights=True)
+    keys = 10 + bias_kv + zero_attn
+    assert weights.shape[-1] == keys
+    max_logit, entropy = mha_stats(*call)
+    scores = softmax_inputs[-1].view(3, 4, 10, keys)
+    assert torch.allclose(max_logit, scores.amax(dim=(0, 2, 3)), atol=1e-5)
+    assert torch.allclose(entropy, torch.special.entr(weights).sum(-1).mean(dim=(0, 2)), atol=1e-5)
+    # Without the appended keys the numbers differ: the test sees them.
+    plain = mha_call(without_appended_keys(mha), x, attn_mask=causal, key_padding_mask=padding)[0]
+    assert not torch.allclose(entropy, mha_stats(*plain)[1], atol=1e-3)
+
+
+def test_mha_causal_fast_path_hides_the_appended_keys(softmax_inputs):
+    """``is_causal=True`` without a padding mask and ``need_weights=False``: torch drops the mask
+    and runs SDPA's top-left causal over all keys, so no query sees the appended ones; the stats
+    are those of the same weights without them."""
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(16, 4, batch_first=True, add_bias_kv=True, add_zero_attn=True)
+    nn.init.normal_(mha.bias_k, std=3.0)
+    x = torch.randn(3, 10, 16)
+    causal = nn.Transformer.generate_square_subsequent_mask(10)
+    fast, _ = mha_call(mha, x, attn_mask=causal, is_causal=True, need_weights=False)
+    _, weights = mha_call(without_appended_keys(mha), x, attn_mask=causal, need_weights=True)
+    max_logit, entropy = mha_stats(*fast)
+    assert torch.allclose(max_logit, softmax_inputs[-1].view(3, 4, 10, 10).amax(dim=(0, 2, 3)), atol=1e-5)
+    assert torch.allclose(entropy, torch.special.entr(weights).sum(-1).mean(dim=(0, 2)), atol=1e-5)
+
+
+def test_mha_static_key_replaces_the_projection(softmax_inputs):
+    """``F.multi_head_attention_forward(static_k=...)`` attends over the given keys (and the zero
+    row of ``add_zero_attn``)."""
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(16, 4)
+    x, static = torch.randn(10, 3, 16), torch.randn(3 * 4, 7, 4) * 3
+    args = (x, x, x, 16, 4, mha.in_proj_weight, mha.in_proj_bias, None, None, True, 0.0,
+            mha.out_proj.weight, mha.out_proj.bias)
+    kwargs = dict(static_k=static, static_v=static, need_weights=True, average_attn_weights=False)
+    _, weights = F.multi_head_attention_forward(*args, **kwargs)
+    max_logit, entropy = mha_stats(args, kwargs)
+    assert weights.shape[-1] == 8
+    assert torch.allclose(max_logit, softmax_inputs[-1].view(3, 4, 10, 8).amax(dim=(0, 2, 3)), atol=1e-5)
+    assert torch.allclose(entropy, torch.special.entr(weights).sum(-1).mean(dim=(0, 2)), atol=1e-5)
 
 
 def test_gradient_norm_rides_in_the_checks_one_transfer(tmp_path, monkeypatch):

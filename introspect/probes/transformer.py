@@ -118,7 +118,14 @@ def sdpa_stats(args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor]:
 
 def mha_stats(args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """The stats of one ``F.multi_head_attention_forward`` call, from its in-projection weights
-    (``query``/``key`` are (L, N, E) there: ``nn.MultiheadAttention`` transposes batch-first input)."""
+    (``query``/``key`` are (L, N, E) there: ``nn.MultiheadAttention`` transposes batch-first input).
+
+    The keys are the ones torch attends over: ``static_k`` when given, then the ``bias_k`` row
+    (``add_bias_kv=True``) and the zero row (``add_zero_attn=True``) appended, the masks padded
+    for them with "attend" as torch pads them. The causal hint is followed where torch follows it:
+    without a key padding mask and ``need_weights=False`` it drops ``attn_mask`` and runs SDPA's
+    ``is_causal`` over all keys, the appended ones included (which no query then sees); otherwise
+    ``attn_mask`` is the mask."""
     a = _bind(_MHA_PARAMS, args, kwargs)
     query, key = a["query"].detach(), a["key"].detach()
     batched = query.dim() == 3
@@ -126,28 +133,40 @@ def mha_stats(args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor]:
         query, key = query.unsqueeze(1), key.unsqueeze(1)
     heads = int(a["num_heads"])
     embed = query.shape[-1]
+    n, d = query.shape[1], embed // heads
+    rows = _rows(query.shape[0], query.device)
     bias = a.get("in_proj_bias")
     if a.get("use_separate_proj_weight"):
         wq, wk = a["q_proj_weight"], a["k_proj_weight"]
     else:
         wq, wk = a["in_proj_weight"][:embed], a["in_proj_weight"][embed : 2 * embed]
-    bq, bk = (None, None) if bias is None else (bias[:embed], bias[embed : 2 * embed])
-    rows = _rows(query.shape[0], query.device)
-    q = F.linear(query.index_select(0, rows), wq.detach(), None if bq is None else bq.detach())
-    k = F.linear(key, wk.detach(), None if bk is None else bk.detach())
-    n, d = q.shape[1], embed // heads
+    bq, bk = (None, None) if bias is None else (bias[:embed].detach(), bias[embed : 2 * embed].detach())
+    q = F.linear(query.index_select(0, rows), wq.detach(), bq)
     q = q.reshape(q.shape[0], n, heads, d).permute(1, 2, 0, 3)  # (N, H, r, d)
-    k = k.reshape(k.shape[0], n, heads, d).permute(1, 2, 0, 3)
+    static_k, bias_k = a.get("static_k"), a.get("bias_k")
+    if static_k is not None:  # (N*H, S, d), in place of the projected key
+        k = static_k.detach().reshape(n, heads, -1, d)
+    else:
+        k = F.linear(key, wk.detach(), bk)
+        k = k.reshape(k.shape[0], n, heads, d).permute(1, 2, 0, 3)
+    extra = []  # the keys torch appends, each one attended without a mask
+    if bias_k is not None:
+        extra.append(bias_k.detach().reshape(1, heads, 1, d).expand(n, -1, -1, -1))
+    if a.get("add_zero_attn"):
+        extra.append(torch.zeros_like(k[:, :, :1]))
+    k = torch.cat([k, *extra], dim=2) if extra else k
     attn_mask, padding = a.get("attn_mask"), a.get("key_padding_mask")
-    allowed, add = _split_mask(None if attn_mask is None else _rows_of(attn_mask.detach(), rows), masked_is_true=True)
-    if allowed is not None and allowed.dim() == 3:  # (N*H, L, S)
-        allowed = allowed.reshape(n, heads, *allowed.shape[-2:])
-    if add is not None and add.dim() == 3:
-        add = add.reshape(n, heads, *add.shape[-2:])
-    if a.get("is_causal") and attn_mask is None:
-        allowed = _causal(rows, k.shape[-2])
+    if a.get("is_causal") and padding is None and not a.get("need_weights", True):
+        return attention_stats(q, k, 1.0 / math.sqrt(d), _causal(rows, k.shape[-2]), None)
+    allowed, add = None, None
+    if attn_mask is not None:
+        # F.pad's zeros are "attend" in both mask kinds: False (not masked) and +0.
+        mask = F.pad(_rows_of(attn_mask.detach(), rows), (0, len(extra)))
+        allowed, add = _split_mask(mask.reshape(n, heads, *mask.shape[-2:]) if mask.dim() == 3 else mask,
+                                   masked_is_true=True)  # a 3-D mask is (N*H, L, S)
     if padding is not None:
-        pad_ok, pad_add = _split_mask(padding.detach().reshape(n, 1, 1, -1), masked_is_true=True)
+        pad = F.pad(padding.detach().reshape(n, 1, 1, -1), (0, len(extra)))
+        pad_ok, pad_add = _split_mask(pad, masked_is_true=True)
         allowed = _and(allowed, pad_ok)
         add = pad_add if add is None else (add if pad_add is None else add + pad_add)
     return attention_stats(q, k, 1.0 / math.sqrt(d), allowed, add)
@@ -172,8 +191,9 @@ class _AttentionMode(TorchFunctionMode):
 
 class AttentionProbe(Probe):
     """Per attention module: the mean over heads of the max logit and of the softmax entropy
-    (``attention/max_logit/{module}``, ``attention/entropy/{module}``), and the findings
-    ``attention_logit_growth`` and ``attention_entropy_collapse``."""
+    (scalars ``attention/max_logit/{module}``, ``attention/entropy/{module}``), the per-head values
+    (histograms ``attention/max_logit_heads/{module}``, ``attention/entropy_heads/{module}``, one
+    value per head), and the findings ``attention_logit_growth`` and ``attention_entropy_collapse``."""
 
     name = "attention"
     builtin = True
@@ -226,6 +246,12 @@ class AttentionProbe(Probe):
                 max_logit, entropy = stats(args, kwargs)
             buffer.add_scalar(probe_tag("attention", "max_logit", where), max_logit.mean())
             buffer.add_scalar(probe_tag("attention", "entropy", where), entropy.mean())
+            # The per-head values as histograms (one value per head; DISTRIBUTIONS shows the
+            # spread, so one collapsing head stands out of a healthy mean). set_, not add_: like
+            # the scalar beside it, the last call of the step wins (a module called twice in a
+            # step, e.g. two micro-batches, would otherwise hold 2 x heads values).
+            buffer.set_histogram(probe_tag("attention", "max_logit_heads", where), max_logit)
+            buffer.set_histogram(probe_tag("attention", "entropy_heads", where), entropy)
             buffer.add_measure(f"attention_max_logit/{where}", max_logit.amax())
             self._seen[where] = (probe_tag("attention", "entropy", where), f"attention_max_logit/{where}")
         except Exception as e:  # the attention itself ran already: training goes on
