@@ -109,7 +109,7 @@ def foreach_norm(tensors: list[torch.Tensor], dtype: torch.dtype | None = None) 
     accumulation and result type; the argument exists since torch 2.3) makes norms of float16 and
     float32 tensors one dtype, so they stack without a cast per tensor.
     """
-    if dtype is None:
+    if dtype is None or all(t.dtype == dtype for t in tensors):  # (the argument costs a little)
         return list(torch._foreach_norm(tensors))
     try:
         return list(torch._foreach_norm(tensors, 2, dtype=dtype))

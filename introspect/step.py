@@ -227,9 +227,10 @@ def one_transfer(parts: list[torch.Tensor]) -> list[float]:
         return []
     devices = {p.device for p in parts}
     if len(devices) == 1:
-        dt = stat_dtype(devices.pop())
-        if all(p.dim() == 0 for p in parts):  # the check's sums: one stack, no per-part reshape
-            return torch.stack(parts).to(dt).cpu().tolist()
+        device = devices.pop()
+        if all(p.dim() == 0 for p in parts):  # sums and norms: one stack, read as they are (float32)
+            return torch.stack(parts).tolist()
+        dt = stat_dtype(device)
         return torch.cat([p.reshape(-1) for p in parts]).to(dt).cpu().tolist()
     values: list[float] = []
     for p in parts:  # a model split over devices: rare, and still correct

@@ -15,7 +15,6 @@ transfer instead. On a spike, ``diagnostics/pre_spike`` gets the per-module scal
 from __future__ import annotations
 
 import math
-import statistics
 from collections import deque
 
 import torch
@@ -38,9 +37,13 @@ _MEASURE = "grad_norm/global"
 
 
 def spike_score(value: float, window: "deque[float] | list[float]") -> tuple[float, float, float]:
-    """``(σ above the mean, mean, σ)`` of ``value`` against the earlier values in ``window``."""
-    mean = statistics.fmean(window)
-    sigma = statistics.pstdev(window, mean)
+    """``(σ above the mean, mean, σ)`` of ``value`` against the earlier values in ``window``.
+
+    Plain float sums (``math.fsum``), not ``statistics.pstdev``: that one sums exact fractions,
+    ~0.4 ms for a window of 100, on every checked step."""
+    n = len(window)
+    mean = math.fsum(window) / n
+    sigma = math.sqrt(math.fsum((v - mean) ** 2 for v in window) / n)
     return ((value - mean) / sigma if sigma > 0 else (math.inf if value > mean else 0.0)), mean, sigma
 
 
@@ -95,9 +98,12 @@ class GradNormSpike(Probe):
         if value is None or not math.isfinite(value) or buffer is None or buffer.step == self.ctx.overflow_step:
             return
         limits = self.ctx.config.thresholds
-        if len(self._window) >= max(2, int(limits.grad_spike_min_history)):
-            score, mean, sigma = spike_score(value, self._window)
-            if score >= limits.grad_spike_sigma and value >= limits.grad_spike_ratio * mean:
+        window = self._window
+        # σ only for a value that could be a spike: ≥ ratio x the mean (a few µs per step otherwise).
+        if len(window) >= max(2, int(limits.grad_spike_min_history)) and \
+                value >= limits.grad_spike_ratio * math.fsum(window) / len(window):
+            score, mean, sigma = spike_score(value, window)
+            if score >= limits.grad_spike_sigma:
                 self._spike(buffer.step, value, score, mean, sigma)
         self._window.append(value)
 

@@ -40,7 +40,11 @@ from ..watch.protocol import Probe
 from .nonfinite import CallLedger, NonFiniteReport
 from .rank import RankOrigin
 
-__all__ = ["NonFiniteSentinel", "check_mode_for"]
+__all__ = ["NonFiniteSentinel", "check_mode_for", "HOLD_OUTPUT_BYTES"]
+
+HOLD_OUTPUT_BYTES = 16 * 2**20
+"""Model outputs up to this size are held until the step's read and reduced with the gradients
+in one fused norm; bigger ones are reduced at the end of the forward and not kept."""
 
 
 def check_mode_for(config: Any, ctx: Any) -> str:
@@ -66,6 +70,7 @@ class NonFiniteSentinel(Probe):
         self._rank = RankOrigin(ctx)
         self._devices = cuda_devices(ctx.root)
         self._params = [(n, p) for n, p in ctx.root.named_parameters() if p.requires_grad]
+        self._tensors = [p for _, p in self._params]
         self._dtensors = any(type(p).__name__ == "DTensor" for _, p in self._params)
         self._local: Alert | None = None  # this step's own finding, for the rank exchange
         self._stale: set[str] = set()  # parameters whose .grad an earlier backward left non-finite
@@ -73,7 +78,8 @@ class NonFiniteSentinel(Probe):
 
     def _clear(self) -> None:
         self._records: list[ForwardRecord] = []
-        self._out_norms: list[torch.Tensor] = []
+        self._outputs: list[torch.Tensor | None] = []  # held outputs (None: reduced at once)
+        self._out_norms: list[torch.Tensor] = []  # the norms of the outputs too big to hold
         self._out_names: list[str] = []
         self._queued = False
 
@@ -95,9 +101,15 @@ class NonFiniteSentinel(Probe):
         if not tensors:
             return
         record = self._records[-1]
-        self._out_norms.extend(foreach_norm([t.detach() for _, t in tensors], torch.float32))
-        self._out_names.extend(suffix for suffix, _ in tensors)
-        for index, (_, tensor) in enumerate(tensors):
+        for index, (suffix, tensor) in enumerate(tensors):
+            self._out_names.append(suffix)
+            # A small output is held (it is usually alive through backward anyway) and joins the
+            # read's one fused norm; a big one (LLM logits) is reduced now, not kept.
+            if tensor.numel() * tensor.element_size() <= HOLD_OUTPUT_BYTES:
+                self._outputs.append(tensor.detach())
+            else:
+                self._out_norms.append(foreach_norm([tensor.detach()], torch.float32)[0])
+                self._outputs.append(None)
             if tensor.requires_grad:
                 tensor.register_hook(self._output_grad_hook(buffer, record, index))
 
@@ -125,24 +137,30 @@ class NonFiniteSentinel(Probe):
 
     def on_step_end(self, host: HostStep | None) -> None:
         buffer = self.ctx.buffer
-        if buffer is not None and (self._records or self._out_norms):
+        if buffer is not None and (self._records or self._outputs):
             self._read(buffer, backward=False)
 
     # ----------------------------------------------------------------- the one read
     def _read(self, buffer: StepBuffer, backward: bool, reduced: bool = False) -> None:
-        records, out_norms, out_names = self._records, self._out_norms, self._out_names
+        records, outputs, out_norms, out_names = self._records, self._outputs, self._out_norms, self._out_names
         self._clear()
+        held = [t for t in outputs if t is not None]
         out_grads = [g for r in records for g in r.grads.values()]
-        params = [(n, p.grad) for n, p in self._params if p.grad is not None] if backward else []
-        grads = [local_view(g) for _, g in params] if self._dtensors else [g for _, g in params]
-        norms = foreach_norm([g.detach() for g in out_grads + grads], torch.float32) if out_grads or grads else []
+        grads = [p.grad for p in self._tensors if p.grad is not None] if backward else []
+        if self._dtensors:
+            grads = [local_view(g) for g in grads]
+        tensors = held + out_grads + grads  # (gradients carry no graph: nothing to detach)
+        norms = foreach_norm(tensors, torch.float32) if tensors else []
+        if out_norms:  # in output order: held ones from the fused norm, the others as taken
+            fused, early = iter(norms[:len(held)]), iter(out_norms)
+            norms[:len(held)] = [next(fused) if t is not None else next(early) for t in outputs]
         scale = self.ctx.grad_scale() if grads else None
-        parts = out_norms + norms + ([scale.reshape(()).float()] if scale is not None else [])
+        parts = norms + ([scale.reshape(()).float()] if scale is not None else [])
         if not parts:
             return
         values = step_records.one_transfer(parts)
         scale_value = values.pop() if scale is not None else 1.0
-        n_out, n_grad = len(out_norms), len(out_grads)
+        n_out, n_grad = len(outputs), len(out_grads)
         param_norms = values[n_out + n_grad:]
         if param_norms:  # the last backward of the step wins (gradient accumulation)
             buffer.grad_norm = math.sqrt(sum(v * v for v in param_norms)) / scale_value
@@ -150,6 +168,7 @@ class NonFiniteSentinel(Probe):
             if param_norms:
                 self._stale = set()
             return
+        params = [(n, p.grad) for n, p in self._params if p.grad is not None] if backward else []
         bad_params = [
             (name, grad) for (name, grad), v in zip(params, param_norms)
             if not math.isfinite(v) and not (math.isinf(v) and bool(torch.isfinite(grad).all()))
@@ -181,6 +200,10 @@ class NonFiniteSentinel(Probe):
         ctx = self.ctx
         outcome = replay_step(ctx, records, CallLedger(ctx.module_types), buffer.step) if records else None
         alert = outcome.alert if outcome is not None else None
+        if alert is not None and sighting.outputs and alert.phase != "forward":
+            # The replayed forward was finite where the real one was not: the backward finding
+            # it made instead comes from the captured (NaN) output gradient, not from the model.
+            alert, outcome.reason = None, "its forward came out finite (state the forward changes, a counter or a cache?)"
         if alert is None and sighting.only_params and outcome is not None and outcome.own_gradients_finite:
             # This step's own gradients are finite: .grad holds an earlier backward's NaN/Inf,
             # accumulated into since (no zero_grad). Reported once, unless an earlier finding

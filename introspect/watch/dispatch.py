@@ -23,6 +23,8 @@ from .protocol import EVENTS, Probe, ProbeContext, overrides
 
 __all__ = ["Dispatch"]
 
+_NO_EVENTS: dict[str, list[Probe]] = {event: [] for event in EVENTS}  # between steps (never changed)
+
 
 class Dispatch:
     def __init__(self, ctx: ProbeContext, probes: list[Probe]) -> None:
@@ -31,15 +33,24 @@ class Dispatch:
         self._module_probes = {
             name: [p for p in probes if p.select(name, module)] for name, module in ctx.modules.items()
         }
-        self.events: dict[str, list[Probe]] = {event: [] for event in EVENTS}
+        self.events: dict[str, list[Probe]] = _NO_EVENTS
         self._per_module: dict[str, tuple[list[Probe], list[Probe]]] = {}
+        self._handles = {id(p): {e for e in EVENTS if overrides(p, e)} for p in probes}
+        self._events_of: dict[tuple[int, ...], dict[str, list[Probe]]] = {}
+        """The event lists of each set of active probes met so far (a handful): worked out once,
+        not on every step (the per-step Python cost matters on small models)."""
 
     # ----------------------------------------------------------------- step scope
     def start_step(self, plan: StepPlan, buffer: StepBuffer) -> None:
         """The probes of this step; ``on_step_start``; gradient-accumulation hooks if wanted."""
         ctx = self.ctx
-        active = [p for p in self.probes if f"<probe {p.name}>" not in ctx.disabled and p.active(plan)]
-        self.events = {event: [p for p in active if overrides(p, event)] for event in EVENTS}
+        active = [p for p in self.probes if p.active(plan) and (p.builtin or f"<probe {p.name}>" not in ctx.disabled)]
+        key = tuple(id(p) for p in active)
+        events = self._events_of.get(key)
+        if events is None:
+            events = self._events_of[key] = {
+                event: [p for p in active if event in self._handles[id(p)]] for event in EVENTS}
+        self.events = events
         self._per_module = {}
         for probe in self.events["on_step_start"]:
             probe.on_step_start(plan)
@@ -50,7 +61,7 @@ class Dispatch:
                     param.register_post_accumulate_grad_hook(self._param_grad_hook(buffer, name, takers)))
 
     def end_step(self) -> None:
-        self.events = {event: [] for event in EVENTS}
+        self.events = _NO_EVENTS
         self._per_module = {}
 
     # ----------------------------------------------------------------- module outputs

@@ -181,6 +181,9 @@ class ProbeContext:
         self._outputs_name, self._outputs = None, []
 
     def grad_scale(self) -> torch.Tensor | None:
+        """GradScaler's current scale on the device (no host sync), or None without one."""
+        if self.config.grad_scaler is None:
+            return None
         from ..amp import scale_tensor
 
         return scale_tensor(self.config.grad_scaler)
