@@ -1,13 +1,18 @@
-"""scripts/bench.py's own logic on CPU: its models, options, and the statistics-pass measurement
-(the GPU comparison runs the same code with device="cuda")."""
+"""scripts/bench.py's own logic on CPU: its models, options, the statistics-pass measurement, the
+fault table (which NaN/Inf detector names which planted fault) and the host-sync column (the GPU
+comparison runs the same code with device="cuda")."""
 
 from __future__ import annotations
 
 import importlib.util
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import torch
+from torch import nn
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -61,3 +66,129 @@ def test_model_section_leaves_out_variants_not_run(bench):
     text = bench.model_section(result, "cpu")
     assert "watch(every=1" in text and "tutorial" not in text
     assert "20.0× one read" in text and "1.0 MB" in text
+
+
+@pytest.mark.slow
+def test_gpt2_builds_and_steps_under_every_detector_variant(bench, tmp_path):
+    model, x, y, desc = bench.build_model("gpt2", "cpu")
+    assert y is None and "GPT2Config" in desc and "labels=input_ids" in desc
+    assert x.shape == (bench.GPT2_BATCH, bench.GPT2_SIZE["n_positions"])
+    before = model.transformer.h[0].mlp.c_fc.weight.detach().clone()
+    loss = bench.train_loss(model, x, y)
+    assert loss.ndim == 0 and torch.isfinite(loss)
+    for key in ("bare", "detect_anomaly", "isfinite_hooks"):
+        runner = bench.Runner(key, model, x, y, "cpu", tmp_path / key)
+        try:
+            runner.run(1)
+        finally:
+            runner.close()
+    assert not torch.equal(before, model.transformer.h[0].mlp.c_fc.weight)  # Adam stepped it
+    assert not torch.is_anomaly_enabled()  # anomaly mode was on for that variant's step only
+    assert all(not m._forward_hooks for m in model.modules())  # the naive hooks are gone
+
+
+def test_isfinite_hooks_flag_the_first_bad_output(bench):
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 1))
+    hooks = bench.IsfiniteHooks(model)
+    hooks.step = 7
+    with torch.no_grad():
+        model[0].bias[0] = float("inf")
+    model(torch.randn(2, 3)).sum().backward()
+    assert hooks.first == ("0", "forward", 7)
+    hooks.remove()
+    assert all(not m._forward_hooks for m in model.modules())
+
+
+@pytest.fixture(scope="module")
+def cnn_faults(bench):
+    entries = bench.run_faults(["fault_cnn"], quick=True)
+    assert not torch.is_anomaly_enabled()
+    return entries[0]
+
+
+def test_fault_table_forward_nan(bench, cnn_faults):
+    cells = cnn_faults["cells"]
+    assert "error" not in cnn_faults, cnn_faults.get("error")
+    # This project and the naive hooks name the layer and step the NaN was planted at.
+    assert (cells["forward_nan/watch"]["named"], cells["forward_nan/watch"]["step"]) == ("conv2", bench.FAULT_STEP)
+    assert cells["forward_nan/watch"]["verdict"] == "right"
+    assert cells["forward_nan/isfinite_hooks"]["verdict"] == "right"
+    # detect_anomaly does not miss a forward NaN: it raises at the first backward function that
+    # returns NaN, the loss's, whose forward frame is the loss call, not the layer.
+    anomaly = cells["forward_nan/detect_anomaly"]
+    assert anomaly["named"] == "BinaryCrossEntropyWithLogitsBackward0"
+    assert anomaly["verdict"] == "wrong" and "in binary_cross_entropy_with_logits" in anomaly["said"]
+    # A NaN made in backward only is where it shines: the op and its forward line.
+    assert cells["backward_nan/detect_anomaly"]["named"] == "SqrtBackward0"
+    assert cells["backward_nan/detect_anomaly"]["verdict"] == "right"
+    # Code between two modules: this project names both; the naive hooks the next module only.
+    assert cells["unwatched/watch"]["between"] == ("fc1", "fc2")
+    assert cells["unwatched/watch"]["verdict"] == "right"
+    assert (cells["unwatched/isfinite_hooks"]["named"], cells["unwatched/isfinite_hooks"]["verdict"]) == ("fc2", "wrong")
+    assert set(cnn_faults["cost"]) == set(bench.FAULT_DETECTORS)
+    assert all(c["source"].startswith("in-line") and c["ratio"] > 0 for c in cnn_faults["cost"].values())
+
+
+def test_fault_section_markdown(bench, cnn_faults):
+    text = bench.faults_section([cnn_faults])
+    assert "| forward NaN: a layer's output times NaN | `conv2` (forward) | `conv2` (forward), step 3: **right** |" in text
+    rows = [line for line in text.splitlines() if line.startswith("| ") and "---" not in line]
+    assert len(rows) == 1 + len(bench.FAULTS) + 1  # header, one row per fault, the cost row
+    assert rows[-1].startswith("| cost per step") and "in-line" in rows[-1]
+    # With timing results, the cost comes from the timing table instead, and is cited as such.
+    timing = [{"model": "fault_cnn", "variants": {k: {"status": "ok", "per_step_s": [t]} for k, t in (
+        ("bare", 0.01), ("watch_default", 0.011), ("detect_anomaly", 0.03), ("isfinite_hooks", 0.02))}}]
+    cost = bench._fault_costs("fault_cnn", True, {r["key"]: r for r in bench.summarize(timing[0]) if r.get("ratio")}, None)
+    assert {d: (round(c["ratio"], 2), c["source"]) for d, c in cost.items()} == {
+        "watch": (1.1, "timing table"), "detect_anomaly": (3.0, "timing table"), "isfinite_hooks": (2.0, "timing table")}
+    assert "| this project: watch(on_nonfinite=\"warn\") | 1.10× |" in bench.faults_section([cnn_faults], timing)
+
+
+def test_host_sync_classification_and_column(bench):
+    assert [bench.logs_at("watch_default", 50)(s) for s in (0, 1, 50)] == [True, False, True]
+    assert [bench.logs_at("wandb_100", 100)(s) for s in (0, 99)] == [False, True]
+    assert not any(bench.logs_at("watch_check", None)(s) for s in range(5))
+    result = {"model": "mlp", "device": "cuda", "variants": {
+        "bare": {"status": "ok", "per_step_s": [0.001], "syncs": {"off": 0, "logging": None}},
+        "watch_default": {"status": "ok", "per_step_s": [0.002], "syncs": {"off": 1, "logging": 4}},
+    }}
+    cuda = bench.model_section(result, "cuda")
+    assert "host syncs per step (off-cadence / logging)" in cuda and "| 1 / 4 |" in cuda and "| 0 / — |" in cuda
+    assert "host syncs" not in bench.model_section(dict(result, device="cpu"), "cpu")
+
+
+def _bench_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = dict(os.environ, MPLBACKEND="Agg")
+    return subprocess.run([sys.executable, str(REPO / "scripts" / "bench.py"), *args], capture_output=True,
+                          text=True, timeout=timeout, env=env, cwd=REPO)
+
+
+def test_faults_and_skip_faults_exclude_each_other():
+    proc = _bench_cli("--faults", "--skip-faults")
+    assert proc.returncode == 2 and "not allowed with argument" in proc.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.slow
+def test_faults_cli_quick(tmp_path):
+    proc = _bench_cli("--faults", "--quick", "--models", "gpt2", "--out", str(tmp_path / "faults.md"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    text = (tmp_path / "faults.md").read_text()
+    assert text.startswith("# Fault table") and "### gpt2" in text and "### fault_cnn" in text
+    assert ("| forward NaN: a layer's output times NaN | `transformer.h.1.mlp.c_fc` (forward) | "
+            "`transformer.h.1.mlp.c_fc` (forward), step 3: **right** |") in text
+    assert "`LogSoftmaxBackward0`, step 3" in text  # detect_anomaly on GPT-2's forward NaN: the loss
+    assert not list(tmp_path.glob("*.png"))  # no timing, no plot
+
+
+@pytest.mark.slow
+def test_quick_run_with_the_detector_variants(bench, tmp_path):
+    out = tmp_path / "bench.md"
+    proc = _bench_cli("--quick", "--models", "mlp", "--variants", "watch_default,detect_anomaly,isfinite_hooks",
+                      "--skip-faults", "--rounds", "2", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    text = out.read_text()
+    for key in ("detect_anomaly", "isfinite_hooks"):
+        row = next(line for line in text.splitlines() if line.startswith(f"| {bench.VARIANTS[key][0]} |"))
+        assert "error" not in row and "×" in row
+    assert "Which detector finds which fault" not in text and (tmp_path / "bench.png").exists()
+
