@@ -21,6 +21,7 @@ __all__ = [
     "zip_reader",
     "fsdp1_flat_handle",
     "tensor_version",
+    "view_base",
 ]
 
 
@@ -115,6 +116,13 @@ def foreach_norm(tensors: list[torch.Tensor], dtype: torch.dtype | None = None) 
         return list(torch._foreach_norm(tensors, 2, dtype=dtype))
     except TypeError:  # torch < 2.3: no dtype argument
         return [n.to(dtype) for n in torch._foreach_norm(tensors)]
+
+
+def view_base(tensor: torch.Tensor) -> torch.Tensor | None:
+    """The tensor ``tensor`` is a view of (``Tensor._base``, torch >= 0.4; None for a tensor that
+    owns its storage): the non-finite check follows ``x.flatten(1)``, ``x.view(...)`` or a slice
+    between two modules back to the module whose output it reads."""
+    return tensor._base
 
 
 def tensor_version(tensor: torch.Tensor) -> int:

@@ -155,6 +155,9 @@ class CallRecord:
     """A parameter-free module that cannot turn finite values into NaN/Inf, forward or backward
     (ReLU, pooling, dropout, flatten, ...). Its output is not summed: it is finite exactly when its
     inputs are, and the gradient it passes back is finite exactly when the one it receives is."""
+    model_output: bool = False
+    """Its output is (a view of) the model's own output. When no call is marked so, a call whose
+    output no watched call read is taken for the model's output."""
 
 
 def _finite_by_label(labels: Sequence[tuple], values: Sequence[float]) -> list[tuple[tuple, bool]]:
@@ -272,7 +275,8 @@ def _backward_origin(step, calls, grad_events, first_bad, bad_values) -> Alert:
             f"the gradient reaching its output was finite, the one it passed to {where} was not",
             {}, phase="backward", module_type=calls[i].module_type,
         )
-    if not consumers:
+    outputs_known = any(c.model_output for c in calls)
+    if not consumers and (calls[producer].model_output or not outputs_known):
         return Alert(
             "nonfinite", where, step,
             f"the gradient arriving at the model's output {where} is already {what}: the loss (or code "

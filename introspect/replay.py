@@ -162,7 +162,9 @@ def _forward(root: nn.Module, record: ForwardRecord, ledger: Any, buffer: StepBu
         for device, dtype in record.autocast:
             stack.enter_context(torch.autocast(device, dtype=dtype))
         ledger.model_inputs(buffer, record.args, record.kwargs)
-        return root(*record.args, **record.kwargs)
+        output = root(*record.args, **record.kwargs)
+        ledger.model_outputs(buffer, output)
+        return output
 
 
 @contextlib.contextmanager

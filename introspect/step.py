@@ -15,6 +15,7 @@ from typing import NamedTuple
 
 import torch
 
+from ._torch import view_base
 from .amp import LOW_PRECISION
 from .diagnostics import CallRecord
 from .sharded import ShardRecords, local_view
@@ -148,9 +149,12 @@ class StepBuffer:
         self._outputs[id(tensor)] = (weakref.ref(tensor), call)
 
     def producer_of(self, tensor: torch.Tensor) -> int | None:
+        """The call whose output ``tensor`` is, or is a view of (``x.flatten(1)`` between two
+        modules reads the first one's output); None when no watched call made it."""
         entry = self._outputs.get(id(tensor))
         if entry is None or entry[0]() is not tensor:  # a freed tensor's id may be reused
-            return None
+            base = view_base(tensor)
+            return None if base is None else self.producer_of(base)
         return entry[1]
 
     def grad_check_needed(self, call: int) -> bool:

@@ -62,6 +62,31 @@ class Unwatched(nn.Module):
         return self.b(h)
 
 
+class SqrtLinear(nn.Linear):
+    """A Linear whose output gets + sqrt(y - y.detach()) at the chosen steps: its own backward
+    sends Inf/NaN to its input."""
+
+    def __init__(self, *args, at: set[int]) -> None:
+        super().__init__(*args)
+        self.at, self.step = set(at), 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = super().forward(x)
+        return y + (y - y.detach()).sqrt() if self.step in self.at else y
+
+
+class PoolFlattenFc(nn.Module):
+    """conv -> pool -> x.flatten(1) (functional, a view) -> fc1 -> fc2: fc1 reads pool's output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.pool = nn.Conv2d(3, 4, 3, padding=1), nn.AdaptiveAvgPool2d(2)
+        self.fc1, self.fc2 = SqrtLinear(16, 8, at={2}), nn.Linear(8, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.tanh(self.fc1(self.pool(self.conv(x)).flatten(1))))
+
+
 def set_step(model: nn.Module, step: int) -> None:
     for module in model.modules():
         if hasattr(module, "at"):
@@ -85,12 +110,13 @@ FAULTS = {
     "backward_only": lambda: mlp(SqrtAtZero({2})),
     "unwatched_code": lambda: nn.Sequential(OrderedDict(lin1=nn.Linear(4, 8), block=Unwatched({2}), out=nn.Linear(8, 1))),
     "cnn_forward_nan": lambda: bn_dropout_cnn(Fault({2})),
+    "backward_after_a_view": PoolFlattenFc,
 }
 
 
 def batch_for(model: nn.Module, step: int) -> tuple[torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(step)
-    shape = (4, 3, 6, 6) if isinstance(model[0], nn.Conv2d) else (6, 4)
+    shape = (4, 3, 6, 6) if isinstance(next(model.children()), nn.Conv2d) else (6, 4)
     return torch.randn(*shape, generator=gen), torch.randn(shape[0], 1, generator=gen)
 
 
@@ -132,7 +158,7 @@ def test_replay_names_what_the_per_module_check_names(tmp_path, fault):
         (a.where, a.step, a.phase, a.message) for a in checked]
     assert [a.step for a in replayed] == [2], replayed
     expected = {"forward_nan": "fault", "forward_inf": "fault", "backward_only": "fault",
-                "unwatched_code": "block.b", "cnn_forward_nan": "fault"}[fault]
+                "unwatched_code": "block.b", "cnn_forward_nan": "fault", "backward_after_a_view": "fc1"}[fault]
     assert replayed[0].where == expected
     if fault != "unwatched_code":
         assert replayed[0].numbers["nonfinite_values"] > 0

@@ -86,6 +86,14 @@ class CallLedger:
             buffer.mark_output(tensor, call)
         return call
 
+    def model_outputs(self, buffer: StepBuffer, output: Any) -> None:
+        """Mark the calls whose outputs the model returned (a NaN gradient arriving there came
+        from the loss, not from code between modules)."""
+        for _, tensor in named_float_tensors(output):
+            producer = buffer.producer_of(tensor)
+            if producer is not None and producer >= 0:
+                buffer.calls[producer].model_output = True
+
     def output_grad(self, buffer: StepBuffer, call: int, where: str, grad: torch.Tensor) -> None:
         if buffer.checking and buffer.grad_check_needed(call):
             buffer.remember_sum(grad, buffer.add_check(Check("grad", call, where), grad))
@@ -155,6 +163,10 @@ class NonFiniteCheck(Probe):
 
     def on_forward(self, args: tuple, kwargs: dict) -> None:
         self._ledger.model_inputs(self.ctx.buffer, args, kwargs)
+
+    def on_forward_end(self, output: Any) -> None:
+        if output is not None and self.ctx.buffer is not None:
+            self._ledger.model_outputs(self.ctx.buffer, output)
 
     def on_output(self, name: str, module: nn.Module, output: Any) -> None:
         ctx = self.ctx
