@@ -1083,9 +1083,9 @@ def _fault_costs(name: str, quick: bool, timed_rows: dict | None, tmp: Path) -> 
     try:
         interleave(runners, variants, {k: steps for k in keys}, rounds, warmup=2, quick=quick)
     finally:
-        for runner in runners.values():
+        for runner in runners.values():  # (in the caller's process, which goes on: a full close)
             with contextlib.suppress(Exception):
-                runner.close(finish_watch=False)
+                runner.close()
     rows = {r["key"]: r for r in summarize({"variants": variants}) if r.get("ratio")}
     source = f"in-line: {_n(rounds, 'round')} of {_n(steps, 'step')}, CPU, 1 thread"
     return {d: {"ratio": rows[v]["ratio"], "source": source} for d, v in FAULT_COST_VARIANT.items() if v in rows}
