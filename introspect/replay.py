@@ -272,7 +272,7 @@ class ValueStats:
     few reductions each, on this rare path) and read for the origin only."""
 
     def __init__(self) -> None:
-        self._stats: dict[tuple[str, str], torch.Tensor] = {}
+        self._stats: dict[tuple[str, str], tuple[torch.Tensor, int]] = {}
 
     def add(self, kind: str, where: str, tensor: torch.Tensor) -> None:
         t = tensor.detach()
@@ -280,14 +280,18 @@ class ValueStats:
             return
         finite = torch.isfinite(t)
         big = torch.finfo(torch.float32).max
-        self._stats[(kind, where)] = torch.stack([
-            (~finite).sum().float(), torch.tensor(float(t.numel()), device=t.device),
-            torch.where(finite, t, big).amin().float(), torch.where(finite, t, -big).amax().float(),
-        ])
+        self._stats[(kind, where)] = (torch.stack([
+            (~finite).sum().float(), torch.where(finite, t, big).amin().float(),
+            torch.where(finite, t, -big).amax().float(),
+        ]), t.numel())
 
     def _read(self, kind: str, where: str) -> list[float] | None:
+        """``[non-finite count, numel, finite min, finite max]``, or None when not seen."""
         found = self._stats.get((kind, where))
-        return None if found is None else found.cpu().tolist()
+        if found is None:
+            return None
+        bad, low, high = found[0].cpu().tolist()
+        return [bad, float(found[1]), low, high]
 
     def of(self, alert: Alert, buffer: StepBuffer) -> dict[str, float]:
         """``nonfinite_values``, ``values``, ``finite_min``/``finite_max`` of the bad tensor (the

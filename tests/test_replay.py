@@ -397,3 +397,20 @@ def test_check_mode_is_checked(tmp_path):
         watch(model, tmp_path / "run", check_mode="sometimes")
     with pytest.raises(ConfigTypeError, match="check_mode"):
         watch(model, tmp_path / "run", check_mode=1)
+
+
+def test_outputs_too_big_to_hold_are_reduced_at_once(tmp_path, monkeypatch):
+    """An output above HOLD_OUTPUT_BYTES (an LLM's logits) is reduced at the end of the forward
+    and only its norm kept: the sentinel still sees its NaN, the replay still names the origin."""
+    from introspect.probes import sentinel
+
+    monkeypatch.setattr(sentinel, "HOLD_OUTPUT_BYTES", 0)
+    torch.manual_seed(0)
+    model = mlp(Fault({1}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NonFiniteWarning)
+        with watch(model, tmp_path / "run", every=10**9, **QUIET) as w:
+            for step in range(3):  # forward only: the output's norm is all the sentinel has
+                set_step(model, step)
+                model(torch.randn(6, 4))
+    assert [(a.where, a.step) for a in w.alerts if a.kind == "nonfinite"] == [("fault", 1)]

@@ -72,8 +72,7 @@ class GradNormSpike(Probe):
         if buffer is None or not grads:
             return
         with torch.no_grad():
-            norms = foreach_norm([g.detach() for g in grads])
-            total = torch.linalg.vector_norm(torch.stack([n.float() for n in norms]))
+            total = torch.linalg.vector_norm(torch.stack(foreach_norm([g.detach() for g in grads], torch.float32)))
             scale = self.ctx.grad_scale()
             if scale is not None:
                 total = total / scale

@@ -22,6 +22,7 @@ and the output gradient, all released when the step is read.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -44,7 +45,7 @@ __all__ = ["NonFiniteSentinel", "check_mode_for", "HOLD_OUTPUT_BYTES"]
 
 HOLD_OUTPUT_BYTES = 16 * 2**20
 """Model outputs up to this size are held until the step's read and reduced with the gradients
-in one fused norm; bigger ones are reduced at the end of the forward and not kept."""
+in one fused norm; bigger ones are reduced at the end of the forward and only their norm kept."""
 
 
 def check_mode_for(config: Any, ctx: Any) -> str:
@@ -78,8 +79,7 @@ class NonFiniteSentinel(Probe):
 
     def _clear(self) -> None:
         self._records: list[ForwardRecord] = []
-        self._outputs: list[torch.Tensor | None] = []  # held outputs (None: reduced at once)
-        self._out_norms: list[torch.Tensor] = []  # the norms of the outputs too big to hold
+        self._outputs: list[torch.Tensor] = []  # held outputs, or the norms of those too big to hold
         self._out_names: list[str] = []
         self._queued = False
 
@@ -104,12 +104,12 @@ class NonFiniteSentinel(Probe):
         for index, (suffix, tensor) in enumerate(tensors):
             self._out_names.append(suffix)
             # A small output is held (it is usually alive through backward anyway) and joins the
-            # read's one fused norm; a big one (LLM logits) is reduced now, not kept.
-            if tensor.numel() * tensor.element_size() <= HOLD_OUTPUT_BYTES:
-                self._outputs.append(tensor.detach())
-            else:
-                self._out_norms.append(foreach_norm([tensor.detach()], torch.float32)[0])
-                self._outputs.append(None)
+            # read's one fused norm; a big one (LLM logits) is reduced now, not kept: the norm of
+            # its (0-dim) norm is that norm again, so it joins the fused norm all the same.
+            held = tensor.detach()
+            if tensor.numel() * tensor.element_size() > HOLD_OUTPUT_BYTES:
+                held = foreach_norm([held], torch.float32)[0]
+            self._outputs.append(held)
             if tensor.requires_grad:
                 tensor.register_hook(self._output_grad_hook(buffer, record, index))
 
@@ -142,18 +142,14 @@ class NonFiniteSentinel(Probe):
 
     # ----------------------------------------------------------------- the one read
     def _read(self, buffer: StepBuffer, backward: bool, reduced: bool = False) -> None:
-        records, outputs, out_norms, out_names = self._records, self._outputs, self._out_norms, self._out_names
+        records, outputs, out_names = self._records, self._outputs, self._out_names
         self._clear()
-        held = [t for t in outputs if t is not None]
         out_grads = [g for r in records for g in r.grads.values()]
         grads = [p.grad for p in self._tensors if p.grad is not None] if backward else []
         if self._dtensors:
             grads = [local_view(g) for g in grads]
-        tensors = held + out_grads + grads  # (gradients carry no graph: nothing to detach)
+        tensors = outputs + out_grads + grads  # (gradients carry no graph: nothing to detach)
         norms = foreach_norm(tensors, torch.float32) if tensors else []
-        if out_norms:  # in output order: held ones from the fused norm, the others as taken
-            fused, early = iter(norms[:len(held)]), iter(out_norms)
-            norms[:len(held)] = [next(fused) if t is not None else next(early) for t in outputs]
         scale = self.ctx.grad_scale() if grads else None
         parts = norms + ([scale.reshape(()).float()] if scale is not None else [])
         if not parts:
@@ -225,11 +221,16 @@ class NonFiniteSentinel(Probe):
         return self._report(alert, may_raise, outcome.half_outputs if outcome is not None else {})
 
 
+@dataclass(frozen=True)
 class Sighting:
-    """What the sentinel saw, for the finding when the replay cannot name the origin."""
+    """What the sentinel saw, for the finding when the replay cannot name the origin: the
+    non-finite outputs (by suffix), whether the gradient arriving at them was, the parameters
+    whose gradients were, and whether any of it was NaN (else Inf)."""
 
-    def __init__(self, outputs: list[str], output_grad: bool, params: list[str], nan: bool) -> None:
-        self.outputs, self.output_grad, self.params, self.nan = outputs, output_grad, params, nan
+    outputs: list[str]
+    output_grad: bool
+    params: list[str]
+    nan: bool
 
     @property
     def empty(self) -> bool:
