@@ -406,11 +406,15 @@ def test_outputs_too_big_to_hold_are_reduced_at_once(tmp_path, monkeypatch):
 
     monkeypatch.setattr(sentinel, "HOLD_OUTPUT_BYTES", 0)
     torch.manual_seed(0)
-    model = mlp(Fault({1}))
+    model = mlp(Fault({2}))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", NonFiniteWarning)
         with watch(model, tmp_path / "run", every=10**9, **QUIET) as w:
-            for step in range(3):  # forward only: the output's norm is all the sentinel has
+            for step in range(3):
                 set_step(model, step)
-                model(torch.randn(6, 4))
-    assert [(a.where, a.step) for a in w.alerts if a.kind == "nonfinite"] == [("fault", 1)]
+                out = model(torch.randn(6, 4))
+                if step < 2:
+                    out.pow(2).mean().backward()
+            # Step 2 is forward only, read when the watch ends: its output's norm is all the
+            # sentinel has.
+    assert [(a.where, a.step) for a in w.alerts if a.kind == "nonfinite"] == [("fault", 2)]
