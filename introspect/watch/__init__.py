@@ -85,16 +85,10 @@ def watch(
             ``update_ratio/{param}``.
         on_nonfinite: "warn" (once per origin), "raise" (``NonFiniteError``) or "ignore".
         check_every: run the non-finite check every N steps (0: never).
-        check_mode: "replay" (default): per checked step, a sentinel takes the norms of the
-            model's outputs, of the gradient arriving at them and of the parameter gradients
-            (one fused reduction, one host sync per backward); only when one is NaN/Inf is the
-            step replayed (same inputs, RNG and buffers; ``.grad`` untouched) with every watched
-            module checked, to name the origin. "per_module": check every watched module on every
-            checked step (a sum per output and output gradient), for steps that cannot be
-            replayed: inputs changed in place after the forward, a non-deterministic forward, or
-            Python side effects in ``forward`` that must not run twice. Sharded training (FSDP)
-            and SyncBatchNorm under torch.distributed always use "per_module": their forward is
-            a collective that the ranks whose step was finite would not join.
+        check_mode: "replay": a sentinel per step (norms of the outputs, the gradient arriving at
+            them and the parameter gradients: one host sync) and, only when it sees NaN/Inf, a
+            replay of that step with every watched module checked. "per_module": every module on
+            every step, for steps that cannot be replayed (README: "First NaN/Inf").
         thresholds: when the debugger reports dead units, saturation, vanishing/exploding or
             stuck gradients: an ``introspect.Thresholds`` or a dict of its field names.
         summary / graph: print the torchinfo summary and write the graph on the first batch.

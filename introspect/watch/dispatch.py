@@ -1,5 +1,5 @@
-"""Which probe hears which event in the open step, and the per-module and backward hooks that
-carry events to them.
+"""The open step: its buffer, which probe hears which event in it, the per-module and backward
+hooks that carry events to them, and its end (written, then told to the probes).
 
 At each step's start the dispatch keeps, per event, the probes active for that step's plan (a
 probe that is off costs nothing), and works out once a step and per module which of them that
@@ -15,9 +15,10 @@ import torch
 from torch import nn
 
 from .._torch import queue_after_backward
-from ..errors import ProbeError
-from ..sinks import probe_tag
-from ..step import StepBuffer
+from ..errors import NonFiniteError, ProbeError
+from ..sharded import ShardRecords
+from ..sinks import probe_tag, write_step
+from ..step import HostStep, StepBuffer
 from .clock import StepPlan
 from .protocol import EVENTS, Probe, ProbeContext, overrides
 
@@ -41,9 +42,12 @@ class Dispatch:
         not on every step (the per-step Python cost matters on small models)."""
 
     # ----------------------------------------------------------------- step scope
-    def start_step(self, plan: StepPlan, buffer: StepBuffer) -> None:
-        """The probes of this step; ``on_step_start``; gradient-accumulation hooks if wanted."""
+    def open_step(self, plan: StepPlan) -> None:
+        """The step's buffer and probes; ``on_step_start``; gradient-accumulation hooks if wanted."""
         ctx = self.ctx
+        shards = ShardRecords(ctx.shards) if plan.logging and ctx.shards is not None else None
+        buffer = StepBuffer(step=plan.step, logging=plan.logging, checking=plan.checking, shards=shards)
+        ctx.plan, ctx.buffer = plan, buffer
         active = [p for p in self.probes if p.active(plan) and (p.builtin or f"<probe {p.name}>" not in ctx.disabled)]
         key = tuple(id(p) for p in active)
         events = self._events_of.get(key)
@@ -60,9 +64,39 @@ class Dispatch:
                 ctx.step_hooks.hook(
                     param.register_post_accumulate_grad_hook(self._param_grad_hook(buffer, name, takers)))
 
-    def end_step(self) -> None:
-        self.events = _NO_EVENTS
-        self._per_module = {}
+    def close_step(self) -> None:
+        """Write the open step, then tell the probes; a NaN/Inf to raise waits until all have run."""
+        ctx = self.ctx
+        buffer = ctx.buffer
+        if buffer is None:
+            return
+        ctx.step_hooks.undo()
+        error: NonFiniteError | None = None
+        try:
+            host: HostStep | None = None
+            if buffer.logging:
+                host = buffer.to_host()  # one transfer for the whole step's records
+                ctx.writer.run(write_step, host)
+            for probe in self.events["on_step_end"]:
+                try:
+                    probe.on_step_end(host)
+                except NonFiniteError as e:  # on_nonfinite="raise": after the step is complete
+                    error = error or e
+        finally:
+            buffer.closed = True
+            ctx.buffer = ctx.plan = None  # only now: a signal during the transfer loses nothing
+            self.events = _NO_EVENTS
+            self._per_module = {}
+        if error is not None:
+            raise error
+
+    def close_probes(self, failed: bool) -> None:
+        """``on_close`` to every probe; one probe's failing end stops neither the others nor the undo."""
+        for probe in self.probes:
+            try:
+                probe.on_close(failed)
+            except Exception as e:
+                self.ctx.disable(f"<{probe.name}>", None, e)
 
     # ----------------------------------------------------------------- module outputs
     def _probes_for(self, name: str) -> tuple[list[Probe], list[Probe]]:

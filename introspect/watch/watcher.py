@@ -28,11 +28,9 @@ from ..compiled import COMPILED_WARNING, compiling, forget_compiled_code, is_com
 from ..diagnostics import Alert, format_report
 from ..distributed import SideGroup, ddp_syncs_gradients, find_ddp, rank_and_world, rank_writer_target, writes_here
 from ..probes.divergence import MIN_RANKS
-from ..errors import AlreadyWatchedError, IntrospectWarning, NonFiniteError, warn
+from ..errors import AlreadyWatchedError, IntrospectWarning, warn
 from ..selection import select_modules, select_parameters, unwrap_model
-from ..sharded import ShardRecords, shard_combiner
-from ..sinks import write_step
-from ..step import HostStep, StepBuffer
+from ..sharded import shard_combiner
 from .clock import StepClock
 from .config import WatchConfig
 from .findings import Findings, GuardedWriter
@@ -79,10 +77,10 @@ class Watcher:
             self.findings = Findings(self._writer)
             params = select_parameters(root, modules)
             side_group = SideGroup()
-            self._shards = shard_combiner(model, params, config.log, side_group)
+            shards = shard_combiner(model, params, config.log, side_group)
             ddp = find_ddp(model)
             # Every rank plans the logging steps when their collectives need every rank.
-            shared = self._shards is not None or (
+            shared = shards is not None or (
                 rank_and_world()[1] >= MIN_RANKS and ddp is not None)
             self._clock = StepClock(
                 every=config.every, check_every=config.check_every, image_every=config.image_every,
@@ -97,7 +95,7 @@ class Watcher:
             self.ctx.ddp = ddp
             self.ctx.side_group = side_group
             self.ctx.clock = self._clock
-            self.ctx.shards = self._shards
+            self.ctx.shards = shards
             self._probes: list[Probe] = [*built_in_probes(config, self.ctx), *config.probes]
             for probe in self._probes:
                 probe.bind(self.ctx)
@@ -176,11 +174,9 @@ class Watcher:
         failed = sys.exc_info()[0] is not None
         try:
             try:
-                if self.ctx.buffer is not None:
-                    self._end_step()
+                self._dispatch.close_step()
             finally:
-                for probe in self._probes:
-                    self._call_close(probe, failed)
+                self._dispatch.close_probes(failed)
         finally:
             self._active = False
             self._registry.undo()
@@ -231,12 +227,6 @@ class Watcher:
 
     def _force_log(self) -> None:
         self._clock.request_log()
-
-    def _call_close(self, probe: Probe, failed: bool) -> None:
-        try:
-            probe.on_close(failed)
-        except Exception as e:  # one probe's end must not stop the others' (or the undo)
-            self.ctx.disable(f"<{probe.name}>", None, e)
 
     # ----------------------------------------------------------------- the root: step clock
     def _on_root_pre(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -310,9 +300,9 @@ class Watcher:
         """Open the step a training forward belongs to, ending the previous one if it is over."""
         buffer = self.ctx.buffer
         if buffer is not None and self._clock.forward_ends_step(buffer.step):
-            self._end_step()
+            self._dispatch.close_step()
         if self.ctx.buffer is None:
-            self._open_step()
+            self._dispatch.open_step(self._clock.plan())
 
     def _join_external_step(self, module: nn.Module) -> bool:
         """With ``step_fn=``, a training forward of a watched module counts even when the root is
@@ -321,38 +311,6 @@ class Watcher:
             return False
         self._sync_step()
         return True
-
-    def _open_step(self) -> None:
-        plan = self._clock.plan()
-        buffer = StepBuffer(step=plan.step, logging=plan.logging, checking=plan.checking,
-                            shards=ShardRecords(self._shards) if plan.logging and self._shards is not None else None)
-        self.ctx.plan, self.ctx.buffer = plan, buffer
-        self._dispatch.start_step(plan, buffer)
-
-    def _end_step(self) -> None:
-        """Write the step, then tell the probes; a NaN/Inf to raise waits until all have run."""
-        ctx = self.ctx
-        buffer = ctx.buffer
-        if buffer is None:
-            return
-        self._step_hooks.undo()
-        error: NonFiniteError | None = None
-        try:
-            host: HostStep | None = None
-            if buffer.logging:
-                host = buffer.to_host()  # one transfer for the whole step's records
-                self._writer.run(write_step, host)
-            for probe in self._dispatch.events["on_step_end"]:
-                try:
-                    probe.on_step_end(host)
-                except NonFiniteError as e:  # on_nonfinite="raise": after the step is complete
-                    error = error or e
-        finally:
-            buffer.closed = True
-            ctx.buffer = ctx.plan = None  # only now: a signal during the transfer loses nothing
-            self._dispatch.end_step()
-        if error is not None:
-            raise error
 
     # ----------------------------------------------------------------- module outputs
     def _make_output_hook(self, name: str) -> Callable[[nn.Module, Any, Any], None]:
@@ -387,7 +345,7 @@ class Watcher:
         else:
             for probe in self._dispatch.events["on_optimizer_step"]:
                 probe.on_optimizer_step()
-            self._end_step()
+            self._dispatch.close_step()
         if self._guard is not None and self._guard.pending is not None:
             self.close()  # a step boundary: the step is written; then the signal goes on
         return None
