@@ -39,9 +39,10 @@ from torch import nn
 from ._torch import tensor_version
 from .diagnostics import Alert, locate_nonfinite
 from .step import StepBuffer
+from .summary import preserved_state
 from .tensors import named_float_tensors, named_tensors
 
-__all__ = ["ForwardRecord", "ReplayOutcome", "capture_forward", "replay_step", "cuda_devices"]
+__all__ = ["ForwardRecord", "ReplayOutcome", "capture_forward", "replay_step"]
 
 _AUTOCAST_DEVICES = ("cpu", "cuda")
 
@@ -78,12 +79,6 @@ class ReplayOutcome:
     half_outputs: dict[str, torch.dtype] = field(default_factory=dict)
     own_gradients_finite: bool = False
     """The replay's own parameter gradients (this step's alone) were computed, all finite."""
-
-
-def cuda_devices(model: nn.Module) -> list[int]:
-    """The CUDA devices whose RNG the model's forward may draw from (its parameters' and buffers')."""
-    found = {t.device.index or 0 for t in [*model.parameters(), *model.buffers()] if t.device.type == "cuda"}
-    return sorted(found)
 
 
 def capture_forward(args: tuple, kwargs: dict, devices: list[int]) -> ForwardRecord:
@@ -124,8 +119,8 @@ def replay_step(ctx: Any, records: list[ForwardRecord], ledger: Any, step: int) 
     numbers = ValueStats()
     param_grads: list[tuple[str, torch.Tensor]] = []
     try:
-        with _replay_hooks(ctx, ledger, buffer, numbers), _restored_buffers(ctx.root), ctx.unobserved(), \
-                torch.random.fork_rng(devices=sorted({d for r in records for d in r.cuda_rng})), \
+        # preserved_state: the buffers copied and put back, the RNG forked (and modes kept).
+        with _replay_hooks(ctx, ledger, buffer, numbers), preserved_state(ctx.root), ctx.unobserved(), \
                 torch.enable_grad(), _eager(ctx.compiled):
             roots: list[torch.Tensor] = []
             grads: list[torch.Tensor] = []
@@ -201,17 +196,6 @@ def _replay_hooks(ctx: Any, ledger: Any, buffer: StepBuffer, numbers: "ValueStat
     finally:
         for handle in handles:
             handle.remove()
-
-
-@contextlib.contextmanager
-def _restored_buffers(root: nn.Module) -> Iterator[None]:
-    saved = [(b, b.detach().clone()) for b in root.buffers()]
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for buffer, value in saved:
-                buffer.copy_(value)
 
 
 def _eager(compiled: bool) -> contextlib.AbstractContextManager:

@@ -22,10 +22,15 @@ from torch.nn.utils.rnn import PackedSequence
 from . import _torch
 from .errors import IntrospectError, IntrospectWarning, ModelTypeError, first_line, warn
 
-__all__ = ["preserved_state", "model_summary", "summary", "write_graph", "summary_markdown"]
+__all__ = ["preserved_state", "cuda_devices", "model_summary", "summary", "write_graph", "summary_markdown"]
 
 SUMMARY_COLUMNS = ("input_size", "output_size", "num_params", "trainable")
 _TRACE_LOCK = threading.Lock()
+
+
+def cuda_devices(model: nn.Module) -> list[int]:
+    """The CUDA devices whose RNG the model's forward may draw from (its parameters' and buffers')."""
+    return sorted({t.device.index or 0 for t in (*model.parameters(), *model.buffers()) if t.is_cuda})
 
 
 @contextlib.contextmanager
@@ -33,11 +38,8 @@ def preserved_state(model: nn.Module) -> Iterator[None]:
     """Run side-effect-free forwards: restore modes, buffers and RNG streams afterwards."""
     modes = [(m, m.training) for m in model.modules()]
     buffers = [(b, b.detach().clone()) for b in model.buffers()]
-    cuda_devices = sorted(
-        {t.device.index or 0 for t in (*model.parameters(), *model.buffers()) if t.is_cuda}
-    )
     try:
-        with torch.random.fork_rng(devices=cuda_devices), torch.no_grad():
+        with torch.random.fork_rng(devices=cuda_devices(model)), torch.no_grad():
             yield
     finally:
         with torch.no_grad():

@@ -32,9 +32,10 @@ from .._torch import foreach_norm, queue_after_backward
 from ..diagnostics import Alert
 from ..distributed import rank_and_world
 from ..errors import NonFiniteError
-from ..replay import ForwardRecord, capture_forward, cuda_devices, replay_step
+from ..replay import ForwardRecord, capture_forward, replay_step
 from ..sharded import local_view
 from ..step import HostStep, StepBuffer
+from ..summary import cuda_devices
 from ..tensors import named_float_tensors
 from ..watch.clock import StepPlan
 from ..watch.protocol import Probe
