@@ -37,7 +37,8 @@ import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
 from examples.cli import example_parser  # noqa: E402
-from introspect import Alert, watch  # noqa: E402
+from introspect import Alert
+from introspect import watch
 
 SCENARIOS = ("nan", "exploding", "dead_relu", "vanishing")
 # The point here is the debugger: no model summary on stdout, no graph.

@@ -36,10 +36,10 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch.utils.tensorboard import SummaryWriter  # noqa: E402
 
+from examples.cli import example_parser  # noqa: E402
 from examples.data import synthetic_images  # noqa: E402
 from examples.models import SeedCNN  # noqa: E402
-from examples.cli import example_parser  # noqa: E402
-from introspect import watch  # noqa: E402
+from introspect import watch
 
 BATCH = 32
 

@@ -34,8 +34,8 @@ from torch.utils.tensorboard import SummaryWriter  # noqa: E402
 import introspect  # noqa: E402
 from examples.cli import example_parser  # noqa: E402
 from examples.models import SeedCNN, SigmoidCNN  # noqa: E402
-from introspect.sinks import SUMMARY_TAG  # noqa: E402
-from introspect.summary import summary_markdown, write_graph  # noqa: E402
+from introspect.analysis.summary import summary_markdown, write_graph
+from introspect.records.tags import SUMMARY_TAG
 
 RUNS = ("seed000_cnn224", "seed001_cnn32")
 

@@ -28,10 +28,15 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 import torch  # noqa: E402
-from transformers import BertConfig, BertForSequenceClassification, Trainer, TrainingArguments  # noqa: E402
+from transformers import (  # noqa: E402
+    BertConfig,
+    BertForSequenceClassification,
+    Trainer,
+    TrainingArguments,
+)
 
 from examples.cli import example_parser, positive_int  # noqa: E402
-from introspect.integrations.transformers import IntrospectCallback  # noqa: E402
+from introspect.integrations.transformers import IntrospectCallback
 
 VOCAB, LENGTH = 16, 12
 

@@ -33,7 +33,7 @@ from torch.utils.tensorboard import SummaryWriter  # noqa: E402
 from examples.cli import example_parser  # noqa: E402
 from examples.data import synthetic_images  # noqa: E402
 from examples.models import SeedCNN  # noqa: E402
-from introspect import watch  # noqa: E402
+from introspect import watch
 
 MEANS = range(-10, 10)
 EVERY = 10

@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 from examples.cli import example_parser, positive_int  # noqa: E402
 from examples.data import synthetic_images  # noqa: E402
 from examples.models import SeedCNN  # noqa: E402
-from introspect.integrations.lightning import IntrospectCallback  # noqa: E402
+from introspect.integrations.lightning import IntrospectCallback
 
 
 class BarClassifier(L.LightningModule):

@@ -38,7 +38,7 @@ from torch.utils.tensorboard import SummaryWriter  # noqa: E402
 from examples.cli import example_parser, positive_int  # noqa: E402
 from examples.data import synthetic_images  # noqa: E402
 from examples.models import SeedCNN  # noqa: E402
-from introspect import watch  # noqa: E402
+from introspect import watch
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

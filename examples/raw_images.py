@@ -40,9 +40,9 @@ from torch.utils.tensorboard import SummaryWriter  # noqa: E402
 from torchvision.datasets import ImageFolder  # noqa: E402
 from torchvision.transforms import ToTensor  # noqa: E402
 
-from examples.data import write_image_folder  # noqa: E402
 from examples.cli import example_parser  # noqa: E402
-from introspect import DataReport, inspect_data  # noqa: E402
+from examples.data import write_image_folder  # noqa: E402
+from introspect import DataReport, inspect_data
 
 
 def make_flawed_copy(source: Path, target: Path) -> Path:

@@ -38,7 +38,7 @@ from torch.utils.data import DataLoader, TensorDataset, random_split  # noqa: E4
 from torch.utils.tensorboard import SummaryWriter  # noqa: E402
 
 from examples.cli import example_parser, positive_int  # noqa: E402
-from introspect import watch  # noqa: E402
+from introspect import watch
 
 # The tutorial's settings. Kept in one dict so they can be logged as TensorBoard hyperparameters.
 HPARAMS = {"lr": 1e-4, "batch_size": 16, "hidden": "16-8", "patience": 10, "max_epochs": 100}

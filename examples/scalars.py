@@ -26,7 +26,7 @@ from torch import nn  # noqa: E402
 from torch.utils.tensorboard import SummaryWriter  # noqa: E402
 
 from examples.cli import example_parser, positive_int  # noqa: E402
-from introspect import watch  # noqa: E402
+from introspect import watch
 
 
 class Parabola(nn.Module):

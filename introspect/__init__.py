@@ -8,9 +8,13 @@
 
 from __future__ import annotations
 
-from .compare import Divergence, ModuleDiff, first_divergence
-from .data import DataReport, inspect_data
-from .diagnostics import Alert, Thresholds
+from .analysis.compare import Divergence, ModuleDiff, first_divergence
+from .analysis.data import DataReport, inspect_data
+from .analysis.spectral import SpectralChange, SpectralStats, spectral
+from .analysis.summary import summary
+from .debugger.alerts import Alert
+from .debugger.health import Thresholds
+from ._version import __version__
 from .errors import (
     AlreadyWatchedError,
     ArchitectureError,
@@ -27,12 +31,9 @@ from .errors import (
     ProbeError,
     UnsafeLoadError,
 )
-from .loading import load_model
-from .spectral import SpectralChange, SpectralStats, spectral
-from .summary import summary
-from .watch import Probe, Watcher, watch
+from .live import Probe, Watcher, watch
+from .load.models import load_model
 
-__version__ = "0.1.0"
 
 __all__ = [
     "watch",

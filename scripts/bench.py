@@ -210,7 +210,7 @@ class IsfiniteHooks:
     (module name, "forward" or "backward", step); ``step`` is the caller's to advance."""
 
     def __init__(self, model) -> None:
-        from introspect.tensors import named_float_tensors
+        from introspect.runtime.tensors import named_float_tensors
 
         self._tensors = named_float_tensors
         self.step = 0
@@ -452,8 +452,8 @@ def logging_step_tensors(model, x, y) -> list:
     """What a logging step of ``watch(every=1)`` takes statistics of: every watched module's
     output and the gradient w.r.t. it, every watched parameter and its gradient (one training
     step's forward and backward; the tensors are detached copies, kept for timing)."""
-    from introspect.tensors import named_float_tensors
-    from introspect.selection import select_modules, select_parameters
+    from introspect.runtime.selection import select_modules, select_parameters
+    from introspect.runtime.tensors import named_float_tensors
 
     modules = select_modules(model)
     params = select_parameters(model, modules)
@@ -503,7 +503,7 @@ def stats_pass_vs_bandwidth(model, x, y, device: str, reps: int = 10, probe_mb: 
     """
     import torch
 
-    from introspect.stats import RecordBatch
+    from introspect.records.stats import RecordBatch
 
     tensors = logging_step_tensors(model, x, y)
     n_bytes = sum(t.numel() * t.element_size() for t in tensors)
@@ -607,7 +607,7 @@ def _worker_body(args, result: dict) -> None:
     phase = time.perf_counter()
 
     # ---- timing: all variants side by side
-    from introspect.watch import DEFAULT_EVERY
+    from introspect.live import DEFAULT_EVERY
 
     result["default_every"] = DEFAULT_EVERY
     cadence = {k: VARIANTS[k][1] for k in keys}

@@ -21,10 +21,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-import introspect.distributed
-from introspect import NonFiniteError, watch
+import introspect.runtime.distributed
+from introspect import NonFiniteError
+from introspect import watch
 
-introspect.distributed.RANK_WAIT_S = 3.0  # a silent rank costs this once; keep the test short
+introspect.runtime.distributed.RANK_WAIT_S = 3.0  # a silent rank costs this once; keep the test short
 
 torch.set_num_threads(1)
 

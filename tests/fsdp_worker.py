@@ -23,16 +23,18 @@ import warnings
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from ddp_worker import alerts_of, finish
 from torch import nn
-from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+    checkpoint_wrapper,
+)
 from torch.distributed.fsdp import fully_shard
 
-import introspect.distributed
-from ddp_worker import alerts_of, finish
+import introspect.runtime.distributed
 from introspect import watch
-from introspect.stats import tensor_record
+from introspect.records.stats import tensor_record
 
-introspect.distributed.RANK_WAIT_S = 3.0  # a rank that never joins costs this once
+introspect.runtime.distributed.RANK_WAIT_S = 3.0  # a rank that never joins costs this once
 
 torch.set_num_threads(1)
 

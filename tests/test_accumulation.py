@@ -7,9 +7,9 @@ import copy
 
 import torch
 import torch.nn.functional as F
+from conftest import QUIET, hist_at, hist_steps, read_events
 from torch import nn
 
-from conftest import QUIET, hist_at, hist_steps, read_events
 from introspect import watch
 
 MICRO = 3

@@ -7,10 +7,11 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import QUIET, hist_at, read_events
 from torch import nn
 
-from conftest import QUIET, hist_at, read_events
-from introspect import ConfigError, NonFiniteWarning, watch
+from introspect import ConfigError, NonFiniteWarning
+from introspect import watch
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (autocast and GradScaler on CUDA)")
 

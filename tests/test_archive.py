@@ -13,16 +13,12 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from introspect import LoadError, UnsafeLoadError, load_model
-from introspect.archive import MAX_INFLATION, check_export_archive, check_program, check_sym_expr
-
 from saved_models import (
     X,
     deflate_bomb,
+    export_with_code_running_part,
     flat_layout_export,
     opaque_constant_export,
-    export_with_code_running_part,
     python_writing,
     quoteless,
     rewrite_program,
@@ -30,6 +26,14 @@ from saved_models import (
     run_limited,
     save_as,
     seed_cnn,
+)
+
+from introspect import LoadError, UnsafeLoadError, load_model
+from introspect.load.archive import (
+    MAX_INFLATION,
+    check_export_archive,
+    check_program,
+    check_sym_expr,
 )
 
 

@@ -13,11 +13,10 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-
-from introspect.board import is_loopback
-from introspect.cli import main
-
 from saved_models import cli_env, console_script
+
+from introspect.cli.board import is_loopback
+from introspect.cli.commands import main
 
 
 def listening(port: int) -> bool:

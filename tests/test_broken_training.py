@@ -9,10 +9,9 @@ import warnings
 from pathlib import Path
 
 import pytest
+from conftest import read_events, text_of
 
 from introspect import NonFiniteWarning
-
-from conftest import read_events, text_of
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = REPO_ROOT / "examples" / "broken_training.py"

@@ -14,10 +14,6 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-
-from introspect import LoadError
-from introspect.cli import main
-
 from conftest import read_events
 from saved_models import (
     FORMATS,
@@ -33,6 +29,9 @@ from saved_models import (
     saved,  # noqa: F401  (a fixture)
     seed_cnn,
 )
+
+from introspect import LoadError
+from introspect.cli.commands import main
 
 SHAPE = ["--input-shape", "1,3,32,32"]
 

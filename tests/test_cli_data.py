@@ -11,7 +11,7 @@ from conftest import read_events
 from PIL import Image
 from test_data import write_folder
 
-from introspect.cli import main
+from introspect.cli.commands import main
 
 
 def run(*args: str):

@@ -13,11 +13,17 @@ import pytest
 import torch
 from click.testing import CliRunner
 from PIL import Image
+from saved_models import SEED_ARCH, seed_cnn
 from torch import nn
 
-from introspect import ConfigError, Divergence, ModelTypeError, ModuleDiff, first_divergence
-from introspect.cli import main
-from saved_models import SEED_ARCH, seed_cnn
+from introspect import (
+    ConfigError,
+    Divergence,
+    ModelTypeError,
+    ModuleDiff,
+    first_divergence,
+)
+from introspect.cli.commands import main
 
 
 def mlp() -> nn.Sequential:

@@ -11,11 +11,12 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import QUIET, hist_at, hist_steps, histogram_tags, hook_state, read_events
 from torch import nn
 
-from conftest import QUIET, hist_at, hist_steps, histogram_tags, hook_state, read_events
-from introspect import IntrospectWarning, watch
-from introspect.compiled import COMPILED_WARNING
+from introspect import IntrospectWarning
+from introspect import watch
+from introspect.runtime.compiled import COMPILED_WARNING
 
 pytestmark = [
     pytest.mark.slow,

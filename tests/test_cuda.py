@@ -13,10 +13,10 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import QUIET, hist_at, hist_steps, read_events
-from introspect import watch
 from zoo import SeedCNN
+
+from introspect import watch
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

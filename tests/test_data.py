@@ -18,8 +18,14 @@ from torch.utils.tensorboard import SummaryWriter
 from torchvision.datasets import ImageFolder
 from torchvision.transforms import ToTensor
 
-from introspect import ConfigError, DataReport, IntrospectError, ModelTypeError, inspect_data
-from introspect.data import image_folder
+from introspect import (
+    ConfigError,
+    DataReport,
+    IntrospectError,
+    ModelTypeError,
+    inspect_data,
+)
+from introspect.analysis.data import image_folder
 
 CLASSES = ("0_airplane", "1_automobile")
 SIZE = 16
@@ -103,7 +109,7 @@ def test_samples_figure_titles_every_class_of_a_sorted_folder(tmp_path):
     report = inspect(ImageFolder(str(folder), transform=ToTensor()), tmp_path / "run", max_samples=100)
     assert report.samples == 100 and report.total == 160
     assert report.class_counts == [80, 80]  # from .targets: the whole set, not only the scan
-    from introspect.data import _Scan  # the preview positions of a 100-image scan
+    from introspect.analysis.data import _Scan
 
     scan = _Scan(None, 100)
     assert len(scan._preview_at) == 64 and max(scan._preview_at) > 90

@@ -15,22 +15,20 @@ from collections import OrderedDict
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import QUIET, count_hooks, hist_steps, hook_state, read_events, text_of
 from torch import nn
+from zoo import SeedCNN
 
-from introspect import Alert, ConfigError, NonFiniteError, NonFiniteWarning, watch
-from introspect.step import Check
-from introspect.diagnostics import (
-    CallRecord,
+from introspect import Alert, ConfigError, NonFiniteError, NonFiniteWarning
+from introspect import watch
+from introspect.debugger.alerts import alerts_markdown, format_report
+from introspect.debugger.health import (
     GradientHealth,
     Thresholds,
-    alerts_markdown,
     check_activation_health,
-    format_report,
-    locate_nonfinite,
 )
-
-from conftest import QUIET, count_hooks, hist_steps, hook_state, read_events, text_of
-from zoo import SeedCNN
+from introspect.debugger.origins import CallRecord, locate_nonfinite
+from introspect.records.step import Check
 
 NAN = float("nan")
 INF = float("inf")
@@ -1111,8 +1109,8 @@ def nan_loss_at_step_0(model: nn.Module, steps: int, on_step=None) -> None:
 
 def host_step(step: int, kind: str, named: dict[str, torch.Tensor]):
     """The HostStep the watcher's StepBuffer makes of these tensors under ``{kind}/{name}``."""
-    from introspect.sinks import tag
-    from introspect.step import StepBuffer
+    from introspect.records.step import StepBuffer
+    from introspect.records.tags import tag
 
     buffer = StepBuffer(step=step, logging=True, checking=False)
     for name, tensor in named.items():
@@ -1133,7 +1131,7 @@ def layer_sums(histograms) -> dict[str, tuple[float, float]]:
 
 
 def test_a_nan_gradient_is_not_called_vanishing():
-    from introspect.diagnostics import nonfinite_gradients
+    from introspect.debugger.origins import nonfinite_gradients
 
     torch.manual_seed(0)
     model = EmbedHead()
@@ -1174,7 +1172,7 @@ def test_a_nan_gradient_under_watch_is_not_called_vanishing(tmp_path):
 def test_nan_weights_are_named_as_such_not_as_the_modules_fault(tmp_path):
     """Through watch: the step after an optimizer step applied NaN gradients, the forward check
     names emb (finite token ids in, NaN out); with that step's weight records the finding says why."""
-    from introspect.diagnostics import blame_nonfinite_weights
+    from introspect.debugger.origins import blame_nonfinite_weights
 
     torch.manual_seed(0)
     model = EmbedHead()

@@ -16,11 +16,16 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import QUIET, hist_at, hist_steps, histogram_tags, read_events
-from introspect import ConfigError, watch
-from introspect.distributed import origin_code, rank_origin_alert, rank_writer_target
-from introspect.diagnostics import Alert
+
+from introspect import ConfigError
+from introspect import watch
+from introspect.debugger.alerts import Alert
+from introspect.runtime.distributed import (
+    origin_code,
+    rank_origin_alert,
+    rank_writer_target,
+)
 
 WORKER = Path(__file__).with_name("ddp_worker.py")
 needs_gloo = pytest.mark.skipif(

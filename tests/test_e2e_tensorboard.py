@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from browser import Browser, BrowserError, stop_process_group
 
 REPO_ROOT = Path(__file__).resolve().parent.parent

@@ -8,13 +8,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c as tb_masked_crc32c
+from conftest import QUIET, hist_at, read_events
+from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import (
+    masked_crc32c as tb_masked_crc32c,
+)
 from torch import nn
 from torch.utils.tensorboard import SummaryWriter
 
-from introspect import eventfile, watch
-
-from conftest import QUIET, hist_at, read_events
+from introspect import watch
+from introspect.records import eventfile
 
 
 @pytest.mark.parametrize("n", [0, 1, 7, 8, 63, 64, 65, eventfile.BLOCK - 1, eventfile.BLOCK, eventfile.BLOCK + 1,

@@ -12,10 +12,10 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
-from examples.models import SeedCNN  # noqa: E402
-
 from conftest import read_events, text_of  # noqa: E402
 from hparams_records import hparam_values, hparams_records  # noqa: E402
+
+from examples.models import SeedCNN  # noqa: E402
 
 
 def test_seed_cnn_has_the_tutorials_parameter_count():

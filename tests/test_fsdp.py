@@ -8,15 +8,21 @@ The reference for every histogram is the exact full tensor each rank gathers its
 from __future__ import annotations
 
 import math
-
 from pathlib import Path
 
 import pytest
 import torch
-
-from conftest import hist_at, hist_steps, histogram_tags, read_events, scalar_at, text_of
-from introspect.selection import clean_name
+from conftest import (
+    hist_at,
+    hist_steps,
+    histogram_tags,
+    read_events,
+    scalar_at,
+    text_of,
+)
 from test_distributed import needs_gloo, run_worker
+
+from introspect.runtime.selection import clean_name
 
 WORKER = Path(__file__).with_name("fsdp_worker.py")
 def _has_fsdp2() -> bool:

@@ -30,10 +30,9 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 from conftest import QUIET, REPO_ROOT, make_optimizer, read_events, train
 from hparams_records import hparam_values, hparams_records, metric_tags, status_name
+from torch import nn
 from zoo import ZOO, ZOO_IDS, ZooCase, seed_cnn_batch, seed_cnn_loss
 
 from examples.broken_training import DeepTanhNet, batches, mlp, regression_data

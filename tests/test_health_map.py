@@ -13,15 +13,23 @@ import pytest
 import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
+from conftest import hist_at, read_events
 from PIL import Image
 from torch import nn
 
-from conftest import hist_at, read_events
-from introspect import sinks, watch
-from introspect.cli import main
+from introspect import watch
+from introspect.analysis.health_map_render import (
+    STATS,
+    HealthMap,
+    find_run,
+    health_map_from_events,
+    health_map_tag,
+    read_alerts,
+)
+from introspect.cli.commands import main
 from introspect.errors import ConfigError, LoadError, NonFiniteWarning
-from introspect.health_map import STATS, HealthMap, find_run, health_map_from_events, health_map_tag, read_alerts
-from introspect.step import HostStep
+from introspect.records import sinks
+from introspect.records.step import HostStep
 
 FINDING_RGB = (0xE4, 0x1A, 0x1C)
 
@@ -149,7 +157,7 @@ def test_write_images_to_tensorboard(run, tmp_path):
 
 
 def test_a_module_is_shown_by_its_weight():
-    from introspect.health_map import _module_ratios
+    from introspect.analysis.health_map_render import _module_ratios
 
     assert _module_ratios({"out.bias": 0.3, "out.weight": 0.01, "ln.bias": 0.2, "p": 0.5, "x.weight": math.nan}) == {
         "out": 0.01, "ln": 0.2, "p": 0.5}
@@ -275,7 +283,7 @@ def test_broken_training_nan_map(tmp_path):
 
 
 def test_watch_writes_the_health_map_at_image_steps_and_at_close(tmp_path):
-    from introspect.watch import DEFAULT_LOG
+    from introspect.live import DEFAULT_LOG
 
     model = dead_mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.05)

@@ -7,14 +7,20 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from conftest import QUIET, hist_steps, read_events, scalar_at, train
+from hparams_records import (
+    event_dirs,
+    hparam_values,
+    hparams_records,
+    metric_tags,
+    status_name,
+)
 from torch import nn
 from torch.utils.tensorboard import SummaryWriter
 
-from introspect import ConfigError, IntrospectError, IntrospectWarning, watch
-from introspect.hparams import check_hparams, check_metrics
-
-from conftest import QUIET, hist_steps, read_events, scalar_at, train
-from hparams_records import event_dirs, hparam_values, hparams_records, metric_tags, status_name
+from introspect import ConfigError, IntrospectError, IntrospectWarning
+from introspect import watch
+from introspect.records.run_params import check_hparams, check_metrics
 
 
 def _mlp() -> nn.Module:
@@ -211,9 +217,16 @@ def test_a_writer_without_a_file_writer_warns_once_and_training_goes_on():
 def test_tensorboards_hparams_plugin_compares_the_runs_side_by_side(tmp_path):
     """What the HPARAMS tab shows, asked of the plugin's own backend (as its HTTP handler does)."""
     from tensorboard import context
-    from tensorboard.backend.event_processing import data_provider, plugin_event_multiplexer
+    from tensorboard.backend.event_processing import (
+        data_provider,
+        plugin_event_multiplexer,
+    )
     from tensorboard.plugins import base_plugin
-    from tensorboard.plugins.hparams import api_pb2, backend_context, list_session_groups
+    from tensorboard.plugins.hparams import (
+        api_pb2,
+        backend_context,
+        list_session_groups,
+    )
 
     for i, lr in enumerate([0.1, 0.01]):
         with watch(_mlp(), tmp_path / f"run{i}", hparams={"lr": lr, "bn": bool(i)}, **EVERY_STEP) as w:

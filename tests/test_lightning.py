@@ -11,13 +11,18 @@ from torch import nn
 
 L = pytest.importorskip("lightning.pytorch")
 
+from conftest import count_hooks, hist_steps, hook_state, read_events, tags_with_prefix  # noqa: E402
+from hparams_records import (  # noqa: E402
+    event_dirs,
+    hparam_values,
+    hparams_records,
+    metric_tags,
+    status_name,
+)
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger  # noqa: E402
 
-from introspect import ConfigError  # noqa: E402
-from introspect.integrations.lightning import IntrospectCallback  # noqa: E402
-
-from conftest import count_hooks, hist_steps, hook_state, read_events, tags_with_prefix  # noqa: E402
-from hparams_records import event_dirs, hparam_values, hparams_records, metric_tags, status_name  # noqa: E402
+from introspect import ConfigError
+from introspect.integrations.lightning import IntrospectCallback
 
 CONTRACT = {
     "activations/net.0", "activations/net.1", "activations/net.2",

@@ -7,23 +7,6 @@ import sys
 
 import pytest
 import torch
-from torch import nn
-
-import introspect
-from introspect import (
-    ArchitectureError,
-    InputShapeError,
-    KeyMismatchError,
-    LoadError,
-    ModelTypeError,
-    UnsafeLoadError,
-    load_model,
-)
-from introspect.activations import record_activations
-from introspect.inputs import check_input, expected_input, image_batches, image_files, parse_shape
-from introspect.loading import build_architecture, detect_format, load_weights
-from introspect.weights import compare_weights, weight_stats, write_weight_histograms
-
 from conftest import count_hooks, hook_state, read_events
 from saved_models import (
     MODEL_FORMATS,
@@ -36,6 +19,33 @@ from saved_models import (
     seed_cnn,
     storages_tagged_cuda,
 )
+from torch import nn
+
+import introspect
+from introspect import (
+    ArchitectureError,
+    InputShapeError,
+    KeyMismatchError,
+    LoadError,
+    ModelTypeError,
+    UnsafeLoadError,
+    load_model,
+)
+from introspect.analysis.weight_stats import (
+    compare_weights,
+    weight_stats,
+    write_weight_histograms,
+)
+from introspect.live.record_activations import record_activations
+from introspect.load.formats import detect_format
+from introspect.load.model_inputs import (
+    check_input,
+    expected_input,
+    image_batches,
+    image_files,
+    parse_shape,
+)
+from introspect.load.models import build_architecture, load_weights
 
 
 def assert_same_model(model: nn.Module, expected: torch.Tensor) -> None:
@@ -121,7 +131,7 @@ def test_timm_architecture_by_name(tmp_path):
     pytest.importorskip("timm")
     from click.testing import CliRunner
 
-    from introspect.cli import main
+    from introspect.cli.commands import main
 
     torch.manual_seed(0)
     net = build_architecture("timm:resnet18", {"num_classes": 10})

@@ -7,14 +7,18 @@ import warnings
 
 import pytest
 import torch
+from conftest import count_hooks, hook_state, read_events
 from torch import nn
 from torch.utils.tensorboard import SummaryWriter
 
-from introspect import IntrospectWarning, watch
-from introspect import module_graph
-from introspect.module_graph import graph_def, record_module_graph, write_module_graph
-
-from conftest import count_hooks, hook_state, read_events
+from introspect import IntrospectWarning
+from introspect import watch
+from introspect.analysis import module_graph
+from introspect.analysis.module_graph import (
+    graph_def,
+    record_module_graph,
+    write_module_graph,
+)
 
 
 def introspect_warnings(record) -> list[str]:
@@ -158,7 +162,7 @@ def test_calls_past_the_limit_are_left_out_and_said(monkeypatch, tmp_path):
     assert record.truncated and [c.name for c in record.calls] == ["", "block1", "block1.fc1"]
     graph, _ = graph_def(record)
     assert "Net/block1/block1.fc1" in edges(graph)
-    from introspect.summary import write_graph
+    from introspect.analysis.summary import write_graph
 
     class Untraceable(Net):
         def forward(self, x):

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
-
 import pytest
 import torch
+from conftest import QUIET, hook_state, read_events, scalar_tags
 from torch import nn
 
 import introspect
-from conftest import QUIET, hook_state, read_events, scalar_tags
-from introspect import ConfigError, ConfigTypeError, IntrospectWarning, Probe, ProbeError, watch
+from introspect import (
+    ConfigError,
+    ConfigTypeError,
+    IntrospectWarning,
+    Probe,
+    ProbeError,
+)
+from introspect import watch
 
 
 class AbsMax(Probe):

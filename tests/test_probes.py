@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
-from introspect.tensors import named_float_tensors
+from introspect.runtime.tensors import named_float_tensors
 
 
 def names(output):

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from saved_models import REPO_ROOT, console_script, seed_cnn
 
 README = REPO_ROOT / "README.md"

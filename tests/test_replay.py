@@ -14,10 +14,11 @@ from collections import OrderedDict
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import QUIET, hook_state
 from torch import nn
 
-from conftest import QUIET, hook_state
-from introspect import ConfigError, ConfigTypeError, NonFiniteError, NonFiniteWarning, watch
+from introspect import ConfigError, ConfigTypeError, NonFiniteError, NonFiniteWarning
+from introspect import watch
 
 MODES = ("replay", "per_module")
 
@@ -402,7 +403,7 @@ def test_check_mode_is_checked(tmp_path):
 def test_outputs_too_big_to_hold_are_reduced_at_once(tmp_path, monkeypatch):
     """An output above HOLD_OUTPUT_BYTES (an LLM's logits) is reduced at the end of the forward
     and only its norm kept: the sentinel still sees its NaN, the replay still names the origin."""
-    from introspect.probes import sentinel
+    from introspect.probes.nonfinite import sentinel
 
     monkeypatch.setattr(sentinel, "HOLD_OUTPUT_BYTES", 0)
     torch.manual_seed(0)

@@ -13,13 +13,20 @@ import warnings
 
 import pytest
 import torch
-import torch.nn.functional as F
+from conftest import (
+    QUIET,
+    hist_steps,
+    histogram_tags,
+    hook_state,
+    make_optimizer,
+    read_events,
+)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from conftest import QUIET, hist_steps, histogram_tags, hook_state, make_optimizer, read_events
-from introspect import IntrospectError, IntrospectWarning, ProbeError, watch
+from introspect import IntrospectError, IntrospectWarning, ProbeError
+from introspect import watch
 
 
 # =========================================================================== failing probes

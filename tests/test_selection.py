@@ -5,13 +5,18 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
-
-from introspect import ConfigError, ModelTypeError, watch
-from introspect.selection import root_name, select_modules, select_parameters, unwrap_model
-
 from conftest import QUIET, histogram_tags, read_events, tags_with_prefix, train
+from torch import nn
 from zoo import SEED_CNN_MODULES, SeedCNN, seed_cnn_batch, seed_cnn_loss
+
+from introspect import ConfigError, ModelTypeError
+from introspect import watch
+from introspect.runtime.selection import (
+    root_name,
+    select_modules,
+    select_parameters,
+    unwrap_model,
+)
 
 
 class Block(nn.Module):

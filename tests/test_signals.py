@@ -18,7 +18,6 @@ import sys
 import textwrap
 
 import pytest
-
 from conftest import hist_steps, read_events
 
 TRIALS = 50
@@ -33,7 +32,7 @@ SERVER = textwrap.dedent(
     from introspect import step as step_module
     from tensorboard.summary.writer import event_file_writer
     from torch.utils.tensorboard import SummaryWriter  # imported once here, not in every child
-    from introspect.visuals import grad_flow_image
+    from introspect.records.visuals import grad_flow_image
     grad_flow_image(["a", "b"], [1.0, 2.0], [1.0, 2.0], 0)  # matplotlib's fonts, loaded once
     torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)  # the optimizer's lazy imports (~1.5 s)
     import importlib, pkgutil, introspect.probes  # watch() imports its probes lazily: once, here

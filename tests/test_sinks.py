@@ -7,14 +7,13 @@ import os
 
 import pytest
 import torch
+from conftest import count_hooks, hook_state
 from torch import nn
 from torch.utils.tensorboard import SummaryWriter
 
 from introspect import watch
 from introspect.errors import ConfigError, ConfigTypeError
-from introspect.sinks import open_writer
-
-from conftest import count_hooks, hook_state
+from introspect.records.sinks import open_writer
 
 
 def tiny() -> nn.Module:
@@ -47,7 +46,7 @@ def test_a_writer_path_that_is_a_file(tmp_path):
 def test_a_writer_turned_into_text_makes_no_directory(tmp_path, monkeypatch):
     """How ``<torch.utils.tensorboard.writer.SummaryWriter object at 0x7f15e58df290>/`` came to be
     committed: a test helper passed ``str(writer)``, and it was taken for a log directory."""
-    from introspect.data import inspect_data
+    from introspect.analysis.data import inspect_data
 
     monkeypatch.chdir(tmp_path)
     writer = SummaryWriter(str(tmp_path / "run"))

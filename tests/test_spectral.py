@@ -8,12 +8,20 @@ import math
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import read_events, scalar_at
 from torch import nn
 
-from conftest import read_events, scalar_at
-from introspect import ModelTypeError, SpectralStats, spectral
-from introspect.cli import main
-from introspect.spectral import ALPHA_BAND, SCALARS, compare_spectral, fit_power_law, matrix_spectrum, weight_matrices
+from introspect import ModelTypeError, SpectralStats
+from introspect import spectral
+from introspect.analysis.spectral import (
+    ALPHA_BAND,
+    SCALARS,
+    compare_spectral,
+    fit_power_law,
+    matrix_spectrum,
+    weight_matrices,
+)
+from introspect.cli.commands import main
 
 
 def with_eigenvalues(n: int, m: int, eigenvalues: torch.Tensor, seed: int = 0) -> torch.Tensor:

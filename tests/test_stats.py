@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from introspect.stats import (
+from introspect.records.stats import (
     HIST_BINS,
     RECORD_LEN,
     SAMPLE_LIMIT,
@@ -310,7 +310,7 @@ def test_record_on_cuda_matches_cpu(n):
 def test_batch_of_mixed_sizes_matches_one_record_each():
     """Small tensors get their stats from compute()'s segment reductions, larger ones from their
     own passes; in one batch, every row is what the tensor alone would give, in the order added."""
-    from introspect.stats import BATCHED_LIMIT, RecordBatch
+    from introspect.records.stats import BATCHED_LIMIT, RecordBatch
 
     g = torch.Generator().manual_seed(3)
     tensors = [
@@ -336,7 +336,7 @@ def test_batch_of_mixed_sizes_matches_one_record_each():
 
 
 def test_batch_with_nan_in_a_small_tensor():
-    from introspect.stats import RecordBatch
+    from introspect.records.stats import RecordBatch
 
     batch = RecordBatch()
     batch.add(torch.randn(10_000))

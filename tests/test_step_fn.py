@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import QUIET, count_hooks, hist_steps, hook_state, read_events
 from torch import nn
 
-from introspect import ConfigError, watch
-
-from conftest import QUIET, count_hooks, hist_steps, hook_state, read_events
+from introspect import ConfigError
+from introspect import watch
 
 
 class Counter:

@@ -8,15 +8,16 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import QUIET, hist_at, read_events, text_of, train
 from torch import nn
 from torch.utils.tensorboard import SummaryWriter
+from zoo import SEED_CNN_PARAMS, PackedLSTM, SeedCNN, seed_cnn_batch, seed_cnn_loss
 
 import introspect
-from introspect import IntrospectWarning, ModelTypeError, watch
-from introspect.summary import model_summary, preserved_state, summary_markdown, write_graph
-
-from conftest import QUIET, hist_at, read_events, text_of, train
-from zoo import SEED_CNN_PARAMS, PackedLSTM, SeedCNN, seed_cnn_batch, seed_cnn_loss
+from introspect import IntrospectWarning, ModelTypeError
+from introspect import watch
+from introspect.analysis.summary import model_summary, summary_markdown, write_graph
+from introspect.runtime.preserved import preserved_state
 
 TOTAL = f"Total params: {SEED_CNN_PARAMS:,}"  # "Total params: 54,273"
 

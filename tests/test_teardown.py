@@ -10,11 +10,12 @@ import warnings
 
 import pytest
 import torch
+from conftest import QUIET, hist_steps, hook_state, read_events
 from torch import nn
 
-from conftest import QUIET, hist_steps, hook_state, read_events
-from introspect import ConfigError, ConfigTypeError, IntrospectWarning, watch
-from introspect.watch.registry import ACTIVE, Registry
+from introspect import ConfigError, ConfigTypeError, IntrospectWarning
+from introspect import watch
+from introspect.runtime.registry import ACTIVE, Registry
 
 
 class SmallCNN(nn.Module):

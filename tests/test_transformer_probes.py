@@ -351,7 +351,7 @@ def test_mha_static_key_replaces_the_projection(softmax_inputs):
 def test_gradient_norm_rides_in_the_checks_one_transfer(tmp_path, monkeypatch):
     """Off the logging cadence a checked step still makes exactly one host transfer, and the norm
     the spike score reads is the global gradient norm."""
-    import introspect.step as step_module
+    import introspect.records.step as step_module
     from introspect.probes.grad_spike import GradNormSpike
 
     transfers: list[int] = []

@@ -14,13 +14,24 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
-from transformers import BertConfig, BertForSequenceClassification, Trainer, TrainerCallback, TrainingArguments  # noqa: E402,E501
-
-from introspect import ConfigError  # noqa: E402
-from introspect.integrations.transformers import IntrospectCallback  # noqa: E402
-
 from conftest import count_hooks, hist_steps, hook_state, read_events, tags_with_prefix  # noqa: E402
-from hparams_records import event_dirs, hparam_values, hparams_records, metric_tags, status_name  # noqa: E402
+from hparams_records import (  # noqa: E402
+    event_dirs,
+    hparam_values,
+    hparams_records,
+    metric_tags,
+    status_name,
+)
+from transformers import (  # noqa: E402,E501
+    BertConfig,
+    BertForSequenceClassification,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+)
+
+from introspect import ConfigError
+from introspect.integrations.transformers import IntrospectCallback
 
 pytestmark = pytest.mark.slow  # each Trainer run takes a few seconds on a 2-core CPU
 

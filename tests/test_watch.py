@@ -15,20 +15,6 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
-from torch.utils.tensorboard import SummaryWriter
-
-import introspect
-from introspect import (
-    AlreadyWatchedError,
-    ConfigError,
-    IntrospectWarning,
-    ModelTypeError,
-    NonFiniteError,
-    NonFiniteWarning,
-    watch,
-)
-
 from conftest import (
     QUIET,
     assert_same_losses,
@@ -46,6 +32,8 @@ from conftest import (
     text_of,
     train,
 )
+from torch import nn
+from torch.utils.tensorboard import SummaryWriter
 from zoo import (
     SEED_CNN_MODULES,
     ZOO,
@@ -55,6 +43,16 @@ from zoo import (
     seed_cnn_loss,
 )
 
+import introspect
+from introspect import (
+    AlreadyWatchedError,
+    ConfigError,
+    IntrospectWarning,
+    ModelTypeError,
+    NonFiniteError,
+    NonFiniteWarning,
+    watch,
+)
 
 # Output shapes of the seed CNN's modules for a 2 x 3 x 32 x 32 batch, worked out by hand:
 # 32 -conv3-> 30 -pool2-> 15 -conv5-> 11 -pool2-> 5 -adaptive-> 1.
@@ -375,7 +373,7 @@ def test_hooks_removed_and_steps_on_disk_after_exception_in_block(seed_cnn, writ
     opt = make_optimizer(seed_cnn)
     before = hook_state(seed_cnn, opt)
     with pytest.raises(exc_type):
-        with watch(seed_cnn, writer, every=1, optimizer=None, **QUIET) as w:
+        with watch(seed_cnn, writer, every=1, optimizer=None, **QUIET):
             _check_hooks_attached(seed_cnn, before)
             train(seed_cnn, seed_cnn_batch, seed_cnn_loss, 3, optimizer=opt)
             raise exc_type("stop")

@@ -21,7 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from examples.models import SeedCNN  # one definition, shared with the examples (conftest puts the repo on sys.path)
+from examples.models import (
+    SeedCNN,  # one definition, shared with the examples (conftest puts the repo on sys.path)
+)
 
 __all__ = [
     "ZooCase",

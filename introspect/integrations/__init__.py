@@ -16,8 +16,8 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from ..errors import ConfigError
-from ..hparams import check_metrics, plain_scalar
-from ..watch import WATCH_OPTIONS
+from ..live import WATCH_OPTIONS
+from ..records.run_params import check_metrics, plain_scalar
 
 __all__ = ["import_extra", "callback_options", "framework_hparams", "final_metrics"]
 

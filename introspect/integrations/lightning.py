@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
-from ..watch import Watcher, watch
+from ..live import Watcher, watch
 from . import callback_options, final_metrics, framework_hparams, import_extra
 
 pl = import_extra(("lightning.pytorch", "pytorch_lightning"), extra="lightning")

@@ -25,7 +25,7 @@ import os
 import weakref
 from typing import Any
 
-from ..watch import Watcher, watch
+from ..live import Watcher, watch
 from . import callback_options, final_metrics, framework_hparams, import_extra
 
 transformers = import_extra(("transformers",), extra="transformers")

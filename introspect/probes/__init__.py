@@ -1,5 +1,5 @@
 """The built-in probes of ``watch``: one concern each, all on the public :class:`introspect.Probe`
-protocol (see :mod:`introspect.watch.protocol`).
+protocol (see :mod:`introspect.probes.base`).
 
 Their order is the order events reach them: the non-finite check comes first (its sums are reused
 by the activation and gradient histograms of the same tensors, and it decides whether a step's
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..watch.protocol import Probe
+from .base import Probe
 
 __all__ = ["built_in_probes"]
 
@@ -29,10 +29,10 @@ def built_in_probes(config: Any, ctx: Any) -> list[Probe]:
     from .health_map import HealthMapProbe
     from .hparams import Hparams
     from .inputs import Inputs
-    from .nonfinite import NonFiniteCheck, NonFiniteNumbers
-    from .sentinel import NonFiniteSentinel, check_mode_for
-    from .unit_health import UnitHealth
+    from .nonfinite.per_module import NonFiniteCheck, NonFiniteNumbers
+    from .nonfinite.sentinel import NonFiniteSentinel, check_mode_for
     from .transformer import AttentionProbe, LogitDivergence, MassiveActivations
+    from .unit_health import UnitHealth
     from .update_ratio import UpdateRatio
     from .weights import Weights
 

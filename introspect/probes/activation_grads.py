@@ -6,9 +6,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..amp import unscale
-from ..sinks import tag
-from ..watch.protocol import Probe
+from ..records.tags import tag
+from ..runtime.amp import unscale
+from .base import Probe
 
 
 class ActivationGrads(Probe):

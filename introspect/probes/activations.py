@@ -6,8 +6,8 @@ from typing import Any
 
 from torch import nn
 
-from ..sinks import tag
-from ..watch.protocol import Probe
+from ..records.tags import tag
+from .base import Probe
 
 
 class Activations(Probe):

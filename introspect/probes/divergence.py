@@ -19,12 +19,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..diagnostics import Alert
-from ..distributed import rank_and_world
+from ..debugger.alerts import Alert
 from ..errors import IntrospectWarning, warn
-from ..sharded import local_view
-from ..step import HostStep
-from ..watch.protocol import Probe
+from ..records.shards import local_view
+from ..records.step import HostStep
+from ..runtime.distributed import rank_and_world
+from .base import Probe
 
 __all__ = ["RankDivergence", "divergent_ranks", "Z_LIMIT", "MIN_RANKS"]
 

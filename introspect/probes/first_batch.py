@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from torch import nn
 
+from ..analysis.summary import model_summary, summary_markdown, write_graph
 from ..errors import IntrospectWarning, warn
-from ..sinks import SUMMARY_TAG
-from ..summary import model_summary, summary_markdown, write_graph
-from ..watch.protocol import Probe
+from ..records.tags import SUMMARY_TAG
+from .base import Probe
 
 __all__ = ["FirstBatch"]
 

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import math
 
-from ..diagnostics import GradientHealth, nonfinite_gradients
-from ..sinks import GRAD_FLOW_TAG, tag_name
-from ..step import HostStep
-from ..visuals import grad_flow_image
-from ..watch.protocol import Probe
+from ..debugger.health import GradientHealth
+from ..debugger.origins import nonfinite_gradients
+from ..records.step import HostStep
+from ..records.tags import GRAD_FLOW_TAG, tag_name
+from ..records.visuals import grad_flow_image
+from .base import Probe
 
 __all__ = ["GradHealth"]
 

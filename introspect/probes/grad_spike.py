@@ -5,7 +5,7 @@ spikes.
 The norm costs nothing of its own with the default non-finite sentinel, which computes it from
 the parameter-gradient norms it reads anyway (after DDP's averaging) and leaves it on the step's
 buffer. Under ``check_mode="per_module"`` it joins that check's one per-step transfer as a check
-of its own kind (``grad_norm``, which :func:`introspect.diagnostics.locate_nonfinite` ignores),
+of its own kind (``grad_norm``, which :func:`introspect.debugger.origins.locate_nonfinite` ignores),
 added in ``on_after_backward`` before the check's own (this probe comes first in the dispatch
 order) and read after the check's sync. With the check off, it rides in a logging step's
 transfer instead. On a spike, ``diagnostics/pre_spike`` gets the per-module scalars of the last
@@ -20,13 +20,11 @@ from collections import deque
 import torch
 
 from .._torch import foreach_norm
-from ..sharded import local_view
-
-from ..diagnostics import Alert
-from ..selection import root_name
-from ..step import Check, HostStep
-from ..watch.clock import StepPlan
-from ..watch.protocol import Probe
+from ..debugger.alerts import Alert
+from ..records.shards import local_view
+from ..records.step import Check, HostStep
+from ..runtime.selection import root_name
+from .base import Probe, StepPlan
 
 __all__ = ["GradNormSpike", "PRE_SPIKE_TAG", "PRE_SPIKE_STEPS", "spike_score"]
 

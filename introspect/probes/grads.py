@@ -12,10 +12,10 @@ from __future__ import annotations
 import torch
 
 from .._torch import queue_after_backward
-from ..amp import unscale
-from ..sinks import tag
-from ..step import StepBuffer
-from ..watch.protocol import Probe
+from ..records.step import StepBuffer
+from ..records.tags import tag
+from ..runtime.amp import unscale
+from .base import Probe
 
 
 class Grads(Probe):

@@ -8,9 +8,9 @@ afterwards from any run's event files with ``introspect map RUNDIR``.
 
 from __future__ import annotations
 
-from ..health_map import HealthMap
-from ..step import HostStep
-from ..watch.protocol import Probe
+from ..analysis.health_map_render import HealthMap
+from ..records.step import HostStep
+from .base import Probe
 
 __all__ = ["HealthMapProbe"]
 

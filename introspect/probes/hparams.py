@@ -7,8 +7,8 @@ from collections.abc import Mapping
 from typing import Any, Callable
 
 from ..errors import IntrospectError
-from ..hparams import RunHparams, check_metrics
-from ..watch.protocol import Probe
+from ..records.run_params import RunHparams, check_metrics
+from .base import Probe
 
 __all__ = ["Hparams"]
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..data import log_input_batch
-from ..sinks import INPUTS_TAG
-from ..tensors import named_float_tensors
-from ..watch.protocol import Probe
+from ..analysis.data import log_input_batch
+from ..records.tags import INPUTS_TAG
+from ..runtime.tensors import named_float_tensors
+from .base import Probe
 
 __all__ = ["Inputs"]
 

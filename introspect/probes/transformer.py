@@ -25,12 +25,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from ..diagnostics import Alert
-from ..selection import root_name
-from ..sinks import probe_tag
-from ..step import HostStep
-from ..watch.clock import StepPlan
-from ..watch.protocol import Probe
+from ..debugger.alerts import Alert
+from ..records.step import HostStep
+from ..records.tags import probe_tag
+from ..runtime.selection import root_name
+from .base import Probe, StepPlan
 
 __all__ = ["AttentionProbe", "MassiveActivations", "LogitDivergence", "SAMPLED_ROWS", "repeated_blocks"]
 

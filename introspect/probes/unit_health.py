@@ -9,9 +9,9 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from ..diagnostics import check_activation_health
-from ..step import HostStep
-from ..watch.protocol import Probe
+from ..debugger.health import check_activation_health
+from ..records.step import HostStep
+from .base import Probe
 
 __all__ = ["UnitHealth", "unit_health"]
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import torch
 
-from ..sharded import is_dtensor
-from ..sinks import tag
-from ..watch.protocol import Probe
+from ..records.shards import is_dtensor
+from ..records.tags import tag
+from .base import Probe
 
 
 class UpdateRatio(Probe):

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from ..sinks import tag
-from ..watch.clock import StepPlan
-from ..watch.protocol import Probe
+from ..records.tags import tag
+from .base import Probe, StepPlan
 
 
 class Weights(Probe):

@@ -1,0 +1,153 @@
+"""Statistics of a saved model's weights, their histograms, and how two checkpoints differ.
+
+>>> stats = weight_stats(load_weights("ckpt.pt"))                 # doctest: +SKIP
+>>> print(format_weight_stats(stats))                              # doctest: +SKIP
+
+Histograms go through the same records as ``watch`` (``weights/{param}`` tags, binned on the
+tensor's device, NaN/Inf counted rather than dropped), so a checkpoint looks in TensorBoard the
+way the run that produced it did.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..records.sinks import write_step
+from ..records.step import StepBuffer
+from ..records.tags import tag
+from ..terminal import format_table, progress
+
+__all__ = [
+    "WeightStats",
+    "WeightChange",
+    "weight_stats",
+    "format_weight_stats",
+    "write_weight_histograms",
+    "compare_weights",
+    "format_weight_changes",
+]
+
+
+@dataclass(frozen=True)
+class WeightStats:
+    """One tensor's numbers; mean, std, min and max are over its finite values."""
+
+    name: str
+    shape: tuple[int, ...]
+    mean: float
+    std: float
+    min: float
+    max: float
+    zero_fraction: float
+    nonfinite: int
+
+
+@dataclass(frozen=True)
+class WeightChange:
+    """How one tensor moved between two checkpoints: ``|b - a| / |a|`` (L2 norms) and the largest
+    element-wise change; ``status`` says when it cannot be compared."""
+
+    name: str
+    shape: tuple[int, ...]
+    relative_change: float
+    max_abs_change: float
+    status: str  # "compared", "only in A", "only in B", "shape differs"
+
+
+def weight_stats(weights: Mapping[str, torch.Tensor], show_progress: bool = False) -> list[WeightStats]:
+    """Per-tensor statistics, in the mapping's order."""
+    out = []
+    for name, t in progress(weights.items(), show_progress, total=len(weights), desc="weights", unit="tensor"):
+        x = t.detach().reshape(-1)
+        finite_mask = torch.isfinite(x)
+        finite = x[finite_mask].double()
+        n = finite.numel()
+        out.append(WeightStats(
+            name=name,
+            shape=tuple(t.shape),
+            mean=float(finite.mean()) if n else math.nan,
+            std=float(finite.std(correction=0)) if n else math.nan,
+            min=float(finite.min()) if n else math.nan,
+            max=float(finite.max()) if n else math.nan,
+            zero_fraction=float((x == 0).sum()) / max(x.numel(), 1),
+            nonfinite=int(x.numel() - int(finite_mask.sum())),
+        ))
+    return out
+
+
+def format_weight_stats(stats: Sequence[WeightStats]) -> str:
+    """The terminal table: one row per tensor, then the totals."""
+    rows = [
+        [s.name, str(list(s.shape)), s.mean, s.std, s.min, s.max, f"{s.zero_fraction:.1%}", s.nonfinite]
+        for s in stats
+    ]
+    table = format_table(
+        ["name", "shape", "mean", "std", "min", "max", "zeros", "non-finite"],
+        rows,
+        right=[False, False, True, True, True, True, True, True],
+    )
+    total = sum(math.prod(s.shape) for s in stats)
+    bad = sum(s.nonfinite for s in stats)
+    return f"{table}\n{len(stats)} tensors, {total:,} values" + (f", {bad:,} non-finite" if bad else "")
+
+
+def write_weight_histograms(writer: Any, weights: Mapping[str, torch.Tensor], step: int = 0) -> None:
+    """``weights/{name}`` histograms of every tensor at ``step``, as one event."""
+    buffer = StepBuffer(step=step, logging=True, checking=False)
+    for name, t in weights.items():
+        buffer.add_histogram(tag("weights", name), t.detach())
+    write_step(writer, buffer.to_host())
+
+
+def compare_weights(
+    a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor], show_progress: bool = False
+) -> list[WeightChange]:
+    """Per-tensor change from ``a`` to ``b``: A's names in order, then those only in B."""
+    out = []
+    for name, x in progress(a.items(), show_progress, total=len(a), desc="compare", unit="tensor"):
+        if name not in b:
+            out.append(WeightChange(name, tuple(x.shape), math.nan, math.nan, "only in A"))
+            continue
+        y = b[name]
+        if x.shape != y.shape:
+            out.append(WeightChange(name, tuple(x.shape), math.nan, math.nan, f"shape differs: {list(y.shape)} in B"))
+            continue
+        x64, y64 = x.detach().double(), y.detach().to(x.device).double()
+        diff = y64 - x64
+        delta = torch.linalg.vector_norm(diff)
+        base = torch.linalg.vector_norm(x64)
+        if float(base) > 0:
+            relative = float(delta / base)
+        else:
+            relative = 0.0 if float(delta) == 0 else math.inf
+        biggest = float(diff.abs().max()) if x.numel() else 0.0
+        out.append(WeightChange(name, tuple(x.shape), relative, biggest, "compared"))
+    out += [WeightChange(n, tuple(t.shape), math.nan, math.nan, "only in B") for n, t in b.items() if n not in a]
+    return out
+
+
+def format_weight_changes(changes: Sequence[WeightChange]) -> str:
+    """The terminal table of a comparison, then one line naming the tensor that moved most."""
+    rows = [
+        [c.name, str(list(c.shape))]
+        + ([f"{c.relative_change:.3e}", f"{c.max_abs_change:.3e}", ""] if c.status == "compared" else ["—", "—", c.status])
+        for c in changes
+    ]
+    table = format_table(
+        ["name", "shape", "relative change", "max |change|", "note"], rows, right=[False, False, True, True, False]
+    )
+    compared = [c for c in changes if c.status == "compared" and not math.isnan(c.relative_change)]
+    moved = [c for c in compared if c.relative_change > 0]
+    lines = [table, f"{len(compared)} tensors compared, {len(moved)} changed"]
+    if moved:
+        top = max(moved, key=lambda c: c.relative_change)
+        lines[-1] += f"; most: {top.name} ({top.relative_change:.3e} relative)"
+    skipped = len(changes) - len(compared)
+    if skipped:
+        lines[-1] += f"; {skipped} not comparable"
+    return "\n".join(lines)

@@ -1,0 +1,191 @@
+"""introspect.debugger.health (split from introspect.debugger.alerts)."""
+
+from __future__ import annotations
+
+import math
+import numbers
+import statistics
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+
+from ..errors import ConfigError, ConfigTypeError
+from .alerts import Alert
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """When a number becomes a finding. Pass ``watch(..., thresholds={"dead_fraction": 0.9})``."""
+
+    dead_fraction: float = 0.5
+    """A ReLU-family module is reported when at least this share of its units (channels for conv
+    maps) is zero for every sample seen over consecutive logging steps..."""
+    dead_min_samples: float = 64
+    """...once those steps hold at least this many samples in all."""
+    saturated_fraction: float = 0.5
+    """A Sigmoid/Tanh module is reported when this share of its outputs sits at its bounds."""
+    saturation_margin: float = 1e-3
+    """How close to 0/1 (sigmoid) or -1/1 (tanh) counts as "at the bound"."""
+    vanishing_ratio: float = 1e-4
+    """A layer whose RMS gradient is this many times smaller than the median layer's."""
+    vanishing_floor: float = 1e-12
+    """...or whose RMS gradient is below this, whatever the others do."""
+    exploding_norm: float = 1e6
+    """A layer whose gradient norm exceeds this."""
+    exploding_jump: float = 100.0
+    """...or grows this many times above its median over the last (up to 5, at least 3) logging
+    steps."""
+    stuck_ratio: float = 1e-10
+    """With ``optimizer=``: a parameter whose update/weight ratio stays below this is not learning."""
+    # Transformers (see introspect.probes.transformer and introspect.probes.grad_spike).
+    attention_entropy_floor: float = 0.1
+    """An attention module whose softmax entropy (nats, mean over its heads and sampled query
+    rows) falls below this has collapsed to one-hot attention (Zhai et al. 2023, "Stabilizing
+    transformer training by preventing attention entropy collapse": collapsed runs sit near 0)."""
+    attention_max_logit: float = 100.0
+    """An attention module whose largest logit q·kᵀ·scale exceeds this shows attention logit
+    growth (Dehghani et al. 2023, ViT-22B; Wortsman et al. 2023, "Small-scale proxies for
+    large-scale Transformer training instabilities": stable runs stay in the tens, diverging ones
+    grow into the thousands)."""
+    massive_activation_abs: float = 100.0
+    """A block output (the residual stream) holding a value above this in magnitude..."""
+    massive_activation_ratio: float = 1000.0
+    """...and this many times its median |x| has a massive activation (Sun et al. 2024,
+    "Massive activations in large language models")."""
+    logit_log_z_drift: float = 50.0
+    """Output logits whose log Z = logsumexp (mean over positions) is further than this from
+    log(vocabulary size), the value of uniform logits, or whose std over positions exceeds it,
+    diverge (Wortsman et al. 2023; PaLM's z-loss exists to keep log Z near 0)."""
+    grad_spike_sigma: float = 7.0
+    """A global gradient norm this many standard deviations above its rolling mean is a spike
+    (OLMo 2's spike score, Team OLMo 2024)..."""
+    grad_spike_ratio: float = 2.0
+    """...and at least this many times the mean (a window of near-equal norms has a tiny σ)."""
+    grad_spike_window: float = 100
+    """How many earlier checked steps the rolling mean and σ are taken over..."""
+    grad_spike_min_history: float = 10
+    """...once at least this many are known."""
+
+    @classmethod
+    def coerce(cls, value: "Thresholds | Mapping[str, float] | None") -> "Thresholds":
+        """``value`` as Thresholds, every number checked (a Thresholds built by hand too).
+
+        Raises:
+            ConfigTypeError: not a dict or Thresholds, or a threshold that is not a number ("abc").
+            ConfigError: an unknown name, or a threshold that is NaN, infinite or negative (each
+                is a share, a ratio or a norm: none of them can be below zero).
+        """
+        if value is None:
+            return cls()
+        if isinstance(value, Mapping):
+            known = {f.name for f in fields(cls)}
+            unknown = sorted(map(str, set(value) - known))
+            if unknown:
+                raise ConfigError(f"thresholds= got unknown names {unknown}; known: {sorted(known)}")
+            value = cls(**dict(value))
+        elif not isinstance(value, cls):
+            raise ConfigTypeError(f"thresholds= takes a dict or introspect.Thresholds, got {type(value).__name__}")
+        return cls(**{f.name: _threshold(f.name, getattr(value, f.name)) for f in fields(cls)})
+
+
+def _threshold(name: str, value: object) -> float:
+    """One threshold as a float: a real number (not a bool, not a string), finite and >= 0."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ConfigTypeError(f"thresholds: {name} must be a number, got {value!r} ({type(value).__name__})")
+    number = float(value)
+    if not math.isfinite(number) or number < 0:
+        raise ConfigError(f"thresholds: {name} must be a finite number >= 0, got {name}={value!r}")
+    return number
+
+
+# --------------------------------------------------------------------------- health
+def check_activation_health(
+    step: int, measures: Mapping[str, float], module_types: Mapping[str, str], limits: Thresholds
+) -> list[Alert]:
+    """Dead ReLU units and saturated sigmoid/tanh units, from ``dead/{m}`` and ``saturated/{m}``."""
+    alerts = []
+    for key, fraction in measures.items():
+        kind, _, where = key.partition("/")
+        module_type = module_types.get(where.split("/")[0], "")
+        if kind == "dead" and fraction >= limits.dead_fraction:
+            alerts.append(Alert(
+                "dead_units", where, step,
+                f"{fraction:.0%} of the units of {where} ({module_type}) output zero for every sample seen",
+                {"dead_fraction": fraction}, module_type=module_type,
+            ))
+        elif kind == "saturated" and fraction >= limits.saturated_fraction:
+            alerts.append(Alert(
+                "saturated_units", where, step,
+                f"{fraction:.0%} of the outputs of {where} ({module_type}) sit at its bounds, where its "
+                "slope (and the gradient through it) is ~0",
+                {"saturated_fraction": fraction}, module_type=module_type,
+            ))
+    return alerts
+
+
+@dataclass
+class GradientHealth:
+    """Per-layer gradient norms across logging steps: vanishing, exploding and stuck layers."""
+
+    limits: Thresholds
+    history: dict[str, list[float]] = field(default_factory=dict)
+    """The last few logged gradient norms of each layer (the reference for a jump)."""
+
+    def check(
+        self,
+        step: int,
+        layer_grads: Mapping[str, tuple[float, float]],
+        update_ratios: Mapping[str, float],
+        nonfinite: Mapping[str, float] | None = None,
+    ) -> list[Alert]:
+        """``layer_grads``: ``{layer: (sum of squares, number of values)}`` of its parameters' grads,
+        over their finite values. ``nonfinite``: ``{layer: how many of its gradient values are
+        NaN/Inf}`` (see :func:`nonfinite_gradients`). Such a layer gets no vanishing or exploding
+        verdict (its finite rest says nothing: often all zeros, the rows a batch did not touch):
+        it is the non-finite check's finding, which names where the NaN began. It is left out of
+        the median the other layers are measured against, and of its own norm history."""
+        bad = {layer for layer, n in (nonfinite or {}).items() if n > 0}
+        alerts: list[Alert] = []
+        rms = {
+            layer: math.sqrt(sq / count)
+            for layer, (sq, count) in layer_grads.items()
+            if count > 0 and math.isfinite(sq) and layer not in bad
+        }
+        for layer, value in rms.items():
+            others = [v for k, v in rms.items() if k != layer]
+            median = statistics.median(others) if others else value
+            norm = math.sqrt(layer_grads[layer][0])
+            if value < self.limits.vanishing_floor or (others and value < median * self.limits.vanishing_ratio):
+                how_far = (
+                    "no gradient reaches it" if value == 0
+                    else f"{median / value:.1e}x below the median layer's {median:.2e}"
+                )
+                alerts.append(Alert(
+                    "vanishing_gradient", layer, step,
+                    f"RMS gradient {value:.2e}: {how_far}",
+                    {"rms": value, "median_rms": median},
+                ))
+            past = self.history.setdefault(layer, [])
+            reference = statistics.median(past) if len(past) >= 3 else None
+            if norm > self.limits.exploding_norm:
+                alerts.append(Alert(
+                    "exploding_gradient", layer, step,
+                    f"gradient norm {norm:.2e} is above {self.limits.exploding_norm:.0e}",
+                    {"norm": norm},
+                ))
+            elif reference is not None and reference > self.limits.vanishing_floor and norm > reference * self.limits.exploding_jump:
+                alerts.append(Alert(
+                    "exploding_gradient", layer, step,
+                    f"gradient norm {norm:.2e} is {norm / reference:.0f}x its recent median {reference:.2e}",
+                    {"norm": norm, "reference_norm": reference},
+                ))
+            past.append(norm)
+            del past[:-5]
+        for param, ratio in update_ratios.items():
+            if math.isfinite(ratio) and ratio < self.limits.stuck_ratio:
+                alerts.append(Alert(
+                    "stuck_parameter", param, step,
+                    f"optimizer.step() changed it by {ratio:.1e} of its norm: it is not learning "
+                    "(learning rate 0, or not in the optimizer's param groups?)",
+                    {"update_ratio": ratio},
+                ))
+        return alerts

@@ -1,0 +1,206 @@
+"""The open step: its buffer, which probe hears which event in it, the per-module and backward
+hooks that carry events to them, and its end (written, then told to the probes).
+
+At each step's start the dispatch keeps, per event, the probes active for that step's plan (a
+probe that is off costs nothing), and works out once a step and per module which of them that
+module's output and output gradient go to.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from .._torch import queue_after_backward
+from ..errors import NonFiniteError, ProbeError
+from ..probes.base import EVENTS, Probe, ProbeContext, StepPlan, overrides
+from ..records.shards import ShardRecords
+from ..records.sinks import write_step
+from ..records.step import HostStep, StepBuffer
+from ..records.tags import probe_tag
+
+__all__ = ["Dispatch"]
+
+_NO_EVENTS: dict[str, list[Probe]] = {event: [] for event in EVENTS}  # between steps (never changed)
+
+
+class Dispatch:
+    def __init__(self, ctx: ProbeContext, probes: list[Probe]) -> None:
+        self.ctx = ctx
+        self.probes = probes
+        self._module_probes = {
+            name: [p for p in probes if p.select(name, module)] for name, module in ctx.modules.items()
+        }
+        self.events: dict[str, list[Probe]] = _NO_EVENTS
+        self._per_module: dict[str, tuple[list[Probe], list[Probe]]] = {}
+        self._handles = {id(p): {e for e in EVENTS if overrides(p, e)} for p in probes}
+        self._events_of: dict[tuple[int, ...], dict[str, list[Probe]]] = {}
+        """The event lists of each set of active probes met so far (a handful): worked out once,
+        not on every step (the per-step Python cost matters on small models)."""
+
+    # ----------------------------------------------------------------- step scope
+    def open_step(self, plan: StepPlan) -> None:
+        """The step's buffer and probes; ``on_step_start``; gradient-accumulation hooks if wanted."""
+        ctx = self.ctx
+        shards = ShardRecords(ctx.shards) if plan.logging and ctx.shards is not None else None
+        buffer = StepBuffer(step=plan.step, logging=plan.logging, checking=plan.checking, shards=shards)
+        ctx.plan, ctx.buffer = plan, buffer
+        active = [p for p in self.probes if p.active(plan) and (p.builtin or f"<probe {p.name}>" not in ctx.disabled)]
+        key = tuple(id(p) for p in active)
+        events = self._events_of.get(key)
+        if events is None:
+            events = self._events_of[key] = {
+                event: [p for p in active if event in self._handles[id(p)]] for event in EVENTS}
+        self.events = events
+        self._per_module = {}
+        for probe in self.events["on_step_start"]:
+            probe.on_step_start(plan)
+        takers = [p for p in self.events["on_param_grad"] if getattr(p, "wants_param_grads", True)]
+        if takers:
+            for name, param in ctx.params.items():
+                ctx.step_hooks.hook(
+                    param.register_post_accumulate_grad_hook(self._param_grad_hook(buffer, name, takers)))
+
+    def close_step(self) -> None:
+        """Write the open step, then tell the probes; a NaN/Inf to raise waits until all have run."""
+        ctx = self.ctx
+        buffer = ctx.buffer
+        if buffer is None:
+            return
+        ctx.step_hooks.undo()
+        error: NonFiniteError | None = None
+        try:
+            host: HostStep | None = None
+            if buffer.logging:
+                host = buffer.to_host()  # one transfer for the whole step's records
+                ctx.writer.run(write_step, host)
+            for probe in self.events["on_step_end"]:
+                try:
+                    probe.on_step_end(host)
+                except NonFiniteError as e:  # on_nonfinite="raise": after the step is complete
+                    error = error or e
+        finally:
+            buffer.closed = True
+            ctx.buffer = ctx.plan = None  # only now: a signal during the transfer loses nothing
+            self.events = _NO_EVENTS
+            self._per_module = {}
+        if error is not None:
+            raise error
+
+    def close_probes(self, failed: bool) -> None:
+        """``on_close`` to every probe; one probe's failing end stops neither the others nor the undo."""
+        for probe in self.probes:
+            try:
+                probe.on_close(failed)
+            except Exception as e:
+                self.ctx.disable(f"<{probe.name}>", None, e)
+
+    # ----------------------------------------------------------------- module outputs
+    def _probes_for(self, name: str) -> tuple[list[Probe], list[Probe]]:
+        """This step's (output, output-gradient) probes of one module, worked out once a step."""
+        found = self._per_module.get(name)
+        if found is None:
+            active_out = self.events["on_output"]
+            active_grad = self.events["on_output_grad"]
+            mine = self._module_probes[name]
+            found = ([p for p in mine if p in active_out], [p for p in mine if p in active_grad])
+            self._per_module[name] = found
+        return found
+
+    def module_output(self, name: str, module: nn.Module, args: Any, output: Any) -> None:
+        """A selected module's forward returned, in an open step."""
+        on_output, on_grad = self._probes_for(name)
+        if not on_output and not on_grad:
+            return
+        ctx = self.ctx
+        buffer = ctx.buffer
+        ctx.call_index = -1
+        ctx.args = args
+        try:
+            for probe in on_output:
+                if not self._send(probe, probe.on_output, name, module, output, name, module):
+                    return  # a built-in probe failed: this module is no longer watched
+            on_grad = [p for p in on_grad if f"<probe {p.name}>" not in ctx.disabled]
+            if on_grad:
+                for where, _, tensor in ctx.outputs(name, output):
+                    if tensor.requires_grad:
+                        tensor.register_hook(self._output_grad_hook(buffer, module, where, on_grad))
+        except ProbeError:  # strict=True: the user asked for it to surface
+            raise
+        except Exception as e:
+            ctx.disable(name, module, e)
+        finally:
+            ctx.forget_output()
+            ctx.args = None
+
+    def _output_grad_hook(
+        self, buffer: StepBuffer, module: nn.Module, where: str, probes: list[Probe]
+    ) -> Callable[[torch.Tensor], None]:
+        ctx = self.ctx
+        call = ctx.call_index
+
+        def hook(grad: torch.Tensor) -> None:
+            if buffer.closed or ctx.closing or where in ctx.disabled:
+                return None
+            ctx.call_index = call
+            for probe in probes:
+                if not self._send(probe, probe.on_output_grad, where, module, grad, where, None):
+                    return None
+            if self.events["on_after_backward"] and not buffer.callback_queued:
+                buffer.callback_queued = True
+                queue_after_backward(lambda: self._after_backward(buffer))
+            return None
+
+        return hook
+
+    def _send(
+        self, probe: Probe, method: Callable[..., Any], where: str, module: nn.Module, value: Any,
+        disable_key: str, disable_module: nn.Module | None,
+    ) -> bool:
+        """One per-module event to one probe, its scalars recorded; False when a built-in probe
+        failed (the module is disabled), True otherwise (a failing user probe is disabled alone)."""
+        try:
+            result = method(where, module, value)
+            if result:
+                self._record(probe, where, result)
+        except ProbeError:
+            raise
+        except Exception as e:
+            if probe.builtin:
+                self.ctx.disable(disable_key, disable_module, e)
+                return False
+            self.ctx.disable_probe(probe, where, module, e)
+        return True
+
+    def _record(self, probe: Probe, where: str, values: Mapping[str, Any]) -> None:
+        """A user probe's values as this step's scalars ``{probe}/{key}/{module}``."""
+        buffer = self.ctx.buffer
+        if buffer is None:
+            return
+        for key, value in values.items():
+            if isinstance(value, torch.Tensor):
+                buffer.add_scalar(probe_tag(probe.name, key, where), value.detach().reshape(()).float())
+            else:
+                buffer.add_plain_scalar(probe_tag(probe.name, key, where), float(value))
+
+    # ----------------------------------------------------------------- backward
+    def _param_grad_hook(self, buffer: StepBuffer, name: str, probes: list[Probe]) -> Callable[[torch.Tensor], None]:
+        def hook(param: torch.Tensor) -> None:
+            if buffer.closed or param.grad is None:
+                return None
+            for probe in probes:
+                probe.on_param_grad(name, param)
+            return None
+
+        return hook
+
+    def _after_backward(self, buffer: StepBuffer) -> None:
+        """Runs when a backward pass finishes, before the user's next line (``optimizer.step()``)."""
+        buffer.callback_queued = False
+        if buffer.closed or self.ctx.closing:
+            return
+        for probe in self.events["on_after_backward"]:
+            probe.on_after_backward()

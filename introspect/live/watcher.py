@@ -1,0 +1,366 @@
+"""The watcher: a step clock, a registry of what it changed, and the dispatch of events to probes.
+
+Lifecycle of a step (see :mod:`introspect.live.clock` for when steps open and end):
+
+* the root's forward pre-hook opens the step and asks the clock for its plan; the probes active
+  for that plan get ``on_step_start`` (on a logging step: weights, and hooks on the parameters'
+  gradient accumulation for this step only);
+* each selected module's forward hook dispatches ``on_output`` to the active probes that selected
+  it, and hooks the output's gradient when one of them wants ``on_output_grad``;
+* the step ends at the next training forward, at ``optimizer.step()``, or on exit: its records
+  cross to the host in one transfer, are written, and the probes get ``on_step_end``.
+
+Off the logging cadence only the non-finite check is active: a Python call and one ``sum`` per
+output; no tensor is kept, nothing is written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from collections.abc import Iterator, Mapping
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from ..debugger.alerts import Alert, format_report
+from ..errors import AlreadyWatchedError, IntrospectWarning, warn
+from ..probes.base import Probe, ProbeContext, overrides
+from ..probes.divergence import MIN_RANKS
+from ..records.findings import Findings
+from ..records.shards import shard_combiner
+from ..records.writer import GuardedWriter
+from ..runtime.compiled import (
+    COMPILED_WARNING,
+    compiling,
+    forget_compiled_code,
+    is_compiled,
+    outside_graph,
+)
+from ..runtime.distributed import (
+    SideGroup,
+    ddp_syncs_gradients,
+    find_ddp,
+    rank_and_world,
+    rank_writer_target,
+    writes_here,
+)
+from ..runtime.registry import ACTIVE, Registry
+from ..runtime.selection import select_modules, select_parameters, unwrap_model
+from .clock import StepClock
+from .config import WatchConfig
+from .dispatch import Dispatch
+from .signals import SignalGuard
+
+__all__ = ["Watcher"]
+
+
+class Watcher:
+    """Hooks on one model while it trains. Made by :func:`introspect.watch`; see it for options.
+
+    Read ``step`` for your own logging, ``alerts`` for what the debugger found and ``report()`` for
+    the same in words. ``close()`` (or leaving the ``with`` block) removes every hook.
+    """
+
+    def __init__(self, model: nn.Module, writer: Any, config: WatchConfig) -> None:
+        from ..probes import built_in_probes
+
+        root = unwrap_model(model)
+        if root in ACTIVE:
+            raise AlreadyWatchedError(
+                f"{type(root).__name__} is already being watched; leave the first watch() (or call "
+                "its close()) before starting another on the same model"
+            )
+        modules = select_modules(root, config.include, config.exclude)
+        self.model = model
+        self.config = config
+        self._root = root
+        self._closed = False
+        self._active = False  # inside a counted (training, grad-enabled) forward of the root
+        self._suspended = False  # our own extra forwards (summary, graph) are not observed
+        self._registry = Registry()
+        self._step_hooks = Registry()
+        self._guard: SignalGuard | None = None
+        self._compiled_seen = False  # an output hook was traced by torch.compile (see compiled.py)
+        self._compiled_warned = False
+        try:
+            target = rank_writer_target(writer, config.ranks) if writes_here(config.ranks) else False
+            self._writer = GuardedWriter.open(target, self._registry, self._writer_failed)
+            raw = self._writer.raw
+            self.findings = Findings(self._writer)
+            params = select_parameters(root, modules)
+            side_group = SideGroup()
+            shards = shard_combiner(model, params, config.log, side_group)
+            ddp = find_ddp(model)
+            # Every rank plans the logging steps when their collectives need every rank.
+            shared = shards is not None or (
+                rank_and_world()[1] >= MIN_RANKS and ddp is not None)
+            self._clock = StepClock(
+                every=config.every, check_every=config.check_every, image_every=config.image_every,
+                writes=raw is not None, counts_optimizer_steps=config.optimizer is not None,
+                step_fn=config.step_fn, shared=shared,
+            )
+            self.ctx = ProbeContext(
+                config=config, model=model, root=root, modules=modules,
+                params=params, writer=self._writer, findings=self.findings,
+                step_hooks=self._step_hooks, force_log=self._force_log, unobserved=self._unobserved,
+            )
+            self.ctx.ddp = ddp
+            self.ctx.side_group = side_group
+            self.ctx.clock = self._clock
+            self.ctx.shards = shards
+            self._probes: list[Probe] = [*built_in_probes(config, self.ctx), *config.probes]
+            for probe in self._probes:
+                probe.bind(self.ctx)
+            self._dispatch = Dispatch(self.ctx, self._probes)
+            self._first_batch = [p for p in self._probes if overrides(p, "on_first_batch")]
+            self._attach()
+        except BaseException:
+            self._registry.undo()
+            raise
+
+    # ----------------------------------------------------------------- public
+    @property
+    def step(self) -> int:
+        """The step of the most recent training forward (0 before the first)."""
+        return self._clock.step
+
+    @property
+    def writer(self) -> Any:
+        """The SummaryWriter in use (None on a non-zero distributed rank, or after it failed)."""
+        return self._writer.writer
+
+    @property
+    def alerts(self) -> list[Alert]:
+        """What the debugger found, in the order it found it."""
+        return self.findings.alerts
+
+    @property
+    def probes(self) -> tuple[Probe, ...]:
+        """The probes at work: the built-in ones, then yours (``probes=``)."""
+        return tuple(self._probes)
+
+    @property
+    def module_names(self) -> list[str]:
+        """Tag names of the modules whose outputs are watched."""
+        return list(self.ctx.modules)
+
+    @property
+    def parameter_names(self) -> list[str]:
+        """Names of the parameters whose weights and gradients are watched."""
+        return list(self.ctx.params)
+
+    every = property(lambda self: self.config.every, doc="Log every N steps.")
+    log = property(lambda self: self.config.log, doc="What is captured on logging steps.")
+    on_nonfinite = property(lambda self: self.config.on_nonfinite)
+    check_every = property(lambda self: self.config.check_every)
+    image_every = property(lambda self: self.config.image_every)
+    thresholds = property(lambda self: self.config.thresholds)
+
+    def report(self) -> str:
+        """What the debugger found, as a short table for the terminal."""
+        return format_report(self.alerts, self._clock.next_step)
+
+    def finish(self, metrics: Mapping[str, Any] | None = None) -> None:
+        """Record the run's final (or best) metrics beside its ``hparams`` for TensorBoard's
+        HPARAMS dashboard, then close. Call it once, inside the ``with`` block or after it.
+
+        >>> w.finish(metrics={"val_acc": 0.92})                      # doctest: +SKIP
+        """
+        from ..probes.hparams import Hparams
+
+        hparams = next(p for p in self._probes if isinstance(p, Hparams))
+        hparams.set_final_metrics(metrics)  # raises when the session has ended already
+        if not self._closed:
+            self.close()  # writes the metrics before it closes or flushes the writer
+        elif self._writer:
+            # After close: a closed torch SummaryWriter reopens its file for this one record.
+            hparams.on_close(failed=False)
+            self._writer.finish()
+
+    def close(self) -> None:
+        """Finish the current step, write it, remove every hook, flush; safe to call twice."""
+        if self._closed:
+            return
+        self._closed = True
+        self.ctx.closing = True
+        failed = sys.exc_info()[0] is not None
+        try:
+            try:
+                self._dispatch.close_step()
+            finally:
+                self._dispatch.close_probes(failed)
+        finally:
+            self._active = False
+            self._registry.undo()
+            guard, self._guard = self._guard, None
+            if guard is not None and guard.pending is not None:
+                guard.deliver()  # the signal that came while watching, now to its own handler
+
+    def __enter__(self) -> "Watcher":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else f"step {self.step}"
+        return (
+            f"Watcher({type(self._root).__name__}, {len(self.ctx.modules)} modules, "
+            f"{len(self.ctx.params)} parameters, every={self.config.every}, {state})"
+        )
+
+    # ----------------------------------------------------------------- set-up and undo
+    def _attach(self) -> None:
+        root, registry = self._root, self._registry
+        ACTIVE[root] = self
+        registry.add("the table of watched models", lambda: ACTIVE.pop(root, None))
+        if is_compiled(self.model, root):
+            self.ctx.compiled = True
+            forget_compiled_code()  # code compiled before now would never call our hooks
+        # Compiled code would go on calling our (removed) hooks.
+        registry.add("compiled code", lambda: self._compiled_seen and forget_compiled_code())
+        registry.hook(root.register_forward_pre_hook(self._on_root_pre, with_kwargs=True))
+        for name, module in self.ctx.modules.items():
+            registry.hook(module.register_forward_hook(self._make_output_hook(name)))
+        # Registered last so that it runs after the root's own output hook.
+        registry.hook(root.register_forward_hook(self._on_root_post, always_call=True))
+        optimizer = self.config.optimizer
+        if optimizer is not None:
+            registry.hook(optimizer.register_step_pre_hook(self._on_optimizer_pre))
+            registry.hook(optimizer.register_step_post_hook(self._on_optimizer_post))
+        guard = SignalGuard(close=self.close)
+        if guard.install():
+            self._guard = guard
+            registry.add("the signal handlers", guard.restore)
+        registry.add("the step's hooks", self._step_hooks.undo)
+
+    def _writer_failed(self, error: Exception) -> None:
+        self.ctx.disable("<writer>", None, error)
+
+    def _force_log(self) -> None:
+        self._clock.request_log()
+
+    # ----------------------------------------------------------------- the root: step clock
+    def _on_root_pre(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if compiling():  # the step clock runs eagerly, outside a compiled graph
+            self.ctx.compiled = True
+            return outside_graph(self._open_forward, module, args, kwargs)
+        return self._open_forward(module, args, kwargs)
+
+    def _open_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        # A root that calls itself recursively would count each call as a step; a depth counter
+        # cannot be kept honest, since torch skips always_call hooks on KeyboardInterrupt.
+        if self._suspended or self._closed:
+            return None
+        self._active = module.training and torch.is_grad_enabled()
+        if not self._active:
+            return None
+        if self._guard is not None and self._guard.pending is not None and self._at_step_boundary():
+            self._active = False
+            self.close()  # writes the step that just completed, then passes the signal on
+            return None
+        self.ctx.ddp_sync = ddp_syncs_gradients(self.ctx.ddp)
+        try:
+            if self._first_batch:
+                self._run_first_batch(module, args, kwargs)
+            self._sync_step()
+            for probe in self._dispatch.events["on_forward"]:
+                probe.on_forward(args, kwargs)
+        except BaseException:  # e.g. NonFiniteError: this forward never starts
+            self._active = False
+            raise
+        return None
+
+    def _at_step_boundary(self) -> bool:
+        buffer = self.ctx.buffer
+        return buffer is None or self._clock.forward_ends_step(buffer.step)
+
+    def _run_first_batch(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        """Summary, graph and input checks on the real first batch; their forwards are not observed."""
+        probes, self._first_batch = self._first_batch, []
+        with self._unobserved():
+            for probe in probes:
+                probe.on_first_batch(module, args, kwargs)
+
+    @contextlib.contextmanager
+    def _unobserved(self) -> Iterator[None]:
+        """Forwards of our own (summary, graph, the non-finite replay) count no step, reach no probe."""
+        was, self._suspended = self._suspended, True
+        try:
+            yield
+        finally:
+            self._suspended = was
+
+    def _on_root_post(self, module: nn.Module, args: tuple, output: Any) -> None:
+        if compiling():
+            return outside_graph(self._close_forward, output)
+        return self._close_forward(output)
+
+    def _close_forward(self, output: Any = None) -> None:
+        if not self._suspended:
+            active, self._active = self._active, False
+            if active and self.ctx.buffer is not None:
+                # Also after a forward that raised (always_call): a probe's mode must end here.
+                for probe in self._dispatch.events["on_forward_end"]:
+                    probe.on_forward_end(output)
+        if self._compiled_seen and not self._compiled_warned:
+            self._compiled_warned = True
+            warn(COMPILED_WARNING, IntrospectWarning)
+        return None
+
+    def _sync_step(self) -> None:
+        """Open the step a training forward belongs to, ending the previous one if it is over."""
+        buffer = self.ctx.buffer
+        if buffer is not None and self._clock.forward_ends_step(buffer.step):
+            self._dispatch.close_step()
+        if self.ctx.buffer is None:
+            self._dispatch.open_step(self._clock.plan())
+
+    def _join_external_step(self, module: nn.Module) -> bool:
+        """With ``step_fn=``, a training forward of a watched module counts even when the root is
+        not called (a LightningModule's ``training_step`` often calls its children directly)."""
+        if not (module.training and torch.is_grad_enabled()):
+            return False
+        self._sync_step()
+        return True
+
+    # ----------------------------------------------------------------- module outputs
+    def _make_output_hook(self, name: str) -> Callable[[nn.Module, Any, Any], None]:
+        ctx, dispatch = self.ctx, self._dispatch
+
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            if compiling():  # traced into a compiled graph: add nothing to it
+                self._compiled_seen = self.ctx.compiled = True
+                return None
+            if self._suspended or name in ctx.disabled:
+                return None
+            if not self._active and (self.config.step_fn is None or not self._join_external_step(module)):
+                return None
+            if ctx.buffer is not None:
+                dispatch.module_output(name, module, args, output)
+            return None
+
+        return hook
+
+    # ----------------------------------------------------------------- optimizer
+    def _on_optimizer_pre(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        if self.ctx.buffer is None:
+            return None
+        for probe in self._dispatch.events["on_optimizer_pre"]:
+            probe.on_optimizer_pre()
+        return None
+
+    def _on_optimizer_post(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        if self.ctx.buffer is None:
+            # optimizer.step() without a training forward since the last one: still a step.
+            self._clock.take()
+        else:
+            for probe in self._dispatch.events["on_optimizer_step"]:
+                probe.on_optimizer_step()
+            self._dispatch.close_step()
+        if self._guard is not None and self._guard.pending is not None:
+            self.close()  # a step boundary: the step is written; then the signal goes on
+        return None
+

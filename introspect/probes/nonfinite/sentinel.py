@@ -1,0 +1,273 @@
+"""The non-finite sentinel (``check_mode="replay"``, the default): one cheap look per step, and a
+replay of the step only when it sees NaN/Inf.
+
+Per checked step the sentinel takes the L2 norm of
+
+* each floating tensor of the model's output, at the end of the forward;
+* the gradient arriving at each of them (one hook per output), and every parameter gradient,
+  at the end of backward (all in one ``_foreach_norm``);
+
+and reads them in one host transfer at the end of backward (after DDP's averaging under DDP),
+or at the end of a step that had none. A norm is finite exactly when every value is, short of
+values near 1e19. The parameter gradients' norms give the global gradient norm too, which the
+gradient-norm spike score reads (:mod:`introspect.probes.grad_spike`), at no extra cost.
+
+When a norm is not finite the step is replayed (:mod:`introspect.probes.nonfinite.replay`) with the per-module
+check on every watched module, which names the origin exactly as ``check_mode="per_module"``
+would have on that step, with the counts and ranges of the bad values added. Before the replay
+the sentinel has not held on to anything but the forward's inputs (by reference), its RNG state
+and the output gradient, all released when the step is read.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..._torch import foreach_norm, queue_after_backward
+from ...debugger.alerts import Alert
+from ...errors import NonFiniteError
+from ...records import step as step_records
+from ...records.shards import local_view
+from ...records.step import HostStep, StepBuffer
+from ...runtime.distributed import rank_and_world
+from ...runtime.preserved import cuda_devices
+from ...runtime.tensors import named_float_tensors
+from ..base import Probe, StepPlan
+from .per_module import CallLedger, NonFiniteReport
+from .rank import RankOrigin
+from .replay import ForwardRecord, capture_forward, replay_step
+
+__all__ = ["NonFiniteSentinel", "check_mode_for", "HOLD_OUTPUT_BYTES"]
+
+HOLD_OUTPUT_BYTES = 16 * 2**20
+"""Model outputs up to this size are held until the step's read and reduced with the gradients
+in one fused norm; bigger ones are reduced at the end of the forward and only their norm kept."""
+
+
+def check_mode_for(config: Any, ctx: Any) -> str:
+    """"replay", "per_module" or "off". A replay of a sharded forward (FSDP's all-gathers) or of
+    SyncBatchNorm under torch.distributed would be a collective that the ranks whose step was
+    finite never join; those models get the per-module check whatever ``check_mode`` says."""
+    if config.check_every == 0:
+        return "off"
+    if config.check_mode == "per_module" or ctx.shards is not None:
+        return "per_module"
+    if rank_and_world()[1] > 1 and any(isinstance(m, torch.nn.SyncBatchNorm) for m in ctx.root.modules()):
+        return "per_module"
+    return "replay"
+
+
+class NonFiniteSentinel(Probe):
+    name = "nonfinite"
+    builtin = True
+
+    def bind(self, ctx) -> None:  # type: ignore[no-untyped-def]
+        super().bind(ctx)
+        self._report = NonFiniteReport(ctx)
+        self._rank = RankOrigin(ctx)
+        self._devices = cuda_devices(ctx.root)
+        self._params = [(n, p) for n, p in ctx.root.named_parameters() if p.requires_grad]
+        self._tensors = [p for _, p in self._params]
+        self._dtensors = any(type(p).__name__ == "DTensor" for _, p in self._params)
+        self._local: Alert | None = None  # this step's own finding, for the rank exchange
+        self._stale: set[str] = set()  # parameters whose .grad an earlier backward left non-finite
+        self._clear()
+
+    def _clear(self) -> None:
+        self._records: list[ForwardRecord] = []
+        self._outputs: list[torch.Tensor] = []  # held outputs, or the norms of those too big to hold
+        self._out_names: list[str] = []
+        self._queued = False
+
+    def active(self, plan: StepPlan) -> bool:
+        return plan.checking
+
+    def on_step_start(self, plan: StepPlan) -> None:
+        self._clear()
+        self._local = None
+
+    def on_forward(self, args: tuple, kwargs: dict) -> None:
+        self._records.append(capture_forward(args, kwargs, self._devices))
+
+    def on_forward_end(self, output: Any) -> None:
+        buffer = self.ctx.buffer
+        if output is None or buffer is None or not self._records:
+            return
+        tensors = named_float_tensors(output)
+        if not tensors:
+            return
+        record = self._records[-1]
+        for index, (suffix, tensor) in enumerate(tensors):
+            self._out_names.append(suffix)
+            # A small output is held (it is usually alive through backward anyway) and joins the
+            # read's one fused norm; a big one (LLM logits) is reduced now, not kept: the norm of
+            # its (0-dim) norm is that norm again, so it joins the fused norm all the same.
+            held = tensor.detach()
+            if tensor.numel() * tensor.element_size() > HOLD_OUTPUT_BYTES:
+                held = foreach_norm([held], torch.float32)[0]
+            self._outputs.append(held)
+            if tensor.requires_grad:
+                tensor.register_hook(self._output_grad_hook(buffer, record, index))
+
+    def _output_grad_hook(self, buffer: StepBuffer, record: ForwardRecord, index: int) -> Any:
+        def hook(grad: torch.Tensor) -> None:
+            if buffer.closed or self.ctx.closing:
+                return
+            record.grads[index] = grad  # by reference: what the replay pushes back
+            if not self._queued:
+                self._queued = True
+                queue_after_backward(lambda: self._after_backward(buffer))
+
+        return hook
+
+    def _after_backward(self, buffer: StepBuffer) -> None:
+        self._queued = False
+        if buffer.closed or self.ctx.closing:
+            return
+        if self.ctx.ddp_sync:
+            # Queued from this callback, it runs after DDP's own: on the averaged gradients, and
+            # a raise cannot stop DDP from finishing its reduction (the next forward needs it).
+            queue_after_backward(lambda: buffer.closed or self.ctx.closing or self._read(buffer, True, reduced=True))
+            return
+        self._read(buffer, backward=True)
+
+    def on_step_end(self, host: HostStep | None) -> None:
+        buffer = self.ctx.buffer
+        if buffer is not None and (self._records or self._outputs):
+            self._read(buffer, backward=False)
+
+    # ----------------------------------------------------------------- the one read
+    def _read(self, buffer: StepBuffer, backward: bool, reduced: bool = False) -> None:
+        records, outputs, out_names = self._records, self._outputs, self._out_names
+        self._clear()
+        out_grads = [g for r in records for g in r.grads.values()]
+        grads = [p.grad for p in self._tensors if p.grad is not None] if backward else []
+        if self._dtensors:
+            grads = [local_view(g) for g in grads]
+        tensors = outputs + out_grads + grads  # (gradients carry no graph: nothing to detach)
+        norms = foreach_norm(tensors, torch.float32) if tensors else []
+        scale = self.ctx.grad_scale() if grads else None
+        parts = norms + ([scale.reshape(()).float()] if scale is not None else [])
+        if not parts:
+            return
+        values = step_records.one_transfer(parts)
+        scale_value = values.pop() if scale is not None else 1.0
+        n_out, n_grad = len(outputs), len(out_grads)
+        param_norms = values[n_out + n_grad:]
+        if param_norms:  # the last backward of the step wins (gradient accumulation)
+            buffer.grad_norm = math.sqrt(sum(v * v for v in param_norms)) / scale_value
+        if math.isfinite(sum(values)):
+            if param_norms:
+                self._stale = set()
+            return
+        params = [(n, p.grad) for n, p in self._params if p.grad is not None] if backward else []
+        bad_params = [
+            (name, grad) for (name, grad), v in zip(params, param_norms)
+            if not math.isfinite(v) and not (math.isinf(v) and bool(torch.isfinite(grad).all()))
+        ]  # an Inf norm of finite values (each near 1e19) is no NaN: the one extra read is on this path only
+        sighting = Sighting(
+            outputs=[n for n, v in zip(out_names, values[:n_out]) if not math.isfinite(v)],
+            output_grad=not all(math.isfinite(v) for v in values[n_out:n_out + n_grad]),
+            params=[name for name, _ in bad_params],
+            nan=any(math.isnan(v) for v in values),
+        )
+        if sighting.empty or (sighting.only_params and set(sighting.params) <= self._stale):
+            return  # (gradients left non-finite by an earlier backward, not zeroed since: known)
+        if not buffer.reported:  # once per step: the first read that fires
+            buffer.reported = True
+            self._local = self._locate(buffer, records, sighting, reduced)
+        if not reduced:
+            return
+        # Under DDP every rank reads the same averaged gradients, so every rank gets here at once.
+        local = self._local
+        if sighting.params and not self._rank.done:
+            rank_alert = self._rank.exchange_reduced(buffer.step, local)
+            self.ctx.findings.add(rank_alert)
+            local = local or rank_alert
+        if local is not None and self.ctx.config.on_nonfinite == "raise":
+            raise NonFiniteError(f"introspect: step {local.step}: {local.message}", local)
+
+    def _locate(self, buffer: StepBuffer, records: list[ForwardRecord], sighting: "Sighting", reduced: bool) -> Alert | None:
+        """Replay the step and report its origin (a raise waits for the rank exchange under DDP)."""
+        ctx = self.ctx
+        outcome = replay_step(ctx, records, CallLedger(ctx.module_types), buffer.step) if records else None
+        alert = outcome.alert if outcome is not None else None
+        if alert is not None and sighting.outputs and alert.phase != "forward":
+            # The replayed forward was finite where the real one was not: the backward finding
+            # it made instead comes from the captured (NaN) output gradient, not from the model.
+            alert, outcome.reason = None, "its forward came out finite (state the forward changes, a counter or a cache?)"
+        if alert is None and sighting.only_params and outcome is not None and outcome.own_gradients_finite:
+            # This step's own gradients are finite: .grad holds an earlier backward's NaN/Inf,
+            # accumulated into since (no zero_grad). Reported once, unless an earlier finding
+            # already named where it came from; later steps are not replayed for it again.
+            # Under DDP they are the averaged gradients: another rank's (the rank exchange says).
+            self._stale = set(sighting.params)
+            if reduced or any(a.kind == "nonfinite" for a in ctx.findings.alerts):
+                return None
+            alert = sighting.stale_alert(buffer.step)
+        if alert is None and not (reduced and sighting.only_params):
+            # Under DDP a NaN in the averaged gradients alone may be another rank's: the rank
+            # exchange says whose. Anything else the replay could not pin down is reported as
+            # the sentinel saw it.
+            reason = outcome.reason if outcome is not None else "no forward of this step was seen"
+            alert = sighting.alert(buffer.step, reason)
+        if alert is None:
+            return None
+        may_raise = not reduced and not ctx.closing
+        return self._report(alert, may_raise, outcome.half_outputs if outcome is not None else {})
+
+
+@dataclass(frozen=True)
+class Sighting:
+    """What the sentinel saw, for the finding when the replay cannot name the origin: the
+    non-finite outputs (by suffix), whether the gradient arriving at them was, the parameters
+    whose gradients were, and whether any of it was NaN (else Inf)."""
+
+    outputs: list[str]
+    output_grad: bool
+    params: list[str]
+    nan: bool
+
+    @property
+    def empty(self) -> bool:
+        return not (self.outputs or self.output_grad or self.params)
+
+    @property
+    def only_params(self) -> bool:
+        return bool(self.params) and not (self.outputs or self.output_grad)
+
+    def _params_text(self) -> str:
+        more = f" and {len(self.params) - 3} more" if len(self.params) > 3 else ""
+        return f"{', '.join(self.params[:3])}{more}"
+
+    def stale_alert(self, step: int) -> Alert:
+        what = "NaN" if self.nan else "Inf"
+        return Alert(
+            "nonfinite", self.params[0], step,
+            f"{what} in .grad of {self._params_text()} comes from an earlier backward: this step's own "
+            "gradients are finite, and .grad was not zeroed since (optimizer.zero_grad() each step?)",
+            {"bad_parameters": float(len(self.params))}, phase="backward",
+        )
+
+    def alert(self, step: int, reason: str) -> Alert:
+        what = "NaN" if self.nan else "Inf"
+        if self.outputs:
+            named = [o for o in self.outputs if o]
+            where, phase = "output" + (f"/{named[0]}" if named else ""), "forward"
+            seen = f"{what} in the model's output" + (f" {', '.join(named)}" if named else "")
+        elif self.output_grad:
+            where, phase = "output", "backward"
+            seen = f"{what} in the gradient arriving at the model's output (the loss, or code after the model)"
+        else:
+            where, phase = self.params[0], "backward"
+            seen = f"{what} in the gradients of {self._params_text()}"
+        return Alert(
+            "nonfinite", where, step,
+            f"{seen}; the replay of this step could not name the layer: {reason}. "
+            "check_mode='per_module' checks every layer on every step instead",
+            {"bad_parameters": float(len(self.params))} if self.params else {}, phase=phase,
+        )

@@ -1,0 +1,242 @@
+"""One training step's worth of findings, kept on the device until they are needed on the host.
+
+During a step the hooks only append small device tensors here: histogram records, scalars,
+debugger measures, and the per-tensor sums of the non-finite check; no activation is kept. The
+sums cross to the host once per backward (or at the end of the step when there is none) and the
+rest once at the end of a logging step, each time as one ``cat`` and one copy.
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import torch
+
+from .._torch import view_base
+from ..debugger.origins import CallRecord
+from ..runtime.amp import LOW_PRECISION
+from .shards import ShardRecords, local_view
+from .stats import RECORD_LEN, HistogramRecord, RecordBatch, stat_dtype
+
+__all__ = ["StepBuffer", "HostStep", "Check", "one_transfer"]
+
+
+
+class Check(NamedTuple):
+    """What one sum of the non-finite check was taken of: ``kind`` is ``"model_in"`` (the model's
+    own input), ``"in"`` (an input of call ``call`` that no earlier call produced), ``"out"`` (an
+    output, named ``where``), ``"grad"`` (the gradient w.r.t. that output), ``"reduced_grads"``
+    (DDP's averaged gradients) or ``"grad_norm"`` (the global gradient norm, which rides in the
+    same transfer for the spike score and is no finiteness check)."""
+
+    kind: str
+    call: int = -1
+    where: str = ""
+
+
+@dataclass
+class HostStep:
+    """A finished step on the host, ready to be written and analysed."""
+
+    step: int
+    histograms: dict[str, HistogramRecord]
+    scalars: dict[str, float]
+    measures: dict[str, float]
+
+
+@dataclass
+class StepBuffer:
+    step: int
+    logging: bool
+    checking: bool
+    histograms: dict[str, list[tuple[int, int]]] = field(default_factory=dict)
+    """tag -> [(numel, index in ``records``)], one entry per call."""
+    records: RecordBatch = field(default_factory=RecordBatch)
+    scalars: dict[str, torch.Tensor] = field(default_factory=dict)
+    plain_scalars: dict[str, float] = field(default_factory=dict)
+    """Scalars that are Python numbers already (a user probe's), written beside ``scalars``."""
+    measures: dict[str, torch.Tensor] = field(default_factory=dict)
+    calls: list[CallRecord] = field(default_factory=list)
+    check_labels: list[Check] = field(default_factory=list)
+    check_values: list[float] = field(default_factory=list)
+    """Host copies of the sums in ``check_labels`` already moved; the rest are in ``_pending``."""
+    reported: bool = False
+    grad_norm: float | None = None
+    """The global gradient norm of the step's last backward, when the non-finite sentinel read it."""
+    callback_queued: bool = False
+    closed: bool = False
+    shards: ShardRecords | None = None
+    """Under sharded training, the records of DTensor weights and gradients (combined across
+    ranks at the end of a logging step); without it a DTensor's local shard is recorded alone."""
+    _pending: list[torch.Tensor] = field(default_factory=list)
+    _any_nonfinite: bool = False
+    _outputs: dict[int, tuple[weakref.ref, int]] = field(default_factory=dict)
+    _sums: dict[int, tuple[weakref.ref, torch.Tensor]] = field(default_factory=dict)
+    _safe_readers_of: dict[int, bool] | None = None
+    _safe_readers_for: int = -1
+
+    # ------------------------------------------------------------ records for TensorBoard
+    def add_histogram(self, tag: str, tensor: torch.Tensor, total: torch.Tensor | None = None) -> None:
+        """Add one call's values; several calls in one step are merged into one histogram.
+        ``total``: the check's sum of ``tensor``, when it has one (saves a pass over a big tensor)."""
+        if self._sharded(tag, tensor):
+            return
+        tensor = local_view(tensor)
+        if tensor.numel() == 0:  # an empty batch or a zero-width layer has no histogram
+            return
+        index = self.records.add(tensor, total)  # first: a tensor it cannot read leaves no empty tag behind
+        self.histograms.setdefault(tag, []).append((tensor.numel(), index))
+
+    def set_histogram(self, tag: str, tensor: torch.Tensor) -> None:
+        """Replace the values (a parameter's gradient is final only after the last backward)."""
+        if self._sharded(tag, tensor):
+            return
+        tensor = local_view(tensor)
+        if tensor.numel() == 0:
+            return
+        self.histograms[tag] = [(tensor.numel(), self.records.add(tensor))]
+
+    def _sharded(self, tag: str, tensor: torch.Tensor) -> bool:
+        """Whether ``tensor`` is a shard whose record waits for the other ranks' (taken here)."""
+        if self.shards is None or tag not in self.shards.combiner.tags:
+            return False  # (a tag every rank combines, or the ranks would disagree)
+        self.shards.set(tag, tensor)
+        return True
+
+    def add_scalar(self, tag: str, value: torch.Tensor) -> None:
+        self.scalars[tag] = value.detach().reshape(())
+
+    def add_plain_scalar(self, tag: str, value: float) -> None:
+        self.plain_scalars[tag] = value
+
+    def add_measure(self, key: str, value: torch.Tensor) -> None:
+        """A number for the debugger only (e.g. ``dead/relu1``); the last call of a step wins."""
+        self.measures[key] = value.detach().reshape(())
+
+    # ------------------------------------------------------------ the non-finite check
+    def add_check(self, label: Check, tensor: torch.Tensor) -> torch.Tensor | None:
+        """One cheap device reduction: a sum is finite exactly when every value is (barring overflow).
+        Returns the sum (None for half precision), which a histogram of the same tensor can reuse."""
+        self.check_labels.append(label)
+        tensor = local_view(tensor.detach())  # this rank's values: no collective on one rank alone
+        if tensor.dtype in LOW_PRECISION:  # |x| summed, one pass too: +Inf and -Inf from an overflow sum to
+            self._pending.append(torch.linalg.vector_norm(tensor, 1, dtype=torch.float32))  # Inf, not NaN
+            return None  # a norm, not the sum a histogram could reuse
+        total = tensor.sum(dtype=torch.float32)
+        self._pending.append(total)
+        return total
+
+    def remember_sum(self, tensor: torch.Tensor, total: torch.Tensor | None) -> None:
+        """The check's sum of ``tensor``, for a histogram of the same tensor to reuse."""
+        if total is not None:
+            self._sums[id(tensor)] = (weakref.ref(tensor), total)
+
+    def known_sum(self, tensor: torch.Tensor) -> torch.Tensor | None:
+        entry = self._sums.get(id(tensor))
+        if entry is None or entry[0]() is not tensor:  # a freed tensor's id may be reused
+            return None
+        return entry[1]
+
+    def new_call(self, record: CallRecord) -> int:
+        self.calls.append(record)
+        return len(self.calls) - 1
+
+    def mark_output(self, tensor: torch.Tensor, call: int) -> None:
+        """Remember who produced ``tensor`` so a later module reading it needs no second sum."""
+        self._outputs[id(tensor)] = (weakref.ref(tensor), call)
+
+    def producer_of(self, tensor: torch.Tensor) -> int | None:
+        """The call whose output ``tensor`` is, or is a view of (``x.flatten(1)`` between two
+        modules reads the first one's output); None when no watched call made it."""
+        entry = self._outputs.get(id(tensor))
+        if entry is None or entry[0]() is not tensor:  # a freed tensor's id may be reused
+            base = view_base(tensor)
+            return None if base is None else self.producer_of(base)
+        return entry[1]
+
+    def grad_check_needed(self, call: int) -> bool:
+        """False when every reader of this call's output is finite-preserving: the gradient it gets
+        is then finite exactly when the gradients those readers received were (checked already)."""
+        if self._safe_readers_of is None or self._safe_readers_for != len(self.calls):
+            readers: dict[int, list[bool]] = {}
+            for record in self.calls:
+                for producer in record.producers:
+                    readers.setdefault(producer, []).append(record.safe)
+            self._safe_readers_of = {i: all(flags) for i, flags in readers.items()}
+            self._safe_readers_for = len(self.calls)
+        return not self._safe_readers_of.get(call, False)
+
+    def sync_checks(self) -> bool:
+        """Move the pending sums to the host (one transfer); True when any so far is not finite."""
+        if self._pending:
+            pending, self._pending = self._pending, []
+            values = one_transfer(pending)
+            self.check_values.extend(values)
+            # The sum of the sums is finite when every one is (a huge finite total only costs the
+            # per-value look below).
+            if not math.isfinite(sum(values)) and not all(math.isfinite(v) for v in values):
+                self._any_nonfinite = True
+        return self._any_nonfinite
+
+    # ------------------------------------------------------------ end of step
+    def to_host(self) -> HostStep:
+        """Everything but the checks, in one transfer; the buffer is closed afterwards."""
+        self.closed = True
+        self._outputs.clear()
+        self._sums.clear()
+        parts: list[torch.Tensor] = []
+        if len(self.records):
+            parts.append(self.records.compute().reshape(-1))
+        keys = [("s", k) for k in self.scalars] + [("m", k) for k in self.measures]
+        if keys:
+            parts.append(torch.stack([*self.scalars.values(), *self.measures.values()]).reshape(-1))
+        values = one_transfer(parts)
+        rows = len(self.records) * RECORD_LEN
+        broken = [
+            i for i in range(len(self.records))
+            if not all(math.isfinite(v) for v in values[i * RECORD_LEN + 1 : i * RECORD_LEN + 3])
+        ]
+        if broken:  # NaN/Inf somewhere: redo those rows from their finite values (a second transfer)
+            fixed = self.records.masked_rows(broken).cpu().tolist()
+            for i, row in zip(broken, fixed):
+                values[i * RECORD_LEN : (i + 1) * RECORD_LEN] = row
+        histograms = {
+            tag: HistogramRecord.merge([
+                HistogramRecord.from_row(numel, values[i * RECORD_LEN : (i + 1) * RECORD_LEN])
+                for numel, i in calls
+            ])
+            for tag, calls in self.histograms.items()
+        }
+        if self.shards is not None:  # every rank, at the same step (see sharded.py)
+            histograms.update(self.shards.combine())
+        scalars: dict[str, float] = {}
+        measures: dict[str, float] = {}
+        for (kind, key), value in zip(keys, values[rows:]):
+            (scalars if kind == "s" else measures)[key] = value
+        scalars.update(self.plain_scalars)
+        self.plain_scalars.clear()
+        self.histograms.clear()
+        self.scalars.clear()
+        self.measures.clear()
+        self.records = RecordBatch()
+        return HostStep(step=self.step, histograms=histograms, scalars=scalars, measures=measures)
+
+
+def one_transfer(parts: list[torch.Tensor]) -> list[float]:
+    """Concatenate per device and copy to the host once per device (once, in practice)."""
+    if not parts:
+        return []
+    devices = {p.device for p in parts}
+    if len(devices) == 1:
+        device = devices.pop()
+        if all(p.dim() == 0 for p in parts):  # sums and norms: one stack, read as they are (float32)
+            return torch.stack(parts).tolist()
+        dt = stat_dtype(device)
+        return torch.cat([p.reshape(-1) for p in parts]).to(dt).cpu().tolist()
+    values: list[float] = []
+    for p in parts:  # a model split over devices: rare, and still correct
+        values.extend(p.reshape(-1).to(stat_dtype(p.device)).cpu().tolist())
+    return values

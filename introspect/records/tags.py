@@ -1,0 +1,59 @@
+"""introspect.records.tags (split from introspect.records.sinks)."""
+
+from __future__ import annotations
+
+TAG_KINDS = (
+    "activations",
+    "activation_grads",
+    "weights",
+    "grads",
+    "grad_norm",
+    "update_ratio",
+    "feature_maps",
+    "nonfinite",
+    "hparams",
+    "spectral",
+)
+
+
+SUMMARY_TAG = "model/summary"
+
+
+ALERTS_TAG = "diagnostics/alerts"
+
+
+GRAD_FLOW_TAG = "diagnostics/grad_flow"
+
+
+HEALTH_MAP_TAG = "diagnostics/health_map"
+
+
+INPUTS_TAG = "data/inputs"
+
+
+DATA_TAGS = {
+    "batch": "data/batch",
+    "first_image": "data/first_image",
+    "samples": "data/samples",
+    "class_balance": "data/class_balance",
+    "channel_stats": "data/channel_stats",
+    "findings": "data/findings",
+}
+
+
+def tag(kind: str, name: str) -> str:
+    """The TensorBoard tag for ``name`` (a module or parameter name, maybe with an output suffix)."""
+    if kind not in TAG_KINDS:
+        raise ValueError(f"unknown tag kind {kind!r}; one of {TAG_KINDS}")
+    return f"{kind}/{name}"
+
+
+def probe_tag(probe: str, key: str, where: str) -> str:
+    """A user probe's scalar: ``{probe.name}/{key}/{module}`` (see ``introspect.Probe``)."""
+    return f"{probe}/{key}/{where}"
+
+
+def tag_name(full_tag: str) -> tuple[str, str]:
+    """``("grads", "fc.weight")`` from ``"grads/fc.weight"``."""
+    kind, _, name = full_tag.partition("/")
+    return kind, name
