@@ -24,8 +24,8 @@ import argparse
 import math
 import sys
 from collections import OrderedDict
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 # Run as `python examples/broken_training.py` from anywhere: make the repo importable.
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -37,8 +37,7 @@ import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
 from examples.cli import example_parser  # noqa: E402
-from introspect import Alert
-from introspect import watch
+from introspect import Alert, watch
 
 SCENARIOS = ("nan", "exploding", "dead_relu", "vanishing")
 # The point here is the debugger: no model summary on stdout, no graph.
@@ -151,8 +150,10 @@ def train(
                     break
     finite = [v for v in losses if math.isfinite(v)]
     last = f"{finite[-1]:.3g}" if finite else "never finite"
-    print(f"{len(losses)} steps; loss {losses[0]:.3g} at the start, {last} at the last finite step; "
-          f"{len(losses) - len(finite)} non-finite")
+    print(
+        f"{len(losses)} steps; loss {losses[0]:.3g} at the start, {last} at the last finite step; "
+        f"{len(losses) - len(finite)} non-finite"
+    )
     print(w.report())
     return w.alerts
 
@@ -213,9 +214,7 @@ def vanishing_gradients(logdir: Path, steps: int, seed: int) -> list[Alert]:
 # --------------------------------------------------------------------------- main
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = example_parser(__doc__, "broken", quick="fewer steps, for tests")
-    parser.add_argument(
-        "--only", choices=SCENARIOS, action="append", help="run only this scenario (repeatable)"
-    )
+    parser.add_argument("--only", choices=SCENARIOS, action="append", help="run only this scenario (repeatable)")
     return parser.parse_args(argv)
 
 

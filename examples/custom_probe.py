@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     loss_fn = nn.BCEWithLogitsLoss()
     with introspect.watch(model, args.logdir, every=5, probes=[Sparsity(), Peak()], summary=False) as w:
-        for i in range(steps):
+        for _i in range(steps):
             index = torch.randint(0, len(images), (32,))
             loss = loss_fn(model(images[index]).squeeze(1), labels[index].float())
             opt.zero_grad()

@@ -84,8 +84,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     steps = w.step + 1
     print(w.report())
     print(f"{steps} steps, validation accuracy {accuracy:.1%}")
-    print(f"feature maps at steps {list(range(0, steps, image_every))}: "
-          f"tensorboard --logdir {args.logdir} --host 127.0.0.1, then IMAGES")
+    print(
+        f"feature maps at steps {list(range(0, steps, image_every))}: "
+        f"tensorboard --logdir {args.logdir} --host 127.0.0.1, then IMAGES"
+    )
     return {
         "steps": steps,
         "image_steps": list(range(0, steps, image_every)),

@@ -58,8 +58,15 @@ class CountingTask(torch.utils.data.Dataset):
 
 def tiny_bert(seed: int) -> BertForSequenceClassification:
     torch.manual_seed(seed)
-    config = BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                        intermediate_size=64, max_position_embeddings=LENGTH, num_labels=2)
+    config = BertConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=LENGTH,
+        num_labels=2,
+    )
     return BertForSequenceClassification(config)
 
 
@@ -75,20 +82,36 @@ def main(argv: list[str] | None = None) -> dict:
     steps = 10 if args.quick else args.steps
     with tempfile.TemporaryDirectory() as output_dir:  # checkpoints are not the point here
         training = TrainingArguments(
-            output_dir=output_dir, max_steps=steps, per_device_train_batch_size=32, learning_rate=1e-3,
-            logging_steps=max(1, steps // 10), save_strategy="no", report_to="none", use_cpu=True,
-            disable_tqdm=True, seed=args.seed)
+            output_dir=output_dir,
+            max_steps=steps,
+            per_device_train_batch_size=32,
+            learning_rate=1e-3,
+            logging_steps=max(1, steps // 10),
+            save_strategy="no",
+            report_to="none",
+            use_cpu=True,
+            disable_tqdm=True,
+            seed=args.seed,
+        )
         with IntrospectCallback(logdir=args.logdir, every=max(1, steps // 10)) as callback:
-            trainer = Trainer(model=tiny_bert(args.seed), args=training,
-                              train_dataset=CountingTask(2048, seed=args.seed), callbacks=[callback])
+            trainer = Trainer(
+                model=tiny_bert(args.seed),
+                args=training,
+                train_dataset=CountingTask(2048, seed=args.seed),
+                callbacks=[callback],
+            )
             result = trainer.train()
 
     watcher = callback.watcher
     print(watcher.report())
     print(f"global_step {trainer.state.global_step}, train loss {result.training_loss:.4f}")
     print(f"logs written to {args.logdir}")
-    return {"logdir": args.logdir, "global_step": trainer.state.global_step,
-            "train_loss": result.training_loss, "alerts": len(watcher.alerts)}
+    return {
+        "logdir": args.logdir,
+        "global_step": trainer.state.global_step,
+        "train_loss": result.training_loss,
+        "alerts": len(watcher.alerts),
+    }
 
 
 if __name__ == "__main__":

@@ -80,9 +80,15 @@ def main(argv: list[str] | None = None) -> dict:
     logger = TensorBoardLogger(args.logdir, name="", version="", default_hp_metric=False)
     callback = IntrospectCallback(every=5)
     trainer = L.Trainer(
-        max_epochs=epochs, logger=logger, callbacks=[callback], accelerator="cpu",
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        log_every_n_steps=5)
+        max_epochs=epochs,
+        logger=logger,
+        callbacks=[callback],
+        accelerator="cpu",
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        log_every_n_steps=5,
+    )
     trainer.fit(BarClassifier(), train_loader, val_loader)
 
     watcher = callback.watcher
@@ -90,8 +96,12 @@ def main(argv: list[str] | None = None) -> dict:
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     print(f"global_step {trainer.global_step}, final metrics {metrics}")
     print(f"logs written to {args.logdir}")
-    return {"logdir": args.logdir, "global_step": trainer.global_step, "metrics": metrics,
-            "alerts": len(watcher.alerts)}
+    return {
+        "logdir": args.logdir,
+        "global_step": trainer.global_step,
+        "metrics": metrics,
+        "alerts": len(watcher.alerts),
+    }
 
 
 if __name__ == "__main__":

@@ -52,7 +52,7 @@ def make_flawed_copy(source: Path, target: Path) -> Path:
     shutil.copytree(source, target)
     airplanes = sorted((target / "0_airplane").glob("*.png"))
     automobiles = sorted((target / "1_automobile").glob("*.png"))
-    for path in automobiles[max(1, len(airplanes) // 9):]:  # most automobiles lost on the way
+    for path in automobiles[max(1, len(airplanes) // 9) :]:  # most automobiles lost on the way
         path.unlink()
     for i, path in enumerate(airplanes[:2]):  # copied twice under another name
         shutil.copy(path, path.with_name(f"copy_{i}.png"))
@@ -63,7 +63,9 @@ def make_flawed_copy(source: Path, target: Path) -> Path:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = example_parser(__doc__, "raw_images", quick="fewer images, for tests")
-    parser.add_argument("--data", default=None, help="where to write the image folders (default: a temporary directory)")
+    parser.add_argument(
+        "--data", default=None, help="where to write the image folders (default: a temporary directory)"
+    )
     return parser.parse_args(argv)
 
 

@@ -93,7 +93,10 @@ def evaluate(model: nn.Module, loader: DataLoader, loss_fn: nn.Module) -> tuple[
 def parse_args(argv: list[str] | None = None) -> Namespace:
     parser = example_parser(__doc__, "ring", quick="at most 3 epochs, for tests")
     parser.add_argument(
-        "--epochs", type=positive_int, default=HPARAMS["max_epochs"], help="at most this many epochs (default: %(default)s)"
+        "--epochs",
+        type=positive_int,
+        default=HPARAMS["max_epochs"],
+        help="at most this many epochs (default: %(default)s)",
     )
     return parser.parse_args(argv)
 

@@ -35,8 +35,16 @@ def tiny_gpt2() -> torch.nn.Module:
     logits of a size a trained one has (at GPT-2's 0.02 they are ~0.05)."""
     import transformers
 
-    config = transformers.GPT2Config(n_layer=2, n_head=2, n_embd=32, vocab_size=VOCAB, n_positions=SEQ,
-                                     initializer_range=0.05, bos_token_id=0, eos_token_id=0)
+    config = transformers.GPT2Config(
+        n_layer=2,
+        n_head=2,
+        n_embd=32,
+        vocab_size=VOCAB,
+        n_positions=SEQ,
+        initializer_range=0.05,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
     return transformers.GPT2LMHeadModel(config)
 
 

@@ -8,13 +8,13 @@
 
 from __future__ import annotations
 
+from ._version import __version__ as __version__
 from .analysis.compare import Divergence, ModuleDiff, first_divergence
 from .analysis.data import DataReport, inspect_data
 from .analysis.spectral import SpectralChange, SpectralStats, spectral
 from .analysis.summary import summary
 from .debugger.alerts import Alert
 from .debugger.health import Thresholds
-from ._version import __version__
 from .errors import (
     AlreadyWatchedError,
     ArchitectureError,
@@ -33,7 +33,6 @@ from .errors import (
 )
 from .live import Probe, Watcher, watch
 from .load.models import load_model
-
 
 __all__ = [
     "watch",

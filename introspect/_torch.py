@@ -6,7 +6,8 @@ When torch changes one of these, this is the only file to read. Each function de
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 

@@ -140,9 +140,11 @@ def build_model(name: str, device: str):
     if name == "gpt2":
         model = tiny_gpt2()
         x = torch.randint(0, GPT2_SIZE["vocab_size"], (GPT2_BATCH, GPT2_SIZE["n_positions"]))
-        desc = (f"GPT-2 tiny (transformers GPT2Config, random weights): {GPT2_SIZE['n_layer']} blocks, "
-                f"{GPT2_SIZE['n_head']} heads, n_embd {GPT2_SIZE['n_embd']}, vocab {GPT2_SIZE['vocab_size']}, "
-                f"batch {GPT2_BATCH} of {GPT2_SIZE['n_positions']} tokens, its own LM loss (labels=input_ids), Adam")
+        desc = (
+            f"GPT-2 tiny (transformers GPT2Config, random weights): {GPT2_SIZE['n_layer']} blocks, "
+            f"{GPT2_SIZE['n_head']} heads, n_embd {GPT2_SIZE['n_embd']}, vocab {GPT2_SIZE['vocab_size']}, "
+            f"batch {GPT2_BATCH} of {GPT2_SIZE['n_positions']} tokens, its own LM loss (labels=input_ids), Adam"
+        )
         return model.to(device), x.to(device), None, desc
     if name == "cnn":
         model = _seed_cnn_class()()
@@ -150,9 +152,7 @@ def build_model(name: str, device: str):
         y = torch.randint(0, 2, (64, 1)).float()
         desc = "SeedCNN (examples/models.py), batch 64 of 3x32x32"
     elif name == "mlp":
-        model = nn.Sequential(
-            nn.Linear(2, 16), nn.ReLU(), nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 1)
-        )
+        model = nn.Sequential(nn.Linear(2, 16), nn.ReLU(), nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 1))
         x = torch.randn(16, 2) * 1.5
         y = (x.norm(dim=1, keepdim=True) > 1.2).float()  # inside/outside a ring
         desc = "ring MLP 2-16-8-1 with ReLU, batch 16 (per-step overhead dominates)"
@@ -297,8 +297,11 @@ class Runner:
         # Anomaly mode is a thread-wide switch: on for this variant's own step only (the other
         # variants run interleaved in this thread). set_detect_anomaly, unlike detect_anomaly,
         # does not warn on every entry.
-        anomaly = (self._torch.autograd.set_detect_anomaly(True, check_nan=True)
-                   if self.key == "detect_anomaly" else contextlib.nullcontext())
+        anomaly = (
+            self._torch.autograd.set_detect_anomaly(True, check_nan=True)
+            if self.key == "detect_anomaly"
+            else contextlib.nullcontext()
+        )
         with anomaly:
             loss = train_loss(self.model, self.x, self.y)
             self.opt.zero_grad(set_to_none=True)
@@ -406,8 +409,20 @@ def _collect_child(pid: int, read_fd: int, timeout_s: float) -> dict:
 def _in_fresh_process(args, model: str, key: str, timeout_s: float) -> dict:
     with tempfile.TemporaryDirectory(prefix="bench-memproc-") as tmp:
         path = Path(tmp) / "mem.json"
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--_mem", model, "--_variant", key,
-               "--device", args.device, "--_mem-steps", str(args._mem_steps), "--_json", str(path)]
+        cmd = [
+            sys.executable,
+            str(Path(__file__).resolve()),
+            "--_mem",
+            model,
+            "--_variant",
+            key,
+            "--device",
+            args.device,
+            "--_mem-steps",
+            str(args._mem_steps),
+            "--_json",
+            str(path),
+        ]
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
         except subprocess.TimeoutExpired:
@@ -427,7 +442,9 @@ def _time_one_off(base, x, y, device, tmp: Path, reps: int) -> dict:
 
     best: dict[str, float] = {}
     caught: list[str] = []
-    plan = [("warm-up", False)] + [(label, flags) for _ in range(reps) for label, flags in (("on", True), ("off", False))]
+    plan = [("warm-up", False)] + [
+        (label, flags) for _ in range(reps) for label, flags in (("on", True), ("off", False))
+    ]
     for i, (label, flags) in enumerate(plan):
         model = copy.deepcopy(base)
         runner = Runner("bare", model, x, y, device, tmp / f"oneoff-{i}-{label}")
@@ -444,8 +461,12 @@ def _time_one_off(base, x, y, device, tmp: Path, reps: int) -> dict:
         runner.close()
         if label != "warm-up":
             best[label] = min(best.get(label, float("inf")), elapsed)
-    return {"on_s": best["on"], "off_s": best["off"], "added_s": best["on"] - best["off"],
-            "warnings": sorted(set(caught))[:3]}
+    return {
+        "on_s": best["on"],
+        "off_s": best["off"],
+        "added_s": best["on"] - best["off"],
+        "warnings": sorted(set(caught))[:3],
+    }
 
 
 def logging_step_tensors(model, x, y) -> list:
@@ -520,8 +541,14 @@ def stats_pass_vs_bandwidth(model, x, y, device: str, reps: int = 10, probe_mb: 
     bandwidth = probe.numel() * 4 / read_s
     probe = None  # the buffer goes before the numbers are returned
     once_s = n_bytes / bandwidth
-    return {"tensors": len(tensors), "bytes": n_bytes, "pass_s": pass_s, "bandwidth_bps": bandwidth,
-            "read_once_s": once_s, "ratio": pass_s / once_s}
+    return {
+        "tensors": len(tensors),
+        "bytes": n_bytes,
+        "pass_s": pass_s,
+        "bandwidth_bps": bandwidth,
+        "read_once_s": once_s,
+        "ratio": pass_s / once_s,
+    }
 
 
 def stats_pass_text(sp: dict) -> str:
@@ -576,17 +603,30 @@ def _worker_body(args, result: dict) -> None:
 
     name, device = args._worker, args.device
     wandb_version = wandb_available()
-    keys = [k for k in VARIANTS if (not k.startswith("wandb") or wandb_version) and k in args.variant_keys
-            and (name in ATTENTION_MODELS or not k.endswith("_no_attn"))]
+    keys = [
+        k
+        for k in VARIANTS
+        if (not k.startswith("wandb") or wandb_version)
+        and k in args.variant_keys
+        and (name in ATTENTION_MODELS or not k.endswith("_no_attn"))
+    ]
     result.update(
-        torch=torch.__version__, threads=torch.get_num_threads(), steps=args._steps,
-        warmup=args._warmup, rounds=args.rounds, mem_steps=args._mem_steps, align=args._align,
+        torch=torch.__version__,
+        threads=torch.get_num_threads(),
+        steps=args._steps,
+        warmup=args._warmup,
+        rounds=args.rounds,
+        mem_steps=args._mem_steps,
+        align=args._align,
         wandb=wandb_version,
     )
     variants = result["variants"]
     for key in VARIANTS:
-        variants[key] = {"status": "ok"} if key in keys else {
-            "status": "not installed" if key.startswith("wandb") and not wandb_version else "not run"}
+        variants[key] = (
+            {"status": "ok"}
+            if key in keys
+            else {"status": "not installed" if key.startswith("wandb") and not wandb_version else "not run"}
+        )
 
     # ---- memory: one process per variant; no parallel torch op has run here yet
     mem_timeout = max(60.0, args.timeout / 4)
@@ -629,8 +669,11 @@ def _worker_body(args, result: dict) -> None:
                         wandb_run = _wandb_init(tmp / "wandb")
                     runners[key] = Runner(key, copy.deepcopy(base), x, y, device, tmp / key, wandb_run)
                 except Exception:  # noqa: BLE001 - one variant failing must not stop the others
-                    variants[key] = {"status": "error", "error": traceback.format_exc(limit=4),
-                                     "mem": variants[key].get("mem")}
+                    variants[key] = {
+                        "status": "error",
+                        "error": traceback.format_exc(limit=4),
+                        "mem": variants[key].get("mem"),
+                    }
             if "bare" not in runners:
                 raise RuntimeError("the bare variant could not be built")
 
@@ -667,7 +710,9 @@ def _worker_body(args, result: dict) -> None:
             result["one_off"] = {"error": traceback.format_exc(limit=4)}
         _log(f"summary+graph one-off: {time.perf_counter() - phase:.1f} s")
         try:
-            result["stats_pass"] = stats_pass_vs_bandwidth(copy.deepcopy(base), x, y, device, reps=3 if args.quick else 10)
+            result["stats_pass"] = stats_pass_vs_bandwidth(
+                copy.deepcopy(base), x, y, device, reps=3 if args.quick else 10
+            )
         except Exception:  # noqa: BLE001
             result["stats_pass"] = {"error": traceback.format_exc(limit=4)}
 
@@ -709,9 +754,13 @@ def interleave(runners: dict, variants: dict, chunk: dict, rounds: int, warmup: 
                 variants[key]["per_step_s"].append(timed(key, chunk[key]) / chunk[key])
             except Exception:  # noqa: BLE001
                 _drop(runners, variants, key)
-        _log(f"round {r + 1}/{rounds}: "
-             + ", ".join(f"{k} {variants[k]['per_step_s'][-1] * 1e3:.3g}"
-                         for k in runners if variants[k].get("per_step_s")) + " ms/step")
+        _log(
+            f"round {r + 1}/{rounds}: "
+            + ", ".join(
+                f"{k} {variants[k]['per_step_s'][-1] * 1e3:.3g}" for k in runners if variants[k].get("per_step_s")
+            )
+            + " ms/step"
+        )
 
 
 SYNC_WARNING = "called a synchronizing CUDA operation"
@@ -743,8 +792,7 @@ def count_host_syncs(runner, cadence: int | None, samples: int = 3) -> dict:
     import torch
 
     logging_step = logs_at(runner.key, cadence)
-    want = {"off": 0 if cadence == 1 else samples,
-            "logging": 0 if not cadence else samples if cadence == 1 else 1}
+    want = {"off": 0 if cadence == 1 else samples, "logging": 0 if not cadence else samples if cadence == 1 else 1}
     counts: dict[str, list[int]] = {"off": [], "logging": []}
     torch.cuda.synchronize()  # what earlier steps queued is not this count's
     torch.cuda.set_sync_debug_mode("warn")
@@ -875,9 +923,12 @@ def fault_model(name: str):
             return mlp.dropout(mlp.c_proj(mlp.act(mlp.gap(mlp.c_fc(hidden_states)))))
 
         mlp.forward = mlp_forward
-        sites = {"forward_nan": "transformer.h.1.mlp.c_fc", "forward_inf": "transformer.h.0.mlp.c_proj",
-                 "backward_nan": "transformer.h.0.attn.c_attn",
-                 "unwatched": ("transformer.h.1.mlp", "transformer.h.1.mlp.c_fc", "transformer.h.1.mlp.act")}
+        sites = {
+            "forward_nan": "transformer.h.1.mlp.c_fc",
+            "forward_inf": "transformer.h.0.mlp.c_proj",
+            "backward_nan": "transformer.h.0.attn.c_attn",
+            "unwatched": ("transformer.h.1.mlp", "transformer.h.1.mlp.c_fc", "transformer.h.1.mlp.act"),
+        }
         return model, x, None, sites, desc
     raise ValueError(f"unknown fault model {name!r}; choose from {', '.join(FAULT_MODELS)}")
 
@@ -978,8 +1029,14 @@ def detect_with_anomaly(model, x, y, fault, site, clock, tmp: Path) -> dict:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            _fault_steps(model, x, y, clock, FAULT_STEP + 2,
-                         around_step=lambda: torch.autograd.set_detect_anomaly(True, check_nan=True))
+            _fault_steps(
+                model,
+                x,
+                y,
+                clock,
+                FAULT_STEP + 2,
+                around_step=lambda: torch.autograd.set_detect_anomaly(True, check_nan=True),
+            )
         except RuntimeError as e:
             error = str(e)
         else:
@@ -992,8 +1049,12 @@ def detect_with_anomaly(model, x, y, fault, site, clock, tmp: Path) -> dict:
     if frames:
         path, line, func = frames[-1]
         said += f"; forward at {Path(path).name}:{line} in {func}"
-    return {"named": node, "said": said, "step": clock["step"],
-            "through_plant": any(func == "_planted_call" for _, _, func in frames)}
+    return {
+        "named": node,
+        "said": said,
+        "step": clock["step"],
+        "through_plant": any(func == "_planted_call" for _, _, func in frames),
+    }
 
 
 def detect_with_isfinite(model, x, y, fault, site, clock, tmp: Path) -> dict:
@@ -1115,25 +1176,42 @@ def faults_section(entries: list[dict], timing: list[dict] | None = None) -> str
         if e.get("error"):
             lines += ["**Failed:**", "", "```", e["error"].strip()[-2000:], "```", ""]
             continue
-        lines += ["| fault | planted at | " + " | ".join(FAULT_DETECTORS.values()) + " |",
-                  "| --- | --- |" + " --- |" * len(FAULT_DETECTORS)]
+        lines += [
+            "| fault | planted at | " + " | ".join(FAULT_DETECTORS.values()) + " |",
+            "| --- | --- |" + " --- |" * len(FAULT_DETECTORS),
+        ]
         for fault, (label, _, _) in FAULTS.items():
             cells = [e["cells"].get(f"{fault}/{d}", {}) for d in FAULT_DETECTORS]
-            lines.append(f"| {label} | {e['expected'][fault]} | "
-                         + " | ".join(f"{c.get('said', '—')}: **{c.get('verdict', '—')}**" for c in cells) + " |")
+            lines.append(
+                f"| {label} | {e['expected'][fault]} | "
+                + " | ".join(f"{c.get('said', '—')}: **{c.get('verdict', '—')}**" for c in cells)
+                + " |"
+            )
         cost = e.get("cost") or {}
-        lines.append("| cost per step (ratio to bare) | | " + " | ".join(
-            f"{_fmt_ratio(cost[d]['ratio'])} ({cost[d]['source']})" if d in cost else "—" for d in FAULT_DETECTORS) + " |")
+        lines.append(
+            "| cost per step (ratio to bare) | | "
+            + " | ".join(
+                f"{_fmt_ratio(cost[d]['ratio'])} ({cost[d]['source']})" if d in cost else "—" for d in FAULT_DETECTORS
+            )
+            + " |"
+        )
         lines.append("")
     timed = [(r.get("model"), {row["key"]: row for row in summarize(r) if row.get("ratio")}) for r in timing or []]
     timed = [(m, rows) for m, rows in timed if rows]
     if timed:
-        lines += ["Per-step cost of each detector in this run's timing tables (ratio to bare; this project "
-                  "at its default cadence):", "",
-                  "| detector | " + " | ".join(m for m, _ in timed) + " |", "| --- |" + " ---: |" * len(timed)]
+        lines += [
+            "Per-step cost of each detector in this run's timing tables (ratio to bare; this project "
+            "at its default cadence):",
+            "",
+            "| detector | " + " | ".join(m for m, _ in timed) + " |",
+            "| --- |" + " ---: |" * len(timed),
+        ]
         for d, v in FAULT_COST_VARIANT.items():
-            lines.append(f"| {FAULT_DETECTORS[d]} | "
-                         + " | ".join(_fmt_ratio(rows[v]["ratio"]) if v in rows else "—" for _, rows in timed) + " |")
+            lines.append(
+                f"| {FAULT_DETECTORS[d]} | "
+                + " | ".join(_fmt_ratio(rows[v]["ratio"]) if v in rows else "—" for _, rows in timed)
+                + " |"
+            )
         lines.append("")
     return "\n".join(lines)
 
@@ -1252,7 +1330,7 @@ def summarize(result: dict) -> list[dict]:
     variants = result.get("variants", {})
     bare = variants.get("bare", {})
     bare_t = bare.get("per_step_s") or []
-    bare_mem = (bare.get("mem") or {})
+    bare_mem = bare.get("mem") or {}
     mem_key = "cuda_mb" if result.get("device") == "cuda" else "rss_mb"
     rows = []
     for key, (label, _) in VARIANTS.items():
@@ -1265,14 +1343,22 @@ def summarize(result: dict) -> list[dict]:
             n = min(len(times), len(bare_t))
             ratios = [times[i] / bare_t[i] for i in range(n)]
             diffs = [times[i] - bare_t[i] for i in range(n)]
-            row.update(ms=statistics.median(times) * 1e3, ratio=statistics.median(ratios),
-                       ratio_lo=min(ratios), ratio_hi=max(ratios), added_s=statistics.median(diffs))
+            row.update(
+                ms=statistics.median(times) * 1e3,
+                ratio=statistics.median(ratios),
+                ratio_lo=min(ratios),
+                ratio_hi=max(ratios),
+                added_s=statistics.median(diffs),
+            )
         elif row["status"] == "ok":
             row["status"] = "no timing"
         mem = v.get("mem") or {}
         if mem_key in mem and mem_key in bare_mem:
-            row.update(mem_mb=mem[mem_key], mem_ratio=mem[mem_key] / bare_mem[mem_key],
-                       mem_added_mb=mem[mem_key] - bare_mem[mem_key])
+            row.update(
+                mem_mb=mem[mem_key],
+                mem_ratio=mem[mem_key] / bare_mem[mem_key],
+                mem_added_mb=mem[mem_key] - bare_mem[mem_key],
+            )
         elif "error" in mem:
             row["mem_error"] = mem["error"].strip().splitlines()[-1][:120]
         if v.get("error"):
@@ -1303,7 +1389,7 @@ def _fmt_added(seconds: float) -> str:
 
 
 SYNCS_NOTE = (
-    "Host syncs per step: the warnings `torch.cuda.set_sync_debug_mode(\"warn\")` raised during "
+    'Host syncs per step: the warnings `torch.cuda.set_sync_debug_mode("warn")` raised during '
     "one step, median over 3 steps off the variant's logging cadence / on it (one step for "
     "sparse cadences; — where the variant has no such step). Issue 15's target: at most one per "
     "step, and only with the non-finite check on."
@@ -1331,9 +1417,10 @@ def model_section(result: dict, device: str) -> str:
         lines.append(f"{result['desc']}; {result.get('params', 0):,} parameters.")
     steps = result.get("steps")
     if steps:
-        longer = sorted({v["chunk"] for v in result.get("variants", {}).values()
-                         if v.get("chunk") and v["chunk"] != steps})
-        extra = (f" ({', '.join(map(str, longer))} for variants whose cadence needs it)" if longer else "")
+        longer = sorted(
+            {v["chunk"] for v in result.get("variants", {}).values() if v.get("chunk") and v["chunk"] != steps}
+        )
+        extra = f" ({', '.join(map(str, longer))} for variants whose cadence needs it)" if longer else ""
         lines.append(
             f"Chunks of {_n(steps, 'step')}{extra}, {_n(result.get('rounds', 0), 'round')}, "
             f"{_n(result.get('warmup', 0), 'warm-up step')} per variant; "
@@ -1347,9 +1434,11 @@ def model_section(result: dict, device: str) -> str:
         mem_head = "peak GPU memory ratio" if device == "cuda" else "peak memory ratio (RSS)"
         # Host syncs are counted on CUDA only (set_sync_debug_mode needs a CUDA context).
         syncs = device == "cuda"
-        lines += [f"| variant | ms/step (median) | ratio to bare (min–max over rounds) | added per step | {mem_head} |"
-                  + (" host syncs per step (off-cadence / logging) |" if syncs else ""),
-                  "| --- | ---: | ---: | ---: | ---: |" + (" ---: |" if syncs else "")]
+        lines += [
+            f"| variant | ms/step (median) | ratio to bare (min–max over rounds) | added per step | {mem_head} |"
+            + (" host syncs per step (off-cadence / logging) |" if syncs else ""),
+            "| --- | ---: | ---: | ---: | ---: |" + (" ---: |" if syncs else ""),
+        ]
         for r in rows:
             if r["status"] == "not run":  # left out with --variants
                 continue
@@ -1370,15 +1459,19 @@ def model_section(result: dict, device: str) -> str:
                 mem = f"error: {r['mem_error']}"
             else:
                 mem = "—"
-            lines.append(f"| {r['label']} | {ms} | {ratio} | {added} | {mem} |"
-                         + (f" {_fmt_syncs(r.get('syncs'))} |" if syncs else ""))
+            lines.append(
+                f"| {r['label']} | {ms} | {ratio} | {added} | {mem} |"
+                + (f" {_fmt_syncs(r.get('syncs'))} |" if syncs else "")
+            )
         lines.append("")
         if syncs:
             lines += [SYNCS_NOTE, ""]
     one = result.get("one_off")
     if one:
         if "error" in one:
-            lines.append(f"One-time cost of summary=True, graph=True: failed ({one['error'].strip().splitlines()[-1]}).")
+            lines.append(
+                f"One-time cost of summary=True, graph=True: failed ({one['error'].strip().splitlines()[-1]})."
+            )
         else:
             note = f" Warnings: {'; '.join(one['warnings'])}." if one.get("warnings") else ""
             lines.append(
@@ -1423,13 +1516,17 @@ def method_text(quick: bool) -> str:
     chunks = (
         "chunks are not aligned to logging cadences in --quick"
         if quick
-        else "K a multiple of the variant's logging cadence, so every chunk holds the same number "
-        "of logging steps"
+        else "K a multiple of the variant's logging cadence, so every chunk holds the same number of logging steps"
     )
     pause = QUICK_SETTLE_S if quick else SETTLE_S
     lead = QUICK_LEAD_IN_STEPS if quick else LEAD_IN_STEPS
-    lead_in = (", and an untimed lead-in step warms the variant up again" if lead == 1 else
-               f", and {lead} untimed lead-in steps warm the variant up again" if lead else "")
+    lead_in = (
+        ", and an untimed lead-in step warms the variant up again"
+        if lead == 1
+        else f", and {lead} untimed lead-in steps warm the variant up again"
+        if lead
+        else ""
+    )
     return (
         "Each model runs in a process of its own (forked from the harness, which has imported torch "
         "but run nothing) that builds every variant side by side (own model copy, Adam optimizer and "
@@ -1450,10 +1547,16 @@ def method_text(quick: bool) -> str:
 
 # Alternatives in warm colours, watch in greens and blues, wandb in purples.
 COLORS = {
-    "tb_every1": "#d62728", "tb_every100": "#ff9896",
-    "watch_default": "#2ca02c", "watch_every1": "#1f77b4", "watch_check": "#98df8a", "watch_hooks": "#aec7e8",
-    "wandb_1": "#9467bd", "wandb_100": "#c5b0d5",
-    "detect_anomaly": "#8c564b", "isfinite_hooks": "#e377c2",  # the other NaN detectors: browns/pinks
+    "tb_every1": "#d62728",
+    "tb_every100": "#ff9896",
+    "watch_default": "#2ca02c",
+    "watch_every1": "#1f77b4",
+    "watch_check": "#98df8a",
+    "watch_hooks": "#aec7e8",
+    "wandb_1": "#9467bd",
+    "wandb_100": "#c5b0d5",
+    "detect_anomaly": "#8c564b",
+    "isfinite_hooks": "#e377c2",  # the other NaN detectors: browns/pinks
 }
 
 
@@ -1480,8 +1583,16 @@ def write_plot(results: list[dict], path: Path) -> str | None:
         label = next(table[m][key]["label"] for m in models if key in table[m])
         ax.bar(xs, ys, width * 0.95, label=label, color=COLORS.get(key, "tab:gray"))
         for xv, yv in zip(xs, ys):
-            ax.annotate(f"{yv:.2f}" if yv < 10 else f"{yv:.1f}", (xv, yv), xytext=(0, 2), textcoords="offset points",
-                        ha="center", va="bottom", fontsize=6, rotation=90)
+            ax.annotate(
+                f"{yv:.2f}" if yv < 10 else f"{yv:.1f}",
+                (xv, yv),
+                xytext=(0, 2),
+                textcoords="offset points",
+                ha="center",
+                va="bottom",
+                fontsize=6,
+                rotation=90,
+            )
     ax.axhline(1.0, color="black", linewidth=0.8)
     if max(ratios) / max(min(ratios), 1e-9) > 5:
         from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
@@ -1517,8 +1628,9 @@ def _loadavg() -> str:
 def resolve_device(requested: str) -> tuple[str, str | None]:
     if requested != "cuda":
         return "cpu", None
-    probe = subprocess.run([sys.executable, "-c", "import torch; print(torch.cuda.is_available())"],
-                           capture_output=True, text=True)
+    probe = subprocess.run(
+        [sys.executable, "-c", "import torch; print(torch.cuda.is_available())"], capture_output=True, text=True
+    )
     if probe.stdout.strip() == "True":
         return "cuda", None
     return "cpu", "--device cuda was asked for but CUDA is not available here; ran on CPU instead."
@@ -1532,20 +1644,49 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "naive isfinite hooks; then a table of which NaN/Inf detector names which planted fault.",
     )
     p.add_argument("--quick", action="store_true", help="few rounds and short chunks: a smoke run (< 2 min on 2 cores)")
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="default: cpu (cuda falls back to cpu when unavailable)")
-    p.add_argument("--out", default=None, help="markdown report; the plot is written beside it as .png (default: docs/benchmarks.md; "
-                   "with --faults, printed only unless --out is given)")
-    p.add_argument("--models", default=",".join(MODELS), help=f"comma-separated subset of {','.join(MODELS)} "
-                   "(the fault table runs on a five-layer CNN of its own, and on gpt2 when it is among them)")
+    p.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default="cpu",
+        help="default: cpu (cuda falls back to cpu when unavailable)",
+    )
+    p.add_argument(
+        "--out",
+        default=None,
+        help="markdown report; the plot is written beside it as .png (default: docs/benchmarks.md; "
+        "with --faults, printed only unless --out is given)",
+    )
+    p.add_argument(
+        "--models",
+        default=",".join(MODELS),
+        help=f"comma-separated subset of {','.join(MODELS)} "
+        "(the fault table runs on a five-layer CNN of its own, and on gpt2 when it is among them)",
+    )
     faults = p.add_mutually_exclusive_group()
-    faults.add_argument("--faults", action="store_true", help="only the fault table: which NaN/Inf detector names which planted fault, "
-                        "at what cost (measured in-line)")
+    faults.add_argument(
+        "--faults",
+        action="store_true",
+        help="only the fault table: which NaN/Inf detector names which planted fault, at what cost (measured in-line)",
+    )
     faults.add_argument("--skip-faults", action="store_true", help="timing tables only, no fault table")
-    p.add_argument("--rounds", type=int, default=None, help=f"rounds per model (default {FULL_ROUNDS}; {QUICK_ROUNDS} with --quick)")
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=None,
+        help=f"rounds per model (default {FULL_ROUNDS}; {QUICK_ROUNDS} with --quick)",
+    )
     p.add_argument("--steps", type=int, default=None, help="steps per chunk, K (default per model)")
-    p.add_argument("--variants", default=",".join(VARIANTS),
-                   help=f"comma-separated subset of {','.join(VARIANTS)} (bare is always run)")
-    p.add_argument("--timeout", type=float, default=None, help="seconds per model before its worker is killed (default 300 with --quick, 3600 otherwise)")
+    p.add_argument(
+        "--variants",
+        default=",".join(VARIANTS),
+        help=f"comma-separated subset of {','.join(VARIANTS)} (bare is always run)",
+    )
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=None,
+        help="seconds per model before its worker is killed (default 300 with --quick, 3600 otherwise)",
+    )
     hidden = argparse.SUPPRESS
     p.add_argument("--_worker", help=hidden)
     p.add_argument("--_mem", help=hidden)
@@ -1592,8 +1733,9 @@ def main(argv: list[str] | None = None) -> int:
     png = out.with_suffix(".png")
 
     # What every worker needs, set and imported once here: each worker is forked from this process.
-    os.environ.update(MPLBACKEND="Agg", WANDB_MODE="offline", WANDB_SILENT="true",
-                      WANDB_CONSOLE="off", WANDB_DISABLE_GIT="true")
+    os.environ.update(
+        MPLBACKEND="Agg", WANDB_MODE="offline", WANDB_SILENT="true", WANDB_CONSOLE="off", WANDB_DISABLE_GIT="true"
+    )
     _preimport(fault_models if args.faults else models)
 
     started = datetime.datetime.now().astimezone()
@@ -1614,8 +1756,11 @@ def main(argv: list[str] | None = None) -> int:
     total = time.perf_counter() - t0
 
     invocation = "scripts/bench " + " ".join(sys.argv[1:]) if len(sys.argv) > 1 else "scripts/bench"
-    title = "# Fault table: which NaN/Inf detector names which fault" if args.faults else \
-        "# Benchmarks: what `watch` costs per training step"
+    title = (
+        "# Fault table: which NaN/Inf detector names which fault"
+        if args.faults
+        else "# Benchmarks: what `watch` costs per training step"
+    )
     header = [
         title,
         "",
@@ -1628,9 +1773,12 @@ def main(argv: list[str] | None = None) -> int:
     if device_note:
         header += [f"Note: {device_note}", ""]
     if args.quick:
-        header += ["**A `--quick` run**: few rounds of short chunks, chunks not aligned to the "
-                   "logging cadence (sparse cadences show their off-cadence cost only). Rough "
-                   "numbers for checking the script, not for quoting.", ""]
+        header += [
+            "**A `--quick` run**: few rounds of short chunks, chunks not aligned to the "
+            "logging cadence (sparse cadences show their off-cadence cost only). Rough "
+            "numbers for checking the script, not for quoting.",
+            "",
+        ]
     if args.faults:
         text = "\n".join(header) + "\n" + fault_text
         print()
@@ -1640,12 +1788,18 @@ def main(argv: list[str] | None = None) -> int:
             out.write_text(text.rstrip() + "\n")
             print(f"Wrote {out} in {total:.0f} s.")
         return 0
-    header += [f"Method: {method_text(args.quick)}", "",
-               "Ratio: time per step over the bare loop's in the same round (median over rounds; "
-               "range in brackets). Added per step: the difference, median over rounds.", ""]
+    header += [
+        f"Method: {method_text(args.quick)}",
+        "",
+        "Ratio: time per step over the bare loop's in the same round (median over rounds; "
+        "range in brackets). Added per step: the difference, median over rounds.",
+        "",
+    ]
     sections = [model_section(r, device) for r in results] + ([fault_text] if fault_text else [])
     plot_note = write_plot(results, png)
-    plot_line = f"Plot: ![ratio to bare per variant and model]({png.name})" if plot_note is None else f"Plot: {plot_note}."
+    plot_line = (
+        f"Plot: ![ratio to bare per variant and model]({png.name})" if plot_note is None else f"Plot: {plot_note}."
+    )
     text = "\n".join(header) + "\n" + plot_line + "\n\n" + "\n".join(sections)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text.rstrip() + "\n")

@@ -87,7 +87,7 @@ class Browser:
         self._session: str | None = None
 
     # ----------------------------------------------------------------- lifecycle
-    def start(self) -> "Browser":
+    def start(self) -> Browser:
         if not Path(self.executable).exists():
             raise BrowserError(
                 f"{self.executable} not found: install Debian's chromium (apt-get install chromium); "
@@ -122,9 +122,7 @@ class Browser:
             for fd in theirs:
                 os.close(fd)
         self._to_browser, self._from_browser = commands_w, replies_r
-        page = next(
-            t for t in self._call("Target.getTargets", timeout=30)["targetInfos"] if t["type"] == "page"
-        )
+        page = next(t for t in self._call("Target.getTargets", timeout=30)["targetInfos"] if t["type"] == "page")
         self._session = self._call("Target.attachToTarget", {"targetId": page["targetId"], "flatten": True})[
             "sessionId"
         ]
@@ -152,7 +150,7 @@ class Browser:
             shutil.rmtree(self._profile, ignore_errors=True)
             self._profile = None
 
-    def __enter__(self) -> "Browser":
+    def __enter__(self) -> Browser:
         try:
             return self.start()
         except BaseException:
@@ -201,9 +199,7 @@ class Browser:
             if not missing:
                 return text
             if time.monotonic() > deadline:
-                raise BrowserError(
-                    f"after {timeout:.0f} s the page still lacks {missing}; it shows: {text[:600]!r}"
-                )
+                raise BrowserError(f"after {timeout:.0f} s the page still lacks {missing}; it shows: {text[:600]!r}")
             time.sleep(0.5)
 
     # ----------------------------------------------------------------- protocol

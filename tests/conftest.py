@@ -9,8 +9,9 @@ from __future__ import annotations
 import os
 import sys
 import warnings
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import pytest
 import torch
@@ -224,4 +225,6 @@ def no_runs_left_in_the_repository():
     before = _event_files_in_repository()
     yield
     left = sorted(_event_files_in_repository() - before)
-    assert not left, f"tests wrote event files into the repository: {[str(p.relative_to(_REPOSITORY)) for p in left[:5]]}"
+    assert not left, (
+        f"tests wrote event files into the repository: {[str(p.relative_to(_REPOSITORY)) for p in left[:5]]}"
+    )

@@ -22,8 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import introspect.runtime.distributed
-from introspect import NonFiniteError
-from introspect import watch
+from introspect import NonFiniteError, watch
 
 introspect.runtime.distributed.RANK_WAIT_S = 3.0  # a silent rank costs this once; keep the test short
 
@@ -87,8 +86,16 @@ def main() -> None:
     raised: list[int] = []
     w = None
     if watched == "all" or rank == 0:
-        w = watch(model, logdir, every=1, ranks=ranks, on_nonfinite=on_nonfinite, check_mode=check_mode,
-                  summary=False, graph=False)
+        w = watch(
+            model,
+            logdir,
+            every=1,
+            ranks=ranks,
+            on_nonfinite=on_nonfinite,
+            check_mode=check_mode,
+            summary=False,
+            graph=False,
+        )
     with w or contextlib.nullcontext():
         names = w.module_names if w else []
         for step in range(6):
@@ -102,10 +109,12 @@ def main() -> None:
             except NonFiniteError:
                 raised.append(step)
             # The averaged gradients (identical on every rank): what grads/ must show.
-            grads.append({
-                n: [p.grad.min().item(), p.grad.max().item(), p.grad.double().sum().item()]
-                for n, p in net.named_parameters()
-            })
+            grads.append(
+                {
+                    n: [p.grad.min().item(), p.grad.max().item(), p.grad.double().sum().item()]
+                    for n, p in net.named_parameters()
+                }
+            )
             if all(torch.isfinite(p.grad).all() for p in net.parameters()):  # the same on all ranks
                 opt.step()
     result = {
@@ -121,8 +130,10 @@ def main() -> None:
 
 def alerts_of(w) -> list[dict]:  # type: ignore[no-untyped-def]
     """A watcher's findings as JSON (none without a watcher)."""
-    return [{"kind": a.kind, "where": a.where, "step": a.step, "message": a.message,
-             "numbers": a.numbers} for a in (w.alerts if w else [])]
+    return [
+        {"kind": a.kind, "where": a.where, "step": a.step, "message": a.message, "numbers": a.numbers}
+        for a in (w.alerts if w else [])
+    ]
 
 
 def finish(result: dict, result_path: str) -> None:

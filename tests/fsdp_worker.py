@@ -81,7 +81,8 @@ def gathered(model: nn.Module):
 
 def hook_counts(model: nn.Module) -> list[int]:
     return [len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()] + [
-        len(getattr(p, "_post_accumulate_grad_hooks", None) or {}) for p in model.parameters()]
+        len(getattr(p, "_post_accumulate_grad_hooks", None) or {}) for p in model.parameters()
+    ]
 
 
 def main() -> None:
@@ -97,8 +98,11 @@ def main() -> None:
         from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
         model = FullyShardedDataParallel(
-            net, auto_wrap_policy=ModuleWrapPolicy({nn.Linear}), use_orig_params=mode == "fsdp1",
-            device_id=torch.device("cpu"))
+            net,
+            auto_wrap_policy=ModuleWrapPolicy({nn.Linear}),
+            use_orig_params=mode == "fsdp1",
+            device_id=torch.device("cpu"),
+        )
     else:
         for layer in (net.inp, net.block, net.out):
             fully_shard(layer)
@@ -133,16 +137,21 @@ def main() -> None:
             opt.step()
     caught.__exit__(None, None, None)
     with gathered(model):
-        final = {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().tolist()
-                 for n, p in net.named_parameters()}
+        final = {
+            n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().tolist()
+            for n, p in net.named_parameters()
+        }
     result = {
         "rank": rank,
         "module_names": w.module_names if w else [],
         "parameter_names": w.parameter_names if w else [],
         "writes": w is not None and w.writer is not None,
         "alerts": alerts_of(w),
-        "weights": weights, "grads": grads, "final": final,
-        "hooks_before": before, "hooks_after": hook_counts(model),
+        "weights": weights,
+        "grads": grads,
+        "final": final,
+        "hooks_before": before,
+        "hooks_after": hook_counts(model),
         "forward_s": times,
         "warnings": [str(m.message) for m in seen if "introspect" in str(m.message)],
     }

@@ -30,8 +30,13 @@ def tiny_gpt2() -> nn.Module:
 def tiny_bert() -> nn.Module:
     """BERT for masked LM with two layers; its decoder is tied to the word embeddings."""
     config = transformers.BertConfig(
-        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-        vocab_size=VOCAB, max_position_embeddings=32, pad_token_id=0,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        vocab_size=VOCAB,
+        max_position_embeddings=32,
+        pad_token_id=0,
     )
     return transformers.BertForMaskedLM(config)
 

@@ -14,8 +14,8 @@ import pickle
 import sys
 import warnings
 import zipfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 import pytest
 import torch
@@ -68,8 +68,14 @@ def save_as(model: nn.Module, fmt: str, folder: Path, example: torch.Tensor) -> 
         if fmt == "state_dict":
             torch.save(state, path)
         elif fmt == "checkpoint":  # as a DDP training script saves it
-            torch.save({"epoch": 3, "model_state_dict": {f"module.{k}": v for k, v in state.items()},
-                        "optimizer": {"state": {}, "param_groups": [{"lr": 0.1, "params": [0]}]}}, path)
+            torch.save(
+                {
+                    "epoch": 3,
+                    "model_state_dict": {f"module.{k}": v for k, v in state.items()},
+                    "optimizer": {"state": {}, "param_groups": [{"lr": 0.1, "params": [0]}]},
+                },
+                path,
+            )
         elif fmt == "compiled_checkpoint":  # torch.compile's wrapper prefix
             torch.save({"state_dict": {f"_orig_mod.{k}": v for k, v in state.items()}, "step": 10}, path)
         elif fmt == "safetensors":
@@ -122,7 +128,9 @@ def code_running_torch_save(marker: Path) -> bytes:
 
 
 def rewrite_zip(
-    src: Path, dst: Path, edit: Callable[[str, bytes], bytes | None] = lambda name, data: data,
+    src: Path,
+    dst: Path,
+    edit: Callable[[str, bytes], bytes | None] = lambda name, data: data,
     add: dict[str, bytes] | None = None,
 ) -> Path:
     """A copy of the zip ``src`` with each member's bytes passed through ``edit`` (None drops the
@@ -139,6 +147,7 @@ def rewrite_zip(
 
 def rewrite_program(exported: Path, path: Path, edit: Callable[[dict], dict]) -> Path:
     """A copy of a torch.export archive whose program JSON (``models/model.json``) is ``edit``ed."""
+
     def program(name: str, data: bytes) -> bytes:
         return json.dumps(edit(json.loads(data))).encode() if name.endswith("models/model.json") else data
 
@@ -168,11 +177,17 @@ def opaque_constant_export(exported: Path, path: Path, marker: Path) -> Path:
             return data
         config = json.loads(data)
         config.setdefault("config", {})["evil"] = {
-            "path_name": "opaque_obj_0/p", "is_param": False, "use_pickle": False,
+            "path_name": "opaque_obj_0/p",
+            "is_param": False,
+            "use_pickle": False,
             "tensor_meta": {  # read first as raw uint8 bytes, then unpickled
-                "dtype": 1, "sizes": [{"as_int": len(payload)}], "requires_grad": False,
-                "device": {"type": "cpu", "index": None}, "strides": [{"as_int": 1}],
-                "storage_offset": {"as_int": 0}, "layout": 7,
+                "dtype": 1,
+                "sizes": [{"as_int": len(payload)}],
+                "requires_grad": False,
+                "device": {"type": "cpu", "index": None},
+                "strides": [{"as_int": 1}],
+                "storage_offset": {"as_int": 0},
+                "layout": 7,
             },
         }
         return json.dumps(config).encode()
@@ -280,9 +295,29 @@ def deflate_bomb(path: Path, inflated: int = 2 * 2**30, member: str = "bomb/arch
             f.write(block)
         f.write(final)
         directory = f.tell()
-        central = struct.pack(
-            "<4s6H3L5H2L", b"PK\x01\x02", 20, 20, 0, 8, 0, 0, crc, compressed, inflated, len(name), 0, 0, 0, 0, 0, 0,
-        ) + name
+        central = (
+            struct.pack(
+                "<4s6H3L5H2L",
+                b"PK\x01\x02",
+                20,
+                20,
+                0,
+                8,
+                0,
+                0,
+                crc,
+                compressed,
+                inflated,
+                len(name),
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+            )
+            + name
+        )
         f.write(central)
         f.write(struct.pack("<4s4H2LH", b"PK\x05\x06", 0, 0, 1, 1, len(central), directory, 0))
     return path
@@ -317,7 +352,12 @@ def run_limited(code: str, address_space: int = 6 * 2**30, timeout: float = 120.
     """
     import subprocess
 
-    measured = subprocess.run([sys.executable, "-c", _MEASURE, str(address_space), str(timeout), code],
-                              capture_output=True, text=True, env=cli_env(), timeout=timeout + 60)
+    measured = subprocess.run(
+        [sys.executable, "-c", _MEASURE, str(address_space), str(timeout), code],
+        capture_output=True,
+        text=True,
+        env=cli_env(),
+        timeout=timeout + 60,
+    )
     assert measured.returncode == 0, measured.stderr
     return json.loads(measured.stdout)

@@ -17,8 +17,9 @@ MICRO = 3
 
 def _batches(steps: int) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
     g = torch.Generator().manual_seed(1)
-    return [[(torch.randn(4, 5, generator=g), torch.randn(4, 2, generator=g)) for _ in range(MICRO)]
-            for _ in range(steps)]
+    return [
+        [(torch.randn(4, 5, generator=g), torch.randn(4, 2, generator=g)) for _ in range(MICRO)] for _ in range(steps)
+    ]
 
 
 def test_grads_histogram_is_the_sum_of_micro_batch_gradients(tmp_path):

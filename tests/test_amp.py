@@ -10,8 +10,7 @@ import torch.nn.functional as F
 from conftest import QUIET, hist_at, read_events
 from torch import nn
 
-from introspect import ConfigError, NonFiniteWarning
-from introspect import watch
+from introspect import ConfigError, NonFiniteWarning, watch
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (autocast and GradScaler on CUDA)")
 
@@ -45,7 +44,11 @@ def _assert_hist_is(h, t: torch.Tensor) -> None:
 
 @pytest.mark.parametrize(
     "device, dtype",
-    [("cpu", torch.bfloat16), pytest.param("cuda", torch.float16, marks=CUDA), pytest.param("cuda", torch.bfloat16, marks=CUDA)],
+    [
+        ("cpu", torch.bfloat16),
+        pytest.param("cuda", torch.float16, marks=CUDA),
+        pytest.param("cuda", torch.bfloat16, marks=CUDA),
+    ],
     ids=["cpu-bf16", "cuda-fp16", "cuda-bf16"],
 )
 def test_autocast_activations_and_gradients_in_float32(tmp_path, device, dtype):

@@ -44,22 +44,26 @@ def exported(tmp_path_factory) -> Path:
 
 def _first_size_symbolic(marker: Path):
     """Edit: the first tensor's first size becomes a shape expression that runs Python in sympify."""
+
     def edit(program: dict) -> dict:
         values = program["graph_module"]["graph"]["tensor_values"]
         sizes = next(iter(values.values()))["sizes"]
         sizes[0] = {"as_expr": {"expr_str": quoteless(python_writing(marker)), "hint": {"as_int": sizes[0]["as_int"]}}}
         return program
+
     return edit
 
 
 def _renamed(old: str, new: str):
     """Edit: every string ``old`` in the program becomes ``new`` (an input's name, everywhere)."""
+
     def rename(node):
         if isinstance(node, dict):
             return {rename(k): rename(v) for k, v in node.items()}
         if isinstance(node, list):
             return [rename(v) for v in node]
         return new if node == old else node
+
     return rename
 
 
@@ -71,7 +75,8 @@ HOSTILE = {
     "pickled sample inputs": lambda src, dst, marker: export_with_code_running_part(src, dst, marker),
     "shape expression run by sympify": lambda src, dst, marker: rewrite_program(src, dst, _first_size_symbolic(marker)),
     "input name compiled by torch.fx": lambda src, dst, marker: rewrite_program(
-        src, dst, _renamed("x", "x=" + python_writing(marker))),
+        src, dst, _renamed("x", "x=" + python_writing(marker))
+    ),
 }
 
 
@@ -123,7 +128,9 @@ def test_a_transformer_with_dynamic_shapes_passes_the_check(tmp_path):
     from transformers import BertConfig, BertModel
 
     torch.manual_seed(0)
-    config = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37)
+    config = BertConfig(
+        vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37
+    )
     model = BertModel(config).eval()
     ids = torch.randint(0, 100, (2, 8))
     batch, length = torch.export.Dim("batch", max=64), torch.export.Dim("length", max=64)
@@ -150,7 +157,9 @@ def test_members_torch_would_run_as_code_are_refused(exported, tmp_path):
     aoti = rewrite_zip(exported, tmp_path / "aoti.pt2", add={f"{root}/data/aotinductor/model/model.so": b"\x7fELF"})
     with pytest.raises(UnsafeLoadError, match="compiled code"):
         load_model(aoti)
-    guarded = rewrite_program(exported, tmp_path / "guards.pt2", lambda p: {**p, "guards_code": ["L['x'].size()[0] == 1"]})
+    guarded = rewrite_program(
+        exported, tmp_path / "guards.pt2", lambda p: {**p, "guards_code": ["L['x'].size()[0] == 1"]}
+    )
     with pytest.raises(UnsafeLoadError, match="guards as Python source"):
         load_model(guarded)
     custom = rewrite_zip(exported, tmp_path / "custom.pt2", add={f"{root}/data/constants/custom_obj_0": b"x"})
@@ -171,11 +180,18 @@ def test_unknown_and_ambiguous_layouts_are_refused(exported, tmp_path):
         twice = rewrite_zip(exported, tmp_path / "twice.pt2", add={f"{root}/models/model.json": b"{}"})
     with pytest.raises(LoadError, match="more than once"):
         load_model(twice)
-    escaped = rewrite_zip(exported, tmp_path / "escaped.pt2", edit=lambda name, data: (
-        data.replace(b'"weight_0"', b'"tensor_0"') if name.endswith("weights_config.json") else data))
+    escaped = rewrite_zip(
+        exported,
+        tmp_path / "escaped.pt2",
+        edit=lambda name, data: (
+            data.replace(b'"weight_0"', b'"tensor_0"') if name.endswith("weights_config.json") else data
+        ),
+    )
     with pytest.raises(LoadError, match="not a weights file of this archive"):
         load_model(escaped)
-    version = rewrite_zip(exported, tmp_path / "v1.pt2", edit=lambda name, data: b"1" if name.endswith("/archive_version") else data)
+    version = rewrite_zip(
+        exported, tmp_path / "v1.pt2", edit=lambda name, data: b"1" if name.endswith("/archive_version") else data
+    )
     with pytest.raises(LoadError, match="layout we know"):
         load_model(version)
 
@@ -189,8 +205,11 @@ def test_a_flat_layout_mixed_with_the_current_one_is_refused(exported, tmp_path)
 def test_a_clean_flat_layout_passes(exported, tmp_path):
     """The older layout is read (not refused wholesale) when every part is clean."""
     path = flat_layout_export(exported, tmp_path / "flat.pt2", tmp_path / "unused.txt")
-    clean = rewrite_zip(path, tmp_path / "clean.pt2", edit=lambda name, data: (
-        _torch_save_bytes({}) if name == "serialized_state_dict.pt" else data))
+    clean = rewrite_zip(
+        path,
+        tmp_path / "clean.pt2",
+        edit=lambda name, data: _torch_save_bytes({}) if name == "serialized_state_dict.pt" else data,
+    )
     check_export_archive(clean)
 
 
@@ -209,7 +228,12 @@ TORCH_EXPRESSIONS = [
     "FloorDiv(Symbol('s77', positive=True, integer=True), Integer(3))",
     "Pow(Symbol('s0', positive=True, integer=True), Integer(2))",
     "Float('1.5', precision=53)",
-    "2*s0 + 1", "FloorDiv(s0, 2)", "Max(1, s0*s1)", "s0**2", "-s0 + 3 <= 7", "Eq(Mod(s0, 8), 0)",
+    "2*s0 + 1",
+    "FloorDiv(s0, 2)",
+    "Max(1, s0*s1)",
+    "s0**2",
+    "-s0 + 3 <= 7",
+    "Eq(Mod(s0, 8), 0)",
 ]
 HOSTILE_EXPRESSIONS = {
     "exec(chr(105)+chr(109))": "the name 'exec'",
@@ -242,14 +266,29 @@ def test_shape_expressions_that_could_run_code_or_fill_memory_are_refused(text):
     assert problem is not None and HOSTILE_EXPRESSIONS[text] in problem, problem
 
 
-@pytest.mark.parametrize("key, text", [
-    ("stack_trace", 'File "a.py", line 1, in f\n    y = x\rimport os'),  # \r ends the comment it becomes
-    ("in_spec", json.dumps([1, {"type": "builtins.dict", "context": json.dumps(["a'] + os.system('x') + ['"]), "children_spec": []}])),
-    ("target", "torch.ops.aten.add.Tensor\")"),
-    ("nn_module_stack", "L__self__,x\"),os.system(1)#,torch.nn.Linear"),
-    ("parameter_name", 'w") or open("m", "w") or ("'),
-    ("<key>", "a=b"),
-])
+@pytest.mark.parametrize(
+    "key, text",
+    [
+        ("stack_trace", 'File "a.py", line 1, in f\n    y = x\rimport os'),  # \r ends the comment it becomes
+        (
+            "in_spec",
+            json.dumps(
+                [
+                    1,
+                    {
+                        "type": "builtins.dict",
+                        "context": json.dumps(["a'] + os.system('x') + ['"]),
+                        "children_spec": [],
+                    },
+                ]
+            ),
+        ),
+        ("target", 'torch.ops.aten.add.Tensor")'),
+        ("nn_module_stack", 'L__self__,x"),os.system(1)#,torch.nn.Linear'),
+        ("parameter_name", 'w") or open("m", "w") or ("'),
+        ("<key>", "a=b"),
+    ],
+)
 def test_program_strings_that_would_become_source_are_refused(tmp_path, key, text):
     program = {key: text} if key != "<key>" else {text: 1}
     with pytest.raises(UnsafeLoadError, match="would turn into code"):
@@ -257,14 +296,18 @@ def test_program_strings_that_would_become_source_are_refused(tmp_path, key, tex
 
 
 def test_free_text_and_plain_names_pass(tmp_path):
-    check_program({
-        "stack_trace": 'File "a.py", line 3, in forward\n    return F.linear(x, self.w)',
-        "as_string": "bij,bjk->bik",  # an einsum equation: repr()'d into the source
-        "nn_module_stack": "L__self__,,m.Net;L__self__relu@1,relu,torch.nn.ReLU",
-        "parameter_name": "features.0.weight",
-        "torch_version": "2.14.1+cu130",
-        "in_spec": '[1, {"type": "builtins.dict", "context": "[\\"input_ids\\"]", "children_spec": []}]',
-    }, "models/model.json", tmp_path / "m.pt2")
+    check_program(
+        {
+            "stack_trace": 'File "a.py", line 3, in forward\n    return F.linear(x, self.w)',
+            "as_string": "bij,bjk->bik",  # an einsum equation: repr()'d into the source
+            "nn_module_stack": "L__self__,,m.Net;L__self__relu@1,relu,torch.nn.ReLU",
+            "parameter_name": "features.0.weight",
+            "torch_version": "2.14.1+cu130",
+            "in_spec": '[1, {"type": "builtins.dict", "context": "[\\"input_ids\\"]", "children_spec": []}]',
+        },
+        "models/model.json",
+        tmp_path / "m.pt2",
+    )
 
 
 # --------------------------------------------------------------------------- bounded reads
@@ -289,10 +332,14 @@ def test_deflate_bomb_fails_within_1_gb_of_peak_rss(tmp_path):
     assert result["peak_rss"] < 2**30, f"peak RSS {result['peak_rss'] / 2**20:.0f} MiB"
 
 
-@pytest.mark.parametrize("flagged, old, new", [
-    (True, b"/byteorder", b"/byteorde\x80"),
-    (False, b"/byteorder", b"/byteorde\x80"),
-], ids=["utf8-flag", "cp437"])
+@pytest.mark.parametrize(
+    "flagged, old, new",
+    [
+        (True, b"/byteorder", b"/byteorde\x80"),
+        (False, b"/byteorder", b"/byteorde\x80"),
+    ],
+    ids=["utf8-flag", "cp437"],
+)
 def test_a_member_name_that_is_not_utf8_is_a_load_error(exported, tmp_path, flagged, old, new):
     """Found by the fuzz test. With the UTF-8 flag set Python's zipfile fails on such a name;
     without it Python reads it as cp437 and torch's reader raises UnicodeDecodeError."""
@@ -312,6 +359,7 @@ def test_a_member_name_that_is_not_utf8_is_a_load_error(exported, tmp_path, flag
 def test_an_empty_weight_that_declares_gigabytes_is_refused_within_1_gb(exported, tmp_path):
     """torch fills a weight with an empty record with torch.zeros(its declared sizes): 0 bytes
     in the file claimed 1.6 GB of memory (2.2 GB peak RSS)."""
+
     def edit(name: str, data: bytes) -> bytes:
         if name.endswith("data/weights/weight_0"):
             return b""
@@ -327,5 +375,7 @@ def test_an_empty_weight_that_declares_gigabytes_is_refused_within_1_gb(exported
     path = rewrite_zip(exported, tmp_path / "zeros.pt2", edit)
     code = f"from introspect import load_model, LoadError\ntry:\n    load_model({str(path)!r})\nexcept LoadError as e:\n    print(e)\n"
     result = run_limited(code, timeout=120)
-    assert "400,000,000 elements and no bytes behind them" in result["stdout"], result["stdout"] + result["stderr"][-500:]
+    assert "400,000,000 elements and no bytes behind them" in result["stdout"], (
+        result["stdout"] + result["stderr"][-500:]
+    )
     assert result["peak_rss"] < 2**30

@@ -57,12 +57,23 @@ def test_stats_pass_vs_bandwidth_on_cpu(bench):
 
 
 def test_model_section_leaves_out_variants_not_run(bench):
-    result = {"model": "mlp", "device": "cpu", "variants": {
-        "bare": {"status": "ok", "per_step_s": [0.001, 0.001]},
-        "watch_every1": {"status": "ok", "per_step_s": [0.002, 0.003]},
-        "tb_every1": {"status": "not run"},
-    }, "stats_pass": {"tensors": 3, "bytes": 2**20, "pass_s": 0.002, "bandwidth_bps": 1e10,
-                      "read_once_s": 1e-4, "ratio": 20.0}}
+    result = {
+        "model": "mlp",
+        "device": "cpu",
+        "variants": {
+            "bare": {"status": "ok", "per_step_s": [0.001, 0.001]},
+            "watch_every1": {"status": "ok", "per_step_s": [0.002, 0.003]},
+            "tb_every1": {"status": "not run"},
+        },
+        "stats_pass": {
+            "tensors": 3,
+            "bytes": 2**20,
+            "pass_s": 0.002,
+            "bandwidth_bps": 1e10,
+            "read_once_s": 1e-4,
+            "ratio": 20.0,
+        },
+    }
     text = bench.model_section(result, "cpu")
     assert "watch(every=1" in text and "tutorial" not in text
     assert "20.0× one read" in text and "1.0 MB" in text
@@ -124,34 +135,60 @@ def test_fault_table_forward_nan(bench, cnn_faults):
     # Code between two modules: this project names both; the naive hooks the next module only.
     assert cells["unwatched/watch"]["between"] == ("fc1", "fc2")
     assert cells["unwatched/watch"]["verdict"] == "right"
-    assert (cells["unwatched/isfinite_hooks"]["named"], cells["unwatched/isfinite_hooks"]["verdict"]) == ("fc2", "wrong")
+    assert (cells["unwatched/isfinite_hooks"]["named"], cells["unwatched/isfinite_hooks"]["verdict"]) == (
+        "fc2",
+        "wrong",
+    )
     assert set(cnn_faults["cost"]) == set(bench.FAULT_DETECTORS)
     assert all(c["source"].startswith("in-line") and c["ratio"] > 0 for c in cnn_faults["cost"].values())
 
 
 def test_fault_section_markdown(bench, cnn_faults):
     text = bench.faults_section([cnn_faults])
-    assert "| forward NaN: a layer's output times NaN | `conv2` (forward) | `conv2` (forward), step 3: **right** |" in text
+    assert (
+        "| forward NaN: a layer's output times NaN | `conv2` (forward) | `conv2` (forward), step 3: **right** |" in text
+    )
     rows = [line for line in text.splitlines() if line.startswith("| ") and "---" not in line]
     assert len(rows) == 1 + len(bench.FAULTS) + 1  # header, one row per fault, the cost row
     assert rows[-1].startswith("| cost per step") and "in-line" in rows[-1]
     # With timing results, the cost comes from the timing table instead, and is cited as such.
-    timing = [{"model": "fault_cnn", "variants": {k: {"status": "ok", "per_step_s": [t]} for k, t in (
-        ("bare", 0.01), ("watch_default", 0.011), ("detect_anomaly", 0.03), ("isfinite_hooks", 0.02))}}]
-    cost = bench._fault_costs("fault_cnn", True, {r["key"]: r for r in bench.summarize(timing[0]) if r.get("ratio")}, None)
+    timing = [
+        {
+            "model": "fault_cnn",
+            "variants": {
+                k: {"status": "ok", "per_step_s": [t]}
+                for k, t in (
+                    ("bare", 0.01),
+                    ("watch_default", 0.011),
+                    ("detect_anomaly", 0.03),
+                    ("isfinite_hooks", 0.02),
+                )
+            },
+        }
+    ]
+    cost = bench._fault_costs(
+        "fault_cnn", True, {r["key"]: r for r in bench.summarize(timing[0]) if r.get("ratio")}, None
+    )
     assert {d: (round(c["ratio"], 2), c["source"]) for d, c in cost.items()} == {
-        "watch": (1.1, "timing table"), "detect_anomaly": (3.0, "timing table"), "isfinite_hooks": (2.0, "timing table")}
-    assert "| this project: watch(on_nonfinite=\"warn\") | 1.10× |" in bench.faults_section([cnn_faults], timing)
+        "watch": (1.1, "timing table"),
+        "detect_anomaly": (3.0, "timing table"),
+        "isfinite_hooks": (2.0, "timing table"),
+    }
+    assert '| this project: watch(on_nonfinite="warn") | 1.10× |' in bench.faults_section([cnn_faults], timing)
 
 
 def test_host_sync_classification_and_column(bench):
     assert [bench.logs_at("watch_default", 50)(s) for s in (0, 1, 50)] == [True, False, True]
     assert [bench.logs_at("wandb_100", 100)(s) for s in (0, 99)] == [False, True]
     assert not any(bench.logs_at("watch_check", None)(s) for s in range(5))
-    result = {"model": "mlp", "device": "cuda", "variants": {
-        "bare": {"status": "ok", "per_step_s": [0.001], "syncs": {"off": 0, "logging": None}},
-        "watch_default": {"status": "ok", "per_step_s": [0.002], "syncs": {"off": 1, "logging": 4}},
-    }}
+    result = {
+        "model": "mlp",
+        "device": "cuda",
+        "variants": {
+            "bare": {"status": "ok", "per_step_s": [0.001], "syncs": {"off": 0, "logging": None}},
+            "watch_default": {"status": "ok", "per_step_s": [0.002], "syncs": {"off": 1, "logging": 4}},
+        },
+    }
     cuda = bench.model_section(result, "cuda")
     assert "host syncs per step (off-cadence / logging)" in cuda and "| 1 / 4 |" in cuda and "| 0 / — |" in cuda
     assert "host syncs" not in bench.model_section(dict(result, device="cpu"), "cpu")
@@ -159,8 +196,14 @@ def test_host_sync_classification_and_column(bench):
 
 def _bench_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     env = dict(os.environ, MPLBACKEND="Agg")
-    return subprocess.run([sys.executable, str(REPO / "scripts" / "bench.py"), *args], capture_output=True,
-                          text=True, timeout=timeout, env=env, cwd=REPO)
+    return subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "bench.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        cwd=REPO,
+    )
 
 
 def test_faults_and_skip_faults_exclude_each_other():
@@ -174,8 +217,10 @@ def test_faults_cli_quick(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     text = (tmp_path / "faults.md").read_text()
     assert text.startswith("# Fault table") and "### gpt2" in text and "### fault_cnn" in text
-    assert ("| forward NaN: a layer's output times NaN | `transformer.h.1.mlp.c_fc` (forward) | "
-            "`transformer.h.1.mlp.c_fc` (forward), step 3: **right** |") in text
+    assert (
+        "| forward NaN: a layer's output times NaN | `transformer.h.1.mlp.c_fc` (forward) | "
+        "`transformer.h.1.mlp.c_fc` (forward), step 3: **right** |"
+    ) in text
     assert "`LogSoftmaxBackward0`, step 3" in text  # detect_anomaly on GPT-2's forward NaN: the loss
     assert not list(tmp_path.glob("*.png"))  # no timing, no plot
 
@@ -183,12 +228,21 @@ def test_faults_cli_quick(tmp_path):
 @pytest.mark.slow
 def test_quick_run_with_the_detector_variants(bench, tmp_path):
     out = tmp_path / "bench.md"
-    proc = _bench_cli("--quick", "--models", "mlp", "--variants", "watch_default,detect_anomaly,isfinite_hooks",
-                      "--skip-faults", "--rounds", "2", "--out", str(out))
+    proc = _bench_cli(
+        "--quick",
+        "--models",
+        "mlp",
+        "--variants",
+        "watch_default,detect_anomaly,isfinite_hooks",
+        "--skip-faults",
+        "--rounds",
+        "2",
+        "--out",
+        str(out),
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     text = out.read_text()
     for key in ("detect_anomaly", "isfinite_hooks"):
         row = next(line for line in text.splitlines() if line.startswith(f"| {bench.VARIANTS[key][0]} |"))
         assert "error" not in row and "×" in row
     assert "Which detector finds which fault" not in text and (tmp_path / "bench.png").exists()
-

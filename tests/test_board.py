@@ -59,12 +59,19 @@ def gone_within(port: int, seconds: float) -> list[int]:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc; SIGKILL cleanup is Linux's PR_SET_PDEATHSIG")
+@pytest.mark.skipif(
+    not sys.platform.startswith("linux"), reason="reads /proc; SIGKILL cleanup is Linux's PR_SET_PDEATHSIG"
+)
 @pytest.mark.parametrize("how", ["SIGTERM", "SIGINT", "SIGKILL"])
 def test_nothing_listens_after_the_command_is_signalled(tmp_path, how):
     port = free_port()
-    proc = subprocess.Popen([console_script(), "board", "--logdir", str(tmp_path), "--port", str(port), "--host", "127.0.0.1"],
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=cli_env())
+    proc = subprocess.Popen(
+        [console_script(), "board", "--logdir", str(tmp_path), "--port", str(port), "--host", "127.0.0.1"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env=cli_env(),
+    )
     try:
         assert proc.stdout.readline().strip() == f"http://127.0.0.1:{port}/"
         deadline = time.monotonic() + 120
@@ -106,9 +113,19 @@ def test_a_host_beyond_loopback_is_warned_about(tmp_path):
     assert "warning" not in quiet.stderr
 
 
-@pytest.mark.parametrize("host, loopback", [
-    ("127.0.0.1", True), ("127.1.2.3", True), ("::1", True), ("[::1]", True), ("localhost", True),
-    ("0.0.0.0", False), ("::", False), ("192.168.1.4", False), ("myhost.example", False),
-])
+@pytest.mark.parametrize(
+    "host, loopback",
+    [
+        ("127.0.0.1", True),
+        ("127.1.2.3", True),
+        ("::1", True),
+        ("[::1]", True),
+        ("localhost", True),
+        ("0.0.0.0", False),
+        ("::", False),
+        ("192.168.1.4", False),
+        ("myhost.example", False),
+    ],
+)
 def test_is_loopback(host, loopback):
     assert is_loopback(host) is loopback

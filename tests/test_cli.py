@@ -125,25 +125,70 @@ def bad_files(tmp_path, saved):
     return {"missing": tmp_path / "missing.pt", "corrupt": corrupt, "partial": partial, **files}
 
 
-@pytest.mark.parametrize("args, code, message", [
-    (["summary", "{missing}", *SHAPE, "--arch", SEED_ARCH], 3, "no such file"),
-    (["summary", "{corrupt}", *SHAPE, "--arch", SEED_ARCH], 3, "truncated or corrupt"),
-    (["summary", "{state_dict}", *SHAPE], 5, "holds only weights"),
-    (["summary", "{state_dict}", *SHAPE, "--arch", "examples.models:SeedCN"], 5, "did you mean SeedCNN"),
-    (["summary", "{state_dict}", *SHAPE, "--arch", "torchvision:resnet1"], 5, "torchvision has no model 'resnet1'"),
-    (["summary", "{partial}", *SHAPE, "--arch", SEED_ARCH], 6, "1 missing key (linear2.weight)"),
-    (["summary", "{state_dict}", "--input-shape", "1,1,32,32", "--arch", SEED_ARCH], 7,
-     "rejected an input of shape [1, 1, 32, 32] float32"),
-    (["graph", "{torchscript}", "--input-shape", "1,3,8,8", "--logdir", "{tmp}"], 7, "rejected an input"),
-    (["activations", "{export}", "--input-shape", "2,3,32,32", "--logdir", "{tmp}"], 7, "to be equal to 1, but got 2"),
-    (["activations", "{torchscript}", *SHAPE, "--logdir", "{tmp}"], 1, "TorchScript model runs its layers in C++"),
-    (["activations", "{state_dict}", *SHAPE, "--arch", SEED_ARCH, "--logdir", "{tmp}", "--backward", "--target", "4"], 1,
-     "target 4 is out of range"),
-    (["activations", "{state_dict}", "--input", "{state_dict}", "--arch", SEED_ARCH, "--logdir", "{tmp}"], 3,
-     "expected a tensor or a tuple of tensors"),
-    (["activations", "{state_dict}", "--images", "{tmp}", "--arch", SEED_ARCH, "--logdir", "{tmp}"], 3, "no images"),
-], ids=["missing", "corrupt", "no-arch", "unknown-class", "unknown-torchvision", "keys", "shape", "graph-shape",
-        "export-shape", "torchscript-activations", "target", "input-file", "no-images"])
+@pytest.mark.parametrize(
+    "args, code, message",
+    [
+        (["summary", "{missing}", *SHAPE, "--arch", SEED_ARCH], 3, "no such file"),
+        (["summary", "{corrupt}", *SHAPE, "--arch", SEED_ARCH], 3, "truncated or corrupt"),
+        (["summary", "{state_dict}", *SHAPE], 5, "holds only weights"),
+        (["summary", "{state_dict}", *SHAPE, "--arch", "examples.models:SeedCN"], 5, "did you mean SeedCNN"),
+        (["summary", "{state_dict}", *SHAPE, "--arch", "torchvision:resnet1"], 5, "torchvision has no model 'resnet1'"),
+        (["summary", "{partial}", *SHAPE, "--arch", SEED_ARCH], 6, "1 missing key (linear2.weight)"),
+        (
+            ["summary", "{state_dict}", "--input-shape", "1,1,32,32", "--arch", SEED_ARCH],
+            7,
+            "rejected an input of shape [1, 1, 32, 32] float32",
+        ),
+        (["graph", "{torchscript}", "--input-shape", "1,3,8,8", "--logdir", "{tmp}"], 7, "rejected an input"),
+        (
+            ["activations", "{export}", "--input-shape", "2,3,32,32", "--logdir", "{tmp}"],
+            7,
+            "to be equal to 1, but got 2",
+        ),
+        (["activations", "{torchscript}", *SHAPE, "--logdir", "{tmp}"], 1, "TorchScript model runs its layers in C++"),
+        (
+            [
+                "activations",
+                "{state_dict}",
+                *SHAPE,
+                "--arch",
+                SEED_ARCH,
+                "--logdir",
+                "{tmp}",
+                "--backward",
+                "--target",
+                "4",
+            ],
+            1,
+            "target 4 is out of range",
+        ),
+        (
+            ["activations", "{state_dict}", "--input", "{state_dict}", "--arch", SEED_ARCH, "--logdir", "{tmp}"],
+            3,
+            "expected a tensor or a tuple of tensors",
+        ),
+        (
+            ["activations", "{state_dict}", "--images", "{tmp}", "--arch", SEED_ARCH, "--logdir", "{tmp}"],
+            3,
+            "no images",
+        ),
+    ],
+    ids=[
+        "missing",
+        "corrupt",
+        "no-arch",
+        "unknown-class",
+        "unknown-torchvision",
+        "keys",
+        "shape",
+        "graph-shape",
+        "export-shape",
+        "torchscript-activations",
+        "target",
+        "input-file",
+        "no-images",
+    ],
+)
 def test_bad_input_is_one_line_and_its_exit_code(bad_files, tmp_path, args, code, message):
     values = {**{k: str(v) for k, v in bad_files.items()}, "tmp": str(tmp_path)}
     result = run(*[a.format(**values) for a in args])
@@ -151,13 +196,16 @@ def test_bad_input_is_one_line_and_its_exit_code(bad_files, tmp_path, args, code
     assert result.stdout == ""
 
 
-@pytest.mark.parametrize("args, message", [
-    (["summary", "x.pt", "--input-shape", "1,three"], "comma-separated positive integers"),
-    (["summary", "x.pt", *SHAPE, "--arch-kwargs", "{num_classes: 3}"], "not valid JSON"),
-    (["summary", "x.pt", *SHAPE, "--arch-kwargs", "[1]"], "expected a JSON object"),
-    (["activations", "x.pt", "--logdir", "d"], "give exactly one of --input-shape, --input or --images"),
-    (["weights", "a.pt", "b.pt", "c.pt"], "give one MODEL, or two to compare"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["summary", "x.pt", "--input-shape", "1,three"], "comma-separated positive integers"),
+        (["summary", "x.pt", *SHAPE, "--arch-kwargs", "{num_classes: 3}"], "not valid JSON"),
+        (["summary", "x.pt", *SHAPE, "--arch-kwargs", "[1]"], "expected a JSON object"),
+        (["activations", "x.pt", "--logdir", "d"], "give exactly one of --input-shape, --input or --images"),
+        (["weights", "a.pt", "b.pt", "c.pt"], "give one MODEL, or two to compare"),
+    ],
+)
 def test_usage_errors_exit_2(args, message):
     result = run(*args)
     assert result.exit_code == 2 and message in result.stderr and "Traceback" not in result.output
@@ -170,8 +218,16 @@ def test_debug_shows_the_traceback(tmp_path):
 
 def test_untraceable_graph_is_a_module_graph_and_a_warning_line(tmp_path):
     torch.save(__import__("saved_models").RefusesTracing().state_dict(), tmp_path / "m.pt")
-    result = run("graph", tmp_path / "m.pt", "--arch", "saved_models:RefusesTracing", "--input-shape", "2,4",
-                 "--logdir", tmp_path / "run")
+    result = run(
+        "graph",
+        tmp_path / "m.pt",
+        "--arch",
+        "saved_models:RefusesTracing",
+        "--input-shape",
+        "2,4",
+        "--logdir",
+        tmp_path / "run",
+    )
     assert result.exit_code == 0, result.output
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("warning: module-level graph written"), lines
@@ -200,7 +256,8 @@ def test_weights_table_and_histograms(saved, tmp_path):
     cells = row.split()
     assert cells[1:5] == ["[32,", "3,", "3,", "3]"]
     assert [float(c) for c in cells[5:9]] == pytest.approx(
-        [float(w.mean()), float(w.std(correction=0)), float(w.min()), float(w.max())], rel=1e-3)
+        [float(w.mean()), float(w.std(correction=0)), float(w.min()), float(w.max())], rel=1e-3
+    )
     assert cells[9:] == ["0.0%", "0"]
     assert "8 tensors, 54,273 values" in result.stdout
     tags = set(read_events(tmp_path).Tags()["histograms"])
@@ -226,8 +283,21 @@ def test_weights_of_two_checkpoints(tmp_path):
 # --------------------------------------------------------------------------- activations
 def test_activations_from_a_shape_with_backward(saved, tmp_path):
     files, _ = saved
-    result = run("activations", files["checkpoint"], "--arch", SEED_ARCH, "--input-shape", "4,3,32,32",
-                 "--batches", "2", "--backward", "--target", "0", "--logdir", tmp_path)
+    result = run(
+        "activations",
+        files["checkpoint"],
+        "--arch",
+        SEED_ARCH,
+        "--input-shape",
+        "4,3,32,32",
+        "--batches",
+        "2",
+        "--backward",
+        "--target",
+        "0",
+        "--logdir",
+        tmp_path,
+    )
     assert result.exit_code == 0, result.output
     assert "2 step(s) of 10 modules written" in result.stdout
     assert "introspect: no problems found in 2 steps" in result.stdout
@@ -242,15 +312,24 @@ def test_activations_from_images_and_a_tensor_file(saved, tmp_path):
 
     files, _ = saved
     write_image_folder(tmp_path / "images", n_per_class=5)
-    result = run("activations", files["export"], "--images", tmp_path / "images", "--batch-size", "1",
-                 "--logdir", tmp_path / "a")
+    result = run(
+        "activations", files["export"], "--images", tmp_path / "images", "--batch-size", "1", "--logdir", tmp_path / "a"
+    )
     assert result.exit_code == 0, result.output
     acc = read_events(tmp_path / "a")
     assert [e.step for e in acc.Histograms("activations/conv1")] == list(range(10))
 
     torch.save(torch.rand(3, 3, 32, 32), tmp_path / "x.pt")
-    result = run("activations", files["state_dict"], "--arch", SEED_ARCH, "--input", tmp_path / "x.pt",
-                 "--logdir", tmp_path / "b")
+    result = run(
+        "activations",
+        files["state_dict"],
+        "--arch",
+        SEED_ARCH,
+        "--input",
+        tmp_path / "x.pt",
+        "--logdir",
+        tmp_path / "b",
+    )
     assert result.exit_code == 0, result.output
     assert read_events(tmp_path / "b").Histograms("activations/conv1")[0].histogram_value.num == 3 * 32 * 30 * 30
 
@@ -260,8 +339,16 @@ def test_activations_report_the_debuggers_findings(tmp_path):
     with torch.no_grad():
         model.linear1.bias.fill_(-100.0)  # every ReLU unit after linear1 is dead
     torch.save(model.state_dict(), tmp_path / "dead.pt")
-    result = run("activations", tmp_path / "dead.pt", "--arch", SEED_ARCH, "--input-shape", "64,3,32,32",
-                 "--logdir", tmp_path / "run")
+    result = run(
+        "activations",
+        tmp_path / "dead.pt",
+        "--arch",
+        SEED_ARCH,
+        "--input-shape",
+        "64,3,32,32",
+        "--logdir",
+        tmp_path / "run",
+    )
     assert result.exit_code == 0, result.output
     assert "dead" in result.stdout and "relu" in result.stdout
 
@@ -277,8 +364,9 @@ def test_every_help_shows_an_example(command):
 
 # --------------------------------------------------------------------------- the console script
 def script(*args: object, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([console_script(), *map(str, args)], capture_output=True, text=True, cwd=cwd,
-                          env=cli_env(), timeout=300)
+    return subprocess.run(
+        [console_script(), *map(str, args)], capture_output=True, text=True, cwd=cwd, env=cli_env(), timeout=300
+    )
 
 
 @pytest.mark.slow
@@ -301,8 +389,12 @@ def test_console_script_round_trips_and_refuses(saved, tmp_path):
 def test_console_script_reads_every_format_alike(saved, saved_resnet, tmp_path):
     """Pairs of formats compared by `introspect weights A B`: the same weights, no tensor changed."""
     files, _ = saved
-    pairs = [("state_dict", "safetensors"), ("checkpoint", "compiled_checkpoint"), ("torchscript", "export"),
-             ("traced", "pickled")]
+    pairs = [
+        ("state_dict", "safetensors"),
+        ("checkpoint", "compiled_checkpoint"),
+        ("torchscript", "export"),
+        ("traced", "pickled"),
+    ]
     for a, b in pairs:
         result = script("weights", files[a], files[b], "--arch", SEED_ARCH, "--unsafe", cwd=tmp_path)
         assert result.returncode == 0, result.stderr
@@ -318,10 +410,13 @@ def test_console_script_bad_shape_and_python_dash_m(saved, tmp_path):
     bad = script("summary", files["safetensors"], "--input-shape", "1,3,32", "--arch", SEED_ARCH, cwd=tmp_path)
     assert bad.returncode == 7 and "Traceback" not in bad.stderr
     assert "it expects [N, 3, H, W]" in bad.stderr
-    debug = script("summary", files["safetensors"], "--input-shape", "1,3,32", "--arch", SEED_ARCH, "--debug", cwd=tmp_path)
+    debug = script(
+        "summary", files["safetensors"], "--input-shape", "1,3,32", "--arch", SEED_ARCH, "--debug", cwd=tmp_path
+    )
     assert debug.returncode == 1 and "Traceback" in debug.stderr and "InputShapeError" in debug.stderr
-    version = subprocess.run([sys.executable, "-m", "introspect", "--version"], capture_output=True, text=True,
-                             env=cli_env(), timeout=300)
+    version = subprocess.run(
+        [sys.executable, "-m", "introspect", "--version"], capture_output=True, text=True, env=cli_env(), timeout=300
+    )
     assert version.returncode == 0 and "introspect, version" in version.stdout
 
 
@@ -338,9 +433,14 @@ def test_installed_version_is_the_package_version():
 
 @pytest.mark.slow
 def test_board_prints_its_url_and_serves_it(tmp_path):
-    proc = subprocess.Popen([console_script(), "board", "--logdir", str(tmp_path), "--port", "0"],
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=cli_env(),
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        [console_script(), "board", "--logdir", str(tmp_path), "--port", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env=cli_env(),
+        start_new_session=True,
+    )
     try:
         url = proc.stdout.readline().strip()
         assert re.fullmatch(r"http://127\.0\.0\.1:\d+/", url), url
@@ -384,17 +484,23 @@ def _unreadable(tmp_path: Path, kind: str) -> Path:
     return path
 
 
-@pytest.mark.parametrize("kind, message", [
-    ("directory", "is a directory; give the model file itself"),
-    ("socket", "is not a regular file"),
-    ("fifo", "is not a regular file"),
-    ("no-permission", "cannot read"),
-])
+@pytest.mark.parametrize(
+    "kind, message",
+    [
+        ("directory", "is a directory; give the model file itself"),
+        ("socket", "is not a regular file"),
+        ("fifo", "is not a regular file"),
+        ("no-permission", "cannot read"),
+    ],
+)
 def test_a_directory_or_unreadable_model_is_one_line_and_exit_3(saved, tmp_path, kind, message):
     files, _ = saved
     path = _unreadable(tmp_path, kind)
-    for args in (["summary", path, *SHAPE, "--arch", SEED_ARCH], ["weights", path],
-                 ["activations", files["state_dict"], "--arch", SEED_ARCH, "--input", path, "--logdir", tmp_path / "run"]):
+    for args in (
+        ["summary", path, *SHAPE, "--arch", SEED_ARCH],
+        ["weights", path],
+        ["activations", files["state_dict"], "--arch", SEED_ARCH, "--input", path, "--logdir", tmp_path / "run"],
+    ):
         assert_one_line_error(run(*args), 3, message)
 
 
@@ -402,7 +508,9 @@ def test_input_files_are_read_like_models(saved, tmp_path):
     files, _ = saved
     notes = tmp_path / "notes.txt"
     notes.write_text("the inputs are in the other folder\n")
-    result = run("activations", files["state_dict"], "--arch", SEED_ARCH, "--input", notes, "--logdir", tmp_path / "run")
+    result = run(
+        "activations", files["state_dict"], "--arch", SEED_ARCH, "--input", notes, "--logdir", tmp_path / "run"
+    )
     assert_one_line_error(result, 3, "is not a file we can read")
     marker = tmp_path / "marker.txt"
     evil = save_code_running_pickle(tmp_path / "evil_input.pt", marker)
@@ -411,10 +519,13 @@ def test_input_files_are_read_like_models(saved, tmp_path):
     assert not marker.exists()
 
 
-@pytest.mark.parametrize("content", [
-    b"\x80\x02\x00\x00",  # a pickle header, then an opcode torch's weights-only unpickler does not know
-    b"\x80\x02cposix\nsystem\nq\x00.",  # a global outside the allowlist
-])
+@pytest.mark.parametrize(
+    "content",
+    [
+        b"\x80\x02\x00\x00",  # a pickle header, then an opcode torch's weights-only unpickler does not know
+        b"\x80\x02cposix\nsystem\nq\x00.",  # a global outside the allowlist
+    ],
+)
 def test_weights_only_messages_never_advise_weights_only_false(tmp_path, content):
     path = tmp_path / "odd.pt"
     path.write_bytes(content)

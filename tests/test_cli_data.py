@@ -67,7 +67,10 @@ def test_data_command_in_a_subprocess(tmp_path):
     command = [sys.executable, "-m", "introspect", "data"]
     ok = subprocess.run(
         command + [str(folder), "--logdir", str(tmp_path / "run")],
-        capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        stdin=subprocess.DEVNULL,
     )
     assert ok.returncode == 0, ok.stderr
     assert "no problems found in 8 images" in ok.stdout
@@ -75,7 +78,10 @@ def test_data_command_in_a_subprocess(tmp_path):
     assert "data/batch" in read_events(tmp_path / "run").Tags()["images"]
     missing = subprocess.run(
         command + [str(tmp_path / "nope"), "--logdir", str(tmp_path / "run2")],
-        capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        stdin=subprocess.DEVNULL,
     )
     assert missing.returncode == 1
     assert missing.stderr.strip() == f"error: no such folder: {tmp_path / 'nope'}"

@@ -28,10 +28,17 @@ from introspect.cli.commands import main
 
 def mlp() -> nn.Sequential:
     torch.manual_seed(0)
-    return nn.Sequential(OrderedDict(
-        fc1=nn.Linear(8, 32), act1=nn.ReLU(), fc2=nn.Linear(32, 32), act2=nn.Tanh(),
-        fc3=nn.Linear(32, 32), act3=nn.ReLU(), out=nn.Linear(32, 4),
-    ))
+    return nn.Sequential(
+        OrderedDict(
+            fc1=nn.Linear(8, 32),
+            act1=nn.ReLU(),
+            fc2=nn.Linear(32, 32),
+            act2=nn.Tanh(),
+            fc3=nn.Linear(32, 32),
+            act3=nn.ReLU(),
+            out=nn.Linear(32, 4),
+        )
+    )
 
 
 X = torch.randn(16, 8, generator=torch.Generator().manual_seed(1))
@@ -53,7 +60,7 @@ def test_planted_nudge_is_named_first_with_exact_equality_before_it(layer):
     before = result.forward[: first.index]
     assert before and all(d.exact and d.max_abs == 0.0 and not d.diverged for d in before)
     assert first.max_abs > 0 and first.max_rel > 1e-4 and not first.exact
-    assert all(d.diverged for d in result.forward[first.index:])  # it propagates downstream
+    assert all(d.diverged for d in result.forward[first.index :])  # it propagates downstream
     assert f"first divergence at {layer} (Linear)" in result.summary()
     assert f"{first.index} of the {first.index} before it exactly equal" in result.summary()
     assert "<- FIRST DIVERGENCE" in next(line for line in result.table().splitlines() if line.split()[2] == layer)
@@ -148,7 +155,9 @@ def test_two_classes_with_the_same_module_names():
 
 
 def test_names_that_do_not_correspond_are_an_error():
-    with pytest.raises(ConfigError, match=r"module names do not correspond.*only in A: fc1, act1, fc2.*only in B: 0, 1, 2"):
+    with pytest.raises(
+        ConfigError, match=r"module names do not correspond.*only in A: fc1, act1, fc2.*only in B: 0, 1, 2"
+    ):
         first_divergence(mlp(), nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 4)), X)
 
 
@@ -217,14 +226,34 @@ def test_cli_two_checkpoints(tmp_path):
     b = tmp_path / "epoch2.pt"
     torch.save({"model_state_dict": model.state_dict()}, b)
     out = tmp_path / "diff.png"
-    result = CliRunner().invoke(main, [
-        "compare", str(a), str(b), "--arch", SEED_ARCH, "--input-shape", "4,3,32,32", "--backward", "--out", str(out),
-    ])
+    result = CliRunner().invoke(
+        main,
+        [
+            "compare",
+            str(a),
+            str(b),
+            "--arch",
+            SEED_ARCH,
+            "--input-shape",
+            "4,3,32,32",
+            "--backward",
+            "--out",
+            str(out),
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "forward: first divergence at linear1 (Linear)" in result.output
     rows = [line for line in result.output.splitlines() if line.split()[1:2] == ["forward"]]
     names = [r.split()[2] for r in rows]
-    assert names[: names.index("linear1")] == ["conv1", "pool1", "conv2", "pool2", "dropout", "adaptive_pool", "flatten"]
+    assert names[: names.index("linear1")] == [
+        "conv1",
+        "pool1",
+        "conv2",
+        "pool2",
+        "dropout",
+        "adaptive_pool",
+        "flatten",
+    ]
     assert all(re.search(r"\]\s+yes\s", r) for r in rows[: names.index("linear1")])
     assert re.search(r"\]\s+no\s", rows[names.index("linear1")])
     assert f"figure written to {out}" in result.output
@@ -237,7 +266,9 @@ def test_cli_autocast_and_input_file(tmp_path):
     torch.save(seed_cnn().state_dict(), path)
     x = tmp_path / "x.pt"
     torch.save(torch.randn(2, 3, 32, 32), x)
-    result = CliRunner().invoke(main, ["compare", str(path), str(path), "--arch", SEED_ARCH, "--input", str(x), "--autocast", "bf16"])
+    result = CliRunner().invoke(
+        main, ["compare", str(path), str(path), "--arch", SEED_ARCH, "--input", str(x), "--autocast", "bf16"]
+    )
     assert result.exit_code == 0, result.output
     assert "(under autocast bf16)" in result.output and "first divergence at conv1 (Conv2d)" in result.output
 
@@ -246,12 +277,29 @@ def test_cli_errors(tmp_path):
     path = tmp_path / "seed.pt"
     torch.save(seed_cnn().state_dict(), path)
     runner = CliRunner()
-    both = runner.invoke(main, ["compare", str(path), str(path), "--arch", SEED_ARCH, "--input-shape", "1,3,32,32", "--images", str(tmp_path)])
+    both = runner.invoke(
+        main,
+        ["compare", str(path), str(path), "--arch", SEED_ARCH, "--input-shape", "1,3,32,32", "--images", str(tmp_path)],
+    )
     assert both.exit_code == 2 and "exactly one of --input-shape, --input or --images" in both.output
-    other = runner.invoke(main, ["compare", str(path), str(path), "--arch", SEED_ARCH, "--arch-b", "torchvision:resnet18",
-                                 "--input-shape", "1,3,32,32"])
+    other = runner.invoke(
+        main,
+        [
+            "compare",
+            str(path),
+            str(path),
+            "--arch",
+            SEED_ARCH,
+            "--arch-b",
+            "torchvision:resnet18",
+            "--input-shape",
+            "1,3,32,32",
+        ],
+    )
     assert other.exit_code == 6 and other.output.startswith("error:")  # the weights do not fit resnet18
-    wrong_input = runner.invoke(main, ["compare", str(path), str(path), "--arch", SEED_ARCH, "--input-shape", "1,5,32,32"])
+    wrong_input = runner.invoke(
+        main, ["compare", str(path), str(path), "--arch", SEED_ARCH, "--input-shape", "1,5,32,32"]
+    )
     assert wrong_input.exit_code == 7 and "expects [N, 3, H, W]" in wrong_input.output
 
 
@@ -272,7 +320,16 @@ def test_cli_refactored_class_with_arch_b(tmp_path):
     try:
         path = tmp_path / "original.pt"
         torch.save(Original().state_dict(), path)
-        command = ["compare", str(path), str(path), "--arch", "refactor_zoo:Original", "--input-shape", "3,8", "--arch-b"]
+        command = [
+            "compare",
+            str(path),
+            str(path),
+            "--arch",
+            "refactor_zoo:Original",
+            "--input-shape",
+            "3,8",
+            "--arch-b",
+        ]
         result = CliRunner().invoke(main, command + ["refactor_zoo:Refactored"])
         renamed = CliRunner().invoke(main, command + ["refactor_zoo:Renamed"])
     finally:
@@ -280,7 +337,10 @@ def test_cli_refactored_class_with_arch_b(tmp_path):
     assert result.exit_code == 0, result.output
     assert "first divergence at act (ReLU)" in result.output and "shape [3, 16] in A, [3, 4] in B" in result.output
     assert renamed.exit_code == 1
-    assert renamed.output.startswith("error: the models' module names do not correspond") and "only in B: extra" in renamed.output
+    assert (
+        renamed.output.startswith("error: the models' module names do not correspond")
+        and "only in B: extra" in renamed.output
+    )
 
 
 def test_a_transformers_model_with_dict_outputs():
@@ -288,8 +348,9 @@ def test_a_transformers_model_with_dict_outputs():
     transformers' Conv1D layers, embeddings; a nudge in the second block's MLP."""
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
-    config = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=100, n_positions=16,
-                                     bos_token_id=0, eos_token_id=0)
+    config = transformers.GPT2Config(
+        n_layer=2, n_embd=32, n_head=2, vocab_size=100, n_positions=16, bos_token_id=0, eos_token_id=0
+    )
     a = transformers.GPT2LMHeadModel(config).eval()
     b = copy.deepcopy(a)
     with torch.no_grad():  # one input feature's row: a nudge of every weight would vanish, as

@@ -14,14 +14,14 @@ import torch.nn.functional as F
 from conftest import QUIET, hist_at, hist_steps, histogram_tags, hook_state, read_events
 from torch import nn
 
-from introspect import IntrospectWarning
-from introspect import watch
+from introspect import IntrospectWarning, watch
 from introspect.runtime.compiled import COMPILED_WARNING
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
-                       reason="torch.compile on CPU needs a C++ compiler"),
+    pytest.mark.skipif(
+        shutil.which("g++") is None and shutil.which("c++") is None, reason="torch.compile on CPU needs a C++ compiler"
+    ),
 ]
 
 

@@ -257,7 +257,11 @@ def test_every_kind_of_input(tmp_path):
         assert report.samples == 12 and report.image_shape == (3, SIZE, SIZE), type(data)
     grey = inspect(torch.rand(5, SIZE, SIZE), tmp_path / "grey")  # (N, H, W)
     assert grey.image_shape == (1, SIZE, SIZE) and len(grey.channels) == 1
-    assert inspect((images, labels), tmp_path / "named", classes={"a": 0, "b": 1, "c": 2}).class_names == ["a", "b", "c"]
+    assert inspect((images, labels), tmp_path / "named", classes={"a": 0, "b": 1, "c": 2}).class_names == [
+        "a",
+        "b",
+        "c",
+    ]
 
 
 def test_a_writer_is_flushed_not_closed(tmp_path):
@@ -297,8 +301,12 @@ def test_unsupported_inputs_get_a_precise_error(tmp_path, data, error, words):
 
 @pytest.mark.parametrize(
     "options, words",
-    [({"max_samples": 0}, "max_samples"), ({"expected_range": (1, 0)}, "low < high"),
-     ({"imbalance_ratio": 1}, "imbalance_ratio"), ({"classes": "cat"}, "classes=")],
+    [
+        ({"max_samples": 0}, "max_samples"),
+        ({"expected_range": (1, 0)}, "low < high"),
+        ({"imbalance_ratio": 1}, "imbalance_ratio"),
+        ({"classes": "cat"}, "classes="),
+    ],
 )
 def test_bad_options(tmp_path, options, words):
     with pytest.raises(ConfigError, match=words.replace("(", r"\(")):
@@ -311,7 +319,12 @@ def test_image_folder_errors(tmp_path):
     Image.new("RGB", (8, 8)).save(tmp_path / "flat" / "a.png")
     (tmp_path / "no_images" / "cats").mkdir(parents=True)
     (tmp_path / "file.txt").write_text("x")
-    for name, words in [("missing", "no such folder"), ("empty", "is empty"), ("flat", "no class subfolders"),
-                        ("no_images", "Found no valid file"), ("file.txt", "not a folder")]:
+    for name, words in [
+        ("missing", "no such folder"),
+        ("empty", "is empty"),
+        ("flat", "no class subfolders"),
+        ("no_images", "Found no valid file"),
+        ("file.txt", "not a folder"),
+    ]:
         with pytest.raises(ConfigError, match=words):
             image_folder(tmp_path / name)

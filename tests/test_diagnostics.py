@@ -19,8 +19,7 @@ from conftest import QUIET, count_hooks, hist_steps, hook_state, read_events, te
 from torch import nn
 from zoo import SeedCNN
 
-from introspect import Alert, ConfigError, NonFiniteError, NonFiniteWarning
-from introspect import watch
+from introspect import Alert, ConfigError, NonFiniteError, NonFiniteWarning, watch
 from introspect.debugger.alerts import alerts_markdown, format_report
 from introspect.debugger.health import (
     GradientHealth,
@@ -53,7 +52,14 @@ def chain(*names: str, safe: tuple[str, ...] = ()) -> list[CallRecord]:
 
 def test_locate_all_finite_is_none():
     calls = chain("a", "b")
-    labels = [Check("model_in"), Check("in", 0), Check("out", 0, "a"), Check("out", 1, "b"), Check("grad", 1, "b"), Check("grad", 0, "a")]
+    labels = [
+        Check("model_in"),
+        Check("in", 0),
+        Check("out", 0, "a"),
+        Check("out", 1, "b"),
+        Check("grad", 1, "b"),
+        Check("grad", 0, "a"),
+    ]
     assert locate_nonfinite(0, calls, labels, [1.0, 1.0, 2.0, -3.0, 0.5, 0.0]) is None
     assert locate_nonfinite(0, [], [], []) is None
 
@@ -89,8 +95,14 @@ def test_locate_container_and_child_gives_the_deepest():
         CallRecord("block", "Block", producers=[0]),
         CallRecord("head", "Linear", producers=[3]),
     ]
-    labels = [Check("in", 0), Check("out", 0, "stem"), Check("out", 1, "block.log"), Check("out", 2, "block.lin"),
-              Check("out", 3, "block"), Check("out", 4, "head")]
+    labels = [
+        Check("in", 0),
+        Check("out", 0, "stem"),
+        Check("out", 1, "block.log"),
+        Check("out", 2, "block.lin"),
+        Check("out", 3, "block"),
+        Check("out", 4, "head"),
+    ]
     alert = locate_nonfinite(3, calls, labels, [0.0, 1.0, NAN, NAN, NAN, NAN])
     assert (alert.where, alert.step, alert.phase, alert.module_type) == ("block.log", 3, "forward", "ShiftedLog")
     assert alert.numbers["later_nonfinite_modules"] == 3
@@ -103,7 +115,13 @@ def test_locate_container_whose_own_code_made_it():
         CallRecord("block", "Block"),
         CallRecord("head", "Linear", producers=[1]),
     ]
-    labels = [Check("in", 0), Check("out", 0, "block.lin"), Check("in", 1), Check("out", 1, "block"), Check("out", 2, "head")]
+    labels = [
+        Check("in", 0),
+        Check("out", 0, "block.lin"),
+        Check("in", 1),
+        Check("out", 1, "block"),
+        Check("out", 2, "head"),
+    ]
     alert = locate_nonfinite(0, calls, labels, [1.0, 1.0, 1.0, NAN, NAN])
     assert alert.where == "block"
 
@@ -152,8 +170,15 @@ def test_locate_backward_origin():
     """Forward finite; gradients in the order backward made them: lin2's and sqrt's outputs got a
     finite gradient, lin1's output a NaN one, so sqrt's backward made it."""
     calls = chain("lin1", "sqrt", "lin2")
-    labels = [Check("in", 0), Check("out", 0, "lin1"), Check("out", 1, "sqrt"), Check("out", 2, "lin2"),
-              Check("grad", 2, "lin2"), Check("grad", 1, "sqrt"), Check("grad", 0, "lin1")]
+    labels = [
+        Check("in", 0),
+        Check("out", 0, "lin1"),
+        Check("out", 1, "sqrt"),
+        Check("out", 2, "lin2"),
+        Check("grad", 2, "lin2"),
+        Check("grad", 1, "sqrt"),
+        Check("grad", 0, "lin1"),
+    ]
     alert = locate_nonfinite(5, calls, labels, [1.0, 1.0, 1.0, 1.0, 0.5, 0.3, NAN])
     assert (alert.where, alert.step, alert.phase, alert.module_type) == ("sqrt", 5, "backward", "Linear")
     assert "backward of sqrt" in alert.message
@@ -167,8 +192,14 @@ def test_locate_backward_origin_skips_safe_readers():
         CallRecord("norm", "Norm", producers=[0]),
         CallRecord("lin2", "Linear", producers=[1, 2]),
     ]
-    labels = [Check("out", 0, "lin1"), Check("out", 2, "norm"), Check("out", 3, "lin2"),
-              Check("grad", 3, "lin2"), Check("grad", 2, "norm"), Check("grad", 0, "lin1")]
+    labels = [
+        Check("out", 0, "lin1"),
+        Check("out", 2, "norm"),
+        Check("out", 3, "lin2"),
+        Check("grad", 3, "lin2"),
+        Check("grad", 2, "norm"),
+        Check("grad", 0, "lin1"),
+    ]
     alert = locate_nonfinite(1, calls, labels, [1.0, 1.0, 1.0, 1.0, 1.0, INF])
     assert (alert.where, alert.phase) == ("norm", "backward")
     assert "Inf gradient" in alert.message
@@ -176,7 +207,13 @@ def test_locate_backward_origin_skips_safe_readers():
 
 def test_locate_loss_gradient_nonfinite_names_the_last_module():
     calls = chain("lin1", "act", "lin2", safe=("act",))
-    labels = [Check("in", 0), Check("out", 0, "lin1"), Check("out", 2, "lin2"), Check("grad", 2, "lin2"), Check("grad", 0, "lin1")]
+    labels = [
+        Check("in", 0),
+        Check("out", 0, "lin1"),
+        Check("out", 2, "lin2"),
+        Check("grad", 2, "lin2"),
+        Check("grad", 0, "lin1"),
+    ]
     alert = locate_nonfinite(3, calls, labels, [1.0, 1.0, 1.0, NAN, NAN])
     assert (alert.where, alert.step, alert.phase) == ("lin2", 3, "backward")
     assert "loss" in alert.message
@@ -496,12 +533,14 @@ class SignedSqrt(nn.Module):
 
 
 def norm_net(middle: nn.Module, width: int = 9) -> nn.Sequential:
-    return nn.Sequential(OrderedDict(
-        lin1=nn.Linear(4, 8, bias=False),  # a zero input row gives a zero output row exactly
-        norm=middle,
-        act=nn.Tanh(),
-        lin2=nn.Linear(width, 1),
-    ))
+    return nn.Sequential(
+        OrderedDict(
+            lin1=nn.Linear(4, 8, bias=False),  # a zero input row gives a zero output row exactly
+            norm=middle,
+            act=nn.Tanh(),
+            lin2=nn.Linear(width, 1),
+        )
+    )
 
 
 def padded_batch(step: int, zero_at: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
@@ -718,9 +757,7 @@ def run(model, logdir_or_writer, make_batch, steps, opt=None, **options) -> list
 
 def test_dead_relus_from_a_large_negative_bias(writer):
     torch.manual_seed(0)
-    model = nn.Sequential(OrderedDict(
-        hidden=nn.Linear(8, 32), relu=nn.ReLU(), out=nn.Linear(32, 1)
-    ))
+    model = nn.Sequential(OrderedDict(hidden=nn.Linear(8, 32), relu=nn.ReLU(), out=nn.Linear(32, 1)))
     with torch.no_grad():
         model.hidden.bias.fill_(-100.0)
     alerts = run(model, writer, regression_batch(8), 3, every=1, thresholds={"dead_min_samples": 8})
@@ -735,9 +772,13 @@ def test_dead_units_threshold_is_configurable(writer):
     model = nn.Sequential(nn.Linear(8, 4), nn.ReLU(), nn.Linear(4, 1))
     with torch.no_grad():
         model[0].bias.copy_(torch.tensor([-100.0, -100.0, -100.0, 100.0]))  # 3 of 4 dead
-    alerts = run(model, writer, regression_batch(8), 1, every=1, thresholds={"dead_fraction": 0.9, "dead_min_samples": 8})
+    alerts = run(
+        model, writer, regression_batch(8), 1, every=1, thresholds={"dead_fraction": 0.9, "dead_min_samples": 8}
+    )
     assert kinds_at(alerts, "dead_units") == []
-    alerts = run(model, writer, regression_batch(8), 1, every=1, thresholds=Thresholds(dead_fraction=0.75, dead_min_samples=8))
+    alerts = run(
+        model, writer, regression_batch(8), 1, every=1, thresholds=Thresholds(dead_fraction=0.75, dead_min_samples=8)
+    )
     assert [(a.where, a.numbers["dead_fraction"]) for a in alerts if a.kind == "dead_units"] == [("1", 0.75)]
 
 
@@ -748,8 +789,14 @@ def test_dead_conv_channels(writer):
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 1))
     with torch.no_grad():
         model[0].bias[:6] = -100.0
-    alerts = run(model, writer, lambda: (torch.randn(4, 3, 8, 8), torch.randn(4, 1)), 1, every=1,
-                 thresholds={"dead_min_samples": 4})
+    alerts = run(
+        model,
+        writer,
+        lambda: (torch.randn(4, 3, 8, 8), torch.randn(4, 1)),
+        1,
+        every=1,
+        thresholds={"dead_min_samples": 4},
+    )
     dead = [a for a in alerts if a.kind == "dead_units"]
     assert [(a.where, a.numbers["dead_fraction"]) for a in dead] == [("1", 0.75)]
 
@@ -774,8 +821,10 @@ def test_a_rarely_active_unit_is_not_dead(writer):
     with torch.no_grad():
         model[0].weight.fill_(1.0)
         model[0].bias.fill_(-2.0)  # active only for x > 2: ~2% of standard normal inputs
+
     def batch():
         return torch.randn(8, 1), torch.randn(8, 1)
+
     torch.manual_seed(3)
     alerts = run(model, writer, batch, 24, every=1, thresholds={"dead_min_samples": 192})
     assert kinds_at(alerts, "dead_units") == []
@@ -829,10 +878,16 @@ class GradAmplifier(nn.Module):
 def test_exploding_gradient_jump(writer):
     """Gradients of the layers before the amplifier grow x1e4 at step 3: exactly those layers."""
     torch.manual_seed(0)
-    model = nn.Sequential(OrderedDict(
-        lin1=nn.Linear(8, 16), act1=nn.Tanh(), lin2=nn.Linear(16, 16), amp=GradAmplifier(),
-        act2=nn.Tanh(), lin3=nn.Linear(16, 1),
-    ))
+    model = nn.Sequential(
+        OrderedDict(
+            lin1=nn.Linear(8, 16),
+            act1=nn.Tanh(),
+            lin2=nn.Linear(16, 16),
+            amp=GradAmplifier(),
+            act2=nn.Tanh(),
+            lin3=nn.Linear(16, 1),
+        )
+    )
     opt = torch.optim.SGD(model.parameters(), lr=0.0)  # keep the weights: only the gradient jumps
     with watch(model, writer, every=1, **QUIET) as w:
         for step in range(5):
@@ -1003,8 +1058,12 @@ def watch_holes(model: nn.Module, writer, every: int, steps: int, check_mode: st
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", NonFiniteWarning)
         with watch(model, writer, every=every, check_mode=check_mode, **QUIET) as w:
-            train_skipping_nonfinite(model, steps, lambda s: (torch.randn(6, 4), torch.randn(6, 1)),
-                                     before_step=lambda s: setattr(model.holes, "step", s))
+            train_skipping_nonfinite(
+                model,
+                steps,
+                lambda s: (torch.randn(6, 4), torch.randn(6, 1)),
+                before_step=lambda s: setattr(model.holes, "step", s),
+            )
     return w
 
 
@@ -1219,5 +1278,10 @@ def test_later_outputs_singular_and_plural():
     calls = chain("a", "b", "c")
     one = locate_nonfinite(0, calls[:2], [Check("in", 0), Check("out", 0, "a"), Check("out", 1, "b")], [1.0, NAN, NAN])
     assert one.message.endswith("; 1 later module output inherits it")
-    two = locate_nonfinite(0, calls, [Check("in", 0), Check("out", 0, "a"), Check("out", 1, "b"), Check("out", 2, "c")], [1.0, NAN, NAN, NAN])
+    two = locate_nonfinite(
+        0,
+        calls,
+        [Check("in", 0), Check("out", 0, "a"), Check("out", 1, "b"), Check("out", 2, "c")],
+        [1.0, NAN, NAN, NAN],
+    )
     assert two.message.endswith("; 2 later module outputs inherit it")

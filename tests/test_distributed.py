@@ -18,8 +18,7 @@ import pytest
 import torch
 from conftest import QUIET, hist_at, hist_steps, histogram_tags, read_events
 
-from introspect import ConfigError
-from introspect import watch
+from introspect import ConfigError, watch
 from introspect.debugger.alerts import Alert
 from introspect.runtime.distributed import (
     origin_code,
@@ -40,8 +39,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_ranks(tmp_path: Path, ranks: str, on_nonfinite: str = "warn", watched: str = "all", world: int = 2,
-              check_mode: str = "replay") -> list[dict]:
+def run_ranks(
+    tmp_path: Path,
+    ranks: str,
+    on_nonfinite: str = "warn",
+    watched: str = "all",
+    world: int = 2,
+    check_mode: str = "replay",
+) -> list[dict]:
     """Run ``world`` ranks of tests/ddp_worker.py; their result dicts, by rank."""
     return run_worker(WORKER, tmp_path, [ranks], [on_nonfinite, watched, check_mode], world)
 
@@ -52,12 +57,23 @@ def run_worker(worker: Path, tmp_path: Path, before: list[str], after: list[str]
     port = _free_port()
     procs = []
     for rank in range(world):
-        env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        procs.append(subprocess.Popen(
-            [sys.executable, str(worker), str(tmp_path / "run"), *before, str(tmp_path / f"r{rank}.json"), *after],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        ))
+        env = dict(
+            os.environ,
+            RANK=str(rank),
+            WORLD_SIZE=str(world),
+            LOCAL_RANK=str(rank),
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port),
+        )
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, str(worker), str(tmp_path / "run"), *before, str(tmp_path / f"r{rank}.json"), *after],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
     outputs = []
     try:
         for p in procs:

@@ -69,8 +69,10 @@ def wait_for(what: str, condition: Callable[[], Any], server: Server | None = No
     deadline = time.monotonic() + timeout
     while True:
         if server is not None and server.process.poll() is not None:
-            pytest.fail(f"tensorboard exited ({server.process.returncode}) while waiting for {what}:\n"
-                        f"{server.log.read_text(errors='replace')[-3000:]}")
+            pytest.fail(
+                f"tensorboard exited ({server.process.returncode}) while waiting for {what}:\n"
+                f"{server.log.read_text(errors='replace')[-3000:]}"
+            )
         with contextlib.suppress(OSError, ValueError):  # not listening yet, or half-written JSON
             result = condition()
             if result:
@@ -180,7 +182,9 @@ def test_histogram_dashboard_renders_in_chromium(server):
         text = browser.wait_for_text(["activations/conv1", "activations/linear2", "quickstart"], timeout=TIMEOUT)
         assert "No histogram data was found" not in text
         # Each chart is an SVG inside <vz-histogram-timeseries>; a drawn one holds the ridge's path.
-        charts = wait_for("a histogram chart to be drawn", lambda: browser.count("path", inside="vz-histogram-timeseries"))
+        charts = wait_for(
+            "a histogram chart to be drawn", lambda: browser.count("path", inside="vz-histogram-timeseries")
+        )
         assert charts > 0
 
 
@@ -192,7 +196,7 @@ def test_server_and_browser_are_stopped_even_when_a_test_fails(logdir):
             raise RuntimeError("a failing test")
     for process, group in zip(processes, groups):
         assert process.poll() is not None
-        wait_for(f"process group {group} to be gone", lambda: not group_alive(group), timeout=30)
+        wait_for(f"process group {group} to be gone", lambda group=group: not group_alive(group), timeout=30)
     with pytest.raises(urllib.error.URLError):
         server.get("data/runs")
 

@@ -19,8 +19,23 @@ from introspect import watch
 from introspect.records import eventfile
 
 
-@pytest.mark.parametrize("n", [0, 1, 7, 8, 63, 64, 65, eventfile.BLOCK - 1, eventfile.BLOCK, eventfile.BLOCK + 1,
-                               3 * eventfile.BLOCK + 17, 20_000])
+@pytest.mark.parametrize(
+    "n",
+    [
+        0,
+        1,
+        7,
+        8,
+        63,
+        64,
+        65,
+        eventfile.BLOCK - 1,
+        eventfile.BLOCK,
+        eventfile.BLOCK + 1,
+        3 * eventfile.BLOCK + 17,
+        20_000,
+    ],
+)
 def test_checksum_matches_tensorboard(n):
     data = random.Random(n).randbytes(n)
     assert eventfile.masked_crc32c(data) == tb_masked_crc32c(data)
@@ -52,9 +67,18 @@ def test_sped_up_writer_writes_the_same_bytes(tmp_path):
     counts = [float(c) for c in range(32)]
     for w in writers.values():
         for step in range(3):
-            w.add_histogram_raw("h", min=0.0, max=1.0, num=496, sum=10.0, sum_squares=5.0,
-                                bucket_limits=[i / 32 for i in range(1, 33)], bucket_counts=counts,
-                                global_step=step, walltime=1000.0 + step)
+            w.add_histogram_raw(
+                "h",
+                min=0.0,
+                max=1.0,
+                num=496,
+                sum=10.0,
+                sum_squares=5.0,
+                bucket_limits=[i / 32 for i in range(1, 33)],
+                bucket_counts=counts,
+                global_step=step,
+                walltime=1000.0 + step,
+            )
             w.add_scalar("s", step * 0.5, step, walltime=1000.0 + step)
         w.flush()
     files = {k: next((tmp_path / k).glob("events.out.tfevents.*")) for k in writers}

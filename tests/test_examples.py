@@ -213,7 +213,11 @@ def test_ring_example_quick_logs_losses_accuracies_and_weights(tmp_path):
     # The run's hyperparameters and its best epoch, for the HPARAMS tab.
     records = hparams_records(tmp_path)
     assert hparam_values(records["start"]) == {
-        "lr": 1e-4, "batch_size": 16.0, "hidden": "16-8", "patience": 10.0, "max_epochs": 100.0
+        "lr": 1e-4,
+        "batch_size": 16.0,
+        "hidden": "16-8",
+        "patience": 10.0,
+        "max_epochs": 100.0,
     }
     metrics = {m.name.tag for m in records["experiment"].metric_infos}
     assert metrics == {"hparams/best_val_acc", "hparams/best_epoch", "hparams/epochs"}
@@ -241,7 +245,13 @@ def test_custom_probe_example_writes_its_scalars(tmp_path, capsys):
     assert result["steps"] == 20
     acc = read_events(tmp_path)
     tags = set(acc.Tags()["scalars"])
-    assert {"sparsity/zero_fraction/relu", "peak/out/conv1", "peak/out/conv2", "peak/grad/conv1", "peak/grad/conv2"} <= tags
+    assert {
+        "sparsity/zero_fraction/relu",
+        "peak/out/conv1",
+        "peak/out/conv2",
+        "peak/grad/conv1",
+        "peak/grad/conv2",
+    } <= tags
     assert [e.step for e in acc.Scalars("peak/out/conv1")] == [0, 5, 10, 15]
     assert all(0.0 <= e.value <= 1.0 for e in acc.Scalars("sparsity/zero_fraction/relu"))
     assert all(e.value > 0 for e in acc.Scalars("peak/grad/conv2"))
@@ -251,8 +261,18 @@ def test_custom_probe_example_writes_its_scalars(tmp_path, capsys):
 def test_transformer_instability_names_the_attention_layer(tmp_path):
     pytest.importorskip("transformers")
     result = subprocess.run(
-        [sys.executable, str(REPO_ROOT / "examples" / "transformer_instability.py"), "--quick", "--logdir", str(tmp_path)],
-        capture_output=True, text=True, timeout=300, env={**os.environ, "MPLBACKEND": "Agg"}, stdin=subprocess.DEVNULL,
+        [
+            sys.executable,
+            str(REPO_ROOT / "examples" / "transformer_instability.py"),
+            "--quick",
+            "--logdir",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "MPLBACKEND": "Agg"},
+        stdin=subprocess.DEVNULL,
     )
     assert result.returncode == 0, f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}"
     healthy, broken = result.stdout.split("== broken")

@@ -52,7 +52,10 @@ def test_feature_maps_quick(tmp_path, capsys):
 def test_raw_images_runs_as_a_script(tmp_path):
     result = subprocess.run(
         [sys.executable, str(REPO_ROOT / "examples" / "raw_images.py"), "--quick", "--logdir", str(tmp_path)],
-        capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        stdin=subprocess.DEVNULL,
         env={**os.environ, "MPLBACKEND": "Agg"},
     )
     assert result.returncode == 0, result.stderr

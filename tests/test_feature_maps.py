@@ -13,8 +13,7 @@ from PIL import Image
 from torch import nn
 from zoo import PackedLSTM, SeedCNN
 
-from introspect import ConfigError
-from introspect import watch
+from introspect import ConfigError, watch
 from introspect.live import DEFAULT_LOG
 from introspect.probes.feature_maps import MAX_CHANNELS, sample_picker
 

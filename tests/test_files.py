@@ -44,12 +44,14 @@ def looped_folder(root: Path) -> Path:
 
 def bomb_png(path: Path, width: int = 20000, height: int = 20000) -> Path:
     """A few hundred bytes of PNG whose header claims ``width`` x ``height`` pixels."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(bytes(1000)))
-                     + chunk(b"IEND", b""))
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(bytes(1000))) + chunk(b"IEND", b"")
+    )
     return path
 
 
@@ -114,7 +116,7 @@ def test_a_decompression_bomb_is_refused_from_its_header(tmp_path):
     with pytest.raises(ValueError, match="400000000 pixels.*decompression bomb"):
         read_image(bomb)
     assert time.monotonic() - start < 1
-    side = int(MAX_IMAGE_PIXELS ** 0.5)
+    side = int(MAX_IMAGE_PIXELS**0.5)
     with pytest.raises(ValueError, match=f"{side + 1}x{side} pixels.*a decompression bomb"):
         read_image(bomb_png(tmp_path / "just_over.png", side + 1, side))  # below Pillow's limit, above ours
 
@@ -140,7 +142,9 @@ def test_pillows_own_bomb_error_is_a_finding_too(tmp_path):
     root = tmp_path / "data"
     images(root / "cat", 2, seed=0)
     bomb_png(root / "cat" / "huge.png", 20000, 20000)  # > 2x Pillow's limit: an error, not a warning
-    report = inspect_data(ImageFolder(str(root), transform=ToTensor()), tmp_path / "run", show_progress=False, verbose=False)
+    report = inspect_data(
+        ImageFolder(str(root), transform=ToTensor()), tmp_path / "run", show_progress=False, verbose=False
+    )
     assert [a.kind for a in report.alerts] == ["data_unreadable"]
     assert "DecompressionBombError" in report.alerts[0].message
 

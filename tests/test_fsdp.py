@@ -25,6 +25,8 @@ from test_distributed import needs_gloo, run_worker
 from introspect.runtime.selection import clean_name
 
 WORKER = Path(__file__).with_name("fsdp_worker.py")
+
+
 def _has_fsdp2() -> bool:
     try:
         from torch.distributed.fsdp import fully_shard  # noqa: F401
@@ -127,8 +129,11 @@ def test_fsdp2_nan_on_one_rank_is_named_with_its_rank(tmp_path):
     # training finished on both ranks.
     acc = read_events(tmp_path / "run")
     numel = r0["weights"][3]["inp.weight"][0]
-    finite = sum(hist_at(acc, f"{kind}/inp.weight", 3).num for kind in ("weights", "grads")
-                 if 3 in hist_steps(acc, f"{kind}/inp.weight"))
+    finite = sum(
+        hist_at(acc, f"{kind}/inp.weight", 3).num
+        for kind in ("weights", "grads")
+        if 3 in hist_steps(acc, f"{kind}/inp.weight")
+    )
     assert 0 < scalar_at(acc, "nonfinite/inp.weight", 3) == 2 * numel - finite
     assert len(r0["grads"]) == len(r1["grads"]) == 5
 

@@ -66,13 +66,45 @@ def _payload_pickle(style: int) -> bytes:
 
 
 NAME_TRICKS = [
-    "opaque_obj_0", "opaque_obj_0/p", "custom_obj_0", "tensor_0", "weight_0", "../", "/", "data/aotinductor/",
-    "MODEL", "Model.pt", "data.pkl", "constants.pkl", "version", "serialized_state_dict.pt", "extra/x", ".data/",
+    "opaque_obj_0",
+    "opaque_obj_0/p",
+    "custom_obj_0",
+    "tensor_0",
+    "weight_0",
+    "../",
+    "/",
+    "data/aotinductor/",
+    "MODEL",
+    "Model.pt",
+    "data.pkl",
+    "constants.pkl",
+    "version",
+    "serialized_state_dict.pt",
+    "extra/x",
+    ".data/",
 ]
 VALUE_TRICKS = [
-    quoteless(python_writing(MARKER)), "x=" + python_writing(MARKER), f"__import__('os').system('touch {MARKER}')",
-    "opaque_obj_0/p", "opaque_obj_0", "custom_obj_0", "../constants/tensor_0", "tensor_0", "weight_0", "",
-    "a\rb", "torch.ops.aten.add.Tensor\")", True, False, None, 0, -1, 2**40, 1e308, [], {},
+    quoteless(python_writing(MARKER)),
+    "x=" + python_writing(MARKER),
+    f"__import__('os').system('touch {MARKER}')",
+    "opaque_obj_0/p",
+    "opaque_obj_0",
+    "custom_obj_0",
+    "../constants/tensor_0",
+    "tensor_0",
+    "weight_0",
+    "",
+    "a\rb",
+    'torch.ops.aten.add.Tensor")',
+    True,
+    False,
+    None,
+    0,
+    -1,
+    2**40,
+    1e308,
+    [],
+    {},
 ]
 PICKLE_OPCODES = b"c\x93RbosNeu(]}.\x80\x8a\x8c"  # GLOBAL, STACK_GLOBAL, REDUCE, BUILD, ...
 
@@ -142,7 +174,10 @@ def _edit_json(data: bytes, where: int, value: object) -> bytes:
 
 def _flat_layout(members: list[tuple[str, bytes]]) -> list[tuple[str, bytes]]:
     """The older flat .pt2 layout built from a current one (or any zip): parts renamed."""
-    renames = {"models/model.json": "serialized_exported_program.json", "data/sample_inputs/model.pt": "serialized_example_inputs.pt"}
+    renames = {
+        "models/model.json": "serialized_exported_program.json",
+        "data/sample_inputs/model.pt": "serialized_example_inputs.pt",
+    }
     flat = [("version", b"8.20")]
     for name, data in members:
         rel = name.split("/", 1)[-1]
@@ -164,20 +199,20 @@ def mutate(data: bytes, steps: list[tuple]) -> bytes:
                 i = args[0] % len(members)
                 name, body = members[i]
                 if body:
-                    body = body[: where % len(body)] + bytes([value]) + body[where % len(body) + 1:]
+                    body = body[: where % len(body)] + bytes([value]) + body[where % len(body) + 1 :]
                 members[i] = (name, body)
                 data = _zipped(members)
             elif data:
-                data = data[: where % len(data)] + bytes([value]) + data[where % len(data) + 1:]
+                data = data[: where % len(data)] + bytes([value]) + data[where % len(data) + 1 :]
         elif members is None:  # raw formats: legacy pickle, safetensors
             if kind == "pickle":
                 data = _payload_pickle(0)
             elif kind == "opcode" and data:
-                data = data[: args[1] % len(data)] + bytes([args[2]]) + data[args[1] % len(data) + 1:]
+                data = data[: args[1] % len(data)] + bytes([args[2]]) + data[args[1] % len(data) + 1 :]
             elif kind == "json" and data[8:9] == b"{":  # the safetensors header
                 size = int.from_bytes(data[:8], "little")
-                header = _edit_json(data[8:8 + size], args[1], args[2])
-                data = len(header).to_bytes(8, "little") + header + data[8 + size:]
+                header = _edit_json(data[8 : 8 + size], args[1], args[2])
+                data = len(header).to_bytes(8, "little") + header + data[8 + size :]
         elif not members:
             continue
         elif kind == "rename":
@@ -189,7 +224,11 @@ def mutate(data: bytes, steps: list[tuple]) -> bytes:
             members[i] = (new, body)
             data = _zipped(members)
         elif kind == "pickle":
-            pickles = [i for i, (n, _) in enumerate(members) if n.endswith((".pkl", ".pt")) or "/constants/" in n or "/weights/" in n]
+            pickles = [
+                i
+                for i, (n, _) in enumerate(members)
+                if n.endswith((".pkl", ".pt")) or "/constants/" in n or "/weights/" in n
+            ]
             if pickles:
                 i = pickles[args[0] % len(pickles)]
                 members[i] = (members[i][0], _payload_pickle(args[1]))
@@ -206,7 +245,7 @@ def mutate(data: bytes, steps: list[tuple]) -> bytes:
                 i = pickles[args[0] % len(pickles)]
                 name, body = members[i]
                 if body:
-                    body = body[: args[1] % len(body)] + bytes([args[2]]) + body[args[1] % len(body) + 1:]
+                    body = body[: args[1] % len(body)] + bytes([args[2]]) + body[args[1] % len(body) + 1 :]
                 members[i] = (name, body)
                 data = _zipped(members)
         elif kind == "layout":
@@ -225,8 +264,13 @@ def mutate(data: bytes, steps: list[tuple]) -> bytes:
 
 # --------------------------------------------------------------------------- the property
 @pytest.mark.slow
-@settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,
-          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@settings(
+    max_examples=EXAMPLES,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 @given(fmt=st.sampled_from(FORMATS), steps=st.lists(mutation, min_size=1, max_size=3))
 def test_mutated_files_never_run_code_and_fail_only_with_load_error(fmt, steps):
     data = mutate(SEEDS[fmt], steps)
@@ -247,8 +291,11 @@ def test_mutated_files_never_run_code_and_fail_only_with_load_error(fmt, steps):
 
 def test_the_fuzzer_can_build_files_that_run_code():
     """The property can fail: mutations the fuzzer draws do run their payload when read unsafely."""
-    for fmt, steps in (("state_dict", [("pickle", 0, 0)]), ("export", [("layout", "flat", 0)]),
-                       ("legacy", [("pickle", 0, 0)])):
+    for fmt, steps in (
+        ("state_dict", [("pickle", 0, 0)]),
+        ("export", [("layout", "flat", 0)]),
+        ("legacy", [("pickle", 0, 0)]),
+    ):
         path = MARKER.parent / f"unsafe_{fmt}.bin"
         path.write_bytes(mutate(SEEDS[fmt], steps))
         try:

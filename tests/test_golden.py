@@ -53,9 +53,7 @@ def run_snapshot(logdir: Path) -> dict[str, Any]:
     acc = read_events(logdir)
     tags = acc.Tags()
     readers = {"scalars": acc.Scalars, "histograms": acc.Histograms, "images": acc.Images, "tensors": acc.Tensors}
-    snap: dict[str, Any] = {
-        kind: {t: [e.step for e in readers[kind](t)] for t in sorted(tags[kind])} for kind in KINDS
-    }
+    snap: dict[str, Any] = {kind: {t: [e.step for e in readers[kind](t)] for t in sorted(tags[kind])} for kind in KINDS}
     snap["graph"] = bool(tags["graph"])
     records = hparams_records(logdir)
     snap["hparams"] = {
@@ -117,7 +115,9 @@ def check_golden(name: str, actual: dict[str, Any], update: bool) -> None:
         path.write_text(json.dumps(actual, indent=1, sort_keys=True) + "\n")
         return
     if not path.exists():
-        pytest.fail(f"no golden file {path.relative_to(REPO_ROOT)}; run pytest {Path(__file__).relative_to(REPO_ROOT)} --update-golden")
+        pytest.fail(
+            f"no golden file {path.relative_to(REPO_ROOT)}; run pytest {Path(__file__).relative_to(REPO_ROOT)} --update-golden"
+        )
     expected = json.loads(path.read_text())
     diff = _diff_lines(name, expected, actual)
     assert not diff, f"{name} differs from {path.name} ({len(diff)} differences):\n" + "\n".join(diff[:80])

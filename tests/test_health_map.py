@@ -37,9 +37,15 @@ FINDING_RGB = (0xE4, 0x1A, 0x1C)
 def dead_mlp() -> nn.Sequential:
     """fc2's bias of -10 kills act2 for every sample: act2 is dead, fc1/fc2 get no gradient."""
     torch.manual_seed(0)
-    model = nn.Sequential(OrderedDict(
-        fc1=nn.Linear(8, 32), act1=nn.ReLU(), fc2=nn.Linear(32, 32), act2=nn.ReLU(), out=nn.Linear(32, 1),
-    ))
+    model = nn.Sequential(
+        OrderedDict(
+            fc1=nn.Linear(8, 32),
+            act1=nn.ReLU(),
+            fc2=nn.Linear(32, 32),
+            act2=nn.ReLU(),
+            out=nn.Linear(32, 1),
+        )
+    )
     nn.init.constant_(model.fc2.bias, -10.0)
     return model
 
@@ -160,7 +166,10 @@ def test_a_module_is_shown_by_its_weight():
     from introspect.analysis.health_map_render import _module_ratios
 
     assert _module_ratios({"out.bias": 0.3, "out.weight": 0.01, "ln.bias": 0.2, "p": 0.5, "x.weight": math.nan}) == {
-        "out": 0.01, "ln": 0.2, "p": 0.5}
+        "out": 0.01,
+        "ln": 0.2,
+        "p": 0.5,
+    }
 
 
 def test_thinning_keeps_first_and_latest():
@@ -185,13 +194,16 @@ def test_the_same_map_from_event_files(run):
     assert offline.offline and offline.rows == live.rows and offline.steps == live.steps
     for stat in ("grad_rms", "activation_std", "nonfinite"):
         np.testing.assert_allclose(offline.matrix(stat), live.matrix(stat), rtol=1e-9, equal_nan=True)
-    np.testing.assert_allclose(offline.matrix("update_ratio"), live.matrix("update_ratio"), rtol=1e-6, equal_nan=True)  # float32 scalars
+    np.testing.assert_allclose(
+        offline.matrix("update_ratio"), live.matrix("update_ratio"), rtol=1e-6, equal_nan=True
+    )  # float32 scalars
     # Offline, the dead fraction is what the histograms prove: act2's output was 0 everywhere.
     dead = offline.matrix("dead_fraction")
     assert (dead[ROWS.index("act2")] == 1.0).all() and np.isnan(dead[ROWS.index("act1")]).all()
     assert [(a.kind, a.where, a.step) for a in offline.findings] == [(a.kind, a.where, a.step) for a in alerts]
     assert [(a.kind, a.where, a.step, a.phase) for a in read_alerts(read_events(logdir))] == [
-        (a.kind, a.where, a.step, a.phase) for a in alerts]
+        (a.kind, a.where, a.step, a.phase) for a in alerts
+    ]
 
 
 def test_find_run(tmp_path, run):
@@ -272,10 +284,12 @@ def test_broken_training_nan_map(tmp_path):
     normalize = hm.rows.index("body.normalize")
     assert (counts[:, column] > 0).all()  # every row: output or gradient non-finite
     assert counts[normalize, column] >= 32  # 32 NaN outputs (one sample of 32 features), more in its gradient
-    assert (counts[:, :column] == 0).all() and (counts[:, column + 1:] == 0).all()  # one bad batch only
+    assert (counts[:, :column] == 0).all() and (counts[:, column + 1 :] == 0).all()  # one bad batch only
     marks = [(hm.rows[i], hm.steps[j]) for i, j, _ in hm.marks()]
     assert marks == [("body.normalize", finding.step)]
-    result = CliRunner().invoke(main, ["map", str(tmp_path / "nan"), "--stat", "nonfinite", "--out", str(tmp_path / "nan.png")])
+    result = CliRunner().invoke(
+        main, ["map", str(tmp_path / "nan"), "--stat", "nonfinite", "--out", str(tmp_path / "nan.png")]
+    )
     assert result.exit_code == 0, result.output
     with Image.open(tmp_path / "nan.png") as image:
         pixels = np.asarray(image.convert("RGB"))
@@ -288,8 +302,16 @@ def test_watch_writes_the_health_map_at_image_steps_and_at_close(tmp_path):
     model = dead_mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     g = torch.Generator().manual_seed(1)
-    with watch(model, tmp_path / "run", every=2, image_every=6, optimizer=opt, log=(*DEFAULT_LOG, "health_map"),
-               summary=False, graph=False) as w:
+    with watch(
+        model,
+        tmp_path / "run",
+        every=2,
+        image_every=6,
+        optimizer=opt,
+        log=(*DEFAULT_LOG, "health_map"),
+        summary=False,
+        graph=False,
+    ) as w:
         for _ in range(9):
             x = torch.randn(64, 8, generator=g)
             loss = F.mse_loss(model(x), x[:, :1])

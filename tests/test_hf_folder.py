@@ -168,7 +168,10 @@ def test_weights_that_do_not_fit_the_config_are_listed(folders, tmp_path):
     config["n_embd"] = 64
     copy_of(source, tmp_path, config)
     line = one_line_error(run("summary", tmp_path, "--input-shape", "2,8", "--dtype", "int64"), 6)
-    assert "do not fit GPT2LMHeadModel" in line and "shape mismatches (transformer.wte.weight: file [100, 32] vs model [100, 64]" in line
+    assert (
+        "do not fit GPT2LMHeadModel" in line
+        and "shape mismatches (transformer.wte.weight: file [100, 32] vs model [100, 64]" in line
+    )
 
 
 def test_without_transformers_a_folder_is_a_clear_error(folders, monkeypatch):

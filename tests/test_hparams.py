@@ -18,8 +18,7 @@ from hparams_records import (
 from torch import nn
 from torch.utils.tensorboard import SummaryWriter
 
-from introspect import ConfigError, IntrospectError, IntrospectWarning
-from introspect import watch
+from introspect import ConfigError, IntrospectError, IntrospectWarning, watch
 from introspect.records.run_params import check_hparams, check_metrics
 
 
@@ -36,8 +35,15 @@ EVERY_STEP = dict(QUIET, every=1)
 
 
 def test_hparams_and_metrics_in_the_runs_own_directory(logdir):
-    hparams = {"lr": 0.001, "layers": 3, "optimizer": "adam", "batch_norm": True, "sizes": [64, 32],
-               "schedule": {"kind": "cosine"}, "warmup": None}
+    hparams = {
+        "lr": 0.001,
+        "layers": 3,
+        "optimizer": "adam",
+        "batch_norm": True,
+        "sizes": [64, 32],
+        "schedule": {"kind": "cosine"},
+        "warmup": None,
+    }
     with pytest.warns(IntrospectWarning, match=r"\['sizes', 'schedule'\]") as caught:
         w = watch(_mlp(), logdir, hparams=hparams, **EVERY_STEP)
     assert len([c for c in caught if issubclass(c.category, IntrospectWarning)]) == 1
@@ -48,8 +54,14 @@ def test_hparams_and_metrics_in_the_runs_own_directory(logdir):
     assert event_dirs(logdir) == {logdir}  # no sub-run: one directory holds everything
     records = hparams_records(logdir)
     assert hparam_values(records["start"]) == {
-        "lr": 0.001, "layers": 3.0, "optimizer": "adam", "batch_norm": True, "sizes": "[64, 32]",
-        "schedule": '{"kind": "cosine"}', "warmup": "None"}
+        "lr": 0.001,
+        "layers": 3.0,
+        "optimizer": "adam",
+        "batch_norm": True,
+        "sizes": "[64, 32]",
+        "schedule": '{"kind": "cosine"}',
+        "warmup": "None",
+    }
     assert records["start"].start_time_secs > 0
     infos = {h.name: h.type for h in records["experiment"].hparam_infos}
     from tensorboard.plugins.hparams import api_pb2
@@ -140,9 +152,11 @@ def test_finish_closes_the_watch(logdir):
 
 def test_numpy_and_tensor_scalars_are_numbers():
     assert check_hparams({"a": np.float32(0.5), "b": torch.tensor(3), "c": np.bool_(True)}) == {
-        "a": 0.5, "b": 3, "c": True}
-    assert check_metrics({"a": np.float64(0.25), "b": torch.tensor([2.0]), "c": 1}) == {
-        "a": 0.25, "b": 2.0, "c": 1.0}
+        "a": 0.5,
+        "b": 3,
+        "c": True,
+    }
+    assert check_metrics({"a": np.float64(0.25), "b": torch.tensor([2.0]), "c": 1}) == {"a": 0.25, "b": 2.0, "c": 1.0}
 
 
 @pytest.mark.parametrize(
@@ -236,18 +250,27 @@ def test_tensorboards_hparams_plugin_compares_the_runs_side_by_side(tmp_path):
     mux = plugin_event_multiplexer.EventMultiplexer()
     mux.AddRunsFromDirectory(str(tmp_path))
     mux.Reload()
-    tb = base_plugin.TBContext(logdir=str(tmp_path), multiplexer=mux,
-                               data_provider=data_provider.MultiplexerDataProvider(mux, str(tmp_path)))
+    tb = base_plugin.TBContext(
+        logdir=str(tmp_path), multiplexer=mux, data_provider=data_provider.MultiplexerDataProvider(mux, str(tmp_path))
+    )
     request = api_pb2.ListSessionGroupsRequest(
-        start_index=0, slice_size=10,
+        start_index=0,
+        slice_size=10,
         allowed_statuses=[api_pb2.STATUS_SUCCESS, api_pb2.STATUS_FAILURE, api_pb2.STATUS_UNKNOWN],
-        col_params=[api_pb2.ColParams(hparam="lr"), api_pb2.ColParams(hparam="bn"),
-                    api_pb2.ColParams(metric=api_pb2.MetricName(tag="hparams/val_acc"))])
-    response = list_session_groups.Handler(
-        context.RequestContext(), backend_context.Context(tb), "", request).run()
+        col_params=[
+            api_pb2.ColParams(hparam="lr"),
+            api_pb2.ColParams(hparam="bn"),
+            api_pb2.ColParams(metric=api_pb2.MetricName(tag="hparams/val_acc")),
+        ],
+    )
+    response = list_session_groups.Handler(context.RequestContext(), backend_context.Context(tb), "", request).run()
     rows = {
-        g.name: (g.hparams["lr"].number_value, g.hparams["bn"].bool_value,
-                 round(g.metric_values[0].value, 6), api_pb2.Status.Name(g.sessions[0].status))
+        g.name: (
+            g.hparams["lr"].number_value,
+            g.hparams["bn"].bool_value,
+            round(g.metric_values[0].value, 6),
+            api_pb2.Status.Name(g.sessions[0].status),
+        )
         for g in response.session_groups
     }
     assert rows == {"run0": (0.1, False, 0.5, "STATUS_SUCCESS"), "run1": (0.01, True, 0.6, "STATUS_SUCCESS")}

@@ -27,7 +27,9 @@ def test_lightning_example(tmp_path):
     assert hist_steps(acc, "grads/model.linear2.weight") == [0]
     assert "val_acc" in acc.Tags()["scalars"]  # Lightning's own scalar, in the same run
     assert set(metric_tags(hparams_records(tmp_path / "run")["experiment"])) == {
-        "hparams/train_loss", "hparams/val_acc"}
+        "hparams/train_loss",
+        "hparams/val_acc",
+    }
 
 
 def test_hf_example(tmp_path):

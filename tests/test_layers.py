@@ -67,7 +67,9 @@ def imports_of(module: str, source: str | None = None) -> Iterator[tuple[str, in
 def graph(sources: dict[str, str] | None = None) -> dict[str, set[str]]:
     sources = sources or {}
     return {
-        module: {target for target, _ in imports_of(module, sources.get(module)) if target in MODULES and target != module}
+        module: {
+            target for target, _ in imports_of(module, sources.get(module)) if target in MODULES and target != module
+        }
         for module in MODULES
     }
 

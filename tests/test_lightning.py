@@ -25,10 +25,19 @@ from introspect import ConfigError
 from introspect.integrations.lightning import IntrospectCallback
 
 CONTRACT = {
-    "activations/net.0", "activations/net.1", "activations/net.2",
-    "activation_grads/net.0", "activation_grads/net.2",
-    "weights/net.0.weight", "weights/net.0.bias", "weights/net.2.weight", "weights/net.2.bias",
-    "grads/net.0.weight", "grads/net.0.bias", "grads/net.2.weight", "grads/net.2.bias",
+    "activations/net.0",
+    "activations/net.1",
+    "activations/net.2",
+    "activation_grads/net.0",
+    "activation_grads/net.2",
+    "weights/net.0.weight",
+    "weights/net.0.bias",
+    "weights/net.2.weight",
+    "weights/net.2.bias",
+    "grads/net.0.weight",
+    "grads/net.0.bias",
+    "grads/net.2.weight",
+    "grads/net.2.bias",
 }
 
 
@@ -62,8 +71,15 @@ def _loader(n: int = 64) -> torch.utils.data.DataLoader:
 
 def _trainer(tmp_path: Path, callback: IntrospectCallback, logger, **kwargs) -> L.Trainer:
     return L.Trainer(
-        default_root_dir=str(tmp_path), logger=logger, callbacks=[callback], accelerator="cpu",
-        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False, **kwargs)
+        default_root_dir=str(tmp_path),
+        logger=logger,
+        callbacks=[callback],
+        accelerator="cpu",
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        **kwargs,
+    )
 
 
 def test_tags_under_the_loggers_directory_with_global_step(tmp_path):

@@ -94,8 +94,13 @@ def test_pickled_module_needs_unsafe(saved):
 
 def test_detect_format_reads_bytes_not_names(saved, tmp_path):
     files, _ = saved
-    for fmt, kind in [("state_dict", "torch"), ("torchscript", "torchscript"), ("export", "export"),
-                      ("safetensors", "safetensors"), ("pickled", "torch")]:
+    for fmt, kind in [
+        ("state_dict", "torch"),
+        ("torchscript", "torchscript"),
+        ("export", "export"),
+        ("safetensors", "safetensors"),
+        ("pickled", "torch"),
+    ]:
         renamed = tmp_path / f"{fmt}.bin"
         renamed.write_bytes(files[fmt].read_bytes())
         assert detect_format(renamed) == kind
@@ -142,8 +147,19 @@ def test_timm_architecture_by_name(tmp_path):
     loaded = load_model(path, arch="timm:resnet18", arch_kwargs={"num_classes": 10})
     assert type(loaded).__module__.startswith("timm.") and loaded.fc.out_features == 10
     assert all(torch.equal(v, net.state_dict()[k]) for k, v in loaded.state_dict().items())
-    result = CliRunner().invoke(main, ["summary", str(path), "--arch", "timm:resnet18", "--arch-kwargs",
-                                       '{"num_classes": 10}', "--input-shape", "1,3,64,64"])
+    result = CliRunner().invoke(
+        main,
+        [
+            "summary",
+            str(path),
+            "--arch",
+            "timm:resnet18",
+            "--arch-kwargs",
+            '{"num_classes": 10}',
+            "--input-shape",
+            "1,3,64,64",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert f"Total params: {sum(p.numel() for p in net.parameters()):,}" in result.stdout
 
@@ -255,13 +271,16 @@ def test_weights_without_an_architecture(saved):
         load_model(files["state_dict"])
 
 
-@pytest.mark.parametrize("arch, message", [
-    ("examples.models:SeedCNNN", "did you mean SeedCNN"),
-    ("no_such_package.models:Net", "cannot import 'no_such_package.models'"),
-    ("torchvision:resnet19", "did you mean resnet18"),
-    ("SeedCNN", "must look like 'package.module:Class'"),
-    ("examples.models:__all__", "not a class or function"),
-])
+@pytest.mark.parametrize(
+    "arch, message",
+    [
+        ("examples.models:SeedCNNN", "did you mean SeedCNN"),
+        ("no_such_package.models:Net", "cannot import 'no_such_package.models'"),
+        ("torchvision:resnet19", "did you mean resnet18"),
+        ("SeedCNN", "must look like 'package.module:Class'"),
+        ("examples.models:__all__", "not a class or function"),
+    ],
+)
 def test_unknown_architectures(saved, arch, message):
     files, _ = saved
     with pytest.raises(ArchitectureError, match=message):
@@ -287,7 +306,10 @@ def test_mismatched_keys_are_listed(tmp_path):
         load_model(path, arch=SEED_ARCH)
     assert "1 missing key (linear2.bias); 1 unexpected key (head.weight)" in str(info.value)
 
-    with pytest.raises(KeyMismatchError, match=r"keys \(bn1.weight, bn1.bias, .*, \.\.\. \d+ more\).*conv1.weight: file \[32, 3, 3, 3\] vs model \[64, 3, 7, 7\]"):
+    with pytest.raises(
+        KeyMismatchError,
+        match=r"keys \(bn1.weight, bn1.bias, .*, \.\.\. \d+ more\).*conv1.weight: file \[32, 3, 3, 3\] vs model \[64, 3, 7, 7\]",
+    ):
         load_model(path, arch="torchvision:resnet18")
 
     reshaped = dict(state, **{"linear2.weight": torch.zeros(2, 32), "linear2.bias": torch.zeros(2)})
@@ -370,8 +392,10 @@ def test_wrong_input_shape_shows_the_expected_one(saved):
     exported = load_model(files["export"])
     with pytest.raises(InputShapeError, match="to be equal to 1, but got 2"):  # export's static batch
         check_input(exported, (torch.randn(2, 3, 32, 32),))
-    assert expected_input(nn.Sequential(nn.Flatten(), nn.Linear(12, 2))) == \
-        "[..., 12] (1 is a Linear with 12 input features)"
+    assert (
+        expected_input(nn.Sequential(nn.Flatten(), nn.Linear(12, 2)))
+        == "[..., 12] (1 is a Linear with 12 input features)"
+    )
     assert expected_input(nn.Sequential(nn.ReLU())) is None
 
 
@@ -440,4 +464,3 @@ def test_record_activations_bad_target_and_shape(saved, tmp_path):
     with pytest.raises(InputShapeError, match=r"expects \[N, 3, H, W\]"):
         record_activations(model, [(torch.randn(1, 32, 32),)], tmp_path / "b")
     assert count_hooks(hook_state(model)) == 0
-

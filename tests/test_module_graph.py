@@ -11,8 +11,7 @@ from conftest import count_hooks, hook_state, read_events
 from torch import nn
 from torch.utils.tensorboard import SummaryWriter
 
-from introspect import IntrospectWarning
-from introspect import watch
+from introspect import IntrospectWarning, watch
 from introspect.analysis import module_graph
 from introspect.analysis.module_graph import (
     graph_def,
@@ -96,7 +95,12 @@ def test_a_module_called_twice_gets_a_node_per_call():
             return self.lin(self.lin(x))
 
     graph, _ = graph_def(record_module_graph(Twice(), (torch.randn(2, 4),)))
-    assert edges(graph) == {"input/0": [], "Twice/lin": ["input/0"], "Twice/lin#2": ["Twice/lin"], "output/0": ["Twice/lin#2"]}
+    assert edges(graph) == {
+        "input/0": [],
+        "Twice/lin": ["input/0"],
+        "Twice/lin#2": ["Twice/lin"],
+        "output/0": ["Twice/lin#2"],
+    }
 
 
 def test_several_outputs_and_keyword_inputs_are_numbered_edges():
@@ -119,7 +123,13 @@ def test_several_outputs_and_keyword_inputs_are_numbered_edges():
     assert links["TwoHeads/fc"] == ["TwoHeads/TwoHeads.forward"]  # h[-1] is the root's own code
     # The root's own code reads its inputs, h (for h[-1]) and fc's output (times scale); the
     # unused sequence output counts as read by it too (an output no module read went back into it).
-    assert links["TwoHeads/TwoHeads.forward"] == ["input/0", "input/scale", "TwoHeads/lstm", "TwoHeads/lstm:1", "TwoHeads/fc"]
+    assert links["TwoHeads/TwoHeads.forward"] == [
+        "input/0",
+        "input/scale",
+        "TwoHeads/lstm",
+        "TwoHeads/lstm:1",
+        "TwoHeads/fc",
+    ]
     assert links["output/logits"] == ["TwoHeads/TwoHeads.forward:1"]
 
 
@@ -234,8 +244,14 @@ def test_faster_rcnn_under_watch_gets_a_module_graph(tmp_path):
 
     torch.manual_seed(0)
     model = torchvision.models.detection.fasterrcnn_mobilenet_v3_large_320_fpn(
-        weights=None, weights_backbone=None, num_classes=3, min_size=64, max_size=64,
-        rpn_pre_nms_top_n_train=20, rpn_post_nms_top_n_train=10, box_batch_size_per_image=16,
+        weights=None,
+        weights_backbone=None,
+        num_classes=3,
+        min_size=64,
+        max_size=64,
+        rpn_pre_nms_top_n_train=20,
+        rpn_post_nms_top_n_train=10,
+        box_batch_size_per_image=16,
         rpn_batch_size_per_image=16,
     ).train()
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
@@ -253,7 +269,12 @@ def test_faster_rcnn_under_watch_gets_a_module_graph(tmp_path):
     graph = read_events(tmp_path / "run").Graph()
     names = [n.name for n in graph.node]
     assert {"input/0/0", "input/0/1", "input/1/0/boxes"} <= set(names)
-    for module in ("backbone.body.0.0", "rpn.head.cls_logits", "roi_heads.box_head.fc6", "roi_heads.box_predictor.cls_score"):
+    for module in (
+        "backbone.body.0.0",
+        "rpn.head.cls_logits",
+        "roi_heads.box_head.fc6",
+        "roi_heads.box_predictor.cls_score",
+    ):
         assert any(n.endswith("/" + module) for n in names), (module, names[:20])
     cls_score = next(n for n in graph.node if n.name.endswith("roi_heads.box_predictor.cls_score"))
     assert shapes(graph)[cls_score.name][0][-1] == 3  # one score per class

@@ -14,8 +14,8 @@ from introspect import (
     IntrospectWarning,
     Probe,
     ProbeError,
+    watch,
 )
-from introspect import watch
 
 
 class AbsMax(Probe):
@@ -69,6 +69,7 @@ def test_a_custom_probes_scalars_are_read_back(tmp_path):
     def record(name):
         def hook(module, args, output):
             expected[(name, step[0])] = output.detach().abs().amax().item()
+
         return hook
 
     handles = [model[i].register_forward_hook(record(str(i))) for i in (0, 2)]
@@ -101,7 +102,9 @@ def test_a_custom_probes_scalars_are_read_back(tmp_path):
 def test_a_probe_that_raises_warns_once_and_training_goes_on(tmp_path):
     model, twin = _mlp(), _mlp()
     before = hook_state(model)
-    with pytest.warns(IntrospectWarning, match="probe 'broken' stopped after an error on 0 .*my probe has a bug") as caught:
+    with pytest.warns(
+        IntrospectWarning, match="probe 'broken' stopped after an error on 0 .*my probe has a bug"
+    ) as caught:
         with watch(model, tmp_path / "run", every=1, probes=[Broken(), AbsMax()], **QUIET):
             torch.manual_seed(3)
             _steps(model, 3)

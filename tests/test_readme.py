@@ -22,8 +22,8 @@ README = REPO_ROOT / "README.md"
 def cli_block() -> list[str]:
     """The commands of the README's "The command line" block, comments dropped."""
     text = README.read_text()
-    section = text[text.index("## The command line"):]
-    block = section[section.index("```bash") + len("```bash"): section.index("```", section.index("```bash") + 7)]
+    section = text[text.index("## The command line") :]
+    block = section[section.index("```bash") + len("```bash") : section.index("```", section.index("```bash") + 7)]
     return [re.sub(r"\s+#.*$", "", line).strip() for line in block.strip().splitlines()]
 
 
@@ -52,7 +52,9 @@ def make_the_files(here: Path) -> None:
             folder = here / "data" / split / ("" if split == "val" else c)
             folder.mkdir(parents=True, exist_ok=True)
             for i in range(3):
-                pixels = torch.randint(0, 256, (32, 32, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(i + 10 * len(c)))
+                pixels = torch.randint(
+                    0, 256, (32, 32, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(i + 10 * len(c))
+                )
                 Image.fromarray(pixels.numpy()).save(folder / f"{c}{i}.png")
     (here / "examples").symlink_to(REPO_ROOT / "examples")  # what the repository root holds
 
@@ -71,8 +73,15 @@ def test_every_readme_command_line_works_as_written(tmp_path):
         assert args[0] == "introspect", command
         if args[1] == "board":  # serves until stopped: test_cli.py checks it prints its URL and serves
             continue
-        result = subprocess.run([script, *args[1:]], cwd=tmp_path, env=env, capture_output=True, text=True,
-                                timeout=300, stdin=subprocess.DEVNULL)
+        result = subprocess.run(
+            [script, *args[1:]],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            stdin=subprocess.DEVNULL,
+        )
         assert result.returncode == 0, (command, result.stderr[-2000:])
         assert "error:" not in result.stderr, (command, result.stderr)
         ran.append(args[1])
@@ -96,10 +105,16 @@ def test_the_demo_prints_a_command_that_works_from_where_it_ran(tmp_path):
         pytest.skip("scripts/demo would install the project first (run scripts/test or scripts/demo once)")
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    result = subprocess.run([str(REPO_ROOT / "scripts" / "demo"), "--quick", "--logdir", "mylogs"], cwd=elsewhere,
-                            capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL)
+    result = subprocess.run(
+        [str(REPO_ROOT / "scripts" / "demo"), "--quick", "--logdir", "mylogs"],
+        cwd=elsewhere,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        stdin=subprocess.DEVNULL,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
-    line = next(l for l in result.stdout.splitlines() if "/bin/tensorboard --logdir" in l)
+    line = next(text for text in result.stdout.splitlines() if "/bin/tensorboard --logdir" in text)
     binary, _, logdir, *_ = shlex.split(line)
     assert Path(binary).is_absolute() and Path(binary).is_file()
     assert Path(logdir) == elsewhere / "mylogs"  # where the user ran it, not the repository

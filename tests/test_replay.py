@@ -17,8 +17,7 @@ import torch.nn.functional as F
 from conftest import QUIET, hook_state
 from torch import nn
 
-from introspect import ConfigError, ConfigTypeError, NonFiniteError, NonFiniteWarning
-from introspect import watch
+from introspect import ConfigError, ConfigTypeError, NonFiniteError, NonFiniteWarning, watch
 
 MODES = ("replay", "per_module")
 
@@ -95,21 +94,33 @@ def set_step(model: nn.Module, step: int) -> None:
 
 
 def mlp(fault: nn.Module) -> nn.Module:
-    return nn.Sequential(OrderedDict(
-        lin1=nn.Linear(4, 8), act=nn.Tanh(), fault=fault, lin2=nn.Linear(8, 8), out=nn.Linear(8, 1)))
+    return nn.Sequential(
+        OrderedDict(lin1=nn.Linear(4, 8), act=nn.Tanh(), fault=fault, lin2=nn.Linear(8, 8), out=nn.Linear(8, 1))
+    )
 
 
 def bn_dropout_cnn(fault: nn.Module) -> nn.Module:
-    return nn.Sequential(OrderedDict(
-        conv=nn.Conv2d(3, 8, 3, padding=1), bn=nn.BatchNorm2d(8), relu=nn.ReLU(), drop=nn.Dropout(0.3),
-        fault=fault, pool=nn.AdaptiveAvgPool2d(1), flat=nn.Flatten(), head=nn.Linear(8, 1)))
+    return nn.Sequential(
+        OrderedDict(
+            conv=nn.Conv2d(3, 8, 3, padding=1),
+            bn=nn.BatchNorm2d(8),
+            relu=nn.ReLU(),
+            drop=nn.Dropout(0.3),
+            fault=fault,
+            pool=nn.AdaptiveAvgPool2d(1),
+            flat=nn.Flatten(),
+            head=nn.Linear(8, 1),
+        )
+    )
 
 
 FAULTS = {
     "forward_nan": lambda: mlp(Fault({2})),
     "forward_inf": lambda: mlp(Fault({2}, float("inf"))),
     "backward_only": lambda: mlp(SqrtAtZero({2})),
-    "unwatched_code": lambda: nn.Sequential(OrderedDict(lin1=nn.Linear(4, 8), block=Unwatched({2}), out=nn.Linear(8, 1))),
+    "unwatched_code": lambda: nn.Sequential(
+        OrderedDict(lin1=nn.Linear(4, 8), block=Unwatched({2}), out=nn.Linear(8, 1))
+    ),
     "cnn_forward_nan": lambda: bn_dropout_cnn(Fault({2})),
     "backward_after_a_view": PoolFlattenFc,
 }
@@ -156,10 +167,17 @@ def test_replay_names_what_the_per_module_check_names(tmp_path, fault):
     replayed = findings(FAULTS[fault], "replay", tmp_path)
     checked = findings(FAULTS[fault], "per_module", tmp_path)
     assert [(a.where, a.step, a.phase, a.message) for a in replayed] == [
-        (a.where, a.step, a.phase, a.message) for a in checked]
+        (a.where, a.step, a.phase, a.message) for a in checked
+    ]
     assert [a.step for a in replayed] == [2], replayed
-    expected = {"forward_nan": "fault", "forward_inf": "fault", "backward_only": "fault",
-                "unwatched_code": "block.b", "cnn_forward_nan": "fault", "backward_after_a_view": "fc1"}[fault]
+    expected = {
+        "forward_nan": "fault",
+        "forward_inf": "fault",
+        "backward_only": "fault",
+        "unwatched_code": "block.b",
+        "cnn_forward_nan": "fault",
+        "backward_after_a_view": "fc1",
+    }[fault]
     assert replayed[0].where == expected
     if fault != "unwatched_code":
         assert replayed[0].numbers["nonfinite_values"] > 0
@@ -191,7 +209,13 @@ def test_replay_is_invisible_to_training(tmp_path):
         assert torch.equal(a, b) or (step == 3 and a.isnan() and b.isnan()), step
     for step, (a, b) in enumerate(zip(grads, grads_twin)):
         for name in a:
-            assert torch.equal(a[name], b[name], ) or step == 3, (step, name)
+            assert (
+                torch.equal(
+                    a[name],
+                    b[name],
+                )
+                or step == 3
+            ), (step, name)
             if step == 3:
                 assert torch.equal(a[name].isnan(), b[name].isnan()), name
     for (name, a), b in zip(model.state_dict().items(), twin.state_dict().values()):
@@ -346,7 +370,8 @@ def test_gpt2_forward_nan_in_a_block(tmp_path):
         model.config.resid_pdrop = model.config.attn_pdrop = 0.1
         fault = {"step": 0}
         model.transformer.h[1].mlp.c_fc.register_forward_hook(
-            lambda m, a, out: out * float("nan") if fault["step"] == 2 else None)
+            lambda m, a, out: out * float("nan") if fault["step"] == 2 else None  # noqa: B023  (reads the live dict)
+        )
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", NonFiniteWarning)
             with watch(model, tmp_path / mode, every=10**9, check_mode=mode, **QUIET) as w:
@@ -361,8 +386,9 @@ def test_gpt2_forward_nan_in_a_block(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
-                    reason="torch.compile on CPU needs a C++ compiler")
+@pytest.mark.skipif(
+    shutil.which("g++") is None and shutil.which("c++") is None, reason="torch.compile on CPU needs a C++ compiler"
+)
 def test_compiled_model_gets_a_per_layer_origin(tmp_path):
     """torch.compile's graph has no per-module hooks; the replay runs the eager model, which does."""
     import torch._dynamo

@@ -25,8 +25,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from introspect import IntrospectError, IntrospectWarning, ProbeError
-from introspect import watch
+from introspect import IntrospectError, IntrospectWarning, ProbeError, watch
 
 
 # =========================================================================== failing probes
@@ -159,8 +158,9 @@ SIGTERM_MID_STEP = textwrap.dedent(
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 def test_sigterm_between_forward_and_backward(tmp_path):
     logdir = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-c", SIGTERM_MID_STEP, str(logdir)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SIGTERM_MID_STEP, str(logdir)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     try:
         ready = proc.stdout.readline().split()
         assert ready[0] == "ready" and int(ready[1]) > 0  # hooks attached, mid-step
@@ -324,8 +324,9 @@ SPARSE_FROM_C = textwrap.dedent(
 @pytest.mark.slow
 def test_failing_probe_warning_from_python_c(tmp_path):
     """``python -c`` code has no source file: the warning must still be issued, not crash."""
-    proc = subprocess.run([sys.executable, "-c", SPARSE_FROM_C, str(tmp_path / "run")],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", SPARSE_FROM_C, str(tmp_path / "run")], capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0, proc.stderr
     assert "steps 2" in proc.stdout
     assert "IntrospectWarning: introspect: stopped watching 1 (ToSparse)" in proc.stderr

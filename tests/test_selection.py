@@ -9,8 +9,7 @@ from conftest import QUIET, histogram_tags, read_events, tags_with_prefix, train
 from torch import nn
 from zoo import SEED_CNN_MODULES, SeedCNN, seed_cnn_batch, seed_cnn_loss
 
-from introspect import ConfigError, ModelTypeError
-from introspect import watch
+from introspect import ConfigError, ModelTypeError, watch
 from introspect.runtime.selection import (
     root_name,
     select_modules,
@@ -143,7 +142,9 @@ def test_include_matching_nothing_lists_real_names():
     assert "conv1" in message and "pool1" in message
 
 
-@pytest.mark.parametrize("bad", [3, [nn.Linear, 1.5], [torch.zeros(1)], [int]], ids=["int", "float-in-list", "tensor", "non-module-type"])
+@pytest.mark.parametrize(
+    "bad", [3, [nn.Linear, 1.5], [torch.zeros(1)], [int]], ids=["int", "float-in-list", "tensor", "non-module-type"]
+)
 @pytest.mark.parametrize("option", ["include", "exclude"])
 def test_bad_filters_are_config_errors(bad, option):
     with pytest.raises(ConfigError) as info:
@@ -160,7 +161,12 @@ def test_select_modules_needs_a_module():
 def test_parameters_of_selected_modules_only():
     model = SeedCNN()
     chosen = select_modules(model, include="linear*")
-    assert list(select_parameters(model, chosen)) == ["linear1.weight", "linear1.bias", "linear2.weight", "linear2.bias"]
+    assert list(select_parameters(model, chosen)) == [
+        "linear1.weight",
+        "linear1.bias",
+        "linear2.weight",
+        "linear2.bias",
+    ]
 
 
 def test_frozen_parameters_are_left_out():
@@ -225,7 +231,14 @@ def test_watch_writes_only_selected_modules(writer, logdir):
     model = SeedCNN()
     with watch(model, writer, every=1, include=["conv*", nn.Linear], exclude="linear2", **QUIET) as w:
         assert w.module_names == ["conv1", "conv2", "linear1"]
-        assert w.parameter_names == ["conv1.weight", "conv1.bias", "conv2.weight", "conv2.bias", "linear1.weight", "linear1.bias"]
+        assert w.parameter_names == [
+            "conv1.weight",
+            "conv1.bias",
+            "conv2.weight",
+            "conv2.bias",
+            "linear1.weight",
+            "linear1.bias",
+        ]
         train(model, seed_cnn_batch, seed_cnn_loss, 1)
     acc = read_events(logdir)
     assert {t.split("/", 1)[1] for t in tags_with_prefix(acc, "activations/")} == {"conv1", "conv2", "linear1"}
@@ -240,5 +253,8 @@ def test_watch_a_container_block_output(writer, logdir):
     with watch(model, writer, every=1, include=["block", "model"], **QUIET):
         train(model, lambda: (torch.randn(5, 3), torch.randn(5, 2)), F.mse_loss, 1)
     acc = read_events(logdir)
-    assert {t for t in histogram_tags(acc) if t.startswith("activations/")} == {"activations/block", "activations/model"}
+    assert {t for t in histogram_tags(acc) if t.startswith("activations/")} == {
+        "activations/block",
+        "activations/model",
+    }
     assert read_events(logdir).Histograms("activations/block")[0].histogram_value.num == 5 * 4

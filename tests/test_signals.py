@@ -24,7 +24,7 @@ TRIALS = 50
 EXIT_WITHIN_S = 10.0
 
 SERVER = textwrap.dedent(
-    r'''
+    r"""
     import json, os, random, signal, sys, time
     import torch
     from torch import nn
@@ -117,7 +117,7 @@ SERVER = textwrap.dedent(
             "finished": any(l.startswith("finished") for l in lines),
             "logdir": trial["logdir"],
         }), flush=True)
-    '''
+    """
 )
 
 
@@ -126,17 +126,26 @@ def _trials(tmp_path, signum: int) -> list[dict]:
     trials = []
     for i in range(TRIALS):
         where = "write" if i % 10 == 0 else "transfer" if i % 10 == 5 else "random"
-        trials.append({
-            "signal": int(signum), "where": where, "nth": rng.randint(2, 30), "delay": rng.uniform(0.0, 0.4),
-            "limit": EXIT_WITHIN_S, "logdir": str(tmp_path / f"trial{i}"),
-        })
+        trials.append(
+            {
+                "signal": int(signum),
+                "where": where,
+                "nth": rng.randint(2, 30),
+                "delay": rng.uniform(0.0, 0.4),
+                "limit": EXIT_WITHIN_S,
+                "logdir": str(tmp_path / f"trial{i}"),
+            }
+        )
     return trials
 
 
 def _run(trials: list[dict]) -> list[dict]:
     server = subprocess.run(
-        [sys.executable, "-c", SERVER], input="".join(json.dumps(t) + "\n" for t in trials),
-        capture_output=True, text=True, timeout=len(trials) * (EXIT_WITHIN_S + 2) + 60,
+        [sys.executable, "-c", SERVER],
+        input="".join(json.dumps(t) + "\n" for t in trials),
+        capture_output=True,
+        text=True,
+        timeout=len(trials) * (EXIT_WITHIN_S + 2) + 60,
     )
     assert server.returncode == 0, server.stderr[-2000:]
     results = [json.loads(line) for line in server.stdout.splitlines()]
@@ -164,6 +173,7 @@ def test_a_signal_at_any_moment_loses_no_completed_step(tmp_path, signum):
             continue
         steps = hist_steps(read_events(result["logdir"]), "activations/0")
         assert steps[: len(completed)] == list(range(len(completed))), (
-            f"steps on disk {steps[-3:]} of {len(completed)} completed: {what}")
+            f"steps on disk {steps[-3:]} of {len(completed)} completed: {what}"
+        )
     hit = [r for t, r in zip(trials, results) if t["where"] != "random" and r["completed"]]
     assert hit, "no trial signalled inside the writer or the transfer after a completed step"

@@ -32,8 +32,9 @@ def assert_refused_before_hooks(error: type[BaseException], match: str, **option
 
 @pytest.mark.parametrize("writer", [42, 3.5, b"runs/x", ["runs"], object()])
 def test_a_writer_of_the_wrong_type(writer):
-    error = assert_refused_before_hooks(ConfigTypeError, "writer must be a SummaryWriter .*a log directory path, or None",
-                                        writer=writer)
+    error = assert_refused_before_hooks(
+        ConfigTypeError, "writer must be a SummaryWriter .*a log directory path, or None", writer=writer
+    )
     assert isinstance(error, TypeError) and isinstance(error, ConfigError)
 
 
@@ -72,27 +73,41 @@ def test_writers_and_paths_still_work(tmp_path):
 
 # --------------------------------------------------------------------------- thresholds
 def test_a_threshold_that_is_not_a_number(tmp_path):
-    error = assert_refused_before_hooks(ConfigTypeError, "dead_fraction must be a number, got 'abc'",
-                                        writer=tmp_path, thresholds={"dead_fraction": "abc"})
+    error = assert_refused_before_hooks(
+        ConfigTypeError,
+        "dead_fraction must be a number, got 'abc'",
+        writer=tmp_path,
+        thresholds={"dead_fraction": "abc"},
+    )
     assert isinstance(error, TypeError)
-    assert_refused_before_hooks(ConfigTypeError, "must be a number, got True", writer=tmp_path,
-                                thresholds={"exploding_norm": True})
+    assert_refused_before_hooks(
+        ConfigTypeError, "must be a number, got True", writer=tmp_path, thresholds={"exploding_norm": True}
+    )
 
 
 @pytest.mark.parametrize("value", [math.nan, -0.5, math.inf, -math.inf])
 def test_a_threshold_that_is_nan_or_negative(tmp_path, value):
-    error = assert_refused_before_hooks(ConfigError, rf"vanishing_ratio must be a finite number >= 0, got vanishing_ratio={value!r}",
-                                        writer=tmp_path, thresholds={"vanishing_ratio": value})
+    error = assert_refused_before_hooks(
+        ConfigError,
+        rf"vanishing_ratio must be a finite number >= 0, got vanishing_ratio={value!r}",
+        writer=tmp_path,
+        thresholds={"vanishing_ratio": value},
+    )
     assert not isinstance(error, TypeError)
 
 
 def test_a_hand_built_thresholds_is_checked_too(tmp_path):
     from introspect import Thresholds
 
-    assert_refused_before_hooks(ConfigError, "dead_fraction must be a finite number", writer=tmp_path,
-                                thresholds=Thresholds(dead_fraction=math.nan))
-    assert_refused_before_hooks(ConfigTypeError, "takes a dict or introspect.Thresholds, got list", writer=tmp_path,
-                                thresholds=[0.5])
+    assert_refused_before_hooks(
+        ConfigError,
+        "dead_fraction must be a finite number",
+        writer=tmp_path,
+        thresholds=Thresholds(dead_fraction=math.nan),
+    )
+    assert_refused_before_hooks(
+        ConfigTypeError, "takes a dict or introspect.Thresholds, got list", writer=tmp_path, thresholds=[0.5]
+    )
 
 
 def test_numbers_of_any_real_type_are_taken(tmp_path):

@@ -11,8 +11,7 @@ from click.testing import CliRunner
 from conftest import read_events, scalar_at
 from torch import nn
 
-from introspect import ModelTypeError, SpectralStats
-from introspect import spectral
+from introspect import ModelTypeError, SpectralStats, spectral
 from introspect.analysis.spectral import (
     ALPHA_BAND,
     SCALARS,
@@ -107,7 +106,9 @@ def test_conv_kernel_is_reshaped_to_out_by_in_k_k():
     conv = nn.Conv2d(16, 32, 3)
     (s,) = spectral(nn.Sequential(conv))
     assert s.name == "0.weight" and s.shape == (32, 16, 3, 3) and s.eigenvalues == 32
-    assert s.sigma_max == pytest.approx(float(torch.linalg.svdvals(conv.weight.detach().double().reshape(32, -1))[0]), rel=1e-9)
+    assert s.sigma_max == pytest.approx(
+        float(torch.linalg.svdvals(conv.weight.detach().double().reshape(32, -1))[0]), rel=1e-9
+    )
 
 
 @pytest.mark.parametrize("shape", [(300, 200), (512, 512), (1000, 100), (100, 1000)])
@@ -154,8 +155,13 @@ def test_which_matrices_of_a_module_and_of_a_state_dict():
     model = Mixed()
     names = list(weight_matrices(model))
     assert names == [
-        "conv.weight", "attn.in_proj_weight", "attn.out_proj.weight", "lstm.weight_ih_l0",
-        "lstm.weight_hh_l0", "head.weight", "tied.weight",
+        "conv.weight",
+        "attn.in_proj_weight",
+        "attn.out_proj.weight",
+        "lstm.weight_ih_l0",
+        "lstm.weight_hh_l0",
+        "head.weight",
+        "tied.weight",
     ]  # no embedding, no 1-D tensor, a shared weight once
     from_state = list(weight_matrices(model.state_dict()))
     assert "embed.weight" in from_state and "norm.weight" not in from_state  # a state_dict cannot tell embeddings
@@ -174,7 +180,10 @@ def test_compare_spectral_pairs_by_name():
     b = [matrix_spectrum("x", torch.randn(40, 30) * 2), matrix_spectrum("only_b", torch.randn(40, 30))]
     changes = compare_spectral(a, b)
     assert [(c.name, c.a is not None, c.b is not None) for c in changes] == [
-        ("x", True, True), ("only_a", True, False), ("only_b", False, True)]
+        ("x", True, True),
+        ("only_a", True, False),
+        ("only_b", False, True),
+    ]
     assert changes[0].alpha_change == pytest.approx(b[0].alpha - a[0].alpha)
     assert math.isnan(changes[1].alpha_change)
 

@@ -115,7 +115,9 @@ def test_sample_walks_across_channels():
         assert c == pytest.approx(expected, rel=0.2)
 
 
-@pytest.mark.parametrize("shape", [(10,), (SAMPLE_LIMIT,), (SAMPLE_LIMIT + 1,), (4, 64, 64), (2, 64, 32, 32), (1_000_000,)])
+@pytest.mark.parametrize(
+    "shape", [(10,), (SAMPLE_LIMIT,), (SAMPLE_LIMIT + 1,), (4, 64, 64), (2, 64, 32, 32), (1_000_000,)]
+)
 def test_sample_stride(shape):
     s = sample_stride(shape)
     n = math.prod(shape)

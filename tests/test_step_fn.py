@@ -7,8 +7,7 @@ import torch
 from conftest import QUIET, count_hooks, hist_steps, hook_state, read_events
 from torch import nn
 
-from introspect import ConfigError
-from introspect import watch
+from introspect import ConfigError, watch
 
 
 class Counter:

@@ -14,8 +14,7 @@ from torch.utils.tensorboard import SummaryWriter
 from zoo import SEED_CNN_PARAMS, PackedLSTM, SeedCNN, seed_cnn_batch, seed_cnn_loss
 
 import introspect
-from introspect import IntrospectWarning, ModelTypeError
-from introspect import watch
+from introspect import IntrospectWarning, ModelTypeError, watch
 from introspect.analysis.summary import model_summary, summary_markdown, write_graph
 from introspect.runtime.preserved import preserved_state
 
@@ -114,7 +113,9 @@ def _first_steps(model, steps=2):
     return losses, [p.grad.clone() for p in model.parameters()], torch.get_rng_state()
 
 
-@pytest.mark.parametrize("summary, graph", [(True, False), (False, True), (True, True)], ids=["summary", "graph", "both"])
+@pytest.mark.parametrize(
+    "summary, graph", [(True, False), (False, True), (True, True)], ids=["summary", "graph", "both"]
+)
 def test_first_batch_extras_do_not_change_state(tmp_path, capsys, summary, graph):
     bare = _frozen_bn_net()
     model = copy.deepcopy(bare)
@@ -202,7 +203,9 @@ def _first(out):
     ],
     ids=["str-output", "set-output", "refuses-tracing"],
 )
-def test_untraceable_model_gets_a_module_graph_one_warning_and_training_goes_on(tmp_path, capsys, model_cls, summary, call):
+def test_untraceable_model_gets_a_module_graph_one_warning_and_training_goes_on(
+    tmp_path, capsys, model_cls, summary, call
+):
     torch.manual_seed(0)
     model = model_cls()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -358,10 +361,10 @@ def test_write_graph_that_cannot_be_written_is_one_warning_and_false():
         assert write_graph(GraphlessWriter(), model, (torch.randn(1, 4),)) is False
     found = introspect_warnings(record)
     assert len(found) == 1
-    assert found[0].startswith("introspect: graph not written: tracing StrOutput failed (NotImplementedError: no graphs here)")
+    assert found[0].startswith(
+        "introspect: graph not written: tracing StrOutput failed (NotImplementedError: no graphs here)"
+    )
     assert "GraphlessWriter has no file writer" in found[0]
-
-
 
 
 # --------------------------------------------------------------------------- torchinfo's numbers put right
@@ -406,7 +409,10 @@ def test_a_packed_sequence_input_is_summarized(root):
 def test_what_torchinfo_cannot_size_is_a_clear_error_and_the_models_own_error_is_untouched():
     from introspect import IntrospectError
 
-    with pytest.raises(IntrospectError, match=r"^torchinfo cannot summarize SetOutput on these inputs: TypeError: Model contains a layer with an unsupported"):
+    with pytest.raises(
+        IntrospectError,
+        match=r"^torchinfo cannot summarize SetOutput on these inputs: TypeError: Model contains a layer with an unsupported",
+    ):
         introspect.summary(SetOutput(), torch.randn(2, 4))
 
     class Raises(nn.Module):

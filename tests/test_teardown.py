@@ -13,8 +13,7 @@ import torch
 from conftest import QUIET, hist_steps, hook_state, read_events
 from torch import nn
 
-from introspect import ConfigError, ConfigTypeError, IntrospectWarning
-from introspect import watch
+from introspect import ConfigError, ConfigTypeError, IntrospectWarning, watch
 from introspect.runtime.registry import ACTIVE, Registry
 
 
@@ -181,7 +180,7 @@ def test_signal_handlers_are_restored_on_every_exit_path(tmp_path):
     assert {s: signal.getsignal(s) for s in previous} == previous
     with pytest.raises(ZeroDivisionError):
         with watch(model, tmp_path / "b", **QUIET):
-            1 / 0
+            _ = 1 / 0
     assert {s: signal.getsignal(s) for s in previous} == previous
     w = watch(model, tmp_path / "c", **QUIET)
     w.close()

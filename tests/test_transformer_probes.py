@@ -18,16 +18,29 @@ from tests.conftest import read_events
 
 transformers = pytest.importorskip("transformers")
 
-KINDS = {"attention_entropy_collapse", "attention_logit_growth", "massive_activation", "logit_divergence",
-         "grad_norm_spike"}
+KINDS = {
+    "attention_entropy_collapse",
+    "attention_logit_growth",
+    "massive_activation",
+    "logit_divergence",
+    "grad_norm_spike",
+}
 VOCAB, SEQ, BATCH = 50, 16, 4
 
 
 def gpt2() -> nn.Module:
     # initializer_range 0.05: at GPT-2's default 0.02 a fresh model's attention logits are ~0.05,
     # and even ×900 (q and k ×30) leaves them ~45, unlike those of a trained model.
-    config = transformers.GPT2Config(n_layer=2, n_head=2, n_embd=32, vocab_size=VOCAB, n_positions=SEQ,
-                                     initializer_range=0.05, bos_token_id=0, eos_token_id=0)
+    config = transformers.GPT2Config(
+        n_layer=2,
+        n_head=2,
+        n_embd=32,
+        vocab_size=VOCAB,
+        n_positions=SEQ,
+        initializer_range=0.05,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
     return transformers.GPT2LMHeadModel(config)
 
 
@@ -137,8 +150,13 @@ def test_per_head_histograms_match_the_mean_scalars(name, tmp_path):
 
 def test_thresholds_move_the_attention_findings(tmp_path):
     torch.manual_seed(0)
-    w = train(Encoder(), tmp_path, 12, on_step=lambda step, m, o: step == 6 and scale_qk(m, 30.0),
-              thresholds={"attention_max_logit": 1e9, "attention_entropy_floor": 0.0})
+    w = train(
+        Encoder(),
+        tmp_path,
+        12,
+        on_step=lambda step, m, o: step == 6 and scale_qk(m, 30.0),
+        thresholds={"attention_max_logit": 1e9, "attention_entropy_floor": 0.0},
+    )
     assert not found(w)
 
 
@@ -338,8 +356,21 @@ def test_mha_static_key_replaces_the_projection(softmax_inputs):
     torch.manual_seed(0)
     mha = nn.MultiheadAttention(16, 4)
     x, static = torch.randn(10, 3, 16), torch.randn(3 * 4, 7, 4) * 3
-    args = (x, x, x, 16, 4, mha.in_proj_weight, mha.in_proj_bias, None, None, True, 0.0,
-            mha.out_proj.weight, mha.out_proj.bias)
+    args = (
+        x,
+        x,
+        x,
+        16,
+        4,
+        mha.in_proj_weight,
+        mha.in_proj_bias,
+        None,
+        None,
+        True,
+        0.0,
+        mha.out_proj.weight,
+        mha.out_proj.bias,
+    )
     kwargs = dict(static_k=static, static_v=static, need_weights=True, average_attn_weights=False)
     _, weights = F.multi_head_attention_forward(*args, **kwargs)
     max_logit, entropy = mha_stats(args, kwargs)

@@ -36,18 +36,30 @@ from introspect.integrations.transformers import IntrospectCallback
 pytestmark = pytest.mark.slow  # each Trainer run takes a few seconds on a 2-core CPU
 
 CONTRACT = {
-    "activations/bert.embeddings.LayerNorm", "activations/bert.encoder.layer.0.output.dense", "activations/classifier",
-    "activation_grads/classifier", "activation_grads/bert.encoder.layer.0.attention.self.query",
-    "weights/classifier.weight", "weights/bert.embeddings.word_embeddings.weight",
-    "grads/classifier.weight", "grads/bert.encoder.layer.0.output.dense.weight",
+    "activations/bert.embeddings.LayerNorm",
+    "activations/bert.encoder.layer.0.output.dense",
+    "activations/classifier",
+    "activation_grads/classifier",
+    "activation_grads/bert.encoder.layer.0.attention.self.query",
+    "weights/classifier.weight",
+    "weights/bert.embeddings.word_embeddings.weight",
+    "grads/classifier.weight",
+    "grads/bert.encoder.layer.0.output.dense.weight",
     "grad_norm/classifier.weight",
 }
 
 
 def tiny_bert() -> BertForSequenceClassification:
     torch.manual_seed(0)
-    config = BertConfig(vocab_size=32, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                        intermediate_size=32, max_position_embeddings=16, num_labels=2)
+    config = BertConfig(
+        vocab_size=32,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=16,
+        num_labels=2,
+    )
     return BertForSequenceClassification(config)
 
 
@@ -78,9 +90,17 @@ class RecordSteps(TrainerCallback):
 
 
 def _args(tmp_path: Path, **kwargs) -> TrainingArguments:
-    options = dict(output_dir=str(tmp_path / "out"), max_steps=4, per_device_train_batch_size=4,
-                   report_to="none", use_cpu=True, logging_steps=1, save_strategy="no",
-                   disable_tqdm=True, learning_rate=1e-3)
+    options = dict(
+        output_dir=str(tmp_path / "out"),
+        max_steps=4,
+        per_device_train_batch_size=4,
+        report_to="none",
+        use_cpu=True,
+        logging_steps=1,
+        save_strategy="no",
+        disable_tqdm=True,
+        learning_rate=1e-3,
+    )
     options.update(kwargs)
     return TrainingArguments(**options)
 
@@ -126,8 +146,9 @@ def test_hooks_removed_when_train_raises_inside_with(tmp_path):
     before = count_hooks(hook_state(model))
     with pytest.raises(RuntimeError, match="failed on purpose"):
         with IntrospectCallback(every=1, summary=False) as callback:
-            trainer = Trainer(model=model, args=_args(tmp_path), train_dataset=Tokens(),
-                              callbacks=[callback, RaiseAt(2)])
+            trainer = Trainer(
+                model=model, args=_args(tmp_path), train_dataset=Tokens(), callbacks=[callback, RaiseAt(2)]
+            )
             trainer.train()
     assert count_hooks(hook_state(model)) == before
     run = tmp_path / "out" / "runs"

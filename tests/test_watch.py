@@ -1147,7 +1147,9 @@ class RecordingWriter:
         self.texts: list[tuple[str, str, int]] = []
         self.flushed = 0
 
-    def add_histogram_raw(self, tag, min, max, num, sum, sum_squares, bucket_limits, bucket_counts, global_step=None, **kw):
+    def add_histogram_raw(
+        self, tag, min, max, num, sum, sum_squares, bucket_limits, bucket_counts, global_step=None, **kw
+    ):
         assert (tag, global_step) not in self.histograms, (tag, global_step)
         self.histograms[(tag, global_step)] = dict(min=min, max=max, num=num, counts=list(bucket_counts))
 

@@ -110,7 +110,10 @@ class Divergence:
     def summary(self) -> str:
         """One or two lines naming the first divergence and what came before it."""
         lines = []
-        for phase, diffs, first in (("forward", self.forward, self.first), ("backward", self.backward, self.first_backward)):
+        for phase, diffs, first in (
+            ("forward", self.forward, self.first),
+            ("backward", self.backward, self.first_backward),
+        ):
             if not diffs:
                 continue
             what = "output" if phase == "forward" else "gradient"
@@ -140,14 +143,25 @@ class Divergence:
         """Every compared output, one row each, with the first divergence marked."""
         first = {id(self.first), id(self.first_backward)}
         rows = [
-            [str(d.index), d.phase, d.module, d.module_type, str(list(d.shape_a)), "yes" if d.exact else "no",
-             d.max_abs, d.max_rel, "—" if math.isnan(d.cosine) else f"{d.cosine:.6f}",
-             ("<- FIRST DIVERGENCE" if id(d) in first else "diverged" if d.diverged else "") + (f" ({d.note})" if d.note else "")]
+            [
+                str(d.index),
+                d.phase,
+                d.module,
+                d.module_type,
+                str(list(d.shape_a)),
+                "yes" if d.exact else "no",
+                d.max_abs,
+                d.max_rel,
+                "—" if math.isnan(d.cosine) else f"{d.cosine:.6f}",
+                ("<- FIRST DIVERGENCE" if id(d) in first else "diverged" if d.diverged else "")
+                + (f" ({d.note})" if d.note else ""),
+            ]
             for d in self.forward + self.backward
         ]
         return format_table(
             ["#", "phase", "module", "type", "shape", "exact", "max |a-b|", "max rel", "cosine", ""],
-            rows, right=[True, False, False, False, False, False, True, True, True, False],
+            rows,
+            right=[True, False, False, False, False, False, True, True, True, False],
         )
 
     def image(self) -> np.ndarray:
@@ -242,6 +256,7 @@ def _check_names(a: nn.Module, b: nn.Module) -> None:
     missing = [n for n in names_a if n not in set_b]
     extra = [n for n in names_b if n not in set_a]
     if missing or extra:
+
         def shown(names: list[str]) -> str:
             return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "") if names else "none"
 
@@ -340,15 +355,30 @@ def _compare(a: _Run, b: _Run, phase: str, rtol: float, atol: float) -> tuple[li
     return diffs, [k for k in seen_a if k not in seen_b], [k for k in seen_b if k not in seen_a]
 
 
-def _diff(index: int, key: str, module_type: str, phase: str, a: torch.Tensor, b: torch.Tensor, rtol: float, atol: float) -> ModuleDiff:
+def _diff(
+    index: int, key: str, module_type: str, phase: str, a: torch.Tensor, b: torch.Tensor, rtol: float, atol: float
+) -> ModuleDiff:
     """The fingerprint of one pair: equality, max abs/rel difference, cosine."""
     common = dict(
-        index=index, module=key, module_type=module_type, phase=phase, shape_a=tuple(a.shape),
-        shape_b=tuple(b.shape), dtype_a=str(a.dtype).replace("torch.", ""), dtype_b=str(b.dtype).replace("torch.", ""),
+        index=index,
+        module=key,
+        module_type=module_type,
+        phase=phase,
+        shape_a=tuple(a.shape),
+        shape_b=tuple(b.shape),
+        dtype_a=str(a.dtype).replace("torch.", ""),
+        dtype_b=str(b.dtype).replace("torch.", ""),
     )
     if a.shape != b.shape:
-        return ModuleDiff(**common, exact=False, max_abs=math.inf, max_rel=math.inf, cosine=math.nan, diverged=True,
-                          note=f"shape {list(a.shape)} in A, {list(b.shape)} in B")
+        return ModuleDiff(
+            **common,
+            exact=False,
+            max_abs=math.inf,
+            max_rel=math.inf,
+            cosine=math.nan,
+            diverged=True,
+            note=f"shape {list(a.shape)} in A, {list(b.shape)} in B",
+        )
     wide = torch.float32 if a.device.type == "mps" else torch.float64  # mps has no float64
     x, y = a.to(wide), b.to(a.device, wide)
     nan_x, nan_y = torch.isnan(x), torch.isnan(y)
@@ -373,4 +403,6 @@ def _diff(index: int, key: str, module_type: str, phase: str, a: torch.Tensor, b
         max_abs = max_rel = math.inf
         note = ", ".join(filter(None, [note, "NaN/Inf in one model only"]))
     diverged = not exact and (nonfinite_mismatch or max_abs > atol + rtol * scale)
-    return ModuleDiff(**common, exact=exact, max_abs=max_abs, max_rel=max_rel, cosine=cosine, diverged=diverged, note=note)
+    return ModuleDiff(
+        **common, exact=exact, max_abs=max_abs, max_rel=max_rel, cosine=cosine, diverged=diverged, note=note
+    )

@@ -88,11 +88,14 @@ class DataReport:
         count = len(self.alerts)
         head = (
             f"introspect: {count} finding{'s' if count != 1 else ''} in {scanned} images ({shape}, {self.dtype})"
-            if count else f"introspect: no problems found in {scanned} images ({shape}, {self.dtype})."
+            if count
+            else f"introspect: no problems found in {scanned} images ({shape}, {self.dtype})."
         )
         lines = [head]
         if self.alerts:
-            lines.append(format_table(("finding", "where", "details"), [(a.kind, a.where, a.message) for a in self.alerts]))
+            lines.append(
+                format_table(("finding", "where", "details"), [(a.kind, a.where, a.message) for a in self.alerts])
+            )
         if self.channels:
             lines.append("")
             lines.append(format_table(CHANNEL_COLUMNS, _channel_rows(self.channels)))
@@ -196,29 +199,41 @@ class _Scan:
         found = []
         if self.unreadable:
             indices = [i for i, _ in self.unreadable]
-            found.append(Alert(
-                "data_unreadable", prefix + _where(indices), step,
-                f"{len(indices)} of {n + len(indices)} samples could not be loaded "
-                f"(sample {self.unreadable[0][0]}: {self.unreadable[0][1]})",
-                {"samples": float(len(indices))},
-            ))
+            found.append(
+                Alert(
+                    "data_unreadable",
+                    prefix + _where(indices),
+                    step,
+                    f"{len(indices)} of {n + len(indices)} samples could not be loaded "
+                    f"(sample {self.unreadable[0][0]}: {self.unreadable[0][1]})",
+                    {"samples": float(len(indices))},
+                )
+            )
         if self.nonfinite:
-            found.append(Alert(
-                "data_nonfinite", prefix + _where(self.nonfinite), step,
-                f"{len(self.nonfinite)} of {n} images hold NaN or Inf values; one in a batch makes the "
-                "loss and every gradient NaN",
-                {"samples": float(len(self.nonfinite))},
-            ))
+            found.append(
+                Alert(
+                    "data_nonfinite",
+                    prefix + _where(self.nonfinite),
+                    step,
+                    f"{len(self.nonfinite)} of {n} images hold NaN or Inf values; one in a batch makes the "
+                    "loss and every gradient NaN",
+                    {"samples": float(len(self.nonfinite))},
+                )
+            )
         if self.constant:
             indices = [i for i, _ in self.constant]
             black = sum(1 for _, v in self.constant if v == 0.0)
             what = f", {black} of them all black" if black else ""
-            found.append(Alert(
-                "data_constant", prefix + _where(indices), step,
-                f"{len(indices)} of {n} images are constant (every pixel the same value{what}): "
-                "empty or failed loads, padding, or a broken transform",
-                {"samples": float(len(indices)), "black": float(black)},
-            ))
+            found.append(
+                Alert(
+                    "data_constant",
+                    prefix + _where(indices),
+                    step,
+                    f"{len(indices)} of {n} images are constant (every pixel the same value{what}): "
+                    "empty or failed loads, padding, or a broken transform",
+                    {"samples": float(len(indices)), "black": float(black)},
+                )
+            )
         if self.out_of_range:
             indices = [i for i, _, _ in self.out_of_range]
             lo = min(v for _, v, _ in self.out_of_range)
@@ -235,14 +250,20 @@ class _Scan:
                     f"{len(indices)} of {n} images have values outside the expected range "
                     f"[{low:g}, {high:g}] (seen [{lo:.4g}, {hi:.4g}])"
                 )
-            found.append(Alert(
-                "data_range", prefix + _where(indices), step, message,
-                {"samples": float(len(indices)), "min": lo, "max": hi},
-            ))
+            found.append(
+                Alert(
+                    "data_range",
+                    prefix + _where(indices),
+                    step,
+                    message,
+                    {"samples": float(len(indices)), "min": lo, "max": hi},
+                )
+            )
         if self.duplicates:
             copy, original = self.duplicates[0]
             conflicting = sum(
-                1 for c, o in self.duplicates
+                1
+                for c, o in self.duplicates
                 if c in self.labels and o in self.labels and self.labels[c] != self.labels[o]
             )
             message = (
@@ -251,10 +272,15 @@ class _Scan:
             )
             if conflicting:
                 message += f"; {conflicting} of them with a different label than the original"
-            found.append(Alert(
-                "data_duplicates", prefix + _where([c for c, _ in self.duplicates]), step, message,
-                {"samples": float(len(self.duplicates)), "conflicting_labels": float(conflicting)},
-            ))
+            found.append(
+                Alert(
+                    "data_duplicates",
+                    prefix + _where([c for c, _ in self.duplicates]),
+                    step,
+                    message,
+                    {"samples": float(len(self.duplicates)), "conflicting_labels": float(conflicting)},
+                )
+            )
         return found
 
 
@@ -271,9 +297,7 @@ def _where(indices: Sequence[int]) -> str:
     return f"sample{'s' if len(indices) > 1 else ''} {shown}{more}"
 
 
-def _label_alerts(
-    counts: Mapping[int, int], names: Sequence[str] | None, ratio: float, step: int
-) -> list[Alert]:
+def _label_alerts(counts: Mapping[int, int], names: Sequence[str] | None, ratio: float, step: int) -> list[Alert]:
     """Labels outside the class range, and heavy class imbalance."""
     found = []
     n_classes = len(names) if names else None
@@ -282,29 +306,41 @@ def _label_alerts(
         if bad:
             total = sum(bad.values())
             seen = ", ".join(str(v) for v in sorted(bad)[:SHOWN_INDICES])
-            found.append(Alert(
-                "data_labels", "labels", step,
-                f"{total} label{' is' if total == 1 else 's are'} outside the class range 0..{n_classes - 1} (seen {seen}); "
-                "cross-entropy fails on them, or trains on a class that does not exist",
-                {"samples": float(total), "classes": float(n_classes)},
-            ))
+            found.append(
+                Alert(
+                    "data_labels",
+                    "labels",
+                    step,
+                    f"{total} label{' is' if total == 1 else 's are'} outside the class range 0..{n_classes - 1} (seen {seen}); "
+                    "cross-entropy fails on them, or trains on a class that does not exist",
+                    {"samples": float(total), "classes": float(n_classes)},
+                )
+            )
     per_class = _class_counts(counts, names)
     if len(per_class) >= 2:
         (big, most), (small, fewest) = max(per_class, key=lambda kv: kv[1]), min(per_class, key=lambda kv: kv[1])
         if fewest == 0:
-            found.append(Alert(
-                "data_imbalance", f"class {small}", step,
-                f"class {small} has no samples (class {big} has {most})",
-                {"max_count": float(most), "min_count": 0.0},
-            ))
+            found.append(
+                Alert(
+                    "data_imbalance",
+                    f"class {small}",
+                    step,
+                    f"class {small} has no samples (class {big} has {most})",
+                    {"max_count": float(most), "min_count": 0.0},
+                )
+            )
         elif most / fewest >= ratio:
-            found.append(Alert(
-                "data_imbalance", f"class {small}", step,
-                f"class {big} has {most / fewest:.1f}x as many samples as class {small} ({most} vs "
-                f"{fewest}): a model can score {most / sum(c for _, c in per_class):.0%} by always "
-                "answering the largest class; weight the loss or resample",
-                {"max_count": float(most), "min_count": float(fewest), "ratio": most / fewest},
-            ))
+            found.append(
+                Alert(
+                    "data_imbalance",
+                    f"class {small}",
+                    step,
+                    f"class {big} has {most / fewest:.1f}x as many samples as class {small} ({most} vs "
+                    f"{fewest}): a model can score {most / sum(c for _, c in per_class):.0%} by always "
+                    "answering the largest class; weight the loss or resample",
+                    {"max_count": float(most), "min_count": float(fewest), "ratio": most / fewest},
+                )
+            )
     return found
 
 
@@ -358,8 +394,14 @@ def _image_tree() -> type:
                 raise FileNotFoundError(f"Couldn't find any class folder in {directory}.")
             return classes, {name: i for i, name in enumerate(classes)}
 
-        def make_dataset(self, directory: str, class_to_idx: dict[str, int], extensions: Any = None,
-                         is_valid_file: Any = None, allow_empty: bool = False) -> list[tuple[str, int]]:
+        def make_dataset(
+            self,
+            directory: str,
+            class_to_idx: dict[str, int],
+            extensions: Any = None,
+            is_valid_file: Any = None,
+            allow_empty: bool = False,
+        ) -> list[tuple[str, int]]:
             samples = [
                 (str(file), index)
                 for name, index in sorted(class_to_idx.items())
@@ -482,6 +524,7 @@ def _samples(data: Any, max_samples: int) -> tuple[Iterator[Sample], int | None,
 
         return from_loader(), total, min(total, max_samples) if total is not None else max_samples
     if isinstance(data, IterableDataset):
+
         def from_stream() -> Iterator[Sample]:
             for i, item in zip(range(max_samples), data):
                 image, label = _split_item(item)

@@ -66,11 +66,19 @@ class StatSpec:
 
 
 STATS: dict[str, StatSpec] = {
-    "grad_rms": StatSpec("grad_rms", "log10 RMS gradient w.r.t. the module's output", "log10 RMS gradient", True, "viridis"),
+    "grad_rms": StatSpec(
+        "grad_rms", "log10 RMS gradient w.r.t. the module's output", "log10 RMS gradient", True, "viridis"
+    ),
     "activation_std": StatSpec("activation_std", "log10 std of the module's output", "log10 std", True, "cividis"),
-    "dead_fraction": StatSpec("dead_fraction", "share of dead units (ReLU)", "share of dead units", False, "magma_r", (0.0, 1.0)),
-    "update_ratio": StatSpec("update_ratio", "log10 update/weight ratio of the module's weight", "log10 |update| / |weight|", True, "plasma"),
-    "nonfinite": StatSpec("nonfinite", "NaN/Inf values in the output and its gradient", "log10(1 + NaN/Inf count)", False, "Reds"),
+    "dead_fraction": StatSpec(
+        "dead_fraction", "share of dead units (ReLU)", "share of dead units", False, "magma_r", (0.0, 1.0)
+    ),
+    "update_ratio": StatSpec(
+        "update_ratio", "log10 update/weight ratio of the module's weight", "log10 |update| / |weight|", True, "plasma"
+    ),
+    "nonfinite": StatSpec(
+        "nonfinite", "NaN/Inf values in the output and its gradient", "log10(1 + NaN/Inf count)", False, "Reds"
+    ),
 }
 """Every statistic a health map can show, in the order ``introspect map`` draws them."""
 
@@ -183,11 +191,22 @@ class HealthMap:
                 shown = raw
         note = ""
         if spec.name == "dead_fraction" and self.offline:
-            note = ("from event files: 1 where every logged output value was 0; a partial dead fraction is "
-                    "measured live only (the run's findings are outlined)")
+            note = (
+                "from event files: 1 where every logged output value was 0; a partial dead fraction is "
+                "measured live only (the run's findings are outlined)"
+            )
         return health_map_image(
-            rows=self.rows, steps=self.steps, values=shown, marks=self.marks(), title=spec.label, unit=spec.unit,
-            cmap=spec.cmap, limits=spec.limits, zero_colour=spec.log, findings=self.findings, note=note,
+            rows=self.rows,
+            steps=self.steps,
+            values=shown,
+            marks=self.marks(),
+            title=spec.label,
+            unit=spec.unit,
+            cmap=spec.cmap,
+            limits=spec.limits,
+            zero_colour=spec.log,
+            findings=self.findings,
+            note=note,
         )
 
     def write(self, writer: Any, step: int, stats: Iterable[str] | None = None) -> list[str]:
@@ -303,7 +322,9 @@ def find_run(rundir: str | os.PathLike) -> Path:
     if root in runs:
         return root
     if len(runs) > 1:
-        shown = ", ".join(str(r.relative_to(root)) for r in runs[:6]) + (f" and {len(runs) - 6} more" if len(runs) > 6 else "")
+        shown = ", ".join(str(r.relative_to(root)) for r in runs[:6]) + (
+            f" and {len(runs) - 6} more" if len(runs) > 6 else ""
+        )
         raise LoadError(f"{root} holds {len(runs)} runs ({shown}); give one of them")
     return runs[0]
 
@@ -384,4 +405,3 @@ def read_alerts(acc: Any) -> list[Alert]:
             step, kind, phase, where, message = match.groups()
             alerts.append(Alert(kind, where, int(step), message, phase=phase or ""))
     return alerts
-

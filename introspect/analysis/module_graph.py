@@ -36,7 +36,12 @@ from ..runtime.preserved import preserved_state
 from ..runtime.tensors import named_tensors
 
 __all__ = [
-    "MAX_CALLS", "ModuleCall", "ModuleGraph", "record_module_graph", "graph_def", "write_module_graph",
+    "MAX_CALLS",
+    "ModuleCall",
+    "ModuleGraph",
+    "record_module_graph",
+    "graph_def",
+    "write_module_graph",
 ]
 
 MAX_CALLS = 5000
@@ -82,7 +87,9 @@ class ModuleGraph:
 
 
 # --------------------------------------------------------------------------- recording
-def record_module_graph(model: nn.Module, args: Sequence[Any] = (), kwargs: Mapping[str, Any] | None = None) -> ModuleGraph:
+def record_module_graph(
+    model: nn.Module, args: Sequence[Any] = (), kwargs: Mapping[str, Any] | None = None
+) -> ModuleGraph:
     """Run ``model(*args, **kwargs)`` once under temporary hooks and return what they saw.
 
     Runs in the model's own train/eval mode inside ``preserved_state``; every hook is removed,
@@ -232,15 +239,15 @@ def graph_def(graph: ModuleGraph) -> tuple[Any, Any]:
             reader = _own_code_reader(graph.calls, call.parent, (i, k)) if (i, k) not in read else None
             if reader is not None:
                 inputs[reader].append(source((i, k)))
-    nodes = [
-        _node(f"input/{name}", "IO Node", [], [shape], dtype) for name, shape, dtype in graph.inputs
-    ]
+    nodes = [_node(f"input/{name}", "IO Node", [], [shape], dtype) for name, shape, dtype in graph.inputs]
     for i, call in enumerate(graph.calls):
         if call.name in scopes and not call.outputs:
             continue  # a container whose own code made nothing: its box is enough
         nodes.append(_node(names[i], call.module_type, inputs[i], call.outputs, call.extra))
     shapes = _output_shapes(graph)
-    nodes += [_node(f"output/{name}", "IO Node", [source(ref)], [shapes.get(ref, [])], "") for name, ref in graph.outputs]
+    nodes += [
+        _node(f"output/{name}", "IO Node", [source(ref)], [shapes.get(ref, [])], "") for name, ref in graph.outputs
+    ]
     stats = RunMetadata(step_stats=StepStats(dev_stats=[DeviceStepStats(device="/device:CPU:0")]))
     return GraphDef(node=nodes, versions=VersionDef(producer=22)), stats
 
@@ -277,9 +284,11 @@ def _node(name: str, op: str, inputs: list[str], shapes: list[list[int]], attr: 
     from tensorboard.compat.proto.tensor_shape_pb2 import TensorShapeProto
 
     attrs = {
-        "_output_shapes": AttrValue(list=AttrValue.ListValue(shape=[
-            TensorShapeProto(dim=[TensorShapeProto.Dim(size=d) for d in shape]) for shape in shapes
-        ]))
+        "_output_shapes": AttrValue(
+            list=AttrValue.ListValue(
+                shape=[TensorShapeProto(dim=[TensorShapeProto.Dim(size=d) for d in shape]) for shape in shapes]
+            )
+        )
     }
     if attr:
         attrs["attr"] = AttrValue(s=attr.encode("utf-8"))
@@ -287,7 +296,9 @@ def _node(name: str, op: str, inputs: list[str], shapes: list[list[int]], attr: 
 
 
 # --------------------------------------------------------------------------- writing
-def write_module_graph(writer: Any, model: nn.Module, args: Sequence[Any] = (), kwargs: Mapping[str, Any] | None = None) -> ModuleGraph:
+def write_module_graph(
+    writer: Any, model: nn.Module, args: Sequence[Any] = (), kwargs: Mapping[str, Any] | None = None
+) -> ModuleGraph:
     """Record ``model`` on these inputs and write its module-level graph into ``writer``.
 
     Raises ``TypeError`` when the writer has no file writer to take a ``GraphDef`` (it is not a

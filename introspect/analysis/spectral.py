@@ -158,7 +158,8 @@ def weight_matrices(model_or_state_dict: nn.Module | Mapping[str, torch.Tensor])
         return found
     if isinstance(model_or_state_dict, Mapping):
         return {
-            str(k): v.detach() for k, v in model_or_state_dict.items()
+            str(k): v.detach()
+            for k, v in model_or_state_dict.items()
             if isinstance(v, torch.Tensor) and v.is_floating_point() and v.dim() >= 2
         }
     raise ModelTypeError(
@@ -313,13 +314,22 @@ def _fixed(value: float, digits: int = 2) -> str:
 def format_spectral(stats: Sequence[SpectralStats]) -> str:
     """The terminal table, then one line counting the layers outside WeightWatcher's band."""
     rows = [
-        [s.name, "x".join(map(str, (s.shape[0], math.prod(s.shape[1:])))), s.sigma_max, s.stable_rank,
-         _fixed(s.alpha), str(s.tail), str(s.mp_outliers), s.warning]
+        [
+            s.name,
+            "x".join(map(str, (s.shape[0], math.prod(s.shape[1:])))),
+            s.sigma_max,
+            s.stable_rank,
+            _fixed(s.alpha),
+            str(s.tail),
+            str(s.mp_outliers),
+            s.warning,
+        ]
         for s in stats
     ]
     table = format_table(
         ["name", "matrix", "sigma_max", "stable rank", "alpha", "tail", "MP outliers", "warning"],
-        rows, right=[False, False, True, True, True, True, True, False],
+        rows,
+        right=[False, False, True, True, True, True, True, False],
     )
     fitted = [s for s in stats if not math.isnan(s.alpha)]
     flagged = [s for s in fitted if s.warning]
@@ -341,13 +351,29 @@ def format_spectral_changes(changes: Sequence[SpectralChange]) -> str:
     rows = []
     for c in changes:
         note = "only in A" if c.b is None else "only in B" if c.a is None else c.b.warning
-        rows.append([
-            c.name, pair(lambda s: s.alpha, c), _fixed(c.alpha_change), pair(lambda s: s.stable_rank, c),
-            pair(lambda s: s.sigma_max, c, 3), pair(lambda s: float(s.mp_outliers), c, 0), note,
-        ])
+        rows.append(
+            [
+                c.name,
+                pair(lambda s: s.alpha, c),
+                _fixed(c.alpha_change),
+                pair(lambda s: s.stable_rank, c),
+                pair(lambda s: s.sigma_max, c, 3),
+                pair(lambda s: float(s.mp_outliers), c, 0),
+                note,
+            ]
+        )
     table = format_table(
-        ["name", "alpha A -> B", "change", "stable rank A -> B", "sigma_max A -> B", "MP outliers A -> B", "warning in B"],
-        rows, right=[False, True, True, True, True, True, False],
+        [
+            "name",
+            "alpha A -> B",
+            "change",
+            "stable rank A -> B",
+            "sigma_max A -> B",
+            "MP outliers A -> B",
+            "warning in B",
+        ],
+        rows,
+        right=[False, True, True, True, True, True, False],
     )
     moved = [c for c in changes if not math.isnan(c.alpha_change)]
     line = f"{len(changes)} matrices, {len(moved)} with an alpha fit in both"
@@ -360,7 +386,5 @@ def format_spectral_changes(changes: Sequence[SpectralChange]) -> str:
 def write_spectral_scalars(writer: Any, stats: Sequence[SpectralStats], step: int = 0) -> None:
     """``spectral/{alpha,stable_rank,sigma_max,mp_outliers}/{param}`` at ``step``, as one event
     (an undefined α is left out, as TensorBoard draws no NaN)."""
-    scalars = {
-        tag("spectral", f"{key}/{s.name}"): float(getattr(s, key)) for s in stats for key in SCALARS
-    }
+    scalars = {tag("spectral", f"{key}/{s.name}"): float(getattr(s, key)) for s in stats for key in SCALARS}
     write_step(writer, HostStep(step=step, histograms={}, scalars=scalars, measures={}))

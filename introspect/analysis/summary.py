@@ -29,14 +29,10 @@ from ..errors import (
 )
 from ..runtime.preserved import preserved_state
 
-__all__ = ["preserved_state", "cuda_devices", "model_summary", "summary", "write_graph", "summary_markdown"]
+__all__ = ["model_summary", "summary", "write_graph", "summary_markdown"]
 
 SUMMARY_COLUMNS = ("input_size", "output_size", "num_params", "trainable")
 _TRACE_LOCK = threading.Lock()
-
-
-
-
 
 
 def model_summary(
@@ -72,10 +68,11 @@ def model_summary(
         # torchinfo wraps whatever its forward raised in "Failed to run torchinfo ..."
         cause = e.__cause__ if isinstance(e.__cause__, Exception) and "torchinfo" in str(e) else e
         if not _raised_by(cause, torchinfo):
-            raise cause  # the model's own error, untouched
+            raise cause  # noqa: B904  (the model's own error, untouched: no __cause__ added)
         raise IntrospectError(
             f"torchinfo cannot summarize {type(model).__name__} on these inputs: "
-            f"{type(cause).__name__}: {first_line(cause)[:300]}") from cause
+            f"{type(cause).__name__}: {first_line(cause)[:300]}"
+        ) from cause
     # torchinfo keeps every summary in a module-level dict keyed by class name, which would keep
     # the model alive after the run; drop our entry.
     cache = getattr(getattr(torchinfo, "torchinfo", None), "_cached_forward_pass", None)
@@ -129,6 +126,7 @@ def _packed_inputs_passed_through(
     def unwrap_hook(module: nn.Module, hook_args: tuple, hook_kwargs: dict) -> tuple[tuple, dict]:
         def unwrap(v: Any) -> Any:
             return v.value if isinstance(v, _Opaque) else v
+
         return tuple(unwrap(v) for v in hook_args), {k: unwrap(v) for k, v in hook_kwargs.items()}
 
     handle = model.register_forward_pre_hook(unwrap_hook, with_kwargs=True, prepend=True)
@@ -172,8 +170,11 @@ def write_graph(writer: Any, model: nn.Module, args: Sequence[Any], kwargs: dict
     kwargs = dict(kwargs or {})
     name = type(model).__name__
     try:
-        _trace_graph(writer, KeywordCall(model, len(args), kwargs) if kwargs else model,
-                     (*args, *KeywordCall.traced_values(kwargs)))
+        _trace_graph(
+            writer,
+            KeywordCall(model, len(args), kwargs) if kwargs else model,
+            (*args, *KeywordCall.traced_values(kwargs)),
+        )
         return True
     except Exception as e:  # tracing fails on data-dependent control flow, odd outputs, ...
         why = f"tracing {name} failed ({type(e).__name__}: {_gist(e)})"
@@ -183,13 +184,16 @@ def write_graph(writer: Any, model: nn.Module, args: Sequence[Any], kwargs: dict
         warn(
             f"introspect: graph not written: {why}, and so did recording its module calls "
             f"({type(e).__name__}: {_gist(e)}); training goes on. Pass graph=False to skip it.",
-            IntrospectWarning)
+            IntrospectWarning,
+        )
         return False
     left_out = f" (the first {len(graph.calls)} module calls)" if graph.truncated else ""
     warn(
         f"introspect: module-level graph written{left_out}: modules, which one's output fed which, "
         f"and shapes, from hooks on one forward; {why}, so there are no operator nodes. Pass "
-        "graph=False to skip it.", IntrospectWarning)
+        "graph=False to skip it.",
+        IntrospectWarning,
+    )
     return True
 
 

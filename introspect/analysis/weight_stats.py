@@ -67,24 +67,25 @@ def weight_stats(weights: Mapping[str, torch.Tensor], show_progress: bool = Fals
         finite_mask = torch.isfinite(x)
         finite = x[finite_mask].double()
         n = finite.numel()
-        out.append(WeightStats(
-            name=name,
-            shape=tuple(t.shape),
-            mean=float(finite.mean()) if n else math.nan,
-            std=float(finite.std(correction=0)) if n else math.nan,
-            min=float(finite.min()) if n else math.nan,
-            max=float(finite.max()) if n else math.nan,
-            zero_fraction=float((x == 0).sum()) / max(x.numel(), 1),
-            nonfinite=int(x.numel() - int(finite_mask.sum())),
-        ))
+        out.append(
+            WeightStats(
+                name=name,
+                shape=tuple(t.shape),
+                mean=float(finite.mean()) if n else math.nan,
+                std=float(finite.std(correction=0)) if n else math.nan,
+                min=float(finite.min()) if n else math.nan,
+                max=float(finite.max()) if n else math.nan,
+                zero_fraction=float((x == 0).sum()) / max(x.numel(), 1),
+                nonfinite=int(x.numel() - int(finite_mask.sum())),
+            )
+        )
     return out
 
 
 def format_weight_stats(stats: Sequence[WeightStats]) -> str:
     """The terminal table: one row per tensor, then the totals."""
     rows = [
-        [s.name, str(list(s.shape)), s.mean, s.std, s.min, s.max, f"{s.zero_fraction:.1%}", s.nonfinite]
-        for s in stats
+        [s.name, str(list(s.shape)), s.mean, s.std, s.min, s.max, f"{s.zero_fraction:.1%}", s.nonfinite] for s in stats
     ]
     table = format_table(
         ["name", "shape", "mean", "std", "min", "max", "zeros", "non-finite"],
@@ -135,7 +136,11 @@ def format_weight_changes(changes: Sequence[WeightChange]) -> str:
     """The terminal table of a comparison, then one line naming the tensor that moved most."""
     rows = [
         [c.name, str(list(c.shape))]
-        + ([f"{c.relative_change:.3e}", f"{c.max_abs_change:.3e}", ""] if c.status == "compared" else ["—", "—", c.status])
+        + (
+            [f"{c.relative_change:.3e}", f"{c.max_abs_change:.3e}", ""]
+            if c.status == "compared"
+            else ["—", "—", c.status]
+        )
         for c in changes
     ]
     table = format_table(

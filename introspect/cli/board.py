@@ -20,8 +20,9 @@ import subprocess
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from ..errors import ConfigError, IntrospectWarning
 
@@ -62,7 +63,9 @@ def pick_port(host: str) -> int:
 def tensorboard_command(logdir: str | os.PathLike, port: int, host: str) -> list[str]:
     """The command line that serves ``logdir``: the ``tensorboard`` script beside this Python, or
     ``python -m tensorboard.main``."""
-    exe = shutil.which("tensorboard", path=os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")]))
+    exe = shutil.which(
+        "tensorboard", path=os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
+    )
     command = [exe] if exe else [sys.executable, "-m", "tensorboard.main"]
     return command + ["--logdir", str(logdir), "--port", str(port), "--host", host]
 

@@ -12,7 +12,8 @@ import json
 import socket
 import sys
 import warnings
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import click
 
@@ -129,20 +130,33 @@ class _Shape(click.ParamType):
 def model_options(f: Callable) -> Callable:
     """--arch, --arch-kwargs and --unsafe: how to read MODEL files."""
     f = click.option(
-        "--unsafe", is_flag=True,
+        "--unsafe",
+        is_flag=True,
         help="Allow unpickling arbitrary Python objects (a whole pickled nn.Module). Runs code from the file: only for files you trust.",
     )(f)
-    f = click.option("--arch-kwargs", type=_JSONObject(), default=None, help='Keyword arguments for --arch, as JSON: \'{"num_classes": 10}\'.')(f)
     f = click.option(
-        "--arch", default=None, metavar="MODULE:CLASS",
+        "--arch-kwargs",
+        type=_JSONObject(),
+        default=None,
+        help="Keyword arguments for --arch, as JSON: '{\"num_classes\": 10}'.",
+    )(f)
+    f = click.option(
+        "--arch",
+        default=None,
+        metavar="MODULE:CLASS",
         help="Architecture the weights belong to: package.module:Class (importable, or in the current directory), torchvision:resnet18 or timm:resnet18 (never downloads).",
     )(f)
     return f
 
 
 def _input_options(f: Callable) -> Callable:
-    f = click.option("--dtype", type=click.Choice(["float32", "float64", "float16", "bfloat16", "int64"]), default="float32", show_default=True,
-                     help="Input dtype; a floating dtype casts the model too, int64 makes token ids.")(f)
+    f = click.option(
+        "--dtype",
+        type=click.Choice(["float32", "float64", "float16", "bfloat16", "int64"]),
+        default="float32",
+        show_default=True,
+        help="Input dtype; a floating dtype casts the model too, int64 makes token ids.",
+    )(f)
     return f
 
 
@@ -177,9 +191,15 @@ _MODEL_PATH = click.Path()
 
 def _check_input_options(input_shape: Any, input_file: Any, images: Any, image_size: tuple[int, ...] | None) -> None:
     """Exactly one of --input-shape, --input and --images; --image-size is H,W."""
-    given = [name for name, v in (("--input-shape", input_shape), ("--input", input_file), ("--images", images)) if v is not None]
+    given = [
+        name
+        for name, v in (("--input-shape", input_shape), ("--input", input_file), ("--images", images))
+        if v is not None
+    ]
     if len(given) != 1:
-        raise click.UsageError("give exactly one of --input-shape, --input or --images" + (f" (got {', '.join(given)})" if given else ""))
+        raise click.UsageError(
+            "give exactly one of --input-shape, --input or --images" + (f" (got {', '.join(given)})" if given else "")
+        )
     if image_size is not None and len(image_size) != 2:
         raise click.BadParameter(f"expected H,W, got {','.join(map(str, image_size))}", param_hint="--image-size")
 
@@ -189,9 +209,19 @@ def _check_input_options(input_shape: Any, input_file: Any, images: Any, image_s
 @click.argument("model", type=_MODEL_PATH)
 @click.option("--input-shape", type=_Shape(), required=True, help="Shape of one input, e.g. 1,3,32,32.")
 @_input_options
-@click.option("--depth", type=click.IntRange(0), default=3, show_default=True, help="How deep the table goes into submodules.")
+@click.option(
+    "--depth", type=click.IntRange(0), default=3, show_default=True, help="How deep the table goes into submodules."
+)
 @model_options
-def summary(model: str, input_shape: tuple[int, ...], dtype: str, depth: int, arch: str | None, arch_kwargs: dict | None, unsafe: bool) -> None:
+def summary(
+    model: str,
+    input_shape: tuple[int, ...],
+    dtype: str,
+    depth: int,
+    arch: str | None,
+    arch_kwargs: dict | None,
+    unsafe: bool,
+) -> None:
     """Print MODEL's torchinfo table.
 
     Layers, output shapes and parameter counts, from one forward of a random input.
@@ -210,9 +240,19 @@ def summary(model: str, input_shape: tuple[int, ...], dtype: str, depth: int, ar
 @click.argument("model", type=_MODEL_PATH)
 @click.option("--input-shape", type=_Shape(), required=True, help="Shape of one input, e.g. 1,3,32,32.")
 @_input_options
-@click.option("--logdir", required=True, type=click.Path(file_okay=False), help="Where to write the graph for TensorBoard.")
+@click.option(
+    "--logdir", required=True, type=click.Path(file_okay=False), help="Where to write the graph for TensorBoard."
+)
 @model_options
-def graph(model: str, input_shape: tuple[int, ...], dtype: str, logdir: str, arch: str | None, arch_kwargs: dict | None, unsafe: bool) -> None:
+def graph(
+    model: str,
+    input_shape: tuple[int, ...],
+    dtype: str,
+    logdir: str,
+    arch: str | None,
+    arch_kwargs: dict | None,
+    unsafe: bool,
+) -> None:
     """Write the graph of MODEL for TensorBoard's GRAPHS tab.
 
     \b
@@ -234,10 +274,27 @@ def graph(model: str, input_shape: tuple[int, ...], dtype: str, logdir: str, arc
 
 @main.command()
 @click.argument("models", nargs=-1, required=True, type=_MODEL_PATH, metavar="MODEL [MODEL_B]")
-@click.option("--logdir", type=click.Path(file_okay=False), default=None, help="Also write weights/{name} histograms here (MODEL at step 0, MODEL_B at step 1); with --spectral, spectral/ scalars.")
-@click.option("--spectral", "spectral_", is_flag=True, help="Spectral analysis instead: sigma_max, stable rank, power-law alpha and Marchenko-Pastur outliers of every weight matrix.")
+@click.option(
+    "--logdir",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Also write weights/{name} histograms here (MODEL at step 0, MODEL_B at step 1); with --spectral, spectral/ scalars.",
+)
+@click.option(
+    "--spectral",
+    "spectral_",
+    is_flag=True,
+    help="Spectral analysis instead: sigma_max, stable rank, power-law alpha and Marchenko-Pastur outliers of every weight matrix.",
+)
 @model_options
-def weights(models: tuple[str, ...], logdir: str | None, spectral_: bool, arch: str | None, arch_kwargs: dict | None, unsafe: bool) -> None:
+def weights(
+    models: tuple[str, ...],
+    logdir: str | None,
+    spectral_: bool,
+    arch: str | None,
+    arch_kwargs: dict | None,
+    unsafe: bool,
+) -> None:
     """Weight statistics of MODEL, or how they changed from A to B.
 
     One row per tensor: shape, mean, std, min, max, share of zeros, NaN/Inf count; with two
@@ -265,16 +322,24 @@ def weights(models: tuple[str, ...], logdir: str | None, spectral_: bool, arch: 
         return _spectral_command(models, logdir, arch, arch_kwargs, unsafe)
     loaded = [load_weights(m, arch=arch, arch_kwargs=arch_kwargs, unsafe=unsafe) for m in models]
     _one_or_two(
-        models, loaded,
+        models,
+        loaded,
         lambda named: format_weight_stats(weight_stats(named, show_progress=True)),
         lambda a, b: format_weight_changes(compare_weights(a, b, show_progress=True)),
-        write_weight_histograms, logdir, f"histograms of {sum(len(n) for n in loaded)} tensors",
+        write_weight_histograms,
+        logdir,
+        f"histograms of {sum(len(n) for n in loaded)} tensors",
     )
 
 
 def _one_or_two(
-    models: tuple[str, ...], items: list[Any], show_one: Callable[[Any], str], show_two: Callable[[Any, Any], str],
-    write: Callable[[Any, Any, int], None], logdir: str | None, written: str,
+    models: tuple[str, ...],
+    items: list[Any],
+    show_one: Callable[[Any], str],
+    show_two: Callable[[Any, Any], str],
+    write: Callable[[Any, Any, int], None],
+    logdir: str | None,
+    written: str,
 ) -> None:
     """Print one file's table or A -> B's, and with ``logdir`` write each file at its own step (A 0, B 1)."""
     if len(items) == 1:
@@ -292,7 +357,9 @@ def _one_or_two(
         click.echo(f"{written} written to {logdir}")
 
 
-def _spectral_command(models: tuple[str, ...], logdir: str | None, arch: str | None, arch_kwargs: dict | None, unsafe: bool) -> None:
+def _spectral_command(
+    models: tuple[str, ...], logdir: str | None, arch: str | None, arch_kwargs: dict | None, unsafe: bool
+) -> None:
     """``weights --spectral``: the spectra of one file, or of two side by side (A -> B)."""
     from ..analysis.spectral import (
         compare_spectral,
@@ -315,30 +382,73 @@ def _spectral_command(models: tuple[str, ...], logdir: str | None, arch: str | N
     if not analysed[0]:
         raise IntrospectError(f"{models[0]} holds no weight matrix (no floating tensor of two or more dimensions)")
     _one_or_two(
-        models, analysed, format_spectral, lambda a, b: format_spectral_changes(compare_spectral(a, b)),
-        write_spectral_scalars, logdir, f"spectral/ scalars of {sum(len(a) for a in analysed)} matrices",
+        models,
+        analysed,
+        format_spectral,
+        lambda a, b: format_spectral_changes(compare_spectral(a, b)),
+        write_spectral_scalars,
+        logdir,
+        f"spectral/ scalars of {sum(len(a) for a in analysed)} matrices",
     )
 
 
 @main.command()
 @click.argument("model", type=_MODEL_PATH)
-@click.option("--input-shape", type=_Shape(), default=None, help="Random inputs of this shape (reproducible, see --seed).")
-@click.option("--input", "input_file", type=_MODEL_PATH, default=None, help="A torch.save'd tensor (or tuple of tensors): the model's inputs (--unsafe applies to it too).")
-@click.option("--images", type=click.Path(file_okay=False), default=None, help="A folder of images (subfolders too), read as RGB in [0, 1].")
+@click.option(
+    "--input-shape", type=_Shape(), default=None, help="Random inputs of this shape (reproducible, see --seed)."
+)
+@click.option(
+    "--input",
+    "input_file",
+    type=_MODEL_PATH,
+    default=None,
+    help="A torch.save'd tensor (or tuple of tensors): the model's inputs (--unsafe applies to it too).",
+)
+@click.option(
+    "--images",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="A folder of images (subfolders too), read as RGB in [0, 1].",
+)
 @click.option("--logdir", required=True, type=click.Path(file_okay=False), help="Where to write the histograms.")
-@click.option("--batches", type=click.IntRange(1), default=1, show_default=True, help="With --input-shape: how many random batches.")
-@click.option("--batch-size", type=click.IntRange(1), default=16, show_default=True, help="With --images: images per forward.")
-@click.option("--image-size", type=_Shape(), default=None, metavar="H,W", help="With --images: resize every image to this size.")
+@click.option(
+    "--batches",
+    type=click.IntRange(1),
+    default=1,
+    show_default=True,
+    help="With --input-shape: how many random batches.",
+)
+@click.option(
+    "--batch-size", type=click.IntRange(1), default=16, show_default=True, help="With --images: images per forward."
+)
+@click.option(
+    "--image-size", type=_Shape(), default=None, metavar="H,W", help="With --images: resize every image to this size."
+)
 @click.option("--backward", is_flag=True, help="Also backpropagate the output's sum (or --target's) and log gradients.")
-@click.option("--target", type=int, default=None, help="With --backward: the output unit (e.g. class index) to backpropagate.")
+@click.option(
+    "--target", type=int, default=None, help="With --backward: the output unit (e.g. class index) to backpropagate."
+)
 @click.option("--train-mode", is_flag=True, help="Run in training mode (dropout on, BatchNorm on batch statistics).")
 @_input_options
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random inputs.")
 @model_options
 def activations(
-    model: str, input_shape: tuple[int, ...] | None, input_file: str | None, images: str | None, logdir: str,
-    batches: int, batch_size: int, image_size: tuple[int, ...] | None, backward: bool, target: int | None,
-    train_mode: bool, dtype: str, seed: int, arch: str | None, arch_kwargs: dict | None, unsafe: bool,
+    model: str,
+    input_shape: tuple[int, ...] | None,
+    input_file: str | None,
+    images: str | None,
+    logdir: str,
+    batches: int,
+    batch_size: int,
+    image_size: tuple[int, ...] | None,
+    backward: bool,
+    target: int | None,
+    train_mode: bool,
+    dtype: str,
+    seed: int,
+    arch: str | None,
+    arch_kwargs: dict | None,
+    unsafe: bool,
 ) -> None:
     """Run inputs through MODEL under watch(); report the findings.
 
@@ -373,8 +483,16 @@ def activations(
         batch_list = ((x.to(torch_dtype),) for x in image_batches(files, batch_size, image_size))
     if input_shape is not None or input_file is not None:
         check_input(net, batch_list[0])
-    w = record_activations(net, batch_list, logdir, backward=backward, target=target, train_mode=train_mode,
-                           show_progress=True, total=total)
+    w = record_activations(
+        net,
+        batch_list,
+        logdir,
+        backward=backward,
+        target=target,
+        train_mode=train_mode,
+        show_progress=True,
+        total=total,
+    )
     click.echo(f"{w.step + 1} step(s) of {len(w.module_names)} modules written to {logdir}")
     click.echo(w.report())
 
@@ -382,24 +500,80 @@ def activations(
 @main.command()
 @click.argument("model_a", type=_MODEL_PATH)
 @click.argument("model_b", type=_MODEL_PATH)
-@click.option("--input-shape", type=_Shape(), default=None, help="A random input of this shape (reproducible, see --seed).")
-@click.option("--input", "input_file", type=click.Path(dir_okay=False), default=None, help="A torch.save'd tensor (or tuple of tensors): the models' inputs.")
-@click.option("--images", type=click.Path(file_okay=False), default=None, help="A folder of images: the first --batch-size of them, as RGB in [0, 1].")
-@click.option("--batch-size", type=click.IntRange(1), default=8, show_default=True, help="With --images: how many images.")
-@click.option("--image-size", type=_Shape(), default=None, metavar="H,W", help="With --images: resize every image to this size.")
-@click.option("--backward", is_flag=True, help="Also backpropagate each output's sum and compare the gradients w.r.t. every module output.")
-@click.option("--autocast", type=click.Choice(["bf16", "fp16"]), default=None, help="Run MODEL_B under torch.autocast with this dtype (MODEL_A as it is).")
-@click.option("--rtol", type=click.FloatRange(0), default=1e-4, show_default=True, help="A module diverges when max|a-b| > atol + rtol * max|a|.")
+@click.option(
+    "--input-shape", type=_Shape(), default=None, help="A random input of this shape (reproducible, see --seed)."
+)
+@click.option(
+    "--input",
+    "input_file",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="A torch.save'd tensor (or tuple of tensors): the models' inputs.",
+)
+@click.option(
+    "--images",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="A folder of images: the first --batch-size of them, as RGB in [0, 1].",
+)
+@click.option(
+    "--batch-size", type=click.IntRange(1), default=8, show_default=True, help="With --images: how many images."
+)
+@click.option(
+    "--image-size", type=_Shape(), default=None, metavar="H,W", help="With --images: resize every image to this size."
+)
+@click.option(
+    "--backward",
+    is_flag=True,
+    help="Also backpropagate each output's sum and compare the gradients w.r.t. every module output.",
+)
+@click.option(
+    "--autocast",
+    type=click.Choice(["bf16", "fp16"]),
+    default=None,
+    help="Run MODEL_B under torch.autocast with this dtype (MODEL_A as it is).",
+)
+@click.option(
+    "--rtol",
+    type=click.FloatRange(0),
+    default=1e-4,
+    show_default=True,
+    help="A module diverges when max|a-b| > atol + rtol * max|a|.",
+)
 @click.option("--atol", type=click.FloatRange(0), default=0.0, show_default=True, help="See --rtol.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random input and of both forwards' RNG.")
-@click.option("--out", type=click.Path(dir_okay=False), default=None, help="Also draw the per-module difference to this PNG.")
-@click.option("--arch-b", default=None, metavar="MODULE:CLASS", help="MODEL_B's architecture, when it differs from --arch (a refactored class).")
+@click.option(
+    "--seed", type=int, default=0, show_default=True, help="Seed of the random input and of both forwards' RNG."
+)
+@click.option(
+    "--out", type=click.Path(dir_okay=False), default=None, help="Also draw the per-module difference to this PNG."
+)
+@click.option(
+    "--arch-b",
+    default=None,
+    metavar="MODULE:CLASS",
+    help="MODEL_B's architecture, when it differs from --arch (a refactored class).",
+)
 @_input_options
 @model_options
 def compare(
-    model_a: str, model_b: str, input_shape: tuple[int, ...] | None, input_file: str | None, images: str | None,
-    batch_size: int, image_size: tuple[int, ...] | None, backward: bool, autocast: str | None, rtol: float, atol: float,
-    seed: int, out: str | None, arch_b: str | None, dtype: str, arch: str | None, arch_kwargs: dict | None, unsafe: bool,
+    model_a: str,
+    model_b: str,
+    input_shape: tuple[int, ...] | None,
+    input_file: str | None,
+    images: str | None,
+    batch_size: int,
+    image_size: tuple[int, ...] | None,
+    backward: bool,
+    autocast: str | None,
+    rtol: float,
+    atol: float,
+    seed: int,
+    out: str | None,
+    arch_b: str | None,
+    dtype: str,
+    arch: str | None,
+    arch_kwargs: dict | None,
+    unsafe: bool,
 ) -> None:
     """Find the first module where MODEL_A and MODEL_B diverge on the same batch.
 
@@ -430,7 +604,9 @@ def compare(
         inputs = load_input_file(input_file)
     else:
         inputs = (next(iter(image_batches(image_files(images)[:batch_size], batch_size, image_size))).to(torch_dtype),)
-    result = first_divergence(net_a, net_b, *inputs, backward=backward, autocast=autocast, rtol=rtol, atol=atol, seed=seed)
+    result = first_divergence(
+        net_a, net_b, *inputs, backward=backward, autocast=autocast, rtol=rtol, atol=atol, seed=seed
+    )
     click.echo(f"A = {model_a}\nB = {model_b}" + (f" (under autocast {autocast})" if autocast else ""))
     click.echo(str(result))
     if out is not None:
@@ -449,10 +625,20 @@ def _save_png(image: Any, path: str) -> None:
 
 @main.command("map")
 @click.argument("rundir", type=click.Path())
-@click.option("--stat", "stats", multiple=True, type=click.Choice(["grad_rms", "activation_std", "dead_fraction", "update_ratio", "nonfinite"]),
-              help="Which statistic to draw (repeatable); default: every one the run has.")
-@click.option("--out", type=click.Path(dir_okay=False), default="health_map.png", show_default=True,
-              help="The PNG; with several statistics, one file each: health_map_{stat}.png.")
+@click.option(
+    "--stat",
+    "stats",
+    multiple=True,
+    type=click.Choice(["grad_rms", "activation_std", "dead_fraction", "update_ratio", "nonfinite"]),
+    help="Which statistic to draw (repeatable); default: every one the run has.",
+)
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False),
+    default="health_map.png",
+    show_default=True,
+    help="The PNG; with several statistics, one file each: health_map_{stat}.png.",
+)
 def health_map(rundir: str, stats: tuple[str, ...], out: str) -> None:
     """Draw the training health map of a watch() run from its event files.
 
@@ -477,14 +663,24 @@ def health_map(rundir: str, stats: tuple[str, ...], out: str) -> None:
         path = out if len(chosen) == 1 else f"{base}_{stat}.png"
         _save_png(hm.render(stat), path)
         click.echo(f"{stat}: {path}")
-    click.echo(f"{len(hm.rows)} modules x {len(hm.steps)} logging steps, {len(hm.findings)} findings "
-               f"(statistics: {', '.join(s for s in STATS if s in hm.available())})", err=True)
+    click.echo(
+        f"{len(hm.rows)} modules x {len(hm.steps)} logging steps, {len(hm.findings)} findings "
+        f"(statistics: {', '.join(s for s in STATS if s in hm.available())})",
+        err=True,
+    )
 
 
 @main.command()
 @click.option("--logdir", required=True, type=click.Path(), help="Directory of runs to show (it must exist).")
-@click.option("--port", default=6006, show_default=True, type=click.IntRange(0, 65535), help="Port to serve on (0: any free one).")
-@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind; 0.0.0.0 exposes it to the network (with a warning).")
+@click.option(
+    "--port", default=6006, show_default=True, type=click.IntRange(0, 65535), help="Port to serve on (0: any free one)."
+)
+@click.option(
+    "--host",
+    default="127.0.0.1",
+    show_default=True,
+    help="Address to bind; 0.0.0.0 exposes it to the network (with a warning).",
+)
 def board(logdir: str, port: int, host: str) -> None:
     """Start TensorBoard on LOGDIR and print its URL.
 
@@ -512,8 +708,16 @@ def board(logdir: str, port: int, host: str) -> None:
 # --------------------------------------------------------------------------- introspect data
 @main.command("data")
 @click.argument("folder", type=click.Path())
-@click.option("--logdir", required=True, type=click.Path(file_okay=False), help="Where to write the pictures for TensorBoard.")
-@click.option("--limit", default=1000, show_default=True, type=click.IntRange(1), help="Scan at most this many images, spread over the folder.")
+@click.option(
+    "--logdir", required=True, type=click.Path(file_okay=False), help="Where to write the pictures for TensorBoard."
+)
+@click.option(
+    "--limit",
+    default=1000,
+    show_default=True,
+    type=click.IntRange(1),
+    help="Scan at most this many images, spread over the folder.",
+)
 def data(folder: str, logdir: str, limit: int) -> None:
     """Look at an ImageFolder tree and report what is wrong with it.
 

@@ -21,19 +21,7 @@ from dataclasses import dataclass, field
 
 from ..terminal import counted
 
-__all__ = [
-    "Alert",
-    "Thresholds",
-    "CallRecord",
-    "locate_nonfinite",
-    "check_activation_health",
-    "GradientHealth",
-    "layer_of",
-    "nonfinite_gradients",
-    "blame_nonfinite_weights",
-    "format_report",
-    "alerts_markdown",
-]
+__all__ = ["Alert", "format_report", "alerts_markdown"]
 
 
 @dataclass(frozen=True)
@@ -50,32 +38,6 @@ class Alert:
 
     def __str__(self) -> str:
         return f"step {self.step}: {self.kind} at {self.where}: {self.message}"
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
 
 
 # --------------------------------------------------------------------------- report

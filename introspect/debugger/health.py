@@ -1,4 +1,5 @@
-"""introspect.debugger.health (split from introspect.debugger.alerts)."""
+"""Unit and gradient health from a step's numbers: dead and saturated units, vanishing, exploding and
+stuck gradients, and the thresholds (``Thresholds``) each verdict uses."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ from dataclasses import dataclass, field, fields
 
 from ..errors import ConfigError, ConfigTypeError
 from .alerts import Alert
+
+__all__ = ["Thresholds", "check_activation_health", "GradientHealth"]
 
 
 @dataclass(frozen=True)
@@ -66,7 +69,7 @@ class Thresholds:
     """...once at least this many are known."""
 
     @classmethod
-    def coerce(cls, value: "Thresholds | Mapping[str, float] | None") -> "Thresholds":
+    def coerce(cls, value: Thresholds | Mapping[str, float] | None) -> Thresholds:
         """``value`` as Thresholds, every number checked (a Thresholds built by hand too).
 
         Raises:
@@ -107,18 +110,28 @@ def check_activation_health(
         kind, _, where = key.partition("/")
         module_type = module_types.get(where.split("/")[0], "")
         if kind == "dead" and fraction >= limits.dead_fraction:
-            alerts.append(Alert(
-                "dead_units", where, step,
-                f"{fraction:.0%} of the units of {where} ({module_type}) output zero for every sample seen",
-                {"dead_fraction": fraction}, module_type=module_type,
-            ))
+            alerts.append(
+                Alert(
+                    "dead_units",
+                    where,
+                    step,
+                    f"{fraction:.0%} of the units of {where} ({module_type}) output zero for every sample seen",
+                    {"dead_fraction": fraction},
+                    module_type=module_type,
+                )
+            )
         elif kind == "saturated" and fraction >= limits.saturated_fraction:
-            alerts.append(Alert(
-                "saturated_units", where, step,
-                f"{fraction:.0%} of the outputs of {where} ({module_type}) sit at its bounds, where its "
-                "slope (and the gradient through it) is ~0",
-                {"saturated_fraction": fraction}, module_type=module_type,
-            ))
+            alerts.append(
+                Alert(
+                    "saturated_units",
+                    where,
+                    step,
+                    f"{fraction:.0%} of the outputs of {where} ({module_type}) sit at its bounds, where its "
+                    "slope (and the gradient through it) is ~0",
+                    {"saturated_fraction": fraction},
+                    module_type=module_type,
+                )
+            )
     return alerts
 
 
@@ -156,36 +169,57 @@ class GradientHealth:
             norm = math.sqrt(layer_grads[layer][0])
             if value < self.limits.vanishing_floor or (others and value < median * self.limits.vanishing_ratio):
                 how_far = (
-                    "no gradient reaches it" if value == 0
+                    "no gradient reaches it"
+                    if value == 0
                     else f"{median / value:.1e}x below the median layer's {median:.2e}"
                 )
-                alerts.append(Alert(
-                    "vanishing_gradient", layer, step,
-                    f"RMS gradient {value:.2e}: {how_far}",
-                    {"rms": value, "median_rms": median},
-                ))
+                alerts.append(
+                    Alert(
+                        "vanishing_gradient",
+                        layer,
+                        step,
+                        f"RMS gradient {value:.2e}: {how_far}",
+                        {"rms": value, "median_rms": median},
+                    )
+                )
             past = self.history.setdefault(layer, [])
             reference = statistics.median(past) if len(past) >= 3 else None
             if norm > self.limits.exploding_norm:
-                alerts.append(Alert(
-                    "exploding_gradient", layer, step,
-                    f"gradient norm {norm:.2e} is above {self.limits.exploding_norm:.0e}",
-                    {"norm": norm},
-                ))
-            elif reference is not None and reference > self.limits.vanishing_floor and norm > reference * self.limits.exploding_jump:
-                alerts.append(Alert(
-                    "exploding_gradient", layer, step,
-                    f"gradient norm {norm:.2e} is {norm / reference:.0f}x its recent median {reference:.2e}",
-                    {"norm": norm, "reference_norm": reference},
-                ))
+                alerts.append(
+                    Alert(
+                        "exploding_gradient",
+                        layer,
+                        step,
+                        f"gradient norm {norm:.2e} is above {self.limits.exploding_norm:.0e}",
+                        {"norm": norm},
+                    )
+                )
+            elif (
+                reference is not None
+                and reference > self.limits.vanishing_floor
+                and norm > reference * self.limits.exploding_jump
+            ):
+                alerts.append(
+                    Alert(
+                        "exploding_gradient",
+                        layer,
+                        step,
+                        f"gradient norm {norm:.2e} is {norm / reference:.0f}x its recent median {reference:.2e}",
+                        {"norm": norm, "reference_norm": reference},
+                    )
+                )
             past.append(norm)
             del past[:-5]
         for param, ratio in update_ratios.items():
             if math.isfinite(ratio) and ratio < self.limits.stuck_ratio:
-                alerts.append(Alert(
-                    "stuck_parameter", param, step,
-                    f"optimizer.step() changed it by {ratio:.1e} of its norm: it is not learning "
-                    "(learning rate 0, or not in the optimizer's param groups?)",
-                    {"update_ratio": ratio},
-                ))
+                alerts.append(
+                    Alert(
+                        "stuck_parameter",
+                        param,
+                        step,
+                        f"optimizer.step() changed it by {ratio:.1e} of its norm: it is not learning "
+                        "(learning rate 0, or not in the optimizer's param groups?)",
+                        {"update_ratio": ratio},
+                    )
+                )
         return alerts

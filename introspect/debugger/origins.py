@@ -1,4 +1,5 @@
-"""introspect.debugger.origins (split from introspect.debugger.alerts)."""
+"""Where the first non-finite value came from: the module (forward) or the gradient (backward) whose
+sums went bad first, from a step's per-call records, and which weights a NaN spoiled."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ from typing import Any
 
 from ..terminal import counted
 from .alerts import Alert
+
+__all__ = ["CallRecord", "locate_nonfinite", "layer_of", "nonfinite_gradients", "blame_nonfinite_weights"]
 
 
 # --------------------------------------------------------------------------- non-finite origin
@@ -87,9 +90,13 @@ def locate_nonfinite(
 
     if not model_input_ok:
         return Alert(
-            "nonfinite", "input", step,
+            "nonfinite",
+            "input",
+            step,
             "the batch fed to the model already holds NaN/Inf: check the data pipeline",
-            {}, phase="forward", module_type="",
+            {},
+            phase="forward",
+            module_type="",
         )
     forward_bad = [i for i in range(n) if not out_ok[i] and not calls[i].safe]
     if forward_bad:
@@ -106,23 +113,34 @@ def _forward_origin(step, calls, forward_bad, first_bad_out, bad_values, inputs_
             where = first_bad_out[i]
             what = _kind_of(bad_values.get(where, []))
             later = len(forward_bad) - 1
-            message = f"{what} first appears in the output of {where} ({calls[i].module_type}) while its inputs were finite"
+            message = (
+                f"{what} first appears in the output of {where} ({calls[i].module_type}) while its inputs were finite"
+            )
             if later:
                 message += f"; {counted(later, 'later module output')} inherit{'s' if later == 1 else ''} it"
             return Alert(
-                "nonfinite", where, step, message,
-                {"later_nonfinite_modules": float(later)}, phase="forward", module_type=calls[i].module_type,
+                "nonfinite",
+                where,
+                step,
+                message,
+                {"later_nonfinite_modules": float(later)},
+                phase="forward",
+                module_type=calls[i].module_type,
             )
     i = forward_bad[0]
     where = first_bad_out[i]
     previous = [c.module for c in calls[:i] if c.module != calls[i].module]
     between = f"between {previous[-1]} and {calls[i].module}" if previous else f"before {calls[i].module}"
     return Alert(
-        "nonfinite", where, step,
+        "nonfinite",
+        where,
+        step,
         f"{_kind_of(bad_values.get(where, []))} reaches {where} ({calls[i].module_type}) through its input: it was made by "
         f"code no watched module covers, {between} (a functional call in a forward?); "
         "watch more modules with include=[...] to pin it down",
-        {}, phase="forward", module_type=calls[i].module_type,
+        {},
+        phase="forward",
+        module_type=calls[i].module_type,
     )
 
 
@@ -139,24 +157,36 @@ def _backward_origin(step, calls, grad_events, first_bad, bad_values) -> Alert:
     if culprits:
         i = culprits[0]
         return Alert(
-            "nonfinite", calls[i].module, step,
+            "nonfinite",
+            calls[i].module,
+            step,
             f"{what} gradient first appears in the backward of {calls[i].module} ({calls[i].module_type}): "
             f"the gradient reaching its output was finite, the one it passed to {where} was not",
-            {}, phase="backward", module_type=calls[i].module_type,
+            {},
+            phase="backward",
+            module_type=calls[i].module_type,
         )
     outputs_known = any(c.model_output for c in calls)
     if not consumers and (calls[producer].model_output or not outputs_known):
         return Alert(
-            "nonfinite", where, step,
+            "nonfinite",
+            where,
+            step,
             f"the gradient arriving at the model's output {where} is already {what}: the loss (or code "
             "after the model) produced it",
-            {}, phase="backward", module_type=calls[producer].module_type,
+            {},
+            phase="backward",
+            module_type=calls[producer].module_type,
         )
     return Alert(
-        "nonfinite", where, step,
+        "nonfinite",
+        where,
+        step,
         f"{what} gradient first appears at the output of {where}, made by code after it that no watched "
         "module covers; watch more modules with include=[...] to pin it down",
-        {}, phase="backward", module_type=calls[producer].module_type,
+        {},
+        phase="backward",
+        module_type=calls[producer].module_type,
     )
 
 
@@ -201,7 +231,8 @@ def blame_nonfinite_weights(alert: Alert, histograms: Mapping[str, Any], earlier
     since = [a.step for a in earlier if a.kind == "nonfinite" and a.step < alert.step]
     when = f"since step {max(since)}'s optimizer step" if since else f"already when step {alert.step} began"
     shown = ", ".join(
-        f"{param} has {r.nonfinite:.0f} of {counted(r.numel, 'value')} NaN/Inf" for param, r in list(weights.items())[:3]
+        f"{param} has {r.nonfinite:.0f} of {counted(r.numel, 'value')} NaN/Inf"
+        for param, r in list(weights.items())[:3]
     )
     more = f", {counted(len(weights) - 3, 'more parameter')}" if len(weights) > 3 else ""
     numbers = dict(alert.numbers)
@@ -209,8 +240,12 @@ def blame_nonfinite_weights(alert: Alert, histograms: Mapping[str, Any], earlier
     if since:
         numbers["since_step"] = float(max(since))
     return Alert(
-        "nonfinite", alert.where, alert.step,
+        "nonfinite",
+        alert.where,
+        alert.step,
         f"weights of {module} ({alert.module_type}) are non-finite ({when}): {shown}{more}; its "
         "inputs were finite, its output is not because of them",
-        numbers, phase="forward", module_type=alert.module_type,
+        numbers,
+        phase="forward",
+        module_type=alert.module_type,
     )

@@ -44,17 +44,19 @@ def callback_options(options: Mapping[str, Any]) -> dict[str, Any]:
     owned = sorted(set(options) & set(_CALLBACK_OWNED))
     if owned:
         raise ConfigError(
-            f"IntrospectCallback sets {owned} itself (the trainer's writer and global_step); "
-            "leave them out")
+            f"IntrospectCallback sets {owned} itself (the trainer's writer and global_step); leave them out"
+        )
     unknown = sorted(set(options) - WATCH_OPTIONS)
     if unknown:
         raise ConfigError(
             f"IntrospectCallback got unknown watch options {unknown}; the options are "
-            f"{sorted(WATCH_OPTIONS - set(_CALLBACK_OWNED))}")
+            f"{sorted(WATCH_OPTIONS - set(_CALLBACK_OWNED))}"
+        )
     hparams = options.get("hparams")
     if hparams is not None and not isinstance(hparams, Mapping):
         raise ConfigError(
-            f"hparams must be a dict of name -> value (e.g. {{'lr': 1e-3}}), got {type(hparams).__name__}")
+            f"hparams must be a dict of name -> value (e.g. {{'lr': 1e-3}}), got {type(hparams).__name__}"
+        )
     return dict(options)
 
 

@@ -42,7 +42,8 @@ class IntrospectCallback(pl.Callback):
         if options.get("optimizer") is not None:
             raise ConfigError(
                 "IntrospectCallback cannot take optimizer=: Lightning runs the forward and backward "
-                "inside optimizer.step(closure); steps follow trainer.global_step instead")
+                "inside optimizer.step(closure); steps follow trainer.global_step instead"
+            )
         self._options = options
         self._watcher: Watcher | None = None
         self._global_step = 0

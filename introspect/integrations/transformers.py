@@ -49,7 +49,8 @@ TRAINING_HPARAMS = (
 
 def _is_final_metric(name: str) -> bool:
     return name in ("loss", "train_loss") or (
-        name.startswith("eval_") and not name.endswith(("_runtime", "_per_second")))
+        name.startswith("eval_") and not name.endswith(("_runtime", "_per_second"))
+    )
 
 
 class IntrospectCallback(transformers.TrainerCallback):
@@ -72,11 +73,17 @@ class IntrospectCallback(transformers.TrainerCallback):
         self.close()
         if not state.is_world_process_zero or model is None:
             return
-        logdir = self._logdir or getattr(args, "logging_dir", None) or os.path.join(
-            args.output_dir or "trainer_output", "runs")
+        logdir = (
+            self._logdir
+            or getattr(args, "logging_dir", None)
+            or os.path.join(args.output_dir or "trainer_output", "runs")
+        )
         options = dict(self._options)
-        found = {name: getattr(getattr(args, name), "value", getattr(args, name))
-                 for name in TRAINING_HPARAMS if hasattr(args, name)}
+        found = {
+            name: getattr(getattr(args, name), "value", getattr(args, name))
+            for name in TRAINING_HPARAMS
+            if hasattr(args, name)
+        }
         options["hparams"] = framework_hparams(found, options.get("hparams"))
         # The step function holds the state, not the callback, so the finalizer below can run.
         step_fn = functools.partial(getattr, state, "global_step")
@@ -100,7 +107,7 @@ class IntrospectCallback(transformers.TrainerCallback):
         if self._watcher is not None:
             self._watcher.close()
 
-    def __enter__(self) -> "IntrospectCallback":
+    def __enter__(self) -> IntrospectCallback:
         return self
 
     def __exit__(self, *exc_info: object) -> None:

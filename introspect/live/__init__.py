@@ -11,8 +11,8 @@ themselves live in ``introspect.probes``; what is changed in the process is kept
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterable, Mapping
-from typing import Any, Callable
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -32,8 +32,17 @@ from .config import (
 from .watcher import Watcher
 
 __all__ = [
-    "watch", "Watcher", "Probe", "WatchConfig", "LOG_KINDS", "DEFAULT_LOG", "DEFAULT_EVERY",
-    "IMAGE_EVERY_FACTOR", "NONFINITE_ACTIONS", "WATCH_OPTIONS", "logger",
+    "watch",
+    "Watcher",
+    "Probe",
+    "WatchConfig",
+    "LOG_KINDS",
+    "DEFAULT_LOG",
+    "DEFAULT_EVERY",
+    "IMAGE_EVERY_FACTOR",
+    "NONFINITE_ACTIONS",
+    "WATCH_OPTIONS",
+    "logger",
 ]
 
 
@@ -127,10 +136,27 @@ def watch(
     says so.
     """
     config = WatchConfig.validate(
-        model, writer, every=every, log=log, include=include, exclude=exclude, optimizer=optimizer,
-        on_nonfinite=on_nonfinite, check_every=check_every, check_mode=check_mode, thresholds=thresholds, summary=summary,
-        graph=graph, hparams=hparams, step_fn=step_fn, image_every=image_every, log_inputs=log_inputs,
-        ranks=ranks, grad_scaler=grad_scaler, strict=strict, probes=probes,
+        model,
+        writer,
+        every=every,
+        log=log,
+        include=include,
+        exclude=exclude,
+        optimizer=optimizer,
+        on_nonfinite=on_nonfinite,
+        check_every=check_every,
+        check_mode=check_mode,
+        thresholds=thresholds,
+        summary=summary,
+        graph=graph,
+        hparams=hparams,
+        step_fn=step_fn,
+        image_every=image_every,
+        log_inputs=log_inputs,
+        ranks=ranks,
+        grad_scaler=grad_scaler,
+        strict=strict,
+        probes=probes,
     )
     return Watcher(model, writer, config)
 

@@ -13,14 +13,12 @@ the step after a NaN/Inf (``force_log``), whatever ``every`` says.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from ..probes.base import StepPlan
 from .config import read_step
 
 __all__ = ["StepPlan", "StepClock"]
-
-
 
 
 class StepClock:

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import operator
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -58,8 +58,7 @@ def _log_kinds(log: Any) -> frozenset[str]:
     elif isinstance(log, Iterable) and not isinstance(log, (bytes, Mapping)):
         kinds = tuple(log)
     else:
-        raise ConfigTypeError(
-            f"log= takes a kind name or a list of them from {list(LOG_KINDS)}, got log={log!r}")
+        raise ConfigTypeError(f"log= takes a kind name or a list of them from {list(LOG_KINDS)}, got log={log!r}")
     wrong = [k for k in kinds if not isinstance(k, str)]
     if wrong:
         raise ConfigTypeError(f"log= takes kind names (strings) from {list(LOG_KINDS)}, got {wrong}")
@@ -76,7 +75,8 @@ def _check_writer(writer: Any) -> None:
     if not callable(getattr(writer, "add_scalar", None)):
         raise ConfigTypeError(
             f"writer must be a SummaryWriter (torch.utils.tensorboard or tensorboardX), a log "
-            f"directory path, or None; got {type(writer).__name__} ({writer!r:.60})")
+            f"directory path, or None; got {type(writer).__name__} ({writer!r:.60})"
+        )
 
 
 def read_step(step_fn: Callable[[], int]) -> int:
@@ -142,7 +142,7 @@ class WatchConfig:
         grad_scaler: Any,
         strict: bool,
         probes: Iterable[Any] | None,
-    ) -> "WatchConfig":
+    ) -> WatchConfig:
         """Every check ``watch`` makes, in one place, before it touches the model."""
         from ..probes.base import Probe
 
@@ -180,18 +180,34 @@ class WatchConfig:
         for probe in user_probes:
             if not isinstance(probe, Probe):
                 raise ConfigTypeError(
-                    f"probes= takes introspect.Probe instances, got {type(probe).__name__} ({probe!r:.60})")
+                    f"probes= takes introspect.Probe instances, got {type(probe).__name__} ({probe!r:.60})"
+                )
             name = getattr(probe, "name", "")
             if not isinstance(name, str) or not name or "/" in name:
                 raise ConfigError(
-                    f"{type(probe).__name__}.name must be a non-empty tag prefix without '/', got {name!r}")
+                    f"{type(probe).__name__}.name must be a non-empty tag prefix without '/', got {name!r}"
+                )
         names = [p.name for p in user_probes]
         if len(set(names)) != len(names):
             raise ConfigError(f"probes= got two probes with one name: {sorted(names)}; names are tag prefixes")
         return cls(
-            every=every, log=kinds, include=include, exclude=exclude, optimizer=optimizer,
-            on_nonfinite=on_nonfinite, check_every=check_every, check_mode=check_mode, thresholds=limits, summary=summary,
-            graph=graph, hparams=hparams, step_fn=step_fn, image_every=image_every,
-            log_inputs=log_inputs, ranks=ranks, grad_scaler=grad_scaler, strict=strict,
+            every=every,
+            log=kinds,
+            include=include,
+            exclude=exclude,
+            optimizer=optimizer,
+            on_nonfinite=on_nonfinite,
+            check_every=check_every,
+            check_mode=check_mode,
+            thresholds=limits,
+            summary=summary,
+            graph=graph,
+            hparams=hparams,
+            step_fn=step_fn,
+            image_every=image_every,
+            log_inputs=log_inputs,
+            ranks=ranks,
+            grad_scaler=grad_scaler,
+            strict=strict,
             probes=user_probes,
         )

@@ -8,8 +8,8 @@ module's output and output gradient go to.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any, Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -53,7 +53,8 @@ class Dispatch:
         events = self._events_of.get(key)
         if events is None:
             events = self._events_of[key] = {
-                event: [p for p in active if event in self._handles[id(p)]] for event in EVENTS}
+                event: [p for p in active if event in self._handles[id(p)]] for event in EVENTS
+            }
         self.events = events
         self._per_module = {}
         for probe in self.events["on_step_start"]:
@@ -62,7 +63,8 @@ class Dispatch:
         if takers:
             for name, param in ctx.params.items():
                 ctx.step_hooks.hook(
-                    param.register_post_accumulate_grad_hook(self._param_grad_hook(buffer, name, takers)))
+                    param.register_post_accumulate_grad_hook(self._param_grad_hook(buffer, name, takers))
+                )
 
     def close_step(self) -> None:
         """Write the open step, then tell the probes; a NaN/Inf to raise waits until all have run."""
@@ -157,8 +159,14 @@ class Dispatch:
         return hook
 
     def _send(
-        self, probe: Probe, method: Callable[..., Any], where: str, module: nn.Module, value: Any,
-        disable_key: str, disable_module: nn.Module | None,
+        self,
+        probe: Probe,
+        method: Callable[..., Any],
+        where: str,
+        module: nn.Module,
+        value: Any,
+        disable_key: str,
+        disable_module: nn.Module | None,
     ) -> bool:
         """One per-module event to one probe, its scalars recorded; False when a built-in probe
         failed (the module is disabled), True otherwise (a failing user probe is disabled alone)."""

@@ -65,11 +65,14 @@ def record_activations(
     model.training = True
     log = ACTIVATION_LOG + (BACKWARD_LOG if backward else ())
     try:
-        with watch(model, logdir, every=1, image_every=1, log=log, summary=False, graph=False,
-                   on_nonfinite="ignore") as w:
+        with watch(
+            model, logdir, every=1, image_every=1, log=log, summary=False, graph=False, on_nonfinite="ignore"
+        ) as w:
             for inputs in progress(batches, show_progress, total=total, desc="batches", unit="batch"):
                 inputs = tuple(
-                    x.detach().requires_grad_(True) if backward and isinstance(x, torch.Tensor) and x.is_floating_point() else x
+                    x.detach().requires_grad_(True)
+                    if backward and isinstance(x, torch.Tensor) and x.is_floating_point()
+                    else x
                     for x in inputs
                 )
                 with torch.enable_grad():
@@ -86,5 +89,3 @@ def record_activations(
             module.training = mode
         model.zero_grad(set_to_none=True)
     return w
-
-

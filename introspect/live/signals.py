@@ -26,7 +26,8 @@ import signal
 import sys
 import threading
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 __all__ = ["SignalGuard", "GRACE_S", "WATCHED_SIGNALS"]
 

@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import contextlib
 import sys
-from collections.abc import Iterator, Mapping
-from typing import Any, Callable
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -94,17 +94,27 @@ class Watcher:
             shards = shard_combiner(model, params, config.log, side_group)
             ddp = find_ddp(model)
             # Every rank plans the logging steps when their collectives need every rank.
-            shared = shards is not None or (
-                rank_and_world()[1] >= MIN_RANKS and ddp is not None)
+            shared = shards is not None or (rank_and_world()[1] >= MIN_RANKS and ddp is not None)
             self._clock = StepClock(
-                every=config.every, check_every=config.check_every, image_every=config.image_every,
-                writes=raw is not None, counts_optimizer_steps=config.optimizer is not None,
-                step_fn=config.step_fn, shared=shared,
+                every=config.every,
+                check_every=config.check_every,
+                image_every=config.image_every,
+                writes=raw is not None,
+                counts_optimizer_steps=config.optimizer is not None,
+                step_fn=config.step_fn,
+                shared=shared,
             )
             self.ctx = ProbeContext(
-                config=config, model=model, root=root, modules=modules,
-                params=params, writer=self._writer, findings=self.findings,
-                step_hooks=self._step_hooks, force_log=self._force_log, unobserved=self._unobserved,
+                config=config,
+                model=model,
+                root=root,
+                modules=modules,
+                params=params,
+                writer=self._writer,
+                findings=self.findings,
+                step_hooks=self._step_hooks,
+                force_log=self._force_log,
+                unobserved=self._unobserved,
             )
             self.ctx.ddp = ddp
             self.ctx.side_group = side_group
@@ -198,7 +208,7 @@ class Watcher:
             if guard is not None and guard.pending is not None:
                 guard.deliver()  # the signal that came while watching, now to its own handler
 
-    def __enter__(self) -> "Watcher":
+    def __enter__(self) -> Watcher:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
@@ -363,4 +373,3 @@ class Watcher:
         if self._guard is not None and self._guard.pending is not None:
             self.close()  # a step boundary: the step is written; then the signal goes on
         return None
-

@@ -29,8 +29,9 @@ import json
 import re
 import tokenize
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from .._torch import zip_reader
 from ..errors import LoadError, UnsafeLoadError
@@ -89,7 +90,9 @@ def read_member(z: zipfile.ZipFile, name: str, limit: int, path: Path) -> bytes:
     try:
         info = z.getinfo(name)
         if info.file_size > limit:
-            raise LoadError(f"refusing {path}: {name} is {_size(info.file_size)}, more than the {_size(limit)} it may hold")
+            raise LoadError(
+                f"refusing {path}: {name} is {_size(info.file_size)}, more than the {_size(limit)} it may hold"
+            )
         with z.open(info) as f:
             data = f.read(limit + 1)
     except (zipfile.BadZipFile, OSError, EOFError, KeyError, RuntimeError, NotImplementedError) as e:
@@ -101,7 +104,9 @@ def read_member(z: zipfile.ZipFile, name: str, limit: int, path: Path) -> bytes:
 
 
 # --------------------------------------------------------------------------- torch.export archives
-_META_RECORDS = frozenset({"archive_format", "archive_version", "byteorder", "version", ".data/version", ".data/serialization_id"})
+_META_RECORDS = frozenset(
+    {"archive_format", "archive_version", "byteorder", "version", ".data/version", ".data/serialization_id"}
+)
 _NAME = r"[A-Za-z0-9_\-]+"
 _PROGRAM = re.compile(rf"models/({_NAME})\.json")
 _SAMPLE_INPUTS = re.compile(rf"data/sample_inputs/{_NAME}\.pt")
@@ -113,10 +118,15 @@ _EXTRA = re.compile(r"extra/[^/]+")
 _COMPILED = ("data/aotinductor/", "data/executorch/", "data/mtia")
 
 _LEGACY_PROGRAM = "serialized_exported_program.json"
-_LEGACY_PICKLES = frozenset({
-    "serialized_state_dict.pt", "serialized_state_dict.json", "serialized_constants.pt",
-    "serialized_constants.json", "serialized_example_inputs.pt",
-})
+_LEGACY_PICKLES = frozenset(
+    {
+        "serialized_state_dict.pt",
+        "serialized_state_dict.json",
+        "serialized_constants.pt",
+        "serialized_constants.json",
+        "serialized_example_inputs.pt",
+    }
+)
 _LEGACY_EXTRA = re.compile(r"extra_files/[^/]+")
 
 
@@ -156,7 +166,9 @@ def _check_current_layout(names: list[str], reader: Any, path: Path) -> None:
     except (RuntimeError, UnicodeDecodeError):  # "file in archive is not in a subdirectory"
         members = None
     if members is None:
-        raise LoadError(f"{path}: not a torch.export archive torch can read (its members are not all in one top folder)")
+        raise LoadError(
+            f"{path}: not a torch.export archive torch can read (its members are not all in one top folder)"
+        )
     root = names[0].split("/", 1)[0] if names else ""
     if sorted(names) != sorted(f"{root}/{m}" for m in members):
         raise LoadError(f"refusing {path}: its zip directory reads differently in Python and in torch")
@@ -172,7 +184,9 @@ def _check_current_layout(names: list[str], reader: Any, path: Path) -> None:
 
     for marker, expected in (("archive_format", b"pt2"), ("archive_version", b"0")):
         if marker not in members or record(marker, _FIRST_BYTES).strip() != expected:
-            raise LoadError(f"refusing {path}: not a torch.export archive of a layout we know ({marker} is not {expected.decode()})")
+            raise LoadError(
+                f"refusing {path}: not a torch.export archive of a layout we know ({marker} is not {expected.decode()})"
+            )
 
     programs: list[str] = []
     configs: list[tuple[str, str]] = []
@@ -191,7 +205,7 @@ def _check_current_layout(names: list[str], reader: Any, path: Path) -> None:
             configs.append((found.group(1), name))
         elif folder in ("data/weights", "data/constants") and _PAYLOAD[folder[5:]].fullmatch(leaf):
             continue  # raw tensor bytes, or pickled ones that a config marks (checked below)
-        elif name.startswith("data/constants/") and _PYTHON_OBJECT.match(name[len("data/constants/"):]):
+        elif name.startswith("data/constants/") and _PYTHON_OBJECT.match(name[len("data/constants/") :]):
             raise UnsafeLoadError(unsafe_message(path, "a pickled Python object (a custom or opaque constant)"))
         else:
             raise LoadError(f"refusing {path}: it holds {name}, which is no part of a torch.export archive we know")
@@ -207,12 +221,14 @@ def _check_current_layout(names: list[str], reader: Any, path: Path) -> None:
         _check_pickle(record(name), name, path)
 
 
-def _config_pickles(config: Any, kind: str, name: str, members: list[str], reader_sizes: dict[str, int], path: Path) -> list[str]:
+def _config_pickles(
+    config: Any, kind: str, name: str, members: list[str], reader_sizes: dict[str, int], path: Path
+) -> list[str]:
     """The members a weights or constants config marks as pickled; refuses entries torch would not
     read as plain tensors (a path outside the folder, an opaque or custom object)."""
     entries = config.get("config") if isinstance(config, dict) else None
     if not isinstance(entries, dict):
-        raise LoadError(f"refusing {path}: {name} is not a payload config ({{\"config\": {{...}}}})")
+        raise LoadError(f'refusing {path}: {name} is not a payload config ({{"config": {{...}}}})')
     check_program(entries, name, path)
     pickled = []
     for fqn, entry in entries.items():
@@ -258,7 +274,12 @@ def _check_flat_layout(z: zipfile.ZipFile, names: list[str], reader: Any, path: 
         # two programs in one file, one of them unchecked.
         raise LoadError(f"refusing {path}: it mixes the current torch.export layout with the older flat one")
     for name in names:
-        if name != "version" and name != _LEGACY_PROGRAM and name not in _LEGACY_PICKLES and not _LEGACY_EXTRA.fullmatch(name):
+        if (
+            name != "version"
+            and name != _LEGACY_PROGRAM
+            and name not in _LEGACY_PICKLES
+            and not _LEGACY_EXTRA.fullmatch(name)
+        ):
             raise LoadError(f"refusing {path}: it holds {name}, which is no part of a torch.export archive we know")
     if _LEGACY_PROGRAM not in names:
         raise LoadError(f"refusing {path}: an older torch.export archive without {_LEGACY_PROGRAM}")
@@ -333,7 +354,11 @@ def _check_string(key: str, text: str, name: str, path: Path) -> None:
     elif key in _FREE_TEXT:
         problem = None if _NO_LINE_BREAKS.fullmatch(text) else "a carriage return or NUL"
     elif key == "target":
-        problem = None if _PLAIN.fullmatch(text) or _EXTENSION_TARGET.fullmatch(text) else "an operator name beyond [A-Za-z0-9_.-]"
+        problem = (
+            None
+            if _PLAIN.fullmatch(text) or _EXTENSION_TARGET.fullmatch(text)
+            else "an operator name beyond [A-Za-z0-9_.-]"
+        )
     elif key in ("nn_module_stack", "source_fn_stack", "torch_fn"):
         problem = None if _MODULE_STACK.fullmatch(text) else "a module path beyond [A-Za-z0-9_.,;@<>-]"
     elif key == "torch_version":
@@ -342,10 +367,13 @@ def _check_string(key: str, text: str, name: str, path: Path) -> None:
         problem = None if _PLAIN.fullmatch(text) else "a name beyond [A-Za-z0-9_.-]"
     if problem is not None:
         shown = text if len(text) <= 60 else text[:57] + "..."
-        raise UnsafeLoadError(unsafe_message(
-            path, f"a string torch would turn into code ({key or 'a value'} {shown!r} in {name}: {problem})",
-            "loading it",
-        ))
+        raise UnsafeLoadError(
+            unsafe_message(
+                path,
+                f"a string torch would turn into code ({key or 'a value'} {shown!r} in {name}: {problem})",
+                "loading it",
+            )
+        )
 
 
 def _check_treespec(text: str) -> str | None:
@@ -378,18 +406,60 @@ def _check_treespec(text: str) -> str | None:
 # (``Mul(Integer(2), Symbol('s0', positive=True, integer=True))``) or, in older files, infix
 # (``2*s0 + 1``): names of sympy and torch functions, symbols, numbers and arithmetic. Nothing else
 # passes: no attribute access, no subscripts, no other names, no other strings.
-_SYMPY_NAMES = frozenset({
-    "Symbol", "Integer", "Float", "Rational", "Add", "Mul", "Pow", "Max", "Min", "Abs", "Eq", "Ne",
-    "Lt", "Le", "Gt", "Ge", "StrictLessThan", "StrictGreaterThan", "LessThan", "GreaterThan",
-    "Equality", "Unequality", "And", "Or", "Not", "Piecewise", "ExprCondPair", "true", "false",
-    "oo", "zoo", "nan", "Infinity", "NegativeInfinity", "NaN", "Half", "One", "Zero", "NegativeOne",
-    "floor", "ceiling", "BooleanTrue", "BooleanFalse",
-})
+_SYMPY_NAMES = frozenset(
+    {
+        "Symbol",
+        "Integer",
+        "Float",
+        "Rational",
+        "Add",
+        "Mul",
+        "Pow",
+        "Max",
+        "Min",
+        "Abs",
+        "Eq",
+        "Ne",
+        "Lt",
+        "Le",
+        "Gt",
+        "Ge",
+        "StrictLessThan",
+        "StrictGreaterThan",
+        "LessThan",
+        "GreaterThan",
+        "Equality",
+        "Unequality",
+        "And",
+        "Or",
+        "Not",
+        "Piecewise",
+        "ExprCondPair",
+        "true",
+        "false",
+        "oo",
+        "zoo",
+        "nan",
+        "Infinity",
+        "NegativeInfinity",
+        "NaN",
+        "Half",
+        "One",
+        "Zero",
+        "NegativeOne",
+        "floor",
+        "ceiling",
+        "BooleanTrue",
+        "BooleanFalse",
+    }
+)
 _KEYWORDS = frozenset({"precision", "evaluate", "commutative"})
 _EXPONENTIALS = frozenset({"Pow", "PowByNatural", "FloatPow", "LShift", "**"})
 _MAX_EXPONENT = 16  # s0**2 is what shapes need; 2**(10**18) would fill memory
 _MAX_EXPONENTIALS = 3  # nested powers multiply: (2**63)**(16**3) is still small
-_OPERATORS = frozenset({"+", "-", "*", "/", "//", "%", "(", ")", ",", "=", "<", ">", "<=", ">=", "==", "!=", "~", "&", "|", "**"})
+_OPERATORS = frozenset(
+    {"+", "-", "*", "/", "//", "%", "(", ")", ",", "=", "<", ">", "<=", ">=", "==", "!=", "~", "&", "|", "**"}
+)
 _INTEGER = re.compile(r"[0-9]{1,19}")
 _FLOAT = re.compile(r"([0-9]+\.[0-9]*|\.[0-9]+)([eE][+-]?[0-9]{1,3})?")
 _STRING = re.compile(r"'[A-Za-z0-9_.+\-]*'")
@@ -404,8 +474,11 @@ def check_sym_expr(text: str) -> str | None:
     if len(text) > MAX_EXPRESSION:
         return f"longer than {MAX_EXPRESSION} characters"
     try:
-        tokens = [t for t in tokenize.generate_tokens(io.StringIO(text).readline)
-                  if t.type not in (tokenize.NEWLINE, tokenize.NL, tokenize.ENDMARKER)]
+        tokens = [
+            t
+            for t in tokenize.generate_tokens(io.StringIO(text).readline)
+            if t.type not in (tokenize.NEWLINE, tokenize.NL, tokenize.ENDMARKER)
+        ]
     except (tokenize.TokenError, SyntaxError) as e:
         return f"not an expression ({e})"
     names = _expression_names()
@@ -423,7 +496,9 @@ def check_sym_expr(text: str) -> str | None:
             return "a tuple"  # (s0, s1) * 10**18 would be Python's tuple repetition, not sympy's
         if kind == tokenize.NAME:
             known = (
-                value in names or value in ("True", "False") or _OPAQUE_FUNCTION.fullmatch(value)
+                value in names
+                or value in ("True", "False")
+                or _OPAQUE_FUNCTION.fullmatch(value)
                 or (following == "=" and value in _keyword_names())
                 or (_SYMBOL.fullmatch(value) and value not in _sympy_namespace())
             )
@@ -436,8 +511,13 @@ def check_sym_expr(text: str) -> str | None:
             # Only as the first argument of Symbol('s0', ...) or Float('1.5', ...): a string
             # anywhere else could be repeated ('1' * 10**18) before sympy sees it.
             opener = tokens[i - 2].string if i >= 2 else ""
-            if not (_STRING.fullmatch(value) and previous is not None and previous.string == "("
-                    and opener in _STRING_TAKERS and following in (",", ")")):
+            if not (
+                _STRING.fullmatch(value)
+                and previous is not None
+                and previous.string == "("
+                and opener in _STRING_TAKERS
+                and following in (",", ")")
+            ):
                 return f"the string {value!r}"
         elif kind != tokenize.OP or value not in _OPERATORS:
             return f"{value!r}"
@@ -452,7 +532,7 @@ def _small_exponent(tokens: list[tokenize.TokenInfo], at: int) -> bool:
     """Whether the exponential at ``tokens[at]`` (``x ** k`` or ``Pow(x, k)``) has a literal
     exponent ``k`` of at most ``_MAX_EXPONENT``, as ``2`` or ``Integer(2)``."""
     if tokens[at].string == "**":
-        exponent = [t.string for t in tokens[at + 1:at + 2]]
+        exponent = [t.string for t in tokens[at + 1 : at + 2]]
     else:  # the second argument of the call: after the first top-level comma, up to the next
         if at + 1 >= len(tokens) or tokens[at + 1].string != "(":
             return False
@@ -539,7 +619,9 @@ def read_error(path: Path, e: BaseException, part: str = "") -> LoadError:
         needs = f" (it needs {found.group(1)})" if found else ""
         return UnsafeLoadError(unsafe_message(path, f"Python objects beyond tensors{inside}{needs}"))
     reason = _reason(e)
-    return LoadError(f"cannot read {path}{inside} (corrupt or truncated?): {type(e).__name__}" + (f": {reason}" if reason else ""))
+    return LoadError(
+        f"cannot read {path}{inside} (corrupt or truncated?): {type(e).__name__}" + (f": {reason}" if reason else "")
+    )
 
 
 _TORCH_ADVICE = ("weights only load failed", "please file an issue", "check the documentation of torch.load")

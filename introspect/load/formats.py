@@ -1,4 +1,6 @@
-"""introspect.load.formats (split from introspect.load.models)."""
+"""The file formats a model is read from, told apart by their bytes: ``torch.save`` archives (through
+``weights_only``), TorchScript, ``torch.export`` programs (checked before torch reads them) and
+safetensors; and fitting a state_dict to a model with errors that name the mismatch."""
 
 from __future__ import annotations
 
@@ -23,6 +25,20 @@ from ..errors import (
 )
 from ..terminal import counted
 from . import archive
+
+__all__ = [
+    "ModelFile",
+    "read_file",
+    "detect_format",
+    "find_state_dict",
+    "strip_wrapper_prefixes",
+    "load_state_dict_into",
+    "torch_load",
+    "describe_state_dict",
+    "FORMATS",
+    "STATE_DICT_KEYS",
+    "WRAPPER_PREFIXES",
+]
 
 STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model")
 
@@ -135,7 +151,7 @@ def strip_wrapper_prefixes(state: Mapping[str, Any]) -> dict[str, Any]:
         changed = False
         for prefix in WRAPPER_PREFIXES:
             if all(k.startswith(prefix) for k in state):
-                state = {k[len(prefix):]: v for k, v in state.items()}
+                state = {k[len(prefix) :]: v for k, v in state.items()}
                 changed = True
     return state
 
@@ -148,7 +164,7 @@ def load_state_dict_into(model: nn.Module, state: Mapping[str, torch.Tensor], so
         heads = {k.split(".", 1)[0] for k in state}
         if len(heads) == 1 and all("." in k for k in state):
             head = heads.pop() + "."
-            stripped = {k[len(head):]: v for k, v in state.items()}
+            stripped = {k[len(head) :]: v for k, v in state.items()}
             if stripped.keys() == own.keys():
                 state = stripped
     shapes = [

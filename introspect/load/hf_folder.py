@@ -112,7 +112,9 @@ def _build(folder: Path) -> nn.Module:
         return cls(config)
     except Exception as e:
         what = cls.__name__ if cls is not None else f"AutoModel for {config.model_type!r}"
-        raise LoadError(f"building {what} from {folder / CONFIG_FILE} failed: {type(e).__name__}: {first_line(e)}") from e
+        raise LoadError(
+            f"building {what} from {folder / CONFIG_FILE} failed: {type(e).__name__}: {first_line(e)}"
+        ) from e
 
 
 def _shards(folder: Path, index: Path) -> list[Path]:

@@ -54,7 +54,9 @@ def parse_shape(text: str) -> tuple[int, ...]:
     return shape
 
 
-def random_input(model: nn.Module, shape: Sequence[int], dtype: torch.dtype = torch.float32, seed: int = 0) -> torch.Tensor:
+def random_input(
+    model: nn.Module, shape: Sequence[int], dtype: torch.dtype = torch.float32, seed: int = 0
+) -> torch.Tensor:
     """A reproducible input: standard normal values, or for an integer dtype token ids below the
     first embedding's size (so an embedding model gets indices it can look up)."""
     g = torch.Generator().manual_seed(seed)
@@ -81,7 +83,9 @@ def load_input_file(path: str | os.PathLike, unsafe: bool = False) -> tuple[torc
         return (obj,)
     if isinstance(obj, (tuple, list)) and obj and all(isinstance(t, torch.Tensor) for t in obj):
         return tuple(obj)
-    raise LoadError(f"{path} holds a {type(obj).__name__}; expected a tensor or a tuple of tensors (the model's inputs)")
+    raise LoadError(
+        f"{path} holds a {type(obj).__name__}; expected a tensor or a tuple of tensors (the model's inputs)"
+    )
 
 
 def image_files(folder: str | os.PathLike) -> list[Path]:

@@ -34,29 +34,15 @@ from . import hf_folder
 from .formats import (
     ModelFile,
     describe_state_dict,
-    find_state_dict,
     load_state_dict_into,
     read_file,
 )
 
-__all__ = [
-    "load_model",
-    "load_weights",
-    "read_model_file",
-    "build_architecture",
-    "find_state_dict",
-    "load_state_dict_into",
-    "STATE_DICT_KEYS",
-    "WRAPPER_PREFIXES",
-]
+__all__ = ["load_model", "load_weights", "read_model_file", "build_architecture"]
 
 """Keys under which checkpoint dicts commonly keep the model's weights, in the order we look."""
 
 """Key prefixes added by DataParallel/DistributedDataParallel and by ``torch.compile``."""
-
-
-
-
 
 
 # --------------------------------------------------------------------------- public
@@ -148,8 +134,6 @@ def read_model_file(
     return read_file(path, unsafe, map_location)
 
 
-
-
 def build_architecture(arch: str, kwargs: Mapping[str, Any] | None = None) -> nn.Module:
     """An untrained ``nn.Module`` from ``"package.module:Class"``, ``"torchvision:name"`` or
     ``"timm:name"`` (``timm.create_model(name, pretrained=False, **kwargs)``).
@@ -173,8 +157,7 @@ def build_architecture(arch: str, kwargs: Mapping[str, Any] | None = None) -> nn
         target: Any = _import_here_too(module_name)
     except ImportError as e:
         raise ArchitectureError(
-            f"cannot import {module_name!r} for architecture {arch!r}: {e} (is its directory on "
-            "PYTHONPATH?)"
+            f"cannot import {module_name!r} for architecture {arch!r}: {e} (is its directory on PYTHONPATH?)"
         ) from e
     for part in attr.split("."):
         if not hasattr(target, part):
@@ -193,22 +176,6 @@ def build_architecture(arch: str, kwargs: Mapping[str, Any] | None = None) -> nn
     if not isinstance(model, nn.Module):
         raise ArchitectureError(f"{arch}(**{kwargs}) returned a {type(model).__name__}, not an nn.Module")
     return model
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
 
 
 def _import_here_too(module_name: str) -> Any:
@@ -238,9 +205,7 @@ def _timm_model(name: str, kwargs: dict[str, Any]) -> nn.Module:
         )
     if not timm.is_model(name):
         hint = difflib.get_close_matches(name, timm.list_models(), n=3)
-        raise ArchitectureError(
-            f"timm has no model {name!r}" + (f"; did you mean {', '.join(hint)}?" if hint else "")
-        )
+        raise ArchitectureError(f"timm has no model {name!r}" + (f"; did you mean {', '.join(hint)}?" if hint else ""))
     try:
         return timm.create_model(name, pretrained=False, **kwargs)
     except Exception as e:
@@ -268,18 +233,9 @@ def _torchvision_model(name: str, kwargs: dict[str, Any]) -> nn.Module:
         raise ArchitectureError(f"building torchvision:{name}(**{kwargs}) failed: {type(e).__name__}: {e}") from e
 
 
-
-
-
-
-
-
 def _check_kwargs(kwargs: Mapping[str, Any] | None) -> dict[str, Any]:
     if kwargs is None:
         return {}
     if not isinstance(kwargs, Mapping):
         raise ConfigError(f"arch_kwargs must be a dict of keyword arguments, got {type(kwargs).__name__}")
     return dict(kwargs)
-
-
-

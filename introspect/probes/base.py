@@ -28,9 +28,9 @@ same class, and reach the step's records through ``self.ctx`` (a :class:`ProbeCo
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from torch import nn
@@ -80,8 +80,18 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = ["Probe", "ProbeContext", "EVENTS"]
 
 EVENTS = (
-    "on_first_batch", "on_step_start", "on_forward", "on_forward_end", "on_output", "on_output_grad", "on_param_grad",
-    "on_after_backward", "on_optimizer_pre", "on_optimizer_step", "on_step_end", "on_close",
+    "on_first_batch",
+    "on_step_start",
+    "on_forward",
+    "on_forward_end",
+    "on_output",
+    "on_output_grad",
+    "on_param_grad",
+    "on_after_backward",
+    "on_optimizer_pre",
+    "on_optimizer_step",
+    "on_step_end",
+    "on_close",
 )
 
 
@@ -104,13 +114,13 @@ class Probe:
     name: str = ""
     builtin: bool = False
     """Built-in probes share the module's fate: an error in one stops watching that module."""
-    ctx: "ProbeContext"
+    ctx: ProbeContext
 
-    def bind(self, ctx: "ProbeContext") -> None:
+    def bind(self, ctx: ProbeContext) -> None:
         """Called once by the watcher, before any event."""
         self.ctx = ctx
 
-    def active(self, plan: "StepPlan") -> bool:
+    def active(self, plan: StepPlan) -> bool:
         """Whether this probe takes part in a step; by default on logging steps only."""
         return plan.logging
 
@@ -123,21 +133,23 @@ class Probe:
         """``module``'s forward returned ``output``; return scalars to write, keyed by what they are."""
         return None
 
-    def on_output_grad(self, name: str, module: nn.Module, grad: torch.Tensor) -> Mapping[str, torch.Tensor | float] | None:
+    def on_output_grad(
+        self, name: str, module: nn.Module, grad: torch.Tensor
+    ) -> Mapping[str, torch.Tensor | float] | None:
         """The gradient w.r.t. one floating output of ``module`` (``name`` carries the output's
         suffix when the module returns several, e.g. ``lstm/0``); return scalars as in ``on_output``."""
         return None
 
     # The step-level events (see the module docstring); the built-in probes use them.
     def on_first_batch(self, module: nn.Module, args: tuple, kwargs: dict) -> None: ...
-    def on_step_start(self, plan: "StepPlan") -> None: ...
+    def on_step_start(self, plan: StepPlan) -> None: ...
     def on_forward(self, args: tuple, kwargs: dict) -> None: ...
     def on_forward_end(self, output: Any) -> None: ...
     def on_param_grad(self, name: str, param: torch.Tensor) -> None: ...
     def on_after_backward(self) -> None: ...
     def on_optimizer_pre(self) -> None: ...
     def on_optimizer_step(self) -> None: ...
-    def on_step_end(self, host: "HostStep | None") -> None: ...
+    def on_step_end(self, host: HostStep | None) -> None: ...
     def on_close(self, failed: bool) -> None: ...
 
 
@@ -158,9 +170,9 @@ class ProbeContext:
         root: nn.Module,
         modules: dict[str, nn.Module],
         params: dict[str, nn.Parameter],
-        writer: "GuardedWriter",
-        findings: "Findings",
-        step_hooks: "Registry",
+        writer: GuardedWriter,
+        findings: Findings,
+        step_hooks: Registry,
         force_log: Callable[[], None],
         unobserved: Callable[[], Any] = contextlib.nullcontext,
     ) -> None:
@@ -180,8 +192,8 @@ class ProbeContext:
         """A context in which the model's forwards are not observed (the watcher's own: a replay)."""
         self.check_mode = "off"
         """How the non-finite check runs: "replay" (the sentinel), "per_module" or "off"."""
-        self.plan: "StepPlan | None" = None
-        self.buffer: "StepBuffer | None" = None
+        self.plan: StepPlan | None = None
+        self.buffer: StepBuffer | None = None
         self.ddp: nn.Module | None = None
         self.shards: Any = None
         """The ``sharded.ShardCombiner`` of sharded training (FSDP2, FSDP1 views), else None."""
@@ -225,13 +237,20 @@ class ProbeContext:
         """A built-in probe failed on ``key`` (a module, or ``<writer>``-like name): warn once and
         stop it; training goes on (``strict=True``: raise ``ProbeError``)."""
         what = f"{key} ({type(module).__name__})" if module is not None else key
-        self._fail(key, key, error, f"the probe on {what} failed", f"stopped watching {what} after an error in its probe")
+        self._fail(
+            key, key, error, f"the probe on {what} failed", f"stopped watching {what} after an error in its probe"
+        )
 
     def disable_probe(self, probe: Probe, where: str, module: nn.Module | None, error: Exception) -> None:
         """A user probe failed: it stops for the rest of the run, with one warning."""
         what = f"{where} ({type(module).__name__})" if module is not None else where
-        self._fail(f"<probe {probe.name}>", where, error, f"probe {probe.name!r} failed on {what}",
-                   f"probe {probe.name!r} stopped after an error on {what}")
+        self._fail(
+            f"<probe {probe.name}>",
+            where,
+            error,
+            f"probe {probe.name!r} failed on {what}",
+            f"probe {probe.name!r} stopped after an error on {what}",
+        )
 
     def _fail(self, key: str, module: str, error: Exception, failed: str, stopped: str) -> None:
         if key in self.disabled:
@@ -240,7 +259,9 @@ class ProbeContext:
         if self.config.strict:
             raise ProbeError(
                 f"introspect: {failed}: {type(error).__name__}: {error} "
-                "(strict=True; without it the probe would stop and training go on)", module) from error
+                "(strict=True; without it the probe would stop and training go on)",
+                module,
+            ) from error
         warn(f"introspect: {stopped}: {type(error).__name__}: {error}", IntrospectWarning)
 
     def outputs(self, name: str, output: Any) -> list[tuple[str, str, torch.Tensor]]:
@@ -250,7 +271,8 @@ class ProbeContext:
             tensors = self.tensors(output)
             self._outputs_name = name
             self._outputs = (
-                [(name, tensors[0][0], tensors[0][1])] if len(tensors) == 1
+                [(name, tensors[0][0], tensors[0][1])]
+                if len(tensors) == 1
                 else [(f"{name}/{suffix}", suffix, tensor) for suffix, tensor in tensors]
             )
         return self._outputs

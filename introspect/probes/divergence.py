@@ -116,8 +116,10 @@ class RankDivergence(Probe):
     def _stop(self, error: Exception) -> None:
         if not self._warned:
             self._warned = True
-            warn(f"introspect: rank_divergence stopped: {type(error).__name__}: {error} "
-                 "(does every rank call watch()?)", IntrospectWarning)
+            warn(
+                f"introspect: rank_divergence stopped: {type(error).__name__}: {error} (does every rank call watch()?)",
+                IntrospectWarning,
+            )
 
     def _compare(self, host: HostStep) -> None:
         local = torch.full((len(self._names), 3), math.nan, dtype=torch.float64)
@@ -131,16 +133,22 @@ class RankDivergence(Probe):
             value = float(values[rank, m, _MEASURES.index(measure)])
             others = values[:, m, _MEASURES.index(measure)]
             median = float(others[~torch.isnan(others)].median())
-            what = {"max_abs": "largest |activation|", "l2_norm": "activation L2 norm",
-                    "nonfinite": "NaN/Inf count"}[measure]
-            self.ctx.findings.add(Alert(
-                "rank_divergence", name, host.step,
-                f"rank {rank} stands apart from the other {world - 1} ranks at {name}: its {what} is "
-                f"{value:.4g} where the ranks' median is {median:.4g} (robust z {z:+.1f}); a bad "
-                "device, silent data corruption or that rank's own data",
-                {"rank": float(rank), "z": z, "value": value, "median": median, "ranks": float(world)},
-                phase="forward", module_type=self.ctx.module_types.get(name, ""),
-            ))
+            what = {"max_abs": "largest |activation|", "l2_norm": "activation L2 norm", "nonfinite": "NaN/Inf count"}[
+                measure
+            ]
+            self.ctx.findings.add(
+                Alert(
+                    "rank_divergence",
+                    name,
+                    host.step,
+                    f"rank {rank} stands apart from the other {world - 1} ranks at {name}: its {what} is "
+                    f"{value:.4g} where the ranks' median is {median:.4g} (robust z {z:+.1f}); a bad "
+                    "device, silent data corruption or that rank's own data",
+                    {"rank": float(rank), "z": z, "value": value, "median": median, "ranks": float(world)},
+                    phase="forward",
+                    module_type=self.ctx.module_types.get(name, ""),
+                )
+            )
 
 
 def divergence_wanted(ctx: Any) -> bool:

@@ -11,7 +11,8 @@ most 64 channels), and it is dropped once the step is written; the pictures are 
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -76,6 +77,7 @@ def _first_packed_sample(packed: PackedSequence) -> torch.Tensor:
 
 def _tensor_picker(module: nn.Module) -> Callable[[torch.Tensor], Picked | None] | None:
     if isinstance(module, _GRID_CONVS):
+
         def grid(output: torch.Tensor) -> Picked | None:
             if output.dim() != 4 or output.shape[0] == 0:  # unbatched or empty: nothing to show
                 return None
@@ -83,6 +85,7 @@ def _tensor_picker(module: nn.Module) -> Callable[[torch.Tensor], Picked | None]
 
         return grid
     if isinstance(module, _SEQUENCE_CONVS):
+
         def channels_by_length(output: torch.Tensor) -> Picked | None:
             if output.dim() != 3 or output.shape[0] == 0:
                 return None
@@ -105,7 +108,6 @@ def draw(picked: Picked) -> torch.Tensor:
     """The picture (3xHxW float in [0, 1]) of a slice from :func:`sample_picker`."""
     kind, values = picked
     return channel_grid(values, MAX_CHANNELS) if kind == "grid" else heatmap(values)
-
 
 
 class FeatureMaps(Probe):

@@ -34,7 +34,7 @@ _LABEL = Check("grad_norm")
 _MEASURE = "grad_norm/global"
 
 
-def spike_score(value: float, window: "deque[float] | list[float]") -> tuple[float, float, float]:
+def spike_score(value: float, window: deque[float] | list[float]) -> tuple[float, float, float]:
     """``(σ above the mean, mean, σ)`` of ``value`` against the earlier values in ``window``.
 
     Plain float sums (``math.fsum``), not ``statistics.pstdev``: that one sums exact fractions,
@@ -97,19 +97,25 @@ class GradNormSpike(Probe):
         limits = self.ctx.config.thresholds
         window = self._window
         # σ only for a value that could be a spike: ≥ ratio x the mean (a few µs per step otherwise).
-        if len(window) >= max(2, int(limits.grad_spike_min_history)) and \
-                value >= limits.grad_spike_ratio * math.fsum(window) / len(window):
+        if len(window) >= max(2, int(limits.grad_spike_min_history)) and value >= limits.grad_spike_ratio * math.fsum(
+            window
+        ) / len(window):
             score, mean, sigma = spike_score(value, window)
             if score >= limits.grad_spike_sigma:
                 self._spike(buffer.step, value, score, mean, sigma)
         self._window.append(value)
 
     def _spike(self, step: int, value: float, score: float, mean: float, sigma: float) -> None:
-        new = self.ctx.findings.add(Alert(
-            "grad_norm_spike", root_name(self.ctx.root), step,
-            f"the global gradient norm {value:.3g} is {score:.3g}σ above its rolling mean {mean:.3g}: "
-            "a loss spike tends to follow (see diagnostics/pre_spike for the steps before)",
-            {"grad_norm": value, "sigma_above": score, "rolling_mean": mean, "rolling_std": sigma}))
+        new = self.ctx.findings.add(
+            Alert(
+                "grad_norm_spike",
+                root_name(self.ctx.root),
+                step,
+                f"the global gradient norm {value:.3g} is {score:.3g}σ above its rolling mean {mean:.3g}: "
+                "a loss spike tends to follow (see diagnostics/pre_spike for the steps before)",
+                {"grad_norm": value, "sigma_above": score, "rolling_mean": mean, "rolling_std": sigma},
+            )
+        )
         if new and self._history:
             self.ctx.writer.call("add_text", PRE_SPIKE_TAG, pre_spike_markdown(list(self._history)), step)
 

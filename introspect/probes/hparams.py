@@ -3,8 +3,8 @@ from ``w.finish(metrics=...)``, and a failed session's end when the watch closes
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any, Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from ..errors import IntrospectError
 from ..records.run_params import RunHparams, check_metrics
@@ -31,7 +31,8 @@ class Hparams(Probe):
         if self.run.ended:
             raise IntrospectError(
                 "this run's HPARAMS session has ended already (finish() was called, or the watch "
-                "closed on an error); metrics are recorded once")
+                "closed on an error); metrics are recorded once"
+            )
         self._metrics = values
 
     def on_close(self, failed: bool) -> None:

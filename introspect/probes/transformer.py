@@ -49,7 +49,11 @@ def _bind(names: list[str], args: tuple, kwargs: dict) -> dict[str, Any]:
 
 
 def attention_stats(
-    q: torch.Tensor, k: torch.Tensor, scale: float, allowed: torch.Tensor | None, bias: torch.Tensor | None,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    scale: float,
+    allowed: torch.Tensor | None,
+    bias: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-head (max logit, mean softmax entropy in nats) of sampled query rows.
 
@@ -161,8 +165,9 @@ def mha_stats(args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor]:
     if attn_mask is not None:
         # F.pad's zeros are "attend" in both mask kinds: False (not masked) and +0.
         mask = F.pad(_rows_of(attn_mask.detach(), rows), (0, len(extra)))
-        allowed, add = _split_mask(mask.reshape(n, heads, *mask.shape[-2:]) if mask.dim() == 3 else mask,
-                                   masked_is_true=True)  # a 3-D mask is (N*H, L, S)
+        allowed, add = _split_mask(
+            mask.reshape(n, heads, *mask.shape[-2:]) if mask.dim() == 3 else mask, masked_is_true=True
+        )  # a 3-D mask is (N*H, L, S)
     if padding is not None:
         pad = F.pad(padding.detach().reshape(n, 1, 1, -1), (0, len(extra)))
         pad_ok, pad_add = _split_mask(pad, masked_is_true=True)
@@ -174,7 +179,7 @@ def mha_stats(args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor]:
 class _AttentionMode(TorchFunctionMode):
     """Runs every function unchanged; measures the attention calls after they return."""
 
-    def __init__(self, probe: "AttentionProbe") -> None:
+    def __init__(self, probe: AttentionProbe) -> None:
         super().__init__()
         self.probe = probe
 
@@ -267,17 +272,29 @@ class AttentionProbe(Probe):
             entropy, max_logit = host.scalars.get(entropy_tag), host.measures.get(max_key)
             kind = type(self._module(where)).__name__
             if max_logit is not None and max_logit > limits.attention_max_logit:
-                self.ctx.findings.add(Alert(
-                    "attention_logit_growth", where, host.step,
-                    f"attention logits reach {max_logit:.3g} (> {limits.attention_max_logit:g}): attention turns "
-                    "one-hot; qk-layernorm or a lower learning rate is the usual fix",
-                    {"max_logit": max_logit}, module_type=types.get(where, kind)))
+                self.ctx.findings.add(
+                    Alert(
+                        "attention_logit_growth",
+                        where,
+                        host.step,
+                        f"attention logits reach {max_logit:.3g} (> {limits.attention_max_logit:g}): attention turns "
+                        "one-hot; qk-layernorm or a lower learning rate is the usual fix",
+                        {"max_logit": max_logit},
+                        module_type=types.get(where, kind),
+                    )
+                )
             if entropy is not None and math.isfinite(entropy) and entropy < limits.attention_entropy_floor:
-                self.ctx.findings.add(Alert(
-                    "attention_entropy_collapse", where, host.step,
-                    f"attention entropy fell to {entropy:.3g} nats (< {limits.attention_entropy_floor:g}): each query "
-                    "attends to one key; the loss tends to oscillate or diverge next",
-                    {"entropy": entropy}, module_type=types.get(where, kind)))
+                self.ctx.findings.add(
+                    Alert(
+                        "attention_entropy_collapse",
+                        where,
+                        host.step,
+                        f"attention entropy fell to {entropy:.3g} nats (< {limits.attention_entropy_floor:g}): each query "
+                        "attends to one key; the loss tends to oscillate or diverge next",
+                        {"entropy": entropy},
+                        module_type=types.get(where, kind),
+                    )
+                )
         self._seen = {}
 
     def _module(self, where: str) -> nn.Module | None:
@@ -361,11 +378,17 @@ class MassiveActivations(Probe):
                 continue
             if top > limits.massive_activation_abs and top > limits.massive_activation_ratio * median:
                 ratio = top / median if median > 0 else math.inf
-                self.ctx.findings.add(Alert(
-                    "massive_activation", name, host.step,
-                    f"one residual-stream value reaches {top:.3g}, {ratio:.3g}x the median |x| {median:.3g}: "
-                    "such values act as fixed biases and break low-precision training",
-                    {"max_abs": top, "median_abs": median}, module_type=type(block).__name__))
+                self.ctx.findings.add(
+                    Alert(
+                        "massive_activation",
+                        name,
+                        host.step,
+                        f"one residual-stream value reaches {top:.3g}, {ratio:.3g}x the median |x| {median:.3g}: "
+                        "such values act as fixed biases and break low-precision training",
+                        {"max_abs": top, "median_abs": median},
+                        module_type=type(block).__name__,
+                    )
+                )
 
 
 def output_logits(output: Any) -> torch.Tensor | None:
@@ -376,8 +399,13 @@ def output_logits(output: Any) -> torch.Tensor | None:
         logits = output.get("logits")
     if logits is None and isinstance(output, torch.Tensor):
         logits = output
-    if (isinstance(logits, torch.Tensor) and logits.layout == torch.strided and logits.is_floating_point()
-            and logits.dim() >= 2 and logits.shape[-1] >= 2):
+    if (
+        isinstance(logits, torch.Tensor)
+        and logits.layout == torch.strided
+        and logits.is_floating_point()
+        and logits.dim() >= 2
+        and logits.shape[-1] >= 2
+    ):
         return logits
     return None
 
@@ -402,7 +430,9 @@ class LogitDivergence(Probe):
             with torch.no_grad():
                 log_z = torch.logsumexp(logits.detach().float(), dim=-1).reshape(-1)
                 buffer.add_measure("log_z/mean", log_z.mean())
-                buffer.add_measure("log_z/std", log_z.std() if log_z.numel() > 1 else torch.zeros((), device=log_z.device))
+                buffer.add_measure(
+                    "log_z/std", log_z.std() if log_z.numel() > 1 else torch.zeros((), device=log_z.device)
+                )
         except Exception as e:  # an output it cannot read: this probe stops, training goes on
             self.ctx.disable("<logit_divergence>", None, e)
             return
@@ -414,8 +444,14 @@ class LogitDivergence(Probe):
         mean, std = host.measures["log_z/mean"], host.measures["log_z/std"]
         drift, limit = mean - math.log(self._classes), self.ctx.config.thresholds.logit_log_z_drift
         if math.isfinite(drift) and (abs(drift) > limit or std > limit):
-            self.ctx.findings.add(Alert(
-                "logit_divergence", self._where, host.step,
-                f"log Z of the output logits is {mean:.3g} ± {std:.3g} (uniform logits: {math.log(self._classes):.3g}): "
-                "the logits diverge; a z-loss (PaLM) keeps log Z near 0",
-                {"log_z_mean": mean, "log_z_std": std}, module_type=type(self.ctx.root).__name__))
+            self.ctx.findings.add(
+                Alert(
+                    "logit_divergence",
+                    self._where,
+                    host.step,
+                    f"log Z of the output logits is {mean:.3g} ± {std:.3g} (uniform logits: {math.log(self._classes):.3g}): "
+                    "the logits diverge; a z-loss (PaLM) keeps log Z near 0",
+                    {"log_z_mean": mean, "log_z_std": std},
+                    module_type=type(self.ctx.root).__name__,
+                )
+            )

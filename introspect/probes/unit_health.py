@@ -4,7 +4,8 @@ when the step's numbers reach the host."""
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn

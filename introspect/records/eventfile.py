@@ -22,7 +22,8 @@ bytes" operator, split by byte): a 20 KB event is 40 chained blocks.
 from __future__ import annotations
 
 import struct
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 

@@ -14,8 +14,6 @@ logger = logging.getLogger("introspect")
 logger.addHandler(logging.NullHandler())  # the application decides where findings go
 
 
-
-
 class Findings:
     """What the debugger found, each (kind, where) once, in ``alerts`` and in ``diagnostics/alerts``."""
 

@@ -78,8 +78,7 @@ def check_hparams(hparams: Mapping[str, Any] | None) -> dict[str, bool | int | f
                 values[key] = json.dumps(value)
             except (TypeError, ValueError) as e:
                 raise ConfigError(
-                    f"hparams[{key!r}] must hold JSON-like values (numbers, strings, booleans, "
-                    f"None, lists, dicts): {e}"
+                    f"hparams[{key!r}] must hold JSON-like values (numbers, strings, booleans, None, lists, dicts): {e}"
                 ) from None
             stringified.append(key)
         else:
@@ -89,8 +88,9 @@ def check_hparams(hparams: Mapping[str, Any] | None) -> dict[str, bool | int | f
             )
     if stringified:
         warn(
-            f"introspect: hparams {stringified} are not scalars; TensorBoard shows them as text "
-            "(their JSON)", IntrospectWarning)
+            f"introspect: hparams {stringified} are not scalars; TensorBoard shows them as text (their JSON)",
+            IntrospectWarning,
+        )
     return values
 
 
@@ -143,8 +143,11 @@ class RunHparams:
                 info.hparams[key].string_value = value
             else:
                 info.hparams[key].number_value = value
-        _add_summary(writer, _summary(
-            metadata.SESSION_START_INFO_TAG, plugin_data_pb2.HParamsPluginData(session_start_info=info)), 0)
+        _add_summary(
+            writer,
+            _summary(metadata.SESSION_START_INFO_TAG, plugin_data_pb2.HParamsPluginData(session_start_info=info)),
+            0,
+        )
 
     def finish(self, writer: Any, metrics: Mapping[str, float], step: int) -> None:
         """Metrics as scalars, the experiment naming the columns, and the session's successful end."""
@@ -161,12 +164,13 @@ class RunHparams:
                     api_pb2.HParamInfo(name=key, type=kinds.get(type(value), "DATA_TYPE_FLOAT64"))
                     for key, value in self.values.items()
                 ],
-                metric_infos=[
-                    api_pb2.MetricInfo(name=api_pb2.MetricName(tag=tag("hparams", key))) for key in metrics
-                ],
+                metric_infos=[api_pb2.MetricInfo(name=api_pb2.MetricName(tag=tag("hparams", key))) for key in metrics],
             )
-            _add_summary(writer, _summary(
-                metadata.EXPERIMENT_TAG, plugin_data_pb2.HParamsPluginData(experiment=experiment)), step)
+            _add_summary(
+                writer,
+                _summary(metadata.EXPERIMENT_TAG, plugin_data_pb2.HParamsPluginData(experiment=experiment)),
+                step,
+            )
         self.end(writer, failed=False, step=step)
 
     def end(self, writer: Any, failed: bool, step: int) -> None:
@@ -178,8 +182,11 @@ class RunHparams:
         self.ended = True
         status = api_pb2.STATUS_FAILURE if failed else api_pb2.STATUS_SUCCESS
         info = plugin_data_pb2.SessionEndInfo(status=status, end_time_secs=time.time())
-        _add_summary(writer, _summary(
-            metadata.SESSION_END_INFO_TAG, plugin_data_pb2.HParamsPluginData(session_end_info=info)), step)
+        _add_summary(
+            writer,
+            _summary(metadata.SESSION_END_INFO_TAG, plugin_data_pb2.HParamsPluginData(session_end_info=info)),
+            step,
+        )
 
 
 def _add_summary(writer: Any, summary: Any, step: int) -> None:
@@ -188,6 +195,6 @@ def _add_summary(writer: Any, summary: Any, step: int) -> None:
     if file_writer is None:
         raise TypeError(
             f"{type(writer).__name__} has no file writer; hyperparameters need a "
-            "torch.utils.tensorboard or tensorboardX SummaryWriter")
+            "torch.utils.tensorboard or tensorboardX SummaryWriter"
+        )
     file_writer.add_summary(summary, step)
-

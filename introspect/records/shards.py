@@ -35,7 +35,16 @@ from ..errors import IntrospectWarning, warn
 from ..runtime.distributed import SideGroup, rank_and_world
 from .stats import HIST_BINS, HistogramRecord, RecordBatch
 
-__all__ = ["is_dtensor", "local_view", "has_dtensor_parameters", "user_type_name", "fsdp1_parameters", "shard_combiner", "ShardCombiner", "ShardRecords"]
+__all__ = [
+    "is_dtensor",
+    "local_view",
+    "has_dtensor_parameters",
+    "user_type_name",
+    "fsdp1_parameters",
+    "shard_combiner",
+    "ShardCombiner",
+    "ShardRecords",
+]
 
 _EMPTY = (0.0, 0.0, math.inf, -math.inf, 0.0, 0.0)  # count, non-finite, min, max, sum, sum^2
 
@@ -122,7 +131,7 @@ class ShardCombiner:
     def _all_reduce(self, tensor: torch.Tensor, op: Any) -> None:
         self.group.all_reduce(tensor, op)
 
-    def combine(self, shards: "ShardRecords") -> dict[str, HistogramRecord]:
+    def combine(self, shards: ShardRecords) -> dict[str, HistogramRecord]:
         """Every rank's shards of every tag as one histogram per tag (the same on every rank);
         ``{}`` once combining has failed (a rank that never came)."""
         if self.broken or not self.tags:
@@ -134,10 +143,12 @@ class ShardCombiner:
             warn(
                 "introspect: the ranks' weight and gradient shards could not be combined "
                 f"({type(e).__name__}: {e}); sharded weights/ and grads/ histograms stop here "
-                "(does every rank call watch()?)", IntrospectWarning)
+                "(does every rank call watch()?)",
+                IntrospectWarning,
+            )
             return {}
 
-    def _combine(self, shards: "ShardRecords") -> dict[str, HistogramRecord]:
+    def _combine(self, shards: ShardRecords) -> dict[str, HistogramRecord]:
         dist = torch.distributed
         n = len(self.tags)
         local = torch.tensor([_EMPTY] * n, dtype=torch.float64)
@@ -165,14 +176,20 @@ class ShardCombiner:
                 continue
             finite = count > nonfinite
             found[tag] = HistogramRecord(
-                numel=round(count), nonfinite=nonfinite,
-                min=float(lo[i]) if finite else 0.0, max=float(hi[i]) if finite else 0.0,
-                sum=total, sum_squares=squares, counts=tuple(sums[i, 4:].tolist()),
+                numel=round(count),
+                nonfinite=nonfinite,
+                min=float(lo[i]) if finite else 0.0,
+                max=float(hi[i]) if finite else 0.0,
+                sum=total,
+                sum_squares=squares,
+                counts=tuple(sums[i, 4:].tolist()),
             )
         return found
 
 
-def shard_combiner(model: nn.Module, params: dict[str, nn.Parameter], log: Any, group: SideGroup) -> ShardCombiner | None:
+def shard_combiner(
+    model: nn.Module, params: dict[str, nn.Parameter], log: Any, group: SideGroup
+) -> ShardCombiner | None:
     """The combiner of a watch whose parameters are sharded over a process group of several ranks
     (DTensors, or FSDP1's views of its flat shards; None otherwise): its tags are ``weights/`` and
     ``grads/`` of every watched sharded parameter, as far as ``log`` asks for them. ``model``: the

@@ -35,17 +35,10 @@ from .stats import HistogramRecord
 from .step import HostStep
 from .tags import tag, tag_name
 
-__all__ = ["tag", "probe_tag", "tag_name", "open_writer", "histogram_fields", "write_step", "TAG_KINDS"]
-
+__all__ = ["open_writer", "histogram_fields", "write_step"]
 
 
 _WRITER_METHODS = ("add_histogram_raw", "add_scalar", "add_text", "flush")
-
-
-
-
-
-
 
 
 def open_writer(writer: Any) -> tuple[Any, bool]:
@@ -118,8 +111,12 @@ class _EventBatch:
     # without a Summary wrapper per value (and, for scalars, a numpy round trip) to unpack again.
     def histogram(self, full_tag: str, **fields: Any) -> None:
         histo = self._histogram_cls(
-            min=fields["min"], max=fields["max"], num=fields["num"], sum=fields["sum"],
-            sum_squares=fields["sum_squares"], bucket_limit=fields["bucket_limits"],
+            min=fields["min"],
+            max=fields["max"],
+            num=fields["num"],
+            sum=fields["sum"],
+            sum_squares=fields["sum_squares"],
+            bucket_limit=fields["bucket_limits"],
             bucket=fields["bucket_counts"],
         )
         self._values.append(self._value_cls(tag=full_tag, histo=histo))

@@ -164,12 +164,17 @@ class RecordBatch:
             else:
                 v = torch.cat([self._samples[i] for i in small])
                 seg = torch.tensor([lengths[i] for i in small], device=v.device)
-            rows.append(torch.stack([
-                torch.segment_reduce(v, "min", lengths=seg),
-                torch.segment_reduce(v, "max", lengths=seg),
-                torch.segment_reduce(v, "sum", lengths=seg),
-                torch.segment_reduce(v * v, "sum", lengths=seg),
-            ], dim=1))
+            rows.append(
+                torch.stack(
+                    [
+                        torch.segment_reduce(v, "min", lengths=seg),
+                        torch.segment_reduce(v, "max", lengths=seg),
+                        torch.segment_reduce(v, "sum", lengths=seg),
+                        torch.segment_reduce(v * v, "sum", lengths=seg),
+                    ],
+                    dim=1,
+                )
+            )
         if self._stats:
             large = torch.stack([t for stats in self._stats.values() for t in stats]).to(torch.float32)
             rows.append(large.view(-1, 4))
@@ -206,8 +211,7 @@ class RecordBatch:
             )
         else:
             offset_v, scale_v, base_v = (
-                torch.cat([c.expand(k) for c, k in zip(column.unbind(0), lengths)])
-                for column in (offset, scale, base)
+                torch.cat([c.expand(k) for c, k in zip(column.unbind(0), lengths)]) for column in (offset, scale, base)
             )
         position = _bucket_position(values, offset_v, scale_v)
         bucket = position.add_(base_v).to(torch.int32)
@@ -279,12 +283,15 @@ class RecordBatch:
         offset, scale = _bin_transform(lo.to(device, torch.float32), hi.to(device, torch.float32))
         base = torch.arange(len(lengths), device=device, dtype=torch.int32) * HIST_BINS
         offset_v, scale_v, base_v = (
-            torch.repeat_interleave(column, sizes, output_size=values.numel()) for column in (offset, scale, base))
+            torch.repeat_interleave(column, sizes, output_size=values.numel()) for column in (offset, scale, base)
+        )
         # Truncated before the record's base is added: a float32 position just under a bucket edge
         # would round up when added to a large base, and a value's bucket depend on its record.
         bucket = _bucket_position(values, offset_v, scale_v).to(torch.int32) + base_v
         weights = torch.isfinite(values).to(torch.float32)
-        counts = torch.zeros(len(lengths) * HIST_BINS, dtype=torch.float32, device=device).index_add_(0, bucket, weights)
+        counts = torch.zeros(len(lengths) * HIST_BINS, dtype=torch.float32, device=device).index_add_(
+            0, bucket, weights
+        )
         scale_up = torch.tensor([n / max(k, 1) for n, k in zip(self._numels, lengths)], dtype=torch.float64)
         return counts.view(len(lengths), HIST_BINS).cpu().to(torch.float64) * scale_up.unsqueeze(1)
 
@@ -327,7 +334,7 @@ class HistogramRecord:
     counts: tuple[float, ...]
 
     @classmethod
-    def from_row(cls, numel: int, row: list[float]) -> "HistogramRecord":
+    def from_row(cls, numel: int, row: list[float]) -> HistogramRecord:
         return cls(numel, row[0], row[1], row[2], row[3], row[4], tuple(row[5:]))
 
     @property
@@ -345,7 +352,7 @@ class HistogramRecord:
         return [self.min + width * (i + 1) for i in range(len(self.counts))]
 
     @staticmethod
-    def merge(records: list["HistogramRecord"]) -> "HistogramRecord":
+    def merge(records: list[HistogramRecord]) -> HistogramRecord:
         """One histogram for several calls of a module in one step (a shared block, an RNN cell).
 
         Buckets of different ranges are re-binned onto the union range, each bucket's count spread

@@ -24,7 +24,6 @@ from .stats import RECORD_LEN, HistogramRecord, RecordBatch, stat_dtype
 __all__ = ["StepBuffer", "HostStep", "Check", "one_transfer"]
 
 
-
 class Check(NamedTuple):
     """What one sum of the non-finite check was taken of: ``kind`` is ``"model_in"`` (the model's
     own input), ``"in"`` (an input of call ``call`` that no earlier call produced), ``"out"`` (an
@@ -196,7 +195,8 @@ class StepBuffer:
         values = one_transfer(parts)
         rows = len(self.records) * RECORD_LEN
         broken = [
-            i for i in range(len(self.records))
+            i
+            for i in range(len(self.records))
             if not all(math.isfinite(v) for v in values[i * RECORD_LEN + 1 : i * RECORD_LEN + 3])
         ]
         if broken:  # NaN/Inf somewhere: redo those rows from their finite values (a second transfer)
@@ -204,10 +204,9 @@ class StepBuffer:
             for i, row in zip(broken, fixed):
                 values[i * RECORD_LEN : (i + 1) * RECORD_LEN] = row
         histograms = {
-            tag: HistogramRecord.merge([
-                HistogramRecord.from_row(numel, values[i * RECORD_LEN : (i + 1) * RECORD_LEN])
-                for numel, i in calls
-            ])
+            tag: HistogramRecord.merge(
+                [HistogramRecord.from_row(numel, values[i * RECORD_LEN : (i + 1) * RECORD_LEN]) for numel, i in calls]
+            )
             for tag, calls in self.histograms.items()
         }
         if self.shards is not None:  # every rank, at the same step (see sharded.py)

@@ -1,6 +1,19 @@
-"""introspect.records.tags (split from introspect.records.sinks)."""
+"""Every TensorBoard tag the project writes is named here (the table in docs/tags.md)."""
 
 from __future__ import annotations
+
+__all__ = [
+    "TAG_KINDS",
+    "SUMMARY_TAG",
+    "ALERTS_TAG",
+    "GRAD_FLOW_TAG",
+    "HEALTH_MAP_TAG",
+    "INPUTS_TAG",
+    "DATA_TAGS",
+    "tag",
+    "probe_tag",
+    "tag_name",
+]
 
 TAG_KINDS = (
     "activations",

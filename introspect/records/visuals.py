@@ -24,7 +24,7 @@ __all__ = [
 ]
 
 
-def _render(fig: "object") -> np.ndarray:
+def _render(fig: object) -> np.ndarray:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
     canvas = FigureCanvasAgg(fig)
@@ -32,9 +32,7 @@ def _render(fig: "object") -> np.ndarray:
     return np.asarray(canvas.buffer_rgba())[..., :3].copy()
 
 
-def grad_flow_image(
-    layers: Sequence[str], rms: Sequence[float], max_abs: Sequence[float], step: int
-) -> np.ndarray:
+def grad_flow_image(layers: Sequence[str], rms: Sequence[float], max_abs: Sequence[float], step: int) -> np.ndarray:
     """The classic gradient-flow bar chart (max and RMS |grad| per layer, log scale) as HWC uint8.
 
     Layers run left to right from input to output, so a gradient that fades on its way back to the
@@ -237,8 +235,8 @@ def health_map_image(
     ax = fig.add_axes(box)
     bar_ax = fig.add_axes(((width - right + 0.15) / width, box[1], 0.15 / width, box[3]))
     finite = values[np.isfinite(values)]
-    lo, hi = limits if limits is not None else (
-        (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+    lo, hi = (
+        limits if limits is not None else ((float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0))
     )
     if hi <= lo:
         lo, hi = lo - 0.5, hi + 0.5
@@ -264,8 +262,14 @@ def health_map_image(
         handles.append(Patch(facecolor=_ZERO_COLOUR, label="exactly 0"))
     if marks:
         handles.append(Patch(fill=False, edgecolor=_FINDING_COLOUR, linewidth=1.8, label="finding"))
-    fig.legend(handles=handles, loc="lower right", ncol=len(handles), fontsize=7, frameon=False,
-               bbox_to_anchor=(1.0, (_LINE * len(lines) + 0.05) / height))
+    fig.legend(
+        handles=handles,
+        loc="lower right",
+        ncol=len(handles),
+        fontsize=7,
+        frameon=False,
+        bbox_to_anchor=(1.0, (_LINE * len(lines) + 0.05) / height),
+    )
     if lines:
         fig.text(0.01, 0.08 / height, "\n".join(lines), fontsize=7, va="bottom", ha="left", family="monospace")
     return _render(fig)
@@ -279,7 +283,9 @@ def divergence_image(forward: Sequence[Any], backward: Sequence[Any], rtol: floa
     """
     from matplotlib.figure import Figure
 
-    panels = [(p, d) for p, d in (("forward: module outputs", forward), ("backward: gradients w.r.t. outputs", backward)) if d]
+    panels = [
+        (p, d) for p, d in (("forward: module outputs", forward), ("backward: gradients w.r.t. outputs", backward)) if d
+    ]
     n = max((len(d) for _, d in panels), default=1)
     fig = Figure(figsize=(min(max(6.5, 0.16 * n + 2.5), 18.0), 3.6 * max(len(panels), 1) + 0.6), dpi=100)
     for k, (title, diffs) in enumerate(panels):
@@ -299,11 +305,19 @@ def divergence_image(forward: Sequence[Any], backward: Sequence[Any], rtol: floa
         first = next((d for d in diffs if d.diverged), None)
         if first is not None:
             ax.axvline(first.index, color=_FINDING_COLOUR, linewidth=1.2)
-            ax.annotate(f"first divergence: {first.module}", (first.index, top), xytext=(4, -12), textcoords="offset points",
-                        fontsize=8, color=_FINDING_COLOUR)
+            ax.annotate(
+                f"first divergence: {first.module}",
+                (first.index, top),
+                xytext=(4, -12),
+                textcoords="offset points",
+                fontsize=8,
+                color=_FINDING_COLOUR,
+            )
         ticks = _tick_positions(len(diffs), 60)
         ax.set_xticks(ticks)
-        ax.set_xticklabels([diffs[i].module for i in ticks], rotation=70, ha="right", fontsize=6 if len(ticks) > 30 else 7)
+        ax.set_xticklabels(
+            [diffs[i].module for i in ticks], rotation=70, ha="right", fontsize=6 if len(ticks) > 30 else 7
+        )
         ax.set_xlim(-0.75, len(diffs) - 0.25)
         ax.set_ylabel("max |a-b| / max |a|", fontsize=8)
         ax.set_title(f"{title} (green: exactly equal, drawn at the bottom; red: beyond tolerance)", fontsize=9)

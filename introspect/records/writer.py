@@ -1,13 +1,17 @@
-"""introspect.records.writer (split from introspect.records.findings)."""
+"""``GuardedWriter``: every write of a watch goes through it, so that a failing writer stops writing
+with one warning and never stops training."""
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from ..errors import IntrospectWarning, warn
 from ..runtime.registry import Registry
 from . import eventfile
 from .sinks import open_writer
+
+__all__ = ["GuardedWriter"]
 
 
 class GuardedWriter:
@@ -25,7 +29,7 @@ class GuardedWriter:
         self._on_failure = on_failure
 
     @classmethod
-    def open(cls, target: Any, registry: Registry, on_failure: Callable[[Exception], None]) -> "GuardedWriter":
+    def open(cls, target: Any, registry: Registry, on_failure: Callable[[Exception], None]) -> GuardedWriter:
         """The writer for ``target`` (a writer, a path, None; ``False``: this rank writes nothing),
         its end and its checksum patch registered in ``registry``."""
         raw, owned = open_writer(target) if target is not False else (None, False)

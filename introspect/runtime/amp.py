@@ -43,9 +43,7 @@ def check_grad_scaler(scaler: Any) -> Any:
     if scaler is None:
         return None
     if not all(callable(getattr(scaler, m, None)) for m in ("scale", "get_scale", "is_enabled")):
-        raise ConfigError(
-            f"grad_scaler= must be a torch.amp.GradScaler, got {type(scaler).__name__}"
-        )
+        raise ConfigError(f"grad_scaler= must be a torch.amp.GradScaler, got {type(scaler).__name__}")
     return scaler
 
 
@@ -88,7 +86,8 @@ def overflow_note(alert: Alert, dtype: torch.dtype | None) -> Alert:
     name = str(dtype).replace("torch.", "")
     return dataclasses.replace(
         alert,
-        message=alert.message + (
+        message=alert.message
+        + (
             f" — {name} overflow: a value beyond ±{largest:.6g} (keep this layer in float32 under "
             "autocast, or rescale its input)"
         ),

@@ -25,7 +25,8 @@ compiled call retraces, once, with the hooks as they are now.
 from __future__ import annotations
 
 import sys
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn

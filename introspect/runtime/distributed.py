@@ -26,8 +26,9 @@ import dataclasses
 import datetime
 import itertools
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -67,7 +68,7 @@ def rank_and_world() -> tuple[int, int]:
 def check_rank_mode(ranks: Any) -> str:
     if ranks not in RANK_MODES:
         raise ConfigError(
-            f"ranks must be one of {RANK_MODES} (\"zero\": rank 0 writes; \"all\": every rank "
+            f'ranks must be one of {RANK_MODES} ("zero": rank 0 writes; "all": every rank '
             f"writes its own rank{{k}} run), got ranks={ranks!r}"
         )
     return ranks
@@ -202,10 +203,13 @@ def rank_origin_alert(step: int, codes: Sequence[int | None], modules: Sequence[
     unheard = f"; no word from rank{'s' if len(silent) > 1 else ''} {silent} (not watched there?)" if silent else ""
     if not found:
         return Alert(
-            "nonfinite_rank", "gradients", step,
+            "nonfinite_rank",
+            "gradients",
+            step,
             "NaN/Inf reached the gradients DDP averaged, but no rank's watched modules made it "
             "(code outside the watched modules, e.g. the loss, or a rank whose check is off)" + unheard,
-            {"ranks": 0.0, "silent_ranks": float(len(silent))}, phase="backward",
+            {"ranks": 0.0, "silent_ranks": float(len(silent))},
+            phase="backward",
         )
     rank, code = found[0]
     index, backward = divmod(code - 1, 2)
@@ -214,11 +218,14 @@ def rank_origin_alert(step: int, codes: Sequence[int | None], modules: Sequence[
     also = f" (ranks {others} found one too)" if others else ""
     phase = "backward" if backward else "forward"
     return Alert(
-        "nonfinite_rank", where, step,
+        "nonfinite_rank",
+        where,
+        step,
         f"NaN/Inf first appeared on rank {rank}{also}, in the {phase} of {where}; DDP's all-reduce "
         "carried it into every rank's gradients (that rank's own finding has the details; "
         "ranks='all' writes it)" + unheard,
-        {"rank": float(rank), "ranks": float(len(found)), "silent_ranks": float(len(silent))}, phase=phase,
+        {"rank": float(rank), "ranks": float(len(found)), "silent_ranks": float(len(silent))},
+        phase=phase,
     )
 
 

@@ -1,4 +1,5 @@
-"""introspect.runtime.preserved (split from introspect.analysis.summary)."""
+"""Extra forwards that leave no trace: modes, buffers and RNG streams put back afterwards (the summary,
+the graph, the replay and the CLI's inputs all run through ``preserved_state``)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ from collections.abc import Iterator
 
 import torch
 from torch import nn
+
+__all__ = ["preserved_state", "cuda_devices"]
 
 
 def cuda_devices(model: nn.Module) -> list[int]:

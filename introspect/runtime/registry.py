@@ -10,7 +10,8 @@ SIGTERM, a failed ``watch()`` half way through attaching).
 from __future__ import annotations
 
 import weakref
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from torch import nn
 
@@ -18,7 +19,7 @@ from ..errors import IntrospectWarning, warn
 
 __all__ = ["Registry", "ACTIVE"]
 
-ACTIVE: "weakref.WeakKeyDictionary[nn.Module, Any]" = weakref.WeakKeyDictionary()
+ACTIVE: weakref.WeakKeyDictionary[nn.Module, Any] = weakref.WeakKeyDictionary()
 """Which models are being watched right now. Weak, so a watcher left open never keeps a model alive."""
 
 

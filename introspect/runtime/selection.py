@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import fnmatch
 from collections.abc import Iterable, Sequence
-from typing import Union
 
 from torch import nn
 
@@ -18,9 +17,8 @@ from ..errors import ConfigError, ModelTypeError
 
 __all__ = ["ModuleFilter", "unwrap_model", "select_modules", "select_parameters", "root_name", "clean_name"]
 
-ModuleFilter = Union[str, type, Sequence[Union[str, type]], None]
+ModuleFilter = str | type | Sequence[str | type] | None
 """A module-name glob (``"features.*"``), a module type (``nn.Conv2d``), or a sequence of them."""
-
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:

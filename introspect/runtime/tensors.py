@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any, Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 from torch.nn.utils.rnn import PackedSequence
@@ -15,7 +15,9 @@ def backward_target(output: Any, target: int | None) -> torch.Tensor:
     """The scalar to backpropagate: the sum of the output's first floating tensor, or of one unit."""
     tensors = named_float_tensors(output)
     if not tensors:
-        raise ConfigError(f"cannot run a backward: the model's output ({type(output).__name__}) holds no floating tensor")
+        raise ConfigError(
+            f"cannot run a backward: the model's output ({type(output).__name__}) holds no floating tensor"
+        )
     out = tensors[0][1]
     if not out.requires_grad:
         raise ConfigError("cannot run a backward: the model's output does not depend on anything that requires grad")
@@ -65,7 +67,9 @@ def named_tensors(obj: Any) -> list[tuple[str, torch.Tensor]]:
     return found
 
 
-def _walk(obj: Any, path: str, found: list[tuple[str, torch.Tensor]], depth: int, keep: Callable[[torch.Tensor], bool]) -> None:
+def _walk(
+    obj: Any, path: str, found: list[tuple[str, torch.Tensor]], depth: int, keep: Callable[[torch.Tensor], bool]
+) -> None:
     if depth > _MAX_DEPTH:
         return
     if isinstance(obj, torch.Tensor):

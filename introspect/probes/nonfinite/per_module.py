@@ -32,14 +32,50 @@ from .rank import RankOrigin
 
 __all__ = ["NonFiniteCheck", "NonFiniteNumbers", "CallLedger", "NonFiniteReport", "FINITE_PRESERVING"]
 
-FINITE_PRESERVING = frozenset({
-    "ReLU", "ReLU6", "LeakyReLU", "ELU", "SELU", "CELU", "GELU", "SiLU", "Mish", "Hardtanh",
-    "Hardswish", "Hardsigmoid", "Sigmoid", "Tanh", "Softsign", "Tanhshrink",
-    "MaxPool1d", "MaxPool2d", "MaxPool3d", "AdaptiveMaxPool1d", "AdaptiveMaxPool2d", "AdaptiveMaxPool3d",
-    "AvgPool1d", "AvgPool2d", "AvgPool3d", "AdaptiveAvgPool1d", "AdaptiveAvgPool2d", "AdaptiveAvgPool3d",
-    "Dropout", "Dropout1d", "Dropout2d", "Dropout3d", "AlphaDropout", "FeatureAlphaDropout",
-    "Flatten", "Unflatten", "Identity", "ZeroPad1d", "ZeroPad2d", "ZeroPad3d",
-})
+FINITE_PRESERVING = frozenset(
+    {
+        "ReLU",
+        "ReLU6",
+        "LeakyReLU",
+        "ELU",
+        "SELU",
+        "CELU",
+        "GELU",
+        "SiLU",
+        "Mish",
+        "Hardtanh",
+        "Hardswish",
+        "Hardsigmoid",
+        "Sigmoid",
+        "Tanh",
+        "Softsign",
+        "Tanhshrink",
+        "MaxPool1d",
+        "MaxPool2d",
+        "MaxPool3d",
+        "AdaptiveMaxPool1d",
+        "AdaptiveMaxPool2d",
+        "AdaptiveMaxPool3d",
+        "AvgPool1d",
+        "AvgPool2d",
+        "AvgPool3d",
+        "AdaptiveAvgPool1d",
+        "AdaptiveAvgPool2d",
+        "AdaptiveAvgPool3d",
+        "Dropout",
+        "Dropout1d",
+        "Dropout2d",
+        "Dropout3d",
+        "AlphaDropout",
+        "FeatureAlphaDropout",
+        "Flatten",
+        "Unflatten",
+        "Identity",
+        "ZeroPad1d",
+        "ZeroPad2d",
+        "ZeroPad3d",
+    }
+)
 """Parameter-free modules whose forward and backward map finite values to finite values (short of
 float overflow): the non-finite check need not sum their outputs or the gradients they receive."""
 
@@ -59,7 +95,8 @@ class CallLedger:
     def model_inputs(self, buffer: StepBuffer, args: tuple, kwargs: dict) -> None:
         """The model's own inputs: a NaN already in the batch is the data's, not a module's."""
         inputs = (
-            [("", args[0])] if not kwargs and len(args) == 1 and isinstance(args[0], torch.Tensor)
+            [("", args[0])]
+            if not kwargs and len(args) == 1 and isinstance(args[0], torch.Tensor)
             else named_float_tensors((args, kwargs))
         )
         for _, tensor in inputs:
@@ -243,8 +280,11 @@ class NonFiniteNumbers(Probe):
             kind = "activations" if alert.phase == "forward" else "activation_grads"
             # Forward: the origin's output, and what it read. Backward: the gradient the culprit
             # passed back (at its producer's output), and the gradient it received.
-            bad, upstream = (alert.where, producers[:1]) if alert.phase == "forward" else (
-                (producers[:1] or [alert.where])[0], [alert.where])
+            bad, upstream = (
+                (alert.where, producers[:1])
+                if alert.phase == "forward"
+                else ((producers[:1] or [alert.where])[0], [alert.where])
+            )
             record = host.histograms.get(tag(kind, bad))
             if record is None or record.nonfinite <= 0:
                 continue

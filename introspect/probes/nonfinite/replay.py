@@ -65,8 +65,9 @@ class ForwardRecord:
     def changed_inputs(self) -> list[str]:
         """Names of the inputs changed in place since the forward read them."""
         names = [n for n, _ in named_tensors((self.args, self.kwargs))]
-        return [names[i] if i < len(names) else str(i)
-                for i, (t, v) in enumerate(self.versions) if tensor_version(t) != v]
+        return [
+            names[i] if i < len(names) else str(i) for i, (t, v) in enumerate(self.versions) if tensor_version(t) != v
+        ]
 
 
 @dataclass
@@ -90,7 +91,10 @@ def capture_forward(args: tuple, kwargs: dict, devices: list[int]) -> ForwardRec
     else:
         versions = [(t, tensor_version(t)) for _, t in named_tensors((args, kwargs))]
     return ForwardRecord(
-        args=args, kwargs=kwargs, versions=versions, cpu_rng=torch.get_rng_state(),
+        args=args,
+        kwargs=kwargs,
+        versions=versions,
+        cpu_rng=torch.get_rng_state(),
         cuda_rng={d: torch.cuda.get_rng_state(d) for d in devices},
         autocast=_autocast_state(),
     )
@@ -121,8 +125,13 @@ def replay_step(ctx: Any, records: list[ForwardRecord], ledger: Any, step: int) 
     param_grads: list[tuple[str, torch.Tensor]] = []
     try:
         # preserved_state: the buffers copied and put back, the RNG forked (and modes kept).
-        with _replay_hooks(ctx, ledger, buffer, numbers), preserved_state(ctx.root), ctx.unobserved(), \
-                torch.enable_grad(), _eager(ctx.compiled):
+        with (
+            _replay_hooks(ctx, ledger, buffer, numbers),
+            preserved_state(ctx.root),
+            ctx.unobserved(),
+            torch.enable_grad(),
+            _eager(ctx.compiled),
+        ):
             roots: list[torch.Tensor] = []
             grads: list[torch.Tensor] = []
             for record in records:
@@ -144,8 +153,11 @@ def replay_step(ctx: Any, records: list[ForwardRecord], ledger: Any, step: int) 
     if alert is None:
         alert = _parameter_gradient_origin(step, param_grads, ctx)
     if alert is None:
-        return ReplayOutcome(None, "every value of the replayed step was finite (a non-deterministic "
-                                   "kernel, or state the forward changed?)", own_gradients_finite=bool(param_grads))
+        return ReplayOutcome(
+            None,
+            "every value of the replayed step was finite (a non-deterministic kernel, or state the forward changed?)",
+            own_gradients_finite=bool(param_grads),
+        )
     alert.numbers.update(numbers.of(alert, buffer))
     return ReplayOutcome(alert, half_outputs=dict(ledger.half_outputs))
 
@@ -164,7 +176,7 @@ def _forward(root: nn.Module, record: ForwardRecord, ledger: Any, buffer: StepBu
 
 
 @contextlib.contextmanager
-def _replay_hooks(ctx: Any, ledger: Any, buffer: StepBuffer, numbers: "ValueStats") -> Iterator[None]:
+def _replay_hooks(ctx: Any, ledger: Any, buffer: StepBuffer, numbers: ValueStats) -> Iterator[None]:
     """The per-module check on every watched module, for the replay only."""
     handles = []
 
@@ -214,8 +226,11 @@ def _outermost(roots: list[torch.Tensor], grads: list[torch.Tensor]) -> tuple[li
     if len(roots) < 2:
         return roots, grads
     reach = [_graph_nodes(r) for r in roots]
-    keep = [i for i, r in enumerate(roots)
-            if not any(j != i and r.grad_fn in reach[j] and r.grad_fn is not roots[j].grad_fn for j in range(len(roots)))]
+    keep = [
+        i
+        for i, r in enumerate(roots)
+        if not any(j != i and r.grad_fn in reach[j] and r.grad_fn is not roots[j].grad_fn for j in range(len(roots)))
+    ]
     return [roots[i] for i in keep], [grads[i] for i in keep]
 
 
@@ -242,12 +257,15 @@ def _parameter_gradient_origin(step: int, grads: list[tuple[str, torch.Tensor]],
         module = name.rpartition(".")[0]
         module_type = ctx.module_types.get(module, "")
         return Alert(
-            "nonfinite", module or name, step,
+            "nonfinite",
+            module or name,
+            step,
             f"{what} gradient first appears in the gradient of the parameter {name} while every "
             "activation gradient was finite: its own use in the forward (sqrt, log or a division "
             "of the weight?) made it",
             {"nonfinite_values": float((~finite).sum()), "values": float(grad.numel())},
-            phase="backward", module_type=module_type,
+            phase="backward",
+            module_type=module_type,
         )
     return None
 
@@ -265,10 +283,16 @@ class ValueStats:
             return
         finite = torch.isfinite(t)
         big = torch.finfo(torch.float32).max
-        self._stats[(kind, where)] = (torch.stack([
-            (~finite).sum().float(), torch.where(finite, t, big).amin().float(),
-            torch.where(finite, t, -big).amax().float(),
-        ]), t.numel())
+        self._stats[(kind, where)] = (
+            torch.stack(
+                [
+                    (~finite).sum().float(),
+                    torch.where(finite, t, big).amin().float(),
+                    torch.where(finite, t, -big).amax().float(),
+                ]
+            ),
+            t.numel(),
+        )
 
     def _read(self, kind: str, where: str) -> list[float] | None:
         """``[non-finite count, numel, finite min, finite max]``, or None when not seen."""
@@ -289,8 +313,14 @@ class ValueStats:
             call = next((c for c in buffer.calls if c.module == alert.where.split("/")[0]), None)
             upstream = [("out", buffer.calls[p].module) for p in (call.producers if call else [])[:1]]
         else:
-            first_bad = next((label for label, v in zip(buffer.check_labels, buffer.check_values)
-                              if label.kind == "grad" and not math.isfinite(v)), None)
+            first_bad = next(
+                (
+                    label
+                    for label, v in zip(buffer.check_labels, buffer.check_values)
+                    if label.kind == "grad" and not math.isfinite(v)
+                ),
+                None,
+            )
             bad = ("grad", first_bad.where if first_bad else alert.where)
             upstream = [("grad", alert.where)]
         numbers: dict[str, float] = {}
@@ -303,4 +333,3 @@ class ValueStats:
         if source is not None and source[0] == 0:
             numbers.update(upstream_min=source[2], upstream_max=source[3])
         return numbers
-

@@ -49,7 +49,7 @@ in one fused norm; bigger ones are reduced at the end of the forward and only th
 
 
 def check_mode_for(config: Any, ctx: Any) -> str:
-    """"replay", "per_module" or "off". A replay of a sharded forward (FSDP's all-gathers) or of
+    """ "replay", "per_module" or "off". A replay of a sharded forward (FSDP's all-gathers) or of
     SyncBatchNorm under torch.distributed would be a collective that the ranks whose step was
     finite never join; those models get the per-module check whatever ``check_mode`` says."""
     if config.check_every == 0:
@@ -157,7 +157,7 @@ class NonFiniteSentinel(Probe):
         values = step_records.one_transfer(parts)
         scale_value = values.pop() if scale is not None else 1.0
         n_out, n_grad = len(outputs), len(out_grads)
-        param_norms = values[n_out + n_grad:]
+        param_norms = values[n_out + n_grad :]
         if param_norms:  # the last backward of the step wins (gradient accumulation)
             buffer.grad_norm = math.sqrt(sum(v * v for v in param_norms)) / scale_value
         if math.isfinite(sum(values)):
@@ -166,12 +166,13 @@ class NonFiniteSentinel(Probe):
             return
         params = [(n, p.grad) for n, p in self._params if p.grad is not None] if backward else []
         bad_params = [
-            (name, grad) for (name, grad), v in zip(params, param_norms)
+            (name, grad)
+            for (name, grad), v in zip(params, param_norms)
             if not math.isfinite(v) and not (math.isinf(v) and bool(torch.isfinite(grad).all()))
         ]  # an Inf norm of finite values (each near 1e19) is no NaN: the one extra read is on this path only
         sighting = Sighting(
             outputs=[n for n, v in zip(out_names, values[:n_out]) if not math.isfinite(v)],
-            output_grad=not all(math.isfinite(v) for v in values[n_out:n_out + n_grad]),
+            output_grad=not all(math.isfinite(v) for v in values[n_out : n_out + n_grad]),
             params=[name for name, _ in bad_params],
             nan=any(math.isnan(v) for v in values),
         )
@@ -191,7 +192,9 @@ class NonFiniteSentinel(Probe):
         if local is not None and self.ctx.config.on_nonfinite == "raise":
             raise NonFiniteError(f"introspect: step {local.step}: {local.message}", local)
 
-    def _locate(self, buffer: StepBuffer, records: list[ForwardRecord], sighting: "Sighting", reduced: bool) -> Alert | None:
+    def _locate(
+        self, buffer: StepBuffer, records: list[ForwardRecord], sighting: Sighting, reduced: bool
+    ) -> Alert | None:
         """Replay the step and report its origin (a raise waits for the rank exchange under DDP)."""
         ctx = self.ctx
         outcome = replay_step(ctx, records, CallLedger(ctx.module_types), buffer.step) if records else None
@@ -199,7 +202,10 @@ class NonFiniteSentinel(Probe):
         if alert is not None and sighting.outputs and alert.phase != "forward":
             # The replayed forward was finite where the real one was not: the backward finding
             # it made instead comes from the captured (NaN) output gradient, not from the model.
-            alert, outcome.reason = None, "its forward came out finite (state the forward changes, a counter or a cache?)"
+            alert, outcome.reason = (
+                None,
+                "its forward came out finite (state the forward changes, a counter or a cache?)",
+            )
         if alert is None and sighting.only_params and outcome is not None and outcome.own_gradients_finite:
             # This step's own gradients are finite: .grad holds an earlier backward's NaN/Inf,
             # accumulated into since (no zero_grad). Reported once, unless an earlier finding
@@ -247,10 +253,13 @@ class Sighting:
     def stale_alert(self, step: int) -> Alert:
         what = "NaN" if self.nan else "Inf"
         return Alert(
-            "nonfinite", self.params[0], step,
+            "nonfinite",
+            self.params[0],
+            step,
             f"{what} in .grad of {self._params_text()} comes from an earlier backward: this step's own "
             "gradients are finite, and .grad was not zeroed since (optimizer.zero_grad() each step?)",
-            {"bad_parameters": float(len(self.params))}, phase="backward",
+            {"bad_parameters": float(len(self.params))},
+            phase="backward",
         )
 
     def alert(self, step: int, reason: str) -> Alert:
@@ -266,8 +275,11 @@ class Sighting:
             where, phase = self.params[0], "backward"
             seen = f"{what} in the gradients of {self._params_text()}"
         return Alert(
-            "nonfinite", where, step,
+            "nonfinite",
+            where,
+            step,
             f"{seen}; the replay of this step could not name the layer: {reason}. "
             "check_mode='per_module' checks every layer on every step instead",
-            {"bad_parameters": float(len(self.params))} if self.params else {}, phase=phase,
+            {"bad_parameters": float(len(self.params))} if self.params else {},
+            phase=phase,
         )
