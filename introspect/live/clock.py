@@ -34,7 +34,7 @@ class StepClock:
         shared: bool = False,
     ) -> None:
         """``shared``: every rank plans the logging steps, writing or not, because their statistics
-        are combined by collectives every rank must join (sharded training, see ``sharded.py``);
+        are combined by collectives every rank must join (sharded training, see ``records/shards.py``);
         the cadence is then ``every`` alone, the same on every rank (no ``force_log`` after one
         rank's NaN, which the others cannot know of)."""
         self.every = every

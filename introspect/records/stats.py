@@ -257,7 +257,7 @@ class RecordBatch:
     def local_stats(self) -> torch.Tensor:
         """``(len(self), 6)`` float64 on the host: count, non-finite count, min, max, sum and sum of
         squares of every record, of its finite values only (min ``+inf``, max ``-inf`` when it has
-        none): what the ranks' shards of one tensor add up from (see ``sharded.py``)."""
+        none): what the ranks' shards of one tensor add up from (see ``shards.py``)."""
         device = self._samples[0].device
         lengths = [s.numel() for s in self._samples]
         values = torch.cat([s.to(device) for s in self._samples])

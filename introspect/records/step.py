@@ -209,7 +209,7 @@ class StepBuffer:
             )
             for tag, calls in self.histograms.items()
         }
-        if self.shards is not None:  # every rank, at the same step (see sharded.py)
+        if self.shards is not None:  # every rank, at the same step (see shards.py)
             histograms.update(self.shards.combine())
         scalars: dict[str, float] = {}
         measures: dict[str, float] = {}
