@@ -1,10 +1,9 @@
-"""scripts/bench.py's own logic on CPU: its models, options, the statistics-pass measurement, the
-fault table (which NaN/Inf detector names which planted fault) and the host-sync column (the GPU
-comparison runs the same code with device="cuda")."""
+"""The benchmark package's own logic on CPU: its models, options, the statistics-pass measurement,
+the fault table (which NaN/Inf detector names which planted fault) and the host-sync column (the
+GPU comparison runs the same code with device="cuda")."""
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -14,49 +13,44 @@ import pytest
 import torch
 from torch import nn
 
+from benchmarks import faults, report, timing, variants
+from benchmarks.__main__ import parse_args
+from benchmarks.models import GPT2_BATCH, GPT2_SIZE, build_model, train_loss
+
 REPO = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(scope="module")
-def bench():
-    os.environ["INTROSPECT_BENCH_NO_REEXEC"] = "1"  # import it here, never re-executed elsewhere
-    spec = importlib.util.spec_from_file_location("_bench_under_test", REPO / "scripts" / "bench.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.parametrize("name", ["cnn", "mlp", "transformer"])
-def test_models_train_one_step(bench, name):
-    model, x, y, desc = bench.build_model(name, "cpu")
+def test_models_train_one_step(name):
+    model, x, y, desc = build_model(name, "cpu")
     out = model(x)
     assert out.shape == y.shape
     assert "Adam" in desc
 
 
-def test_variants_option(bench):
-    args = bench.parse_args(["--variants", "watch_every1,wandb_1"])
+def test_variants_option():
+    args = parse_args(["--variants", "watch_every1,wandb_1"])
     assert args.variant_keys == ["bare", "watch_every1", "wandb_1"]
     with pytest.raises(SystemExit):
-        bench.parse_args(["--variants", "nope"])
+        parse_args(["--variants", "nope"])
 
 
-def test_stats_pass_vs_bandwidth_on_cpu(bench):
-    model, x, y, _ = bench.build_model("mlp", "cpu")
-    tensors = bench.logging_step_tensors(model, x, y)
+def test_stats_pass_vs_bandwidth_on_cpu():
+    model, x, y, _ = build_model("mlp", "cpu")
+    tensors = timing.logging_step_tensors(model, x, y)
     # 5 module outputs and their gradients, 6 parameters and their gradients
     assert len(tensors) == 22
     assert all(p.grad is None for p in model.parameters())  # the step left no gradients behind
-    result = bench.stats_pass_vs_bandwidth(model, x, y, "cpu", reps=2, probe_mb=8)
+    result = timing.stats_pass_vs_bandwidth(model, x, y, "cpu", reps=2, probe_mb=8)
     assert result["tensors"] == 22
     assert result["bytes"] == sum(t.numel() * t.element_size() for t in tensors)
     assert result["pass_s"] > 0 and result["bandwidth_bps"] > 0
     assert result["ratio"] == pytest.approx(result["pass_s"] / (result["bytes"] / result["bandwidth_bps"]))
-    text = bench.stats_pass_text(result)
+    text = report.stats_pass_text(result)
     assert "22 tensors" in text and "≤ 3×" in text
 
 
-def test_model_section_leaves_out_variants_not_run(bench):
+def test_model_section_leaves_out_variants_not_run():
     result = {
         "model": "mlp",
         "device": "cpu",
@@ -74,21 +68,21 @@ def test_model_section_leaves_out_variants_not_run(bench):
             "ratio": 20.0,
         },
     }
-    text = bench.model_section(result, "cpu")
+    text = report.model_section(result, "cpu")
     assert "watch(every=1" in text and "tutorial" not in text
     assert "20.0× one read" in text and "1.0 MB" in text
 
 
 @pytest.mark.slow
-def test_gpt2_builds_and_steps_under_every_detector_variant(bench, tmp_path):
-    model, x, y, desc = bench.build_model("gpt2", "cpu")
+def test_gpt2_builds_and_steps_under_every_detector_variant(tmp_path):
+    model, x, y, desc = build_model("gpt2", "cpu")
     assert y is None and "GPT2Config" in desc and "labels=input_ids" in desc
-    assert x.shape == (bench.GPT2_BATCH, bench.GPT2_SIZE["n_positions"])
+    assert x.shape == (GPT2_BATCH, GPT2_SIZE["n_positions"])
     before = model.transformer.h[0].mlp.c_fc.weight.detach().clone()
-    loss = bench.train_loss(model, x, y)
+    loss = train_loss(model, x, y)
     assert loss.ndim == 0 and torch.isfinite(loss)
     for key in ("bare", "detect_anomaly", "isfinite_hooks"):
-        runner = bench.Runner(key, model, x, y, "cpu", tmp_path / key)
+        runner = variants.Runner(key, model, x, y, "cpu", tmp_path / key)
         try:
             runner.run(1)
         finally:
@@ -98,9 +92,9 @@ def test_gpt2_builds_and_steps_under_every_detector_variant(bench, tmp_path):
     assert all(not m._forward_hooks for m in model.modules())  # the naive hooks are gone
 
 
-def test_isfinite_hooks_flag_the_first_bad_output(bench):
+def test_isfinite_hooks_flag_the_first_bad_output():
     model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 1))
-    hooks = bench.IsfiniteHooks(model)
+    hooks = variants.IsfiniteHooks(model)
     hooks.step = 7
     with torch.no_grad():
         model[0].bias[0] = float("inf")
@@ -111,17 +105,17 @@ def test_isfinite_hooks_flag_the_first_bad_output(bench):
 
 
 @pytest.fixture(scope="module")
-def cnn_faults(bench):
-    entries = bench.run_faults(["fault_cnn"], quick=True)
+def cnn_faults():
+    entries = faults.run_faults(["fault_cnn"], timing.QUICK)
     assert not torch.is_anomaly_enabled()
     return entries[0]
 
 
-def test_fault_table_forward_nan(bench, cnn_faults):
+def test_fault_table_forward_nan(cnn_faults):
     cells = cnn_faults["cells"]
     assert "error" not in cnn_faults, cnn_faults.get("error")
     # This project and the naive hooks name the layer and step the NaN was planted at.
-    assert (cells["forward_nan/watch"]["named"], cells["forward_nan/watch"]["step"]) == ("conv2", bench.FAULT_STEP)
+    assert (cells["forward_nan/watch"]["named"], cells["forward_nan/watch"]["step"]) == ("conv2", faults.FAULT_STEP)
     assert cells["forward_nan/watch"]["verdict"] == "right"
     assert cells["forward_nan/isfinite_hooks"]["verdict"] == "right"
     # detect_anomaly does not miss a forward NaN: it raises at the first backward function that
@@ -139,20 +133,20 @@ def test_fault_table_forward_nan(bench, cnn_faults):
         "fc2",
         "wrong",
     )
-    assert set(cnn_faults["cost"]) == set(bench.FAULT_DETECTORS)
+    assert set(cnn_faults["cost"]) == set(faults.FAULT_DETECTORS)
     assert all(c["source"].startswith("in-line") and c["ratio"] > 0 for c in cnn_faults["cost"].values())
 
 
-def test_fault_section_markdown(bench, cnn_faults):
-    text = bench.faults_section([cnn_faults])
+def test_fault_section_markdown(cnn_faults):
+    text = faults.faults_section([cnn_faults])
     assert (
         "| forward NaN: a layer's output times NaN | `conv2` (forward) | `conv2` (forward), step 3: **right** |" in text
     )
     rows = [line for line in text.splitlines() if line.startswith("| ") and "---" not in line]
-    assert len(rows) == 1 + len(bench.FAULTS) + 1  # header, one row per fault, the cost row
+    assert len(rows) == 1 + len(faults.FAULTS) + 1  # header, one row per fault, the cost row
     assert rows[-1].startswith("| cost per step") and "in-line" in rows[-1]
     # With timing results, the cost comes from the timing table instead, and is cited as such.
-    timing = [
+    timings = [
         {
             "model": "fault_cnn",
             "variants": {
@@ -166,21 +160,19 @@ def test_fault_section_markdown(bench, cnn_faults):
             },
         }
     ]
-    cost = bench._fault_costs(
-        "fault_cnn", True, {r["key"]: r for r in bench.summarize(timing[0]) if r.get("ratio")}, None
-    )
+    cost = faults.fault_costs("fault_cnn", timing.QUICK, timing.timed_rows(timings[0]), None)
     assert {d: (round(c["ratio"], 2), c["source"]) for d, c in cost.items()} == {
         "watch": (1.1, "timing table"),
         "detect_anomaly": (3.0, "timing table"),
         "isfinite_hooks": (2.0, "timing table"),
     }
-    assert '| this project: watch(on_nonfinite="warn") | 1.10× |' in bench.faults_section([cnn_faults], timing)
+    assert '| this project: watch(on_nonfinite="warn") | 1.10× |' in faults.faults_section([cnn_faults], timings)
 
 
-def test_host_sync_classification_and_column(bench):
-    assert [bench.logs_at("watch_default", 50)(s) for s in (0, 1, 50)] == [True, False, True]
-    assert [bench.logs_at("wandb_100", 100)(s) for s in (0, 99)] == [False, True]
-    assert not any(bench.logs_at("watch_check", None)(s) for s in range(5))
+def test_host_sync_classification_and_column():
+    assert [variants.logs_at("watch_default", 50)(s) for s in (0, 1, 50)] == [True, False, True]
+    assert [variants.logs_at("wandb_100", 100)(s) for s in (0, 99)] == [False, True]
+    assert not any(variants.logs_at("watch_check", None)(s) for s in range(5))
     result = {
         "model": "mlp",
         "device": "cuda",
@@ -189,15 +181,15 @@ def test_host_sync_classification_and_column(bench):
             "watch_default": {"status": "ok", "per_step_s": [0.002], "syncs": {"off": 1, "logging": 4}},
         },
     }
-    cuda = bench.model_section(result, "cuda")
+    cuda = report.model_section(result, "cuda")
     assert "host syncs per step (off-cadence / logging)" in cuda and "| 1 / 4 |" in cuda and "| 0 / — |" in cuda
-    assert "host syncs" not in bench.model_section(dict(result, device="cpu"), "cpu")
+    assert "host syncs" not in report.model_section(dict(result, device="cpu"), "cpu")
 
 
 def _bench_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     env = dict(os.environ, MPLBACKEND="Agg")
     return subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "bench.py"), *args],
+        [sys.executable, "-m", "benchmarks", *args],
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -226,7 +218,7 @@ def test_faults_cli_quick(tmp_path):
 
 
 @pytest.mark.slow
-def test_quick_run_with_the_detector_variants(bench, tmp_path):
+def test_quick_run_with_the_detector_variants(tmp_path):
     out = tmp_path / "bench.md"
     proc = _bench_cli(
         "--quick",
@@ -243,6 +235,6 @@ def test_quick_run_with_the_detector_variants(bench, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     text = out.read_text()
     for key in ("detect_anomaly", "isfinite_hooks"):
-        row = next(line for line in text.splitlines() if line.startswith(f"| {bench.VARIANTS[key][0]} |"))
+        row = next(line for line in text.splitlines() if line.startswith(f"| {variants.VARIANTS[key].label} |"))
         assert "error" not in row and "×" in row
     assert "Which detector finds which fault" not in text and (tmp_path / "bench.png").exists()

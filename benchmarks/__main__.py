@@ -1,0 +1,188 @@
+"""``python -m benchmarks`` (what ``scripts/bench`` runs): the options, then the run and its report."""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import sys
+import time
+from pathlib import Path
+
+from benchmarks.faults import FAULT_MODELS, faults_section, run_faults
+from benchmarks.isolation import REPO, failure, pin_env, preimport, resolve_device
+from benchmarks.models import MODELS
+from benchmarks.report import QUICK_NOTE, RATIO_NOTE, header, loadavg, method_text, model_section, write_plot
+from benchmarks.timing import FULL, QUICK
+from benchmarks.variants import VARIANTS
+from benchmarks.worker import Plan, memory_main, run_model
+
+DEFAULT_OUT = REPO / "docs" / "benchmarks.md"
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="scripts/bench",
+        description="Per-step cost of introspect.watch() next to bare training, the TensorBoard "
+        "tutorial way (add_histogram of every parameter), wandb.watch (when installed), detect_anomaly and "
+        "naive isfinite hooks; then a table of which NaN/Inf detector names which planted fault.",
+    )
+    p.add_argument("--quick", action="store_true", help="few rounds and short chunks: a smoke run (< 2 min on 2 cores)")
+    p.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default="cpu",
+        help="default: cpu (cuda falls back to cpu when unavailable)",
+    )
+    p.add_argument(
+        "--out",
+        default=None,
+        help="markdown report; the plot is written beside it as .png (default: docs/benchmarks.md; "
+        "with --faults, printed only unless --out is given)",
+    )
+    p.add_argument(
+        "--models",
+        default=",".join(MODELS),
+        help=f"comma-separated subset of {','.join(MODELS)} "
+        "(the fault table runs on a five-layer CNN of its own, and on gpt2 when it is among them)",
+    )
+    faults = p.add_mutually_exclusive_group()
+    faults.add_argument(
+        "--faults",
+        action="store_true",
+        help="only the fault table: which NaN/Inf detector names which planted fault, at what cost (measured in-line)",
+    )
+    faults.add_argument("--skip-faults", action="store_true", help="timing tables only, no fault table")
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=None,
+        help=f"rounds per model (default {FULL.rounds}; {QUICK.rounds} with --quick)",
+    )
+    p.add_argument("--steps", type=int, default=None, help="steps per chunk, K (default per model)")
+    p.add_argument(
+        "--variants",
+        default=",".join(VARIANTS),
+        help=f"comma-separated subset of {','.join(VARIANTS)} (bare is always run)",
+    )
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=None,
+        help="seconds per model before its worker is killed (default 300 with --quick, 3600 otherwise)",
+    )
+    # The fresh process that measures one variant's memory on CUDA (see worker.memory_main).
+    hidden = argparse.SUPPRESS
+    p.add_argument("--_mem", help=hidden)
+    p.add_argument("--_variant", help=hidden)
+    p.add_argument("--_mem-steps", dest="_mem_steps", type=int, help=hidden)
+    p.add_argument("--_json", help=hidden)
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = _parser()
+    args = p.parse_args(argv)
+    if args.rounds is None:
+        args.rounds = (QUICK if args.quick else FULL).rounds
+    if args.timeout is None:
+        args.timeout = 300.0 if args.quick else 3600.0
+    args.variant_keys = ["bare"] + [v.strip() for v in args.variants.split(",") if v.strip() and v.strip() != "bare"]
+    unknown = [v for v in args.variant_keys if v not in VARIANTS]
+    if unknown:
+        p.error(f"unknown variant(s) {unknown}; choose from {','.join(VARIANTS)}")
+    if args.rounds < 1 or (args.steps is not None and args.steps < 1):
+        p.error("--rounds and --steps must be >= 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args._mem:
+        return memory_main(args)
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    unknown = [m for m in models if m not in MODELS]
+    if unknown or not models:
+        print(f"error: unknown model(s) {unknown}; choose from {','.join(MODELS)}", file=sys.stderr)
+        return 2
+    fault_models = [] if args.skip_faults else [m for m in FAULT_MODELS if m == "fault_cnn" or m in models]
+    args.device, device_note = resolve_device("cpu" if args.faults else args.device)
+    if device_note:
+        print(f"warning: {device_note}", file=sys.stderr)
+    schedule = QUICK if args.quick else FULL
+
+    # What every worker needs, set and imported once here: each worker is forked from this process.
+    pin_env()
+    preimport(fault_models if args.faults else models)
+    started = datetime.datetime.now().astimezone()
+    load_before = loadavg()
+    t0 = time.perf_counter()
+    results = [] if args.faults else [_run_model(args, model) for model in models]
+    fault_text = ""
+    if fault_models:
+        # Last, in this process: no worker is forked after the torch ops these run.
+        print(f"== faults ({', '.join(fault_models)}, cpu) ...", file=sys.stderr, flush=True)
+        fault_text = faults_section(run_faults(fault_models, schedule, results), results)
+    total = time.perf_counter() - t0
+
+    command = " ".join(["scripts/bench", *(sys.argv[1:] if argv is None else argv)])
+    lines = _opening(args, command, total, started, load_before, device_note)
+    out = Path(args.out).absolute() if args.out else DEFAULT_OUT
+    if args.faults:
+        return _write_fault_table(lines, fault_text, out if args.out else None, total)
+    _write_report(lines, results, fault_text, out, args.device, total)
+    return 0
+
+
+def _opening(args, command: str, total: float, started, load_before: str, device_note: str | None) -> list[str]:
+    """The report's lines before the first table."""
+    title = (
+        "# Fault table: which NaN/Inf detector names which fault"
+        if args.faults
+        else "# Benchmarks: what `watch` costs per training step"
+    )
+    lines = header(title, command, total, started, args.device, load_before)
+    if device_note:
+        lines += [f"Note: {device_note}", ""]
+    if args.quick:
+        lines += [QUICK_NOTE, ""]
+    if not args.faults:
+        lines += [f"Method: {method_text(QUICK if args.quick else FULL)}", "", RATIO_NOTE, ""]
+    return lines
+
+
+def _run_model(args, model: str) -> dict:
+    print(f"== {model} ({args.device}) ...", file=sys.stderr, flush=True)
+    try:
+        return run_model(Plan.for_model(args, model))
+    except Exception:  # noqa: BLE001 - the harness itself must not stop on one model
+        return {"model": model, "error": failure(None)}
+
+
+def _write_fault_table(lines: list[str], fault_text: str, out: Path | None, total: float) -> int:
+    """``--faults``: the table printed, and written only where ``--out`` asks."""
+    print()
+    print(fault_text)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(("\n".join(lines) + "\n" + fault_text).rstrip() + "\n")
+        print(f"Wrote {out} in {total:.0f} s.")
+    return 0
+
+
+def _write_report(lines: list[str], results: list[dict], fault_text: str, out: Path, device: str, total: float) -> None:
+    """The report (a section per model, then the fault table) and its plot beside it."""
+    png = out.with_suffix(".png")
+    sections = [model_section(r, device) for r in results] + ([fault_text] if fault_text else [])
+    plot_note = write_plot(results, png)
+    plot_line = (
+        f"Plot: ![ratio to bare per variant and model]({png.name})" if plot_note is None else f"Plot: {plot_note}."
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(("\n".join(lines) + "\n" + plot_line + "\n\n" + "\n".join(sections)).rstrip() + "\n")
+    print()
+    print("\n".join(sections))
+    print(f"Wrote {out}" + (f" and {png}" if plot_note is None else f" ({plot_note})") + f" in {total:.0f} s.")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
