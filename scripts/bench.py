@@ -1710,6 +1710,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+GENERATED_BELOW = "<!-- scripts/bench writes everything below this line; the text above it is kept. -->"
+
+
+def kept_head(out: Path) -> str:
+    """The hand-written text above ``GENERATED_BELOW`` in an existing report (docs/benchmarks.md
+    opens with the prose the README links to), marker included; "" when there is none."""
+    if not out.is_file():
+        return ""
+    text = out.read_text()
+    end = text.find(GENERATED_BELOW)
+    return "" if end < 0 else text[: end + len(GENERATED_BELOW)] + "\n\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args._worker:
@@ -1802,7 +1815,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     text = "\n".join(header) + "\n" + plot_line + "\n\n" + "\n".join(sections)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text.rstrip() + "\n")
+    out.write_text(kept_head(out) + text.rstrip() + "\n")
 
     print()
     print("\n".join(sections))
