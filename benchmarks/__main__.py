@@ -11,7 +11,16 @@ from pathlib import Path
 from benchmarks.faults import FAULT_MODELS, faults_section, run_faults
 from benchmarks.isolation import REPO, failure, pin_env, preimport, resolve_device
 from benchmarks.models import MODELS
-from benchmarks.report import QUICK_NOTE, RATIO_NOTE, header, loadavg, method_text, model_section, write_plot
+from benchmarks.report import (
+    QUICK_NOTE,
+    RATIO_NOTE,
+    header,
+    loadavg,
+    method_text,
+    model_section,
+    write_plot,
+    write_report_file,
+)
 from benchmarks.timing import FULL, QUICK
 from benchmarks.variants import VARIANTS
 from benchmarks.worker import Plan, memory_main, run_model
@@ -163,8 +172,7 @@ def _write_fault_table(lines: list[str], fault_text: str, out: Path | None, tota
     print()
     print(fault_text)
     if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(("\n".join(lines) + "\n" + fault_text).rstrip() + "\n")
+        write_report_file(out, "\n".join(lines) + "\n" + fault_text)
         print(f"Wrote {out} in {total:.0f} s.")
     return 0
 
@@ -177,8 +185,7 @@ def _write_report(lines: list[str], results: list[dict], fault_text: str, out: P
     plot_line = (
         f"Plot: ![ratio to bare per variant and model]({png.name})" if plot_note is None else f"Plot: {plot_note}."
     )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(("\n".join(lines) + "\n" + plot_line + "\n\n" + "\n".join(sections)).rstrip() + "\n")
+    write_report_file(out, "\n".join(lines) + "\n" + plot_line + "\n\n" + "\n".join(sections))
     print()
     print("\n".join(sections))
     print(f"Wrote {out}" + (f" and {png}" if plot_note is None else f" ({plot_note})") + f" in {total:.0f} s.")

@@ -29,6 +29,25 @@ __all__ = [
 ]
 
 
+GENERATED_BELOW = "<!-- scripts/bench writes everything below this line; the text above it is kept. -->"
+
+
+def kept_head(out: Path) -> str:
+    """The hand-written text above ``GENERATED_BELOW`` in an existing report (docs/benchmarks.md
+    opens with the prose the README links to), marker included; "" when there is none."""
+    if not out.is_file():
+        return ""
+    text = out.read_text()
+    end = text.find(GENERATED_BELOW)
+    return "" if end < 0 else text[: end + len(GENERATED_BELOW)] + "\n\n"
+
+
+def write_report_file(out: Path, text: str) -> None:
+    """Write a generated report below the kept hand-written head of ``out``."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(kept_head(out) + text.rstrip() + "\n")
+
+
 def plural(count: int, noun: str) -> str:
     return f"{count} {noun}{'' if count == 1 else 's'}"
 

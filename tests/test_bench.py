@@ -238,3 +238,16 @@ def test_quick_run_with_the_detector_variants(tmp_path):
         row = next(line for line in text.splitlines() if line.startswith(f"| {variants.VARIANTS[key].label} |"))
         assert "error" not in row and "×" in row
     assert "Which detector finds which fault" not in text and (tmp_path / "bench.png").exists()
+
+
+def test_a_rerun_keeps_the_hand_written_head_of_the_report(tmp_path):
+    """docs/benchmarks.md opens with prose the README links to; scripts/bench rewrites only what is below
+    the marker, and writes the whole file when there is none."""
+    from benchmarks.report import GENERATED_BELOW, write_report_file
+
+    out = tmp_path / "benchmarks.md"
+    write_report_file(out, "first run")
+    assert out.read_text() == "first run\n"
+    out.write_text(f"# Costs\n\nprose\n\n{GENERATED_BELOW}\n\nold table\n")
+    write_report_file(out, "new table")
+    assert out.read_text() == f"# Costs\n\nprose\n\n{GENERATED_BELOW}\n\nnew table\n"

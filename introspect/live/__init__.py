@@ -105,7 +105,7 @@ def watch(
         check_mode: "replay": a sentinel per step (norms of the outputs, the gradient arriving at
             them and the parameter gradients: one host sync) and, only when it sees NaN/Inf, a
             replay of that step with every watched module checked. "per_module": every module on
-            every step, for steps that cannot be replayed (README: "First NaN/Inf").
+            every step, for steps that cannot be replayed (docs/debugger.md: "First NaN/Inf").
         thresholds: when the debugger reports dead units, saturation, vanishing/exploding or
             stuck gradients: an ``introspect.Thresholds`` or a dict of its field names.
         summary / graph: print the torchinfo summary and write the graph on the first batch.
