@@ -44,7 +44,7 @@ from ..debugger.alerts import Alert
 from ..errors import ConfigError, LoadError
 from ..records.stats import HistogramRecord
 from ..records.step import HostStep
-from ..records.tags import ALERTS_TAG, HEALTH_MAP_TAG, tag_name
+from ..records.tags import ALERTS_TAG, health_map_tag, stored_text_tag, tag_name
 
 __all__ = ["STATS", "StatSpec", "HealthMap", "health_map_from_events", "find_run", "health_map_tag"]
 
@@ -81,11 +81,6 @@ STATS: dict[str, StatSpec] = {
     ),
 }
 """Every statistic a health map can show, in the order ``introspect map`` draws them."""
-
-
-def health_map_tag(stat: str) -> str:
-    """The image tag of one statistic's map: ``diagnostics/health_map/{stat}``."""
-    return f"{HEALTH_MAP_TAG}/{stat}"
 
 
 class HealthMap:
@@ -391,7 +386,7 @@ _ALERT_ROW = re.compile(r"^\| (\d+) \| (\w+)(?: \((\w+)\))? \| `([^`]*)` \| (.*)
 
 def read_alerts(acc: Any) -> list[Alert]:
     """The findings of a run, from the last ``diagnostics/alerts`` text (it lists them all)."""
-    full = f"{ALERTS_TAG}/text_summary"
+    full = stored_text_tag(ALERTS_TAG)
     if full not in acc.Tags().get("tensors", []):
         return []
     events = acc.Tensors(full)

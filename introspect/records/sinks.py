@@ -1,24 +1,5 @@
-"""Writing a finished step to a SummaryWriter-like object. The tag table lives here, and only here.
-
-| what                                         | kind      | tag                               |
-| -------------------------------------------- | --------- | --------------------------------- |
-| layer outputs                                | histogram | activations/{module}              |
-| gradients w.r.t. layer outputs               | histogram | activation_grads/{module}         |
-| parameters / parameter gradients             | histogram | weights/{param}, grads/{param}    |
-| gradient norm, update/weight ratio           | scalar    | grad_norm/{param}, update_ratio/{param} |
-| conv feature maps                            | image     | feature_maps/{module}             |
-| model summary                                | text      | model/summary                     |
-| debugger findings                            | text      | diagnostics/alerts                |
-| gradient flow per layer                      | image     | diagnostics/grad_flow             |
-| NaN/Inf count, when not zero                 | scalar    | nonfinite/{module or param}       |
-| a run's final metrics (HPARAMS, finish())    | scalar    | hparams/{metric}                  |
-| a user probe's values (``probes=``)          | scalar    | {probe.name}/{key}/{module}       |
-| spectra of saved weights (``weights --spectral``) | scalar | spectral/{alpha,stable_rank,sigma_max,mp_outliers}/{param} |
-| training health map (modules x logging steps) | image    | diagnostics/health_map/{stat}     |
-| input data (``inspect_data``)                | image     | data/batch, data/first_image       |
-|                                              | figure    | data/samples, data/class_balance  |
-|                                              | text      | data/channel_stats, data/findings |
-| the first training batch (``log_inputs``)    | image     | data/inputs                       |
+"""Writing a finished step to a SummaryWriter-like object. The tags come from ``tags.py``, the one
+tag table.
 """
 
 from __future__ import annotations
