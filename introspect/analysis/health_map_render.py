@@ -46,7 +46,15 @@ from ..records.stats import HistogramRecord
 from ..records.step import HostStep
 from ..records.tags import ALERTS_TAG, health_map_tag, stored_text_tag, tag_name
 
-__all__ = ["STATS", "StatSpec", "HealthMap", "health_map_from_events", "find_run", "health_map_tag"]
+__all__ = [
+    "STATS",
+    "StatSpec",
+    "HealthMap",
+    "health_map_from_events",
+    "save_health_maps",
+    "find_run",
+    "health_map_tag",
+]
 
 
 @dataclass(frozen=True)
@@ -214,6 +222,25 @@ class HealthMap:
             writer.add_image(health_map_tag(stat), self.render(stat), step, dataformats="HWC")
             written.append(health_map_tag(stat))
         return written
+
+
+def save_health_maps(hm: HealthMap, stats: Iterable[str], out: str, run: str) -> list[tuple[str, str]]:
+    """Each statistic's map (every one ``hm`` has data for, when ``stats`` is empty) as a PNG: ``out``
+    for one, ``{out without .png}_{stat}.png`` each for several; returns ``(stat, path)`` pairs.
+    A statistic the run has no data for is a ``ConfigError`` naming ``run`` and what it has."""
+    from ..records.visuals import save_png
+
+    chosen = list(stats) or hm.available()
+    missing = [s for s in chosen if s not in hm.available()]
+    if missing:
+        raise ConfigError(f"{run} has no data for {', '.join(missing)}; it has {', '.join(hm.available())}")
+    base = out[:-4] if out.lower().endswith(".png") else out
+    saved = []
+    for stat in chosen:
+        path = out if len(chosen) == 1 else f"{base}_{stat}.png"
+        save_png(hm.render(stat), path)
+        saved.append((stat, path))
+    return saved
 
 
 def _spec(stat: str) -> StatSpec:
