@@ -519,6 +519,45 @@ def test_input_files_are_read_like_models(saved, tmp_path):
     assert not marker.exists()
 
 
+class TensorByCall:
+    """Unpickles to a tensor by calling ``torch.full``: harmless, but only ``weights_only=False``
+    (``--unsafe``) reads it."""
+
+    def __reduce__(self):
+        return (torch.full, ((2, 3, 32, 32), 0.5))
+
+
+@pytest.mark.parametrize("command", ["activations", "compare"])
+def test_unsafe_applies_to_the_input_file_of_every_command(tmp_path, command):
+    # compare used to read --input safely whatever --unsafe said; both now go through batches_from.
+    model = tmp_path / "seed.pt"
+    torch.save(seed_cnn().state_dict(), model)
+    x = tmp_path / "x.pt"
+    torch.save(TensorByCall(), x)
+    args = (
+        ["activations", model, "--logdir", tmp_path / "run"] if command == "activations" else ["compare", model, model]
+    )
+    refused = run(*args, "--arch", SEED_ARCH, "--input", x)
+    assert_one_line_error(refused, 4, "pass --unsafe")
+    read = run(*args, "--arch", SEED_ARCH, "--input", x, "--unsafe")
+    assert read.exit_code == 0, read.output
+    assert ("1 step(s)" if command == "activations" else "exactly equal") in read.stdout
+
+
+def test_batches_from_takes_exactly_one_source(tmp_path):
+    from introspect import ConfigError
+    from introspect.load.model_inputs import InputSpec, batches_from
+
+    with pytest.raises(ConfigError, match="exactly one"):
+        InputSpec(shape=(1, 3, 32, 32), file=tmp_path / "x.pt")
+    with pytest.raises(ConfigError, match="exactly one"):
+        InputSpec()
+    fed = batches_from(seed_cnn(), InputSpec(shape=(2, 3, 32, 32), dtype="float64"), unsafe=False, seed=3, count=2)
+    assert fed.total == 2 and next(fed.model.parameters()).dtype == torch.float64
+    first, second = (b[0] for b in fed.batches)
+    assert first.dtype == torch.float64 and not torch.equal(first, second)  # seeds 3 and 4
+
+
 @pytest.mark.parametrize(
     "content",
     [

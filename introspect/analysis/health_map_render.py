@@ -44,9 +44,17 @@ from ..debugger.alerts import Alert
 from ..errors import ConfigError, LoadError
 from ..records.stats import HistogramRecord
 from ..records.step import HostStep
-from ..records.tags import ALERTS_TAG, HEALTH_MAP_TAG, tag_name
+from ..records.tags import ALERTS_TAG, health_map_tag, stored_text_tag, tag_name
 
-__all__ = ["STATS", "StatSpec", "HealthMap", "health_map_from_events", "find_run", "health_map_tag"]
+__all__ = [
+    "STATS",
+    "StatSpec",
+    "HealthMap",
+    "health_map_from_events",
+    "save_health_maps",
+    "find_run",
+    "health_map_tag",
+]
 
 
 @dataclass(frozen=True)
@@ -81,11 +89,6 @@ STATS: dict[str, StatSpec] = {
     ),
 }
 """Every statistic a health map can show, in the order ``introspect map`` draws them."""
-
-
-def health_map_tag(stat: str) -> str:
-    """The image tag of one statistic's map: ``diagnostics/health_map/{stat}``."""
-    return f"{HEALTH_MAP_TAG}/{stat}"
 
 
 class HealthMap:
@@ -219,6 +222,25 @@ class HealthMap:
             writer.add_image(health_map_tag(stat), self.render(stat), step, dataformats="HWC")
             written.append(health_map_tag(stat))
         return written
+
+
+def save_health_maps(hm: HealthMap, stats: Iterable[str], out: str, run: str) -> list[tuple[str, str]]:
+    """Each statistic's map (every one ``hm`` has data for, when ``stats`` is empty) as a PNG: ``out``
+    for one, ``{out without .png}_{stat}.png`` each for several; returns ``(stat, path)`` pairs.
+    A statistic the run has no data for is a ``ConfigError`` naming ``run`` and what it has."""
+    from ..records.visuals import save_png
+
+    chosen = list(stats) or hm.available()
+    missing = [s for s in chosen if s not in hm.available()]
+    if missing:
+        raise ConfigError(f"{run} has no data for {', '.join(missing)}; it has {', '.join(hm.available())}")
+    base = out[:-4] if out.lower().endswith(".png") else out
+    saved = []
+    for stat in chosen:
+        path = out if len(chosen) == 1 else f"{base}_{stat}.png"
+        save_png(hm.render(stat), path)
+        saved.append((stat, path))
+    return saved
 
 
 def _spec(stat: str) -> StatSpec:
@@ -391,7 +413,7 @@ _ALERT_ROW = re.compile(r"^\| (\d+) \| (\w+)(?: \((\w+)\))? \| `([^`]*)` \| (.*)
 
 def read_alerts(acc: Any) -> list[Alert]:
     """The findings of a run, from the last ``diagnostics/alerts`` text (it lists them all)."""
-    full = f"{ALERTS_TAG}/text_summary"
+    full = stored_text_tag(ALERTS_TAG)
     if full not in acc.Tags().get("tensors", []):
         return []
     events = acc.Tensors(full)

@@ -49,7 +49,7 @@ from torch import nn
 from ..errors import ModelTypeError
 from ..records.sinks import write_step
 from ..records.step import HostStep
-from ..records.tags import tag
+from ..records.tags import spectral_tag
 from ..terminal import format_table, progress
 
 __all__ = [
@@ -386,5 +386,5 @@ def format_spectral_changes(changes: Sequence[SpectralChange]) -> str:
 def write_spectral_scalars(writer: Any, stats: Sequence[SpectralStats], step: int = 0) -> None:
     """``spectral/{alpha,stable_rank,sigma_max,mp_outliers}/{param}`` at ``step``, as one event
     (an undefined α is left out, as TensorBoard draws no NaN)."""
-    scalars = {tag("spectral", f"{key}/{s.name}"): float(getattr(s, key)) for s in stats for key in SCALARS}
+    scalars = {spectral_tag(key, s.name): float(getattr(s, key)) for s in stats for key in SCALARS}
     write_step(writer, HostStep(step=step, histograms={}, scalars=scalars, measures={}))

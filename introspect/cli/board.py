@@ -26,7 +26,7 @@ from typing import Any
 
 from ..errors import ConfigError, IntrospectWarning
 
-__all__ = ["serve", "tensorboard_command", "is_loopback", "pick_port"]
+__all__ = ["serve", "tensorboard_command", "is_loopback", "pick_port", "board_url"]
 
 FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 GRACE_S = 5.0
@@ -58,6 +58,12 @@ def pick_port(host: str) -> int:
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
         s.bind((host, 0))
         return s.getsockname()[1]
+
+
+def board_url(host: str, port: int) -> str:
+    """Where to open the board: the machine's name for a wildcard address, an IPv6 one bracketed."""
+    shown = socket.gethostname() if host in ("0.0.0.0", "::") else (f"[{host}]" if ":" in host else host)
+    return f"http://{shown}:{port}/"
 
 
 def tensorboard_command(logdir: str | os.PathLike, port: int, host: str) -> list[str]:

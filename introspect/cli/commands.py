@@ -8,8 +8,6 @@ and torch's own warnings are silenced. ``--debug`` shows the traceback and every
 
 from __future__ import annotations
 
-import json
-import socket
 import sys
 import warnings
 from collections.abc import Callable
@@ -27,9 +25,10 @@ from ..errors import (
     LoadError,
     UnsafeLoadError,
 )
-from ..records.sinks import open_writer
+from ..load.model_inputs import InputSpec
+from .options import MODEL_PATH, input_options, model_options
 
-__all__ = ["main", "IntrospectCommand", "model_options", "EXIT_CODES"]
+__all__ = ["main", "IntrospectCommand", "EXIT_CODES"]
 
 EXIT_CODES: tuple[tuple[type[BaseException], int], ...] = (
     (UnsafeLoadError, 4),
@@ -97,126 +96,17 @@ def main() -> None:
     """
 
 
-# --------------------------------------------------------------------------- shared options
-class _JSONObject(click.ParamType):
-    name = "JSON"
-
-    def convert(self, value: Any, param: Any, ctx: Any) -> dict[str, Any]:
-        if isinstance(value, dict):
-            return value
-        try:
-            obj = json.loads(value)
-        except ValueError as e:
-            self.fail(f"not valid JSON ({e}): {value!r}", param, ctx)
-        if not isinstance(obj, dict):
-            self.fail(f"expected a JSON object like '{{\"num_classes\": 10}}', got {value!r}", param, ctx)
-        return obj
-
-
-class _Shape(click.ParamType):
-    name = "N,C,H,W"
-
-    def convert(self, value: Any, param: Any, ctx: Any) -> tuple[int, ...]:
-        from ..load.model_inputs import parse_shape
-
-        if isinstance(value, tuple):
-            return value
-        try:
-            return parse_shape(value)
-        except IntrospectError as e:
-            self.fail(str(e), param, ctx)
-
-
-def model_options(f: Callable) -> Callable:
-    """--arch, --arch-kwargs and --unsafe: how to read MODEL files."""
-    f = click.option(
-        "--unsafe",
-        is_flag=True,
-        help="Allow unpickling arbitrary Python objects (a whole pickled nn.Module). Runs code from the file: only for files you trust.",
-    )(f)
-    f = click.option(
-        "--arch-kwargs",
-        type=_JSONObject(),
-        default=None,
-        help="Keyword arguments for --arch, as JSON: '{\"num_classes\": 10}'.",
-    )(f)
-    f = click.option(
-        "--arch",
-        default=None,
-        metavar="MODULE:CLASS",
-        help="Architecture the weights belong to: package.module:Class (importable, or in the current directory), torchvision:resnet18 or timm:resnet18 (never downloads).",
-    )(f)
-    return f
-
-
-def _input_options(f: Callable) -> Callable:
-    f = click.option(
-        "--dtype",
-        type=click.Choice(["float32", "float64", "float16", "bfloat16", "int64"]),
-        default="float32",
-        show_default=True,
-        help="Input dtype; a floating dtype casts the model too, int64 makes token ids.",
-    )(f)
-    return f
-
-
-def _load(model: str, arch: str | None, arch_kwargs: dict | None, unsafe: bool) -> Any:
-    from ..load.models import load_model
-
-    return load_model(model, arch=arch, arch_kwargs=arch_kwargs, unsafe=unsafe)
-
-
-def _cast(model: Any, dtype: str) -> tuple[Any, Any]:
-    """The model cast to ``dtype`` when it is a floating type, and that torch dtype."""
-    from ..load.model_inputs import DTYPES
-
-    torch_dtype = DTYPES[dtype]
-    return (model.to(torch_dtype) if torch_dtype.is_floating_point else model), torch_dtype
-
-
-def _shaped_input(model: Any, shape: tuple[int, ...], dtype: str) -> tuple[Any, tuple[Any, ...]]:
-    """The model cast to a floating ``dtype``, and a checked random input of ``shape``."""
-    from ..load.model_inputs import check_input, random_input
-
-    model, torch_dtype = _cast(model, dtype)
-    inputs = (random_input(model, shape, torch_dtype),)
-    check_input(model, inputs)
-    return model, inputs
-
-
-_MODEL_PATH = click.Path()
-"""A file argument whose checks are the loader's: a missing, unreadable or directory path is a
-``LoadError`` (one ``error:`` line, exit 3), not click's usage error (exit 2)."""
-
-
-def _check_input_options(input_shape: Any, input_file: Any, images: Any, image_size: tuple[int, ...] | None) -> None:
-    """Exactly one of --input-shape, --input and --images; --image-size is H,W."""
-    given = [
-        name
-        for name, v in (("--input-shape", input_shape), ("--input", input_file), ("--images", images))
-        if v is not None
-    ]
-    if len(given) != 1:
-        raise click.UsageError(
-            "give exactly one of --input-shape, --input or --images" + (f" (got {', '.join(given)})" if given else "")
-        )
-    if image_size is not None and len(image_size) != 2:
-        raise click.BadParameter(f"expected H,W, got {','.join(map(str, image_size))}", param_hint="--image-size")
-
-
 # --------------------------------------------------------------------------- commands
 @main.command()
-@click.argument("model", type=_MODEL_PATH)
-@click.option("--input-shape", type=_Shape(), required=True, help="Shape of one input, e.g. 1,3,32,32.")
-@_input_options
+@click.argument("model", type=MODEL_PATH)
+@input_options(shape_only=True)
 @click.option(
     "--depth", type=click.IntRange(0), default=3, show_default=True, help="How deep the table goes into submodules."
 )
 @model_options
 def summary(
     model: str,
-    input_shape: tuple[int, ...],
-    dtype: str,
+    inputs: InputSpec,
     depth: int,
     arch: str | None,
     arch_kwargs: dict | None,
@@ -231,23 +121,23 @@ def summary(
       introspect summary weights.pt --arch torchvision:resnet18 --input-shape 1,3,224,224
     """
     from ..analysis.summary import summary as model_summary
+    from ..load.model_inputs import batches_from
+    from ..load.models import load_model
 
-    net, inputs = _shaped_input(_load(model, arch, arch_kwargs, unsafe), input_shape, dtype)
-    click.echo(model_summary(net, *inputs, depth=depth))
+    fed = batches_from(load_model(model, arch, arch_kwargs, unsafe), inputs, unsafe=unsafe)
+    click.echo(model_summary(fed.model, *fed.first(), depth=depth))
 
 
 @main.command()
-@click.argument("model", type=_MODEL_PATH)
-@click.option("--input-shape", type=_Shape(), required=True, help="Shape of one input, e.g. 1,3,32,32.")
-@_input_options
+@click.argument("model", type=MODEL_PATH)
+@input_options(shape_only=True)
 @click.option(
     "--logdir", required=True, type=click.Path(file_okay=False), help="Where to write the graph for TensorBoard."
 )
 @model_options
 def graph(
     model: str,
-    input_shape: tuple[int, ...],
-    dtype: str,
+    inputs: InputSpec,
     logdir: str,
     arch: str | None,
     arch_kwargs: dict | None,
@@ -260,20 +150,20 @@ def graph(
       introspect graph weights.pt --arch examples.models:SeedCNN --input-shape 1,3,32,32 --logdir runs/graph
     """
     from ..analysis.summary import write_graph
+    from ..load.model_inputs import batches_from
+    from ..load.models import load_model
+    from ..records.sinks import logdir_writer
 
-    net, inputs = _shaped_input(_load(model, arch, arch_kwargs, unsafe), input_shape, dtype)
-    writer, _ = open_writer(logdir)
-    try:
-        written = write_graph(writer, net, inputs)
-    finally:
-        writer.close()
+    fed = batches_from(load_model(model, arch, arch_kwargs, unsafe), inputs, unsafe=unsafe)
+    with logdir_writer(logdir) as writer:
+        written = write_graph(writer, fed.model, fed.first())
     if not written:  # write_graph has warned why
         raise IntrospectError(f"no graph written for {model}")
-    click.echo(f"graph of {getattr(net, 'original_name', type(net).__name__)} written to {logdir}")
+    click.echo(f"graph of {getattr(fed.model, 'original_name', type(fed.model).__name__)} written to {logdir}")
 
 
 @main.command()
-@click.argument("models", nargs=-1, required=True, type=_MODEL_PATH, metavar="MODEL [MODEL_B]")
+@click.argument("models", nargs=-1, required=True, type=MODEL_PATH, metavar="MODEL [MODEL_B]")
 @click.option(
     "--logdir",
     type=click.Path(file_okay=False),
@@ -342,18 +232,15 @@ def _one_or_two(
     written: str,
 ) -> None:
     """Print one file's table or A -> B's, and with ``logdir`` write each file at its own step (A 0, B 1)."""
+    from ..records.sinks import write_steps
+
     if len(items) == 1:
         click.echo(show_one(items[0]))
     else:
         click.echo(f"A = {models[0]}\nB = {models[1]}")
         click.echo(show_two(items[0], items[1]))
     if logdir is not None:
-        writer, _ = open_writer(logdir)
-        try:
-            for step, item in enumerate(items):
-                write(writer, item, step)
-        finally:
-            writer.close()
+        write_steps(logdir, write, items)
         click.echo(f"{written} written to {logdir}")
 
 
@@ -368,17 +255,9 @@ def _spectral_command(
         spectral,
         write_spectral_scalars,
     )
-    from ..load.models import load_model, read_model_file
+    from ..load.models import load_module_or_state_dict
 
-    def source(path: str) -> Any:
-        # A module (with --arch, or a file that carries one) says which tensors are embeddings;
-        # a bare state_dict is analysed as it is.
-        if arch is not None:
-            return load_model(path, arch=arch, arch_kwargs=arch_kwargs, unsafe=unsafe)
-        loaded = read_model_file(path, unsafe=unsafe)
-        return loaded.module if loaded.module is not None else loaded.state_dict
-
-    analysed = [spectral(source(m), show_progress=True) for m in models]
+    analysed = [spectral(load_module_or_state_dict(m, arch, arch_kwargs, unsafe), show_progress=True) for m in models]
     if not analysed[0]:
         raise IntrospectError(f"{models[0]} holds no weight matrix (no floating tensor of two or more dimensions)")
     _one_or_two(
@@ -393,23 +272,8 @@ def _spectral_command(
 
 
 @main.command()
-@click.argument("model", type=_MODEL_PATH)
-@click.option(
-    "--input-shape", type=_Shape(), default=None, help="Random inputs of this shape (reproducible, see --seed)."
-)
-@click.option(
-    "--input",
-    "input_file",
-    type=_MODEL_PATH,
-    default=None,
-    help="A torch.save'd tensor (or tuple of tensors): the model's inputs (--unsafe applies to it too).",
-)
-@click.option(
-    "--images",
-    type=click.Path(file_okay=False),
-    default=None,
-    help="A folder of images (subfolders too), read as RGB in [0, 1].",
-)
+@click.argument("model", type=MODEL_PATH)
+@input_options(batch_size=16)
 @click.option("--logdir", required=True, type=click.Path(file_okay=False), help="Where to write the histograms.")
 @click.option(
     "--batches",
@@ -418,33 +282,21 @@ def _spectral_command(
     show_default=True,
     help="With --input-shape: how many random batches.",
 )
-@click.option(
-    "--batch-size", type=click.IntRange(1), default=16, show_default=True, help="With --images: images per forward."
-)
-@click.option(
-    "--image-size", type=_Shape(), default=None, metavar="H,W", help="With --images: resize every image to this size."
-)
 @click.option("--backward", is_flag=True, help="Also backpropagate the output's sum (or --target's) and log gradients.")
 @click.option(
     "--target", type=int, default=None, help="With --backward: the output unit (e.g. class index) to backpropagate."
 )
 @click.option("--train-mode", is_flag=True, help="Run in training mode (dropout on, BatchNorm on batch statistics).")
-@_input_options
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random inputs.")
 @model_options
 def activations(
     model: str,
-    input_shape: tuple[int, ...] | None,
-    input_file: str | None,
-    images: str | None,
+    inputs: InputSpec,
     logdir: str,
     batches: int,
-    batch_size: int,
-    image_size: tuple[int, ...] | None,
     backward: bool,
     target: int | None,
     train_mode: bool,
-    dtype: str,
     seed: int,
     arch: str | None,
     arch_kwargs: dict | None,
@@ -461,67 +313,28 @@ def activations(
       introspect activations model.pt2 --images data/val --batch-size 32 --logdir runs/acts --backward --target 0
     """
     from ..live.record_activations import record_activations
-    from ..load.model_inputs import (
-        check_input,
-        image_batches,
-        image_files,
-        load_input_file,
-        random_input,
-    )
+    from ..load.model_inputs import batches_from
+    from ..load.models import load_model
 
-    _check_input_options(input_shape, input_file, images, image_size)
-    net, torch_dtype = _cast(_load(model, arch, arch_kwargs, unsafe), dtype)
-    total: int | None
-    if input_shape is not None:
-        batch_list: Any = [(random_input(net, input_shape, torch_dtype, seed=seed + i),) for i in range(batches)]
-        total = batches
-    elif input_file is not None:
-        batch_list, total = [load_input_file(input_file, unsafe=unsafe)], 1
-    else:
-        files = image_files(images)
-        total = -(-len(files) // batch_size)
-        batch_list = ((x.to(torch_dtype),) for x in image_batches(files, batch_size, image_size))
-    if input_shape is not None or input_file is not None:
-        check_input(net, batch_list[0])
+    fed = batches_from(load_model(model, arch, arch_kwargs, unsafe), inputs, unsafe=unsafe, seed=seed, count=batches)
     w = record_activations(
-        net,
-        batch_list,
+        fed.model,
+        fed.batches,
         logdir,
         backward=backward,
         target=target,
         train_mode=train_mode,
         show_progress=True,
-        total=total,
+        total=fed.total,
     )
     click.echo(f"{w.step + 1} step(s) of {len(w.module_names)} modules written to {logdir}")
     click.echo(w.report())
 
 
 @main.command()
-@click.argument("model_a", type=_MODEL_PATH)
-@click.argument("model_b", type=_MODEL_PATH)
-@click.option(
-    "--input-shape", type=_Shape(), default=None, help="A random input of this shape (reproducible, see --seed)."
-)
-@click.option(
-    "--input",
-    "input_file",
-    type=click.Path(dir_okay=False),
-    default=None,
-    help="A torch.save'd tensor (or tuple of tensors): the models' inputs.",
-)
-@click.option(
-    "--images",
-    type=click.Path(file_okay=False),
-    default=None,
-    help="A folder of images: the first --batch-size of them, as RGB in [0, 1].",
-)
-@click.option(
-    "--batch-size", type=click.IntRange(1), default=8, show_default=True, help="With --images: how many images."
-)
-@click.option(
-    "--image-size", type=_Shape(), default=None, metavar="H,W", help="With --images: resize every image to this size."
-)
+@click.argument("model_a", type=MODEL_PATH)
+@click.argument("model_b", type=MODEL_PATH)
+@input_options(batch_size=8)
 @click.option(
     "--backward",
     is_flag=True,
@@ -553,16 +366,11 @@ def activations(
     metavar="MODULE:CLASS",
     help="MODEL_B's architecture, when it differs from --arch (a refactored class).",
 )
-@_input_options
 @model_options
 def compare(
     model_a: str,
     model_b: str,
-    input_shape: tuple[int, ...] | None,
-    input_file: str | None,
-    images: str | None,
-    batch_size: int,
-    image_size: tuple[int, ...] | None,
+    inputs: InputSpec,
     backward: bool,
     autocast: str | None,
     rtol: float,
@@ -570,7 +378,6 @@ def compare(
     seed: int,
     out: str | None,
     arch_b: str | None,
-    dtype: str,
     arch: str | None,
     arch_kwargs: dict | None,
     unsafe: bool,
@@ -580,7 +387,7 @@ def compare(
     Both run the same input from the same RNG state; every module output (with --backward, every
     gradient w.r.t. one) is compared in execution order: exact equality, max |a-b|, max |a-b|
     relative to max |a|, cosine. Modules are matched by name. Give exactly one of --input-shape,
-    --input or --images.
+    --input or --images (the first --batch-size images).
 
     \b
     Examples:
@@ -588,39 +395,20 @@ def compare(
       introspect compare ckpt.pt ckpt.pt --arch torchvision:resnet18 --input-shape 2,3,64,64 --autocast bf16 --out diff.png
     """
     from ..analysis.compare import first_divergence
-    from ..load.model_inputs import (
-        image_batches,
-        image_files,
-        load_input_file,
-        random_input,
-    )
+    from ..load.model_inputs import batches_from, cast_model
+    from ..load.models import load_model
+    from ..records.visuals import save_png
 
-    _check_input_options(input_shape, input_file, images, image_size)
-    net_a, torch_dtype = _cast(_load(model_a, arch, arch_kwargs, unsafe), dtype)
-    net_b, _ = _cast(_load(model_b, arch_b or arch, arch_kwargs, unsafe), dtype)
-    if input_shape is not None:
-        inputs: tuple[Any, ...] = (random_input(net_a, input_shape, torch_dtype, seed=seed),)
-    elif input_file is not None:
-        inputs = load_input_file(input_file)
-    else:
-        inputs = (next(iter(image_batches(image_files(images)[:batch_size], batch_size, image_size))).to(torch_dtype),)
+    fed = batches_from(load_model(model_a, arch, arch_kwargs, unsafe), inputs, unsafe=unsafe, seed=seed)
+    net_b = cast_model(load_model(model_b, arch_b or arch, arch_kwargs, unsafe), inputs.dtype)
     result = first_divergence(
-        net_a, net_b, *inputs, backward=backward, autocast=autocast, rtol=rtol, atol=atol, seed=seed
+        fed.model, net_b, *fed.first(), backward=backward, autocast=autocast, rtol=rtol, atol=atol, seed=seed
     )
     click.echo(f"A = {model_a}\nB = {model_b}" + (f" (under autocast {autocast})" if autocast else ""))
     click.echo(str(result))
     if out is not None:
-        _save_png(result.image(), out)
+        save_png(result.image(), out)
         click.echo(f"figure written to {out}")
-
-
-def _save_png(image: Any, path: str) -> None:
-    from PIL import Image
-
-    try:
-        Image.fromarray(image).save(path, format="PNG")
-    except OSError as e:
-        raise IntrospectError(f"cannot write {path}: {e}") from e
 
 
 @main.command("map")
@@ -651,17 +439,10 @@ def health_map(rundir: str, stats: tuple[str, ...], out: str) -> None:
       introspect map runs/exp1
       introspect map runs/broken/nan --stat nonfinite --out nan.png
     """
-    from ..analysis.health_map_render import STATS, health_map_from_events
+    from ..analysis.health_map_render import STATS, health_map_from_events, save_health_maps
 
     hm = health_map_from_events(rundir)
-    chosen = list(stats) or hm.available()
-    missing = [s for s in chosen if s not in hm.available()]
-    if missing:
-        raise IntrospectError(f"{rundir} has no data for {', '.join(missing)}; it has {', '.join(hm.available())}")
-    base = out[:-4] if out.lower().endswith(".png") else out
-    for stat in chosen:
-        path = out if len(chosen) == 1 else f"{base}_{stat}.png"
-        _save_png(hm.render(stat), path)
+    for stat, path in save_health_maps(hm, stats, out, rundir):
         click.echo(f"{stat}: {path}")
     click.echo(
         f"{len(hm.rows)} modules x {len(hm.steps)} logging steps, {len(hm.findings)} findings "
@@ -691,14 +472,13 @@ def board(logdir: str, port: int, host: str) -> None:
     Example:
       introspect board --logdir runs
     """
-    from .board import pick_port, serve
+    from .board import board_url, pick_port, serve
 
     if port == 0:
         port = pick_port(host)
-    shown = socket.gethostname() if host in ("0.0.0.0", "::") else (f"[{host}]" if ":" in host else host)
 
     def announce() -> None:
-        click.echo(f"http://{shown}:{port}/")
+        click.echo(board_url(host, port))
         click.echo(f"TensorBoard for {logdir} (Ctrl-C to stop)", err=True)
         sys.stdout.flush()
 

@@ -10,7 +10,6 @@ themselves live in ``introspect.probes``; what is changed in the process is kept
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -27,6 +26,7 @@ from .config import (
     IMAGE_EVERY_FACTOR,
     LOG_KINDS,
     NONFINITE_ACTIONS,
+    WATCH_OPTIONS,
     WatchConfig,
 )
 from .watcher import Watcher
@@ -135,31 +135,7 @@ def watch(
     gradients and update ratios; its per-layer probes cannot run inside the graph and one warning
     says so.
     """
-    config = WatchConfig.validate(
-        model,
-        writer,
-        every=every,
-        log=log,
-        include=include,
-        exclude=exclude,
-        optimizer=optimizer,
-        on_nonfinite=on_nonfinite,
-        check_every=check_every,
-        check_mode=check_mode,
-        thresholds=thresholds,
-        summary=summary,
-        graph=graph,
-        hparams=hparams,
-        step_fn=step_fn,
-        image_every=image_every,
-        log_inputs=log_inputs,
-        ranks=ranks,
-        grad_scaler=grad_scaler,
-        strict=strict,
-        probes=probes,
-    )
+    options = dict(locals())  # the first statement: exactly watch()'s parameters, as called
+    del options["model"], options["writer"]
+    config = WatchConfig.validate(model, writer, **options)
     return Watcher(model, writer, config)
-
-
-WATCH_OPTIONS = frozenset(inspect.signature(watch).parameters) - {"model", "writer"}
-"""The keyword options of :func:`watch` (the integrations' callbacks accept the same)."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 import operator
 import os
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
@@ -18,6 +18,7 @@ from torch import nn
 
 from ..debugger.health import Thresholds
 from ..errors import ConfigError, ConfigTypeError, ModelTypeError
+from ..probes.base import Probe
 from ..records.run_params import check_hparams
 from ..runtime.amp import check_grad_scaler
 from ..runtime.distributed import check_rank_mode
@@ -25,6 +26,9 @@ from ..runtime.selection import ModuleFilter
 
 __all__ = [
     "WatchConfig",
+    "Option",
+    "OPTIONS",
+    "WATCH_OPTIONS",
     "LOG_KINDS",
     "DEFAULT_LOG",
     "DEFAULT_EVERY",
@@ -44,15 +48,42 @@ CHECK_MODES = ("replay", "per_module")
 (``introspect.probes.nonfinite.sentinel``), or the per-module check on every step."""
 
 
-def _count(value: Any, name: str, minimum: int, meaning: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigTypeError(f"{name} must be an integer >= {minimum} ({meaning}), got {name}={value!r}")
-    if value < minimum:
-        raise ConfigError(f"{name} must be an integer >= {minimum} ({meaning}), got {name}={value!r}")
+# --------------------------------------------------------------------------- the checks
+# Each check takes the option's name, the value given and the options checked before it (in
+# declaration order), and returns the value kept; a wrong type raises ConfigTypeError, a wrong
+# value ConfigError, each echoing the bad value.
+Check = Callable[[str, Any, Mapping[str, Any]], Any]
+
+
+def _kept(name: str, value: Any, checked: Mapping[str, Any]) -> Any:
+    """No check here: the value is checked where it is used (``include``/``exclude`` need the model)."""
     return value
 
 
-def _log_kinds(log: Any) -> frozenset[str]:
+def _count(minimum: int, meaning: str) -> Check:
+    def check(name: str, value: Any, checked: Mapping[str, Any]) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigTypeError(f"{name} must be an integer >= {minimum} ({meaning}), got {name}={value!r}")
+        if value < minimum:
+            raise ConfigError(f"{name} must be an integer >= {minimum} ({meaning}), got {name}={value!r}")
+        return value
+
+    return check
+
+
+def _image_every(name: str, value: Any, checked: Mapping[str, Any]) -> int:
+    if value is None:
+        value = IMAGE_EVERY_FACTOR * checked["every"]
+    return _count(1, "draw feature maps every N steps")(name, value, checked)
+
+
+def _flag(name: str, value: Any, checked: Mapping[str, Any]) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigTypeError(f"{name}= takes True or False, got {name}={value!r}")
+    return value
+
+
+def _log_kinds(name: str, log: Any, checked: Mapping[str, Any]) -> frozenset[str]:
     if isinstance(log, str):
         kinds: tuple[Any, ...] = (log,)
     elif isinstance(log, Iterable) and not isinstance(log, (bytes, Mapping)):
@@ -66,6 +97,73 @@ def _log_kinds(log: Any) -> frozenset[str]:
     if unknown:
         raise ConfigError(f"log= got unknown kinds {unknown}; choose from {list(LOG_KINDS)}")
     return frozenset(kinds)
+
+
+def _optimizer(name: str, optimizer: Any, checked: Mapping[str, Any]) -> Any:
+    if optimizer is not None and not callable(getattr(optimizer, "register_step_post_hook", None)):
+        raise ConfigTypeError(f"optimizer= must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+    return optimizer
+
+
+def _on_nonfinite(name: str, action: Any, checked: Mapping[str, Any]) -> str:
+    if action not in NONFINITE_ACTIONS:
+        raise ConfigError(f"on_nonfinite must be one of {NONFINITE_ACTIONS}, got {action!r}")
+    return action
+
+
+def _check_mode(name: str, mode: Any, checked: Mapping[str, Any]) -> str:
+    if not isinstance(mode, str):
+        raise ConfigTypeError(f"check_mode= takes one of {CHECK_MODES}, got {type(mode).__name__}")
+    if mode not in CHECK_MODES:
+        raise ConfigError(f"check_mode must be one of {CHECK_MODES}, got {mode!r}")
+    return mode
+
+
+def _thresholds(name: str, value: Any, checked: Mapping[str, Any]) -> Thresholds:
+    return Thresholds.coerce(value)
+
+
+def _hparams(name: str, hparams: Any, checked: Mapping[str, Any]) -> dict[str, Any] | None:
+    # A value TensorBoard cannot show fails here, with one warning.
+    return None if hparams is None else check_hparams(hparams)
+
+
+def _step_fn(name: str, step_fn: Any, checked: Mapping[str, Any]) -> Callable[[], int] | None:
+    if step_fn is not None:
+        read_step(step_fn)  # a counter that cannot be read fails here, not inside a hook
+    return step_fn
+
+
+def _ranks(name: str, ranks: Any, checked: Mapping[str, Any]) -> str:
+    return check_rank_mode(ranks)
+
+
+def _grad_scaler(name: str, scaler: Any, checked: Mapping[str, Any]) -> Any:
+    return check_grad_scaler(scaler)
+
+
+def _probes(name: str, probes: Any, checked: Mapping[str, Any]) -> tuple[Probe, ...]:
+    user_probes = tuple(probes or ())
+    for probe in user_probes:
+        if not isinstance(probe, Probe):
+            raise ConfigTypeError(
+                f"probes= takes introspect.Probe instances, got {type(probe).__name__} ({probe!r:.60})"
+            )
+        name = getattr(probe, "name", "")
+        if not isinstance(name, str) or not name or "/" in name:
+            raise ConfigError(f"{type(probe).__name__}.name must be a non-empty tag prefix without '/', got {name!r}")
+    names = [p.name for p in user_probes]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"probes= got two probes with one name: {sorted(names)}; names are tag prefixes")
+    return user_probes
+
+
+def _check_model(model: Any) -> None:
+    if not isinstance(model, nn.Module):
+        raise ModelTypeError(
+            f"watch() expects a torch.nn.Module, got {type(model).__name__}; pass the model "
+            "itself (e.g. watch(net, writer)), not its output or state_dict"
+        )
 
 
 def _check_writer(writer: Any) -> None:
@@ -92,122 +190,112 @@ def read_step(step_fn: Callable[[], int]) -> int:
     return step
 
 
+# --------------------------------------------------------------------------- the declaration
+@dataclass(frozen=True)
+class Option:
+    """One keyword option of ``watch``, declared once.
+
+    ``accepts`` and ``default`` are ``watch()``'s annotation and default for it (a test holds the
+    signature to them), ``check`` turns the value given into the value kept, ``doc`` says in one
+    line what it does, and ``shown`` is the default as the docs' options table writes it, where
+    that is not the literal value.
+    """
+
+    accepts: Any
+    default: Any
+    check: Check
+    doc: str
+    shown: str | None = None
+
+    @property
+    def shown_default(self) -> str:
+        """The docs table's default cell: ``shown``, else the literal, e.g. ``50`` or ``"warn"``."""
+        if self.shown is not None:
+            return self.shown
+        return f'`"{self.default}"`' if isinstance(self.default, str) else f"`{self.default!r}`"
+
+
+def option(accepts: Any, default: Any, check: Check, doc: str, shown: str | None = None) -> Any:
+    """A ``WatchConfig`` field declaring one option (the dataclass field itself has no default:
+    ``WatchConfig.validate`` always passes every checked value)."""
+    return field(metadata={"option": Option(accepts, default, check, doc, shown)})
+
+
 @dataclass(frozen=True)
 class WatchConfig:
-    """The options of one ``watch``, validated (see :func:`introspect.watch` for each)."""
+    """The options of one ``watch``, validated (see :func:`introspect.watch` for each).
 
-    every: int = DEFAULT_EVERY
-    log: frozenset[str] = frozenset(DEFAULT_LOG)
-    include: ModuleFilter = None
-    exclude: ModuleFilter = None
-    optimizer: Any = None
-    on_nonfinite: str = "warn"
-    check_every: int = 1
-    check_mode: str = "replay"
-    thresholds: Thresholds = Thresholds()
-    summary: bool = True
-    graph: bool = True
-    hparams: Mapping[str, Any] | None = None
-    """Flattened to TensorBoard's value kinds (``hparams.check_hparams``)."""
-    step_fn: Callable[[], int] | None = None
-    image_every: int = IMAGE_EVERY_FACTOR * DEFAULT_EVERY
-    log_inputs: bool = False
-    ranks: str = "zero"
-    grad_scaler: Any = None
-    strict: bool = False
-    probes: tuple[Any, ...] = ()
+    Each field is the one declaration of a ``watch`` option (:class:`Option` in its metadata); the
+    field's type is the value kept, ``Option.accepts`` what ``watch`` takes.
+    """
+
+    every: int = option(int, DEFAULT_EVERY, _count(1, "log every N steps"), "log every N steps (step 0 always)")
+    log: frozenset[str] = option(
+        str | Iterable[str], DEFAULT_LOG, _log_kinds, "what to capture on logging steps", "the first five"
+    )
+    include: ModuleFilter = option(
+        ModuleFilter,
+        None,
+        _kept,
+        "module-name globs or module types to watch",
+        "every module that owns parameters, plus every leaf",
+    )
+    exclude: ModuleFilter = option(
+        ModuleFilter,
+        None,
+        _kept,
+        "module-name globs or module types not to watch",
+        "every module that owns parameters, plus every leaf",
+    )
+    optimizer: Any = option(
+        torch.optim.Optimizer | None, None, _optimizer, "count one step per optimizer.step(); log update ratios"
+    )
+    on_nonfinite: str = option(str, "warn", _on_nonfinite, "what a NaN/Inf origin does: warn, raise or ignore")
+    check_every: int = option(
+        int, 1, _count(0, "0 turns the non-finite check off"), "run the non-finite check every N steps (0: never)"
+    )
+    check_mode: str = option(str, "replay", _check_mode, "how the non-finite check runs (see CHECK_MODES)")
+    thresholds: Thresholds = option(
+        Thresholds | Mapping[str, float] | None,
+        None,
+        _thresholds,
+        "when the debugger reports dead units, saturation, vanishing/exploding or stuck gradients",
+        "see below",
+    )
+    summary: bool = option(bool, True, _flag, "print the torchinfo summary on the first batch")
+    graph: bool = option(bool, True, _flag, "write the graph on the first batch")
+    hparams: Mapping[str, Any] | None = option(
+        Mapping[str, Any] | None,
+        None,
+        _hparams,
+        "the run's hyperparameters, flattened to TensorBoard's value kinds (records.run_params.check_hparams)",
+    )
+    step_fn: Callable[[], int] | None = option(
+        Callable[[], int] | None, None, _step_fn, "follow an external step counter (a trainer's global_step)"
+    )
+    image_every: int = option(
+        int | None, None, _image_every, "draw feature maps every N steps (step 0 always)", "`10 * every`"
+    )
+    log_inputs: bool = option(bool, False, _flag, "write the first training batch as an image grid and check it")
+    ranks: str = option(str, "zero", _ranks, 'under torch.distributed: "zero" (rank 0 writes) or "all"')
+    grad_scaler: Any = option(Any, None, _grad_scaler, "the GradScaler in use: its overflow steps are not NaN origins")
+    strict: bool = option(bool, False, _flag, "a failing probe raises ProbeError instead of warning once")
+    probes: tuple[Probe, ...] = option(Iterable[Probe] | None, None, _probes, "your own statistics (introspect.Probe)")
 
     @classmethod
-    def validate(
-        cls,
-        model: Any,
-        writer: Any,
-        *,
-        every: int,
-        log: str | Iterable[str],
-        include: ModuleFilter,
-        exclude: ModuleFilter,
-        optimizer: torch.optim.Optimizer | None,
-        on_nonfinite: str,
-        check_every: int,
-        check_mode: str,
-        thresholds: Thresholds | Mapping[str, float] | None,
-        summary: bool,
-        graph: bool,
-        hparams: Mapping[str, Any] | None,
-        step_fn: Callable[[], int] | None,
-        image_every: int | None,
-        log_inputs: bool,
-        ranks: str,
-        grad_scaler: Any,
-        strict: bool,
-        probes: Iterable[Any] | None,
-    ) -> WatchConfig:
-        """Every check ``watch`` makes, in one place, before it touches the model."""
-        from ..probes.base import Probe
-
-        if not isinstance(model, nn.Module):
-            raise ModelTypeError(
-                f"watch() expects a torch.nn.Module, got {type(model).__name__}; pass the model "
-                "itself (e.g. watch(net, writer)), not its output or state_dict"
-            )
+    def validate(cls, model: Any, writer: Any, **given: Any) -> WatchConfig:
+        """Every check ``watch`` makes, before it touches the model: ``given`` holds every option
+        (``watch`` passes its whole signature), each checked in declaration order."""
+        _check_model(model)
         _check_writer(writer)
-        _count(every, "every", 1, "log every N steps")
-        _count(check_every, "check_every", 0, "0 turns the non-finite check off")
-        if image_every is None:
-            image_every = IMAGE_EVERY_FACTOR * every
-        _count(image_every, "image_every", 1, "draw feature maps every N steps")
-        kinds = _log_kinds(log)
-        if not isinstance(check_mode, str):
-            raise ConfigTypeError(f"check_mode= takes one of {CHECK_MODES}, got {type(check_mode).__name__}")
-        if check_mode not in CHECK_MODES:
-            raise ConfigError(f"check_mode must be one of {CHECK_MODES}, got {check_mode!r}")
-        if on_nonfinite not in NONFINITE_ACTIONS:
-            raise ConfigError(f"on_nonfinite must be one of {NONFINITE_ACTIONS}, got {on_nonfinite!r}")
-        if optimizer is not None and not callable(getattr(optimizer, "register_step_post_hook", None)):
-            raise ConfigTypeError(f"optimizer= must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
-        for flag, value in (("summary", summary), ("graph", graph), ("log_inputs", log_inputs), ("strict", strict)):
-            if not isinstance(value, bool):
-                raise ConfigTypeError(f"{flag}= takes True or False, got {flag}={value!r}")
-        limits = Thresholds.coerce(thresholds)
-        if hparams is not None:  # a value TensorBoard cannot show fails here, with one warning
-            hparams = check_hparams(hparams)
-        if step_fn is not None:
-            read_step(step_fn)  # a counter that cannot be read fails here, not inside a hook
-        check_rank_mode(ranks)
-        check_grad_scaler(grad_scaler)
-        user_probes = tuple(probes or ())
-        for probe in user_probes:
-            if not isinstance(probe, Probe):
-                raise ConfigTypeError(
-                    f"probes= takes introspect.Probe instances, got {type(probe).__name__} ({probe!r:.60})"
-                )
-            name = getattr(probe, "name", "")
-            if not isinstance(name, str) or not name or "/" in name:
-                raise ConfigError(
-                    f"{type(probe).__name__}.name must be a non-empty tag prefix without '/', got {name!r}"
-                )
-        names = [p.name for p in user_probes]
-        if len(set(names)) != len(names):
-            raise ConfigError(f"probes= got two probes with one name: {sorted(names)}; names are tag prefixes")
-        return cls(
-            every=every,
-            log=kinds,
-            include=include,
-            exclude=exclude,
-            optimizer=optimizer,
-            on_nonfinite=on_nonfinite,
-            check_every=check_every,
-            check_mode=check_mode,
-            thresholds=limits,
-            summary=summary,
-            graph=graph,
-            hparams=hparams,
-            step_fn=step_fn,
-            image_every=image_every,
-            log_inputs=log_inputs,
-            ranks=ranks,
-            grad_scaler=grad_scaler,
-            strict=strict,
-            probes=user_probes,
-        )
+        checked: dict[str, Any] = {}
+        for name, declared in OPTIONS.items():
+            checked[name] = declared.check(name, given[name], checked)
+        return cls(**checked)
+
+
+OPTIONS: dict[str, Option] = {f.name: f.metadata["option"] for f in fields(WatchConfig)}
+"""Every ``watch`` option, by name, in declaration order (``watch()``'s keyword order)."""
+
+WATCH_OPTIONS = frozenset(OPTIONS)
+"""The keyword options of :func:`introspect.watch` (the integrations' callbacks accept the same)."""

@@ -9,7 +9,8 @@ layer tells us, the shape the model expects.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,10 @@ from .files import read_image, walk_files
 __all__ = [
     "DTYPES",
     "IMAGE_SUFFIXES",
+    "InputSpec",
+    "ModelBatches",
+    "batches_from",
+    "cast_model",
     "parse_shape",
     "random_input",
     "load_input_file",
@@ -133,6 +138,77 @@ def image_batches(
             batch = []
     if batch:
         yield torch.stack(batch)
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """Where a saved model's inputs come from: exactly one of ``shape`` (random inputs), ``file``
+    (a ``torch.save``'d tensor or tuple of them) and ``images`` (a folder), as the command line's
+    ``--input-shape``, ``--input`` and ``--images`` give them."""
+
+    shape: tuple[int, ...] | None = None
+    file: str | os.PathLike | None = None
+    images: str | os.PathLike | None = None
+    dtype: str = "float32"
+    """A name in ``DTYPES``: a floating dtype casts the model too, ``int64`` makes token ids."""
+    batch_size: int = 16
+    """Images per batch."""
+    image_size: tuple[int, ...] | None = None
+    """(H, W) every image is resized to; without it every image must have the first one's size."""
+
+    def __post_init__(self) -> None:
+        given = [name for name in ("shape", "file", "images") if getattr(self, name) is not None]
+        if len(given) != 1:
+            raise ConfigError(f"inputs come from exactly one of shape, file or images; got {given or 'none'}")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"dtype must be one of {list(DTYPES)}, got {self.dtype!r}")
+
+
+@dataclass
+class ModelBatches:
+    """A model cast to its inputs' dtype, and the batches of positional inputs it runs on."""
+
+    model: nn.Module
+    batches: Iterable[tuple[torch.Tensor, ...]]
+    """A list, or for images a generator that reads them one batch at a time."""
+    total: int
+    """How many batches there are (for a progress bar)."""
+
+    def first(self) -> tuple[torch.Tensor, ...]:
+        """The first batch: all a table, a graph or a comparison runs on."""
+        return next(iter(self.batches))
+
+
+def cast_model(model: nn.Module, dtype: str) -> nn.Module:
+    """``model`` cast to ``dtype`` (a name in ``DTYPES``) when that is a floating type; an integer
+    dtype is for token ids and leaves the model as it is."""
+    torch_dtype = DTYPES[dtype]
+    return model.to(torch_dtype) if torch_dtype.is_floating_point else model
+
+
+def batches_from(model: nn.Module, spec: InputSpec, *, unsafe: bool, seed: int = 0, count: int = 1) -> ModelBatches:
+    """The batches ``spec`` describes, for ``model`` (cast to ``spec.dtype``): ``count`` random
+    batches seeded ``seed``, ``seed + 1``, ...; the file's tensors, read as a model file is (a
+    pickle of other objects needs ``unsafe``, like the model's own file); or the images, one batch
+    of ``spec.batch_size`` at a time. A shape or a file is checked with one forward first, so a
+    wrong one is an :class:`InputShapeError` that says what the model expects.
+
+    >>> net = load_model("w.pt", arch="torchvision:resnet18")                      # doctest: +SKIP
+    >>> fed = batches_from(net, InputSpec(shape=(1, 3, 224, 224)), unsafe=False)    # doctest: +SKIP
+    >>> fed.model(*fed.first())                                                    # doctest: +SKIP
+    """
+    model = cast_model(model, spec.dtype)
+    torch_dtype = DTYPES[spec.dtype]
+    if spec.images is not None:
+        files = image_files(spec.images)
+        images = image_batches(files, spec.batch_size, spec.image_size)
+        return ModelBatches(model, ((x.to(torch_dtype),) for x in images), -(-len(files) // spec.batch_size))
+    if spec.shape is not None:
+        batches = [(random_input(model, spec.shape, torch_dtype, seed=seed + i),) for i in range(count)]
+    else:
+        batches = [load_input_file(spec.file, unsafe=unsafe)]  # type: ignore[arg-type]
+    check_input(model, batches[0])
+    return ModelBatches(model, batches, len(batches))
 
 
 def expected_input(model: nn.Module) -> str | None:

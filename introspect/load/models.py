@@ -38,7 +38,7 @@ from .formats import (
     read_file,
 )
 
-__all__ = ["load_model", "load_weights", "read_model_file", "build_architecture"]
+__all__ = ["load_model", "load_weights", "load_module_or_state_dict", "read_model_file", "build_architecture"]
 
 """Keys under which checkpoint dicts commonly keep the model's weights, in the order we look."""
 
@@ -121,6 +121,21 @@ def load_weights(
         loaded = read_model_file(path, unsafe=unsafe, map_location=map_location)
         named = dict(loaded.module.named_parameters()) if loaded.module is not None else loaded.state_dict
     return {name: t.detach() for name, t in named.items() if t.is_floating_point()}
+
+
+def load_module_or_state_dict(
+    path: str | os.PathLike,
+    arch: str | None = None,
+    arch_kwargs: Mapping[str, Any] | None = None,
+    unsafe: bool = False,
+) -> nn.Module | dict[str, torch.Tensor]:
+    """The model in ``path`` when there is one (with ``arch``, or a file that carries its own), else
+    the bare state_dict as it is: a module says which of its tensors are embeddings, a state_dict
+    cannot (``introspect weights --spectral`` analyses either)."""
+    if arch is not None:
+        return load_model(path, arch=arch, arch_kwargs=arch_kwargs, unsafe=unsafe)
+    loaded = read_model_file(path, unsafe=unsafe)
+    return loaded.module if loaded.module is not None else loaded.state_dict
 
 
 def read_model_file(

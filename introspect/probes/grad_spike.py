@@ -23,12 +23,12 @@ from .._torch import foreach_norm
 from ..debugger.alerts import Alert
 from ..records.shards import local_view
 from ..records.step import Check, HostStep
+from ..records.tags import PRE_SPIKE_TAG
 from ..runtime.selection import root_name
 from .base import Probe, StepPlan
 
-__all__ = ["GradNormSpike", "PRE_SPIKE_TAG", "PRE_SPIKE_STEPS", "spike_score"]
+__all__ = ["GradNormSpike", "PRE_SPIKE_STEPS", "spike_score"]
 
-PRE_SPIKE_TAG = "diagnostics/pre_spike"
 PRE_SPIKE_STEPS = 3
 _LABEL = Check("grad_norm")
 _MEASURE = "grad_norm/global"

@@ -27,7 +27,7 @@ from torch.overrides import TorchFunctionMode
 
 from ..debugger.alerts import Alert
 from ..records.step import HostStep
-from ..records.tags import probe_tag
+from ..records.tags import attention_tag
 from ..runtime.selection import root_name
 from .base import Probe, StepPlan
 
@@ -248,16 +248,16 @@ class AttentionProbe(Probe):
         try:
             with torch.no_grad():
                 max_logit, entropy = stats(args, kwargs)
-            buffer.add_scalar(probe_tag("attention", "max_logit", where), max_logit.mean())
-            buffer.add_scalar(probe_tag("attention", "entropy", where), entropy.mean())
+            buffer.add_scalar(attention_tag("max_logit", where), max_logit.mean())
+            buffer.add_scalar(attention_tag("entropy", where), entropy.mean())
             # The per-head values as histograms (one value per head; DISTRIBUTIONS shows the
             # spread, so one collapsing head stands out of a healthy mean). set_, not add_: like
             # the scalar beside it, the last call of the step wins (a module called twice in a
             # step, e.g. two micro-batches, would otherwise hold 2 x heads values).
-            buffer.set_histogram(probe_tag("attention", "max_logit_heads", where), max_logit)
-            buffer.set_histogram(probe_tag("attention", "entropy_heads", where), entropy)
+            buffer.set_histogram(attention_tag("max_logit_heads", where), max_logit)
+            buffer.set_histogram(attention_tag("entropy_heads", where), entropy)
             buffer.add_measure(f"attention_max_logit/{where}", max_logit.amax())
-            self._seen[where] = (probe_tag("attention", "entropy", where), f"attention_max_logit/{where}")
+            self._seen[where] = (attention_tag("entropy", where), f"attention_max_logit/{where}")
         except Exception as e:  # the attention itself ran already: training goes on
             self.ctx.disable("<attention>", None, e)
 

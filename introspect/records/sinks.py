@@ -1,24 +1,5 @@
-"""Writing a finished step to a SummaryWriter-like object. The tag table lives here, and only here.
-
-| what                                         | kind      | tag                               |
-| -------------------------------------------- | --------- | --------------------------------- |
-| layer outputs                                | histogram | activations/{module}              |
-| gradients w.r.t. layer outputs               | histogram | activation_grads/{module}         |
-| parameters / parameter gradients             | histogram | weights/{param}, grads/{param}    |
-| gradient norm, update/weight ratio           | scalar    | grad_norm/{param}, update_ratio/{param} |
-| conv feature maps                            | image     | feature_maps/{module}             |
-| model summary                                | text      | model/summary                     |
-| debugger findings                            | text      | diagnostics/alerts                |
-| gradient flow per layer                      | image     | diagnostics/grad_flow             |
-| NaN/Inf count, when not zero                 | scalar    | nonfinite/{module or param}       |
-| a run's final metrics (HPARAMS, finish())    | scalar    | hparams/{metric}                  |
-| a user probe's values (``probes=``)          | scalar    | {probe.name}/{key}/{module}       |
-| spectra of saved weights (``weights --spectral``) | scalar | spectral/{alpha,stable_rank,sigma_max,mp_outliers}/{param} |
-| training health map (modules x logging steps) | image    | diagnostics/health_map/{stat}     |
-| input data (``inspect_data``)                | image     | data/batch, data/first_image       |
-|                                              | figure    | data/samples, data/class_balance  |
-|                                              | text      | data/channel_stats, data/findings |
-| the first training batch (``log_inputs``)    | image     | data/inputs                       |
+"""Writing to a SummaryWriter-like object: a finished step, and a log directory's own writer. The
+tags come from ``tags.py``, the one tag table.
 """
 
 from __future__ import annotations
@@ -26,6 +7,8 @@ from __future__ import annotations
 import datetime
 import os
 import re
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +18,7 @@ from .stats import HistogramRecord
 from .step import HostStep
 from .tags import tag, tag_name
 
-__all__ = ["open_writer", "histogram_fields", "write_step"]
+__all__ = ["open_writer", "logdir_writer", "write_steps", "histogram_fields", "write_step"]
 
 
 _WRITER_METHODS = ("add_histogram_raw", "add_scalar", "add_text", "flush")
@@ -61,6 +44,25 @@ def open_writer(writer: Any) -> tuple[Any, bool]:
             + (f", which lacks {missing}" if len(missing) < len(_WRITER_METHODS) else "")
         )
     return writer, False
+
+
+@contextmanager
+def logdir_writer(logdir: str | os.PathLike) -> Iterator[Any]:
+    """A new SummaryWriter on ``logdir`` for the length of a ``with`` block, closed at its end
+    (an error's too: what was written is on disk)."""
+    writer, _ = open_writer(logdir)
+    try:
+        yield writer
+    finally:
+        writer.close()
+
+
+def write_steps(logdir: str | os.PathLike, write: Callable[[Any, Any, int], None], items: Iterable[Any]) -> None:
+    """``write(writer, item, step)`` for each item at its own step (0, 1, ...) into ``logdir``: two
+    files side by side in TensorBoard (``introspect weights A B --logdir``) are A at 0, B at 1."""
+    with logdir_writer(logdir) as writer:
+        for step, item in enumerate(items):
+            write(writer, item, step)
 
 
 # What str() of an object without __str__ gives: a path like this is a writer (or another object)

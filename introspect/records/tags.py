@@ -1,4 +1,30 @@
-"""Every TensorBoard tag the project writes is named here (the table in docs/tags.md)."""
+"""Every TensorBoard tag the project writes is built here: a constant or a function for each.
+
+| what                                         | kind      | tag                               |
+| -------------------------------------------- | --------- | --------------------------------- |
+| layer outputs                                | histogram | activations/{module}              |
+| gradients w.r.t. layer outputs               | histogram | activation_grads/{module}         |
+| parameters / parameter gradients             | histogram | weights/{param}, grads/{param}    |
+| gradient norm, update/weight ratio           | scalar    | grad_norm/{param}, update_ratio/{param} |
+| conv feature maps                            | image     | feature_maps/{module}             |
+| model summary                                | text      | model/summary                     |
+| debugger findings                            | text      | diagnostics/alerts                |
+| gradient flow per layer                      | image     | diagnostics/grad_flow             |
+| the steps before a gradient-norm spike       | text      | diagnostics/pre_spike             |
+| NaN/Inf count, when not zero                 | scalar    | nonfinite/{module or param}       |
+| attention entropy / max logit (head mean)    | scalar    | attention/{entropy,max_logit}/{module} |
+| the same, one value per head                 | histogram | attention/{entropy,max_logit}_heads/{module} |
+| a run's final metrics (HPARAMS, finish())    | scalar    | hparams/{metric}                  |
+| a user probe's values (``probes=``)          | scalar    | {probe.name}/{key}/{module}       |
+| spectra of saved weights (``weights --spectral``) | scalar | spectral/{alpha,stable_rank,sigma_max,mp_outliers}/{param} |
+| training health map (modules x logging steps) | image    | diagnostics/health_map/{stat}     |
+| input data (``inspect_data``)                | image     | data/batch, data/first_image       |
+|                                              | figure    | data/samples, data/class_balance  |
+|                                              | text      | data/channel_stats, data/findings |
+| the first training batch (``log_inputs``)    | image     | data/inputs                       |
+
+``tests/test_tag_table.py`` reads the package and fails on a tag built anywhere else.
+"""
 
 from __future__ import annotations
 
@@ -10,8 +36,13 @@ __all__ = [
     "HEALTH_MAP_TAG",
     "INPUTS_TAG",
     "DATA_TAGS",
+    "PRE_SPIKE_TAG",
     "tag",
     "probe_tag",
+    "attention_tag",
+    "spectral_tag",
+    "health_map_tag",
+    "stored_text_tag",
     "tag_name",
 ]
 
@@ -44,6 +75,10 @@ HEALTH_MAP_TAG = "diagnostics/health_map"
 INPUTS_TAG = "data/inputs"
 
 
+PRE_SPIKE_TAG = "diagnostics/pre_spike"
+"""What the model looked like on the steps before a gradient-norm spike (text)."""
+
+
 DATA_TAGS = {
     "batch": "data/batch",
     "first_image": "data/first_image",
@@ -64,6 +99,27 @@ def tag(kind: str, name: str) -> str:
 def probe_tag(probe: str, key: str, where: str) -> str:
     """A user probe's scalar: ``{probe.name}/{key}/{module}`` (see ``introspect.Probe``)."""
     return f"{probe}/{key}/{where}"
+
+
+def attention_tag(stat: str, where: str) -> str:
+    """An attention module's statistic: ``attention/{entropy,max_logit}/{module}`` (scalars, the mean
+    over heads) and ``attention/{entropy,max_logit}_heads/{module}`` (one value per head)."""
+    return f"attention/{stat}/{where}"
+
+
+def spectral_tag(stat: str, param: str) -> str:
+    """A weight matrix's spectral scalar: ``spectral/{alpha,stable_rank,sigma_max,mp_outliers}/{param}``."""
+    return tag("spectral", f"{stat}/{param}")
+
+
+def health_map_tag(stat: str) -> str:
+    """The image tag of one statistic's map: ``diagnostics/health_map/{stat}``."""
+    return f"{HEALTH_MAP_TAG}/{stat}"
+
+
+def stored_text_tag(text_tag: str) -> str:
+    """The tag TensorBoard stores an ``add_text(text_tag, ...)`` under, to read it back."""
+    return f"{text_tag}/text_summary"
 
 
 def tag_name(full_tag: str) -> tuple[str, str]:

@@ -4,6 +4,7 @@ drawn without pyplot (no global backend switch in the user's process)."""
 from __future__ import annotations
 
 import math
+import os
 import textwrap
 from collections.abc import Sequence
 from typing import Any
@@ -11,7 +12,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..errors import IntrospectError
+
 __all__ = [
+    "save_png",
     "grad_flow_image",
     "channel_grid",
     "heatmap",
@@ -22,6 +26,16 @@ __all__ = [
     "health_map_image",
     "divergence_image",
 ]
+
+
+def save_png(image: np.ndarray, path: str | os.PathLike) -> None:
+    """An HWC uint8 picture as a PNG file; a path that cannot be written is one ``IntrospectError``."""
+    from PIL import Image
+
+    try:
+        Image.fromarray(image).save(path, format="PNG")
+    except OSError as e:
+        raise IntrospectError(f"cannot write {path}: {e}") from e
 
 
 def _render(fig: object) -> np.ndarray:

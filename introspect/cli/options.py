@@ -1,0 +1,168 @@
+"""The options commands share, declared once: how to read MODEL files (``@model_options``) and
+where a model's inputs come from (``@input_options``, which hands the command one
+:class:`~introspect.load.model_inputs.InputSpec` for :func:`~introspect.load.model_inputs.batches_from`).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from ..errors import IntrospectError
+from ..load.model_inputs import DTYPES, InputSpec, parse_shape
+
+__all__ = ["MODEL_PATH", "JSONObject", "Shape", "model_options", "input_options"]
+
+MODEL_PATH = click.Path()
+"""A file argument whose checks are the loader's: a missing, unreadable or directory path is a
+``LoadError`` (one ``error:`` line, exit 3), not click's usage error (exit 2)."""
+
+
+class JSONObject(click.ParamType):
+    name = "JSON"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> dict[str, Any]:
+        if isinstance(value, dict):
+            return value
+        try:
+            obj = json.loads(value)
+        except ValueError as e:
+            self.fail(f"not valid JSON ({e}): {value!r}", param, ctx)
+        if not isinstance(obj, dict):
+            self.fail(f"expected a JSON object like '{{\"num_classes\": 10}}', got {value!r}", param, ctx)
+        return obj
+
+
+class Shape(click.ParamType):
+    name = "N,C,H,W"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> tuple[int, ...]:
+        if isinstance(value, tuple):
+            return value
+        try:
+            return parse_shape(value)
+        except IntrospectError as e:
+            self.fail(str(e), param, ctx)
+
+
+def model_options(f: Callable) -> Callable:
+    """--arch, --arch-kwargs and --unsafe: how to read MODEL files (and --input files: --unsafe
+    applies to those too, through ``batches_from``)."""
+    f = click.option(
+        "--unsafe",
+        is_flag=True,
+        help="Allow unpickling arbitrary Python objects (a whole pickled nn.Module). Runs code from the file: only for files you trust.",
+    )(f)
+    f = click.option(
+        "--arch-kwargs",
+        type=JSONObject(),
+        default=None,
+        help="Keyword arguments for --arch, as JSON: '{\"num_classes\": 10}'.",
+    )(f)
+    f = click.option(
+        "--arch",
+        default=None,
+        metavar="MODULE:CLASS",
+        help="Architecture the weights belong to: package.module:Class (importable, or in the current directory), torchvision:resnet18 or timm:resnet18 (never downloads).",
+    )(f)
+    return f
+
+
+def input_options(*, shape_only: bool = False, batch_size: int = 16) -> Callable[[Callable], Callable]:
+    """The options that say where a model's inputs come from; the command gets them as one
+    ``inputs`` argument, an ``InputSpec``.
+
+    ``shape_only``: a required --input-shape and --dtype (a table or a graph needs one batch of the
+    right shape, nothing more). Otherwise exactly one of --input-shape, --input and --images, with
+    --batch-size (default ``batch_size``) and --image-size for the images.
+    """
+
+    def decorate(command: Callable) -> Callable:
+        @functools.wraps(command)
+        def parsed(*args: Any, **kwargs: Any) -> Any:
+            shape, file, images = (kwargs.pop(name, None) for name in ("input_shape", "input_file", "images"))
+            image_size = kwargs.pop("image_size", None)
+            _check_sources(shape, file, images, image_size)
+            spec = InputSpec(
+                shape=shape,
+                file=file,
+                images=images,
+                dtype=kwargs.pop("dtype"),
+                batch_size=kwargs.pop("batch_size", batch_size),
+                image_size=image_size,
+            )
+            return command(*args, inputs=spec, **kwargs)
+
+        options = [
+            click.option(
+                "--dtype",
+                type=click.Choice(list(DTYPES)),
+                default="float32",
+                show_default=True,
+                help="Input dtype; a floating dtype casts the model too, int64 makes token ids.",
+            )
+        ]
+        if shape_only:
+            options.append(
+                click.option("--input-shape", type=Shape(), required=True, help="Shape of one input, e.g. 1,3,32,32.")
+            )
+        else:
+            options += [
+                click.option(
+                    "--image-size",
+                    type=Shape(),
+                    default=None,
+                    metavar="H,W",
+                    help="With --images: resize every image to this size.",
+                ),
+                click.option(
+                    "--batch-size",
+                    type=click.IntRange(1),
+                    default=batch_size,
+                    show_default=True,
+                    help="With --images: images per forward.",
+                ),
+                click.option(
+                    "--images",
+                    type=click.Path(file_okay=False),
+                    default=None,
+                    help="A folder of images (subfolders too), read as RGB in [0, 1].",
+                ),
+                click.option(
+                    "--input",
+                    "input_file",
+                    type=MODEL_PATH,
+                    default=None,
+                    help="A torch.save'd tensor (or tuple of tensors): the model's inputs (--unsafe applies to it too).",
+                ),
+                click.option(
+                    "--input-shape",
+                    type=Shape(),
+                    default=None,
+                    help="Random inputs of this shape (reproducible, see --seed).",
+                ),
+            ]
+        for option in options:
+            parsed = option(parsed)
+        return parsed
+
+    return decorate
+
+
+def _check_sources(input_shape: Any, input_file: Any, images: Any, image_size: tuple[int, ...] | None) -> None:
+    """Exactly one of --input-shape, --input and --images; --image-size is H,W."""
+    given = [
+        name
+        for name, v in (("--input-shape", input_shape), ("--input", input_file), ("--images", images))
+        if v is not None
+    ]
+    if len(given) != 1:
+        raise click.UsageError(
+            "give exactly one of --input-shape, --input or --images" + (f" (got {', '.join(given)})" if given else "")
+        )
+    if image_size is not None and len(image_size) != 2:
+        raise click.BadParameter(f"expected H,W, got {','.join(map(str, image_size))}", param_hint="--image-size")
