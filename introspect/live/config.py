@@ -260,7 +260,7 @@ class WatchConfig:
         None,
         _thresholds,
         "when the debugger reports dead units, saturation, vanishing/exploding or stuck gradients",
-        "see below",
+        "see [Thresholds](debugger.md#thresholds)",
     )
     summary: bool = option(bool, True, _flag, "print the torchinfo summary on the first batch")
     graph: bool = option(bool, True, _flag, "write the graph on the first batch")
