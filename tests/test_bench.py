@@ -8,19 +8,18 @@ import importlib.util
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
-REPO = Path(__file__).resolve().parent.parent
+from tests.support import REPO_ROOT
 
 
 @pytest.fixture(scope="module")
 def bench():
     os.environ["INTROSPECT_BENCH_NO_REEXEC"] = "1"  # import it here, never re-executed elsewhere
-    spec = importlib.util.spec_from_file_location("_bench_under_test", REPO / "scripts" / "bench.py")
+    spec = importlib.util.spec_from_file_location("_bench_under_test", REPO_ROOT / "scripts" / "bench.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -197,12 +196,12 @@ def test_host_sync_classification_and_column(bench):
 def _bench_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     env = dict(os.environ, MPLBACKEND="Agg")
     return subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "bench.py"), *args],
+        [sys.executable, str(REPO_ROOT / "scripts" / "bench.py"), *args],
         capture_output=True,
         text=True,
         timeout=timeout,
         env=env,
-        cwd=REPO,
+        cwd=REPO_ROOT,
     )
 
 

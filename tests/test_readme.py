@@ -14,7 +14,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from saved_models import REPO_ROOT, console_script, seed_cnn
+
+from tests.support import REPO_ROOT
+from tests.support.saved_models import console_script, seed_cnn
 
 README = REPO_ROOT / "README.md"
 
@@ -42,7 +44,7 @@ def make_the_files(here: Path) -> None:
     from safetensors.torch import save_file
 
     save_file(timm.create_model("resnet18", pretrained=False).state_dict(), str(here / "r18.safetensors"))
-    from hf_models import tiny_gpt2
+    from tests.support.hf_models import tiny_gpt2
 
     tiny_gpt2().save_pretrained(here / "gpt2-tiny")
     from PIL import Image

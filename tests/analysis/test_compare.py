@@ -13,7 +13,6 @@ import pytest
 import torch
 from click.testing import CliRunner
 from PIL import Image
-from saved_models import SEED_ARCH, seed_cnn
 from torch import nn
 
 from introspect import (
@@ -24,6 +23,7 @@ from introspect import (
     first_divergence,
 )
 from introspect.cli.commands import main
+from tests.support.saved_models import SEED_ARCH, seed_cnn
 
 
 def mlp() -> nn.Sequential:

@@ -6,12 +6,10 @@ import io
 import shutil
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import read_events, text_of
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 from torch.utils.tensorboard import SummaryWriter
@@ -26,24 +24,10 @@ from introspect import (
     inspect_data,
 )
 from introspect.analysis.data import image_folder
+from tests.support.events import read_events, text_of
+from tests.support.image_folders import CLASSES, SIZE, write_folder
 
-CLASSES = ("0_airplane", "1_automobile")
-SIZE = 16
 DATA_KINDS = {"data_nonfinite", "data_constant", "data_range", "data_imbalance", "data_duplicates", "data_labels"}
-
-
-def random_image(rng: np.random.Generator) -> np.ndarray:
-    return rng.integers(0, 256, size=(SIZE, SIZE, 3), dtype=np.uint8)
-
-
-def write_folder(root: Path, counts=(6, 6), seed: int = 0) -> Path:
-    """An ImageFolder of small random PNGs: ``counts[i]`` images in ``root/CLASSES[i]``."""
-    rng = np.random.default_rng(seed)
-    for name, count in zip(CLASSES, counts):
-        (root / name).mkdir(parents=True, exist_ok=True)
-        for i in range(count):
-            Image.fromarray(random_image(rng)).save(root / name / f"{i:03d}.png")
-    return root
 
 
 def inspect(data, writer, **options) -> DataReport:

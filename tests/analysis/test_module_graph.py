@@ -7,7 +7,6 @@ import warnings
 
 import pytest
 import torch
-from conftest import count_hooks, hook_state, read_events
 from torch import nn
 from torch.utils.tensorboard import SummaryWriter
 
@@ -18,6 +17,8 @@ from introspect.analysis.module_graph import (
     record_module_graph,
     write_module_graph,
 )
+from tests.support.events import read_events
+from tests.support.hooks import count_hooks, hook_state
 
 
 def introspect_warnings(record) -> list[str]:
@@ -195,7 +196,7 @@ def test_a_writer_without_a_file_writer_is_a_type_error():
 
 # --------------------------------------------------------------------------- under watch
 def test_gpt2_under_watch_gets_a_module_graph_and_trains_as_without(tmp_path):
-    from hf_models import VOCAB, tiny_gpt2
+    from tests.support.hf_models import VOCAB, tiny_gpt2
 
     def losses(watched: bool) -> list[float]:
         torch.manual_seed(0)

@@ -8,7 +8,6 @@ import math
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import read_events, scalar_at
 from torch import nn
 
 from introspect import ModelTypeError, SpectralStats, spectral
@@ -21,6 +20,7 @@ from introspect.analysis.spectral import (
     weight_matrices,
 )
 from introspect.cli.commands import main
+from tests.support.events import read_events, scalar_at
 
 
 def with_eigenvalues(n: int, m: int, eigenvalues: torch.Tensor, seed: int = 0) -> torch.Tensor:
@@ -233,7 +233,7 @@ def test_cli_spectral_a_to_b(tmp_path):
 
 
 def test_cli_spectral_with_arch_skips_what_is_not_a_matrix(tmp_path):
-    from saved_models import SEED_ARCH, seed_cnn
+    from tests.support.saved_models import SEED_ARCH, seed_cnn
 
     path = tmp_path / "seed.pt"
     torch.save(seed_cnn().state_dict(), path)

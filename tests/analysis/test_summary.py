@@ -8,15 +8,17 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import QUIET, hist_at, read_events, text_of, train
 from torch import nn
 from torch.utils.tensorboard import SummaryWriter
-from zoo import SEED_CNN_PARAMS, PackedLSTM, SeedCNN, seed_cnn_batch, seed_cnn_loss
 
 import introspect
 from introspect import IntrospectWarning, ModelTypeError, watch
 from introspect.analysis.summary import model_summary, summary_markdown, write_graph
 from introspect.runtime.preserved import preserved_state
+from tests.support import QUIET
+from tests.support.events import hist_at, read_events, text_of
+from tests.support.training import train
+from tests.support.zoo import SEED_CNN_PARAMS, PackedLSTM, SeedCNN, seed_cnn_batch, seed_cnn_loss
 
 TOTAL = f"Total params: {SEED_CNN_PARAMS:,}"  # "Total params: 54,273"
 
@@ -369,7 +371,7 @@ def test_write_graph_that_cannot_be_written_is_one_warning_and_false():
 
 # --------------------------------------------------------------------------- torchinfo's numbers put right
 def test_a_tied_weight_is_counted_once():
-    from hf_models import tiny_gpt2, token_ids
+    from tests.support.hf_models import tiny_gpt2, token_ids
 
     torch.manual_seed(0)
     model = tiny_gpt2()

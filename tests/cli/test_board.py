@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from saved_models import cli_env, console_script
 
 from introspect.cli.board import is_loopback
 from introspect.cli.commands import main
+from tests.support.saved_models import cli_env, console_script
 
 
 def listening(port: int) -> bool:

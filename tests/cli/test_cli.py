@@ -14,24 +14,24 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import read_events
-from saved_models import (
+
+from introspect import LoadError
+from introspect.cli.commands import main
+from tests.support.events import read_events
+from tests.support.saved_models import (
     FORMATS,
     MODEL_FORMATS,
     RESNET_ARCH,
     RESNET_PARAMS,
     SEED_ARCH,
     SEED_PARAMS,
+    RefusesTracing,
     cli_env,
     console_script,
     save_as,
     save_code_running_pickle,
-    saved,  # noqa: F401  (a fixture)
     seed_cnn,
 )
-
-from introspect import LoadError
-from introspect.cli.commands import main
 
 SHAPE = ["--input-shape", "1,3,32,32"]
 
@@ -217,12 +217,12 @@ def test_debug_shows_the_traceback(tmp_path):
 
 
 def test_untraceable_graph_is_a_module_graph_and_a_warning_line(tmp_path):
-    torch.save(__import__("saved_models").RefusesTracing().state_dict(), tmp_path / "m.pt")
+    torch.save(RefusesTracing().state_dict(), tmp_path / "m.pt")
     result = run(
         "graph",
         tmp_path / "m.pt",
         "--arch",
-        "saved_models:RefusesTracing",
+        "tests.support.saved_models:RefusesTracing",
         "--input-shape",
         "2,4",
         "--logdir",

@@ -7,11 +7,11 @@ import sys
 
 import pytest
 from click.testing import CliRunner
-from conftest import read_events
 from PIL import Image
-from test_data import write_folder
 
 from introspect.cli.commands import main
+from tests.support.events import read_events
+from tests.support.image_folders import write_folder
 
 
 def run(*args: str):

@@ -6,19 +6,16 @@ import os
 import subprocess
 import sys
 import warnings
-from pathlib import Path
 
 import pytest
-from conftest import read_events, text_of
 
 from introspect import NonFiniteWarning
+from tests.support import REPO_ROOT
+from tests.support.events import read_events, text_of
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = REPO_ROOT / "examples" / "broken_training.py"
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
 
-from examples import broken_training  # noqa: E402
+from examples import broken_training
 
 SCENARIOS = ("nan", "exploding", "dead_relu", "vanishing")
 

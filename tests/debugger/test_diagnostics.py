@@ -15,9 +15,7 @@ from collections import OrderedDict
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import QUIET, count_hooks, hist_steps, hook_state, read_events, text_of
 from torch import nn
-from zoo import SeedCNN
 
 from introspect import Alert, ConfigError, NonFiniteError, NonFiniteWarning, watch
 from introspect.debugger.alerts import alerts_markdown, format_report
@@ -28,6 +26,10 @@ from introspect.debugger.health import (
 )
 from introspect.debugger.origins import CallRecord, locate_nonfinite
 from introspect.records.step import Check
+from tests.support import QUIET
+from tests.support.events import hist_steps, read_events, text_of
+from tests.support.hooks import count_hooks, hook_state
+from tests.support.zoo import SeedCNN
 
 NAN = float("nan")
 INF = float("inf")

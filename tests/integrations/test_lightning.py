@@ -11,18 +11,13 @@ from torch import nn
 
 L = pytest.importorskip("lightning.pytorch")
 
-from conftest import count_hooks, hist_steps, hook_state, read_events, tags_with_prefix  # noqa: E402
-from hparams_records import (  # noqa: E402
-    event_dirs,
-    hparam_values,
-    hparams_records,
-    metric_tags,
-    status_name,
-)
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger  # noqa: E402
 
 from introspect import ConfigError
 from introspect.integrations.lightning import IntrospectCallback
+from tests.support.events import hist_steps, read_events, tags_with_prefix  # noqa: E402
+from tests.support.hooks import count_hooks, hook_state  # noqa: E402
+from tests.support.hparams_records import event_dirs, hparam_values, hparams_records, metric_tags, status_name  # noqa: E402
 
 CONTRACT = {
     "activations/net.0",

@@ -14,14 +14,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
-from conftest import count_hooks, hist_steps, hook_state, read_events, tags_with_prefix  # noqa: E402
-from hparams_records import (  # noqa: E402
-    event_dirs,
-    hparam_values,
-    hparams_records,
-    metric_tags,
-    status_name,
-)
 from transformers import (  # noqa: E402,E501
     BertConfig,
     BertForSequenceClassification,
@@ -32,6 +24,9 @@ from transformers import (  # noqa: E402,E501
 
 from introspect import ConfigError
 from introspect.integrations.transformers import IntrospectCallback
+from tests.support.events import hist_steps, read_events, tags_with_prefix  # noqa: E402
+from tests.support.hooks import count_hooks, hook_state  # noqa: E402
+from tests.support.hparams_records import event_dirs, hparam_values, hparams_records, metric_tags, status_name  # noqa: E402
 
 pytestmark = pytest.mark.slow  # each Trainer run takes a few seconds on a 2-core CPU
 

@@ -7,10 +7,11 @@ import copy
 
 import torch
 import torch.nn.functional as F
-from conftest import QUIET, hist_at, hist_steps, read_events
 from torch import nn
 
 from introspect import watch
+from tests.support import QUIET
+from tests.support.events import hist_at, hist_steps, read_events
 
 MICRO = 3
 

@@ -12,8 +12,8 @@ reads every event file back with ``EventAccumulator`` and compares a snapshot of
   machine, not across BLAS builds; the words are what a refactor must keep);
 * what the run printed (the torchinfo summary) and ``w.step`` at the end.
 
-    pytest tests/test_golden.py                    # compare
-    pytest tests/test_golden.py --update-golden    # rewrite the files from the current code
+    pytest tests/live/test_golden.py                    # compare
+    pytest tests/live/test_golden.py --update-golden    # rewrite the files from the current code
 
 A missing golden file is a failure, not a pass: generate it, read the diff, commit it.
 """
@@ -30,16 +30,17 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import QUIET, REPO_ROOT, make_optimizer, read_events, train
-from hparams_records import hparam_values, hparams_records, metric_tags, status_name
 from torch import nn
-from zoo import ZOO, ZOO_IDS, ZooCase, seed_cnn_batch, seed_cnn_loss
 
 from examples.broken_training import DeepTanhNet, batches, mlp, regression_data
 from examples.models import SeedCNN
 from introspect import watch
+from tests.support import GOLDEN, QUIET, REPO_ROOT
+from tests.support.events import read_events
+from tests.support.hparams_records import hparam_values, hparams_records, metric_tags, status_name
+from tests.support.training import make_optimizer, train
+from tests.support.zoo import ZOO, ZOO_IDS, ZooCase, seed_cnn_batch, seed_cnn_loss
 
-GOLDEN = Path(__file__).resolve().parent / "golden"
 STEPS = 5
 EVERY = 2  # logging steps 0, 2, 4 (and images at 0: image_every defaults to 10 x every)
 KINDS = ("scalars", "histograms", "images", "tensors")

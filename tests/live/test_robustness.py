@@ -13,19 +13,15 @@ import warnings
 
 import pytest
 import torch
-from conftest import (
-    QUIET,
-    hist_steps,
-    histogram_tags,
-    hook_state,
-    make_optimizer,
-    read_events,
-)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
 from introspect import IntrospectError, IntrospectWarning, ProbeError, watch
+from tests.support import QUIET
+from tests.support.events import hist_steps, histogram_tags, read_events
+from tests.support.hooks import hook_state
+from tests.support.training import make_optimizer
 
 
 # =========================================================================== failing probes

@@ -18,7 +18,8 @@ import sys
 import textwrap
 
 import pytest
-from conftest import hist_steps, read_events
+
+from tests.support.events import hist_steps, read_events
 
 TRIALS = 50
 EXIT_WITHIN_S = 10.0

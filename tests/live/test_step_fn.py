@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import QUIET, count_hooks, hist_steps, hook_state, read_events
 from torch import nn
 
 from introspect import ConfigError, watch
+from tests.support import QUIET
+from tests.support.events import hist_steps, read_events
+from tests.support.hooks import count_hooks, hook_state
 
 
 class Counter:

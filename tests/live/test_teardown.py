@@ -10,11 +10,13 @@ import warnings
 
 import pytest
 import torch
-from conftest import QUIET, hist_steps, hook_state, read_events
 from torch import nn
 
 from introspect import ConfigError, ConfigTypeError, IntrospectWarning, watch
 from introspect.runtime.registry import ACTIVE, Registry
+from tests.support import QUIET
+from tests.support.events import hist_steps, read_events
+from tests.support.hooks import hook_state
 
 
 class SmallCNN(nn.Module):

@@ -15,33 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import (
-    QUIET,
-    assert_same_losses,
-    assert_same_state,
-    count_hooks,
-    hist_at,
-    hist_steps,
-    histogram_tags,
-    hook_state,
-    make_optimizer,
-    read_events,
-    scalar_at,
-    scalar_tags,
-    tags_with_prefix,
-    text_of,
-    train,
-)
 from torch import nn
 from torch.utils.tensorboard import SummaryWriter
-from zoo import (
-    SEED_CNN_MODULES,
-    ZOO,
-    SeedCNN,
-    ZooCase,
-    seed_cnn_batch,
-    seed_cnn_loss,
-)
 
 import introspect
 from introspect import (
@@ -53,6 +28,20 @@ from introspect import (
     NonFiniteWarning,
     watch,
 )
+from tests.support import QUIET
+from tests.support.events import (
+    hist_at,
+    hist_steps,
+    histogram_tags,
+    read_events,
+    scalar_at,
+    scalar_tags,
+    tags_with_prefix,
+    text_of,
+)
+from tests.support.hooks import count_hooks, hook_state
+from tests.support.training import assert_same_losses, assert_same_state, make_optimizer, train
+from tests.support.zoo import SEED_CNN_MODULES, ZOO, SeedCNN, ZooCase, seed_cnn_batch, seed_cnn_loss
 
 # Output shapes of the seed CNN's modules for a 2 x 3 x 32 x 32 batch, worked out by hand:
 # 32 -conv3-> 30 -pool2-> 15 -conv5-> 11 -pool2-> 5 -adaptive-> 1.
@@ -599,7 +588,7 @@ def test_zoo(case: ZooCase, tmp_path):
 
 
 def test_shared_module_calls_are_merged(writer, logdir):
-    from zoo import SharedLinear
+    from tests.support.zoo import SharedLinear
 
     torch.manual_seed(0)
     model = SharedLinear()
@@ -625,7 +614,7 @@ def test_shared_module_calls_are_merged(writer, logdir):
 
 
 def test_lstm_tuple_output_tags(writer, logdir):
-    from zoo import LSTMNet
+    from tests.support.zoo import LSTMNet
 
     torch.manual_seed(0)
     model = LSTMNet()

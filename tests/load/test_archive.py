@@ -13,7 +13,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from saved_models import (
+
+from introspect import LoadError, UnsafeLoadError, load_model
+from introspect.load.archive import (
+    MAX_INFLATION,
+    check_export_archive,
+    check_program,
+    check_sym_expr,
+)
+from tests.support.saved_models import (
     X,
     deflate_bomb,
     export_with_code_running_part,
@@ -26,14 +34,6 @@ from saved_models import (
     run_limited,
     save_as,
     seed_cnn,
-)
-
-from introspect import LoadError, UnsafeLoadError, load_model
-from introspect.load.archive import (
-    MAX_INFLATION,
-    check_export_archive,
-    check_program,
-    check_sym_expr,
 )
 
 

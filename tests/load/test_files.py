@@ -11,12 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from saved_models import run_limited
 
 from introspect.analysis.data import image_folder, inspect_data
 from introspect.errors import LoadError
 from introspect.load.files import MAX_IMAGE_PIXELS, read_image, walk_files
 from introspect.load.model_inputs import IMAGE_SUFFIXES, image_batches, image_files
+from tests.support.saved_models import run_limited
 
 
 def images(folder: Path, n: int, seed: int) -> list[Path]:

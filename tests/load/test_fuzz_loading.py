@@ -31,10 +31,10 @@ import torch
 hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, event, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
-from saved_models import RunsCode, X, python_writing, quoteless, save_as, seed_cnn  # noqa: E402
 
 from introspect import LoadError
 from introspect.load.models import read_model_file
+from tests.support.saved_models import RunsCode, X, python_writing, quoteless, save_as, seed_cnn  # noqa: E402
 
 EXAMPLES = int(os.environ.get("INTROSPECT_FUZZ_EXAMPLES", "1000"))
 MARKER = Path(tempfile.mkdtemp(prefix="introspect-fuzz-")) / "marker.txt"

@@ -9,14 +9,14 @@ import sys
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import read_events
-from hf_models import MODELS, SAVE_FORMATS, save, token_ids
-from saved_models import save_code_running_pickle
 
 from introspect import LoadError, UnsafeLoadError, load_model
 from introspect.cli.commands import main
 from introspect.load.hf_folder import is_hf_folder, weight_files
 from introspect.load.models import load_weights
+from tests.support.events import read_events
+from tests.support.hf_models import MODELS, SAVE_FORMATS, save, token_ids
+from tests.support.saved_models import save_code_running_pickle
 
 CASES = [(name, fmt) for name in MODELS for fmt in SAVE_FORMATS]
 CASE_IDS = [f"{name}-{fmt}" for name, fmt in CASES]

@@ -7,18 +7,6 @@ import sys
 
 import pytest
 import torch
-from conftest import count_hooks, hook_state, read_events
-from saved_models import (
-    MODEL_FORMATS,
-    SEED_ARCH,
-    WEIGHT_FORMATS,
-    X,
-    export_with_code_running_part,
-    save_code_running_pickle,
-    saved,  # noqa: F401  (a fixture)
-    seed_cnn,
-    storages_tagged_cuda,
-)
 from torch import nn
 
 import introspect
@@ -46,6 +34,18 @@ from introspect.load.model_inputs import (
     parse_shape,
 )
 from introspect.load.models import build_architecture, load_weights
+from tests.support.events import read_events
+from tests.support.hooks import count_hooks, hook_state
+from tests.support.saved_models import (
+    MODEL_FORMATS,
+    SEED_ARCH,
+    WEIGHT_FORMATS,
+    X,
+    export_with_code_running_part,
+    save_code_running_pickle,
+    seed_cnn,
+    storages_tagged_cuda,
+)
 
 
 def assert_same_model(model: nn.Module, expected: torch.Tensor) -> None:

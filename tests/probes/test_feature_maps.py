@@ -8,14 +8,16 @@ import io
 import numpy as np
 import pytest
 import torch
-from conftest import QUIET, read_events, text_of, train
 from PIL import Image
 from torch import nn
-from zoo import PackedLSTM, SeedCNN
 
 from introspect import ConfigError, watch
 from introspect.live import DEFAULT_LOG
 from introspect.probes.feature_maps import MAX_CHANNELS, sample_picker
+from tests.support import QUIET
+from tests.support.events import read_events, text_of
+from tests.support.training import train
+from tests.support.zoo import PackedLSTM, SeedCNN
 
 
 def bce(out, y):
@@ -183,7 +185,7 @@ def test_bad_image_every(seed_cnn, value):
 
 
 def test_training_is_unchanged(tmp_path):
-    from conftest import assert_same_losses, assert_same_state
+    from tests.support.training import assert_same_losses, assert_same_state
 
     def run(watched: bool):
         torch.manual_seed(0)

@@ -13,7 +13,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
-from conftest import hist_at, read_events
 from PIL import Image
 from torch import nn
 
@@ -30,6 +29,7 @@ from introspect.cli.commands import main
 from introspect.errors import ConfigError, LoadError, NonFiniteWarning
 from introspect.records import sinks
 from introspect.records.step import HostStep
+from tests.support.events import hist_at, read_events
 
 FINDING_RGB = (0xE4, 0x1A, 0x1C)
 

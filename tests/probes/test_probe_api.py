@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import QUIET, hook_state, read_events, scalar_tags
 from torch import nn
 
 import introspect
@@ -16,6 +15,9 @@ from introspect import (
     ProbeError,
     watch,
 )
+from tests.support import QUIET
+from tests.support.events import read_events, scalar_tags
+from tests.support.hooks import hook_state
 
 
 class AbsMax(Probe):

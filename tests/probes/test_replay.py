@@ -14,10 +14,11 @@ from collections import OrderedDict
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import QUIET, hook_state
 from torch import nn
 
 from introspect import ConfigError, ConfigTypeError, NonFiniteError, NonFiniteWarning, watch
+from tests.support import QUIET
+from tests.support.hooks import hook_state
 
 MODES = ("replay", "per_module")
 

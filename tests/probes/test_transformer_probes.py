@@ -14,7 +14,7 @@ from torch import nn
 
 import introspect
 from introspect.probes.transformer import mha_stats, sdpa_stats
-from tests.conftest import read_events
+from tests.support.events import read_events
 
 transformers = pytest.importorskip("transformers")
 

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import QUIET, hist_at, read_events
 from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import (
     masked_crc32c as tb_masked_crc32c,
 )
@@ -17,6 +16,8 @@ from torch.utils.tensorboard import SummaryWriter
 
 from introspect import watch
 from introspect.records import eventfile
+from tests.support import QUIET
+from tests.support.events import hist_at, read_events
 
 
 @pytest.mark.parametrize(

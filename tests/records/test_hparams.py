@@ -7,19 +7,15 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from conftest import QUIET, hist_steps, read_events, scalar_at, train
-from hparams_records import (
-    event_dirs,
-    hparam_values,
-    hparams_records,
-    metric_tags,
-    status_name,
-)
 from torch import nn
 from torch.utils.tensorboard import SummaryWriter
 
 from introspect import ConfigError, IntrospectError, IntrospectWarning, watch
 from introspect.records.run_params import check_hparams, check_metrics
+from tests.support import QUIET
+from tests.support.events import hist_steps, read_events, scalar_at
+from tests.support.hparams_records import event_dirs, hparam_values, hparams_records, metric_tags, status_name
+from tests.support.training import train
 
 
 def _mlp() -> nn.Module:
@@ -138,7 +134,7 @@ def test_finish_twice_is_an_error(logdir):
 
 
 def test_finish_closes_the_watch(logdir):
-    from conftest import count_hooks, hook_state
+    from tests.support.hooks import count_hooks, hook_state
 
     model = _mlp()
     before = count_hooks(hook_state(model))

@@ -7,13 +7,13 @@ import os
 
 import pytest
 import torch
-from conftest import count_hooks, hook_state
 from torch import nn
 from torch.utils.tensorboard import SummaryWriter
 
 from introspect import watch
 from introspect.errors import ConfigError, ConfigTypeError
 from introspect.records.sinks import open_writer
+from tests.support.hooks import count_hooks, hook_state
 
 
 def tiny() -> nn.Module:

@@ -7,10 +7,11 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import QUIET, hist_at, read_events
 from torch import nn
 
 from introspect import ConfigError, NonFiniteWarning, watch
+from tests.support import QUIET
+from tests.support.events import hist_at, read_events
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (autocast and GradScaler on CUDA)")
 

@@ -11,11 +11,13 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import QUIET, hist_at, hist_steps, histogram_tags, hook_state, read_events
 from torch import nn
 
 from introspect import IntrospectWarning, watch
 from introspect.runtime.compiled import COMPILED_WARNING
+from tests.support import QUIET
+from tests.support.events import hist_at, hist_steps, histogram_tags, read_events
+from tests.support.hooks import hook_state
 
 pytestmark = [
     pytest.mark.slow,

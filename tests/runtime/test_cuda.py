@@ -13,10 +13,11 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import QUIET, hist_at, hist_steps, read_events
-from zoo import SeedCNN
 
 from introspect import watch
+from tests.support import QUIET
+from tests.support.events import hist_at, hist_steps, read_events
+from tests.support.zoo import SeedCNN
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

@@ -6,17 +6,11 @@ and reads back their event files and what each rank's watcher found.
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import QUIET, hist_at, hist_steps, histogram_tags, read_events
 
 from introspect import ConfigError, watch
 from introspect.debugger.alerts import Alert
@@ -25,18 +19,9 @@ from introspect.runtime.distributed import (
     rank_origin_alert,
     rank_writer_target,
 )
-
-WORKER = Path(__file__).with_name("ddp_worker.py")
-needs_gloo = pytest.mark.skipif(
-    not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
-    reason="needs torch.distributed with the gloo backend",
-)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.support import QUIET
+from tests.support.events import hist_at, hist_steps, histogram_tags, read_events
+from tests.support.torchrun import DDP_WORKER, needs_gloo, run_worker
 
 
 def run_ranks(
@@ -47,45 +32,8 @@ def run_ranks(
     world: int = 2,
     check_mode: str = "replay",
 ) -> list[dict]:
-    """Run ``world`` ranks of tests/ddp_worker.py; their result dicts, by rank."""
-    return run_worker(WORKER, tmp_path, [ranks], [on_nonfinite, watched, check_mode], world)
-
-
-def run_worker(worker: Path, tmp_path: Path, before: list[str], after: list[str], world: int = 2) -> list[dict]:
-    """Run ``world`` ranks of ``worker LOGDIR *before RESULT_JSON *after`` the way torchrun
-    starts them; their result dicts, by rank."""
-    port = _free_port()
-    procs = []
-    for rank in range(world):
-        env = dict(
-            os.environ,
-            RANK=str(rank),
-            WORLD_SIZE=str(world),
-            LOCAL_RANK=str(rank),
-            MASTER_ADDR="127.0.0.1",
-            MASTER_PORT=str(port),
-        )
-        procs.append(
-            subprocess.Popen(
-                [sys.executable, str(worker), str(tmp_path / "run"), *before, str(tmp_path / f"r{rank}.json"), *after],
-                env=env,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-            )
-        )
-    outputs = []
-    try:
-        for p in procs:
-            outputs.append(p.communicate(timeout=240)[0])  # a hang (deadlock) fails here
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    for rank, (p, out) in enumerate(zip(procs, outputs)):
-        assert p.returncode == 0, f"rank {rank} failed:\n{out}"
-    return [json.loads((tmp_path / f"r{rank}.json").read_text()) for rank in range(world)]
+    """Run ``world`` ranks of tests/support/ddp_worker.py; their result dicts, by rank."""
+    return run_worker(DDP_WORKER, tmp_path, [ranks], [on_nonfinite, watched, check_mode], world)
 
 
 CHECK_MODES = pytest.mark.parametrize("check_mode", ["replay", "per_module"])
@@ -142,7 +90,7 @@ def test_ddp_rank_zero_writes_averaged_gradients_and_names_the_nan_rank(tmp_path
 
 
 def _alert_texts(acc) -> list[str]:
-    from conftest import text_of
+    from tests.support.events import text_of
 
     return text_of(acc, "diagnostics/alerts")
 

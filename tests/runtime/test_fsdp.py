@@ -1,5 +1,5 @@
 """watch() under sharded training (FSDP2's fully_shard, DTensor parameters): 2 real gloo ranks on
-CPU, started the way the DDP tests start them (see tests/test_distributed.py).
+CPU, started the way the DDP tests start them (see tests/runtime/test_distributed.py).
 
 The reference for every histogram is the exact full tensor each rank gathers itself
 (``full_tensor()``) in the same run: what an unsharded run would see.
@@ -12,19 +12,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import (
-    hist_at,
-    hist_steps,
-    histogram_tags,
-    read_events,
-    scalar_at,
-    text_of,
-)
-from test_distributed import needs_gloo, run_worker
 
 from introspect.runtime.selection import clean_name
-
-WORKER = Path(__file__).with_name("fsdp_worker.py")
+from tests.support.events import hist_at, hist_steps, histogram_tags, read_events, scalar_at, text_of
+from tests.support.torchrun import FSDP_WORKER, needs_gloo, run_worker
 
 
 def _has_fsdp2() -> bool:
@@ -41,7 +32,7 @@ NAMES = ["inp.weight", "inp.bias", "block.fc.weight", "block.fc.bias", "out.weig
 
 def run_fsdp(tmp_path: Path, mode: str, every: int = 1, world: int = 2) -> list[dict]:
     tmp_path.mkdir(parents=True, exist_ok=True)
-    return run_worker(WORKER, tmp_path, [mode], [str(every)], world)
+    return run_worker(FSDP_WORKER, tmp_path, [mode], [str(every)], world)
 
 
 @pytest.mark.slow

@@ -5,9 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import QUIET, histogram_tags, read_events, tags_with_prefix, train
 from torch import nn
-from zoo import SEED_CNN_MODULES, SeedCNN, seed_cnn_batch, seed_cnn_loss
 
 from introspect import ConfigError, ModelTypeError, watch
 from introspect.runtime.selection import (
@@ -16,6 +14,10 @@ from introspect.runtime.selection import (
     select_parameters,
     unwrap_model,
 )
+from tests.support import QUIET
+from tests.support.events import histogram_tags, read_events, tags_with_prefix
+from tests.support.training import train
+from tests.support.zoo import SEED_CNN_MODULES, SeedCNN, seed_cnn_batch, seed_cnn_loss
 
 
 class Block(nn.Module):

@@ -1,4 +1,4 @@
-"""One rank of a 2-process DistributedDataParallel run on CPU (gloo), for tests/test_distributed.py.
+"""One rank of a 2-process DistributedDataParallel run on CPU (gloo), for tests/runtime/test_distributed.py.
 
 Started like torchrun starts a worker (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT in the
 environment); usage: ``ddp_worker.py LOGDIR RANKS_MODE RESULT_JSON [ON_NONFINITE [WATCHED [CHECK_MODE]]]``
@@ -15,6 +15,11 @@ import contextlib
 import json
 import os
 import sys
+from pathlib import Path
+
+# Run as a script (``python tests/support/ddp_worker.py ...``): the checkout's root on sys.path, so that
+# ``tests.support`` and this checkout's ``introspect`` are the ones imported.
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import torch
 import torch.distributed as dist

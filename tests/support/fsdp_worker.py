@@ -1,4 +1,4 @@
-"""One rank of a sharded (FSDP2 ``fully_shard``) run on CPU with gloo, for tests/test_fsdp.py.
+"""One rank of a sharded (FSDP2 ``fully_shard``) run on CPU with gloo, for tests/runtime/test_fsdp.py.
 
 Started like torchrun starts a worker; usage: ``fsdp_worker.py LOGDIR MODE RESULT_JSON [EVERY]``
 with MODE ``watched``, ``plain`` (the same run unwatched), ``nan`` (watched; rank 1 alone gets a
@@ -19,11 +19,15 @@ import os
 import sys
 import time
 import warnings
+from pathlib import Path
+
+# Run as a script (``python tests/support/fsdp_worker.py ...``): the checkout's root on sys.path, so that
+# ``tests.support`` and this checkout's ``introspect`` are the ones imported.
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from ddp_worker import alerts_of, finish
 from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
     checkpoint_wrapper,
@@ -33,6 +37,7 @@ from torch.distributed.fsdp import fully_shard
 import introspect.runtime.distributed
 from introspect import watch
 from introspect.records.stats import tensor_record
+from tests.support.ddp_worker import alerts_of, finish
 
 introspect.runtime.distributed.RANK_WAIT_S = 3.0  # a rank that never joins costs this once
 

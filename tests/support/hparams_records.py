@@ -10,8 +10,9 @@ from typing import Any
 def hparams_records(logdir: str | Path) -> dict[str, Any]:
     """``{"start": SessionStartInfo | None, "experiment": Experiment | None, "end": SessionEndInfo | None}``
     of the run in ``logdir`` (its own event files only, not sub-runs)."""
-    from conftest import read_events
     from tensorboard.plugins.hparams import metadata, plugin_data_pb2
+
+    from tests.support.events import read_events
 
     acc = read_events(logdir)
     try:

@@ -1,7 +1,8 @@
 """Saved models in every format ``introspect.load_model`` reads, and files that must be refused.
 
-Used by test_loading.py and test_cli.py. The seed CNN comes from ``examples.models`` (importable
-with the repository root on ``sys.path``, as ``--arch examples.models:SeedCNN`` needs).
+Used by tests/load, tests/cli and the ``saved`` fixture (tests/conftest.py). The seed CNN comes from
+``examples.models`` (importable with the repository root on ``sys.path``, as ``--arch
+examples.models:SeedCNN`` needs).
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ import pytest
 import torch
 from torch import nn
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from tests.support import REPO_ROOT
+
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
@@ -40,16 +42,6 @@ SUFFIX = {"export": ".pt2", "safetensors": ".safetensors"}
 
 X = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(1))
 """The example input every saved model was exported/traced with."""
-
-
-@pytest.fixture(scope="module")
-def saved(tmp_path_factory):
-    """``(files, expected)``: the seed CNN (seed 0) saved in every format, and its output on X."""
-    folder = tmp_path_factory.mktemp("saved")
-    model = seed_cnn()
-    with torch.no_grad():
-        expected = model(X)
-    return {fmt: save_as(model, fmt, folder, X) for fmt in FORMATS}, expected
 
 
 def seed_cnn(seed: int = 0) -> nn.Module:
@@ -255,7 +247,7 @@ def console_script() -> str:
 
 
 class RefusesTracing(nn.Module):
-    """Runs eagerly, but its graph cannot be traced (``--arch saved_models:RefusesTracing``)."""
+    """Runs eagerly, but its graph cannot be traced (``--arch tests.support.saved_models:RefusesTracing``)."""
 
     def __init__(self) -> None:
         super().__init__()
