@@ -73,7 +73,7 @@ def test_every_readme_command_line_works_as_written(tmp_path):
     for command in commands:
         args = shlex.split(command)
         assert args[0] == "introspect", command
-        if args[1] == "board":  # serves until stopped: test_cli.py checks it prints its URL and serves
+        if args[1] == "board":  # serves until stopped: tests/cli/test_cli.py checks it prints its URL and serves
             continue
         result = subprocess.run(
             [script, *args[1:]],

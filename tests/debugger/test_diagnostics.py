@@ -3,7 +3,7 @@ the report, and no false alarms on healthy training.
 
 The end-to-end tests assert the exact module name and step of each finding: a debugger that says
 "something is NaN somewhere around step 3" is no debugger. Basic NaN cases (a poisoned activation,
-warn/raise/ignore, check_every) live in test_watch.py; these go deeper.
+warn/raise/ignore, check_every) live in tests/live/test_watch_nonfinite.py; these go deeper.
 """
 
 from __future__ import annotations
