@@ -6,7 +6,7 @@ Opens URL, waits until the page shows every ``--wait`` text (tag names: proof th
 rendered this run's data, not an empty page) and its text stops changing, then optionally
 double-clicks the graph node labelled ``--expand`` (the GRAPHS tab shows a model as one collapsed
 box otherwise) and clicks the control labelled ``--click`` (e.g. "Fit to screen"), and saves the
-picture. The browser is the one the end-to-end test drives (tests/browser.py).
+picture. The browser is the one the end-to-end test drives (tests/support/browser.py).
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the checkout root: tests.support
 
-from browser import Browser, BrowserError  # noqa: E402
+from tests.support.browser import Browser, BrowserError  # noqa: E402
 
 # Centre of the first element whose own text is exactly the given label, searched through shadow
 # roots: SVG <text class="nodelabel"> for graph nodes, any element for buttons and links.

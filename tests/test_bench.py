@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,8 +15,7 @@ from torch import nn
 from benchmarks import faults, report, timing, variants
 from benchmarks.__main__ import parse_args
 from benchmarks.models import GPT2_BATCH, GPT2_SIZE, build_model, train_loss
-
-REPO = Path(__file__).resolve().parent.parent
+from tests.support import REPO_ROOT
 
 
 @pytest.mark.parametrize("name", ["cnn", "mlp", "transformer"])
@@ -194,7 +192,7 @@ def _bench_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
         text=True,
         timeout=timeout,
         env=env,
-        cwd=REPO,
+        cwd=REPO_ROOT,
     )
 
 

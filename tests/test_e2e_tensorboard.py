@@ -26,13 +26,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from browser import Browser, BrowserError, stop_process_group
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
-
-from examples import quickstart, scalars  # noqa: E402
+from examples import quickstart, scalars
+from tests.support.browser import Browser, BrowserError, stop_process_group
 
 pytestmark = pytest.mark.slow
 

@@ -5,17 +5,13 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO_ROOT))
-
-from conftest import read_events, text_of  # noqa: E402
-from hparams_records import hparam_values, hparams_records  # noqa: E402
-
-from examples.models import SeedCNN  # noqa: E402
+from examples.models import SeedCNN
+from tests.support import REPO_ROOT
+from tests.support.events import read_events, text_of
+from tests.support.hparams_records import hparam_values, hparams_records
 
 
 def test_seed_cnn_has_the_tutorials_parameter_count():

@@ -5,15 +5,12 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
-from conftest import read_events, text_of
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO_ROOT))
-
-from examples import feature_maps, raw_images  # noqa: E402
+from examples import feature_maps, raw_images
+from tests.support import REPO_ROOT
+from tests.support.events import read_events, text_of
 
 
 def test_raw_images_quick(tmp_path, capsys):

@@ -2,16 +2,10 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO_ROOT))
-
-from conftest import hist_steps, read_events  # noqa: E402
-from hparams_records import hparams_records, metric_tags  # noqa: E402
+from tests.support.events import hist_steps, read_events
+from tests.support.hparams_records import hparams_records, metric_tags
 
 pytestmark = pytest.mark.slow
 

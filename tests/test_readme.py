@@ -24,12 +24,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from saved_models import REPO_ROOT, console_script, seed_cnn
 
 import introspect
 from introspect.cli.commands import EXIT_CODES, main
 from introspect.live import WATCH_OPTIONS
 from introspect.records import tags
+from tests.support import REPO_ROOT
+from tests.support.saved_models import console_script, seed_cnn
 
 README = REPO_ROOT / "README.md"
 DOCS = REPO_ROOT / "docs"
@@ -289,7 +290,7 @@ def make_the_files(here: Path) -> None:
     from safetensors.torch import save_file
 
     save_file(timm.create_model("resnet18", pretrained=False).state_dict(), str(here / "r18.safetensors"))
-    from hf_models import tiny_gpt2
+    from tests.support.hf_models import tiny_gpt2
 
     tiny_gpt2().save_pretrained(here / "gpt2-tiny")
     from PIL import Image
@@ -318,7 +319,7 @@ def test_every_documented_command_line_works_as_written(tmp_path):
     for command in commands:
         args = shlex.split(command)
         assert args[0] == "introspect", command
-        if args[1] == "board":  # serves until stopped: test_cli.py checks it prints its URL and serves
+        if args[1] == "board":  # serves until stopped: tests/cli/test_cli.py checks it prints its URL and serves
             continue
         result = subprocess.run(
             [script, *args[1:]],
