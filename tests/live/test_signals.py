@@ -30,15 +30,15 @@ SERVER = textwrap.dedent(
     import torch
     from torch import nn
     import introspect
-    from introspect import step as step_module
+    from introspect.records import step as step_module
     from tensorboard.summary.writer import event_file_writer
     from torch.utils.tensorboard import SummaryWriter  # imported once here, not in every child
     from introspect.records.visuals import grad_flow_image
     grad_flow_image(["a", "b"], [1.0, 2.0], [1.0, 2.0], 0)  # matplotlib's fonts, loaded once
     torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)  # the optimizer's lazy imports (~1.5 s)
     import importlib, pkgutil, introspect.probes  # watch() imports its probes lazily: once, here
-    for info in pkgutil.iter_modules(introspect.probes.__path__):
-        importlib.import_module(f"introspect.probes.{info.name}")
+    for info in pkgutil.walk_packages(introspect.probes.__path__, "introspect.probes."):
+        importlib.import_module(info.name)
 
     def child(logdir, where, nth, out_fd):
         torch.set_num_threads(1)
