@@ -478,6 +478,7 @@ def activations(
     elif input_file is not None:
         batch_list, total = [load_input_file(input_file, unsafe=unsafe)], 1
     else:
+        assert images is not None  # _check_input_options: exactly one source of inputs
         files = image_files(images)
         total = -(-len(files) // batch_size)
         batch_list = ((x.to(torch_dtype),) for x in image_batches(files, batch_size, image_size))
@@ -603,6 +604,7 @@ def compare(
     elif input_file is not None:
         inputs = load_input_file(input_file)
     else:
+        assert images is not None  # _check_input_options: exactly one source of inputs
         inputs = (next(iter(image_batches(image_files(images)[:batch_size], batch_size, image_size))).to(torch_dtype),)
     result = first_divergence(
         net_a, net_b, *inputs, backward=backward, autocast=autocast, rtol=rtol, atol=atol, seed=seed
