@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import sys
 import warnings
+from types import FrameType
 
 import torch
 
@@ -115,7 +116,7 @@ def warn(message: str, category: type[Warning] = IntrospectWarning) -> None:
     ``loss.backward()``; a fixed ``stacklevel`` would point into torch, and the once-per-location
     filter would then treat every call site as one.
     """
-    frame = sys._getframe(1)
+    frame: FrameType | None = sys._getframe(1)
     while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(_INTERNAL_DIRS):
         frame = frame.f_back
     if frame is None:

@@ -345,7 +345,7 @@ def _device_of(model: nn.Module) -> torch.device:
 def _compare(a: _Run, b: _Run, phase: str, rtol: float, atol: float) -> tuple[list[ModuleDiff], list[str], list[str]]:
     seen_a = a.outputs if phase == "forward" else a.grads
     seen_b = b.outputs if phase == "forward" else b.grads
-    diffs = []
+    diffs: list[ModuleDiff] = []
     for key, x in seen_a.items():
         y = seen_b.get(key)
         if y is None:
@@ -359,7 +359,7 @@ def _diff(
     index: int, key: str, module_type: str, phase: str, a: torch.Tensor, b: torch.Tensor, rtol: float, atol: float
 ) -> ModuleDiff:
     """The fingerprint of one pair: equality, max abs/rel difference, cosine."""
-    common = dict(
+    common: dict[str, Any] = dict(
         index=index,
         module=key,
         module_type=module_type,

@@ -419,11 +419,14 @@ def _image_tree() -> type:
 def _as_image(x: Any) -> torch.Tensor:
     """A sample as a (C, H, W) tensor: PIL images become 0-1 floats as ``ToTensor`` makes them."""
     if not isinstance(x, torch.Tensor):
+        pil_image: Any = None
         try:
             from PIL import Image
+
+            pil_image = Image.Image
         except ImportError:  # pragma: no cover - torchvision brings Pillow
-            Image = None
-        if Image is not None and isinstance(x, Image.Image):
+            pass
+        if pil_image is not None and isinstance(x, pil_image):
             from torchvision.transforms.functional import to_tensor
 
             return to_tensor(x)
@@ -727,7 +730,7 @@ def inspect_data(
     for index, image, label, error in progress(samples, show_progress, total=planned, desc="inspect_data", unit="img"):
         if error is not None:
             scan.unreadable.append((index, error))
-        else:
+        elif image is not None:
             scan.add(index, image, label)
     if scan.count == 0:
         if scan.unreadable:
@@ -762,7 +765,8 @@ def check_images(images: torch.Tensor, step: int = 0, prefix: str = "") -> list[
     """The image checks of :func:`inspect_data` (NaN/Inf, constant, range, duplicates) on one batch."""
     scan = _Scan(None)
     for index, image, _, _ in _batch_samples(_image_batch(images), None, 0, len(images)):
-        scan.add(index, image, None)
+        if image is not None:
+            scan.add(index, image, None)
     return scan.alerts(step, prefix)
 
 

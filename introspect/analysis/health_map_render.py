@@ -172,7 +172,7 @@ class HealthMap:
     def marks(self) -> list[tuple[int, int, Alert]]:
         """``(row, column, alert)`` of each finding that has a row: the column is the first logged
         step at or after the finding's step (a NaN found between logging steps shows on the next)."""
-        out = []
+        out: list[tuple[int, int, Alert]] = []
         for alert in self.findings:
             rows = _rows_of(alert.where, self.rows)
             column = next((j for j, s in enumerate(self.steps) if s >= alert.step), len(self.steps) - 1)
@@ -376,7 +376,8 @@ def health_map_from_events(rundir: str | os.PathLike, max_columns: int = 400) ->
     def cell(stat: str, step: int, row: str, value: float) -> None:
         steps.setdefault(step, {s: {} for s in STATS})[stat][row] = value
 
-    forward, backward = [], []
+    forward: list[str] = []
+    backward: list[str] = []
     for full_tag in histogram_tags:
         kind, name = tag_name(full_tag)
         (forward if kind == "activations" else backward).append(name)

@@ -34,7 +34,10 @@ pl = import_extra(("lightning.pytorch", "pytorch_lightning"), extra="lightning")
 __all__ = ["IntrospectCallback"]
 
 
-class IntrospectCallback(pl.Callback):
+Callback: Any = pl.Callback  # a base class known only at run time: whichever Lightning is installed
+
+
+class IntrospectCallback(Callback):
     """Watch the LightningModule while ``trainer.fit`` runs; ``**watch_options`` as for ``watch()``."""
 
     def __init__(self, **watch_options: Any) -> None:

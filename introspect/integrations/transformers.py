@@ -53,7 +53,10 @@ def _is_final_metric(name: str) -> bool:
     )
 
 
-class IntrospectCallback(transformers.TrainerCallback):
+TrainerCallback: Any = transformers.TrainerCallback  # a base class known only at run time (the extra)
+
+
+class IntrospectCallback(TrainerCallback):
     """Watch the model while ``Trainer.train`` runs; ``**watch_options`` as for ``watch()``."""
 
     def __init__(self, logdir: str | os.PathLike | None = None, **watch_options: Any) -> None:

@@ -1,6 +1,12 @@
 """The open step: its buffer, which probe hears which event in it, the per-module and backward
 hooks that carry events to them, and its end (written, then told to the probes).
 
+The end of a backward is one callback queued behind autograd's work, from the first hook of that
+backward (the gradient reaching the model's output, a watched output or a parameter): it tells
+``on_after_backward``, then ``on_after_reduction`` once the gradients are final: under DDP (outside
+``no_sync``) or sharded training from a second callback queued from the first, which runs after the
+wrapper's own end-of-backward callback (its reduction; a raise there cannot stop it from finishing).
+
 At each step's start the dispatch keeps, per event, the probes active for that step's plan (a
 probe that is off costs nothing), and works out once a step and per module which of them that
 module's output and output gradient go to.
@@ -21,6 +27,7 @@ from ..records.shards import ShardRecords
 from ..records.sinks import write_step
 from ..records.step import HostStep, StepBuffer
 from ..records.tags import probe_tag
+from ..runtime.distributed import ddp_syncs_gradients
 
 __all__ = ["Dispatch"]
 
@@ -59,12 +66,51 @@ class Dispatch:
         self._per_module = {}
         for probe in self.events["on_step_start"]:
             probe.on_step_start(plan)
-        takers = [p for p in self.events["on_param_grad"] if getattr(p, "wants_param_grads", True)]
+        takers = [p for p in self.events["on_param_grad"] if p.wants_param_grads]
         if takers:
             for name, param in ctx.params.items():
                 ctx.step_hooks.hook(
                     param.register_post_accumulate_grad_hook(self._param_grad_hook(buffer, name, takers))
                 )
+
+    def forward(self, args: tuple, kwargs: dict) -> None:
+        """A counted forward of the root starts in the open step."""
+        buffer = self.ctx.buffer
+        if buffer is None:
+            return
+        buffer.ddp_sync = ddp_syncs_gradients(self.ctx.ddp)
+        for probe in self.events["on_forward"]:
+            probe.on_forward(args, kwargs)
+
+    def forward_end(self, output: Any) -> None:
+        """That forward returned (``output``) or raised (None). Its outputs' gradients mark the
+        start of its backward for the end-of-backward events."""
+        buffer = self.ctx.buffer
+        if buffer is None:
+            return
+        ctx = self.ctx
+
+        def hook(grad: torch.Tensor) -> None:
+            if not (buffer.closed or ctx.closing):
+                self._backward_reached(buffer)
+
+        try:
+            for probe in self.events["on_forward_end"]:
+                probe.on_forward_end(output)
+            if output is not None and (self.events["on_after_backward"] or self.events["on_after_reduction"]):
+                for _, tensor in ctx.tensors(output):
+                    if tensor.requires_grad:
+                        tensor.register_hook(hook)
+        finally:
+            ctx.forget_output()  # the probes' view of the output included
+
+    def before_optimizer_step(self) -> None:
+        for probe in self.events["on_before_optimizer_step"]:
+            probe.on_before_optimizer_step()
+
+    def after_optimizer_step(self) -> None:
+        for probe in self.events["on_after_optimizer_step"]:
+            probe.on_after_optimizer_step()
 
     def close_step(self) -> None:
         """Write the open step, then tell the probes; a NaN/Inf to raise waits until all have run."""
@@ -119,8 +165,10 @@ class Dispatch:
             return
         ctx = self.ctx
         buffer = ctx.buffer
-        ctx.call_index = -1
-        ctx.args = args
+        if buffer is None:
+            return
+        buffer.call_index = -1
+        buffer.call_args = args
         try:
             for probe in on_output:
                 if not self._send(probe, probe.on_output, name, module, output, name, module):
@@ -136,24 +184,22 @@ class Dispatch:
             ctx.disable(name, module, e)
         finally:
             ctx.forget_output()
-            ctx.args = None
+            buffer.call_args = None
 
     def _output_grad_hook(
         self, buffer: StepBuffer, module: nn.Module, where: str, probes: list[Probe]
     ) -> Callable[[torch.Tensor], None]:
         ctx = self.ctx
-        call = ctx.call_index
+        call = buffer.call_index
 
         def hook(grad: torch.Tensor) -> None:
             if buffer.closed or ctx.closing or where in ctx.disabled:
                 return None
-            ctx.call_index = call
+            buffer.call_index = call
             for probe in probes:
                 if not self._send(probe, probe.on_output_grad, where, module, grad, where, None):
                     return None
-            if self.events["on_after_backward"] and not buffer.callback_queued:
-                buffer.callback_queued = True
-                queue_after_backward(lambda: self._after_backward(buffer))
+            self._backward_reached(buffer)
             return None
 
         return hook
@@ -201,9 +247,17 @@ class Dispatch:
                 return None
             for probe in probes:
                 probe.on_param_grad(name, param)
+            self._backward_reached(buffer)
             return None
 
         return hook
+
+    def _backward_reached(self, buffer: StepBuffer) -> None:
+        """A backward of the open step is under way: its end-of-backward callback, once."""
+        if buffer.callback_queued or not (self.events["on_after_backward"] or self.events["on_after_reduction"]):
+            return
+        buffer.callback_queued = True
+        queue_after_backward(lambda: self._after_backward(buffer))
 
     def _after_backward(self, buffer: StepBuffer) -> None:
         """Runs when a backward pass finishes, before the user's next line (``optimizer.step()``)."""
@@ -212,3 +266,16 @@ class Dispatch:
             return
         for probe in self.events["on_after_backward"]:
             probe.on_after_backward()
+        if buffer.ddp_sync or self.ctx.shards is not None:
+            # Queued from this callback, it runs after the ones queued during backward: DDP's and
+            # FSDP's end-of-backward reduction among them.
+            queue_after_backward(lambda: self._after_reduction(buffer))
+        else:
+            self._after_reduction(buffer)
+
+    def _after_reduction(self, buffer: StepBuffer) -> None:
+        """The gradients of the backward that just finished are final."""
+        if buffer.closed or self.ctx.closing:
+            return
+        for probe in self.events["on_after_reduction"]:
+            probe.on_after_reduction()

@@ -45,7 +45,8 @@ def _package_dirs() -> tuple[str, ...]:
             module = __import__(name, fromlist=["__file__"])
         except Exception:
             continue
-        dirs.append(os.path.dirname(os.path.abspath(module.__file__)))
+        if module.__file__:
+            dirs.append(os.path.dirname(os.path.abspath(module.__file__)))
     return tuple(dirs)
 
 

@@ -7,6 +7,8 @@ Lifecycle of a step (see :mod:`introspect.live.clock` for when steps open and en
   gradient accumulation for this step only);
 * each selected module's forward hook dispatches ``on_output`` to the active probes that selected
   it, and hooks the output's gradient when one of them wants ``on_output_grad``;
+* the backward's first gradient hook queues its end: ``on_after_backward``, then
+  ``on_after_reduction`` once DDP or FSDP have reduced the gradients (see :mod:`.dispatch`);
 * the step ends at the next training forward, at ``optimizer.step()``, or on exit: its records
   cross to the host in one transfer, are written, and the probes get ``on_step_end``.
 
@@ -28,6 +30,7 @@ from ..debugger.alerts import Alert, format_report
 from ..errors import AlreadyWatchedError, IntrospectWarning, warn
 from ..probes.base import Probe, ProbeContext, overrides
 from ..probes.divergence import MIN_RANKS
+from ..probes.nonfinite.sentinel import check_mode_for
 from ..records.findings import Findings
 from ..records.shards import shard_combiner
 from ..records.writer import GuardedWriter
@@ -40,7 +43,6 @@ from ..runtime.compiled import (
 )
 from ..runtime.distributed import (
     SideGroup,
-    ddp_syncs_gradients,
     find_ddp,
     rank_and_world,
     rank_writer_target,
@@ -112,17 +114,25 @@ class Watcher:
                 params=params,
                 writer=self._writer,
                 findings=self.findings,
+                clock=self._clock,
                 step_hooks=self._step_hooks,
                 force_log=self._force_log,
+                side_group=side_group,
+                check_mode=check_mode_for(config, root, sharded=shards is not None),
+                ddp=ddp,
+                shards=shards,
                 unobserved=self._unobserved,
             )
-            self.ctx.ddp = ddp
-            self.ctx.side_group = side_group
-            self.ctx.clock = self._clock
-            self.ctx.shards = shards
             self._probes: list[Probe] = [*built_in_probes(config, self.ctx), *config.probes]
             for probe in self._probes:
                 probe.bind(self.ctx)
+            for probe in config.probes:
+                if overrides(probe, "on_param_grad") and not probe.wants_param_grads:
+                    warn(
+                        f"introspect: probe {probe.name!r} defines on_param_grad but its wants_param_grads "
+                        "is False, so it will not be called: set wants_param_grads = True",
+                        IntrospectWarning,
+                    )
             self._dispatch = Dispatch(self.ctx, self._probes)
             self._first_batch = [p for p in self._probes if overrides(p, "on_first_batch")]
             self._attach()
@@ -230,7 +240,7 @@ class Watcher:
             self.ctx.compiled = True
             forget_compiled_code()  # code compiled before now would never call our hooks
         # Compiled code would go on calling our (removed) hooks.
-        registry.add("compiled code", lambda: self._compiled_seen and forget_compiled_code())
+        registry.add("compiled code", self._forget_compiled_code)
         registry.hook(root.register_forward_pre_hook(self._on_root_pre, with_kwargs=True))
         for name, module in self.ctx.modules.items():
             registry.hook(module.register_forward_hook(self._make_output_hook(name)))
@@ -238,13 +248,17 @@ class Watcher:
         registry.hook(root.register_forward_hook(self._on_root_post, always_call=True))
         optimizer = self.config.optimizer
         if optimizer is not None:
-            registry.hook(optimizer.register_step_pre_hook(self._on_optimizer_pre))
-            registry.hook(optimizer.register_step_post_hook(self._on_optimizer_post))
+            registry.hook(optimizer.register_step_pre_hook(self._before_optimizer_step))
+            registry.hook(optimizer.register_step_post_hook(self._after_optimizer_step))
         guard = SignalGuard(close=self.close)
         if guard.install():
             self._guard = guard
             registry.add("the signal handlers", guard.restore)
         registry.add("the step's hooks", self._step_hooks.undo)
+
+    def _forget_compiled_code(self) -> None:
+        if self._compiled_seen:
+            forget_compiled_code()
 
     def _writer_failed(self, error: Exception) -> None:
         self.ctx.disable("<writer>", None, error)
@@ -271,13 +285,11 @@ class Watcher:
             self._active = False
             self.close()  # writes the step that just completed, then passes the signal on
             return None
-        self.ctx.ddp_sync = ddp_syncs_gradients(self.ctx.ddp)
         try:
             if self._first_batch:
                 self._run_first_batch(module, args, kwargs)
             self._sync_step()
-            for probe in self._dispatch.events["on_forward"]:
-                probe.on_forward(args, kwargs)
+            self._dispatch.forward(args, kwargs)
         except BaseException:  # e.g. NonFiniteError: this forward never starts
             self._active = False
             raise
@@ -313,8 +325,7 @@ class Watcher:
             active, self._active = self._active, False
             if active and self.ctx.buffer is not None:
                 # Also after a forward that raised (always_call): a probe's mode must end here.
-                for probe in self._dispatch.events["on_forward_end"]:
-                    probe.on_forward_end(output)
+                self._dispatch.forward_end(output)
         if self._compiled_seen and not self._compiled_warned:
             self._compiled_warned = True
             warn(COMPILED_WARNING, IntrospectWarning)
@@ -355,20 +366,17 @@ class Watcher:
         return hook
 
     # ----------------------------------------------------------------- optimizer
-    def _on_optimizer_pre(self, optimizer: Any, args: Any, kwargs: Any) -> None:
-        if self.ctx.buffer is None:
-            return None
-        for probe in self._dispatch.events["on_optimizer_pre"]:
-            probe.on_optimizer_pre()
+    def _before_optimizer_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        if self.ctx.buffer is not None:
+            self._dispatch.before_optimizer_step()
         return None
 
-    def _on_optimizer_post(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+    def _after_optimizer_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         if self.ctx.buffer is None:
             # optimizer.step() without a training forward since the last one: still a step.
             self._clock.take()
         else:
-            for probe in self._dispatch.events["on_optimizer_step"]:
-                probe.on_optimizer_step()
+            self._dispatch.after_optimizer_step()
             self._dispatch.close_step()
         if self._guard is not None and self._guard.pending is not None:
             self.close()  # a step boundary: the step is written; then the signal goes on

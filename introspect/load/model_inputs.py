@@ -203,10 +203,12 @@ def batches_from(model: nn.Module, spec: InputSpec, *, unsafe: bool, seed: int =
         files = image_files(spec.images)
         images = image_batches(files, spec.batch_size, spec.image_size)
         return ModelBatches(model, ((x.to(torch_dtype),) for x in images), -(-len(files) // spec.batch_size))
+    batches: list[tuple[torch.Tensor, ...]]
     if spec.shape is not None:
         batches = [(random_input(model, spec.shape, torch_dtype, seed=seed + i),) for i in range(count)]
     else:
-        batches = [load_input_file(spec.file, unsafe=unsafe)]  # type: ignore[arg-type]
+        assert spec.file is not None  # InputSpec holds exactly one source
+        batches = [load_input_file(spec.file, unsafe=unsafe)]
     check_input(model, batches[0])
     return ModelBatches(model, batches, len(batches))
 

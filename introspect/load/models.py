@@ -92,7 +92,7 @@ def load_model(
             )
         model = loaded.module
     else:
-        state = loaded.state_dict if loaded.module is None else loaded.module.state_dict()
+        state = loaded.module.state_dict() if loaded.module is not None else loaded.state_dict or {}
         model = build_architecture(arch, kwargs)
         load_state_dict_into(model, state, source=str(loaded.path))
     try:
@@ -114,12 +114,13 @@ def load_weights(
     With a runnable model (or ``arch``) these are its parameters; a bare state_dict needs no
     architecture and gives every floating tensor it holds (BatchNorm running statistics included).
     """
+    named: Mapping[str, torch.Tensor]
     if arch is not None:
         model = load_model(path, arch, arch_kwargs, unsafe, map_location)
         named = dict(model.named_parameters())
     else:
         loaded = read_model_file(path, unsafe=unsafe, map_location=map_location)
-        named = dict(loaded.module.named_parameters()) if loaded.module is not None else loaded.state_dict
+        named = dict(loaded.module.named_parameters()) if loaded.module is not None else loaded.state_dict or {}
     return {name: t.detach() for name, t in named.items() if t.is_floating_point()}
 
 
@@ -135,7 +136,10 @@ def load_module_or_state_dict(
     if arch is not None:
         return load_model(path, arch=arch, arch_kwargs=arch_kwargs, unsafe=unsafe)
     loaded = read_model_file(path, unsafe=unsafe)
-    return loaded.module if loaded.module is not None else loaded.state_dict
+    if loaded.module is not None:
+        return loaded.module
+    assert loaded.state_dict is not None  # a ModelFile holds a module or a state_dict
+    return loaded.state_dict
 
 
 def read_model_file(

@@ -9,14 +9,12 @@ norm joins the per-module check's one transfer (the sentinel computes the norm i
 
 from __future__ import annotations
 
-from typing import Any
-
-from .base import Probe
+from .base import Probe, ProbeContext, WatchOptions
 
 __all__ = ["built_in_probes"]
 
 
-def built_in_probes(config: Any, ctx: Any) -> list[Probe]:
+def built_in_probes(config: WatchOptions, ctx: ProbeContext) -> list[Probe]:
     """The probes ``config`` asks for, in dispatch order."""
     from .activation_grads import ActivationGrads
     from .activations import Activations
@@ -30,7 +28,7 @@ def built_in_probes(config: Any, ctx: Any) -> list[Probe]:
     from .hparams import Hparams
     from .inputs import Inputs
     from .nonfinite.per_module import NonFiniteCheck, NonFiniteNumbers
-    from .nonfinite.sentinel import NonFiniteSentinel, check_mode_for
+    from .nonfinite.sentinel import NonFiniteSentinel
     from .transformer import AttentionProbe, LogitDivergence, MassiveActivations
     from .unit_health import UnitHealth
     from .update_ratio import UpdateRatio
@@ -42,7 +40,6 @@ def built_in_probes(config: Any, ctx: Any) -> list[Probe]:
         probes.append(FirstBatch())
     if config.log_inputs:
         probes.append(Inputs())
-    ctx.check_mode = check_mode_for(config, ctx)
     probes.append(GradNormSpike())  # before the check: its norm joins the check's one transfer
     if ctx.check_mode == "replay":
         probes.append(NonFiniteSentinel())

@@ -16,6 +16,8 @@ class Activations(Probe):
 
     def on_output(self, name: str, module: nn.Module, output: Any) -> None:
         buffer = self.ctx.buffer
+        if buffer is None:
+            return None
         for where, _, tensor in self.ctx.outputs(name, output):
             # The non-finite check summed this tensor already: the histogram reuses that pass.
             buffer.add_histogram(tag("activations", where), tensor, buffer.known_sum(tensor))

@@ -2,33 +2,43 @@
 
 A probe is told about a small set of events, in this order within a step:
 
-==========================  ======================================================================
-``on_first_batch``          once, on the first training forward, before its step opens (extra
-                            forwards here are not observed)
-``on_step_start(plan)``     a step opened; ``plan`` says whether it logs, checks, draws
-``on_forward(args, kw)``    each counted forward of the root, after its step opened
-``on_forward_end(output)``  that forward returned (or raised: ``output`` is None then)
-``on_output``               a selected module's forward returned
-``on_output_grad``          the gradient w.r.t. one floating output of a selected module arrived
-``on_param_grad``           a watched parameter's gradient was accumulated
-``on_after_backward``       the backward pass finished
-``on_optimizer_pre/step``   just before / after ``optimizer.step()`` (with ``optimizer=``)
-``on_step_end(host)``       the step is over; ``host`` holds its records on the host on a logging
-                            step (after the one transfer), else None
-``on_close(failed)``        the watch ends
-==========================  ======================================================================
+===============================  =================================================================
+``on_first_batch``               once, on the first training forward, before its step opens (extra
+                                 forwards here are not observed)
+``on_step_start(plan)``          a step opened; ``plan`` says whether it logs, checks, draws
+``on_forward(args, kw)``         each counted forward of the root, after its step opened
+``on_forward_end(output)``       that forward returned (or raised: ``output`` is None then)
+``on_output``                    a selected module's forward returned
+``on_output_grad``               the gradient w.r.t. one floating output of a selected module arrived
+``on_param_grad``                a watched parameter's gradient was accumulated (only for a probe
+                                 whose ``wants_param_grads`` is True: it costs a hook per parameter)
+``on_after_backward``            the backward pass finished (DDP/FSDP may still be reducing the
+                                 gradients)
+``on_after_reduction``           the gradients are final: after DDP's all-reduce or FSDP's
+                                 reduce-scatter; without either, right after ``on_after_backward``
+``on_before_optimizer_step``     just before ``optimizer.step()`` (with ``optimizer=``)
+``on_after_optimizer_step``      just after it
+``on_step_end(host)``            the step is over; ``host`` holds its records on the host on a
+                                 logging step (after the one transfer), else None
+``on_close(failed)``             the watch ends
+===============================  =================================================================
 
 The per-module and per-step events reach a probe only on steps it is ``active`` for (a probe that
 is off costs nothing then): by default logging steps. A user probe needs only ``name``,
 ``select`` and ``on_output`` (and optionally ``on_output_grad``); what those return is written as
 the scalars ``{name}/{key}/{module}``. The built-in probes in ``introspect.probes`` implement the
-same class, and reach the step's records through ``self.ctx`` (a :class:`ProbeContext`).
+same class, and reach the watch through ``self.ctx`` (a :class:`ProbeContext`): everything a probe
+may read is declared there, and what belongs to the open step is on its record, ``ctx.buffer``.
+
+The optimizer events follow Lightning's names; a probe written against their first names
+(``on_optimizer_pre``, ``on_optimizer_step``) is still called, with one ``DeprecationWarning``.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -38,6 +48,17 @@ from torch import nn
 from ..errors import IntrospectWarning, ProbeError, warn
 from ..records.shards import user_type_name
 from ..runtime.tensors import named_float_tensors
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..debugger.health import Thresholds
+    from ..records.findings import Findings
+    from ..records.shards import ShardCombiner
+    from ..records.step import HostStep, StepBuffer
+    from ..records.writer import GuardedWriter
+    from ..runtime.distributed import SideGroup
+    from ..runtime.registry import Registry
+
+__all__ = ["Probe", "ProbeContext", "StepPlan", "WatchOptions", "StepCounter", "EVENTS", "RENAMED_EVENTS"]
 
 
 @dataclass(frozen=True)
@@ -53,31 +74,53 @@ class StepPlan:
 
 class WatchOptions(Protocol):
     """The options of the watch a probe serves, as probes read them (``introspect.live.config``'s
-    ``WatchConfig`` is the one implementation; probes sit below it and see only this view)."""
+    ``WatchConfig`` is the one implementation; probes sit below it and see only this view, read-only)."""
 
-    every: int
-    log: frozenset[str]
-    optimizer: Any
-    on_nonfinite: str
-    check_every: int
-    check_mode: str
-    thresholds: Thresholds
-    hparams: Mapping[str, Any] | None
-    image_every: int
-    log_inputs: bool
-    ranks: str
-    grad_scaler: Any
-    strict: bool
+    @property
+    def every(self) -> int: ...
+    @property
+    def log(self) -> frozenset[str]: ...
+    @property
+    def optimizer(self) -> Any: ...
+    @property
+    def on_nonfinite(self) -> str: ...
+    @property
+    def check_every(self) -> int: ...
+    @property
+    def check_mode(self) -> str: ...
+    @property
+    def thresholds(self) -> Thresholds: ...
+    @property
+    def summary(self) -> bool: ...
+    @property
+    def graph(self) -> bool: ...
+    @property
+    def hparams(self) -> Mapping[str, Any] | None: ...
+    @property
+    def image_every(self) -> int: ...
+    @property
+    def log_inputs(self) -> bool: ...
+    @property
+    def ranks(self) -> str: ...
+    @property
+    def grad_scaler(self) -> Any: ...
+    @property
+    def strict(self) -> bool: ...
 
 
-if TYPE_CHECKING:  # pragma: no cover
-    from ..debugger.health import Thresholds
-    from ..records.findings import Findings
-    from ..records.step import HostStep, StepBuffer
-    from ..records.writer import GuardedWriter
-    from ..runtime.registry import Registry
+class StepCounter(Protocol):
+    """The watch's step clock as probes read it (``introspect.live.clock.StepClock``)."""
 
-__all__ = ["Probe", "ProbeContext", "EVENTS"]
+    @property
+    def step(self) -> int:
+        """The open step, or the latest one between steps (0 before the first)."""
+        ...
+
+    @property
+    def next_step(self) -> int:
+        """The number the next step would get (without ``step_fn=``, which names steps itself)."""
+        ...
+
 
 EVENTS = (
     "on_first_batch",
@@ -88,11 +131,16 @@ EVENTS = (
     "on_output_grad",
     "on_param_grad",
     "on_after_backward",
-    "on_optimizer_pre",
-    "on_optimizer_step",
+    "on_after_reduction",
+    "on_before_optimizer_step",
+    "on_after_optimizer_step",
     "on_step_end",
     "on_close",
 )
+
+RENAMED_EVENTS = {"on_optimizer_pre": "on_before_optimizer_step", "on_optimizer_step": "on_after_optimizer_step"}
+"""Old event name -> new: a probe that defines an old one is called under the new one, with a
+``DeprecationWarning`` when its class is defined."""
 
 
 class Probe:
@@ -114,7 +162,26 @@ class Probe:
     name: str = ""
     builtin: bool = False
     """Built-in probes share the module's fate: an error in one stops watching that module."""
+    wants_param_grads: bool = False
+    """Whether ``on_param_grad`` is wanted: it costs a hook on every watched parameter on each
+    step the probe is active, so it is asked for, not inferred."""
     ctx: ProbeContext
+    """The watch this probe serves, set by :meth:`bind`."""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """A method under an old event name (``RENAMED_EVENTS``) answers to the new one too."""
+        super().__init_subclass__(**kwargs)
+        for old, new in RENAMED_EVENTS.items():
+            method = vars(cls).get(old)
+            if method is None:
+                continue
+            warn(
+                f"{cls.__qualname__}.{old} is deprecated: the event is now called {new} "
+                "(Lightning's name); rename the method",
+                DeprecationWarning,
+            )
+            if new not in vars(cls):
+                setattr(cls, new, method)
 
     def bind(self, ctx: ProbeContext) -> None:
         """Called once by the watcher, before any event."""
@@ -147,8 +214,9 @@ class Probe:
     def on_forward_end(self, output: Any) -> None: ...
     def on_param_grad(self, name: str, param: torch.Tensor) -> None: ...
     def on_after_backward(self) -> None: ...
-    def on_optimizer_pre(self) -> None: ...
-    def on_optimizer_step(self) -> None: ...
+    def on_after_reduction(self) -> None: ...
+    def on_before_optimizer_step(self) -> None: ...
+    def on_after_optimizer_step(self) -> None: ...
     def on_step_end(self, host: HostStep | None) -> None: ...
     def on_close(self, failed: bool) -> None: ...
 
@@ -159,8 +227,10 @@ def overrides(probe: Probe, event: str) -> bool:
 
 
 class ProbeContext:
-    """What probes share during a watch: the options, the model's names, the open step and its
-    records, the writer, the findings, and the services (AMP scale, DDP state, disabling)."""
+    """What probes share during a watch. Everything a probe may read is declared here; what
+    belongs to the open step (the forward's DDP state, the module call being dispatched, a scaler
+    overflow) is on that step's record, ``buffer``. Made by the watcher, which alone sets the
+    attributes it says it sets."""
 
     def __init__(
         self,
@@ -172,41 +242,61 @@ class ProbeContext:
         params: dict[str, nn.Parameter],
         writer: GuardedWriter,
         findings: Findings,
+        clock: StepCounter,
         step_hooks: Registry,
         force_log: Callable[[], None],
-        unobserved: Callable[[], Any] = contextlib.nullcontext,
+        side_group: SideGroup,
+        check_mode: str = "off",
+        ddp: nn.Module | None = None,
+        shards: ShardCombiner | None = None,
+        unobserved: Callable[[], AbstractContextManager[Any]] = contextlib.nullcontext,
     ) -> None:
         self.config = config
+        """The watch's options."""
         self.model = model
+        """The model as the user passed it (maybe a DDP or compiled wrapper)."""
         self.root = root
+        """The model itself, unwrapped: the module whose forward is a training step."""
         self.modules = modules
+        """The watched modules by tag name (``include=``/``exclude=`` applied)."""
         self.module_types = {name: user_type_name(m) for name, m in modules.items()}
+        """Their type names as the user knows them (a compiled or wrapped module's own class)."""
         self.params = params
+        """The watched parameters by tag name."""
         self.writer = writer
+        """The guarded writer: a failing write disables writing, not training (falsy without one)."""
         self.findings = findings
+        """What the debugger found so far; ``findings.add`` records a new one."""
+        self.clock = clock
+        """The step clock: ``clock.step`` outside a step (``on_close``), ``clock.next_step`` before
+        the first (``on_first_batch``); inside a step, ``buffer.step``."""
         self.step_hooks = step_hooks
         """Hooks that live for the open step only (removed when it ends)."""
         self.force_log = force_log
         """Make the next step a logging step whatever the cadence (after a NaN/Inf)."""
+        self.check_mode = check_mode
+        """How the non-finite check runs: "replay" (the sentinel), "per_module" or "off"."""
+        self.ddp = ddp
+        """The DistributedDataParallel wrapper of the model, or None."""
+        self.shards = shards
+        """The combiner of sharded training's records (FSDP2, FSDP1 views), else None."""
+        self.side_group = side_group
+        """The watcher's own process group for its collectives (made on first use)."""
         self.unobserved = unobserved
         """A context in which the model's forwards are not observed (the watcher's own: a replay)."""
-        self.check_mode = "off"
-        """How the non-finite check runs: "replay" (the sentinel), "per_module" or "off"."""
         self.plan: StepPlan | None = None
+        """The open step's plan; None between steps (set by the watcher's dispatch)."""
         self.buffer: StepBuffer | None = None
-        self.ddp: nn.Module | None = None
-        self.shards: Any = None
-        """The ``sharded.ShardCombiner`` of sharded training (FSDP2, FSDP1 views), else None."""
-        self.side_group: Any = None
-        """The watcher's own process group (``distributed.SideGroup``) for its collectives."""
-        self.ddp_sync = False  # the latest forward's backward all-reduces gradients
-        self.closing = False  # the watch is ending: no finding may raise now
-        self.overflow_step = -1  # the latest step whose scaled gradients overflowed (GradScaler)
-        self.call_index = -1  # the non-finite check's number for the module call being dispatched
+        """The open step's record: its histograms, scalars, checks and per-step state; None
+        between steps (set by the watcher's dispatch)."""
+        self.closing = False
+        """The watch is ending (set by the watcher): no finding may raise now."""
         self.compiled = False
-        """The model runs under ``torch.compile``: a probe that would add hooks or a function mode
-        per step stays off (either would make compiled code recompile)."""
+        """The model runs under ``torch.compile`` (set by the watcher when it sees so): a probe that
+        would add hooks or a function mode per step stays off (either would make compiled code
+        recompile)."""
         self.disabled: set[str] = set()
+        """Keys (module names, ``<probe name>``, ``<writer>``...) that failed and are off for good."""
         self._tensors_of: Any = None
         self._tensors: list[tuple[str, torch.Tensor]] = []
         self._outputs_name: str | None = None

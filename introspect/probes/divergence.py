@@ -24,7 +24,7 @@ from ..errors import IntrospectWarning, warn
 from ..records.shards import local_view
 from ..records.step import HostStep
 from ..runtime.distributed import rank_and_world
-from .base import Probe
+from .base import Probe, ProbeContext, StepPlan
 
 __all__ = ["RankDivergence", "divergent_ranks", "Z_LIMIT", "MIN_RANKS"]
 
@@ -77,14 +77,14 @@ class RankDivergence(Probe):
     name = "rank_divergence"
     builtin = True
 
-    def bind(self, ctx) -> None:  # type: ignore[no-untyped-def]
+    def bind(self, ctx: ProbeContext) -> None:
         super().bind(ctx)
         self._names = list(ctx.modules)
         self._index = {name: i for i, name in enumerate(self._names)}
         self._step: dict[int, list[torch.Tensor]] = {}
         self._warned = False
 
-    def on_step_start(self, plan: Any) -> None:
+    def on_step_start(self, plan: StepPlan) -> None:
         self._step = {}
 
     def on_output(self, name: str, module: nn.Module, output: Any) -> None:
@@ -151,6 +151,6 @@ class RankDivergence(Probe):
             )
 
 
-def divergence_wanted(ctx: Any) -> bool:
+def divergence_wanted(ctx: ProbeContext) -> bool:
     """Whether the run has enough ranks under DDP or sharding for the check to say anything."""
     return rank_and_world()[1] >= MIN_RANKS and (ctx.ddp is not None or ctx.shards is not None)

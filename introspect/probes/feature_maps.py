@@ -21,7 +21,7 @@ from torch.nn.utils.rnn import PackedSequence
 from ..records.step import HostStep
 from ..records.tags import tag
 from ..records.visuals import channel_grid, heatmap
-from .base import Probe, StepPlan
+from .base import Probe, ProbeContext, StepPlan
 
 __all__ = ["FeatureMaps", "MAX_CHANNELS", "Picked", "sample_picker", "draw"]
 
@@ -114,7 +114,7 @@ class FeatureMaps(Probe):
     name = "feature_maps"
     builtin = True
 
-    def bind(self, ctx) -> None:  # type: ignore[no-untyped-def]
+    def bind(self, ctx: ProbeContext) -> None:
         super().bind(ctx)
         draws = callable(getattr(ctx.writer.writer, "add_image", None))
         pickers = {n: sample_picker(m) for n, m in ctx.modules.items()} if draws else {}

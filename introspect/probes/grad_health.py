@@ -10,7 +10,7 @@ from ..debugger.origins import nonfinite_gradients
 from ..records.step import HostStep
 from ..records.tags import GRAD_FLOW_TAG, tag_name
 from ..records.visuals import grad_flow_image
-from .base import Probe
+from .base import Probe, ProbeContext
 
 __all__ = ["GradHealth"]
 
@@ -19,19 +19,20 @@ class GradHealth(Probe):
     name = "grad_health"
     builtin = True
 
-    def bind(self, ctx) -> None:  # type: ignore[no-untyped-def]
+    def bind(self, ctx: ProbeContext) -> None:
         super().bind(ctx)
         self._health = GradientHealth(ctx.config.thresholds)
         self._last: tuple[int, dict[str, tuple[float, float, float]]] | None = None
         self._drawn: int | None = None
 
     def on_step_end(self, host: HostStep | None) -> None:
-        if host is None:
+        buffer = self.ctx.buffer
+        if host is None or (buffer is not None and buffer.grads_overflowed):  # the scaler skips the step
             return
         layers: dict[str, list[float]] = {}
         for full_tag, record in host.histograms.items():
             kind, name = tag_name(full_tag)
-            if kind != "grads" or host.step == self.ctx.overflow_step:  # the scaler skips that step
+            if kind != "grads":
                 continue
             layer = name.rpartition(".")[0] or name
             entry = layers.setdefault(layer, [0.0, 0.0, 0.0])

@@ -6,10 +6,10 @@ The norm costs nothing of its own with the default non-finite sentinel, which co
 the parameter-gradient norms it reads anyway (after DDP's averaging) and leaves it on the step's
 buffer. Under ``check_mode="per_module"`` it joins that check's one per-step transfer as a check
 of its own kind (``grad_norm``, which :func:`introspect.debugger.origins.locate_nonfinite` ignores),
-added in ``on_after_backward`` before the check's own (this probe comes first in the dispatch
-order) and read after the check's sync. With the check off, it rides in a logging step's
-transfer instead. On a spike, ``diagnostics/pre_spike`` gets the per-module scalars of the last
-``PRE_SPIKE_STEPS`` logging steps: what the model looked like before it.
+added in ``on_after_reduction`` (on the gradients DDP averaged) before the check reads its sums
+(this probe comes first in the dispatch order) and read after the check's sync. With the check
+off, it rides in a logging step's transfer instead. On a spike, ``diagnostics/pre_spike`` gets the
+per-module scalars of the last ``PRE_SPIKE_STEPS`` logging steps: what the model looked like before it.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from ..records.shards import local_view
 from ..records.step import Check, HostStep
 from ..records.tags import PRE_SPIKE_TAG
 from ..runtime.selection import root_name
-from .base import Probe, StepPlan
+from .base import Probe, ProbeContext, StepPlan
 
 __all__ = ["GradNormSpike", "PRE_SPIKE_STEPS", "spike_score"]
 
@@ -49,7 +49,7 @@ class GradNormSpike(Probe):
     name = "grad_norm_spike"
     builtin = True
 
-    def bind(self, ctx) -> None:  # type: ignore[no-untyped-def]
+    def bind(self, ctx: ProbeContext) -> None:
         super().bind(ctx)
         limits = ctx.config.thresholds
         self._window: deque[float] = deque(maxlen=max(2, int(limits.grad_spike_window)))
@@ -59,7 +59,7 @@ class GradNormSpike(Probe):
     def active(self, plan: StepPlan) -> bool:
         return plan.checking or plan.logging
 
-    def on_after_backward(self) -> None:
+    def on_after_reduction(self) -> None:
         buffer = self.ctx.buffer
         if buffer is not None and buffer.checking and self._from_sentinel:
             return  # the sentinel reads the norm on this step
@@ -92,7 +92,7 @@ class GradNormSpike(Probe):
             value = host.measures.get(_MEASURE)
         if host is not None:
             self._history.append((host.step, dict(host.scalars)))
-        if value is None or not math.isfinite(value) or buffer is None or buffer.step == self.ctx.overflow_step:
+        if value is None or not math.isfinite(value) or buffer is None or buffer.grads_overflowed:
             return
         limits = self.ctx.config.thresholds
         window = self._window

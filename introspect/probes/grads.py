@@ -3,26 +3,25 @@ step's backward produced.
 
 Without ``optimizer=`` each parameter's gradient is read when it is accumulated (the hook lives
 for the logging step only; a later backward of the same step replaces the record). Under DDP the
-gradient is read after DDP has averaged it, from a callback queued behind DDP's own. With
-``optimizer=`` the gradients are read just before ``optimizer.step()``, after any accumulation.
+gradient is read after DDP has averaged it (``on_after_reduction``). With ``optimizer=`` the
+gradients are read just before ``optimizer.step()``, after any accumulation.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .._torch import queue_after_backward
-from ..records.step import StepBuffer
 from ..records.tags import tag
 from ..runtime.amp import unscale
-from .base import Probe
+from .base import Probe, ProbeContext
 
 
 class Grads(Probe):
     name = "grads"
     builtin = True
+    wants_param_grads = True
 
-    def bind(self, ctx) -> None:  # type: ignore[no-untyped-def]
+    def bind(self, ctx: ProbeContext) -> None:
         super().bind(ctx)
         # FSDP1's parameter views get their gradients without accumulation hooks: FlatShardGrads.
         flat = ctx.shards is not None and ctx.shards.flat_views
@@ -31,26 +30,26 @@ class Grads(Probe):
 
     def on_param_grad(self, name: str, param: torch.Tensor) -> None:
         buffer = self.ctx.buffer
-        if self.ctx.ddp_sync:  # DDP averages the gradient after this hook: read it once it has
-            if not self._reduced:
-                queue_after_backward(lambda: queue_after_backward(lambda: self._take_reduced(buffer)))
+        if buffer is None or param.grad is None:
+            return
+        if buffer.ddp_sync:  # DDP averages the gradient after this hook: read it once it has
             self._reduced[name] = param
             return
         buffer.set_histogram(tag("grads", name), unscale(param.grad, self.ctx.grad_scale()))
 
-    def _take_reduced(self, buffer: StepBuffer) -> None:
-        """Queued from inside a callback, so it runs after DDP's end-of-backward reduction."""
+    def on_after_reduction(self) -> None:
         params, self._reduced = self._reduced, {}
-        if buffer.closed:
+        buffer = self.ctx.buffer
+        if buffer is None or not params:
             return
         scale = self.ctx.grad_scale()
         for name, param in params.items():
             if param.grad is not None:
                 buffer.set_histogram(tag("grads", name), unscale(param.grad, scale))
 
-    def on_optimizer_pre(self) -> None:
+    def on_before_optimizer_step(self) -> None:
         buffer = self.ctx.buffer
-        if self.wants_param_grads:
+        if self.wants_param_grads or buffer is None:
             return
         for name, param in self.ctx.params.items():
             if param.grad is not None:
@@ -63,17 +62,14 @@ class Grads(Probe):
 class FlatShardGrads(Probe):
     """``grads/`` under FSDP1 with ``use_orig_params=True`` and without ``optimizer=``: FSDP sets
     each parameter view's gradient (this rank's piece) in its own end-of-backward callback, and no
-    accumulation hook runs, so the gradients are read from a callback queued behind FSDP's."""
+    accumulation hook runs, so the gradients are read once that has run (``on_after_reduction``)."""
 
     name = "flat_shard_grads"
     builtin = True
 
-    def on_after_backward(self) -> None:
+    def on_after_reduction(self) -> None:
         buffer = self.ctx.buffer
-        queue_after_backward(lambda: self._take(buffer))
-
-    def _take(self, buffer: StepBuffer) -> None:
-        if buffer.closed:
+        if buffer is None:
             return
         for name, param in self.ctx.params.items():
             if param.grad is not None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from ..analysis.health_map_render import HealthMap
 from ..records.step import HostStep
-from .base import Probe
+from .base import Probe, ProbeContext
 
 __all__ = ["HealthMapProbe"]
 
@@ -19,7 +19,7 @@ class HealthMapProbe(Probe):
     name = "health_map"
     builtin = True
 
-    def bind(self, ctx) -> None:  # type: ignore[no-untyped-def]
+    def bind(self, ctx: ProbeContext) -> None:
         super().bind(ctx)
         self.map = HealthMap() if callable(getattr(ctx.writer.writer, "add_image", None)) else None
 
@@ -37,6 +37,8 @@ class HealthMapProbe(Probe):
         self._write(self.ctx.clock.step)
 
     def _write(self, step: int) -> None:
+        if self.map is None:
+            return
         try:
             self.ctx.writer.run(self.map.write, step)
         except Exception as e:  # pragma: no cover - run() reports writer failures itself

@@ -8,7 +8,7 @@ from typing import Any
 
 from ..errors import IntrospectError
 from ..records.run_params import RunHparams, check_metrics
-from .base import Probe
+from .base import Probe, ProbeContext
 
 __all__ = ["Hparams"]
 
@@ -17,7 +17,7 @@ class Hparams(Probe):
     name = "hparams"
     builtin = True
 
-    def bind(self, ctx) -> None:  # type: ignore[no-untyped-def]
+    def bind(self, ctx: ProbeContext) -> None:
         super().bind(ctx)
         hparams = ctx.config.hparams
         self.run = RunHparams(hparams) if hparams is not None else None

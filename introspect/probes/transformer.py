@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import inspect
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -29,7 +30,7 @@ from ..debugger.alerts import Alert
 from ..records.step import HostStep
 from ..records.tags import attention_tag
 from ..runtime.selection import root_name
-from .base import Probe, StepPlan
+from .base import Probe, ProbeContext, StepPlan
 
 __all__ = ["AttentionProbe", "MassiveActivations", "LogitDivergence", "SAMPLED_ROWS", "repeated_blocks"]
 
@@ -183,7 +184,9 @@ class _AttentionMode(TorchFunctionMode):
         super().__init__()
         self.probe = probe
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+    def __torch_function__(
+        self, func: Callable[..., Any], types: Any, args: tuple = (), kwargs: dict | None = None
+    ) -> Any:
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         if func is F.scaled_dot_product_attention:
@@ -202,7 +205,7 @@ class AttentionProbe(Probe):
     name = "attention"
     builtin = True
 
-    def bind(self, ctx) -> None:  # type: ignore[no-untyped-def]
+    def bind(self, ctx: ProbeContext) -> None:
         super().bind(ctx)
         self._mode: _AttentionMode | None = None
         self._stack: list[str] = []
@@ -335,7 +338,7 @@ class MassiveActivations(Probe):
     name = "massive_activations"
     builtin = True
 
-    def bind(self, ctx) -> None:  # type: ignore[no-untyped-def]
+    def bind(self, ctx: ProbeContext) -> None:
         super().bind(ctx)
         self._blocks = repeated_blocks(ctx.root)
         self._in_forward = False
@@ -416,7 +419,7 @@ class LogitDivergence(Probe):
     name = "logit_divergence"
     builtin = True
 
-    def bind(self, ctx) -> None:  # type: ignore[no-untyped-def]
+    def bind(self, ctx: ProbeContext) -> None:
         super().bind(ctx)
         self._classes = 0
         self._where = root_name(ctx.root)

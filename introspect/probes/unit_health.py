@@ -12,7 +12,7 @@ from torch import nn
 
 from ..debugger.health import check_activation_health
 from ..records.step import HostStep
-from .base import Probe
+from .base import Probe, ProbeContext
 
 __all__ = ["UnitHealth", "unit_health"]
 
@@ -76,7 +76,7 @@ class UnitHealth(Probe):
     name = "unit_health"
     builtin = True
 
-    def bind(self, ctx) -> None:  # type: ignore[no-untyped-def]
+    def bind(self, ctx: ProbeContext) -> None:
         super().bind(ctx)
         self._measures = {n: m for n, t in ctx.module_types.items() if (m := unit_health(t)) is not None}
         self._windows: dict[str, Any] = {}  # per-unit masks carried across logging steps

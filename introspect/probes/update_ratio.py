@@ -7,25 +7,27 @@ import torch
 
 from ..records.shards import is_dtensor
 from ..records.tags import tag
-from .base import Probe
+from .base import Probe, ProbeContext
 
 
 class UpdateRatio(Probe):
     name = "update_ratio"
     builtin = True
 
-    def bind(self, ctx) -> None:  # type: ignore[no-untyped-def]
+    def bind(self, ctx: ProbeContext) -> None:
         super().bind(ctx)
         self._before: dict[str, torch.Tensor] = {}
 
-    def on_optimizer_pre(self) -> None:
+    def on_before_optimizer_step(self) -> None:
         for name, param in self.ctx.params.items():
             if param.grad is not None:
                 self._before[name] = param.detach().clone()
 
-    def on_optimizer_step(self) -> None:
+    def on_after_optimizer_step(self) -> None:
         buffer = self.ctx.buffer
         before, self._before = self._before, {}
+        if buffer is None:
+            return
         for name, weight in before.items():
             param = self.ctx.params[name]
             delta = torch.linalg.vector_norm(param.detach() - weight)

@@ -12,5 +12,7 @@ class Weights(Probe):
 
     def on_step_start(self, plan: StepPlan) -> None:
         buffer = self.ctx.buffer
+        if buffer is None:
+            return
         for name, param in self.ctx.params.items():
             buffer.add_histogram(tag("weights", name), param)

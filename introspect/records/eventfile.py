@@ -118,13 +118,13 @@ def _crc32c_numpy(data: bytes) -> int:
 def _native() -> Callable[[bytes], int] | None:
     """The native CRC32C of an optional package (as tensorboardX does), when one is installed."""
     try:
-        import crc32c as _crc32c_pkg  # type: ignore[import-not-found]
+        import crc32c as _crc32c_pkg
 
         return _crc32c_pkg.crc32c
     except (ImportError, AttributeError):
         pass
     try:
-        import google_crc32c  # type: ignore[import-not-found]
+        import google_crc32c
 
         return google_crc32c.value
     except (ImportError, AttributeError):

@@ -25,7 +25,7 @@ parameters' names); a tag no rank has this step (no gradient yet) is simply not 
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeGuard
 
 import torch
 from torch import nn
@@ -34,6 +34,9 @@ from .._torch import fsdp1_flat_handle
 from ..errors import IntrospectWarning, warn
 from ..runtime.distributed import SideGroup, rank_and_world
 from .stats import HIST_BINS, HistogramRecord, RecordBatch
+
+if TYPE_CHECKING:  # pragma: no cover
+    from torch.distributed.tensor import DTensor
 
 __all__ = [
     "is_dtensor",
@@ -49,7 +52,7 @@ __all__ = [
 _EMPTY = (0.0, 0.0, math.inf, -math.inf, 0.0, 0.0)  # count, non-finite, min, max, sum, sum^2
 
 
-def is_dtensor(tensor: Any) -> bool:
+def is_dtensor(tensor: Any) -> TypeGuard[DTensor]:
     """Whether ``tensor`` is a ``torch.distributed.tensor.DTensor`` (FSDP2, tensor parallel)."""
     try:
         from torch.distributed.tensor import DTensor
@@ -107,7 +110,7 @@ def fsdp1_parameters(model: nn.Module) -> set[int]:
     return found
 
 
-def _replicas(tensor: torch.Tensor) -> int:
+def _replicas(tensor: DTensor) -> int:
     """How many ranks hold each value of a DTensor (its ``Replicate`` mesh dimensions): summed
     over the world, counts and sums are that many times too large."""
     from torch.distributed.tensor import Replicate

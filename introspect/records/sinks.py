@@ -128,7 +128,9 @@ class _EventBatch:
 
     def commit(self, step: int) -> None:
         if self._values:
-            any_file_writer(self._writer).add_summary(self._summary_cls(value=self._values), step)
+            file_writer = any_file_writer(self._writer)
+            assert file_writer is not None  # made only for a SummaryWriter, which has one (``_batch_for``)
+            file_writer.add_summary(self._summary_cls(value=self._values), step)
 
 
 class _PerTagCalls:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import weakref
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 
@@ -66,6 +66,20 @@ class StepBuffer:
     grad_norm: float | None = None
     """The global gradient norm of the step's last backward, when the non-finite sentinel read it."""
     callback_queued: bool = False
+    """The end-of-backward callback that dispatches ``on_after_backward`` is queued for the
+    backward under way (once per backward)."""
+    ddp_sync: bool = False
+    """The latest forward's backward all-reduces the gradients (DDP outside ``no_sync()``, on
+    several ranks): they are averaged by the time ``on_after_reduction`` runs."""
+    grads_overflowed: bool = False
+    """GradScaler found this step's scaled gradients non-finite and skips the step: its gradient
+    statistics are not judged (set by the non-finite check)."""
+    call_index: int = -1
+    """The non-finite check's number for the module call being dispatched (its ``on_output``
+    sets it; an output-gradient event of that call sees it again); -1 for none."""
+    call_args: Any = None
+    """The inputs of the module call being dispatched to ``on_output``; None outside it (nothing
+    holds on to activations between calls)."""
     closed: bool = False
     shards: ShardRecords | None = None
     """Under sharded training, the records of DTensor weights and gradients (combined across

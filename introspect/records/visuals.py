@@ -7,12 +7,15 @@ import math
 import os
 import textwrap
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from ..errors import IntrospectError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from matplotlib.figure import Figure
 
 __all__ = [
     "save_png",
@@ -38,7 +41,7 @@ def save_png(image: np.ndarray, path: str | os.PathLike) -> None:
         raise IntrospectError(f"cannot write {path}: {e}") from e
 
 
-def _render(fig: object) -> np.ndarray:
+def _render(fig: Figure) -> np.ndarray:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
     canvas = FigureCanvasAgg(fig)

@@ -48,8 +48,9 @@ class GuardedWriter:
         """``writer.method(*args, **kwargs)``; False when there is no writer or it failed."""
         return self.run(lambda writer: getattr(writer, method)(*args, **kwargs))
 
-    def run(self, write: Callable[..., None], *args: Any) -> bool:
-        """``write(writer, *args)``; False when there is no writer or it failed."""
+    def run(self, write: Callable[..., object], *args: Any) -> bool:
+        """``write(writer, *args)`` (what it returns is not used); False when there is no writer or
+        it failed."""
         writer = self.writer
         if writer is None:
             return False

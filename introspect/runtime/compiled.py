@@ -54,11 +54,12 @@ def is_compiled(model: nn.Module, root: nn.Module) -> bool:
     if getattr(root, "_compiled_call_impl", None) is not None:
         return True
     seen = set()
-    while isinstance(model, nn.Module) and id(model) not in seen:
-        seen.add(id(model))
-        if type(model).__name__ == "OptimizedModule":
+    wrapper: object = model
+    while isinstance(wrapper, nn.Module) and id(wrapper) not in seen:
+        seen.add(id(wrapper))
+        if type(wrapper).__name__ == "OptimizedModule":
             return True
-        model = getattr(model, "_orig_mod", None) or getattr(model, "module", None)
+        wrapper = getattr(wrapper, "_orig_mod", None) or getattr(wrapper, "module", None)
     return False
 
 

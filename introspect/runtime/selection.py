@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import fnmatch
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 from torch import nn
 
@@ -26,12 +27,15 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     seen = set()
     while id(model) not in seen:
         seen.add(id(model))
-        if type(model).__name__ == "OptimizedModule" and isinstance(getattr(model, "_orig_mod", None), nn.Module):
-            model = model._orig_mod
-        elif isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)) or (
-            type(model).__name__ == "FullyShardedDataParallel" and isinstance(getattr(model, "module", None), nn.Module)
-        ):  # FSDP1's root wraps the user's model like DDP does
-            model = model.module
+        if type(model).__name__ == "OptimizedModule" and isinstance(
+            inner := getattr(model, "_orig_mod", None), nn.Module
+        ):
+            model = inner
+        elif isinstance(inner := getattr(model, "module", None), nn.Module) and (
+            isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel))
+            or type(model).__name__ == "FullyShardedDataParallel"  # FSDP1's root wraps the user's model like DDP does
+        ):
+            model = inner
     return model
 
 
@@ -64,6 +68,7 @@ def root_name(model: nn.Module) -> str:
 def _normalise(spec: ModuleFilter, option: str) -> list[str | type]:
     if spec is None:
         return []
+    items: list[Any]
     if isinstance(spec, (str, type)):
         items = [spec]
     elif isinstance(spec, (list, tuple, set, frozenset)):

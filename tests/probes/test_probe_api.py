@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -179,3 +181,190 @@ def test_off_cadence_a_probe_is_never_called(tmp_path):
 def test_probe_is_exported():
     assert introspect.Probe is Probe
     assert "Probe" in introspect.__all__
+
+
+# --------------------------------------------------------------------------- the step-level events
+class Recorder(Probe):
+    """Every event, in the order it arrives (module events with their module's name)."""
+
+    name = "recorder"
+    wants_param_grads = True
+
+    def __init__(self):
+        self.events: list[str] = []
+
+    def select(self, name, module):
+        return isinstance(module, nn.Linear)
+
+    def on_first_batch(self, module, args, kwargs):
+        self.events.append("on_first_batch")
+
+    def on_step_start(self, plan):
+        self.events.append("on_step_start")
+
+    def on_forward(self, args, kwargs):
+        self.events.append("on_forward")
+
+    def on_forward_end(self, output):
+        self.events.append("on_forward_end")
+
+    def on_output(self, name, module, output):
+        self.events.append(f"on_output {name}")
+
+    def on_output_grad(self, name, module, grad):
+        self.events.append(f"on_output_grad {name}")
+
+    def on_param_grad(self, name, param):
+        assert param.grad is not None
+        self.events.append(f"on_param_grad {name}")
+
+    def on_after_backward(self):
+        self.events.append("on_after_backward")
+
+    def on_after_reduction(self):
+        self.events.append("on_after_reduction")
+
+    def on_before_optimizer_step(self):
+        self.events.append("on_before_optimizer_step")
+
+    def on_after_optimizer_step(self):
+        self.events.append("on_after_optimizer_step")
+
+    def on_step_end(self, host):
+        self.events.append("on_step_end" if host is not None else "on_step_end without records")
+
+    def on_close(self, failed):
+        self.events.append("on_close")
+
+
+PARAMS = ["0.weight", "0.bias", "2.weight", "2.bias"]
+
+
+@pytest.mark.parametrize("optimizer", [False, True], ids=["forward-steps", "optimizer-steps"])
+def test_a_probe_hears_every_event_in_order(tmp_path, optimizer):
+    model, recorder = _mlp(), Recorder()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    watched = {"optimizer": opt} if optimizer else {}
+    with watch(model, tmp_path / "run", every=1, probes=[recorder], **watched, **QUIET):
+        _steps_with(model, opt, 3)
+    events = recorder.events
+    assert events[0] == "on_first_batch" and events[-1] == "on_close"
+    starts = [i for i, e in enumerate(events) if e == "on_step_start"]
+    assert len(starts) == 3
+    for begin, end in zip(starts, [*starts[1:], len(events) - 1]):
+        step = events[begin:end]
+        forward_end, after_backward = step.index("on_forward_end"), step.index("on_after_backward")
+        # Inside the backward, autograd's order (whatever it is): each output's and parameter's gradient once.
+        assert sorted(step[forward_end + 1 : after_backward]) == sorted(
+            ["on_output_grad 0", "on_output_grad 2"] + [f"on_param_grad {p}" for p in PARAMS]
+        )
+        assert step[: forward_end + 1] == [
+            "on_step_start",
+            "on_forward",
+            "on_output 0",
+            "on_output 2",
+            "on_forward_end",
+        ]
+        assert step[after_backward:] == [
+            "on_after_backward",
+            "on_after_reduction",
+            *(["on_before_optimizer_step", "on_after_optimizer_step"] if optimizer else []),
+            "on_step_end",
+        ]
+
+
+def test_the_end_of_backward_events_need_no_other_hook(tmp_path):
+    """A probe with only the end-of-backward events hears them once per backward: the watcher
+    marks the backward from the model's output, with no module- or parameter-gradient hook."""
+    heard = []
+
+    class EndOfBackward(Probe):
+        name = "end_of_backward"
+
+        def on_after_backward(self):
+            heard.append("backward")
+
+        def on_after_reduction(self):
+            heard.append("reduction")
+
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    # log=weights: no built-in probe hooks an output's or a parameter's gradient either.
+    with watch(model, tmp_path / "run", every=1, log="weights", optimizer=opt, probes=[EndOfBackward()], **QUIET):
+        for _ in range(2):
+            for _ in range(2):  # two accumulated backwards per optimizer step
+                model(torch.randn(5, 4)).pow(2).mean().backward()
+            opt.step()
+            opt.zero_grad()
+        model(torch.randn(5, 4)).pow(2).mean()  # a forward without backward: no event
+    assert heard == ["backward", "reduction"] * 4
+
+
+def test_an_old_event_name_still_works_with_one_deprecation_warning(tmp_path):
+    calls = []
+    with pytest.warns(DeprecationWarning) as caught:
+
+        class OldNames(Probe):
+            name = "old"
+
+            def on_optimizer_pre(self):
+                calls.append("before")
+
+            def on_optimizer_step(self):
+                calls.append("after")
+
+    messages = sorted(str(w.message) for w in caught if issubclass(w.category, DeprecationWarning))
+    assert len(messages) == 2
+    assert "OldNames.on_optimizer_pre is deprecated" in messages[0] and "on_before_optimizer_step" in messages[0]
+    assert "OldNames.on_optimizer_step is deprecated" in messages[1] and "on_after_optimizer_step" in messages[1]
+    assert all(w.filename == __file__ for w in caught)  # the user's class, not introspect's code
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeprecationWarning)  # not again on every step
+        with watch(model, tmp_path / "run", every=1, optimizer=opt, probes=[OldNames()], **QUIET):
+            _steps_with(model, opt, 3)
+    assert calls == ["before", "after"] * 3
+
+
+def _steps_with(model: nn.Module, opt: torch.optim.Optimizer, steps: int) -> None:
+    for _ in range(steps):
+        loss = model(torch.randn(5, 4)).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+
+def test_param_grads_reach_only_a_probe_that_wants_them(tmp_path):
+    wanted, unwanted = [], []
+
+    class Wants(Probe):
+        name = "wants"
+        wants_param_grads = True
+
+        def on_param_grad(self, name, param):
+            wanted.append((name, param.grad.norm().item()))
+
+    class DoesNotAsk(Probe):
+        name = "does_not_ask"
+
+        def on_param_grad(self, name, param):
+            unwanted.append(name)
+
+    model = _mlp()
+    grad_norms = []
+    with pytest.warns(
+        IntrospectWarning, match="'does_not_ask' defines on_param_grad but its wants_param_grads is False"
+    ):
+        with watch(model, tmp_path / "run", every=2, probes=[Wants(), DoesNotAsk()], **QUIET):
+            opt = torch.optim.SGD(model.parameters(), lr=0.1)
+            for _ in range(3):
+                loss = model(torch.randn(5, 4)).pow(2).mean()
+                opt.zero_grad()
+                loss.backward()
+                grad_norms.append({n: p.grad.norm().item() for n, p in model.named_parameters()})
+                opt.step()
+    assert unwanted == []
+    # Logging steps 0 and 2, in that order, each parameter's accumulated gradient once.
+    assert sorted(wanted[:4]) == sorted((name, grad_norms[0][name]) for name in PARAMS)
+    assert sorted(wanted[4:]) == sorted((name, grad_norms[2][name]) for name in PARAMS)

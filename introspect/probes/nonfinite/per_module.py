@@ -17,7 +17,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..._torch import queue_after_backward
 from ...debugger.alerts import Alert
 from ...debugger.origins import CallRecord, blame_nonfinite_weights, locate_nonfinite
 from ...errors import NonFiniteError, NonFiniteWarning, warn
@@ -27,7 +26,7 @@ from ...records.tags import tag
 from ...runtime.amp import LOW_PRECISION, overflow_note, scaler_overflow
 from ...runtime.distributed import nonfinite_on_rank
 from ...runtime.tensors import named_float_tensors
-from ..base import Probe, StepPlan
+from ..base import Probe, ProbeContext, StepPlan
 from .rank import RankOrigin
 
 __all__ = ["NonFiniteCheck", "NonFiniteNumbers", "CallLedger", "NonFiniteReport", "FINITE_PRESERVING"]
@@ -142,13 +141,16 @@ class NonFiniteReport:
     non-finite blames the weights; the finding is recorded once, the next step is logged, and
     ``on_nonfinite`` decides between a warning (once per origin), a raise and nothing."""
 
-    def __init__(self, ctx: Any) -> None:
+    def __init__(self, ctx: ProbeContext) -> None:
         self.ctx = ctx
 
-    def __call__(self, alert: Alert, may_raise: bool, half_outputs: dict[str, torch.dtype]) -> Alert | None:
+    def __call__(
+        self, buffer: StepBuffer, alert: Alert, may_raise: bool, half_outputs: dict[str, torch.dtype]
+    ) -> Alert | None:
+        """``alert``: the origin found in ``buffer``'s step."""
         ctx = self.ctx
         if alert.phase == "backward" and ctx.grad_scale() is not None:
-            ctx.overflow_step = alert.step
+            buffer.grads_overflowed = True
             ctx.findings.add(scaler_overflow(alert, ctx.config.grad_scaler))  # routine: the scaler skips the step
             return None
         if alert.phase == "forward":
@@ -189,7 +191,7 @@ class NonFiniteCheck(Probe):
     name = "nonfinite"
     builtin = True
 
-    def bind(self, ctx) -> None:  # type: ignore[no-untyped-def]
+    def bind(self, ctx: ProbeContext) -> None:
         super().bind(ctx)
         self._ledger = CallLedger(ctx.module_types)
         self._report = NonFiniteReport(ctx)
@@ -199,39 +201,39 @@ class NonFiniteCheck(Probe):
         return plan.checking
 
     def on_forward(self, args: tuple, kwargs: dict) -> None:
-        self._ledger.model_inputs(self.ctx.buffer, args, kwargs)
+        if self.ctx.buffer is not None:
+            self._ledger.model_inputs(self.ctx.buffer, args, kwargs)
 
     def on_forward_end(self, output: Any) -> None:
         if output is not None and self.ctx.buffer is not None:
             self._ledger.model_outputs(self.ctx.buffer, output)
 
     def on_output(self, name: str, module: nn.Module, output: Any) -> None:
-        ctx = self.ctx
-        # The output-gradient hooks of this call check under its number.
-        ctx.call_index = self._ledger.output(ctx.buffer, name, ctx.args, ctx.outputs(name, output))
+        buffer = self.ctx.buffer
+        if buffer is not None:
+            # The output-gradient hooks of this call check under its number.
+            buffer.call_index = self._ledger.output(buffer, name, buffer.call_args, self.ctx.outputs(name, output))
         return None
 
     def on_output_grad(self, name: str, module: nn.Module, grad: torch.Tensor) -> None:
         buffer = self.ctx.buffer
         if buffer is not None:
-            self._ledger.output_grad(buffer, self.ctx.call_index, name, grad)
+            self._ledger.output_grad(buffer, buffer.call_index, name, grad)
         return None
 
-    def on_after_backward(self) -> None:
+    def on_after_reduction(self) -> None:
+        """The check, once the gradients are final: under DDP on the averaged gradients, and a
+        raise here cannot stop DDP from finishing its reduction (the next forward needs it)."""
         buffer = self.ctx.buffer
         if buffer is None:
             return
-        if self.ctx.ddp_sync:
-            # Queued from this callback, it runs after DDP's own: on the averaged gradients, and
-            # a raise cannot stop DDP from finishing its reduction (the next forward needs it).
-            queue_after_backward(lambda: self._after_reduction(buffer))
-            return
-        self.check(buffer, may_raise=True)
+        if buffer.ddp_sync:
+            self._after_ddp_reduction(buffer)
+        else:
+            self.check(buffer, may_raise=True)
 
-    def _after_reduction(self, buffer: StepBuffer) -> None:
+    def _after_ddp_reduction(self, buffer: StepBuffer) -> None:
         """Under DDP: this rank's check, plus which rank a NaN in the averaged gradients came from."""
-        if buffer.closed or self.ctx.closing:
-            return
         pending = self._rank.add_reduced_check(buffer)
         local = self.check(buffer, may_raise=False)
         alert = self._rank.exchange(buffer, local) if pending else None
@@ -254,7 +256,7 @@ class NonFiniteCheck(Probe):
         if alert is None:
             return None
         buffer.reported = True
-        return self._report(alert, may_raise, self._ledger.half_outputs)
+        return self._report(buffer, alert, may_raise, self._ledger.half_outputs)
 
 
 class NonFiniteNumbers(Probe):

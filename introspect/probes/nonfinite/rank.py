@@ -4,7 +4,6 @@ runs only when DDP's averaged gradients hold NaN/Inf, once per run, and cannot h
 from __future__ import annotations
 
 import math
-from typing import Any
 
 from ...debugger.alerts import Alert
 from ...records.step import Check, StepBuffer
@@ -15,6 +14,7 @@ from ...runtime.distributed import (
     rank_origin_alert,
     reduced_gradient_sum,
 )
+from ..base import ProbeContext
 
 __all__ = ["RankOrigin"]
 
@@ -24,7 +24,7 @@ _LABEL = Check("reduced_grads")
 class RankOrigin:
     """A service of the non-finite check: the once-per-run exchange naming a NaN's rank."""
 
-    def __init__(self, ctx: Any) -> None:
+    def __init__(self, ctx: ProbeContext) -> None:
         self._ctx = ctx
         self._session = new_session()  # names this watcher's keys in the process group's store
         self._done = False

@@ -42,6 +42,8 @@ from ...debugger.origins import locate_nonfinite
 from ...records.step import StepBuffer
 from ...runtime.preserved import preserved_state
 from ...runtime.tensors import named_float_tensors, named_tensors
+from ..base import ProbeContext
+from .per_module import CallLedger
 
 __all__ = ["ForwardRecord", "ReplayOutcome", "capture_forward", "replay_step"]
 
@@ -113,7 +115,7 @@ def _autocast_state() -> list[tuple[str, torch.dtype]]:
     return state
 
 
-def replay_step(ctx: Any, records: list[ForwardRecord], ledger: Any, step: int) -> ReplayOutcome:
+def replay_step(ctx: ProbeContext, records: list[ForwardRecord], ledger: CallLedger, step: int) -> ReplayOutcome:
     """Run ``records``' forwards again with ``ledger`` (a :class:`~introspect.probes.nonfinite.per_module.CallLedger`)
     on every watched module, then their backward from the captured output gradients; the origin
     of the first NaN/Inf, with its numbers, or why there is none."""
@@ -162,13 +164,13 @@ def replay_step(ctx: Any, records: list[ForwardRecord], ledger: Any, step: int) 
     return ReplayOutcome(alert, half_outputs=dict(ledger.half_outputs))
 
 
-def _forward(root: nn.Module, record: ForwardRecord, ledger: Any, buffer: StepBuffer) -> Any:
+def _forward(root: nn.Module, record: ForwardRecord, ledger: CallLedger, buffer: StepBuffer) -> Any:
     torch.set_rng_state(record.cpu_rng)
     for device, state in record.cuda_rng.items():
         torch.cuda.set_rng_state(state, device)
     with contextlib.ExitStack() as stack:
-        for device, dtype in record.autocast:
-            stack.enter_context(torch.autocast(device, dtype=dtype))
+        for device_type, dtype in record.autocast:
+            stack.enter_context(torch.autocast(device_type, dtype=dtype))
         ledger.model_inputs(buffer, record.args, record.kwargs)
         output = root(*record.args, **record.kwargs)
         ledger.model_outputs(buffer, output)
@@ -176,7 +178,7 @@ def _forward(root: nn.Module, record: ForwardRecord, ledger: Any, buffer: StepBu
 
 
 @contextlib.contextmanager
-def _replay_hooks(ctx: Any, ledger: Any, buffer: StepBuffer, numbers: ValueStats) -> Iterator[None]:
+def _replay_hooks(ctx: ProbeContext, ledger: CallLedger, buffer: StepBuffer, numbers: ValueStats) -> Iterator[None]:
     """The per-module check on every watched module, for the replay only."""
     handles = []
 
@@ -246,7 +248,7 @@ def _graph_nodes(tensor: torch.Tensor) -> set:
     return seen
 
 
-def _parameter_gradient_origin(step: int, grads: list[tuple[str, torch.Tensor]], ctx: Any) -> Alert | None:
+def _parameter_gradient_origin(step: int, grads: list[tuple[str, torch.Tensor]], ctx: ProbeContext) -> Alert | None:
     """A NaN/Inf born in a parameter's own gradient while every activation gradient stayed finite
     (a weight used through ``sqrt``, ``log`` or a division in ``forward``)."""
     for name, grad in grads:

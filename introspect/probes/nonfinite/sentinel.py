@@ -26,8 +26,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch import nn
 
-from ..._torch import foreach_norm, queue_after_backward
+from ..._torch import foreach_norm
 from ...debugger.alerts import Alert
 from ...errors import NonFiniteError
 from ...records import step as step_records
@@ -35,8 +36,7 @@ from ...records.shards import local_view
 from ...records.step import HostStep, StepBuffer
 from ...runtime.distributed import rank_and_world
 from ...runtime.preserved import cuda_devices
-from ...runtime.tensors import named_float_tensors
-from ..base import Probe, StepPlan
+from ..base import Probe, ProbeContext, StepPlan, WatchOptions
 from .per_module import CallLedger, NonFiniteReport
 from .rank import RankOrigin
 from .replay import ForwardRecord, capture_forward, replay_step
@@ -48,15 +48,15 @@ HOLD_OUTPUT_BYTES = 16 * 2**20
 in one fused norm; bigger ones are reduced at the end of the forward and only their norm kept."""
 
 
-def check_mode_for(config: Any, ctx: Any) -> str:
+def check_mode_for(config: WatchOptions, root: nn.Module, sharded: bool) -> str:
     """ "replay", "per_module" or "off". A replay of a sharded forward (FSDP's all-gathers) or of
     SyncBatchNorm under torch.distributed would be a collective that the ranks whose step was
     finite never join; those models get the per-module check whatever ``check_mode`` says."""
     if config.check_every == 0:
         return "off"
-    if config.check_mode == "per_module" or ctx.shards is not None:
+    if config.check_mode == "per_module" or sharded:
         return "per_module"
-    if rank_and_world()[1] > 1 and any(isinstance(m, torch.nn.SyncBatchNorm) for m in ctx.root.modules()):
+    if rank_and_world()[1] > 1 and any(isinstance(m, nn.SyncBatchNorm) for m in root.modules()):
         return "per_module"
     return "replay"
 
@@ -65,7 +65,7 @@ class NonFiniteSentinel(Probe):
     name = "nonfinite"
     builtin = True
 
-    def bind(self, ctx) -> None:  # type: ignore[no-untyped-def]
+    def bind(self, ctx: ProbeContext) -> None:
         super().bind(ctx)
         self._report = NonFiniteReport(ctx)
         self._rank = RankOrigin(ctx)
@@ -81,7 +81,6 @@ class NonFiniteSentinel(Probe):
         self._records: list[ForwardRecord] = []
         self._outputs: list[torch.Tensor] = []  # held outputs, or the norms of those too big to hold
         self._out_names: list[str] = []
-        self._queued = False
 
     def active(self, plan: StepPlan) -> bool:
         return plan.checking
@@ -97,7 +96,7 @@ class NonFiniteSentinel(Probe):
         buffer = self.ctx.buffer
         if output is None or buffer is None or not self._records:
             return
-        tensors = named_float_tensors(output)
+        tensors = self.ctx.tensors(output)  # the one walk of the output, shared with the watcher
         if not tensors:
             return
         record = self._records[-1]
@@ -115,25 +114,17 @@ class NonFiniteSentinel(Probe):
 
     def _output_grad_hook(self, buffer: StepBuffer, record: ForwardRecord, index: int) -> Any:
         def hook(grad: torch.Tensor) -> None:
-            if buffer.closed or self.ctx.closing:
-                return
-            record.grads[index] = grad  # by reference: what the replay pushes back
-            if not self._queued:
-                self._queued = True
-                queue_after_backward(lambda: self._after_backward(buffer))
+            if not (buffer.closed or self.ctx.closing):
+                record.grads[index] = grad  # by reference: what the replay pushes back
 
         return hook
 
-    def _after_backward(self, buffer: StepBuffer) -> None:
-        self._queued = False
-        if buffer.closed or self.ctx.closing:
-            return
-        if self.ctx.ddp_sync:
-            # Queued from this callback, it runs after DDP's own: on the averaged gradients, and
-            # a raise cannot stop DDP from finishing its reduction (the next forward needs it).
-            queue_after_backward(lambda: buffer.closed or self.ctx.closing or self._read(buffer, True, reduced=True))
-            return
-        self._read(buffer, backward=True)
+    def on_after_reduction(self) -> None:
+        """The read, once the gradients are final: under DDP the averaged ones, and a raise here
+        cannot stop DDP from finishing its reduction (the next forward needs it)."""
+        buffer = self.ctx.buffer
+        if buffer is not None:
+            self._read(buffer, backward=True, reduced=buffer.ddp_sync)
 
     def on_step_end(self, host: HostStep | None) -> None:
         buffer = self.ctx.buffer
@@ -199,7 +190,7 @@ class NonFiniteSentinel(Probe):
         ctx = self.ctx
         outcome = replay_step(ctx, records, CallLedger(ctx.module_types), buffer.step) if records else None
         alert = outcome.alert if outcome is not None else None
-        if alert is not None and sighting.outputs and alert.phase != "forward":
+        if outcome is not None and alert is not None and sighting.outputs and alert.phase != "forward":
             # The replayed forward was finite where the real one was not: the backward finding
             # it made instead comes from the captured (NaN) output gradient, not from the model.
             alert, outcome.reason = (
@@ -219,12 +210,12 @@ class NonFiniteSentinel(Probe):
             # Under DDP a NaN in the averaged gradients alone may be another rank's: the rank
             # exchange says whose. Anything else the replay could not pin down is reported as
             # the sentinel saw it.
-            reason = outcome.reason if outcome is not None else "no forward of this step was seen"
+            reason = (outcome.reason if outcome is not None else None) or "no forward of this step was seen"
             alert = sighting.alert(buffer.step, reason)
         if alert is None:
             return None
         may_raise = not reduced and not ctx.closing
-        return self._report(alert, may_raise, outcome.half_outputs if outcome is not None else {})
+        return self._report(buffer, alert, may_raise, outcome.half_outputs if outcome is not None else {})
 
 
 @dataclass(frozen=True)
