@@ -91,9 +91,10 @@ def main() -> None:
     """See inside PyTorch models: summaries, graphs, histograms and a debugger, in TensorBoard.
 
     MODEL files are read safely: a state_dict or checkpoint dict (with --arch), a TorchScript
-    archive, a torch.export program (.pt2), a safetensors file, or a Hugging Face save_pretrained
-    folder (built from its config.json, offline). A pickled nn.Module needs --unsafe, because
-    unpickling runs arbitrary code.
+    archive (its weights, with --arch), a torch.export program (.pt2), a safetensors file, or a
+    Hugging Face save_pretrained folder (built from its config.json, offline). A pickled
+    nn.Module, and a TorchScript archive run as it is, need --unsafe: unpickling and TorchScript
+    run arbitrary code.
     """
 
 
@@ -104,13 +105,34 @@ class _JSONObject(click.ParamType):
     def convert(self, value: Any, param: Any, ctx: Any) -> dict[str, Any]:
         if isinstance(value, dict):
             return value
+        shown = value if len(value) <= 80 else value[:77] + "..."
         try:
             obj = json.loads(value)
+        except RecursionError:
+            self.fail(f"nested deeper than {_MAX_KWARGS_DEPTH} levels: {shown!r}", param, ctx)
         except ValueError as e:
-            self.fail(f"not valid JSON ({e}): {value!r}", param, ctx)
+            self.fail(f"not valid JSON ({e}): {shown!r}", param, ctx)
         if not isinstance(obj, dict):
-            self.fail(f"expected a JSON object like '{{\"num_classes\": 10}}', got {value!r}", param, ctx)
+            self.fail(f"expected a JSON object like '{{\"num_classes\": 10}}', got {shown!r}", param, ctx)
+        if _depth(obj) > _MAX_KWARGS_DEPTH:  # printing or copying it would overflow Python's stack
+            self.fail(f"nested deeper than {_MAX_KWARGS_DEPTH} levels: {shown!r}", param, ctx)
         return obj
+
+
+_MAX_KWARGS_DEPTH = 32
+
+
+def _depth(obj: Any) -> int:
+    """How deep a JSON value nests (0 for a number or string), without recursion."""
+    deepest, pending = 0, [(obj, 0)]
+    while pending:
+        node, level = pending.pop()
+        deepest = max(deepest, level)
+        if level > _MAX_KWARGS_DEPTH:
+            break
+        children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else ()
+        pending.extend((child, level + 1) for child in children)
+    return deepest
 
 
 class _Shape(click.ParamType):
@@ -132,7 +154,7 @@ def model_options(f: Callable) -> Callable:
     f = click.option(
         "--unsafe",
         is_flag=True,
-        help="Allow unpickling arbitrary Python objects (a whole pickled nn.Module). Runs code from the file: only for files you trust.",
+        help="Allow unpickling arbitrary Python objects (a whole pickled nn.Module) and running TorchScript code, and skip the checks of .pt2 programs. Runs code from the file: only for files you trust.",
     )(f)
     f = click.option(
         "--arch-kwargs",
@@ -184,9 +206,10 @@ def _shaped_input(model: Any, shape: tuple[int, ...], dtype: str) -> tuple[Any, 
     return model, inputs
 
 
-_MODEL_PATH = click.Path()
+_MODEL_PATH = click.Path(readable=False)
 """A file argument whose checks are the loader's: a missing, unreadable or directory path is a
-``LoadError`` (one ``error:`` line, exit 3), not click's usage error (exit 2)."""
+``LoadError`` (one ``error:`` line, exit 3), not click's usage error (exit 2). (``click.Path()``
+checks that an existing path is readable by default.)"""
 
 
 def _check_input_options(input_shape: Any, input_file: Any, images: Any, image_size: tuple[int, ...] | None) -> None:
