@@ -48,7 +48,6 @@ import torch
 from torch import nn
 
 from ..errors import KeyMismatchError, LoadError, first_line
-from ..terminal import counted
 from .formats import load_state_dict_into, read_file
 
 __all__ = [
@@ -131,12 +130,12 @@ def load_hf_folder(folder: str | os.PathLike, map_location: Any = "cpu") -> nn.M
     folder = Path(folder)
     files = weight_files(folder)  # before building: a folder without weights fails fast
     transformers = _transformers(folder)
-    config_data = read_config(folder, transformers)
+    config_data = read_config(folder)
     headers: dict[str, torch.Tensor] = {}
     for file in files:  # names, shapes and dtypes only: every tensor on the meta device
         headers.update(read_file(file, map_location="meta").state_dict or {})
     with _inert():
-        config = _config(transformers, config_data, folder)
+        config = _config(config_data, folder)
         with _bounded_modules(_MODULES_PER_TENSOR * len(headers) + _MODULE_ALLOWANCE, folder), torch.device("meta"):
             skeleton = _instantiate(transformers, config, folder)
         _check_fits(skeleton, headers, folder)
@@ -154,7 +153,7 @@ def load_hf_folder(folder: str | os.PathLike, map_location: Any = "cpu") -> nn.M
 
 
 # --------------------------------------------------------------------------- the config
-def read_config(folder: Path, transformers: Any) -> dict[str, Any]:
+def read_config(folder: Path) -> dict[str, Any]:
     """The config transformers would build ``folder``'s model from (config.json, or the file its
     ``configuration_files`` selects for this transformers version), checked to be inert.
 
@@ -165,7 +164,7 @@ def read_config(folder: Path, transformers: Any) -> dict[str, Any]:
     source = folder / CONFIG_FILE
     data = _json_object(source, MAX_CONFIG_BYTES)
     if "configuration_files" in data:
-        chosen = _configuration_file(data["configuration_files"], transformers, folder)
+        chosen = _configuration_file(data["configuration_files"], folder)
         if chosen != CONFIG_FILE:
             source = folder / chosen
             data = _json_object(source, MAX_CONFIG_BYTES)
@@ -183,7 +182,7 @@ def read_config(folder: Path, transformers: Any) -> dict[str, Any]:
                 "from the Hub; introspect never downloads. Save the model with its backbone_config instead"
             )
         model_type = node.get("model_type")
-        if model_type is not None and model_type not in _config_mapping(transformers):
+        if model_type is not None and (not isinstance(model_type, str) or model_type not in _config_mapping()):
             raise LoadError(
                 f"{source}{where} names the model type {str(model_type)[:80]!r}, which transformers does not "
                 "ship (a custom model needs its own code, which introspect does not run)"
@@ -196,7 +195,7 @@ def read_config(folder: Path, transformers: Any) -> dict[str, Any]:
     return data
 
 
-def _configuration_file(files: Any, transformers: Any, folder: Path) -> str:
+def _configuration_file(files: Any, folder: Path) -> str:
     """The file transformers reads instead of config.json (its own rule, for its own version)."""
     if not isinstance(files, list) or not all(isinstance(f, str) for f in files):
         raise LoadError(f"{folder / CONFIG_FILE}: configuration_files is not a list of file names")
@@ -252,15 +251,15 @@ def _dicts(data: Any, path: Path | None = None) -> Iterator[tuple[str, dict[str,
             pending.extend((v, (*trail, str(i))) for i, v in enumerate(node))
 
 
-def _config(transformers: Any, data: dict[str, Any], folder: Path) -> Any:
-    mapping = _config_mapping(transformers)
+def _config(data: dict[str, Any], folder: Path) -> Any:
+    mapping = _config_mapping()
     try:
         return mapping[data["model_type"]].from_dict(data)
     except Exception as e:
         raise LoadError(f"transformers cannot read {folder / CONFIG_FILE}: {first_line(e)}") from e
 
 
-def _config_mapping(transformers: Any) -> Any:
+def _config_mapping() -> Any:
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
     return CONFIG_MAPPING
@@ -369,8 +368,8 @@ def _check_fits(skeleton: nn.Module, headers: dict[str, torch.Tensor], folder: P
     stored = sum(t.numel() for t in headers.values())
     if wanted > stored + MAX_EXTRA_ELEMENTS:
         raise KeyMismatchError(
-            f"the model {folder / CONFIG_FILE} describes holds {counted(wanted, 'value')}, "
-            f"{counted(wanted - stored, 'value')} more than its weight files: refused before building it"
+            f"the model {folder / CONFIG_FILE} describes holds {wanted:,} values, {wanted - stored:,} more "
+            "than its weight files: refused before building it"
         )
 
 

@@ -308,8 +308,8 @@ def _graph_problem(graph: torch.fx.Graph, writable_inputs: set[str]) -> str | No
             elif (hop := higher_order_name(target)) is not None:
                 if hop not in SAFE_HIGHER_ORDER:
                     return target_problem(f"torch.ops.higher_order.{hop}")
-                if any(n in protected for n in _nodes((node.args, node.kwargs))):
-                    protected.add(node)
+                if any(n in protected and n.op != "get_attr" for n in _nodes((node.args, node.kwargs))):
+                    protected.add(node)  # its operands' views may come back (not its subgraphs)
             elif _hashable(target) and target in symbolic:
                 if target is operator.getitem and any(n in protected for n in _nodes(node.args[:1])):
                     protected.add(node)
