@@ -20,6 +20,11 @@ __all__ = [
     "foreach_norm",
     "any_file_writer",
     "zip_reader",
+    "weights_only_unpickle",
+    "torchscript_pickle_helpers",
+    "operator_schemas",
+    "op_schema",
+    "higher_order_name",
     "fsdp1_flat_handle",
     "tensor_version",
     "view_base",
@@ -150,6 +155,63 @@ def zip_reader(path: str) -> Any:
     torch sees the same bytes torch will (Python's ``zipfile`` can disagree on odd archives).
     """
     return torch._C.PyTorchFileReader(path)
+
+
+def weights_only_unpickle(reader: Any, map_location: Any, pickle_file: str = "data.pkl") -> Any:
+    """Unpickle ``pickle_file`` of an archive open in ``reader`` with torch's weights-only
+    unpickler, its storages read from the archive's ``data/`` records.
+
+    ``torch.serialization._load`` with ``torch._weights_only_unpickler`` (torch >= 1.13; its
+    ``weights_only`` keyword since 2.4) is what ``torch.load(weights_only=True)`` does once it has
+    opened a zip. ``torch.load`` refuses a TorchScript archive with ``weights_only`` (without it, it
+    hands the file to ``torch.jit.load``, which runs the archive's code); called on the archive's
+    ``data.pkl`` directly, the same unpickler reads its tensors and runs nothing.
+    """
+    import inspect
+
+    from torch import _weights_only_unpickler, serialization
+
+    keywords = {"weights_only": True} if "weights_only" in inspect.signature(serialization._load).parameters else {}
+    return serialization._load(reader, map_location, _weights_only_unpickler, pickle_file=pickle_file, **keywords)
+
+
+def torchscript_pickle_helpers() -> list[Callable[..., Any]]:
+    """The functions a TorchScript ``data.pkl`` calls besides torch's tensor rebuilders:
+    ``torch.jit._pickle.build_intlist`` and its siblings (torch >= 1.2), each of which returns its
+    argument as it is (they tag a list's element type for the TorchScript unpickler)."""
+    from torch.jit import _pickle
+
+    return [
+        _pickle.build_intlist,
+        _pickle.build_tensorlist,
+        _pickle.build_doublelist,
+        _pickle.build_boollist,
+        _pickle.restore_type_tag,
+    ]
+
+
+def operator_schemas() -> list[Any]:
+    """Every operator schema torch has registered (``torch._C._jit_get_all_schemas``, torch >= 1.4):
+    the allowlist of operators an exported program may call is built from their annotations
+    (which arguments an operator writes), and no public API lists them."""
+    return list(torch._C._jit_get_all_schemas())
+
+
+def op_schema(target: Any) -> Any | None:
+    """The schema of an operator overload (``torch.ops.aten.add_.Tensor``), or None for any other
+    graph target. ``OpOverload`` and its ``_schema`` (torch >= 1.13) are how an FX graph names the
+    operator a node calls and which of its arguments it writes."""
+    from torch._ops import OpOverload
+
+    return target._schema if isinstance(target, OpOverload) else None
+
+
+def higher_order_name(target: Any) -> str | None:
+    """The name of a higher-order operator (``cond``, ``while_loop``: they call subgraphs), or None.
+    ``torch._ops.HigherOrderOperator`` (torch >= 2.1) has no public alias."""
+    from torch._ops import HigherOrderOperator
+
+    return target.name() if isinstance(target, HigherOrderOperator) else None
 
 
 def fsdp1_flat_handle(module: Any) -> tuple[bool, list[Any]] | None:

@@ -30,6 +30,7 @@ __all__ = [
     "write_weight_histograms",
     "compare_weights",
     "format_weight_changes",
+    "readable",
 ]
 
 
@@ -63,7 +64,12 @@ def weight_stats(weights: Mapping[str, torch.Tensor], show_progress: bool = Fals
     """Per-tensor statistics, in the mapping's order."""
     out = []
     for name, t in progress(weights.items(), show_progress, total=len(weights), desc="weights", unit="tensor"):
-        x = t.detach().reshape(-1)
+        values = readable(t)
+        if values is None:
+            nan = math.nan
+            out.append(WeightStats(name, tuple(t.shape), nan, nan, nan, nan, nan, 0))
+            continue
+        x = values.reshape(-1)
         finite_mask = torch.isfinite(x)
         finite = x[finite_mask].double()
         n = finite.numel()
@@ -80,6 +86,20 @@ def weight_stats(weights: Mapping[str, torch.Tensor], show_progress: bool = Fals
             )
         )
     return out
+
+
+def readable(t: torch.Tensor) -> torch.Tensor | None:
+    """``t`` detached, and upcast to float32 when it is a one-byte float (``float8_e4m3fn``,
+    safetensors ``F8_E4M3``, ...): torch has no ``isfinite`` or histogram for most of them, and
+    float32 holds every value they can. None for a packed float4 tensor (two values a byte, which
+    torch cannot convert): its values are not summarised."""
+    t = t.detach()
+    if not t.is_floating_point() or t.element_size() != 1:
+        return t
+    try:
+        return t.float()
+    except (NotImplementedError, RuntimeError):
+        return None
 
 
 def format_weight_stats(stats: Sequence[WeightStats]) -> str:
@@ -101,7 +121,9 @@ def write_weight_histograms(writer: Any, weights: Mapping[str, torch.Tensor], st
     """``weights/{name}`` histograms of every tensor at ``step``, as one event."""
     buffer = StepBuffer(step=step, logging=True, checking=False)
     for name, t in weights.items():
-        buffer.add_histogram(tag("weights", name), t.detach())
+        values = readable(t)
+        if values is not None:
+            buffer.add_histogram(tag("weights", name), values)
     write_step(writer, buffer.to_host())
 
 
@@ -118,7 +140,11 @@ def compare_weights(
         if x.shape != y.shape:
             out.append(WeightChange(name, tuple(x.shape), math.nan, math.nan, f"shape differs: {list(y.shape)} in B"))
             continue
-        x64, y64 = x.detach().double(), y.detach().to(x.device).double()
+        xs, ys = readable(x), readable(y)
+        if xs is None or ys is None:
+            out.append(WeightChange(name, tuple(x.shape), math.nan, math.nan, f"{x.dtype} cannot be read"))
+            continue
+        x64, y64 = xs.double(), ys.to(x.device).double()
         diff = y64 - x64
         delta = torch.linalg.vector_norm(diff)
         base = torch.linalg.vector_norm(x64)

@@ -90,9 +90,10 @@ def main() -> None:
     """See inside PyTorch models: summaries, graphs, histograms and a debugger, in TensorBoard.
 
     MODEL files are read safely: a state_dict or checkpoint dict (with --arch), a TorchScript
-    archive, a torch.export program (.pt2), a safetensors file, or a Hugging Face save_pretrained
-    folder (built from its config.json, offline). A pickled nn.Module needs --unsafe, because
-    unpickling runs arbitrary code.
+    archive (its weights, with --arch), a torch.export program (.pt2), a safetensors file, or a
+    Hugging Face save_pretrained folder (built from its config.json, offline). A pickled
+    nn.Module, and a TorchScript archive run as it is, need --unsafe: unpickling and TorchScript
+    run arbitrary code.
     """
 
 

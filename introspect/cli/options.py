@@ -17,9 +17,10 @@ from ..load.model_inputs import DTYPES, InputSpec, parse_shape
 
 __all__ = ["MODEL_PATH", "JSONObject", "Shape", "model_options", "input_options"]
 
-MODEL_PATH = click.Path()
+MODEL_PATH = click.Path(readable=False)
 """A file argument whose checks are the loader's: a missing, unreadable or directory path is a
-``LoadError`` (one ``error:`` line, exit 3), not click's usage error (exit 2)."""
+``LoadError`` (one ``error:`` line, exit 3), not click's usage error (exit 2). (``click.Path()``
+checks that an existing path is readable by default.)"""
 
 
 class JSONObject(click.ParamType):
@@ -28,13 +29,34 @@ class JSONObject(click.ParamType):
     def convert(self, value: Any, param: Any, ctx: Any) -> dict[str, Any]:
         if isinstance(value, dict):
             return value
+        shown = value if len(value) <= 80 else value[:77] + "..."
         try:
             obj = json.loads(value)
+        except RecursionError:
+            self.fail(f"nested deeper than {_MAX_KWARGS_DEPTH} levels: {shown!r}", param, ctx)
         except ValueError as e:
-            self.fail(f"not valid JSON ({e}): {value!r}", param, ctx)
+            self.fail(f"not valid JSON ({e}): {shown!r}", param, ctx)
         if not isinstance(obj, dict):
-            self.fail(f"expected a JSON object like '{{\"num_classes\": 10}}', got {value!r}", param, ctx)
+            self.fail(f"expected a JSON object like '{{\"num_classes\": 10}}', got {shown!r}", param, ctx)
+        if _depth(obj) > _MAX_KWARGS_DEPTH:  # printing or copying it would overflow Python's stack
+            self.fail(f"nested deeper than {_MAX_KWARGS_DEPTH} levels: {shown!r}", param, ctx)
         return obj
+
+
+_MAX_KWARGS_DEPTH = 32
+
+
+def _depth(obj: Any) -> int:
+    """How deep a JSON value nests (0 for a number or string), without recursion."""
+    deepest, pending = 0, [(obj, 0)]
+    while pending:
+        node, level = pending.pop()
+        deepest = max(deepest, level)
+        if level > _MAX_KWARGS_DEPTH:
+            break
+        children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else ()
+        pending.extend((child, level + 1) for child in children)
+    return deepest
 
 
 class Shape(click.ParamType):
@@ -55,7 +77,7 @@ def model_options(f: Callable) -> Callable:
     f = click.option(
         "--unsafe",
         is_flag=True,
-        help="Allow unpickling arbitrary Python objects (a whole pickled nn.Module). Runs code from the file: only for files you trust.",
+        help="Allow unpickling arbitrary Python objects (a whole pickled nn.Module) and running TorchScript code, and skip the checks of .pt2 programs. Runs code from the file: only for files you trust.",
     )(f)
     f = click.option(
         "--arch-kwargs",

@@ -12,7 +12,8 @@ inputs and for the whole older flat layout, hands the program's shape expression
 So the check is allowlist-first: it knows the layouts torch writes (the current ``archive_format``
 layout and the older flat one), refuses any member it does not know, refuses every member torch
 would run as code, reads every member torch would unpickle with ``weights_only=True`` (torch's own
-allowlist), and accepts only strings in the program that cannot become code. It reads the archive
+allowlist), accepts only strings in the program that cannot become code, and only node targets on
+the allowlist of side-effect-free operators (:mod:`introspect.load.operators`). It reads the archive
 through the same zip reader as torch does (``torch._C.PyTorchFileReader``), so both see the same
 bytes; where torch switches to Python's ``zipfile`` (the older layout) it uses that.
 
@@ -35,6 +36,7 @@ from typing import Any
 
 from .._torch import zip_reader
 from ..errors import LoadError, UnsafeLoadError
+from . import operators
 
 __all__ = [
     "MAX_INFLATION",
@@ -353,12 +355,13 @@ def _check_string(key: str, text: str, name: str, path: Path) -> None:
         problem = _check_treespec(text)
     elif key in _FREE_TEXT:
         problem = None if _NO_LINE_BREAKS.fullmatch(text) else "a carriage return or NUL"
-    elif key == "target":
-        problem = (
-            None
-            if _PLAIN.fullmatch(text) or _EXTENSION_TARGET.fullmatch(text)
-            else "an operator name beyond [A-Za-z0-9_.-]"
-        )
+    elif key in ("target", "as_operator"):
+        if not _PLAIN.fullmatch(text) and not _EXTENSION_TARGET.fullmatch(text):
+            problem = "an operator name beyond [A-Za-z0-9_.-]"
+        elif (operator_problem := operators.target_problem(text)) is not None:  # side-effect-free ones only
+            raise UnsafeLoadError(unsafe_message(path, f"{operator_problem} in {name}", "running it", operators.RISK))
+        else:
+            problem = None
     elif key in ("nn_module_stack", "source_fn_stack", "torch_fn"):
         problem = None if _MODULE_STACK.fullmatch(text) else "a module path beyond [A-Za-z0-9_.,;@<>-]"
     elif key == "torch_version":
@@ -597,10 +600,11 @@ def is_weights_only_refusal(e: BaseException) -> bool:
     return ("weights only load failed" in text or "weights_only" in text) and "global" in text
 
 
-def unsafe_message(path: Path, what: str, action: str = "unpickling") -> str:
-    """Why ``path`` is refused, and what ``--unsafe`` would risk (``action``: what runs the code)."""
+def unsafe_message(path: Path, what: str, action: str = "unpickling", risk: str = "runs arbitrary code") -> str:
+    """Why ``path`` is refused, and what ``--unsafe`` would risk (``action``: what would act;
+    ``risk``: what it could do)."""
     return (
-        f"refusing to load {path}: it holds {what}, and {action} runs arbitrary code — a file "
+        f"refusing to load {path}: it holds {what}, and {action} {risk} — a file "
         "can do anything your account can. If you trust its source, pass --unsafe (unsafe=True); "
         "better, save model.state_dict() and load it with --arch"
     )

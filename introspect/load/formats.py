@@ -1,11 +1,14 @@
 """The file formats a model is read from, told apart by their bytes: ``torch.save`` archives (through
-``weights_only``), TorchScript, ``torch.export`` programs (checked before torch reads them) and
-safetensors; and fitting a state_dict to a model with errors that name the mismatch."""
+``weights_only``), TorchScript (its weights read without running its code, unless ``unsafe``),
+``torch.export`` programs (checked before torch reads them, their operators before anything runs)
+and safetensors; and fitting a state_dict to a model with errors that name the mismatch."""
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import stat
 import struct
 import warnings
 import zipfile
@@ -24,7 +27,7 @@ from ..errors import (
     first_line,
 )
 from ..terminal import counted
-from . import archive
+from . import archive, operators, torchscript
 
 __all__ = [
     "ModelFile",
@@ -63,9 +66,15 @@ class ModelFile:
 
 
 def read_file(path: Path, unsafe: bool = False, map_location: str | torch.device = "cpu") -> ModelFile:
-    """Read one file (not a folder) in whichever format its bytes say."""
+    """Read one file (not a folder) in whichever format its bytes say.
+
+    A TorchScript archive is a runnable module only with ``unsafe`` (loading it runs its code);
+    without, it is its weights, read as data (:mod:`introspect.load.torchscript`).
+    """
     kind = detect_format(path)
     if kind == "torchscript":
+        if not unsafe:
+            return ModelFile(path, kind, None, torchscript.torchscript_state_dict(path, map_location))
         return ModelFile(path, kind, _load_torchscript(path, map_location), None)
     if kind == "export":
         return ModelFile(path, kind, _load_exported(path, unsafe), None)
@@ -80,11 +89,20 @@ def read_file(path: Path, unsafe: bool = False, map_location: str | torch.device
 
 def detect_format(path: Path) -> str:
     """One of ``FORMATS``, from the file's first bytes and (for zip archives) its member names."""
-    if not path.exists():
-        raise LoadError(f"{path}: no such file")
-    if path.is_dir():
-        raise LoadError(f"{path} is a directory; give the model file itself")
-    if not path.is_file():  # opening a pipe would wait for a writer forever
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise LoadError(f"{path}: no such file") from None
+    except OSError as e:  # a folder on the way that may not be entered, a path through a file
+        raise LoadError(f"cannot read {path}: {e.strerror or e}") from None
+    if stat.S_ISDIR(mode):
+        if not os.access(path, os.R_OK | os.X_OK):
+            raise LoadError(f"cannot read {path}: permission denied (a directory)")
+        raise LoadError(
+            f"{path} is a directory but not a Hugging Face save_pretrained folder (no config.json); "
+            "give the model file itself"
+        )
+    if not stat.S_ISREG(mode):  # opening a pipe would wait for a writer forever
         raise LoadError(f"{path} is not a regular file (a pipe, socket or device); give the model file itself")
     try:
         size = path.stat().st_size
@@ -221,7 +239,9 @@ def _load_exported(path: Path, unsafe: bool) -> nn.Module:
     ``torch.export.load`` unpickles pickled weights and constants with ``weights_only=False`` and
     falls back to it for sample inputs; every such part is first read here with
     ``weights_only=True`` (the same pickle opcodes, with only torch's allowlist of globals), so a
-    part that would run code is refused before torch sees it.
+    part that would run code is refused before torch sees it. The program's operators are then
+    checked against an allowlist of side-effect-free ones (:mod:`introspect.load.operators`):
+    plain aten nodes can write files when the program runs.
     """
     if not unsafe:
         archive.check_export_archive(path)
@@ -229,6 +249,15 @@ def _load_exported(path: Path, unsafe: bool) -> nn.Module:
         with warnings.catch_warnings(), _quiet_logger("torch.export"):
             warnings.simplefilter("ignore")
             program = torch.export.load(str(path))
+    except Exception as e:
+        raise archive.read_error(path, e) from e
+    if not unsafe:  # every node of every graph, before unflatten or any forward
+        problem = operators.program_problem(program)
+        if problem is not None:
+            raise UnsafeLoadError(archive.unsafe_message(path, problem, "running it", operators.RISK))
+    try:
+        with warnings.catch_warnings(), _quiet_logger("torch.export"):
+            warnings.simplefilter("ignore")
             return torch.export.unflatten(program)
     except Exception as e:
         raise archive.read_error(path, e) from e
@@ -255,10 +284,48 @@ def _load_safetensors(path: Path, map_location: Any) -> dict[str, torch.Tensor]:
             f"{path} is a safetensors file; reading it needs the safetensors package: pip install safetensors"
         ) from None
     try:
-        state = load_file(str(path), device=str(map_location))
+        if torch.device(map_location).type == "meta":  # the header only: names, shapes, dtypes
+            state = _safetensors_header(path)
+        else:
+            state = load_file(str(path), device=str(map_location))
     except Exception as e:
         raise archive.read_error(path, e) from e
     return strip_wrapper_prefixes(state)
+
+
+_SAFETENSORS_DTYPES = {
+    "F64": "float64",
+    "F32": "float32",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "F8_E4M3": "float8_e4m3fn",
+    "F8_E5M2": "float8_e5m2",
+    "F8_E8M0": "float8_e8m0fnu",
+    "C64": "complex64",
+    "I64": "int64",
+    "I32": "int32",
+    "I16": "int16",
+    "I8": "int8",
+    "U64": "uint64",
+    "U32": "uint32",
+    "U16": "uint16",
+    "U8": "uint8",
+    "BOOL": "bool",
+}
+
+
+def _safetensors_header(path: Path) -> dict[str, torch.Tensor]:
+    """A safetensors file's tensors on the meta device, from its header alone (safetensors cannot
+    map to ``meta`` itself); a dtype this torch lacks reads as bytes of the same shape."""
+    from safetensors import safe_open
+
+    state = {}
+    with safe_open(str(path), framework="pt") as f:
+        for name in f.keys():
+            piece = f.get_slice(name)
+            dtype = getattr(torch, _SAFETENSORS_DTYPES.get(piece.get_dtype(), "uint8"), torch.uint8)
+            state[name] = torch.empty(piece.get_shape(), dtype=dtype, device="meta")
+    return state
 
 
 # --------------------------------------------------------------------------- helpers

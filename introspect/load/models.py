@@ -7,9 +7,10 @@ checkpoint dict holding one), a TorchScript archive, a ``torch.export`` program 
 safetensors file. A Hugging Face ``save_pretrained`` folder is built from its own config
 (:mod:`introspect.load.hf_folder`). Only ``torch.load(weights_only=True)`` ever unpickles, and
 ``torch.export`` archives are checked before torch reads them (torch unpickles some of their parts
-without that guard):
+without that guard) and their operators before anything runs:
 unpickling arbitrary objects runs whatever code the file's author put in it, so a whole pickled
-``nn.Module`` needs ``unsafe=True``. Everything is mapped to ``map_location`` (the CPU by default),
+``nn.Module`` needs ``unsafe=True``. So does running a TorchScript archive (``torch.jit.load`` runs
+the TorchScript code inside it); without it, its weights are read as data and go into ``arch``. Everything is mapped to ``map_location`` (the CPU by default),
 so a checkpoint saved on a GPU opens on a machine without one.
 """
 
@@ -30,7 +31,7 @@ from ..errors import (
     ArchitectureError,
     ConfigError,
 )
-from . import hf_folder
+from . import hf_folder, torchscript
 from .formats import (
     ModelFile,
     describe_state_dict,
@@ -57,12 +58,14 @@ def load_model(
 
     >>> load_model("weights.pt", arch="examples.models:SeedCNN")                 # doctest: +SKIP
     >>> load_model("ckpt.pt", arch="torchvision:resnet18", arch_kwargs={"num_classes": 10})  # doctest: +SKIP
-    >>> load_model("model.ts")          # TorchScript, or a torch.export .pt2     # doctest: +SKIP
+    >>> load_model("model.pt2")         # a torch.export program                  # doctest: +SKIP
+    >>> load_model("model.ts", arch="examples.models:SeedCNN")  # TorchScript's weights, nothing run  # doctest: +SKIP
 
     Args:
         path: a ``torch.save`` state_dict or checkpoint dict (weights under ``state_dict``,
             ``model_state_dict`` or ``model``; ``module.`` and ``_orig_mod.`` prefixes are
-            stripped), a TorchScript archive, a ``torch.export`` program, a safetensors file,
+            stripped), a TorchScript archive (its weights, with ``arch``; as the scripted module
+            itself only with ``unsafe=True``), a ``torch.export`` program, a safetensors file,
             a Hugging Face ``save_pretrained`` folder (built from its config.json, needs
             ``transformers``), or (with ``unsafe=True``) a pickled ``nn.Module``.
         arch: the architecture weights are loaded into: ``"package.module:Class"`` (a class or a
@@ -71,19 +74,24 @@ def load_model(
             with ``pretrained=False``): nothing is downloaded. Required for bare weights; with a file
             that carries its own model, that model's weights are loaded into ``arch`` instead.
         arch_kwargs: keyword arguments for the architecture (``{"num_classes": 10}``).
-        unsafe: allow unpickling arbitrary Python objects. Only for files you trust: unpickling
-            runs any code the file's author chose.
+        unsafe: allow unpickling arbitrary Python objects and running TorchScript code, and skip
+            the checks of ``torch.export`` archives. Only for files you trust: these run any code
+            the file's author chose.
         map_location: where tensors go (``"cpu"``, ``"cuda:0"``).
 
     Raises:
         LoadError: missing, unreadable or corrupt file, or a format whose reader is not installed.
-        UnsafeLoadError: the file needs unpickling of arbitrary objects and ``unsafe`` is False.
+        UnsafeLoadError: the file needs unpickling of arbitrary objects, or running its code (a
+            TorchScript archive without ``arch``, a ``.pt2`` calling operators off the allowlist),
+            and ``unsafe`` is False.
         ArchitectureError: ``arch`` is needed but missing, unknown, or cannot be built.
         KeyMismatchError: the weights do not fit ``arch`` (missing/unexpected keys, shapes).
     """
     kwargs = _check_kwargs(arch_kwargs)
     loaded = read_model_file(path, unsafe=unsafe, map_location=map_location)
     if arch is None:
+        if loaded.module is None and loaded.format == "torchscript":
+            raise torchscript.refuse_to_run(loaded.path)
         if loaded.module is None:
             raise ArchitectureError(
                 f"{loaded.path} holds only weights ({describe_state_dict(loaded.state_dict)}); say "

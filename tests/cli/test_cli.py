@@ -42,9 +42,10 @@ def run(*args: object):
 
 
 def arch_for(fmt: str) -> list[str]:
-    if fmt in MODEL_FORMATS:
+    if fmt == "export":
         return []
-    return ["--unsafe"] if fmt == "pickled" else ["--arch", SEED_ARCH]
+    # a pickled module, and TorchScript run as it is, run the file's code: --unsafe
+    return ["--unsafe"] if fmt in ("pickled", "torchscript", "traced") else ["--arch", SEED_ARCH]
 
 
 def assert_one_line_error(result, code: int, message: str) -> None:
@@ -87,7 +88,7 @@ def saved_resnet(tmp_path_factory):
 @pytest.mark.slow
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_summary_of_resnet18_in_every_format(saved_resnet, fmt):
-    extra = [] if fmt in MODEL_FORMATS else (["--unsafe"] if fmt == "pickled" else ["--arch", RESNET_ARCH])
+    extra = [] if fmt == "export" else (["--unsafe"] if fmt in ("pickled", *MODEL_FORMATS) else ["--arch", RESNET_ARCH])
     result = run("summary", saved_resnet[fmt], "--input-shape", "1,3,64,64", "--depth", "1", *extra)
     assert result.exit_code == 0, result.output
     assert f"Total params: {RESNET_PARAMS}" in result.stdout
@@ -139,13 +140,21 @@ def bad_files(tmp_path, saved):
             7,
             "rejected an input of shape [1, 1, 32, 32] float32",
         ),
-        (["graph", "{torchscript}", "--input-shape", "1,3,8,8", "--logdir", "{tmp}"], 7, "rejected an input"),
+        (
+            ["graph", "{torchscript}", "--input-shape", "1,3,8,8", "--logdir", "{tmp}", "--unsafe"],
+            7,
+            "rejected an input",
+        ),
         (
             ["activations", "{export}", "--input-shape", "2,3,32,32", "--logdir", "{tmp}"],
             7,
             "to be equal to 1, but got 2",
         ),
-        (["activations", "{torchscript}", *SHAPE, "--logdir", "{tmp}"], 1, "TorchScript model runs its layers in C++"),
+        (
+            ["activations", "{torchscript}", *SHAPE, "--logdir", "{tmp}", "--unsafe"],
+            1,
+            "TorchScript model runs its layers in C++",
+        ),
         (
             [
                 "activations",
@@ -487,7 +496,7 @@ def _unreadable(tmp_path: Path, kind: str) -> Path:
 @pytest.mark.parametrize(
     "kind, message",
     [
-        ("directory", "is a directory; give the model file itself"),
+        ("directory", "is a directory but not a Hugging Face save_pretrained folder"),
         ("socket", "is not a regular file"),
         ("fifo", "is not a regular file"),
         ("no-permission", "cannot read"),

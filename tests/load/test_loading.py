@@ -67,7 +67,7 @@ def test_weights_round_trip_with_an_architecture(saved, fmt):
 @pytest.mark.parametrize("fmt", MODEL_FORMATS)
 def test_files_that_carry_their_model_need_no_architecture(saved, fmt):
     files, expected = saved
-    model = load_model(files[fmt])
+    model = load_model(files[fmt], unsafe=fmt != "export")  # running TorchScript runs its code: --unsafe
     assert_same_model(model, expected)
     # ... and with --arch their weights go into the Python class (e.g. to watch a TorchScript model)
     eager = load_model(files[fmt], arch=SEED_ARCH)
@@ -383,7 +383,7 @@ def test_parse_shape():
 def test_wrong_input_shape_shows_the_expected_one(saved):
     files, _ = saved
     for fmt in ("state_dict", "torchscript"):
-        model = load_model(files[fmt], arch=SEED_ARCH if fmt == "state_dict" else None)
+        model = load_model(files[fmt], arch=SEED_ARCH if fmt == "state_dict" else None, unsafe=fmt == "torchscript")
         with pytest.raises(InputShapeError) as info:
             check_input(model, (torch.randn(1, 1, 32, 32),))
         message = str(info.value)
@@ -453,7 +453,7 @@ def test_record_activations_runs_layers_as_in_inference_unless_asked(tmp_path):
 def test_record_activations_refuses_torchscript(saved, tmp_path):
     files, _ = saved
     with pytest.raises(ModelTypeError, match="--arch"):
-        record_activations(load_model(files["torchscript"]), [(X,)], tmp_path)
+        record_activations(load_model(files["torchscript"], unsafe=True), [(X,)], tmp_path)
 
 
 def test_record_activations_bad_target_and_shape(saved, tmp_path):
