@@ -26,7 +26,13 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from saved_models import (
+from torch import nn
+
+from introspect import KeyMismatchError, LoadError, UnsafeLoadError, load_model
+from introspect.cli.commands import main
+from introspect.load.models import load_weights, read_model_file
+from introspect.load.operators import DENIED, allowed_operators, target_problem
+from tests.support.saved_models import (
     SEED_ARCH,
     X,
     cli_env,
@@ -36,12 +42,6 @@ from saved_models import (
     save_as,
     seed_cnn,
 )
-from torch import nn
-
-from introspect import KeyMismatchError, LoadError, UnsafeLoadError, load_model
-from introspect.cli.commands import main
-from introspect.load.models import load_weights, read_model_file
-from introspect.load.operators import DENIED, allowed_operators, target_problem
 
 EXAMPLES = int(os.environ.get("INTROSPECT_FUZZ_EXAMPLES", "150"))
 
