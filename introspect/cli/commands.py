@@ -28,6 +28,7 @@ from ..errors import (
     UnsafeLoadError,
 )
 from ..records.sinks import open_writer
+from ..terminal import escape, escape_lines
 
 __all__ = ["main", "IntrospectCommand", "model_options", "EXIT_CODES"]
 
@@ -70,7 +71,8 @@ class IntrospectCommand(click.Command):
                 if debug:
                     raise
                 code = next((c for cls, c in EXIT_CODES if isinstance(e, cls)), 1)
-                message = str(e).strip().replace("\n", " ") or type(e).__name__
+                # One line, and names from files in it shown, not obeyed (see terminal.escape).
+                message = escape(str(e).strip().replace("\n", " ") or type(e).__name__)
                 if not isinstance(e, IntrospectError):
                     message = f"{type(e).__name__}: {message} (run again with --debug for the traceback)"
                 click.echo(f"error: {message}", err=True)
@@ -78,7 +80,7 @@ class IntrospectCommand(click.Command):
 
 
 def _warning_line(message: Any, category: Any, filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
-    click.echo(f"warning: {str(message).removeprefix('introspect: ')}", err=True)
+    click.echo(f"warning: {escape(str(message).removeprefix('introspect: ').replace(chr(10), ' '))}", err=True)
 
 
 class _IntrospectGroup(click.Group):
@@ -233,7 +235,7 @@ def summary(
     from ..analysis.summary import summary as model_summary
 
     net, inputs = _shaped_input(_load(model, arch, arch_kwargs, unsafe), input_shape, dtype)
-    click.echo(model_summary(net, *inputs, depth=depth))
+    click.echo(escape_lines(model_summary(net, *inputs, depth=depth)))
 
 
 @main.command()
@@ -269,7 +271,7 @@ def graph(
         writer.close()
     if not written:  # write_graph has warned why
         raise IntrospectError(f"no graph written for {model}")
-    click.echo(f"graph of {getattr(net, 'original_name', type(net).__name__)} written to {logdir}")
+    click.echo(f"graph of {escape(getattr(net, 'original_name', type(net).__name__))} written to {escape(logdir)}")
 
 
 @main.command()
@@ -345,7 +347,7 @@ def _one_or_two(
     if len(items) == 1:
         click.echo(show_one(items[0]))
     else:
-        click.echo(f"A = {models[0]}\nB = {models[1]}")
+        click.echo(f"A = {escape(models[0])}\nB = {escape(models[1])}")
         click.echo(show_two(items[0], items[1]))
     if logdir is not None:
         writer, _ = open_writer(logdir)
@@ -354,7 +356,7 @@ def _one_or_two(
                 write(writer, item, step)
         finally:
             writer.close()
-        click.echo(f"{written} written to {logdir}")
+        click.echo(f"{written} written to {escape(logdir)}")
 
 
 def _spectral_command(
@@ -493,7 +495,7 @@ def activations(
         show_progress=True,
         total=total,
     )
-    click.echo(f"{w.step + 1} step(s) of {len(w.module_names)} modules written to {logdir}")
+    click.echo(f"{w.step + 1} step(s) of {len(w.module_names)} modules written to {escape(logdir)}")
     click.echo(w.report())
 
 
@@ -607,11 +609,11 @@ def compare(
     result = first_divergence(
         net_a, net_b, *inputs, backward=backward, autocast=autocast, rtol=rtol, atol=atol, seed=seed
     )
-    click.echo(f"A = {model_a}\nB = {model_b}" + (f" (under autocast {autocast})" if autocast else ""))
+    click.echo(f"A = {escape(model_a)}\nB = {escape(model_b)}" + (f" (under autocast {autocast})" if autocast else ""))
     click.echo(str(result))
     if out is not None:
         _save_png(result.image(), out)
-        click.echo(f"figure written to {out}")
+        click.echo(f"figure written to {escape(out)}")
 
 
 def _save_png(image: Any, path: str) -> None:
@@ -662,7 +664,7 @@ def health_map(rundir: str, stats: tuple[str, ...], out: str) -> None:
     for stat in chosen:
         path = out if len(chosen) == 1 else f"{base}_{stat}.png"
         _save_png(hm.render(stat), path)
-        click.echo(f"{stat}: {path}")
+        click.echo(f"{stat}: {escape(path)}")
     click.echo(
         f"{len(hm.rows)} modules x {len(hm.steps)} logging steps, {len(hm.findings)} findings "
         f"(statistics: {', '.join(s for s in STATS if s in hm.available())})",
@@ -699,7 +701,7 @@ def board(logdir: str, port: int, host: str) -> None:
 
     def announce() -> None:
         click.echo(f"http://{shown}:{port}/")
-        click.echo(f"TensorBoard for {logdir} (Ctrl-C to stop)", err=True)
+        click.echo(f"TensorBoard for {escape(logdir)} (Ctrl-C to stop)", err=True)
         sys.stdout.flush()
 
     raise SystemExit(serve(logdir, port, host, announce))
@@ -733,7 +735,8 @@ def data(folder: str, logdir: str, limit: int) -> None:
     from ..analysis.data import image_folder, inspect_data
 
     inspect_data(image_folder(folder), logdir, max_samples=limit)
-    click.echo(f"pictures written to {logdir} (introspect board --logdir {logdir})", err=True)
+    shown = escape(logdir)
+    click.echo(f"pictures written to {shown} (introspect board --logdir {shown})", err=True)
 
 
 if __name__ == "__main__":  # pragma: no cover
