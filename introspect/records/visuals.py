@@ -191,6 +191,12 @@ def _tick_positions(n: int, most: int) -> list[int]:
     return ticks
 
 
+def _literal(text: str) -> str:
+    """``text`` drawn as it is: names come from event files, and two ``$`` in one make matplotlib
+    parse the text between them as TeX (a parse error fails the whole picture)."""
+    return text.replace("$", r"\$")
+
+
 def health_map_image(
     rows: Sequence[str],
     steps: Sequence[int],
@@ -224,7 +230,7 @@ def health_map_image(
     width = min(max(6.5, left + right + 0.16 * n_cols), 16.0)
     row_height = 0.2 if n_rows <= 40 else 0.14
     listed = list(findings)[:8]
-    lines = [f"step {a.step}: {a.kind}{f' ({a.phase})' if a.phase else ''} at {a.where}" for a in listed]
+    lines = [_literal(f"step {a.step}: {a.kind}{f' ({a.phase})' if a.phase else ''} at {a.where}") for a in listed]
     if len(findings) > len(listed):
         lines.append(f"... and {len(findings) - len(listed)} more findings")
     lines += textwrap.wrap(note, width=int(width / 0.07)) if note else []
@@ -248,7 +254,7 @@ def health_map_image(
     bar.set_label(unit, fontsize=8)
     bar.ax.tick_params(labelsize=7)
     ax.set_yticks(range(n_rows))
-    ax.set_yticklabels(rows, fontsize=font)
+    ax.set_yticklabels([_literal(r) for r in rows], fontsize=font)
     cols = _tick_positions(n_cols, 24)
     ax.set_xticks(cols)
     ax.set_xticklabels([str(steps[j]) for j in cols], fontsize=8, rotation=90 if n_cols > 8 else 0)
