@@ -475,3 +475,21 @@ def test_an_error_naming_a_file_is_one_escaped_line(tmp_path):
     result = CliRunner().invoke(main, ["weights", str(tmp_path / "a\x1b[31m\nb.pt")])
     assert result.exit_code == 3
     assert result.stderr.count("\n") == 1 and "\x1b" not in result.stderr and "a\\x1b[31m" in result.stderr
+
+
+def test_a_dollar_in_a_class_folder_does_not_fail_the_pictures(tmp_path):
+    """Two ``$`` make matplotlib parse a label as TeX; a bad one failed ``introspect data``."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    name = "a$\\frac$"
+    figure = Figure()
+    figure.text(0, 0, name)
+    with pytest.raises(ValueError, match="frac"):
+        FigureCanvasAgg(figure).draw()  # what the payload does to a label taken as it is
+    root = tmp_path / "data"
+    write_images(root / name, 2, seed=0)
+    write_images(root / "b", 2, seed=1)
+    result = CliRunner().invoke(main, ["data", str(root), "--logdir", str(tmp_path / "run")])
+    assert result.exit_code == 0, result.output
+    assert f"classes: {name} 2, b 2" in result.stdout
