@@ -42,7 +42,7 @@ from ..runtime.compiled import forget_compiled_code, is_compiled
 from ..runtime.preserved import preserved_state
 from ..runtime.selection import root_name, unwrap_model
 from ..runtime.tensors import backward_target, named_float_tensors
-from ..terminal import format_table
+from ..terminal import escape, format_table
 
 __all__ = ["ModuleDiff", "Divergence", "first_divergence", "AUTOCAST_DTYPES", "COSINE_MIN"]
 
@@ -127,15 +127,15 @@ class Divergence:
             before = diffs[: first.index]
             exact = sum(d.exact for d in before)
             lines.append(
-                f"{phase}: first divergence at {first.module} ({first.module_type}), {what} {first.index + 1} of "
+                f"{phase}: first divergence at {escape(first.module)} ({escape(first.module_type)}), {what} {first.index + 1} of "
                 f"{len(diffs)}: max |a-b| {first.max_abs:.3g}, {first.max_rel:.3g} of max|a|"
                 + (f" ({first.note})" if first.note else "")
                 + f"; {exact} of the {len(before)} before it exactly equal"
             )
         if self.only_in_a or self.only_in_b:
             lines.append(
-                f"ran in one model only: {len(self.only_in_a)} outputs in A (e.g. {', '.join(self.only_in_a[:3]) or '-'}), "
-                f"{len(self.only_in_b)} in B (e.g. {', '.join(self.only_in_b[:3]) or '-'})"
+                f"ran in one model only: {len(self.only_in_a)} outputs in A (e.g. {', '.join(map(escape, self.only_in_a[:3])) or '-'}), "
+                f"{len(self.only_in_b)} in B (e.g. {', '.join(map(escape, self.only_in_b[:3])) or '-'})"
             )
         return "\n".join(lines)
 

@@ -12,6 +12,15 @@ debugger's ``Alert``s: NaN/Inf, constant or all-black images, 0-255 values where
 heavy class imbalance, exact duplicates, labels outside the class range, unreadable files.
 
 ``watch(..., log_inputs=True)`` runs the same image checks on the first training batch.
+
+Memory does not grow with the images' size. The preview keeps each image downscaled to at most
+``PREVIEW_SIDE`` pixels a side, and the statistics are sums over chunks of ``_CHUNK`` values. An
+ImageFolder read here (a path, or :func:`image_folder`) is never made float at full size: each
+file is decoded once as 8-bit pixels (at most ``MAX_IMAGE_PIXELS``, 67 MB as RGBA), its checks
+and channel statistics are taken from those pixels (Pillow's histogram: exact, nothing
+allocated), the exact-duplicate check hashes them, and only the downscaled preview becomes float.
+Four 4096x4096 PNGs peaked at 5.8 GB when every image was a full-size float tensor; now a scan
+stays under ``PEAK_MEMORY`` whatever the images' size (see docs/security.md).
 """
 
 from __future__ import annotations
@@ -38,7 +47,7 @@ from ..records.visuals import (
     image_grid,
     labeled_samples_image,
 )
-from ..terminal import format_table, number, progress
+from ..terminal import escape, format_table, number, progress
 
 __all__ = [
     "inspect_data",
@@ -49,11 +58,21 @@ __all__ = [
     "is_image_batch",
     "log_input_batch",
     "DEFAULT_MAX_SAMPLES",
+    "ImageFacts",
+    "image_facts",
 ]
 
 DEFAULT_MAX_SAMPLES = 1000
 DEFAULT_IMBALANCE = 5.0
 PREVIEW = 64  # images kept for the grid (and the 3x3 figure drawn from them)
+PREVIEW_SIDE = 256
+"""The longest side of a kept preview image (the 3x3 figure draws them at 220 pixels): 64 of
+them take at most 50 MB as float RGB."""
+_CHUNK = 1 << 20
+"""Values per channel summed at once: the float64 temporaries of one chunk take a few MB."""
+PEAK_MEMORY = 1.5 * 2**30
+"""The documented bound on ``introspect data``'s peak resident memory, torch's own ~0.6 GB
+included (measured: see docs/security.md); tests/test_untrusted_data.py checks it."""
 SHOWN_INDICES = 5  # sample indices named in a finding's "where"
 
 
@@ -65,6 +84,54 @@ class ChannelStats:
     std: float
     min: float
     max: float
+
+
+@dataclass(frozen=True)
+class ImageFacts:
+    """What a scan needs of one image file, taken from its full-resolution 8-bit pixels by
+    :func:`image_facts`, so that no float copy of the full image is ever made."""
+
+    preview: torch.Tensor
+    """(3, h, w) floats in [0, 1], the longest side at most ``PREVIEW_SIDE``."""
+    shape: tuple[int, int, int]
+    """(3, H, W): the image's own size."""
+    digest: bytes
+    """Hash of the decoded pixels and the size: equal for exact copies."""
+    sums: torch.Tensor
+    """(4, 3) float64: per channel the sum, sum of squares, min and max of the values in [0, 1]."""
+
+
+def image_facts(path: str | os.PathLike[str]) -> ImageFacts:
+    """One image file's :class:`ImageFacts`, read as RGB (as ``ToTensor`` would see it).
+
+    The file is decoded once at full size as 8-bit (at most ``MAX_IMAGE_PIXELS``; larger ones
+    and non-raster formats are refused by :func:`~introspect.load.files.read_image`). Sums come
+    from Pillow's per-channel histogram, exact and in C; the preview is downscaled (box filter)
+    before it becomes float.
+    """
+    import numpy as np
+    from PIL import Image
+    from torchvision.transforms.functional import pil_to_tensor
+
+    image = read_image(path, "RGB")
+    width, height = image.size
+    counts = np.asarray(image.histogram(), dtype=np.float64).reshape(3, 256)
+    levels = np.arange(256, dtype=np.float64) / 255.0
+    present = counts > 0
+    sums = np.stack(
+        [
+            counts @ levels,
+            counts @ (levels * levels),
+            np.where(present, levels, np.inf).min(1),
+            np.where(present, levels, -np.inf).max(1),
+        ]
+    )
+    digest = hashlib.blake2b(image.tobytes(), digest_size=16)
+    digest.update(repr(((3, height, width), "uint8")).encode())
+    if max(width, height) > PREVIEW_SIDE:
+        image.thumbnail((PREVIEW_SIDE, PREVIEW_SIDE), Image.Resampling.BOX)
+    preview = pil_to_tensor(image).float() / 255.0
+    return ImageFacts(preview, (3, height, width), digest.digest(), torch.from_numpy(sums))
 
 
 @dataclass
@@ -101,7 +168,9 @@ class DataReport:
             lines.append(format_table(CHANNEL_COLUMNS, _channel_rows(self.channels)))
         if self.class_counts:
             lines.append("")
-            lines.append("classes: " + ", ".join(f"{n} {c}" for n, c in zip(self.class_names, self.class_counts)))
+            lines.append(  # class names are folder names: shown, never obeyed (terminal.escape)
+                "classes: " + ", ".join(f"{escape(n)} {c}" for n, c in zip(self.class_names, self.class_counts))
+            )
         return "\n".join(lines)
 
 
@@ -140,48 +209,66 @@ class _Scan:
         n = max(self.planned, 1)
         self._preview_at = frozenset(range(n) if n <= PREVIEW else (i * n // PREVIEW for i in range(PREVIEW)))
 
-    def add(self, index: int, image: torch.Tensor, label: int | None) -> None:
+    def add(self, index: int, image: torch.Tensor | ImageFacts, label: int | None) -> None:
+        if isinstance(image, ImageFacts):
+            return self._add_facts(index, image, label)
         self.count += 1
         if self.shape is None:
             self.shape, self.dtype = tuple(image.shape), str(image.dtype).replace("torch.", "")
         if label is not None:
             self.labels[index] = label
         if self.count - 1 in self._preview_at:
-            self.preview.append((index, image.clone(), label))  # not a view that keeps its batch alive
+            self.preview.append((index, _preview_copy(image), label))  # not a view that keeps its batch alive
         digest = hashlib.blake2b(_raw_bytes(image), digest_size=16)
         digest.update(repr((tuple(image.shape), image.dtype)).encode())
-        key = digest.digest()
+        self._seen(index, digest.digest())
+        sums, finite = _channel_sums(image)
+        if not finite:
+            self.nonfinite.append(index)
+            return  # its min, max and statistics mean nothing
+        self._check_values(index, float(sums[2].min()), float(sums[3].max()), image.is_floating_point())
+        self._add_sums(sums, image[0].numel())
+
+    def _add_facts(self, index: int, facts: ImageFacts, label: int | None) -> None:
+        """An image file read as 8-bit pixels: the same checks, from what :func:`image_facts` took."""
+        self.count += 1
+        if self.shape is None:
+            self.shape, self.dtype = facts.shape, "float32"  # what ToTensor would have made of it
+        if label is not None:
+            self.labels[index] = label
+        if self.count - 1 in self._preview_at:
+            self.preview.append((index, facts.preview, label))
+        self._seen(index, facts.digest)
+        self._check_values(index, float(facts.sums[2].min()), float(facts.sums[3].max()), True)
+        self._add_sums(facts.sums, facts.shape[1] * facts.shape[2])
+
+    def _seen(self, index: int, key: bytes) -> None:
         if key in self.first_seen:
             self.duplicates.append((index, self.first_seen[key]))
         else:
             self.first_seen[key] = index
-        x = image.float()
-        if image.is_floating_point() and not bool(torch.isfinite(x).all()):
-            self.nonfinite.append(index)
-            return  # its min, max and statistics mean nothing
-        lo, hi = (float(v) for v in torch.aminmax(x))
+
+    def _check_values(self, index: int, lo: float, hi: float, floating: bool) -> None:
         if lo == hi:
             self.constant.append((index, lo))
         if self.expected_range is not None:
             low, high = self.expected_range
             if lo < low - 1e-6 or hi > high + 1e-6:
                 self.out_of_range.append((index, lo, hi))
-        elif image.is_floating_point() and lo >= 0.0 and hi > 2.0:
+        elif floating and lo >= 0.0 and hi > 2.0:
             self.out_of_range.append((index, lo, hi))  # 0-255 floats; 0-1 (ToTensor) is the norm
-        self._add_channels(x)
 
-    def _add_channels(self, x: torch.Tensor) -> None:
-        flat = x.flatten(1).double()
-        row = torch.stack([flat.sum(1), flat.square().sum(1), flat.amin(1), flat.amax(1)])
+    def _add_sums(self, row: torch.Tensor, pixels: int) -> None:
+        """One image's per-channel (sum, sum of squares, min, max), a (4, C) float64 tensor."""
         if self._sums is None:
-            self._sums = row
+            self._sums = row.clone()
         elif self._sums.shape != row.shape:
             return  # a different channel count (a grey image among colour ones): not comparable
         else:
             self._sums[:2] += row[:2]
             self._sums[2] = torch.minimum(self._sums[2], row[2])
             self._sums[3] = torch.maximum(self._sums[3], row[3])
-        self._pixels += flat.shape[1]
+        self._pixels += pixels
 
     def channels(self) -> list[ChannelStats]:
         if self._sums is None or self._pixels == 0:
@@ -284,11 +371,44 @@ class _Scan:
         return found
 
 
-def _raw_bytes(image: torch.Tensor) -> bytes:
+def _raw_bytes(image: torch.Tensor) -> Any:
+    """The image's bytes as a buffer (no copy of a contiguous CPU tensor)."""
     x = image.detach().cpu().contiguous()
     if x.dtype in (torch.bfloat16, torch.float16):
         x = x.view(torch.int16)  # numpy has no bfloat16; the bits are what "exact copy" compares
-    return x.numpy().tobytes()
+    elif x.dtype == torch.bool:
+        x = x.view(torch.uint8)
+    return memoryview(x.numpy().data).cast("B")
+
+
+def _channel_sums(image: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """``((4, C) float64 of sum, sum of squares, min, max per channel, all finite)``, a chunk of
+    ``_CHUNK`` values per channel at a time: no float64 copy of a whole large image."""
+    flat = image.detach().flatten(1)
+    parts = []
+    for chunk in flat.split(_CHUNK, dim=1):
+        x = chunk.double()
+        if image.is_floating_point() and not bool(torch.isfinite(x).all()):
+            return torch.empty(0), False
+        parts.append(torch.stack([x.sum(1), x.square().sum(1), x.amin(1), x.amax(1)]))
+    if len(parts) == 1:
+        return parts[0], True
+    stacked = torch.stack(parts)
+    return torch.stack([stacked[:, 0].sum(0), stacked[:, 1].sum(0), stacked[:, 2].amin(0), stacked[:, 3].amax(0)]), True
+
+
+def _preview_copy(image: torch.Tensor) -> torch.Tensor:
+    """A copy of ``image`` to keep for the preview, its longest side at most ``PREVIEW_SIDE``
+    (area-averaged; an integer image stays integer, so it is drawn as it would have been)."""
+    import torch.nn.functional as F
+
+    height, width = image.shape[-2:]
+    if max(height, width) <= PREVIEW_SIDE:
+        return image.detach().cpu().clone()
+    scale = PREVIEW_SIDE / max(height, width)
+    size = (max(1, round(height * scale)), max(1, round(width * scale)))
+    small = F.interpolate(image.detach().cpu()[None].double(), size=size, mode="area")[0]
+    return small.to(image.dtype) if image.is_floating_point() else small.round().to(image.dtype)
 
 
 def _where(indices: Sequence[int]) -> str:
@@ -362,7 +482,10 @@ def image_folder(path: str | os.PathLike[str]) -> Any:
         raise ConfigError(f"no such folder: {root}")
     if not root.is_dir():
         raise ConfigError(f"not a folder: {root}")
-    entries = [e for e in root.iterdir() if not e.name.startswith(".")]
+    try:
+        entries = [e for e in root.iterdir() if not e.name.startswith(".")]
+    except OSError as e:
+        raise ConfigError(f"cannot list {root}: {e.strerror or e}") from None
     if not entries:
         raise ConfigError(f"{root} is empty; an ImageFolder holds one subfolder of images per class")
     if not any(e.is_dir() for e in entries):
@@ -387,6 +510,12 @@ def _image_tree() -> type:
             self._walk = FolderWalk()
             self._walk.stand_above(root)  # a class folder that leads back up is a loop, not a class
             super().__init__(root, loader=read_image, **kwargs)
+
+        def scan_sample(self, index: int) -> tuple[ImageFacts, int]:
+            """Sample ``index`` as :func:`inspect_data` reads it: :class:`ImageFacts` (statistics of
+            the 8-bit pixels, a downscaled preview) instead of a full-size float tensor."""
+            path, label = self.samples[index]
+            return image_facts(path), label
 
         def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
             classes = sorted(e.name for e in os.scandir(directory) if e.is_dir() and not self._walk.entered(e.path))
@@ -490,7 +619,7 @@ def _split_item(item: Any) -> tuple[Any, Any]:
     return item, None
 
 
-Sample = tuple[int, "torch.Tensor | None", "int | None", "str | None"]
+Sample = tuple[int, "torch.Tensor | ImageFacts | None", "int | None", "str | None"]
 
 
 def _batch_samples(images: torch.Tensor, labels: Any, start: int, limit: int) -> Iterator[Sample]:
@@ -539,9 +668,17 @@ def _samples(data: Any, max_samples: int) -> tuple[Iterator[Sample], int | None,
         # Evenly spread over the whole set: a class-sorted ImageFolder shows every class.
         indices = range(n) if n <= max_samples else [i * n // max_samples for i in range(max_samples)]
 
+        # An image_folder() hands over what the scan needs of each file, never a full-size float
+        # tensor (see ImageFacts); any other dataset is read as it is.
+        scan_sample = getattr(data, "scan_sample", None)
+
         def from_dataset() -> Iterator[Sample]:
             for i in indices:
                 try:
+                    if scan_sample is not None:
+                        facts, label = scan_sample(i)
+                        yield i, facts, label, None
+                        continue
                     image, label = _split_item(data[i])
                 except _unreadable() as e:  # a corrupt file is a finding, not a crash
                     yield i, None, None, f"{type(e).__name__}: {e}"

@@ -30,18 +30,22 @@ the dead-unit findings are outlined as they are live. Non-finite counts come fro
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import math
 import os
 import re
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ..debugger.alerts import Alert
-from ..errors import ConfigError, LoadError
+from ..errors import ConfigError, LoadError, warn
+from ..load.files import open_regular, scan_logdir
+from ..records.eventfile import CorruptRecordError, read_records
 from ..records.stats import HistogramRecord
 from ..records.step import HostStep
 from ..records.tags import ALERTS_TAG, health_map_tag, stored_text_tag, tag_name
@@ -54,6 +58,9 @@ __all__ = [
     "save_health_maps",
     "find_run",
     "health_map_tag",
+    "read_alerts",
+    "parse_alerts",
+    "MAX_ROWS",
 ]
 
 
@@ -91,6 +98,13 @@ STATS: dict[str, StatSpec] = {
 """Every statistic a health map can show, in the order ``introspect map`` draws them."""
 
 
+MAX_ROWS = 200
+"""The most modules one map draws (a row is 0.14 inch; past ~200 the names overlap and the picture
+only grows: 20,000 rows took 1.4 GB). A model with more draws every module with a finding and
+the others evenly spaced in execution order, and the map says how many it left out;
+:meth:`HealthMap.matrix` keeps every row."""
+
+
 class HealthMap:
     """Per-module statistics over logging steps, fed live by the watcher or from event files.
 
@@ -98,12 +112,17 @@ class HealthMap:
         max_columns: the most logging steps kept; past it every other column is dropped (the
             first and the latest stay), so a long run costs bounded memory and a picture
             of readable width. Findings are kept whatever the thinning.
+        max_rows: the most modules a picture draws (see ``MAX_ROWS``); every row is kept in
+            the data (:meth:`matrix`) whatever the number.
     """
 
-    def __init__(self, max_columns: int = 400) -> None:
+    def __init__(self, max_columns: int = 400, max_rows: int = MAX_ROWS) -> None:
         if max_columns < 2:
             raise ConfigError(f"max_columns must be >= 2, got {max_columns}")
+        if max_rows < 1:
+            raise ConfigError(f"max_rows must be >= 1, got {max_rows}")
         self.max_columns = max_columns
+        self.max_rows = max_rows
         self.rows: list[str] = []
         self.steps: list[int] = []
         self.findings: list[Alert] = []
@@ -159,32 +178,61 @@ class HealthMap:
         """The statistics that have at least one measured cell."""
         return [s for s in STATS if self._values[s]]
 
-    def matrix(self, stat: str) -> np.ndarray:
-        """``rows × steps`` of raw values (NaN: not measured there)."""
+    def matrix(self, stat: str, rows: list[int] | None = None) -> np.ndarray:
+        """``rows × steps`` of raw values (NaN: not measured there); ``rows``: only these (indices
+        into ``self.rows``, in this order)."""
         spec = _spec(stat)
-        out = np.full((len(self.rows), len(self.steps)), np.nan)
-        row_index = {r: i for i, r in enumerate(self.rows)}
+        rows = list(range(len(self.rows))) if rows is None else rows
+        out = np.full((len(rows), len(self.steps)), np.nan)
+        row_index = {self.rows[i]: k for k, i in enumerate(rows)}
         col_index = {s: j for j, s in enumerate(self.steps)}
         for (row, step), value in self._values[spec.name].items():
-            out[row_index[row], col_index[step]] = value
+            k = row_index.get(row)
+            if k is not None:
+                out[k, col_index[step]] = value
         return out
 
     def marks(self) -> list[tuple[int, int, Alert]]:
         """``(row, column, alert)`` of each finding that has a row: the column is the first logged
-        step at or after the finding's step (a NaN found between logging steps shows on the next)."""
+        step at or after the finding's step (a NaN found between logging steps shows on the next).
+
+        A finding belongs to its own row, else to the outputs of that module (``lstm`` ->
+        ``lstm/0``), else, for a parameter (``fc.weight``), to its module's: found by name in
+        two indexes, so many findings on many rows cost their sum, not their product."""
+        if not self.steps:
+            return []
+        exact = {r: [i] for i, r in enumerate(self.rows)}
+        outputs: dict[str, list[int]] = {}
+        for i, r in enumerate(self.rows):
+            outputs.setdefault(r.split("/")[0], []).append(i)
         out: list[tuple[int, int, Alert]] = []
+        last = len(self.steps) - 1
         for alert in self.findings:
-            rows = _rows_of(alert.where, self.rows)
-            column = next((j for j, s in enumerate(self.steps) if s >= alert.step), len(self.steps) - 1)
-            out.extend((i, column, alert) for i in rows if self.steps)
+            owner = alert.where.rpartition(".")[0]
+            rows = exact.get(alert.where) or outputs.get(alert.where) or (outputs.get(owner, []) if owner else [])
+            column = min(bisect.bisect_left(self.steps, alert.step), last)
+            out.extend((i, column, alert) for i in rows)
         return out
+
+    def drawn_rows(self) -> list[int]:
+        """The rows :meth:`render` draws: all of them, or past ``max_rows`` every row with a
+        finding (the first ``max_rows`` of them) and the others evenly spaced, in order."""
+        n = len(self.rows)
+        if n <= self.max_rows:
+            return list(range(n))
+        flagged = sorted({i for i, _, _ in self.marks()})[: self.max_rows]
+        room = self.max_rows - len(flagged)
+        taken = set(flagged)
+        others = [i for i in range(n) if i not in taken]
+        return sorted(flagged + [others[k * len(others) // room] for k in range(room)])
 
     def render(self, stat: str) -> np.ndarray:
         """The map of one statistic as an HWC uint8 image (``add_image(..., dataformats="HWC")``)."""
         from ..records.visuals import health_map_image
 
         spec = _spec(stat)
-        raw = self.matrix(stat)
+        drawn = self.drawn_rows()
+        raw = self.matrix(stat, drawn)
         with np.errstate(divide="ignore", invalid="ignore"):
             if spec.log:
                 shown = np.where(raw > 0, np.log10(raw), np.where(raw == 0, -np.inf, np.nan))
@@ -192,24 +240,30 @@ class HealthMap:
                 shown = np.log10(1.0 + raw)
             else:
                 shown = raw
-        note = ""
+        notes = []
+        if len(drawn) < len(self.rows):
+            notes.append(
+                f"{len(drawn)} of {len(self.rows)} modules drawn: every one with a finding, the others evenly "
+                "spaced in execution order"
+            )
         if spec.name == "dead_fraction" and self.offline:
-            note = (
+            notes.append(
                 "from event files: 1 where every logged output value was 0; a partial dead fraction is "
                 "measured live only (the run's findings are outlined)"
             )
+        position = {i: k for k, i in enumerate(drawn)}
         return health_map_image(
-            rows=self.rows,
+            rows=[self.rows[i] for i in drawn],
             steps=self.steps,
             values=shown,
-            marks=self.marks(),
+            marks=[(position[i], j, a) for i, j, a in self.marks() if i in position],
             title=spec.label,
             unit=spec.unit,
             cmap=spec.cmap,
             limits=spec.limits,
             zero_colour=spec.log,
             findings=self.findings,
-            note=note,
+            note="; ".join(notes),
         )
 
     def write(self, writer: Any, step: int, stats: Iterable[str] | None = None) -> list[str]:
@@ -248,19 +302,6 @@ def _spec(stat: str) -> StatSpec:
     if spec is None:
         raise ConfigError(f"unknown health map statistic {stat!r}; one of {', '.join(STATS)}")
     return spec
-
-
-def _rows_of(where: str, rows: list[str]) -> list[int]:
-    """The rows a finding belongs to: its own, the outputs of that module (``lstm`` -> ``lstm/0``),
-    or, for a parameter (``fc.weight``), its module's."""
-    exact = [i for i, r in enumerate(rows) if r == where]
-    if exact:
-        return exact
-    outputs = [i for i, r in enumerate(rows) if r.split("/")[0] == where]
-    if outputs:
-        return outputs
-    owner = where.rpartition(".")[0]
-    return [i for i, r in enumerate(rows) if owner and r.split("/")[0] == owner]
 
 
 # --------------------------------------------------------------------------- the numbers
@@ -303,7 +344,8 @@ def host_values(host: HostStep) -> tuple[dict[str, dict[str, float]], list[str]]
     values["update_ratio"] = _module_ratios(
         {tag_name(t)[1]: v for t, v in host.scalars.items() if tag_name(t)[0] == "update_ratio"}
     )
-    order = forward + [n for n in reversed(backward) if n not in set(forward)]
+    seen = set(forward)
+    order = forward + [n for n in reversed(backward) if n not in seen]
     return values, order
 
 
@@ -326,51 +368,127 @@ def _module_ratios(ratios: Mapping[str, float]) -> dict[str, float]:
 
 
 # --------------------------------------------------------------------------- from event files
-_GUIDANCE = {"histograms": 0, "scalars": 0, "tensors": 0, "images": 1, "audio": 1, "compressedHistograms": 1}
-
-
 def find_run(rundir: str | os.PathLike) -> Path:
     """The directory holding the event files of one run: ``rundir`` itself, or its one run below.
 
     Raises:
         LoadError: no such directory, no event files, or several runs (they are listed).
     """
+    return _run_files(rundir)[0]
+
+
+def _run_files(rundir: str | os.PathLike) -> tuple[Path, list[Path]]:
+    """The run's directory and its event files, from one listing of each directory under
+    ``rundir`` (:func:`~introspect.load.files.scan_logdir`: links that leave it are not followed,
+    a FIFO named like an event file is not opened; each is named in a warning)."""
     root = Path(rundir)
     if not root.is_dir():
         raise LoadError(f"{root}: no such directory")
-    runs = sorted({p.parent for p in root.rglob("events.out.tfevents.*") if p.is_file()})
-    if not runs:
+    scan = scan_logdir(root)
+    for line in scan.refused:
+        warn(f"skipped {line}")
+    if not scan.runs:
         raise LoadError(f"no TensorBoard event files (events.out.tfevents.*) under {root}")
-    if root in runs:
-        return root
-    if len(runs) > 1:
+    if root in scan.runs:
+        return root, scan.runs[root]
+    if len(scan.runs) > 1:
+        runs = list(scan.runs)
         shown = ", ".join(str(r.relative_to(root)) for r in runs[:6]) + (
             f" and {len(runs) - 6} more" if len(runs) > 6 else ""
         )
         raise LoadError(f"{root} holds {len(runs)} runs ({shown}); give one of them")
-    return runs[0]
+    return next(iter(scan.runs.items()))
 
 
-def health_map_from_events(rundir: str | os.PathLike, max_columns: int = 400) -> HealthMap:
+@dataclass
+class _RunEvents:
+    """What the map needs of a run's events, each value with the position it was read at."""
+
+    histograms: dict[str, dict[int, tuple[int, Any]]] = field(default_factory=dict)
+    """tag -> step -> (position, HistogramProto); tags in the order first seen."""
+    scalars: dict[str, dict[int, tuple[int, float]]] = field(default_factory=dict)
+    alerts: tuple[int, int, str] | None = None
+    """The last ``diagnostics/alerts`` text: (position, step, text)."""
+    starts: list[tuple[int, int]] = field(default_factory=list)
+    """(position, step) of each ``session_log`` START."""
+
+    def freshness(self) -> Callable[[int, int], bool]:
+        """``fresh(position, step)``: whether a value read at ``position`` for ``step`` outlived
+        every later START. A START at step s (a run restarted from a checkpoint) makes the values
+        read before it at steps >= s stale, as TensorBoard purges them; here that is one suffix
+        minimum over the STARTs and a bisection per value, not a pass over every value per START."""
+        if not self.starts:
+            return lambda position, step: True
+        positions = [p for p, _ in self.starts]
+        lowest_after = list(itertools.accumulate(reversed([s for _, s in self.starts]), min))[::-1]
+
+        def fresh(position: int, step: int) -> bool:
+            k = bisect.bisect_right(positions, position)
+            return k == len(positions) or step < lowest_after[k]
+
+        return fresh
+
+
+def _read_run(files: Iterable[Path]) -> _RunEvents:
+    """Every histogram, scalar and the findings text of a run's event files: one pass over each
+    file, in name order, keeping only what the map draws (time and memory linear in the files)."""
+    from google.protobuf.message import DecodeError
+    from tensorboard.compat.proto.event_pb2 import Event, SessionLog
+
+    run = _RunEvents()
+    alerts_tag = f"{ALERTS_TAG}/text_summary"
+    position = 0
+    for path in files:
+        try:
+            with open_regular(path) as stream:
+                for payload in read_records(stream, os.fstat(stream.fileno()).st_size):
+                    position += 1
+                    try:
+                        event = Event.FromString(payload)
+                    except (DecodeError, RecursionError, ValueError):
+                        warn(f"skipped an event of {path} that is not a TensorBoard event")
+                        continue
+                    if event.HasField("session_log") and event.session_log.status == SessionLog.START:
+                        run.starts.append((position, event.step))
+                    if not event.HasField("summary"):
+                        continue
+                    for value in event.summary.value:
+                        kind = value.WhichOneof("value")
+                        if kind == "histo" and tag_name(value.tag)[0] in ("activations", "activation_grads"):
+                            run.histograms.setdefault(value.tag, {})[event.step] = (position, value.histo)
+                        elif kind == "simple_value" and tag_name(value.tag)[0] in ("nonfinite", "update_ratio"):
+                            run.scalars.setdefault(value.tag, {})[event.step] = (position, value.simple_value)
+                        elif kind == "tensor" and value.tag == alerts_tag:
+                            text = b"".join(value.tensor.string_val).decode("utf-8", "replace")
+                            run.alerts = (position, event.step, text)
+        except CorruptRecordError as e:
+            warn(f"{path}: {e}; the rest of the file is skipped")
+        except OSError as e:  # not a regular file (any more), vanished, unreadable
+            warn(f"skipped {path}: {e.strerror or e}")
+    return run
+
+
+def health_map_from_events(rundir: str | os.PathLike, max_columns: int = 400, max_rows: int = MAX_ROWS) -> HealthMap:
     """The health map of a finished (or running) ``watch`` run, from its event files alone.
+
+    The files are read here (:func:`_read_run`), not by TensorBoard's EventAccumulator, which
+    lists the folder again for every file and keeps every tag's events: 5,000 one-event files
+    took 50 s, a 3.4 MB file of 20,000 tags 96 s. Rows are the modules that have
+    ``activations/`` or ``activation_grads/`` histograms, nothing else: a scalar of another
+    name is not a module.
 
     Raises:
         LoadError: no run there, or it has no ``activations/`` or ``activation_grads/``
             histograms (not a run ``watch`` wrote with those kinds).
     """
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    run = find_run(rundir)
-    acc = EventAccumulator(str(run), size_guidance=_GUIDANCE)
-    acc.Reload()
-    tags = acc.Tags()
-    histogram_tags = [t for t in tags.get("histograms", []) if tag_name(t)[0] in ("activations", "activation_grads")]
-    if not histogram_tags:
+    run_dir, files = _run_files(rundir)
+    run = _read_run(files)
+    fresh = run.freshness()
+    if not run.histograms:
         raise LoadError(
-            f"{run} has no activations/ or activation_grads/ histograms: not a run watch() wrote "
+            f"{run_dir} has no activations/ or activation_grads/ histograms: not a run watch() wrote "
             "(or one with log= leaving both out)"
         )
-    params = {tag_name(t)[1] for t in tags.get("histograms", []) if tag_name(t)[0] in ("weights", "grads")}
     steps: dict[int, dict[str, dict[str, float]]] = {}
 
     def cell(stat: str, step: int, row: str, value: float) -> None:
@@ -378,34 +496,43 @@ def health_map_from_events(rundir: str | os.PathLike, max_columns: int = 400) ->
 
     forward: list[str] = []
     backward: list[str] = []
-    for full_tag in histogram_tags:
+    for full_tag, events in run.histograms.items():
         kind, name = tag_name(full_tag)
         (forward if kind == "activations" else backward).append(name)
-        for event in acc.Histograms(full_tag):
-            h = event.histogram_value
+        for step, (position, h) in events.items():
+            if not fresh(position, step):
+                continue
             if kind == "activations":
-                cell("activation_std", event.step, name, std(h.sum, h.sum_squares, h.num))
+                cell("activation_std", step, name, std(h.sum, h.sum_squares, h.num))
                 if h.num > 0 and h.max == 0 and h.min == 0:  # every value 0: every unit dead on this batch
-                    cell("dead_fraction", event.step, name, 1.0)
+                    cell("dead_fraction", step, name, 1.0)
             else:
-                cell("grad_rms", event.step, name, rms(h.sum_squares, h.num))
-            steps[event.step]["nonfinite"].setdefault(name, 0.0)
-    for full_tag in tags.get("scalars", []):
+                cell("grad_rms", step, name, rms(h.sum_squares, h.num))
+            steps[step]["nonfinite"].setdefault(name, 0.0)
+    rows = set(forward) | set(backward)
+    params = set()
+    for full_tag, events in run.scalars.items():
         kind, name = tag_name(full_tag)
-        if kind == "nonfinite" and name not in params:
-            for event in acc.Scalars(full_tag):
-                cell("nonfinite", event.step, name, event.value)
-        elif kind == "update_ratio":
-            for event in acc.Scalars(full_tag):
-                steps.setdefault(event.step, {s: {} for s in STATS}).setdefault("_ratios", {})[name] = event.value
-    hm = HealthMap(max_columns=max_columns)
+        if kind == "update_ratio":
+            params.add(name)
+        for step, (position, value) in events.items():
+            if not fresh(position, step):
+                continue
+            if kind == "nonfinite" and name in rows:
+                cell("nonfinite", step, name, value)
+            elif kind == "update_ratio":
+                steps.setdefault(step, {s: {} for s in STATS}).setdefault("_ratios", {})[name] = value
+    hm = HealthMap(max_columns=max_columns, max_rows=max_rows)
     hm.offline = True
-    order = forward + [n for n in reversed(backward) if n not in set(forward)]
+    seen = set(forward)
+    order = forward + [n for n in reversed(backward) if n not in seen]
     for step in sorted(steps):
         values = steps[step]
-        values["update_ratio"] = _module_ratios(values.pop("_ratios", {}))
-        hm.add_values(step, values, order)
-    hm.add_findings(read_alerts(acc))
+        ratios = _module_ratios(values.pop("_ratios", {}))
+        values["update_ratio"] = {m: v for m, v in ratios.items() if m in rows}  # a module's, or nothing
+        hm.add_values(step, values, order if not hm.steps else ())
+    if run.alerts is not None and fresh(run.alerts[0], run.alerts[1]):
+        hm.add_findings(parse_alerts(run.alerts[2]))
     return hm
 
 
@@ -413,14 +540,18 @@ _ALERT_ROW = re.compile(r"^\| (\d+) \| (\w+)(?: \((\w+)\))? \| `([^`]*)` \| (.*)
 
 
 def read_alerts(acc: Any) -> list[Alert]:
-    """The findings of a run, from the last ``diagnostics/alerts`` text (it lists them all)."""
+    """The findings of a run, from the last ``diagnostics/alerts`` text of an EventAccumulator (it lists them all)."""
     full = stored_text_tag(ALERTS_TAG)
     if full not in acc.Tags().get("tensors", []):
         return []
     events = acc.Tensors(full)
     if not events:
         return []
-    text = b"".join(events[-1].tensor_proto.string_val).decode("utf-8", "replace")
+    return parse_alerts(b"".join(events[-1].tensor_proto.string_val).decode("utf-8", "replace"))
+
+
+def parse_alerts(text: str) -> list[Alert]:
+    """The findings listed in a ``diagnostics/alerts`` markdown table (``alerts_markdown``)."""
     alerts = []
     for line in text.splitlines():
         match = _ALERT_ROW.match(line.strip())

@@ -50,7 +50,7 @@ from ..errors import ModelTypeError
 from ..records.sinks import write_step
 from ..records.step import HostStep
 from ..records.tags import spectral_tag
-from ..terminal import format_table, progress
+from ..terminal import escape, format_table, progress
 
 __all__ = [
     "SpectralStats",
@@ -379,7 +379,7 @@ def format_spectral_changes(changes: Sequence[SpectralChange]) -> str:
     line = f"{len(changes)} matrices, {len(moved)} with an alpha fit in both"
     if moved:
         top = max(moved, key=lambda c: abs(c.alpha_change))
-        line += f"; alpha moved most in {top.name} ({top.alpha_change:+.2f})"
+        line += f"; alpha moved most in {escape(top.name)} ({top.alpha_change:+.2f})"
     return f"{table}\n{line}"
 
 

@@ -20,7 +20,7 @@ import torch
 from ..records.sinks import write_step
 from ..records.step import StepBuffer
 from ..records.tags import tag
-from ..terminal import format_table, progress
+from ..terminal import escape, format_table, progress
 
 __all__ = [
     "WeightStats",
@@ -177,7 +177,7 @@ def format_weight_changes(changes: Sequence[WeightChange]) -> str:
     lines = [table, f"{len(compared)} tensors compared, {len(moved)} changed"]
     if moved:
         top = max(moved, key=lambda c: c.relative_change)
-        lines[-1] += f"; most: {top.name} ({top.relative_change:.3e} relative)"
+        lines[-1] += f"; most: {escape(top.name)} ({top.relative_change:.3e} relative)"
     skipped = len(changes) - len(compared)
     if skipped:
         lines[-1] += f"; {skipped} not comparable"

@@ -7,10 +7,17 @@ port, re-parented to PID 1, with nobody left to stop it. So tensorboard runs in 
 its own, SIGTERM, SIGINT and SIGHUP sent to the command are passed on to that group, and the group
 is ended whenever the command ends (tensorboard exiting by itself included). On Linux the kernel
 also stops tensorboard if the command dies without a chance to clean up (SIGKILL).
+
+Before tensorboard starts, the log directory is listed once (links not followed): tensorboard
+follows every link, so a link to ``/`` in it made tensorboard read the whole filesystem (5.2 GB
+in 33 s), and a FIFO named like an event file blocks its reader. Either is refused, named, with
+the fix. A port already taken is refused too, before the URL is printed: the URL would be someone
+else's server.
 """
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import os
 import shutil
@@ -25,8 +32,9 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError, IntrospectWarning
+from ..load.files import scan_logdir
 
-__all__ = ["serve", "tensorboard_command", "is_loopback", "pick_port", "board_url"]
+__all__ = ["serve", "tensorboard_command", "is_loopback", "pick_port", "board_url", "check_port", "check_logdir"]
 
 FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 GRACE_S = 5.0
@@ -66,6 +74,35 @@ def board_url(host: str, port: int) -> str:
     return f"http://{shown}:{port}/"
 
 
+def check_port(host: str, port: int) -> None:
+    """``ConfigError`` when ``port`` on ``host`` cannot be served: another server holds it, or it
+    needs privileges. Other failures (a host name that does not resolve here) are left to
+    tensorboard, which says so itself."""
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as tensorboard's server: TIME_WAIT is free
+            s.bind((host.strip("[]"), port))
+    except OSError as e:
+        if e.errno == errno.EADDRINUSE:
+            raise ConfigError(
+                f"port {port} on {host} is taken (another TensorBoard?); give another --port, or --port 0 for a free one"
+            ) from None
+        if e.errno == errno.EACCES:
+            raise ConfigError(f"port {port} on {host} needs privileges here; give a --port above 1023") from None
+
+
+def check_logdir(folder: Path) -> None:
+    """``ConfigError`` naming the links in ``folder`` that leave it (or loop) and the event files
+    that are not regular files: tensorboard would follow or block on them."""
+    refused = scan_logdir(folder).refused
+    if refused:
+        more = f" and {len(refused) - 3} more" if len(refused) > 3 else ""
+        raise ConfigError(
+            f"not serving {folder}: {'; '.join(refused[:3])}{more}. TensorBoard follows every link and "
+            "reads every event file under its log directory: remove these, or serve their targets with --logdir"
+        )
+
+
 def tensorboard_command(logdir: str | os.PathLike, port: int, host: str) -> list[str]:
     """The command line that serves ``logdir``: the ``tensorboard`` script beside this Python, or
     ``python -m tensorboard.main``."""
@@ -82,7 +119,8 @@ def serve(logdir: str | os.PathLike, port: int, host: str, announce: Callable[[]
     called once the arguments are known to be good, just before tensorboard starts.
 
     Raises:
-        ConfigError: ``logdir`` is not an existing directory.
+        ConfigError: ``logdir`` is not an existing directory, holds a link that leaves it (or
+            loops) or an event file that is not a regular file, or ``port`` is taken.
     """
     folder = Path(logdir)
     if not is_loopback(host):
@@ -94,6 +132,8 @@ def serve(logdir: str | os.PathLike, port: int, host: str, announce: Callable[[]
         )
     if not folder.is_dir():
         raise ConfigError(f"no such log directory: {folder}" if not folder.exists() else f"not a directory: {folder}")
+    check_logdir(folder)
+    check_port(host, port)
     command = tensorboard_command(folder, port, host)
     if sys.platform.startswith("linux"):
         command = [sys.executable, "-c", _LAUNCHER, str(os.getpid()), *command]

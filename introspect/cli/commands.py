@@ -26,6 +26,7 @@ from ..errors import (
     UnsafeLoadError,
 )
 from ..load.model_inputs import InputSpec
+from ..terminal import escape, escape_lines
 from .options import MODEL_PATH, input_options, model_options
 
 __all__ = ["main", "IntrospectCommand", "EXIT_CODES"]
@@ -69,7 +70,8 @@ class IntrospectCommand(click.Command):
                 if debug:
                     raise
                 code = next((c for cls, c in EXIT_CODES if isinstance(e, cls)), 1)
-                message = str(e).strip().replace("\n", " ") or type(e).__name__
+                # One line, and names from files in it shown, not obeyed (see terminal.escape).
+                message = escape(str(e).strip().replace("\n", " ") or type(e).__name__)
                 if not isinstance(e, IntrospectError):
                     message = f"{type(e).__name__}: {message} (run again with --debug for the traceback)"
                 click.echo(f"error: {message}", err=True)
@@ -77,7 +79,7 @@ class IntrospectCommand(click.Command):
 
 
 def _warning_line(message: Any, category: Any, filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
-    click.echo(f"warning: {str(message).removeprefix('introspect: ')}", err=True)
+    click.echo(f"warning: {escape(str(message).removeprefix('introspect: ').replace(chr(10), ' '))}", err=True)
 
 
 class _IntrospectGroup(click.Group):
@@ -126,7 +128,7 @@ def summary(
     from ..load.models import load_model
 
     fed = batches_from(load_model(model, arch, arch_kwargs, unsafe), inputs, unsafe=unsafe)
-    click.echo(model_summary(fed.model, *fed.first(), depth=depth))
+    click.echo(escape_lines(model_summary(fed.model, *fed.first(), depth=depth)))
 
 
 @main.command()
@@ -160,7 +162,9 @@ def graph(
         written = write_graph(writer, fed.model, fed.first())
     if not written:  # write_graph has warned why
         raise IntrospectError(f"no graph written for {model}")
-    click.echo(f"graph of {getattr(fed.model, 'original_name', type(fed.model).__name__)} written to {logdir}")
+    click.echo(
+        f"graph of {escape(getattr(fed.model, 'original_name', type(fed.model).__name__))} written to {escape(logdir)}"
+    )
 
 
 @main.command()
@@ -238,11 +242,11 @@ def _one_or_two(
     if len(items) == 1:
         click.echo(show_one(items[0]))
     else:
-        click.echo(f"A = {models[0]}\nB = {models[1]}")
+        click.echo(f"A = {escape(models[0])}\nB = {escape(models[1])}")
         click.echo(show_two(items[0], items[1]))
     if logdir is not None:
         write_steps(logdir, write, items)
-        click.echo(f"{written} written to {logdir}")
+        click.echo(f"{written} written to {escape(logdir)}")
 
 
 def _spectral_command(
@@ -328,7 +332,7 @@ def activations(
         show_progress=True,
         total=fed.total,
     )
-    click.echo(f"{w.step + 1} step(s) of {len(w.module_names)} modules written to {logdir}")
+    click.echo(f"{w.step + 1} step(s) of {len(w.module_names)} modules written to {escape(logdir)}")
     click.echo(w.report())
 
 
@@ -405,11 +409,11 @@ def compare(
     result = first_divergence(
         fed.model, net_b, *fed.first(), backward=backward, autocast=autocast, rtol=rtol, atol=atol, seed=seed
     )
-    click.echo(f"A = {model_a}\nB = {model_b}" + (f" (under autocast {autocast})" if autocast else ""))
+    click.echo(f"A = {escape(model_a)}\nB = {escape(model_b)}" + (f" (under autocast {autocast})" if autocast else ""))
     click.echo(str(result))
     if out is not None:
         save_png(result.image(), out)
-        click.echo(f"figure written to {out}")
+        click.echo(f"figure written to {escape(out)}")
 
 
 @main.command("map")
@@ -444,7 +448,7 @@ def health_map(rundir: str, stats: tuple[str, ...], out: str) -> None:
 
     hm = health_map_from_events(rundir)
     for stat, path in save_health_maps(hm, stats, out, rundir):
-        click.echo(f"{stat}: {path}")
+        click.echo(f"{stat}: {escape(path)}")
     click.echo(
         f"{len(hm.rows)} modules x {len(hm.steps)} logging steps, {len(hm.findings)} findings "
         f"(statistics: {', '.join(s for s in STATS if s in hm.available())})",
@@ -480,7 +484,7 @@ def board(logdir: str, port: int, host: str) -> None:
 
     def announce() -> None:
         click.echo(board_url(host, port))
-        click.echo(f"TensorBoard for {logdir} (Ctrl-C to stop)", err=True)
+        click.echo(f"TensorBoard for {escape(logdir)} (Ctrl-C to stop)", err=True)
         sys.stdout.flush()
 
     raise SystemExit(serve(logdir, port, host, announce))
@@ -514,7 +518,8 @@ def data(folder: str, logdir: str, limit: int) -> None:
     from ..analysis.data import image_folder, inspect_data
 
     inspect_data(image_folder(folder), logdir, max_samples=limit)
-    click.echo(f"pictures written to {logdir} (introspect board --logdir {logdir})", err=True)
+    shown = escape(logdir)
+    click.echo(f"pictures written to {shown} (introspect board --logdir {shown})", err=True)
 
 
 if __name__ == "__main__":  # pragma: no cover

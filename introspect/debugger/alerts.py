@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from ..terminal import counted
+from ..terminal import counted, escape
 
 __all__ = ["Alert", "format_report", "alerts_markdown"]
 
@@ -63,8 +63,13 @@ def format_report(alerts: Sequence[Alert], steps: int) -> str:
     if not alerts:
         return f"introspect: no problems found in {steps} step{plural}."
     rows = [("step", "finding", "where", "details")]
-    rows += [
-        (str(a.step), a.kind + (f" ({a.phase})" if a.phase else ""), a.where, a.message + _numbers_text(a))
+    rows += [  # names come from the model (a file's, possibly): one line each, whatever they hold
+        (
+            str(a.step),
+            a.kind + (f" ({a.phase})" if a.phase else ""),
+            escape(a.where),
+            escape(a.message + _numbers_text(a)),
+        )
         for a in alerts
     ]
     widths = [max(len(r[i]) for r in rows) for i in range(3)]
@@ -79,7 +84,8 @@ def alerts_markdown(alerts: Sequence[Alert]) -> str:
     """The same findings as a markdown table for TensorBoard's text dashboard."""
     lines = ["| step | finding | where | details |", "| --- | --- | --- | --- |"]
     lines += [
-        f"| {a.step} | {a.kind}{f' ({a.phase})' if a.phase else ''} | `{a.where}` | {a.message}{_numbers_text(a)} |"
+        f"| {a.step} | {a.kind}{f' ({a.phase})' if a.phase else ''} | `{escape(a.where)}` | "
+        f"{escape(a.message + _numbers_text(a))} |"
         for a in alerts
     ]
     return "\n".join(lines)

@@ -30,6 +30,7 @@ import json
 import re
 import tokenize
 import zipfile
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -79,12 +80,12 @@ def check_zip_sizes(z: zipfile.ZipFile, path: Path) -> None:
             f"refusing {path}: its members inflate to {_size(total)} from {_size(path.stat().st_size)} "
             f"(more than {_size(MAX_INFLATION)} beyond their stored size; a zip bomb?)"
         )
-    names = [i.filename for i in infos]
-    if len(set(names)) != len(names):
-        twice = sorted({n for n in names if names.count(n) > 1})
+    counts = Counter(i.filename for i in infos)  # one pass: list.count per name took 57 s on 80k copies
+    if len(counts) != len(infos):
+        twice = min(n for n, c in counts.items() if c > 1)
         # Python's zipfile reads the last copy of a name and torch's reader the first: a check of
         # one copy would say nothing about the other.
-        raise LoadError(f"refusing {path}: the zip archive holds {twice[0]!r} more than once")
+        raise LoadError(f"refusing {path}: the zip archive holds {twice!r} more than once")
 
 
 def read_member(z: zipfile.ZipFile, name: str, limit: int, path: Path) -> bytes:

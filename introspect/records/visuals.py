@@ -41,6 +41,13 @@ def save_png(image: np.ndarray, path: str | os.PathLike) -> None:
         raise IntrospectError(f"cannot write {path}: {e}") from e
 
 
+def _literal(text: str) -> str:
+    """``text`` drawn as it is. Names come from files (class folders, module names, tags), and two
+    ``$`` in one make matplotlib parse the text between them as TeX: a parse error failed the
+    whole picture, and with it ``introspect data`` on a class folder named ``a$\\frac$``."""
+    return str(text).replace("$", r"\$")
+
+
 def _render(fig: Figure) -> np.ndarray:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
@@ -66,7 +73,7 @@ def grad_flow_image(layers: Sequence[str], rms: Sequence[float], max_abs: Sequen
     ax.bar(x, np.maximum(np.asarray(rms, dtype=float), tiny), color="#1f3f73", alpha=0.9, label="rms |grad|")
     ax.set_yscale("log")
     ax.set_xticks(x)
-    ax.set_xticklabels(layers, rotation=60, ha="right", fontsize=7)
+    ax.set_xticklabels([_literal(n) for n in layers], rotation=60, ha="right", fontsize=7)
     ax.set_xlim(-0.75, n - 0.25)
     ax.set_ylabel("gradient magnitude")
     ax.set_title(f"Gradient flow at step {step} (input → output)")
@@ -166,7 +173,7 @@ def labeled_samples_image(images: torch.Tensor, titles: Sequence[str], columns: 
     for i, (image, title) in enumerate(zip(shown, titles)):
         ax = fig.add_subplot(rows, columns, i + 1)
         ax.imshow(image.permute(1, 2, 0).numpy(), interpolation="nearest")
-        ax.set_title(title, fontsize=9)
+        ax.set_title(_literal(title), fontsize=9)
         ax.set_xticks([])
         ax.set_yticks([])
     fig.tight_layout()
@@ -184,7 +191,9 @@ def class_balance_image(names: Sequence[str], counts: Sequence[int]) -> np.ndarr
     bars = ax.bar(x, counts, color="#4c9be8")
     ax.bar_label(bars, labels=[str(int(c)) for c in counts], fontsize=8)
     ax.set_xticks(x)
-    ax.set_xticklabels(names, rotation=45 if n > 4 else 0, ha="right" if n > 4 else "center", fontsize=8)
+    ax.set_xticklabels(
+        [_literal(n) for n in names], rotation=45 if n > 4 else 0, ha="right" if n > 4 else "center", fontsize=8
+    )
     ax.set_ylabel("samples")
     ax.set_title(f"Class balance ({sum(int(c) for c in counts)} samples)")
     ax.margins(y=0.12)
@@ -241,7 +250,7 @@ def health_map_image(
     width = min(max(6.5, left + right + 0.16 * n_cols), 16.0)
     row_height = 0.2 if n_rows <= 40 else 0.14
     listed = list(findings)[:8]
-    lines = [f"step {a.step}: {a.kind}{f' ({a.phase})' if a.phase else ''} at {a.where}" for a in listed]
+    lines = [_literal(f"step {a.step}: {a.kind}{f' ({a.phase})' if a.phase else ''} at {a.where}") for a in listed]
     if len(findings) > len(listed):
         lines.append(f"... and {len(findings) - len(listed)} more findings")
     lines += textwrap.wrap(note, width=int(width / 0.07)) if note else []
@@ -265,7 +274,7 @@ def health_map_image(
     bar.set_label(unit, fontsize=8)
     bar.ax.tick_params(labelsize=7)
     ax.set_yticks(range(n_rows))
-    ax.set_yticklabels(rows, fontsize=font)
+    ax.set_yticklabels([_literal(r) for r in rows], fontsize=font)
     cols = _tick_positions(n_cols, 24)
     ax.set_xticks(cols)
     ax.set_xticklabels([str(steps[j]) for j in cols], fontsize=8, rotation=90 if n_cols > 8 else 0)
@@ -323,7 +332,7 @@ def divergence_image(forward: Sequence[Any], backward: Sequence[Any], rtol: floa
         if first is not None:
             ax.axvline(first.index, color=_FINDING_COLOUR, linewidth=1.2)
             ax.annotate(
-                f"first divergence: {first.module}",
+                _literal(f"first divergence: {first.module}"),
                 (first.index, top),
                 xytext=(4, -12),
                 textcoords="offset points",
@@ -333,7 +342,7 @@ def divergence_image(forward: Sequence[Any], backward: Sequence[Any], rtol: floa
         ticks = _tick_positions(len(diffs), 60)
         ax.set_xticks(ticks)
         ax.set_xticklabels(
-            [diffs[i].module for i in ticks], rotation=70, ha="right", fontsize=6 if len(ticks) > 30 else 7
+            [_literal(diffs[i].module) for i in ticks], rotation=70, ha="right", fontsize=6 if len(ticks) > 30 else 7
         )
         ax.set_xlim(-0.75, len(diffs) - 0.25)
         ax.set_ylabel("max |a-b| / max |a|", fontsize=8)
