@@ -436,7 +436,7 @@ def _read_run(files: Iterable[Path]) -> _RunEvents:
     from tensorboard.compat.proto.event_pb2 import Event, SessionLog
 
     run = _RunEvents()
-    alerts_tag = f"{ALERTS_TAG}/text_summary"
+    alerts_tag = stored_text_tag(ALERTS_TAG)
     position = 0
     for path in files:
         try:
