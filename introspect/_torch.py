@@ -23,6 +23,7 @@ __all__ = [
     "fsdp1_flat_handle",
     "tensor_version",
     "view_base",
+    "saved_tensors_hooks_in_use",
 ]
 
 
@@ -131,6 +132,24 @@ def tensor_version(tensor: torch.Tensor) -> int:
     uses the same counter to refuse a backward through a tensor changed after it was saved). The
     replay check compares it to tell whether a forward's inputs are still what the forward read."""
     return tensor._version
+
+
+def saved_tensors_hooks_in_use() -> bool:
+    """Whether a pair of saved-tensor hooks is set on this thread already (``save_on_cpu``, a
+    checkpoint's, the user's own).
+
+    ``torch._C._autograd._top_saved_tensors_default_hooks`` (torch >= 2.1, unchanged through 2.14):
+    autograd applies only the innermost pair, so the memory probe must not push its own over
+    someone else's (their tensors would stop going where they send them); there is no public way
+    to ask. Where it is missing, the answer is "in use": measuring is skipped rather than risked.
+    """
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    if top is None:
+        return True
+    try:
+        return top(True) is not None
+    except Exception:
+        return True
 
 
 def any_file_writer(writer: Any) -> Any | None:

@@ -18,6 +18,7 @@ outlined in red, and the findings are listed under the map.
 | ``dead_fraction`` | share of a ReLU's units zero for every sample (the debugger's measure) | ``dead/{m}`` (live only) |
 | ``update_ratio`` | log10 of ``‖Δw‖ / ‖w‖`` of the module's ``weight`` (its first parameter without one) | ``update_ratio/{p}`` |
 | ``nonfinite`` | NaN/Inf values in the output and the gradient w.r.t. it | the histograms' counts |
+| ``saved_bytes`` | log10 bytes saved for backward while the module ran (``log=[..., "memory"]``) | ``memory/saved/{m}`` |
 
 Offline (:func:`health_map_from_events`) everything comes back from the event files except the
 dead fraction: the watcher measures it per unit, across batches, and writes only the finding
@@ -78,6 +79,9 @@ STATS: dict[str, StatSpec] = {
     ),
     "nonfinite": StatSpec(
         "nonfinite", "NaN/Inf values in the output and its gradient", "log10(1 + NaN/Inf count)", False, "Reds"
+    ),
+    "saved_bytes": StatSpec(
+        "saved_bytes", "log10 bytes saved for backward while the module ran", "log10 bytes", True, "YlGnBu"
     ),
 }
 """Every statistic a health map can show, in the order ``introspect map`` draws them."""
@@ -281,8 +285,15 @@ def host_values(host: HostStep) -> tuple[dict[str, dict[str, float]], list[str]]
     values["update_ratio"] = _module_ratios(
         {tag_name(t)[1]: v for t, v in host.scalars.items() if tag_name(t)[0] == "update_ratio"}
     )
+    values["saved_bytes"] = {m: v for t, v in host.scalars.items() if (m := _saved_module(t)) is not None}
     order = forward + [n for n in reversed(backward) if n not in set(forward)]
     return values, order
+
+
+def _saved_module(full_tag: str) -> str | None:
+    """The module of a ``memory/saved/{module}`` scalar, else None."""
+    kind, name = tag_name(full_tag)
+    return name.removeprefix("saved/") if kind == "memory" and name.startswith("saved/") else None
 
 
 def _record_std(record: HistogramRecord) -> float:
@@ -375,6 +386,9 @@ def health_map_from_events(rundir: str | os.PathLike, max_columns: int = 400) ->
         elif kind == "update_ratio":
             for event in acc.Scalars(full_tag):
                 steps.setdefault(event.step, {s: {} for s in STATS}).setdefault("_ratios", {})[name] = event.value
+        elif (module := _saved_module(full_tag)) is not None:
+            for event in acc.Scalars(full_tag):
+                cell("saved_bytes", event.step, module, event.value)
     hm = HealthMap(max_columns=max_columns)
     hm.offline = True
     order = forward + [n for n in reversed(backward) if n not in set(forward)]

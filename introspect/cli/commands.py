@@ -184,6 +184,35 @@ def _shaped_input(model: Any, shape: tuple[int, ...], dtype: str) -> tuple[Any, 
     return model, inputs
 
 
+class _BatchSizes(click.ParamType):
+    name = "N[,N...]"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> tuple[int, ...]:
+        if isinstance(value, tuple):
+            return value
+        try:
+            sizes = tuple(int(p) for p in str(value).split(","))
+        except ValueError:
+            self.fail(f"expected positive integers separated by commas like 1,8,32, got {value!r}", param, ctx)
+        if not sizes or min(sizes) < 1:
+            self.fail(f"expected positive integers separated by commas like 1,8,32, got {value!r}", param, ctx)
+        return sizes
+
+
+class _ByteSize(click.ParamType):
+    name = "SIZE"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> int:
+        from ..analysis.memory import parse_byte_size
+
+        if isinstance(value, int):
+            return value
+        try:
+            return parse_byte_size(value)
+        except IntrospectError as e:
+            self.fail(str(e), param, ctx)
+
+
 _MODEL_PATH = click.Path()
 """A file argument whose checks are the loader's: a missing, unreadable or directory path is a
 ``LoadError`` (one ``error:`` line, exit 3), not click's usage error (exit 2)."""
@@ -234,6 +263,90 @@ def summary(
 
     net, inputs = _shaped_input(_load(model, arch, arch_kwargs, unsafe), input_shape, dtype)
     click.echo(model_summary(net, *inputs, depth=depth))
+
+
+@main.command()
+@click.argument("model", type=_MODEL_PATH)
+@click.option(
+    "--input-shape",
+    type=_Shape(),
+    required=True,
+    help="Shape of one input, its first dimension the batch: 8,3,32,32, or 1,128 with --dtype int64 (token ids).",
+)
+@click.option(
+    "--batch-size",
+    "batch_sizes",
+    type=_BatchSizes(),
+    default=None,
+    help="Batch sizes to measure in place of the input's first dimension, e.g. 1,8,32: with two or more, how memory grows with the batch.",
+)
+@click.option(
+    "--optimizer",
+    type=click.Choice(["adam", "adamw", "sgd", "none"]),
+    default="adam",
+    show_default=True,
+    help="The optimizer whose state the step holds (sgd: momentum 0.9; none: no optimizer step).",
+)
+@click.option(
+    "--budget",
+    type=_ByteSize(),
+    default=None,
+    help="Memory to fit in, e.g. 24GB (K, M, G in powers of 1024): the largest batch that fits, from the line through --batch-size's steps.",
+)
+@_input_options
+@click.option(
+    "--depth", type=click.IntRange(1), default=3, show_default=True, help="How deep the table goes into submodules."
+)
+@model_options
+def memory(
+    model: str,
+    input_shape: tuple[int, ...],
+    batch_sizes: tuple[int, ...] | None,
+    optimizer: str,
+    budget: int | None,
+    dtype: str,
+    depth: int,
+    arch: str | None,
+    arch_kwargs: dict | None,
+    unsafe: bool,
+) -> None:
+    """Measure one training step of MODEL: where its memory goes, module by module.
+
+    A forward in training mode, the backward of its output's sum (of its own loss, for a model that
+    takes labels: a Hugging Face language model gets labels = its token ids) and an optimizer step,
+    on a random input. Per module: parameters and buffers, gradients, optimizer state, and the
+    activations saved for backward (counted as autograd saves them, each storage once); then the
+    predicted peak (their sum, with the saved activations at their peak) and the largest holders.
+    With several --batch-size values, one step each and the line peak = fixed + per-sample x batch
+    through them; with --budget, the largest batch that fits.
+
+    \b
+    Examples:
+      introspect memory weights.pt --arch torchvision:resnet18 --input-shape 8,3,224,224
+      introspect memory hf_folder --input-shape 1,512 --dtype int64 --batch-size 1,8,32 --budget 24GB
+    """
+    from ..analysis.memory import memory_growth, step_inputs
+    from ..load.model_inputs import check_input, random_input
+
+    net, torch_dtype = _cast(_load(model, arch, arch_kwargs, unsafe), dtype)
+    sizes = list(batch_sizes or (input_shape[0],))
+
+    def inputs_for(batch: int) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        return step_inputs(net, random_input(net, (batch, *input_shape[1:]), torch_dtype))
+
+    args, kwargs = inputs_for(sizes[0])
+    check_input(net, args)
+    growth = memory_growth(net, inputs_for, sizes, optimizer=optimizer)
+    shown = max(range(len(sizes)), key=lambda i: sizes[i])
+    shape = ",".join(map(str, (sizes[shown], *input_shape[1:])))
+    loss = "the model's own loss (labels = the input)" if kwargs else "the sum of its output"
+    click.echo(
+        f"{model}: one training step on a {dtype} input of shape {shape}; backward of {loss}; optimizer {optimizer}"
+    )
+    click.echo(growth.steps[shown].table(depth))
+    if len(sizes) > 1 or budget is not None:
+        click.echo("")
+        click.echo(growth.table(budget))
 
 
 @main.command()
@@ -629,7 +742,7 @@ def _save_png(image: Any, path: str) -> None:
     "--stat",
     "stats",
     multiple=True,
-    type=click.Choice(["grad_rms", "activation_std", "dead_fraction", "update_ratio", "nonfinite"]),
+    type=click.Choice(["grad_rms", "activation_std", "dead_fraction", "update_ratio", "nonfinite", "saved_bytes"]),
     help="Which statistic to draw (repeatable); default: every one the run has.",
 )
 @click.option(
