@@ -115,7 +115,8 @@ def count_flops(
     model: nn.Module, args: Sequence[Any] = (), kwargs: Mapping[str, Any] | None = None, backward: bool = True
 ) -> FlopCount:
     """FLOPs of ``model`` on these inputs, forward and (with ``backward``) the backward of its
-    output's sum, per module; nothing of the model changes (see the module docstring).
+    output's sum (w.r.t. the trainable parameters and any input that requires grad, as
+    ``loss.backward()`` would), per module; nothing of the model changes (see the module docstring).
 
     Raises the model's own errors untouched; ``ConfigError`` for a non-module.
     """
@@ -124,12 +125,24 @@ def count_flops(
     if not isinstance(model, nn.Module):
         raise ConfigError(f"count_flops() expects an nn.Module, got {type(model).__name__}")
     names = _tracker_names(model)
-    params = [p for p in model.parameters() if p.requires_grad]
     backward_run = False
     with preserved_state(model), torch.enable_grad():
+        # What a training backward fills: the trainable parameters, and the inputs that require
+        # grad, passed as views (``ModuleTracker`` cannot hook a leaf input under autograd.grad).
+        inputs: list[torch.Tensor] = []
+
+        def view(value: Any) -> Any:
+            if isinstance(value, torch.Tensor) and value.requires_grad and value.is_leaf:
+                inputs.append(value.view_as(value))
+                return inputs[-1]
+            return value
+
+        args = [view(v) for v in args]
+        kwargs = {k: view(v) for k, v in (kwargs or {}).items()}
+        params = [p for p in model.parameters() if p.requires_grad] + inputs
         counter = FlopCounterMode(display=False, custom_mapping=_cpu_attention_formulas())
         with counter:
-            output = model(*args, **dict(kwargs or {}))
+            output = model(*args, **kwargs)
             forward = {key: sum(per_op.values()) for key, per_op in counter.get_flop_counts().items()}
             if backward and params:
                 try:

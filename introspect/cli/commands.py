@@ -341,7 +341,7 @@ def memory(
     shape = ",".join(map(str, (sizes[shown], *input_shape[1:])))
     loss = "the model's own loss (labels = the input)" if kwargs else "the sum of its output"
     click.echo(
-        f"{model}: one training step on a {dtype} input of shape {shape}; backward of {loss}; optimizer {optimizer}"
+        f"{model}: one training step on an input of shape {shape} ({dtype}); backward of {loss}; optimizer {optimizer}"
     )
     click.echo(growth.steps[shown].table(depth))
     if len(sizes) > 1 or budget is not None:
