@@ -297,7 +297,8 @@ def test_watch_writes_saved_bytes_per_module_and_the_table(tmp_path, capsys):
         assert [e.step for e in acc.Scalars(tag)] == [0, 2]  # logging steps only
         assert acc.Scalars(tag)[0].value == pytest.approx(expected[module], rel=1e-6), module
     assert acc.Scalars("memory/saved_peak")[0].value == pytest.approx(independent.peak, rel=1e-6)
-    (table, later) = text_of(acc, "model/memory")
+    (table,) = text_of(acc, "model/memory")  # step 2's peak is step 0's: written once
+    assert [e.step for e in acc.Tensors("model/memory/text_summary")] == [0]
     assert "Memory of training step 0 (measured)" in table and "optimizer state" in table
     assert "Largest holders: transformer.h" in table
     assert printed.count("Memory of training step 0 (measured)") == 1  # with the summary, once

@@ -51,6 +51,7 @@ __all__ = [
     "StepMemory",
     "MemoryGrowth",
     "state_bytes",
+    "owned_tensors",
     "measure_step_memory",
     "step_inputs",
     "memory_growth",
@@ -121,14 +122,17 @@ class SavedTally:
     the hooks raises with them.
     """
 
-    def __init__(self, modules: Mapping[str, nn.Module], cuda_device: int | None = None) -> None:
+    def __init__(
+        self,
+        modules: Mapping[str, nn.Module],
+        cuda_device: int | None = None,
+        owned: Mapping[str, Sequence[torch.Tensor]] | None = None,
+    ) -> None:
         self.modules = modules
-        self.names = {id(m): name for name, m in modules.items()}
+        self.owned = owned if owned is not None else owned_tensors(modules)
+        """Each module's own parameters and buffers (see :func:`owned_tensors`)."""
         self._exclude = {
-            found[0]
-            for m in modules.values()
-            for t in (*m.parameters(recurse=False), *m.buffers(recurse=False))
-            if (found := _storage(t)) is not None
+            found[0] for tensors in self.owned.values() for t in tensors if (found := _storage(t)) is not None
         }
         self.stack: list[str] = [OUTSIDE]
         self.saved: dict[str, int] = {}
@@ -299,8 +303,26 @@ def _nbytes(tensor: Any) -> int:
     return tensor.numel() * tensor.element_size() if isinstance(tensor, torch.Tensor) else 0
 
 
+def owned_tensors(modules: Mapping[str, nn.Module]) -> dict[str, list[torch.Tensor]]:
+    """Each module's own parameters and buffers; a tied one listed once, under the first module
+    that holds it (worked out once by a watch: walking every module's members costs)."""
+    owned: dict[str, list[torch.Tensor]] = {}
+    seen: set[int] = set()
+    for name, module in modules.items():
+        mine = []
+        for tensor in (*module.parameters(recurse=False), *module.buffers(recurse=False)):
+            if id(tensor) not in seen:
+                seen.add(id(tensor))
+                mine.append(tensor)
+        if mine:
+            owned[name] = mine
+    return owned
+
+
 def state_bytes(
-    modules: Mapping[str, nn.Module], optimizer: torch.optim.Optimizer | None = None
+    modules: Mapping[str, nn.Module],
+    optimizer: torch.optim.Optimizer | None = None,
+    owned: Mapping[str, Sequence[torch.Tensor]] | None = None,
 ) -> tuple[dict[str, int], dict[str, int], dict[str, int]]:
     """``(params, grads, optimizer)``: bytes per module of its own parameters and buffers, their
     gradients and the optimizer's state tensors for them. A tied parameter is charged once, to
@@ -308,13 +330,9 @@ def state_bytes(
     params: dict[str, int] = {}
     grads: dict[str, int] = {}
     states: dict[str, int] = {}
-    seen: set[int] = set()
     state = getattr(optimizer, "state", None) or {}
-    for name, module in modules.items():
-        for tensor in (*module.parameters(recurse=False), *module.buffers(recurse=False)):
-            if id(tensor) in seen:
-                continue
-            seen.add(id(tensor))
+    for name, tensors in (owned if owned is not None else owned_tensors(modules)).items():
+        for tensor in tensors:
             params[name] = params.get(name, 0) + _nbytes(tensor)
             if isinstance(tensor, nn.Parameter):
                 if tensor.grad is not None:
@@ -397,7 +415,7 @@ class StepMemory:
         step: int | None = None,
         note: str = "",
     ) -> StepMemory:
-        params, grads, states = state_bytes(tally.modules, optimizer)
+        params, grads, states = state_bytes(tally.modules, optimizer, tally.owned)
         saved = tally.per_module()
         names = list(tally.modules) + ([OUTSIDE] if saved.get(OUTSIDE) else [])
         return cls(

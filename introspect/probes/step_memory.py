@@ -6,9 +6,9 @@ running modules, set for that step only), the step's peak of live saved bytes an
 reached, parameters, gradients (read when backward ends) and, with ``optimizer=``, optimizer state
 per module; on CUDA the allocator's ``max_memory_allocated`` and per-module deltas beside them.
 Written as ``memory/saved/{module}`` scalars (a module's children included), ``memory/saved_peak``,
-``memory/cuda_max_allocated`` and ``memory/cuda_reserved`` (CUDA), and the table ``model/memory``;
-the first measured step's table is printed too when ``summary=True``. Off those steps nothing of
-this probe runs.
+``memory/cuda_max_allocated`` and ``memory/cuda_reserved`` (CUDA), and the table ``model/memory``
+(at the first measured step, printed too when ``summary=True``, and again whenever the predicted
+peak moves by more than 5%). Off those steps nothing of this probe runs.
 
 Every watch, whatever ``log``: when an out-of-memory error (``torch.OutOfMemoryError``,
 ``MemoryError``, a ``RuntimeError`` saying "out of memory") leaves the root's forward, or the
@@ -33,6 +33,7 @@ from ..analysis.memory import (
     cuda_device_of,
     is_out_of_memory,
     out_of_memory_alert,
+    owned_tensors,
     raising_module,
     state_bytes,
 )
@@ -56,6 +57,8 @@ class MemoryProbe(Probe):
         self._modules = tagged_modules(ctx.root)
         self._names = {id(m): n for n, m in self._modules.items()}
         self._root = next(iter(self._modules))
+        self._owned = owned_tensors(self._modules)
+        self._written_peak = 0
         self._tally: SavedTally | None = None
         self._max_before: int | None = None
         self._grads: dict[str, int] | None = None
@@ -71,7 +74,7 @@ class MemoryProbe(Probe):
     # ------------------------------------------------------------ a measured step
     def on_step_start(self, plan: StepPlan) -> None:
         device = cuda_device_of(self.ctx.root)
-        tally = SavedTally(self._modules, cuda_device=device)
+        tally = SavedTally(self._modules, cuda_device=device, owned=self._owned)
         tally.after_backward = lambda: self._after_backward(tally)
         self._max_before = torch.cuda.max_memory_allocated(device) if device is not None else None
         self._grads = None
@@ -112,7 +115,7 @@ class MemoryProbe(Probe):
         (a loop may drop them with ``zero_grad()`` before the step ends)."""
         if tally is not self._tally or self.ctx.closing:
             return
-        self._grads = state_bytes(self._modules)[1]
+        self._grads = state_bytes(self._modules, owned=self._owned)[1]
         buffer = self.ctx.buffer
         if tally.cuda_device is not None and buffer is not None:
             cuda = CudaMemory.read(tally.cuda_device, self._max_before)
@@ -134,8 +137,9 @@ class MemoryProbe(Probe):
         if self._grads is not None:
             step.grads = self._grads
         self.last = step
-        if host is None:
-            return
+        if host is None or abs(step.predicted_peak - self._written_peak) <= 0.05 * self._written_peak:
+            return  # the table is written when it says something new: the first, and a peak 5% away
+        self._written_peak = step.predicted_peak
         text = step.table()
         if self.ctx.config.summary and not self._printed:
             self._printed = True
@@ -159,7 +163,7 @@ class MemoryProbe(Probe):
         plan = ctx.plan
         tally = self._tally
         optimizer = ctx.config.optimizer
-        params, grads, states = state_bytes(self._modules, optimizer)
+        params, grads, states = state_bytes(self._modules, optimizer, self._owned)
         device = cuda_device_of(ctx.root)
         alert = out_of_memory_alert(
             error,

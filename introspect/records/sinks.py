@@ -19,6 +19,9 @@
 |                                              | figure    | data/samples, data/class_balance  |
 |                                              | text      | data/channel_stats, data/findings |
 | the first training batch (``log_inputs``)    | image     | data/inputs                       |
+| bytes saved for backward while a module ran (``log=[..., "memory"]``) | scalar | memory/saved/{module} |
+| a measured step's saved peak; CUDA peak and reserved | scalar | memory/saved_peak, memory/cuda_max_allocated, memory/cuda_reserved |
+| the per-module memory table                  | text      | model/memory                      |
 """
 
 from __future__ import annotations
