@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._torch import queue_after_backward, saved_tensors_hooks_in_use, tensor_version
+from .._torch import queue_after_backward, saved_tensors_hooks_in_use, saved_tensors_hooks_on_top, tensor_version
 from ..debugger.alerts import Alert
 from ..errors import ConfigError, IntrospectError, ModelTypeError
 from ..records.shards import user_type_name
@@ -231,13 +231,15 @@ class SavedTally:
         self.recording_now = True
 
     def stop(self) -> None:
-        """Pop our saved-tensor hooks (only if they are still the innermost pair)."""
+        """Pop our saved-tensor hooks, if they are still the innermost pair (a pair pushed after
+        ours and never popped stays where its owner left it, and ours under it)."""
         if not self.recording_now:
             return
         self.recording_now = False
         while len(self.stack) > 1:
             self._pop()
-        self._hooks.__exit__(None, None, None)
+        if saved_tensors_hooks_on_top(self.pack):
+            self._hooks.__exit__(None, None, None)
 
     def new_forward(self) -> None:
         """A new forward of the same step: its per-module bytes are kept apart."""
