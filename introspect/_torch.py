@@ -28,6 +28,8 @@ __all__ = [
     "fsdp1_flat_handle",
     "tensor_version",
     "view_base",
+    "saved_tensors_hooks_in_use",
+    "saved_tensors_hooks_on_top",
 ]
 
 
@@ -136,6 +138,39 @@ def tensor_version(tensor: torch.Tensor) -> int:
     uses the same counter to refuse a backward through a tensor changed after it was saved). The
     replay check compares it to tell whether a forward's inputs are still what the forward read."""
     return tensor._version
+
+
+_NO_ANSWER = object()
+
+
+def _top_saved_tensors_hooks() -> Any:
+    """The innermost ``(pack, unpack)`` pair of this thread, None, or ``_NO_ANSWER``.
+
+    ``torch._C._autograd._top_saved_tensors_default_hooks`` (torch >= 2.1, unchanged through 2.14):
+    autograd applies only the innermost pair, so the memory probe must not push its own over
+    someone else's (their tensors would stop going where they send them), nor pop someone else's;
+    there is no public way to ask.
+    """
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    if top is None:
+        return _NO_ANSWER
+    try:
+        return top(True)
+    except Exception:
+        return _NO_ANSWER
+
+
+def saved_tensors_hooks_in_use() -> bool:
+    """Whether a pair of saved-tensor hooks is set on this thread already (``save_on_cpu``, a
+    checkpoint's, the user's own). Where torch cannot say, the answer is "in use": measuring is
+    skipped rather than risked."""
+    return _top_saved_tensors_hooks() is not None
+
+
+def saved_tensors_hooks_on_top(pack: Callable[..., Any]) -> bool:
+    """Whether ``pack`` is the pack hook of the innermost pair (so popping the pair pops ours)."""
+    top = _top_saved_tensors_hooks()
+    return isinstance(top, tuple) and bool(top) and top[0] == pack
 
 
 def any_file_writer(writer: Any) -> Any | None:

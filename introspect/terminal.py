@@ -16,7 +16,7 @@ import sys
 from collections.abc import Iterable, Sequence
 from typing import Any, TypeVar
 
-__all__ = ["progress", "format_table", "number", "counted", "escape", "escape_lines"]
+__all__ = ["progress", "format_table", "number", "counted", "escape", "escape_lines", "byte_size"]
 
 T = TypeVar("T")
 
@@ -66,6 +66,18 @@ def number(value: float) -> str:
     if isinstance(value, int):
         return f"{value:,}"
     return f"{value:.4g}"
+
+
+def byte_size(count: float) -> str:
+    """``"1.50 MiB"``: bytes in powers of 1024, the units ``nvidia-smi`` and ``torch.cuda`` report."""
+    value = float(count)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(value) < 1024 or unit == "GiB":
+            break
+        value /= 1024
+    if unit == "B":
+        return f"{count:,.0f} B"
+    return f"{value:,.0f} {unit}" if abs(value) >= 100 else f"{value:.3g} {unit}"
 
 
 def counted(count: float, noun: str, plural: str | None = None) -> str:

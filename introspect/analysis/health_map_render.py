@@ -18,6 +18,7 @@ outlined in red, and the findings are listed under the map.
 | ``dead_fraction`` | share of a ReLU's units zero for every sample (the debugger's measure) | ``dead/{m}`` (live only) |
 | ``update_ratio`` | log10 of ``‖Δw‖ / ‖w‖`` of the module's ``weight`` (its first parameter without one) | ``update_ratio/{p}`` |
 | ``nonfinite`` | NaN/Inf values in the output and the gradient w.r.t. it | the histograms' counts |
+| ``saved_bytes`` | log10 bytes saved for backward while the module ran (``log=[..., "memory"]``) | ``memory/saved/{m}`` |
 
 Offline (:func:`health_map_from_events`) everything comes back from the event files except the
 dead fraction: the watcher measures it per unit, across batches, and writes only the finding
@@ -93,6 +94,9 @@ STATS: dict[str, StatSpec] = {
     ),
     "nonfinite": StatSpec(
         "nonfinite", "NaN/Inf values in the output and its gradient", "log10(1 + NaN/Inf count)", False, "Reds"
+    ),
+    "saved_bytes": StatSpec(
+        "saved_bytes", "log10 bytes saved for backward while the module ran", "log10 bytes", True, "YlGnBu"
     ),
 }
 """Every statistic a health map can show, in the order ``introspect map`` draws them."""
@@ -344,9 +348,16 @@ def host_values(host: HostStep) -> tuple[dict[str, dict[str, float]], list[str]]
     values["update_ratio"] = _module_ratios(
         {tag_name(t)[1]: v for t, v in host.scalars.items() if tag_name(t)[0] == "update_ratio"}
     )
+    values["saved_bytes"] = {m: v for t, v in host.scalars.items() if (m := _saved_module(t)) is not None}
     seen = set(forward)
     order = forward + [n for n in reversed(backward) if n not in seen]
     return values, order
+
+
+def _saved_module(full_tag: str) -> str | None:
+    """The module of a ``memory/saved/{module}`` scalar, else None."""
+    kind, name = tag_name(full_tag)
+    return name.removeprefix("saved/") if kind == "memory" and name.startswith("saved/") else None
 
 
 def _record_std(record: HistogramRecord) -> float:
@@ -456,7 +467,9 @@ def _read_run(files: Iterable[Path]) -> _RunEvents:
                         kind = value.WhichOneof("value")
                         if kind == "histo" and tag_name(value.tag)[0] in ("activations", "activation_grads"):
                             run.histograms.setdefault(value.tag, {})[event.step] = (position, value.histo)
-                        elif kind == "simple_value" and tag_name(value.tag)[0] in ("nonfinite", "update_ratio"):
+                        elif kind == "simple_value" and (
+                            tag_name(value.tag)[0] in ("nonfinite", "update_ratio") or _saved_module(value.tag)
+                        ):
                             run.scalars.setdefault(value.tag, {})[event.step] = (position, value.simple_value)
                         elif kind == "tensor" and value.tag == alerts_tag:
                             text = b"".join(value.tensor.string_val).decode("utf-8", "replace")
@@ -515,6 +528,7 @@ def health_map_from_events(rundir: str | os.PathLike, max_columns: int = 400, ma
         kind, name = tag_name(full_tag)
         if kind == "update_ratio":
             params.add(name)
+        module = _saved_module(full_tag)
         for step, (position, value) in events.items():
             if not fresh(position, step):
                 continue
@@ -522,6 +536,8 @@ def health_map_from_events(rundir: str | os.PathLike, max_columns: int = 400, ma
                 cell("nonfinite", step, name, value)
             elif kind == "update_ratio":
                 steps.setdefault(step, {s: {} for s in STATS}).setdefault("_ratios", {})[name] = value
+            elif module is not None:
+                cell("saved_bytes", step, module, value)
     hm = HealthMap(max_columns=max_columns, max_rows=max_rows)
     hm.offline = True
     seen = set(forward)

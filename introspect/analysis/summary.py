@@ -43,12 +43,14 @@ def model_summary(
 ) -> str:
     """The torchinfo table for ``model`` on these real inputs, as text.
 
-    Runs in the model's own mode (train or eval) inside ``preserved_state``. Two of torchinfo's
-    numbers are put right: a tied weight (a language model's head sharing the embedding matrix) is
-    counted once, as ``model.parameters()`` counts it, not once per module that holds it; and the
-    mult-adds are an exact count, since torchinfo 1.8 (the newest) prints its unit as
-    "Units.MEGABYTES" on Python 3.11+. A ``PackedSequence`` input, which torchinfo cannot size,
-    is handed to the model untouched.
+    Runs in the model's own mode (train or eval) inside ``preserved_state``. A tied weight (a
+    language model's head sharing the embedding matrix) is counted once, as ``model.parameters()``
+    counts it, not once per module that holds it. torchinfo's mult-adds are an estimate (a Linear
+    counts its parameters once per sample, whatever the number of tokens), labelled so and printed
+    as a plain number (torchinfo 1.8 prints its unit as "Units.MEGABYTES" on Python 3.11+); the
+    FLOPs per module, forward and backward, counted by ``torch.utils.flop_counter`` on one more
+    forward and backward of the same inputs (``introspect.analysis.flops``), follow the table. A
+    ``PackedSequence`` input, which torchinfo cannot size, is handed to the model untouched.
     """
     import torchinfo
 
@@ -83,7 +85,21 @@ def model_summary(
     stats.trainable_params = sum(p.numel() for p in params if p.requires_grad)
     stats.total_param_bytes = sum(p.numel() * p.element_size() for p in params)
     stats.formatting.macs_units = torchinfo.Units.NONE
-    return str(stats)
+    text = str(stats).replace("Total mult-adds: ", f"{MULT_ADDS_LABEL}: ", 1)
+    return text + "\n" + _flops_text(model, args, kwargs, depth)
+
+
+MULT_ADDS_LABEL = "Total mult-adds (torchinfo's estimate; FLOPs counted below)"
+
+
+def _flops_text(model: nn.Module, args: Sequence[Any], kwargs: dict[str, Any], depth: int) -> str:
+    """The per-module FLOPs table, or one line saying why there is none (the summary stands without it)."""
+    from .flops import count_flops
+
+    try:
+        return count_flops(model, args, kwargs).table(depth)
+    except Exception as e:
+        return f"FLOPs not counted: {type(e).__name__}: {first_line(e)[:200]}"
 
 
 def _raised_by(error: BaseException, package: Any) -> bool:

@@ -27,7 +27,7 @@ from ..errors import (
 )
 from ..load.model_inputs import InputSpec
 from ..terminal import escape, escape_lines
-from .options import MODEL_PATH, input_options, model_options
+from .options import MODEL_PATH, BatchSizes, ByteSize, input_options, model_options
 
 __all__ = ["main", "IntrospectCommand", "EXIT_CODES"]
 
@@ -132,6 +132,85 @@ def summary(
 
 
 @main.command()
+@click.argument("model", type=MODEL_PATH)
+@input_options(shape_only=True)
+@click.option(
+    "--batch-size",
+    "batch_sizes",
+    type=BatchSizes(),
+    default=None,
+    help="Batch sizes to measure in place of the input's first dimension, e.g. 1,8,32: with two or more, how memory grows with the batch.",
+)
+@click.option(
+    "--optimizer",
+    type=click.Choice(["adam", "adamw", "sgd", "none"]),
+    default="adam",
+    show_default=True,
+    help="The optimizer whose state the step holds (sgd: momentum 0.9; none: no optimizer step).",
+)
+@click.option(
+    "--budget",
+    type=ByteSize(),
+    default=None,
+    help="Memory to fit in, e.g. 24GB (K, M, G in powers of 1024): the largest batch that fits, from the line through --batch-size's steps.",
+)
+@click.option(
+    "--depth", type=click.IntRange(1), default=3, show_default=True, help="How deep the table goes into submodules."
+)
+@model_options
+def memory(
+    model: str,
+    inputs: InputSpec,
+    batch_sizes: tuple[int, ...] | None,
+    optimizer: str,
+    budget: int | None,
+    depth: int,
+    arch: str | None,
+    arch_kwargs: dict | None,
+    unsafe: bool,
+) -> None:
+    """Measure one training step of MODEL: where its memory goes, module by module.
+
+    A forward in training mode, the backward of its output's sum (of its own loss, for a model that
+    takes labels: a Hugging Face language model gets labels = its token ids) and an optimizer step,
+    on a random input. Per module: parameters and buffers, gradients, optimizer state, and the
+    activations saved for backward (counted as autograd saves them, each storage once); then the
+    predicted peak (their sum, with the saved activations at their peak) and the largest holders.
+    With several --batch-size values, one step each and the line peak = fixed + per-sample x batch
+    through them; with --budget, the largest batch that fits.
+
+    \b
+    Examples:
+      introspect memory weights.pt --arch torchvision:resnet18 --input-shape 8,3,224,224
+      introspect memory hf_folder --input-shape 1,512 --dtype int64 --batch-size 1,8,32 --budget 24GB
+    """
+    from ..analysis.memory import memory_growth, step_inputs
+    from ..load.model_inputs import DTYPES, cast_model, check_input, random_input
+    from ..load.models import load_model
+
+    assert inputs.shape is not None  # input_options(shape_only=True): --input-shape is required
+    input_shape, dtype = inputs.shape, inputs.dtype
+    net, torch_dtype = cast_model(load_model(model, arch, arch_kwargs, unsafe), dtype), DTYPES[dtype]
+    sizes = list(batch_sizes or (input_shape[0],))
+
+    def inputs_for(batch: int) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        return step_inputs(net, random_input(net, (batch, *input_shape[1:]), torch_dtype))
+
+    args, kwargs = inputs_for(sizes[0])
+    check_input(net, args)
+    growth = memory_growth(net, inputs_for, sizes, optimizer=optimizer)
+    shown = max(range(len(sizes)), key=lambda i: sizes[i])
+    shape = ",".join(map(str, (sizes[shown], *input_shape[1:])))
+    loss = "the model's own loss (labels = the input)" if kwargs else "the sum of its output"
+    click.echo(
+        f"{escape(model)}: one training step on an input of shape {shape} ({dtype}); backward of {loss}; optimizer {optimizer}"
+    )
+    click.echo(growth.steps[shown].table(depth))
+    if len(sizes) > 1 or budget is not None:
+        click.echo("")
+        click.echo(growth.table(budget))
+
+
 @click.argument("model", type=MODEL_PATH)
 @input_options(shape_only=True)
 @click.option(
@@ -422,7 +501,7 @@ def compare(
     "--stat",
     "stats",
     multiple=True,
-    type=click.Choice(["grad_rms", "activation_std", "dead_fraction", "update_ratio", "nonfinite"]),
+    type=click.Choice(["grad_rms", "activation_std", "dead_fraction", "update_ratio", "nonfinite", "saved_bytes"]),
     help="Which statistic to draw (repeatable); default: every one the run has.",
 )
 @click.option(

@@ -15,7 +15,7 @@ import click
 from ..errors import IntrospectError
 from ..load.model_inputs import DTYPES, InputSpec, parse_shape
 
-__all__ = ["MODEL_PATH", "JSONObject", "Shape", "model_options", "input_options"]
+__all__ = ["MODEL_PATH", "JSONObject", "Shape", "BatchSizes", "ByteSize", "model_options", "input_options"]
 
 MODEL_PATH = click.Path(readable=False)
 """A file argument whose checks are the loader's: a missing, unreadable or directory path is a
@@ -67,6 +67,35 @@ class Shape(click.ParamType):
             return value
         try:
             return parse_shape(value)
+        except IntrospectError as e:
+            self.fail(str(e), param, ctx)
+
+
+class BatchSizes(click.ParamType):
+    name = "N[,N...]"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> tuple[int, ...]:
+        if isinstance(value, tuple):
+            return value
+        try:
+            sizes = tuple(int(p) for p in str(value).split(","))
+        except ValueError:
+            self.fail(f"expected positive integers separated by commas like 1,8,32, got {value!r}", param, ctx)
+        if not sizes or min(sizes) < 1:
+            self.fail(f"expected positive integers separated by commas like 1,8,32, got {value!r}", param, ctx)
+        return sizes
+
+
+class ByteSize(click.ParamType):
+    name = "SIZE"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> int:
+        from ..analysis.memory import parse_byte_size
+
+        if isinstance(value, int):
+            return value
+        try:
+            return parse_byte_size(value)
         except IntrospectError as e:
             self.fail(str(e), param, ctx)
 

@@ -90,7 +90,12 @@ def watch(
             per output.
         log: what to capture on logging steps: any of "activations", "activation_grads",
             "weights", "grads", "feature_maps" (conv layers' channels as an image grid; 1-D
-            convolutions and RNN/attention sequence outputs as a heat map; at ``image_every``).
+            convolutions and RNN/attention sequence outputs as a heat map; at ``image_every``);
+            opt-in: "health_map", and "memory" (per-module parameters, gradients, optimizer
+            state and activations saved for backward, measured on logging steps: the
+            ``memory/saved/{module}`` scalars and the ``model/memory`` table, printed for the
+            first one with ``summary``). Whatever ``log`` says, an out-of-memory error under
+            ``watch`` is reported (``out_of_memory``) with what the step held, and raised as it was.
         image_every: draw feature maps every N steps (step 0 always); default ``10 * every``.
             Only the first sample's slice (at most 64 channels) is copied on those steps.
         log_inputs: on the first training batch, write the model's input as an image grid

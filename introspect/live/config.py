@@ -38,8 +38,10 @@ __all__ = [
     "read_step",
 ]
 
-LOG_KINDS = ("activations", "activation_grads", "weights", "grads", "feature_maps", "health_map")
-DEFAULT_LOG = LOG_KINDS[:5]  # the health map is opt-in: its pictures cost ~1 s (see probes/health_map.py)
+LOG_KINDS = ("activations", "activation_grads", "weights", "grads", "feature_maps", "health_map", "memory")
+DEFAULT_LOG = LOG_KINDS[:5]
+"""Opt-in: the health map (its pictures cost ~1 s, see probes/health_map.py) and memory (saved-tensor
+hooks on logging steps, see probes/step_memory.py)."""
 DEFAULT_EVERY = 50
 IMAGE_EVERY_FACTOR = 10  # image_every defaults to 10 x every: one picture costs ~10-20 ms (PNG + checksum)
 NONFINITE_ACTIONS = ("warn", "raise", "ignore")

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from .._torch import queue_after_backward
-from ..errors import NonFiniteError, ProbeError
+from ..errors import NonFiniteError, ProbeError, warn
 from ..probes.base import EVENTS, Probe, ProbeContext, StepPlan, overrides
 from ..records.shards import ShardRecords
 from ..records.sinks import write_step
@@ -44,6 +44,7 @@ class Dispatch:
         self.events: dict[str, list[Probe]] = _NO_EVENTS
         self._per_module: dict[str, tuple[list[Probe], list[Probe]]] = {}
         self._handles = {id(p): {e for e in EVENTS if overrides(p, e)} for p in probes}
+        self._error_probes = [p for p in probes if "on_error" in self._handles[id(p)]]
         self._events_of: dict[tuple[int, ...], dict[str, list[Probe]]] = {}
         """The event lists of each set of active probes met so far (a handful): worked out once,
         not on every step (the per-step Python cost matters on small models)."""
@@ -137,6 +138,18 @@ class Dispatch:
             self._per_module = {}
         if error is not None:
             raise error
+
+    def error(self, error: BaseException) -> None:
+        """An exception left a counted forward or the watch: ``on_error`` to every probe that has
+        it, whatever the step's plan. Nothing here may raise: the user's error goes on as it is."""
+        for probe in self._error_probes:
+            try:
+                probe.on_error(error)
+            except Exception as e:
+                try:
+                    warn(f"introspect: probe {probe.name!r} failed on {type(error).__name__}: {type(e).__name__}: {e}")
+                except Exception:  # warnings turned into errors: stay silent rather than replace it
+                    pass
 
     def close_probes(self, failed: bool) -> None:
         """``on_close`` to every probe; one probe's failing end stops neither the others nor the undo."""

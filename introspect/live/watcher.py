@@ -205,9 +205,12 @@ class Watcher:
             return
         self._closed = True
         self.ctx.closing = True
-        failed = sys.exc_info()[0] is not None
+        error = sys.exc_info()[1]  # what is leaving the with block (or being handled around close())
+        failed = error is not None
         try:
             try:
+                if error is not None:
+                    self._dispatch.error(error)
                 self._dispatch.close_step()
             finally:
                 self._dispatch.close_probes(failed)
@@ -323,6 +326,9 @@ class Watcher:
     def _close_forward(self, output: Any = None) -> None:
         if not self._suspended:
             active, self._active = self._active, False
+            raised = sys.exc_info()[1]
+            if active and output is None and raised is not None:
+                self._dispatch.error(raised)  # the forward raised (always_call hooks run in its except)
             if active and self.ctx.buffer is not None:
                 # Also after a forward that raised (always_call): a probe's mode must end here.
                 self._dispatch.forward_end(output)

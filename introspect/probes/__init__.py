@@ -29,6 +29,7 @@ def built_in_probes(config: WatchOptions, ctx: ProbeContext) -> list[Probe]:
     from .inputs import Inputs
     from .nonfinite.per_module import NonFiniteCheck, NonFiniteNumbers
     from .nonfinite.sentinel import NonFiniteSentinel
+    from .step_memory import MemoryProbe
     from .transformer import AttentionProbe, LogitDivergence, MassiveActivations
     from .unit_health import UnitHealth
     from .update_ratio import UpdateRatio
@@ -64,6 +65,7 @@ def built_in_probes(config: WatchOptions, ctx: ProbeContext) -> list[Probe]:
         probes.append(RankDivergence())
     if "feature_maps" in log:
         probes.append(FeatureMaps())
+    probes.append(MemoryProbe())  # always: the out-of-memory post-mortem; measures with log=[..., "memory"]
     if "health_map" in log:
         probes.append(HealthMapProbe())
     probes += [AttentionProbe(), MassiveActivations(), LogitDivergence()]

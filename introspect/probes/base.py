@@ -21,6 +21,10 @@ A probe is told about a small set of events, in this order within a step:
 ``on_step_end(host)``            the step is over; ``host`` holds its records on the host on a
                                  logging step (after the one transfer), else None
 ``on_close(failed)``             the watch ends
+``on_error(error)``              an exception left a counted forward of the root, or the watch (its
+                                 ``with`` block, or ``close()`` called while one is handled): every
+                                 probe that has this method hears it, whatever the step; it must not
+                                 change the error, raise, or keep it
 ===============================  =================================================================
 
 The per-module and per-step events reach a probe only on steps it is ``active`` for (a probe that
@@ -136,6 +140,7 @@ EVENTS = (
     "on_after_optimizer_step",
     "on_step_end",
     "on_close",
+    "on_error",
 )
 
 RENAMED_EVENTS = {"on_optimizer_pre": "on_before_optimizer_step", "on_optimizer_step": "on_after_optimizer_step"}
@@ -219,6 +224,7 @@ class Probe:
     def on_after_optimizer_step(self) -> None: ...
     def on_step_end(self, host: HostStep | None) -> None: ...
     def on_close(self, failed: bool) -> None: ...
+    def on_error(self, error: BaseException) -> None: ...
 
 
 def overrides(probe: Probe, event: str) -> bool:

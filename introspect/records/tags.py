@@ -22,6 +22,9 @@
 |                                              | figure    | data/samples, data/class_balance  |
 |                                              | text      | data/channel_stats, data/findings |
 | the first training batch (``log_inputs``)    | image     | data/inputs                       |
+| bytes saved for backward while a module ran (``log=[..., "memory"]``) | scalar | memory/saved/{module} |
+| a measured step's saved peak; CUDA peak and reserved | scalar | memory/saved_peak, memory/cuda_max_allocated, memory/cuda_reserved |
+| the per-module memory table                  | text      | model/memory                      |
 
 ``tests/test_tag_table.py`` reads the package and fails on a tag built anywhere else.
 """
@@ -35,6 +38,9 @@ __all__ = [
     "GRAD_FLOW_TAG",
     "HEALTH_MAP_TAG",
     "INPUTS_TAG",
+    "MEMORY_TEXT_TAG",
+    "MEMORY_STATS",
+    "memory_tag",
     "DATA_TAGS",
     "PRE_SPIKE_TAG",
     "tag",
@@ -78,6 +84,11 @@ INPUTS_TAG = "data/inputs"
 PRE_SPIKE_TAG = "diagnostics/pre_spike"
 """What the model looked like on the steps before a gradient-norm spike (text)."""
 
+MEMORY_TEXT_TAG = "model/memory"
+"""The per-module memory table of a measured step (``log=[..., "memory"]``)."""
+
+MEMORY_STATS = ("saved", "saved_peak", "cuda_max_allocated", "cuda_reserved")
+
 
 DATA_TAGS = {
     "batch": "data/batch",
@@ -120,6 +131,15 @@ def health_map_tag(stat: str) -> str:
 def stored_text_tag(text_tag: str) -> str:
     """The tag TensorBoard stores an ``add_text(text_tag, ...)`` under, to read it back."""
     return f"{text_tag}/text_summary"
+
+
+def memory_tag(stat: str, module: str | None = None) -> str:
+    """A memory scalar: ``memory/saved/{module}`` (bytes saved for backward while the module's
+    forward ran, its children's included), or a step's own ``memory/saved_peak``,
+    ``memory/cuda_max_allocated``, ``memory/cuda_reserved``."""
+    if stat not in MEMORY_STATS or (stat == "saved") != (module is not None):
+        raise ValueError(f"unknown memory tag {stat!r} (module {module!r}); one of {MEMORY_STATS}, saved with a module")
+    return f"memory/{stat}/{module}" if module is not None else f"memory/{stat}"
 
 
 def tag_name(full_tag: str) -> tuple[str, str]:

@@ -16,7 +16,15 @@ from torch import nn
 
 from ..errors import ConfigError, ModelTypeError
 
-__all__ = ["ModuleFilter", "unwrap_model", "select_modules", "select_parameters", "root_name", "clean_name"]
+__all__ = [
+    "ModuleFilter",
+    "unwrap_model",
+    "select_modules",
+    "select_parameters",
+    "root_name",
+    "clean_name",
+    "tagged_modules",
+]
 
 ModuleFilter = str | type | Sequence[str | type] | None
 """A module-name glob (``"features.*"``), a module type (``nn.Conv2d``), or a sequence of them."""
@@ -63,6 +71,13 @@ def root_name(model: nn.Module) -> str:
     """The tag name of the root module (its dotted name is the empty string)."""
     names = {name for name, _ in _named_modules(model)}
     return "model" if "model" not in names else "model(root)"
+
+
+def tagged_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Every module of ``model`` by its tag name (the root as :func:`root_name`), in
+    ``named_modules()`` order: what per-module memory and FLOPs are reported by."""
+    top = root_name(model)
+    return {name or top: module for name, module in _named_modules(model)}
 
 
 def _normalise(spec: ModuleFilter, option: str) -> list[str | type]:

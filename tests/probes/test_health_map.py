@@ -27,6 +27,7 @@ from introspect.analysis.health_map_render import (
 )
 from introspect.cli.commands import main
 from introspect.errors import ConfigError, LoadError, NonFiniteWarning
+from introspect.live import DEFAULT_LOG
 from introspect.records import sinks
 from introspect.records.step import HostStep
 from tests.support.events import hist_at, read_events
@@ -66,7 +67,8 @@ def watched_run(logdir: Path, monkeypatch, steps: int = 12, every: int = 2) -> t
     model = dead_mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     g = torch.Generator().manual_seed(1)
-    with watch(model, logdir, every=every, optimizer=opt, summary=False, graph=False) as w:
+    log = (*DEFAULT_LOG, "memory")  # every statistic of the map, the saved bytes included
+    with watch(model, logdir, every=every, optimizer=opt, log=log, summary=False, graph=False) as w:
         for _ in range(steps):
             x = torch.randn(64, 8, generator=g)
             loss = F.mse_loss(model(x), x[:, :1])
@@ -96,7 +98,7 @@ def test_accumulator_fed_by_a_watch_run(run):
         hm.add(host.step, host, alerts)
     assert hm.rows == ROWS  # execution order
     assert hm.steps == [h.step for h in hosts] == list(range(0, 12, 2))
-    assert hm.available() == ["grad_rms", "activation_std", "dead_fraction", "update_ratio", "nonfinite"]
+    assert hm.available() == ["grad_rms", "activation_std", "dead_fraction", "update_ratio", "nonfinite", "saved_bytes"]
     acc = read_events(logdir)
     grad = hm.matrix("grad_rms")
     for i, row in enumerate(ROWS):
@@ -297,7 +299,6 @@ def test_broken_training_nan_map(tmp_path):
 
 
 def test_watch_writes_the_health_map_at_image_steps_and_at_close(tmp_path):
-    from introspect.live import DEFAULT_LOG
 
     model = dead_mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
