@@ -211,6 +211,7 @@ def memory(
         click.echo(growth.table(budget))
 
 
+@main.command()
 @click.argument("model", type=MODEL_PATH)
 @input_options(shape_only=True)
 @click.option(
