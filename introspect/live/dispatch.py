@@ -144,11 +144,12 @@ class Dispatch:
         ctx = self.ctx
         call = ctx.call_index
 
-        def hook(grad: torch.Tensor) -> None:
+        def hook(grad: torch.Tensor | None) -> None:
             if buffer.closed or ctx.closing or where in ctx.disabled:
                 return None
             ctx.call_index = call
-            for probe in probes:
+            # None: no gradient reached this output (one of a node's several outputs, unused).
+            for probe in probes if grad is not None else ():
                 if not self._send(probe, probe.on_output_grad, where, module, grad, where, None):
                     return None
             if self.events["on_after_backward"] and not buffer.callback_queued:

@@ -48,6 +48,7 @@ def built_in_probes(config: Any, ctx: Any) -> list[Probe]:
         probes.append(NonFiniteSentinel())
     elif ctx.check_mode == "per_module":
         probes.append(NonFiniteCheck())
+        probes.append(NonFiniteSentinel(compiled_only=True))  # a compiled graph calls no per-module hook
     probes.append(NonFiniteNumbers())
     if "weights" in log:
         probes.append(Weights())

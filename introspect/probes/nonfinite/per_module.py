@@ -184,7 +184,9 @@ class NonFiniteReport:
 class NonFiniteCheck(Probe):
     """``check_mode="per_module"``: the ledger on every checked step, read once per backward (or
     at the end of a step without one). For steps that cannot be replayed (see
-    :mod:`introspect.probes.nonfinite.sentinel`); it costs a sum per watched output and output gradient."""
+    :mod:`introspect.probes.nonfinite.sentinel`); it costs a sum per watched output and output gradient.
+    Off while the model runs compiled: the graph calls no per-module hook, and the sentinel
+    stands in (it sees the outputs and gradients, and replays the step eagerly where it can)."""
 
     name = "nonfinite"
     builtin = True
@@ -196,7 +198,7 @@ class NonFiniteCheck(Probe):
         self._rank = RankOrigin(ctx)
 
     def active(self, plan: StepPlan) -> bool:
-        return plan.checking
+        return plan.checking and not self.ctx.compiled
 
     def on_forward(self, args: tuple, kwargs: dict) -> None:
         self._ledger.model_inputs(self.ctx.buffer, args, kwargs)

@@ -195,7 +195,9 @@ def _replay_hooks(ctx: Any, ledger: Any, buffer: StepBuffer, numbers: ValueStats
         return hook
 
     def grad_hook(call: int, where: str) -> Any:
-        def hook(grad: torch.Tensor) -> None:
+        def hook(grad: torch.Tensor | None) -> None:
+            if grad is None:  # one of a node's several outputs, unused: nothing arrived
+                return
             ledger.output_grad(buffer, call, where, grad)
             numbers.add("grad", where, grad)
 
