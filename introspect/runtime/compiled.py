@@ -11,6 +11,8 @@ hit the recompile limit, so a watched compiled model crawled. Instead:
   gradients are unavailable for a compiled forward (one warning says so); the non-finite
   sentinel reads the model's outputs and gradients outside the graph and replays a bad step on
   the eager model, which names the layer (under ``check_mode="per_module"`` too);
+* the attention probe runs each logging step's forward once more, eagerly and without gradients
+  (``torch.compiler.set_stance("force_eager")``), and reads the attention there;
 * parameter hooks (``grads/``, ``weights/``, ``update_ratio/``) and optimizer hooks run in eager
   autograd and the optimizer, untouched by compilation, so they stay exact.
 
@@ -37,10 +39,11 @@ __all__ = ["compiling", "outside_graph", "is_compiled", "forget_compiled_code", 
 
 COMPILED_WARNING = (
     "introspect: the model runs under torch.compile, whose graph calls no per-layer hook: activations/, "
-    "activation_grads/, feature maps and the attention and residual-stream probes are not logged for its "
-    "layers. weights/, grads/ and update_ratio/ are exact, and a NaN/Inf is still caught on every checked "
-    "step and named at its layer by an eager replay of that step (check_mode='per_module' included). "
-    "Watch the uncompiled model to see its layers' activations"
+    "activation_grads/, feature maps and the residual-stream (massive activation) check are not logged for "
+    "its layers. weights/, grads/ and update_ratio/ are exact; attention/ is read from an eager rerun of each "
+    "logging step's forward, without gradients; a NaN/Inf is still caught on every checked step and named at "
+    "its layer by an eager replay of that step (check_mode='per_module' included). Watch the uncompiled model "
+    "to see its layers' activations"
 )
 
 

@@ -43,7 +43,7 @@ from ...records.step import StepBuffer
 from ...runtime.preserved import preserved_state
 from ...runtime.tensors import named_float_tensors, named_tensors
 
-__all__ = ["ForwardRecord", "ReplayOutcome", "capture_forward", "replay_step"]
+__all__ = ["ForwardRecord", "ReplayOutcome", "capture_forward", "replay_step", "run_forward", "eager_stance"]
 
 _AUTOCAST_DEVICES = ("cpu", "cuda")
 
@@ -130,7 +130,7 @@ def replay_step(ctx: Any, records: list[ForwardRecord], ledger: Any, step: int) 
             preserved_state(ctx.root),
             ctx.unobserved(),
             torch.enable_grad(),
-            _eager(ctx.compiled),
+            eager_stance(ctx.compiled),
         ):
             roots: list[torch.Tensor] = []
             grads: list[torch.Tensor] = []
@@ -163,16 +163,22 @@ def replay_step(ctx: Any, records: list[ForwardRecord], ledger: Any, step: int) 
 
 
 def _forward(root: nn.Module, record: ForwardRecord, ledger: Any, buffer: StepBuffer) -> Any:
+    ledger.model_inputs(buffer, record.args, record.kwargs)
+    output = run_forward(root, record)
+    ledger.model_outputs(buffer, output)
+    return output
+
+
+def run_forward(root: nn.Module, record: ForwardRecord) -> Any:
+    """``root``'s forward again on ``record``'s inputs, from the RNG and autocast state it started
+    in (the caller forks the RNG: :func:`~introspect.runtime.preserved.preserved_state`)."""
     torch.set_rng_state(record.cpu_rng)
     for device, state in record.cuda_rng.items():
         torch.cuda.set_rng_state(state, device)
     with contextlib.ExitStack() as stack:
         for device, dtype in record.autocast:
             stack.enter_context(torch.autocast(device, dtype=dtype))
-        ledger.model_inputs(buffer, record.args, record.kwargs)
-        output = root(*record.args, **record.kwargs)
-        ledger.model_outputs(buffer, output)
-        return output
+        return root(*record.args, **record.kwargs)
 
 
 @contextlib.contextmanager
@@ -213,7 +219,7 @@ def _replay_hooks(ctx: Any, ledger: Any, buffer: StepBuffer, numbers: ValueStats
             handle.remove()
 
 
-def _eager(compiled: bool) -> contextlib.AbstractContextManager:
+def eager_stance(compiled: bool) -> contextlib.AbstractContextManager:
     """Compiled code run eagerly (its graph has no per-module hooks); public since torch 2.6."""
     set_stance = getattr(torch.compiler, "set_stance", None)
     if not compiled or set_stance is None:
