@@ -101,7 +101,9 @@ def logit_stats(
     p = torch.softmax(torch.where(ok, scores, neg), dim=-1)
     entropy = torch.special.entr(p).nan_to_num(0.0).sum(-1)  # (B, H, r); entr(0) = 0
     rows = ok.any(-1).expand_as(entropy).float()  # a fully masked row has no distribution
-    mean_entropy = (entropy * rows).sum(dim=(0, 2)) / rows.sum(dim=(0, 2)).clamp_min(1)
+    counted = rows.sum(dim=(0, 2))
+    # A head with no row to read (every score NaN: a NaN step) has no entropy, not 0 (a collapse).
+    mean_entropy = torch.where(counted > 0, (entropy * rows).sum(dim=(0, 2)) / counted.clamp_min(1), math.nan)
     return max_logit, mean_entropy
 
 
@@ -304,7 +306,8 @@ class AttentionProbe(Probe):
         self._ran: set[str] = set()  # modules that look like attention and ran in this step
         self._unseen_said = False
         self._devices = cuda_devices(ctx.root)
-        self._rerun_possible = replay_possible(ctx)
+        # Compiled: the eager rerun costs a forward, worth it where something looks like attention.
+        self._rerun_possible = bool(self._attention_like) and replay_possible(ctx)
         self._records: list[ForwardRecord] = []  # compiled: the forwards to run again eagerly
 
     def active(self, plan: StepPlan) -> bool:
