@@ -29,6 +29,7 @@ def built_in_probes(config: Any, ctx: Any) -> list[Probe]:
     from .health_map import HealthMapProbe
     from .hparams import Hparams
     from .inputs import Inputs
+    from .moe import MixtureOfExperts
     from .nonfinite.per_module import NonFiniteCheck, NonFiniteNumbers
     from .nonfinite.sentinel import NonFiniteSentinel, check_mode_for
     from .transformer import AttentionProbe, LogitDivergence, MassiveActivations
@@ -70,6 +71,6 @@ def built_in_probes(config: Any, ctx: Any) -> list[Probe]:
         probes.append(FeatureMaps())
     if "health_map" in log:
         probes.append(HealthMapProbe())
-    probes += [AttentionProbe(), MassiveActivations(), LogitDivergence()]
+    probes += [AttentionProbe(), MassiveActivations(), LogitDivergence(), MixtureOfExperts()]
     probes.append(Hparams())
     return probes

@@ -13,6 +13,8 @@ __all__ = [
     "tag",
     "probe_tag",
     "tag_name",
+    "MOE_STATS",
+    "moe_tag",
 ]
 
 TAG_KINDS = (
@@ -64,6 +66,19 @@ def tag(kind: str, name: str) -> str:
 def probe_tag(probe: str, key: str, where: str) -> str:
     """A user probe's scalar: ``{probe.name}/{key}/{module}`` (see ``introspect.Probe``)."""
     return f"{probe}/{key}/{where}"
+
+
+MOE_STATS = ("load", "router_entropy", "router_max_logit")
+"""What the mixture-of-experts probe writes per MoE block: ``load`` (a histogram, one value per
+expert: its share of the block's routed token assignments), ``router_entropy`` (nats, mean over
+tokens) and ``router_max_logit`` (scalars)."""
+
+
+def moe_tag(stat: str, module: str) -> str:
+    """``moe/{stat}/{module}``, ``module`` being the MoE block (``model.layers.1.mlp``)."""
+    if stat not in MOE_STATS:
+        raise ValueError(f"unknown MoE statistic {stat!r}; one of {MOE_STATS}")
+    return f"moe/{stat}/{module}"
 
 
 def tag_name(full_tag: str) -> tuple[str, str]:

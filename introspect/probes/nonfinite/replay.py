@@ -28,6 +28,7 @@ The replay's forward runs the user's code again: a module with Python side effec
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -42,6 +43,7 @@ from ...debugger.origins import locate_nonfinite
 from ...records.step import StepBuffer
 from ...runtime.preserved import preserved_state
 from ...runtime.tensors import named_float_tensors, named_tensors
+from ..moe import fused_expert_count
 
 __all__ = ["ForwardRecord", "ReplayOutcome", "capture_forward", "replay_step", "run_forward", "eager_stance"]
 
@@ -159,6 +161,7 @@ def replay_step(ctx: Any, records: list[ForwardRecord], ledger: Any, step: int) 
             own_gradients_finite=bool(param_grads),
         )
     alert.numbers.update(numbers.of(alert, buffer))
+    alert = numbers.with_expert(alert)
     return ReplayOutcome(alert, half_outputs=dict(ledger.half_outputs))
 
 
@@ -191,6 +194,8 @@ def _replay_hooks(ctx: Any, ledger: Any, buffer: StepBuffer, numbers: ValueStats
             outputs = ctx.outputs(name, output)
             try:
                 call = ledger.output(buffer, name, args, outputs)
+                if name in fused:
+                    numbers.add_routed(name, fused[name], args, outputs)
                 for where, _, tensor in outputs:
                     numbers.add("out", where, tensor)
                     if tensor.requires_grad:
@@ -209,6 +214,7 @@ def _replay_hooks(ctx: Any, ledger: Any, buffer: StepBuffer, numbers: ValueStats
 
         return hook
 
+    fused = {name: count for name, module in ctx.modules.items() if (count := fused_expert_count(module))}
     try:
         for name, module in ctx.modules.items():
             if name not in ctx.disabled:
@@ -284,6 +290,39 @@ class ValueStats:
 
     def __init__(self) -> None:
         self._stats: dict[tuple[str, str], tuple[torch.Tensor, int]] = {}
+        self._routed: dict[str, list[int]] = {}
+
+    def add_routed(self, name: str, experts: int, args: Any, outputs: list[tuple[str, str, torch.Tensor]]) -> None:
+        """A fused-experts call (one (E, ...) parameter for all experts, ``experts`` of them): the
+        experts that every non-finite row of its output was routed to, from its integer argument
+        (the chosen experts of each token, as transformers passes ``top_k_index``); the first
+        non-finite call of the module wins."""
+        chosen = next((t for _, t in named_tensors(args) if not t.is_floating_point() and t.dtype != torch.bool), None)
+        if name in self._routed or chosen is None or len(outputs) != 1 or chosen.dim() < 1:
+            return
+        out = outputs[0][2].detach()
+        rows = chosen.shape[0]
+        if out.dim() < 1 or out.numel() % rows or out.shape[0] != rows:
+            return
+        bad = (~torch.isfinite(out)).reshape(rows, -1).any(1)
+        if not bool(bad.any()):
+            return
+        picks = chosen[bad].reshape(int(bad.sum()), -1).long().clamp(0, experts)  # (an "experts" index: no expert)
+        hits = torch.zeros(picks.shape[0], experts + 1, dtype=torch.bool, device=picks.device)
+        hits.scatter_(1, picks, True)
+        self._routed[name] = hits[:, :experts].all(0).nonzero().flatten().tolist()
+
+    def with_expert(self, alert: Alert) -> Alert:
+        """A forward origin at a fused-experts module, with the one expert its bad rows share."""
+        experts = self._routed.get(alert.where)
+        if alert.phase != "forward" or not experts:
+            return alert
+        if len(experts) == 1:
+            alert.numbers["expert"] = float(experts[0])
+        named = ", ".join(str(e) for e in experts[:4])
+        return dataclasses.replace(
+            alert, message=f"{alert.message}; its non-finite rows are the tokens routed to experts[{named}]"
+        )
 
     def add(self, kind: str, where: str, tensor: torch.Tensor) -> None:
         t = tensor.detach()
