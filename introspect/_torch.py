@@ -6,6 +6,7 @@ When torch changes one of these, this is the only file to read. Each function de
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -30,6 +31,7 @@ __all__ = [
     "view_base",
     "saved_tensors_hooks_in_use",
     "saved_tensors_hooks_on_top",
+    "compiled_autograd_enabled",
 ]
 
 
@@ -260,3 +262,17 @@ def fsdp1_flat_handle(module: Any) -> tuple[bool, list[Any]] | None:
         return None
     orig = bool(getattr(handle, "_use_orig_params", False))
     return orig, list(getattr(handle.flat_param, "_params", None) or []) if orig else []
+
+
+def compiled_autograd_enabled() -> bool:
+    """Whether a backward started inside compiled code runs under compiled autograd.
+
+    ``torch._dynamo.config.compiled_autograd`` (torch >= 2.4; the documented switch, a private
+    module): compiled autograd fails on a tensor hook whose tensor gets no gradient (its graph
+    pass reads the missing gradient's node, torch 2.14) and refuses ``queue_callback`` unless
+    it runs with ``fullgraph=True``, so the non-finite sentinel does without both there. Never
+    imports dynamo: without it nothing was compiled.
+    """
+    dynamo = sys.modules.get("torch._dynamo")
+    config = getattr(dynamo, "config", None)
+    return bool(getattr(config, "compiled_autograd", False))

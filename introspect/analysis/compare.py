@@ -288,8 +288,9 @@ def _run(model: nn.Module, inputs: Sequence[Any], backward: bool, cast: torch.dt
         return hook
 
     def grad_hook(key: str) -> Any:
-        def hook(grad: torch.Tensor) -> None:
-            run.grads[key] = grad.detach().clone()
+        def hook(grad: torch.Tensor | None) -> None:
+            if grad is not None:  # None: one of a node's several outputs, unused
+                run.grads[key] = grad.detach().clone()
 
         return hook
 

@@ -67,6 +67,16 @@ class Thresholds:
     """How many earlier checked steps the rolling mean and σ are taken over..."""
     grad_spike_min_history: float = 10
     """...once at least this many are known."""
+    # Mixture-of-experts (see introspect.probes.moe).
+    moe_collapse_ratio: float = 0.5
+    """An MoE block whose effective number of experts (exp of the entropy of its routed load)
+    falls below this share of its value at the run's start (its first logging steps) has
+    collapsed onto a few experts (Shazeer et al. 2017; Fedus et al. 2022, Switch Transformers)."""
+    moe_router_logit_growth: float = 10.0
+    """A router whose largest logit grows this many times above its value at the run's start..."""
+    moe_router_max_logit: float = 10.0
+    """...and above this shows router logit growth: the softmax saturates and routing turns
+    brittle (Zoph et al. 2022, ST-MoE, whose router z-loss keeps the logits small)."""
 
     @classmethod
     def coerce(cls, value: Thresholds | Mapping[str, float] | None) -> Thresholds:

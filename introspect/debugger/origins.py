@@ -207,6 +207,15 @@ def nonfinite_gradients(histograms: Mapping[str, Any]) -> dict[str, float]:
     return counts
 
 
+def _in_experts(record: Any) -> str:
+    """`` in experts[2]``: the slices of a fused-experts parameter that hold the NaN/Inf."""
+    experts = getattr(record, "experts", None) or []
+    if not experts:
+        return ""
+    more = f" and {len(experts) - 3} more" if len(experts) > 3 else ""
+    return f" in experts[{', '.join(str(e) for e in experts[:3])}]{more}"
+
+
 def blame_nonfinite_weights(alert: Alert, histograms: Mapping[str, Any], earlier: Sequence[Alert] = ()) -> Alert:
     """``alert`` said the way it is true when the module's own weights are non-finite.
 
@@ -231,7 +240,7 @@ def blame_nonfinite_weights(alert: Alert, histograms: Mapping[str, Any], earlier
     since = [a.step for a in earlier if a.kind == "nonfinite" and a.step < alert.step]
     when = f"since step {max(since)}'s optimizer step" if since else f"already when step {alert.step} began"
     shown = ", ".join(
-        f"{param} has {r.nonfinite:.0f} of {counted(r.numel, 'value')} NaN/Inf"
+        f"{param} has {r.nonfinite:.0f} of {counted(r.numel, 'value')} NaN/Inf{_in_experts(r)}"
         for param, r in list(weights.items())[:3]
     )
     more = f", {counted(len(weights) - 3, 'more parameter')}" if len(weights) > 3 else ""
@@ -239,11 +248,16 @@ def blame_nonfinite_weights(alert: Alert, histograms: Mapping[str, Any], earlier
     numbers["nonfinite_weights"] = float(sum(r.nonfinite for r in weights.values()))
     if since:
         numbers["since_step"] = float(max(since))
+    # Fused experts (one (E, ...) parameter for all of them): the expert whose slice went bad.
+    experts = sorted({e for r in weights.values() for e in getattr(r, "experts", None) or ()})
+    if experts:
+        numbers["expert"] = float(experts[0])
+    which = f"experts[{experts[0]}] of {module}" if len(experts) == 1 else module
     return Alert(
         "nonfinite",
         alert.where,
         alert.step,
-        f"weights of {module} ({alert.module_type}) are non-finite ({when}): {shown}{more}; its "
+        f"weights of {which} ({alert.module_type}) are non-finite ({when}): {shown}{more}; its "
         "inputs were finite, its output is not because of them",
         numbers,
         phase="forward",

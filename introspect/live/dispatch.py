@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._torch import queue_after_backward
+from .._torch import compiled_autograd_enabled, queue_after_backward
 from ..errors import NonFiniteError, ProbeError, warn
 from ..probes.base import EVENTS, Probe, ProbeContext, StepPlan, overrides
 from ..records.shards import ShardRecords
@@ -91,14 +91,21 @@ class Dispatch:
             return
         ctx = self.ctx
 
-        def hook(grad: torch.Tensor) -> None:
+        def hook(grad: torch.Tensor | None) -> None:  # None: no gradient reached this output
             if not (buffer.closed or ctx.closing):
                 self._backward_reached(buffer)
 
         try:
             for probe in self.events["on_forward_end"]:
                 probe.on_forward_end(output)
-            if output is not None and (self.events["on_after_backward"] or self.events["on_after_reduction"]):
+            # Compiled autograd fails on a hook whose output gets no gradient: none then (the
+            # sentinel reads before the optimizer step instead).
+            unhooked = ctx.compiled and compiled_autograd_enabled()
+            if (
+                output is not None
+                and not unhooked
+                and (self.events["on_after_backward"] or self.events["on_after_reduction"])
+            ):
                 for _, tensor in ctx.tensors(output):
                     if tensor.requires_grad:
                         tensor.register_hook(hook)
@@ -205,11 +212,12 @@ class Dispatch:
         ctx = self.ctx
         call = buffer.call_index
 
-        def hook(grad: torch.Tensor) -> None:
+        def hook(grad: torch.Tensor | None) -> None:
             if buffer.closed or ctx.closing or where in ctx.disabled:
                 return None
             buffer.call_index = call
-            for probe in probes:
+            # None: no gradient reached this output (one of a node's several outputs, unused).
+            for probe in probes if grad is not None else ():
                 if not self._send(probe, probe.on_output_grad, where, module, grad, where, None):
                     return None
             self._backward_reached(buffer)

@@ -27,6 +27,7 @@ def built_in_probes(config: WatchOptions, ctx: ProbeContext) -> list[Probe]:
     from .health_map import HealthMapProbe
     from .hparams import Hparams
     from .inputs import Inputs
+    from .moe import MixtureOfExperts
     from .nonfinite.per_module import NonFiniteCheck, NonFiniteNumbers
     from .nonfinite.sentinel import NonFiniteSentinel
     from .step_memory import MemoryProbe
@@ -46,6 +47,7 @@ def built_in_probes(config: WatchOptions, ctx: ProbeContext) -> list[Probe]:
         probes.append(NonFiniteSentinel())
     elif ctx.check_mode == "per_module":
         probes.append(NonFiniteCheck())
+        probes.append(NonFiniteSentinel(compiled_only=True))  # a compiled graph calls no per-module hook
     probes.append(NonFiniteNumbers())
     if "weights" in log:
         probes.append(Weights())
@@ -68,6 +70,6 @@ def built_in_probes(config: WatchOptions, ctx: ProbeContext) -> list[Probe]:
     probes.append(MemoryProbe())  # always: the out-of-memory post-mortem; measures with log=[..., "memory"]
     if "health_map" in log:
         probes.append(HealthMapProbe())
-    probes += [AttentionProbe(), MassiveActivations(), LogitDivergence()]
+    probes += [AttentionProbe(), MassiveActivations(), LogitDivergence(), MixtureOfExperts()]
     probes.append(Hparams())
     return probes

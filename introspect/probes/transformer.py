@@ -10,14 +10,22 @@ the same; the logits are then recomputed, without gradients, on at most ``SAMPLE
 spaced query rows (no random numbers: the run's RNG stream is untouched), with the call's mask,
 causal flag and scale. Attention modules and blocks often own no parameters (``GPT2Attention``,
 ``GPT2Block``), so the default selection does not watch them: this pack hooks them itself, for the
-logging step only. Under ``torch.compile`` the attention and block probes stay off: a function
-mode or per-step hooks would make the compiled code recompile.
+logging step only. Under ``torch.compile`` a function mode or per-step hooks would make the
+compiled code recompile: the block probe stays off, and the attention probe runs the logging
+step's forward once more, eagerly and without gradients, with its mode and hooks on for that
+rerun only.
+
+Eager attention (Hugging Face's ``attn_implementation="eager"``, timm's non-fused attention,
+``softmax(q @ k.T / sqrt(d))`` by hand) is a softmax over the last dimension of a score tensor
+of 3 or more dimensions, inside a module that looks like attention: the mode sees the softmax and
+reads its input, the scaled and masked logits, on the same sampled rows.
 """
 
 from __future__ import annotations
 
 import inspect
 import math
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -27,10 +35,14 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from ..debugger.alerts import Alert
+from ..errors import IntrospectWarning, warn
 from ..records.step import HostStep
 from ..records.tags import attention_tag
+from ..runtime.preserved import cuda_devices, preserved_state
 from ..runtime.selection import root_name
 from .base import Probe, ProbeContext, StepPlan
+from .nonfinite.replay import ForwardRecord, capture_forward, eager_stance, run_forward
+from .nonfinite.sentinel import replay_possible
 
 __all__ = ["AttentionProbe", "MassiveActivations", "LogitDivergence", "SAMPLED_ROWS", "repeated_blocks"]
 
@@ -63,6 +75,25 @@ def attention_stats(
     as -inf) on the same shape. The max is over the positions a query may attend to."""
     logits = torch.matmul(q.float(), k.float().transpose(-2, -1)) * scale
     scores = logits if bias is None else logits + bias.float()
+    return logit_stats(logits, scores, allowed)
+
+
+def score_stats(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same statistics from the input of eager attention's softmax: the scaled logits with the
+    mask already added, (B, H, L, S) (a 3-D (B, L, S) is one head; more dimensions between B and
+    L are heads too). A masked position holds -inf or a huge negative number (Hugging Face adds
+    ``finfo(dtype).min``): below half the dtype's lowest value it is no logit, and is left out."""
+    s = scores.detach()
+    s = s.unsqueeze(1) if s.dim() == 3 else s.flatten(1, -3) if s.dim() > 4 else s
+    s = s.index_select(-2, _rows(s.shape[-2], s.device)).float()
+    return logit_stats(s, s, s > torch.finfo(scores.dtype).min / 2)
+
+
+def logit_stats(
+    logits: torch.Tensor, scores: torch.Tensor, allowed: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-head (max of ``logits``, mean entropy of softmax(``scores``)) over (B, H, r, S) rows,
+    where ``allowed`` (and a finite score) says a query may attend to a key."""
     ok = torch.isfinite(scores)
     if allowed is not None:
         ok = ok & allowed
@@ -71,7 +102,9 @@ def attention_stats(
     p = torch.softmax(torch.where(ok, scores, neg), dim=-1)
     entropy = torch.special.entr(p).nan_to_num(0.0).sum(-1)  # (B, H, r); entr(0) = 0
     rows = ok.any(-1).expand_as(entropy).float()  # a fully masked row has no distribution
-    mean_entropy = (entropy * rows).sum(dim=(0, 2)) / rows.sum(dim=(0, 2)).clamp_min(1)
+    counted = rows.sum(dim=(0, 2))
+    # A head with no row to read (every score NaN: a NaN step) has no entropy, not 0 (a collapse).
+    mean_entropy = torch.where(counted > 0, (entropy * rows).sum(dim=(0, 2)) / counted.clamp_min(1), math.nan)
     return max_logit, mean_entropy
 
 
@@ -177,6 +210,55 @@ def mha_stats(args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor]:
     return attention_stats(q, k, 1.0 / math.sqrt(d), allowed, add)
 
 
+_SOFTMAX = (F.softmax, torch.softmax, torch.Tensor.softmax, torch.special.softmax)
+
+
+def softmax_scores(args: tuple, kwargs: dict) -> torch.Tensor | None:
+    """The input of a softmax over the last dimension of a floating tensor of 3 or more
+    dimensions (``F.softmax``, ``torch.softmax``, ``Tensor.softmax``): eager attention's scores."""
+    x = args[0] if args else kwargs.get("input")
+    dim = args[1] if len(args) > 1 else kwargs.get("dim")
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() < 3 or not isinstance(dim, int):
+        return None
+    return x if dim in (-1, x.dim() - 1) else None
+
+
+_ATTENTION_CLASS = re.compile(r"attention|attn", re.IGNORECASE)
+_GATE_CLASS = re.compile(r"channel|spatial|squeeze", re.IGNORECASE)  # CBAM/SE "attention": a gate
+_QK_NAMES = frozenset(
+    {
+        "q_proj",
+        "k_proj",
+        "qkv_proj",
+        "query",
+        "key",
+        "qkv",
+        "Wqkv",
+        "c_attn",
+        "in_proj_weight",
+        "query_key_value",
+        "to_q",
+        "to_k",
+        "to_qkv",
+        "q_lin",
+        "k_lin",
+        "wq",
+        "wk",
+    }
+)
+
+
+def looks_like_attention(module: nn.Module) -> bool:
+    """Whether ``module`` says it computes attention: its class name (``LlamaAttention``,
+    ``MultiheadAttention``, ``SelfAttn``; not CBAM's channel or spatial gates), or its own query
+    and key projections (``q_proj``/``k_proj``, ``qkv``, ``c_attn``, ``in_proj_weight``)."""
+    name = type(module).__name__
+    if _ATTENTION_CLASS.search(name) and not _GATE_CLASS.search(name):
+        return True
+    own = {n for n, _ in module.named_children()} | {n for n, _ in module.named_parameters(recurse=False)}
+    return not own.isdisjoint(_QK_NAMES)
+
+
 class _AttentionMode(TorchFunctionMode):
     """Runs every function unchanged; measures the attention calls after they return."""
 
@@ -193,6 +275,8 @@ class _AttentionMode(TorchFunctionMode):
             self.probe.measure(sdpa_stats, args, kwargs)
         elif func is F.multi_head_attention_forward:
             self.probe.measure(mha_stats, args, kwargs)
+        elif func in _SOFTMAX:
+            self.probe.measure_softmax(args, kwargs)
         return out
 
 
@@ -200,7 +284,15 @@ class AttentionProbe(Probe):
     """Per attention module: the mean over heads of the max logit and of the softmax entropy
     (scalars ``attention/max_logit/{module}``, ``attention/entropy/{module}``), the per-head values
     (histograms ``attention/max_logit_heads/{module}``, ``attention/entropy_heads/{module}``, one
-    value per head), and the findings ``attention_logit_growth`` and ``attention_entropy_collapse``."""
+    value per head), and the findings ``attention_logit_growth`` and ``attention_entropy_collapse``.
+
+    Seen: ``F.scaled_dot_product_attention``, ``F.multi_head_attention_forward``, and eager
+    attention (a softmax over the last dimension of a tensor of 3 or more dimensions, inside a
+    module that :func:`looks_like_attention`). A module that looks like attention, ran on a
+    logging step and made none of these calls is named once (a warning and the finding
+    ``attention_not_seen``). Under ``torch.compile`` (no function mode or hook may enter the
+    graph) the logging step's forward runs once more, eagerly and without gradients, from the
+    inputs and RNG state of the real one, and the attention is read there."""
 
     name = "attention"
     builtin = True
@@ -212,42 +304,100 @@ class AttentionProbe(Probe):
         top = root_name(ctx.root)
         self._names = {id(m): (n or top) for n, m in ctx.root.named_modules()}
         self._modules = [m for _, m in ctx.root.named_modules()]
+        self._attention_like = {self._names[id(m)] for m in self._modules if looks_like_attention(m)}
         self._seen: dict[str, tuple[str, str]] = {}  # module -> its two tags
+        self._ran: set[str] = set()  # modules that look like attention and ran in this step
+        self._unseen_said = False
+        self._devices = cuda_devices(ctx.root)
+        # Compiled: the eager rerun costs a forward, worth it where something looks like attention.
+        self._rerun_possible = bool(self._attention_like) and replay_possible(ctx)
+        self._records: list[ForwardRecord] = []  # compiled: the forwards to run again eagerly
 
     def active(self, plan: StepPlan) -> bool:
-        return plan.logging and not self.ctx.compiled
+        return plan.logging
 
     def on_step_start(self, plan: StepPlan) -> None:
         """Which module makes each call: the innermost one whose forward is running (hooked on
-        every module for this step only; the hooks go when the step ends)."""
-        hooks = self.ctx.step_hooks
+        every module for this step only; the hooks go when the step ends). Compiled: only around
+        the eager rerun, so that no compiled code can take them in."""
+        self._records = []
+        if not self.ctx.compiled:
+            self._hook_modules(self.ctx.step_hooks.hook)
+
+    def _hook_modules(self, keep: Any) -> None:
+        ran, like = self._ran, self._attention_like
         for module in self._modules:
             name = self._names[id(module)]
-            hooks.hook(module.register_forward_pre_hook(lambda m, a, n=name: self._stack.append(n)))
-            hooks.hook(module.register_forward_hook(lambda m, a, o: self._pop(), always_call=True))
+
+            def push(m: nn.Module, a: Any, n: str = name) -> None:
+                self._stack.append(n)
+                if n in like:
+                    ran.add(n)
+
+            keep(module.register_forward_pre_hook(push))
+            keep(module.register_forward_hook(lambda m, a, o: self._pop(), always_call=True))
 
     def _pop(self) -> None:
         if self._stack:
             self._stack.pop()
 
     def on_forward(self, args: tuple, kwargs: dict) -> None:
-        if self._mode is None:
+        if self.ctx.compiled:
+            if self._rerun_possible:
+                self._records.append(capture_forward(args, kwargs, self._devices))
+        elif self._mode is None:
             self._mode = _AttentionMode(self)
             self._mode.__enter__()
 
     def on_forward_end(self, output: Any) -> None:
         self._exit()
+        if self._records:
+            self._rerun()
 
     def _exit(self) -> None:
         mode, self._mode = self._mode, None
         if mode is not None:
             mode.__exit__(None, None, None)
 
-    def measure(self, stats: Any, args: tuple, kwargs: dict) -> None:
+    def _rerun(self) -> None:
+        """The compiled fallback: this step's forwards again, eagerly, without gradients, with the
+        hooks and the mode on for them alone (buffers, RNG and modes put back afterwards)."""
+        records, self._records = self._records, []
+        if "<attention>" in self.ctx.disabled:
+            return
+        handles: list[Any] = []
+        try:
+            self._hook_modules(handles.append)
+            with preserved_state(self.ctx.root), self.ctx.unobserved(), eager_stance(True):
+                self._mode = _AttentionMode(self)
+                self._mode.__enter__()
+                try:
+                    for record in records:
+                        run_forward(self.ctx.root, record)
+                finally:
+                    self._exit()
+        except Exception as e:  # the step itself ran already: training goes on
+            self.ctx.disable("<attention>", None, e)
+        finally:
+            for handle in handles:
+                handle.remove()
+            self._stack.clear()
+
+    def measure_softmax(self, args: tuple, kwargs: dict) -> None:
+        """A softmax in a module that looks like attention, over the last dimension of its scores."""
+        where = next((n for n in reversed(self._stack) if n in self._attention_like), None)
+        if where is None:
+            return  # a router's, a classifier's, a loss's softmax: no attention
+        scores = softmax_scores(args, kwargs)
+        if scores is not None:
+            self.measure(lambda a, k: score_stats(scores), args, kwargs, where)
+
+    def measure(self, stats: Any, args: tuple, kwargs: dict, where: str | None = None) -> None:
         buffer = self.ctx.buffer
         if buffer is None or "<attention>" in self.ctx.disabled:
             return
-        where = self._stack[-1] if self._stack else self._names[id(self.ctx.root)]
+        if where is None:
+            where = self._stack[-1] if self._stack else self._names[id(self.ctx.root)]
         try:
             with torch.no_grad():
                 max_logit, entropy = stats(args, kwargs)
@@ -267,8 +417,11 @@ class AttentionProbe(Probe):
     def on_step_end(self, host: HostStep | None) -> None:
         self._exit()
         self._stack.clear()
+        self._records = []
+        ran, self._ran = self._ran, set()
         if host is None:
             return
+        self._say_unseen(ran, host.step)
         limits = self.ctx.config.thresholds
         types = self.ctx.module_types
         for where, (entropy_tag, max_key) in self._seen.items():
@@ -299,6 +452,34 @@ class AttentionProbe(Probe):
                     )
                 )
         self._seen = {}
+
+    def _say_unseen(self, ran: set[str], step: int) -> None:
+        """Once per run: modules that look like attention ran on this logging step, and no call
+        in them, above them or below them was one this probe reads."""
+        if self._unseen_said or "<attention>" in self.ctx.disabled:
+            return
+        top = self._names[id(self.ctx.root)]
+        seen = list(self._seen)
+        unseen = sorted(
+            n for n in ran if not any(w in (n, top) or w.startswith(n + ".") or n.startswith(w + ".") for w in seen)
+        )
+        if not unseen:
+            return
+        self._unseen_said = True
+        more = f" and {len(unseen) - 1} more" if len(unseen) > 1 else ""
+        alert = Alert(
+            "attention_not_seen",
+            unseen[0],
+            step,
+            f"{unseen[0]}{more} look like attention but made no attention call this probe reads "
+            "(F.scaled_dot_product_attention, nn.MultiheadAttention, or a softmax over the last dimension of "
+            "3-D or larger scores; flex_attention and custom kernels are not seen): no attention/ statistics "
+            "or findings for them",
+            {"modules": float(len(unseen))},
+            module_type=self.ctx.module_types.get(unseen[0], type(self._module(unseen[0])).__name__),
+        )
+        self.ctx.findings.add(alert)
+        warn(f"introspect: step {step}: {alert.message}", IntrospectWarning)
 
     def _module(self, where: str) -> nn.Module | None:
         for module in self._modules:

@@ -50,6 +50,8 @@ __all__ = [
     "health_map_tag",
     "stored_text_tag",
     "tag_name",
+    "MOE_STATS",
+    "moe_tag",
 ]
 
 TAG_KINDS = (
@@ -140,6 +142,19 @@ def memory_tag(stat: str, module: str | None = None) -> str:
     if stat not in MEMORY_STATS or (stat == "saved") != (module is not None):
         raise ValueError(f"unknown memory tag {stat!r} (module {module!r}); one of {MEMORY_STATS}, saved with a module")
     return f"memory/{stat}/{module}" if module is not None else f"memory/{stat}"
+
+
+MOE_STATS = ("load", "router_entropy", "router_max_logit")
+"""What the mixture-of-experts probe writes per MoE block: ``load`` (a histogram, one value per
+expert: its share of the block's routed token assignments), ``router_entropy`` (nats, mean over
+tokens) and ``router_max_logit`` (scalars)."""
+
+
+def moe_tag(stat: str, module: str) -> str:
+    """``moe/{stat}/{module}``, ``module`` being the MoE block (``model.layers.1.mlp``)."""
+    if stat not in MOE_STATS:
+        raise ValueError(f"unknown MoE statistic {stat!r}; one of {MOE_STATS}")
+    return f"moe/{stat}/{module}"
 
 
 def tag_name(full_tag: str) -> tuple[str, str]:

@@ -7,8 +7,12 @@ hit the recompile limit, so a watched compiled model crawled. Instead:
 * the root's pre/post hooks (the step clock; weights on logging steps) run eagerly, outside the
   graph: one graph break at each end of the forward, which costs microseconds;
 * the per-module output hooks see ``torch.compiler.is_compiling()`` while dynamo traces them and
-  return at once, so they add nothing to the graph: per-layer activations, activation gradients
-  and the per-layer non-finite check are unavailable for a compiled forward (one warning says so);
+  return at once, so they add nothing to the graph: per-layer activations and activation
+  gradients are unavailable for a compiled forward (one warning says so); the non-finite
+  sentinel reads the model's outputs and gradients outside the graph and replays a bad step on
+  the eager model, which names the layer (under ``check_mode="per_module"`` too);
+* the attention probe runs each logging step's forward once more, eagerly and without gradients
+  (``torch.compiler.set_stance("force_eager")``), and reads the attention there;
 * parameter hooks (``grads/``, ``weights/``, ``update_ratio/``) and optimizer hooks run in eager
   autograd and the optimizer, untouched by compilation, so they stay exact.
 
@@ -34,9 +38,12 @@ from torch import nn
 __all__ = ["compiling", "outside_graph", "is_compiled", "forget_compiled_code", "COMPILED_WARNING"]
 
 COMPILED_WARNING = (
-    "introspect: the model runs under torch.compile: per-layer activations, activation gradients "
-    "and the per-layer NaN/Inf origin are unavailable inside the compiled graph (weights/, grads/ "
-    "and update_ratio/ are still logged exactly); watch the uncompiled model to see its layers"
+    "introspect: the model runs under torch.compile, whose graph calls no per-layer hook: activations/, "
+    "activation_grads/, feature maps and the residual-stream (massive activation) check are not logged for "
+    "its layers. weights/, grads/ and update_ratio/ are exact; attention/ is read from an eager rerun of each "
+    "logging step's forward, without gradients; a NaN/Inf is still caught on every checked step and named at "
+    "its layer by an eager replay of that step (check_mode='per_module' included). Watch the uncompiled model "
+    "to see its layers' activations"
 )
 
 

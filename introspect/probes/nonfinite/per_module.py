@@ -27,6 +27,7 @@ from ...runtime.amp import LOW_PRECISION, overflow_note, scaler_overflow
 from ...runtime.distributed import nonfinite_on_rank
 from ...runtime.tensors import named_float_tensors
 from ..base import Probe, ProbeContext, StepPlan
+from ..moe import fused_expert_count
 from .rank import RankOrigin
 
 __all__ = ["NonFiniteCheck", "NonFiniteNumbers", "CallLedger", "NonFiniteReport", "FINITE_PRESERVING"]
@@ -173,20 +174,29 @@ class NonFiniteReport:
         found: dict[str, SimpleNamespace] = {}
         if module is None:
             return found
+        owners = dict(module.named_modules(prefix=name))
         for param_name, param in module.named_parameters(prefix=name):
             if param.is_floating_point():
                 # This rank's shard only: a DTensor reduction here would be a collective that
                 # the ranks without a NaN never join.
-                count = int((~torch.isfinite(local_view(param.detach()))).sum())
+                bad = ~torch.isfinite(local_view(param.detach()))
+                count = int(bad.sum())
                 if count:
-                    found[tag("weights", param_name)] = SimpleNamespace(nonfinite=float(count), numel=param.numel())
+                    # Fused experts (one (E, ...) parameter for all): which experts' slices.
+                    fused = fused_expert_count(owners.get(param_name.rpartition(".")[0], module))
+                    experts = bad.flatten(1).any(1).nonzero().flatten().tolist() if fused and bad.dim() >= 3 else []
+                    found[tag("weights", param_name)] = SimpleNamespace(
+                        nonfinite=float(count), numel=param.numel(), experts=experts
+                    )
         return found
 
 
 class NonFiniteCheck(Probe):
     """``check_mode="per_module"``: the ledger on every checked step, read once per backward (or
     at the end of a step without one). For steps that cannot be replayed (see
-    :mod:`introspect.probes.nonfinite.sentinel`); it costs a sum per watched output and output gradient."""
+    :mod:`introspect.probes.nonfinite.sentinel`); it costs a sum per watched output and output gradient.
+    Off while the model runs compiled: the graph calls no per-module hook, and the sentinel
+    stands in (it sees the outputs and gradients, and replays the step eagerly where it can)."""
 
     name = "nonfinite"
     builtin = True
@@ -198,7 +208,7 @@ class NonFiniteCheck(Probe):
         self._rank = RankOrigin(ctx)
 
     def active(self, plan: StepPlan) -> bool:
-        return plan.checking
+        return plan.checking and not self.ctx.compiled
 
     def on_forward(self, args: tuple, kwargs: dict) -> None:
         if self.ctx.buffer is not None:

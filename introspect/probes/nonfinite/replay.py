@@ -28,6 +28,7 @@ The replay's forward runs the user's code again: a module with Python side effec
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -43,9 +44,10 @@ from ...records.step import StepBuffer
 from ...runtime.preserved import preserved_state
 from ...runtime.tensors import named_float_tensors, named_tensors
 from ..base import ProbeContext
+from ..moe import fused_expert_count
 from .per_module import CallLedger
 
-__all__ = ["ForwardRecord", "ReplayOutcome", "capture_forward", "replay_step"]
+__all__ = ["ForwardRecord", "ReplayOutcome", "capture_forward", "replay_step", "run_forward", "eager_stance"]
 
 _AUTOCAST_DEVICES = ("cpu", "cuda")
 
@@ -132,7 +134,7 @@ def replay_step(ctx: ProbeContext, records: list[ForwardRecord], ledger: CallLed
             preserved_state(ctx.root),
             ctx.unobserved(),
             torch.enable_grad(),
-            _eager(ctx.compiled),
+            eager_stance(ctx.compiled),
         ):
             roots: list[torch.Tensor] = []
             grads: list[torch.Tensor] = []
@@ -161,20 +163,27 @@ def replay_step(ctx: ProbeContext, records: list[ForwardRecord], ledger: CallLed
             own_gradients_finite=bool(param_grads),
         )
     alert.numbers.update(numbers.of(alert, buffer))
+    alert = numbers.with_expert(alert)
     return ReplayOutcome(alert, half_outputs=dict(ledger.half_outputs))
 
 
 def _forward(root: nn.Module, record: ForwardRecord, ledger: CallLedger, buffer: StepBuffer) -> Any:
+    ledger.model_inputs(buffer, record.args, record.kwargs)
+    output = run_forward(root, record)
+    ledger.model_outputs(buffer, output)
+    return output
+
+
+def run_forward(root: nn.Module, record: ForwardRecord) -> Any:
+    """``root``'s forward again on ``record``'s inputs, from the RNG and autocast state it started
+    in (the caller forks the RNG: :func:`~introspect.runtime.preserved.preserved_state`)."""
     torch.set_rng_state(record.cpu_rng)
     for device, state in record.cuda_rng.items():
         torch.cuda.set_rng_state(state, device)
     with contextlib.ExitStack() as stack:
         for device_type, dtype in record.autocast:
             stack.enter_context(torch.autocast(device_type, dtype=dtype))
-        ledger.model_inputs(buffer, record.args, record.kwargs)
-        output = root(*record.args, **record.kwargs)
-        ledger.model_outputs(buffer, output)
-        return output
+        return root(*record.args, **record.kwargs)
 
 
 @contextlib.contextmanager
@@ -187,6 +196,8 @@ def _replay_hooks(ctx: ProbeContext, ledger: CallLedger, buffer: StepBuffer, num
             outputs = ctx.outputs(name, output)
             try:
                 call = ledger.output(buffer, name, args, outputs)
+                if name in fused:
+                    numbers.add_routed(name, fused[name], args, outputs)
                 for where, _, tensor in outputs:
                     numbers.add("out", where, tensor)
                     if tensor.requires_grad:
@@ -197,12 +208,15 @@ def _replay_hooks(ctx: ProbeContext, ledger: CallLedger, buffer: StepBuffer, num
         return hook
 
     def grad_hook(call: int, where: str) -> Any:
-        def hook(grad: torch.Tensor) -> None:
+        def hook(grad: torch.Tensor | None) -> None:
+            if grad is None:  # one of a node's several outputs, unused: nothing arrived
+                return
             ledger.output_grad(buffer, call, where, grad)
             numbers.add("grad", where, grad)
 
         return hook
 
+    fused = {name: count for name, module in ctx.modules.items() if (count := fused_expert_count(module))}
     try:
         for name, module in ctx.modules.items():
             if name not in ctx.disabled:
@@ -213,7 +227,7 @@ def _replay_hooks(ctx: ProbeContext, ledger: CallLedger, buffer: StepBuffer, num
             handle.remove()
 
 
-def _eager(compiled: bool) -> contextlib.AbstractContextManager:
+def eager_stance(compiled: bool) -> contextlib.AbstractContextManager:
     """Compiled code run eagerly (its graph has no per-module hooks); public since torch 2.6."""
     set_stance = getattr(torch.compiler, "set_stance", None)
     if not compiled or set_stance is None:
@@ -278,6 +292,39 @@ class ValueStats:
 
     def __init__(self) -> None:
         self._stats: dict[tuple[str, str], tuple[torch.Tensor, int]] = {}
+        self._routed: dict[str, list[int]] = {}
+
+    def add_routed(self, name: str, experts: int, args: Any, outputs: list[tuple[str, str, torch.Tensor]]) -> None:
+        """A fused-experts call (one (E, ...) parameter for all experts, ``experts`` of them): the
+        experts that every non-finite row of its output was routed to, from its integer argument
+        (the chosen experts of each token, as transformers passes ``top_k_index``); the first
+        non-finite call of the module wins."""
+        chosen = next((t for _, t in named_tensors(args) if not t.is_floating_point() and t.dtype != torch.bool), None)
+        if name in self._routed or chosen is None or len(outputs) != 1 or chosen.dim() < 1:
+            return
+        out = outputs[0][2].detach()
+        rows = chosen.shape[0]
+        if out.dim() < 1 or out.numel() % rows or out.shape[0] != rows:
+            return
+        bad = (~torch.isfinite(out)).reshape(rows, -1).any(1)
+        if not bool(bad.any()):
+            return
+        picks = chosen[bad].reshape(int(bad.sum()), -1).long().clamp(0, experts)  # (an "experts" index: no expert)
+        hits = torch.zeros(picks.shape[0], experts + 1, dtype=torch.bool, device=picks.device)
+        hits.scatter_(1, picks, True)
+        self._routed[name] = hits[:, :experts].all(0).nonzero().flatten().tolist()
+
+    def with_expert(self, alert: Alert) -> Alert:
+        """A forward origin at a fused-experts module, with the one expert its bad rows share."""
+        experts = self._routed.get(alert.where)
+        if alert.phase != "forward" or not experts:
+            return alert
+        if len(experts) == 1:
+            alert.numbers["expert"] = float(experts[0])
+        named = ", ".join(str(e) for e in experts[:4])
+        return dataclasses.replace(
+            alert, message=f"{alert.message}; its non-finite rows are the tokens routed to experts[{named}]"
+        )
 
     def add(self, kind: str, where: str, tensor: torch.Tensor) -> None:
         t = tensor.detach()

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..._torch import foreach_norm
+from ..._torch import compiled_autograd_enabled, foreach_norm, tensor_version
 from ...debugger.alerts import Alert
 from ...errors import NonFiniteError
 from ...records import step as step_records
@@ -41,11 +41,20 @@ from .per_module import CallLedger, NonFiniteReport
 from .rank import RankOrigin
 from .replay import ForwardRecord, capture_forward, replay_step
 
-__all__ = ["NonFiniteSentinel", "check_mode_for", "HOLD_OUTPUT_BYTES"]
+__all__ = ["NonFiniteSentinel", "check_mode_for", "replay_possible", "HOLD_OUTPUT_BYTES"]
 
 HOLD_OUTPUT_BYTES = 16 * 2**20
 """Model outputs up to this size are held until the step's read and reduced with the gradients
 in one fused norm; bigger ones are reduced at the end of the forward and only their norm kept."""
+
+
+def replay_possible(ctx: ProbeContext) -> bool:
+    """Whether a step can be replayed on this rank alone. A replay of a sharded forward (FSDP's
+    all-gathers) or of SyncBatchNorm under torch.distributed would be a collective that the ranks
+    whose step was finite never join."""
+    if ctx.shards is not None:
+        return False
+    return not (rank_and_world()[1] > 1 and any(isinstance(m, nn.SyncBatchNorm) for m in ctx.root.modules()))
 
 
 def check_mode_for(config: WatchOptions, root: nn.Module, sharded: bool) -> str:
@@ -62,11 +71,20 @@ def check_mode_for(config: WatchOptions, root: nn.Module, sharded: bool) -> str:
 
 
 class NonFiniteSentinel(Probe):
+    """The sentinel of ``check_mode="replay"``; under ``check_mode="per_module"`` it stands in
+    for the per-module check while the model runs compiled (``compiled_only``): a compiled graph
+    runs no per-module hook, so the sentinel's norms are all that can see a NaN there, and its
+    eager replay (where one is possible) names the layer."""
+
     name = "nonfinite"
     builtin = True
 
+    def __init__(self, compiled_only: bool = False) -> None:
+        self.compiled_only = compiled_only
+
     def bind(self, ctx: ProbeContext) -> None:
         super().bind(ctx)
+        self._replays = replay_possible(ctx)
         self._report = NonFiniteReport(ctx)
         self._rank = RankOrigin(ctx)
         self._devices = cuda_devices(ctx.root)
@@ -81,9 +99,11 @@ class NonFiniteSentinel(Probe):
         self._records: list[ForwardRecord] = []
         self._outputs: list[torch.Tensor] = []  # held outputs, or the norms of those too big to hold
         self._out_names: list[str] = []
+        self._unhooked = False  # outputs not hooked (compiled autograd): .grad read before the update
+        self._versions: list[int] = []  # then the parameters' in-place versions at the forward's end
 
     def active(self, plan: StepPlan) -> bool:
-        return plan.checking
+        return plan.checking and (self.ctx.compiled or not self.compiled_only)
 
     def on_step_start(self, plan: StepPlan) -> None:
         self._clear()
@@ -100,6 +120,11 @@ class NonFiniteSentinel(Probe):
         if not tensors:
             return
         record = self._records[-1]
+        # Compiled autograd fails on a hook whose output gets no gradient: there the gradients are
+        # read before the optimizer step (or at the step's end), and the replay has none to push back.
+        hooks = not (self.ctx.compiled and compiled_autograd_enabled())
+        if not hooks:
+            self._unhooked, self._versions = True, [tensor_version(p) for p in self._tensors]
         for index, (suffix, tensor) in enumerate(tensors):
             self._out_names.append(suffix)
             # A small output is held (it is usually alive through backward anyway) and joins the
@@ -109,12 +134,14 @@ class NonFiniteSentinel(Probe):
             if tensor.numel() * tensor.element_size() > HOLD_OUTPUT_BYTES:
                 held = foreach_norm([held], torch.float32)[0]
             self._outputs.append(held)
-            if tensor.requires_grad:
+            if hooks and tensor.requires_grad:
                 tensor.register_hook(self._output_grad_hook(buffer, record, index))
 
     def _output_grad_hook(self, buffer: StepBuffer, record: ForwardRecord, index: int) -> Any:
-        def hook(grad: torch.Tensor) -> None:
-            if not (buffer.closed or self.ctx.closing):
+        def hook(grad: torch.Tensor | None) -> None:
+            # None: no gradient reached this output (an output of a node that has several, the
+            # loss's being used alone: a compiled graph's, a split's). Backward ran all the same.
+            if grad is not None and not (buffer.closed or self.ctx.closing):
                 record.grads[index] = grad  # by reference: what the replay pushes back
 
         return hook
@@ -126,16 +153,28 @@ class NonFiniteSentinel(Probe):
         if buffer is not None:
             self._read(buffer, backward=True, reduced=buffer.ddp_sync)
 
+    def on_before_optimizer_step(self) -> None:
+        """Unhooked (compiled autograd): the gradients are complete and the weights not yet moved."""
+        buffer = self.ctx.buffer
+        if self._unhooked and buffer is not None and (self._records or self._outputs):
+            self._read(buffer, backward=True)
+
     def on_step_end(self, host: HostStep | None) -> None:
         buffer = self.ctx.buffer
         if buffer is not None and (self._records or self._outputs):
-            self._read(buffer, backward=False)
+            self._read(buffer, backward=self._unhooked)
+
+    def _weights_moved(self) -> bool:
+        """Unhooked and read at the step's end: the optimizer updated the weights since the
+        forward, so a replay would run another model than the step did."""
+        return self._unhooked and any(tensor_version(p) != v for p, v in zip(self._tensors, self._versions))
 
     # ----------------------------------------------------------------- the one read
     def _read(self, buffer: StepBuffer, backward: bool, reduced: bool = False) -> None:
         records, outputs, out_names = self._records, self._outputs, self._out_names
+        moved = self._weights_moved()
         self._clear()
-        out_grads = [g for r in records for g in r.grads.values()]
+        out_grads = [g for r in records for g in r.grads.values() if g is not None]
         grads = [p.grad for p in self._tensors if p.grad is not None] if backward else []
         if self._dtensors:
             grads = [local_view(g) for g in grads]
@@ -171,7 +210,7 @@ class NonFiniteSentinel(Probe):
             return  # (gradients left non-finite by an earlier backward, not zeroed since: known)
         if not buffer.reported:  # once per step: the first read that fires
             buffer.reported = True
-            self._local = self._locate(buffer, records, sighting, reduced)
+            self._local = self._locate(buffer, records, sighting, reduced, moved)
         if not reduced:
             return
         # Under DDP every rank reads the same averaged gradients, so every rank gets here at once.
@@ -184,11 +223,12 @@ class NonFiniteSentinel(Probe):
             raise NonFiniteError(f"introspect: step {local.step}: {local.message}", local)
 
     def _locate(
-        self, buffer: StepBuffer, records: list[ForwardRecord], sighting: Sighting, reduced: bool
+        self, buffer: StepBuffer, records: list[ForwardRecord], sighting: Sighting, reduced: bool, moved: bool
     ) -> Alert | None:
         """Replay the step and report its origin (a raise waits for the rank exchange under DDP)."""
         ctx = self.ctx
-        outcome = replay_step(ctx, records, CallLedger(ctx.module_types), buffer.step) if records else None
+        replays = bool(records) and self._replays and not moved
+        outcome = replay_step(ctx, records, CallLedger(ctx.module_types), buffer.step) if replays else None
         alert = outcome.alert if outcome is not None else None
         if outcome is not None and alert is not None and sighting.outputs and alert.phase != "forward":
             # The replayed forward was finite where the real one was not: the backward finding
@@ -210,8 +250,20 @@ class NonFiniteSentinel(Probe):
             # Under DDP a NaN in the averaged gradients alone may be another rank's: the rank
             # exchange says whose. Anything else the replay could not pin down is reported as
             # the sentinel saw it.
-            reason = (outcome.reason if outcome is not None else None) or "no forward of this step was seen"
-            alert = sighting.alert(buffer.step, reason)
+            if outcome is not None and outcome.reason:
+                reason = outcome.reason
+            elif moved:
+                reason = (
+                    "under compiled autograd its gradients could only be read after optimizer.step() moved the "
+                    "weights (watch(..., optimizer=) reads them before)"
+                )
+            elif records:
+                reason = (
+                    "a replay of a sharded or SyncBatchNorm forward would be a collective the other ranks never join"
+                )
+            else:
+                reason = "no forward of this step was seen"
+            alert = sighting.alert(buffer.step, reason, compiled=ctx.compiled)
         if alert is None:
             return None
         may_raise = not reduced and not ctx.closing
@@ -253,7 +305,7 @@ class Sighting:
             phase="backward",
         )
 
-    def alert(self, step: int, reason: str) -> Alert:
+    def alert(self, step: int, reason: str, compiled: bool = False) -> Alert:
         what = "NaN" if self.nan else "Inf"
         if self.outputs:
             named = [o for o in self.outputs if o]
@@ -270,7 +322,11 @@ class Sighting:
             where,
             step,
             f"{seen}; the replay of this step could not name the layer: {reason}. "
-            "check_mode='per_module' checks every layer on every step instead",
+            + (
+                "A compiled graph runs no per-layer check: watch the uncompiled model to check every layer"
+                if compiled
+                else "check_mode='per_module' checks every layer on every step instead"
+            ),
             {"bad_parameters": float(len(self.params))} if self.params else {},
             phase=phase,
         )
