@@ -365,6 +365,19 @@ class AttentionProbe(Probe):
         records, self._records = self._records, []
         if "<attention>" in self.ctx.disabled:
             return
+        changed = [name or "input" for r in records for name in r.changed_inputs()]
+        if changed:
+            # The forward changed its own inputs in place: running it again would change the
+            # caller's tensors a second time (and, in eager code, what the backward saved).
+            self.ctx.disable(
+                "<attention>",
+                None,
+                RuntimeError(
+                    f"the forward changes its inputs in place ({', '.join(changed[:3])}): under torch.compile "
+                    "attention is read from an eager rerun of the forward, which would change them again"
+                ),
+            )
+            return
         handles: list[Any] = []
         try:
             self._hook_modules(handles.append)

@@ -270,3 +270,40 @@ def test_compiled_model_attention_comes_from_an_eager_rerun(tmp_path):
         # RNG state the compiled forward started in. (Later steps differ: inductor draws its own.)
         assert abs(a[key] - b[key]) <= 1e-4, (key, a[key], b[key])
     assert len(eager_losses) == 4
+
+
+@pytest.mark.slow
+def test_compiled_forward_that_changes_its_inputs_is_not_run_again(tmp_path):
+    """A forward that changes its input in place (here: halves it) would change the caller's
+    tensor once more in the eager rerun: no rerun then, one warning, and the input, the losses
+    and the weights stay bitwise the unwatched twin's."""
+    import torch._dynamo
+
+    class Halving(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed, self.attn, self.head = nn.Linear(4, 16), HandWritten(), nn.Linear(16, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            x.mul_(0.5)
+            return self.head(self.attn(self.embed(x))).mean()
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = Halving()
+    twin = copy.deepcopy(model)
+    run, run_twin = torch.compile(model, backend="aot_eager"), torch.compile(twin, backend="aot_eager")
+    g = torch.Generator().manual_seed(0)
+    data = [torch.randn(2, SEQ, 4, generator=g) for _ in range(3)]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", IntrospectWarning)
+        with watch(run, tmp_path, every=1, **QUIET):
+            for x in data:
+                mine, theirs = x.clone(), x.clone()
+                loss, twin_loss = run(mine), run_twin(theirs)
+                loss.backward()
+                twin_loss.backward()
+                assert torch.equal(loss, twin_loss) and torch.equal(mine, theirs)
+    assert len([c for c in caught if "changes its inputs in place" in str(c.message)]) == 1
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), twin.parameters()))
+    torch._dynamo.reset()

@@ -9,6 +9,7 @@ on a busy 2-core runner."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import shutil
 import warnings
@@ -222,9 +223,12 @@ def test_compiled_autograd_trains_and_names_the_nan(mode, tmp_path):
 
         return step
 
-    step, step_twin = step_of(model), step_of(twin)
     losses = []
-    with torch._dynamo.config.patch(compiled_autograd=True), warnings.catch_warnings():
+    with contextlib.ExitStack() as undo, warnings.catch_warnings():
+        # Set before torch.compile wraps the step (it reads the switch then), and set back after.
+        torch._dynamo.config.compiled_autograd = True
+        undo.callback(setattr, torch._dynamo.config, "compiled_autograd", False)
+        step, step_twin = step_of(model), step_of(twin)
         warnings.simplefilter("ignore")
         with watch(model, tmp_path / "run", every=2, optimizer=opt, check_mode=mode, **QUIET) as w:
             for i, batch in enumerate(_batches()):
