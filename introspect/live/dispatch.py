@@ -277,6 +277,10 @@ class Dispatch:
         """A backward of the open step is under way: its end-of-backward callback, once."""
         if buffer.callback_queued or not (self.events["on_after_backward"] or self.events["on_after_reduction"]):
             return
+        if self.ctx.compiled and compiled_autograd_enabled():
+            # Compiled autograd refuses a backward callback (torch 2.14): no end-of-backward events
+            # there; the sentinel reads before the optimizer step instead.
+            return
         buffer.callback_queued = True
         queue_after_backward(lambda: self._after_backward(buffer))
 
