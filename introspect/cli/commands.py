@@ -510,14 +510,17 @@ def compare(
     type=click.Path(dir_okay=False),
     default="health_map.png",
     show_default=True,
-    help="The PNG; with several statistics, one file each: health_map_{stat}.png.",
+    help="The PNG: with one statistic (one --stat, or a run that has only one) exactly this file; with several, "
+    "one file each, OUT's name + _{stat}: --out map.png writes map_grad_rms.png, map_activation_std.png, ...",
 )
 def health_map(rundir: str, stats: tuple[str, ...], out: str) -> None:
     """Draw the training health map of a watch() run from its event files.
 
     Rows are the watched modules in execution order, columns the logging steps, the colour one
     statistic; cells with a debugger finding are outlined in red. RUNDIR is one run's directory
-    (or a directory holding exactly one run). Nothing is rerun.
+    (or a directory holding exactly one run). Nothing is rerun. One statistic is drawn into --out
+    itself; several (the default: every one the run has) into one file each, --out's name with
+    _{stat} added (map.png: map_grad_rms.png, ...).
 
     \b
     Examples:
@@ -527,8 +530,14 @@ def health_map(rundir: str, stats: tuple[str, ...], out: str) -> None:
     from ..analysis.health_map_render import STATS, health_map_from_events, save_health_maps
 
     hm = health_map_from_events(rundir)
-    for stat, path in save_health_maps(hm, stats, out, rundir):
+    saved = save_health_maps(hm, stats, out, rundir)
+    for stat, path in saved:
         click.echo(f"{stat}: {escape(path)}")
+    if len(saved) > 1:  # the user asked for one file and got several: say why, and how to get the one
+        click.echo(
+            f"{len(saved)} statistics, one PNG each (not {escape(out)}); --stat NAME draws one into {escape(out)}",
+            err=True,
+        )
     click.echo(
         f"{len(hm.rows)} modules x {len(hm.steps)} logging steps, {len(hm.findings)} findings "
         f"(statistics: {', '.join(s for s in STATS if s in hm.available())})",
