@@ -273,7 +273,9 @@ def weights(
     """Weight statistics of MODEL, or how they changed from A to B.
 
     One row per tensor: shape, mean, std, min, max, share of zeros, NaN/Inf count; with two
-    files, each tensor's relative change |B - A| / |A|. A bare state_dict needs no --arch here: every floating tensor in it is shown.
+    files, each tensor's relative change |B - A| / |A| (a tensor all zero in A, such as a zero-initialised
+    bias: its absolute change |B - A|, never ranked as the most changed). A bare state_dict needs no --arch here:
+    every floating tensor in it is shown.
     With --spectral, one row per weight matrix, and alpha outside WeightWatcher's 2-6 band flagged.
 
     \b
