@@ -309,6 +309,36 @@ def weights(
     )
 
 
+@main.command()
+@click.argument("models", nargs=-1, required=True, type=MODEL_PATH, metavar="MODEL [MODEL_B]")
+@click.option(
+    "--logdir",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Also write spectral/ scalars here (MODEL at step 0, MODEL_B at step 1).",
+)
+@model_options
+def spectral(
+    models: tuple[str, ...],
+    logdir: str | None,
+    arch: str | None,
+    arch_kwargs: dict | None,
+    unsafe: bool,
+) -> None:
+    """Spectral analysis of MODEL's weight matrices: the same as weights --spectral.
+
+    One row per weight matrix: sigma_max, stable rank, power-law alpha and Marchenko-Pastur
+    outliers, alpha outside WeightWatcher's 2-6 band flagged; with two files, A and B side by side.
+
+    \b
+    Example:
+      introspect spectral ckpt.pt --arch torchvision:resnet18 --logdir runs/spectral
+    """
+    if len(models) > 2:
+        raise click.UsageError(f"give one MODEL, or two to compare; got {len(models)}")
+    _spectral_command(models, logdir, arch, arch_kwargs, unsafe)
+
+
 def _one_or_two(
     models: tuple[str, ...],
     items: list[Any],
