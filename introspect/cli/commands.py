@@ -24,6 +24,7 @@ from ..errors import (
     KeyMismatchError,
     LoadError,
     UnsafeLoadError,
+    warn,
 )
 from ..load.model_inputs import InputSpec
 from ..terminal import escape, escape_lines
@@ -423,6 +424,8 @@ def activations(
 
     Writes activation histograms (with --backward also the gradients) and prints the debugger's
     findings. Give exactly one of --input-shape, --input or --images. Each batch is one step in TensorBoard.
+    An image file of --images that cannot be read (corrupt, not an image, a FIFO) is skipped, and
+    named in a data_unreadable finding.
 
     \b
     Examples:
@@ -443,6 +446,7 @@ def activations(
         train_mode=train_mode,
         show_progress=True,
         total=fed.total,
+        unreadable=fed.skipped,
     )
     click.echo(f"{w.step + 1} step(s) of {len(w.module_names)} modules written to {escape(logdir)}")
     click.echo(w.report())
@@ -521,6 +525,9 @@ def compare(
     result = first_divergence(
         fed.model, net_b, *fed.first(), backward=backward, autocast=autocast, rtol=rtol, atol=atol, seed=seed
     )
+    if fed.skipped:  # --images: the batch was made of the files that could be read
+        path, why = fed.skipped[0]
+        warn(f"skipped {len(fed.skipped)} unreadable image file(s) of --images (the first, {path}: {why})")
     click.echo(f"A = {escape(model_a)}\nB = {escape(model_b)}" + (f" (under autocast {autocast})" if autocast else ""))
     click.echo(str(result))
     if out is not None:
