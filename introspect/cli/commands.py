@@ -28,9 +28,17 @@ from ..errors import (
 )
 from ..load.model_inputs import InputSpec
 from ..terminal import escape, escape_lines
-from .options import MODEL_PATH, BatchSizes, ByteSize, input_options, model_options
+from .options import (
+    FOUND_EXIT,
+    MODEL_PATH,
+    BatchSizes,
+    ByteSize,
+    fail_on_option,
+    input_options,
+    model_options,
+)
 
-__all__ = ["main", "IntrospectCommand", "EXIT_CODES"]
+__all__ = ["main", "IntrospectCommand", "EXIT_CODES", "FOUND_EXIT"]
 
 EXIT_CODES: tuple[tuple[type[BaseException], int], ...] = (
     (UnsafeLoadError, 4),
@@ -41,7 +49,10 @@ EXIT_CODES: tuple[tuple[type[BaseException], int], ...] = (
     (IntrospectError, 1),
 )
 """The exit code of each error (the first class that matches); click's usage errors exit with 2,
-anything unexpected with 1, Ctrl-C with 130."""
+anything unexpected with 1, Ctrl-C with 130; ``--fail-on`` exits with ``FOUND_EXIT`` (8)."""
+
+_WARNINGS_SHOWN = "introspect.warnings_shown"
+"""``ctx.meta`` key: how many IntrospectWarning lines the command showed (``--fail-on warning``)."""
 
 
 class IntrospectCommand(click.Command):
@@ -55,11 +66,19 @@ class IntrospectCommand(click.Command):
 
     def invoke(self, ctx: click.Context) -> Any:
         debug = bool(ctx.params.pop("debug", False))
+        ctx.meta[_WARNINGS_SHOWN] = 0
         with warnings.catch_warnings():
+            shown = warnings.showwarning
+
+            def show(message: Any, category: Any, *where: Any, **more: Any) -> None:
+                if isinstance(category, type) and issubclass(category, IntrospectWarning):
+                    ctx.meta[_WARNINGS_SHOWN] += 1
+                (shown if debug else _warning_line)(message, category, *where, **more)
+
             if not debug:
                 warnings.simplefilter("ignore")
                 warnings.simplefilter("default", IntrospectWarning)
-                warnings.showwarning = _warning_line
+            warnings.showwarning = show
             try:
                 return super().invoke(ctx)
             except (click.exceptions.Exit, click.ClickException, click.Abort):
@@ -81,6 +100,20 @@ class IntrospectCommand(click.Command):
 
 def _warning_line(message: Any, category: Any, filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
     click.echo(f"warning: {escape(str(message).removeprefix('introspect: ').replace(chr(10), ' '))}", err=True)
+
+
+def _fail_on(fail_on: str, findings: int) -> None:
+    """``--fail-on``: exit ``FOUND_EXIT`` (after the output, with one line saying why) when the
+    command found ``findings`` things, or with ``warning`` showed a warning line."""
+    ctx = click.get_current_context()
+    warned = int(ctx.meta.get(_WARNINGS_SHOWN, 0))
+    if fail_on == "never" or not (findings or (fail_on == "warning" and warned)):
+        return
+    why = [f"{findings} finding{'s' if findings != 1 else ''}"] if findings else []
+    if fail_on == "warning" and warned:
+        why.append(f"{warned} warning{'s' if warned != 1 else ''}")
+    click.echo(f"exit {FOUND_EXIT}: {' and '.join(why)} (--fail-on {fail_on})", err=True)
+    ctx.exit(FOUND_EXIT)
 
 
 class _IntrospectGroup(click.Group):
@@ -406,6 +439,7 @@ def _spectral_command(
 )
 @click.option("--train-mode", is_flag=True, help="Run in training mode (dropout on, BatchNorm on batch statistics).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random inputs.")
+@fail_on_option
 @model_options
 def activations(
     model: str,
@@ -416,6 +450,7 @@ def activations(
     target: int | None,
     train_mode: bool,
     seed: int,
+    fail_on: str,
     arch: str | None,
     arch_kwargs: dict | None,
     unsafe: bool,
@@ -450,6 +485,7 @@ def activations(
     )
     click.echo(f"{w.step + 1} step(s) of {len(w.module_names)} modules written to {escape(logdir)}")
     click.echo(w.report())
+    _fail_on(fail_on, len(w.alerts))
 
 
 @main.command()
@@ -487,6 +523,7 @@ def activations(
     metavar="MODULE:CLASS",
     help="MODEL_B's architecture, when it differs from --arch (a refactored class).",
 )
+@fail_on_option
 @model_options
 def compare(
     model_a: str,
@@ -499,6 +536,7 @@ def compare(
     seed: int,
     out: str | None,
     arch_b: str | None,
+    fail_on: str,
     arch: str | None,
     arch_kwargs: dict | None,
     unsafe: bool,
@@ -533,6 +571,7 @@ def compare(
     if out is not None:
         save_png(result.image(), out)
         click.echo(f"figure written to {escape(out)}")
+    _fail_on(fail_on, len(result.findings()))
 
 
 @main.command("map")
@@ -631,7 +670,8 @@ def board(logdir: str, port: int, host: str) -> None:
     type=click.IntRange(1),
     help="Scan at most this many images, spread over the folder.",
 )
-def data(folder: str, logdir: str, limit: int) -> None:
+@fail_on_option
+def data(folder: str, logdir: str, limit: int, fail_on: str) -> None:
     """Look at an ImageFolder tree and report what is wrong with it.
 
     FOLDER holds one subfolder of images per class. Writes an image grid, a 3x3 figure of labeled
@@ -645,9 +685,10 @@ def data(folder: str, logdir: str, limit: int) -> None:
     """
     from ..analysis.data import image_folder, inspect_data
 
-    inspect_data(image_folder(folder), logdir, max_samples=limit)
+    report = inspect_data(image_folder(folder), logdir, max_samples=limit)
     shown = escape(logdir)
     click.echo(f"pictures written to {shown} (introspect board --logdir {shown})", err=True)
+    _fail_on(fail_on, len(report.alerts))
 
 
 if __name__ == "__main__":  # pragma: no cover
