@@ -51,7 +51,7 @@ EXIT_CODES: tuple[tuple[type[BaseException], int], ...] = (
 """The exit code of each error (the first class that matches); click's usage errors exit with 2,
 anything unexpected with 1, Ctrl-C with 130; ``--fail-on`` exits with ``FOUND_EXIT`` (8)."""
 
-_WARNINGS_SHOWN = "introspect.warnings_shown"
+_WARNINGS_SHOWN = "introspect_warnings_shown"
 """``ctx.meta`` key: how many IntrospectWarning lines the command showed (``--fail-on warning``)."""
 
 
