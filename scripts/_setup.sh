@@ -1,8 +1,13 @@
 # Shared set-up for scripts/test and scripts/demo; source it, don't run it.
 #
-# Makes .venv (if absent) and installs the project into it, editable, with the test extras.
-# The install is skipped while .venv/.introspect-installed holds the hash of pyproject.toml
-# (and of the Python that made the venv) from the last successful install.
+# Makes .venv (if absent) and installs the project into it, editable, with the extras the sourcing
+# script names in SETUP_EXTRAS: scripts/test sets "test" (linters, pytest, and the frameworks the
+# tests cover: lightning, transformers, timm, ...); scripts/demo sets none, so a first demo installs
+# only the package and its own dependencies.
+# The install is skipped while .venv/.introspect-installed (the package) or
+# .venv/.introspect-installed-EXTRAS holds the hash of pyproject.toml (and of the Python that made
+# the venv) from the last successful install; an install with extras stamps both, since it holds the
+# package too.
 # Leaves the shell in the repository root with $VENV_PY set.
 
 set -euo pipefail
@@ -12,7 +17,9 @@ cd "$REPO_ROOT"
 
 VENV=.venv
 VENV_PY="$VENV/bin/python"
-STAMP="$VENV/.introspect-installed"
+SETUP_EXTRAS="${SETUP_EXTRAS-}"
+BASE_STAMP="$VENV/.introspect-installed"
+STAMP="$BASE_STAMP${SETUP_EXTRAS:+-$SETUP_EXTRAS}"
 export MPLBACKEND=Agg
 
 _introspect_die() { echo "error: $*" >&2; exit 1; }
@@ -35,14 +42,16 @@ print(h.hexdigest())
 ')"
 
 if [[ ! -f "$STAMP" || "$(cat "$STAMP")" != "$_introspect_want" ]]; then
-    echo "Installing torch-introspect and its test dependencies into $VENV (a minute or two the first time) ..." >&2
+    echo "Installing torch-introspect${SETUP_EXTRAS:+ with its $SETUP_EXTRAS extras} into $VENV (a minute or two the first time) ..." >&2
     rm -f "$STAMP"
     # pip's own status is what counts; grep only drops the "Location ... is ignored" noise.
     set +e
-    "$VENV_PY" -m pip install -q -e '.[test]' 2>&1 | { grep -v 'WARNING: Location .* is ignored' || true; } >&2
+    "$VENV_PY" -m pip install -q -e ".${SETUP_EXTRAS:+[$SETUP_EXTRAS]}" 2>&1 \
+        | { grep -v 'WARNING: Location .* is ignored' || true; } >&2
     _introspect_pip_status="${PIPESTATUS[0]}"
     set -e
     [[ "$_introspect_pip_status" -eq 0 ]] || _introspect_die "pip install failed (exit $_introspect_pip_status)"
     echo "$_introspect_want" > "$STAMP"
+    [[ "$STAMP" == "$BASE_STAMP" ]] || echo "$_introspect_want" > "$BASE_STAMP"  # extras include the package
 fi
 unset _introspect_want _introspect_pip_status

@@ -40,6 +40,15 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 # --------------------------------------------------------------------------- fixtures
+@pytest.fixture(autouse=True)
+def _module_graph_notes_afresh(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test starts as a new process would: the module-level graph note (printed once per model
+    class per process) shows again."""
+    from introspect.analysis import summary
+
+    monkeypatch.setattr(summary, "_NOTED_CLASSES", set())
+
+
 @pytest.fixture
 def logdir(tmp_path: Path) -> Path:
     return tmp_path / "run"

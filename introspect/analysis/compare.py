@@ -107,6 +107,14 @@ class Divergence:
         """The first gradient that diverged, in the order backward produced them."""
         return next((d for d in self.backward if d.diverged), None)
 
+    def findings(self) -> list[str]:
+        """What ``--fail-on`` counts: each phase whose first divergence was found, and outputs
+        that ran in one model only."""
+        found = [f"{d.phase} divergence at {d.module}" for d in (self.first, self.first_backward) if d is not None]
+        if self.only_in_a or self.only_in_b:
+            found.append(f"{len(self.only_in_a) + len(self.only_in_b)} outputs in one model only")
+        return found
+
     def summary(self) -> str:
         """One or two lines naming the first divergence and what came before it."""
         lines = []

@@ -9,7 +9,9 @@ most ``max_samples`` images, spread evenly over a dataset, so a class-sorted Ima
 every class) and writes what it saw to TensorBoard: a grid of images, a 3x3 figure of samples
 titled with their labels, the class balance, per-channel statistics. Its findings are the
 debugger's ``Alert``s: NaN/Inf, constant or all-black images, 0-255 values where 0-1 is expected,
-heavy class imbalance, exact duplicates, labels outside the class range, unreadable files.
+heavy class imbalance, exact duplicates, labels outside the class range, unreadable files. A
+finding names its images by file where the data set lists its files (an ImageFolder, a Subset of
+one), by sample index elsewhere (a tensor, a TensorDataset).
 
 ``watch(..., log_inputs=True)`` runs the same image checks on the first training batch.
 
@@ -73,7 +75,7 @@ _CHUNK = 1 << 20
 PEAK_MEMORY = 1.5 * 2**30
 """The documented bound on ``introspect data``'s peak resident memory, torch's own ~0.6 GB
 included (measured: see docs/security.md); tests/test_untrusted_data.py checks it."""
-SHOWN_INDICES = 5  # sample indices named in a finding's "where"
+SHOWN_INDICES = 5  # samples (files, or indices) named in a finding's "where"
 
 
 @dataclass(frozen=True)
@@ -190,6 +192,9 @@ class _Scan:
     planned: int = PREVIEW
     """Images the scan expects; the preview takes ``PREVIEW`` of them spread evenly (a sorted
     ImageFolder's first 64 would all be one class)."""
+    paths: Sequence[str] | None = None
+    """The file of each sample index, when the data set lists them (an ImageFolder): findings
+    name the files, which a person can open, rather than indices into the data set."""
     count: int = 0
     shape: tuple[int, ...] | None = None
     dtype: str = ""
@@ -280,6 +285,21 @@ class _Scan:
             stats.append(ChannelStats(mean, math.sqrt(max(sq / n - mean * mean, 0.0)), lo, hi))
         return stats
 
+    def name(self, index: int) -> str:
+        """Sample ``index`` as a person finds it: its file, or ``sample 7`` where there is none."""
+        if self.paths is not None and 0 <= index < len(self.paths):
+            return self.paths[index]
+        return f"sample {index}"
+
+    def where(self, indices: Sequence[int]) -> str:
+        """The first ``SHOWN_INDICES`` samples of a finding: files (``a.png, b.png (+3 more)``), or
+        indices (``samples 7, 14``) for data that has no files (a tensor, a tensor dataset)."""
+        more = f" (+{len(indices) - SHOWN_INDICES} more)" if len(indices) > SHOWN_INDICES else ""
+        if self.paths is not None:
+            return ", ".join(self.name(i) for i in indices[:SHOWN_INDICES]) + more
+        shown = ", ".join(str(i) for i in indices[:SHOWN_INDICES])
+        return f"sample{'s' if len(indices) > 1 else ''} {shown}{more}"
+
     def alerts(self, step: int, prefix: str = "") -> list[Alert]:
         """Findings about the images themselves (labels are judged with the class names)."""
         n = self.count
@@ -289,10 +309,10 @@ class _Scan:
             found.append(
                 Alert(
                     "data_unreadable",
-                    prefix + _where(indices),
+                    prefix + self.where(indices),
                     step,
                     f"{len(indices)} of {n + len(indices)} samples could not be loaded "
-                    f"(sample {self.unreadable[0][0]}: {self.unreadable[0][1]})",
+                    f"({self.name(self.unreadable[0][0])}: {self.unreadable[0][1]})",
                     {"samples": float(len(indices))},
                 )
             )
@@ -300,7 +320,7 @@ class _Scan:
             found.append(
                 Alert(
                     "data_nonfinite",
-                    prefix + _where(self.nonfinite),
+                    prefix + self.where(self.nonfinite),
                     step,
                     f"{len(self.nonfinite)} of {n} images hold NaN or Inf values; one in a batch makes the "
                     "loss and every gradient NaN",
@@ -314,7 +334,7 @@ class _Scan:
             found.append(
                 Alert(
                     "data_constant",
-                    prefix + _where(indices),
+                    prefix + self.where(indices),
                     step,
                     f"{len(indices)} of {n} images are constant (every pixel the same value{what}): "
                     "empty or failed loads, padding, or a broken transform",
@@ -340,7 +360,7 @@ class _Scan:
             found.append(
                 Alert(
                     "data_range",
-                    prefix + _where(indices),
+                    prefix + self.where(indices),
                     step,
                     message,
                     {"samples": float(len(indices)), "min": lo, "max": hi},
@@ -355,14 +375,14 @@ class _Scan:
             )
             message = (
                 f"{len(self.duplicates)} of {n} images are exact copies of an earlier one "
-                f"(e.g. sample {copy} = sample {original})"
+                f"(e.g. {self.name(copy)} = {self.name(original)})"
             )
             if conflicting:
                 message += f"; {conflicting} of them with a different label than the original"
             found.append(
                 Alert(
                     "data_duplicates",
-                    prefix + _where([c for c, _ in self.duplicates]),
+                    prefix + self.where([c for c, _ in self.duplicates]),
                     step,
                     message,
                     {"samples": float(len(self.duplicates)), "conflicting_labels": float(conflicting)},
@@ -409,12 +429,6 @@ def _preview_copy(image: torch.Tensor) -> torch.Tensor:
     size = (max(1, round(height * scale)), max(1, round(width * scale)))
     small = F.interpolate(image.detach().cpu()[None].double(), size=size, mode="area")[0]
     return small.to(image.dtype) if image.is_floating_point() else small.round().to(image.dtype)
-
-
-def _where(indices: Sequence[int]) -> str:
-    shown = ", ".join(str(i) for i in indices[:SHOWN_INDICES])
-    more = f" (+{len(indices) - SHOWN_INDICES} more)" if len(indices) > SHOWN_INDICES else ""
-    return f"sample{'s' if len(indices) > 1 else ''} {shown}{more}"
 
 
 def _label_alerts(counts: Mapping[int, int], names: Sequence[str] | None, ratio: float, step: int) -> list[Alert]:
@@ -702,6 +716,34 @@ def _unreadable() -> tuple[type[BaseException], ...]:
     return (OSError, ValueError, RuntimeError, DecompressionBombError)
 
 
+def _sample_paths(data: Any) -> list[str] | None:
+    """The file of each index of a data set that lists its files (torchvision's ImageFolder and
+    DatasetFolder: ``samples = [(path, label), ...]``; a ``Subset`` of one maps through its
+    indices); None for anything else, a DataLoader included (its positions are not indices when
+    it shuffles)."""
+    from torch.utils.data import DataLoader, Subset
+
+    if isinstance(data, DataLoader):
+        return None
+    if isinstance(data, Subset):
+        base = _sample_paths(data.dataset)
+        try:
+            return None if base is None else [base[int(i)] for i in data.indices]
+        except (IndexError, TypeError, ValueError):
+            return None
+    samples = getattr(data, "samples", None)
+    length = _length(data)
+    if not isinstance(samples, Sequence) or length is None or len(samples) != length:
+        return None
+    paths = []
+    for item in samples:
+        path = item[0] if isinstance(item, (tuple, list)) and item else None
+        if not isinstance(path, (str, os.PathLike)):
+            return None
+        paths.append(os.fspath(path))
+    return paths
+
+
 def _length(dataset: Any) -> int | None:
     try:
         return len(dataset)
@@ -863,7 +905,7 @@ def inspect_data(
     names = _class_names(data, classes)
     samples, total, planned = _samples(data, max_samples)
 
-    scan = _Scan(expected_range, planned)
+    scan = _Scan(expected_range, planned, paths=_sample_paths(data))
     for index, image, label, error in progress(samples, show_progress, total=planned, desc="inspect_data", unit="img"):
         if error is not None:
             scan.unreadable.append((index, error))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import threading
 import warnings
 from collections.abc import Iterator, Sequence
@@ -28,6 +29,7 @@ from ..errors import (
     warn,
 )
 from ..runtime.preserved import preserved_state
+from ..terminal import escape
 
 __all__ = ["model_summary", "summary", "write_graph", "summary_markdown"]
 
@@ -178,8 +180,8 @@ def write_graph(writer: Any, model: nn.Module, args: Sequence[Any], kwargs: dict
     arguments passed as inputs of a wrapper (``add_graph`` takes positional inputs only); and, for
     a model ``torch.jit.trace`` cannot take at all (a ``ModelOutput`` holding a cache, a detector's
     list of dicts, data-dependent Python), the module-level graph of ``module_graph.py``, recorded
-    by hooks on one more forward of the same inputs. A module-level graph comes with one warning
-    that says so and why the trace failed.
+    by hooks on one more forward of the same inputs. A module-level graph comes with one note on
+    stderr, once per model class per process, that says so and why the trace failed.
     """
     from .module_graph import write_module_graph
 
@@ -204,13 +206,28 @@ def write_graph(writer: Any, model: nn.Module, args: Sequence[Any], kwargs: dict
         )
         return False
     left_out = f" (the first {len(graph.calls)} module calls)" if graph.truncated else ""
-    warn(
-        f"introspect: module-level graph written{left_out}: modules, which one's output fed which, "
+    _note_once(
+        f"{type(model).__module__}.{type(model).__qualname__}",
+        f"introspect: note: module-level graph written{left_out}: modules, which one's output fed which, "
         f"and shapes, from hooks on one forward; {why}, so there are no operator nodes. Pass "
         "graph=False to skip it.",
-        IntrospectWarning,
     )
     return True
+
+
+_NOTED_CLASSES: set[str] = set()
+"""Model classes whose module-level graph note this process has printed. The graph is written all
+the same, so it is information, not a warning: every Hugging Face causal LM (its output holds a
+cache ``torch.jit.trace`` cannot take) would otherwise repeat it on every run, and a warning
+filter that turned warnings into errors would stop training for it."""
+
+
+def _note_once(model_class: str, message: str) -> None:
+    """``message`` on stderr, the first time ``model_class`` needs it in this process."""
+    if model_class in _NOTED_CLASSES:
+        return
+    _NOTED_CLASSES.add(model_class)
+    print(escape(message), file=sys.stderr, flush=True)  # class names may come from a file's code
 
 
 def _gist(e: BaseException) -> str:

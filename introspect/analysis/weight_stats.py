@@ -51,13 +51,22 @@ class WeightStats:
 @dataclass(frozen=True)
 class WeightChange:
     """How one tensor moved between two checkpoints: ``|b - a| / |a|`` (L2 norms) and the largest
-    element-wise change; ``status`` says when it cannot be compared."""
+    element-wise change; ``status`` says when it cannot be compared.
+
+    A tensor that is all zero in A (a zero-initialised bias, a LoRA ``B`` matrix) has no relative
+    change: any move is infinitely large against zero, and "inf" would rank it above every real
+    change. Its ``relative_change`` is NaN, ``from_zero`` is True, and ``absolute_change``
+    (``|b - a|``, L2) says how far it moved; it never ranks as the tensor that moved most."""
 
     name: str
     shape: tuple[int, ...]
     relative_change: float
     max_abs_change: float
     status: str  # "compared", "only in A", "only in B", "shape differs"
+    absolute_change: float = math.nan
+    """``|b - a|`` (L2 norm) of a compared tensor."""
+    from_zero: bool = False
+    """A is all zero and B is not: the change is absolute only (``relative_change`` is NaN)."""
 
 
 def weight_stats(weights: Mapping[str, torch.Tensor], show_progress: bool = False) -> list[WeightStats]:
@@ -148,36 +157,49 @@ def compare_weights(
         diff = y64 - x64
         delta = torch.linalg.vector_norm(diff)
         base = torch.linalg.vector_norm(x64)
-        if float(base) > 0:
-            relative = float(delta / base)
+        size, moved = float(base), float(delta)
+        finite = math.isfinite(size) and math.isfinite(moved)
+        from_zero = finite and size == 0 and moved != 0  # no scale to be relative to: absolute only
+        if finite and size > 0:
+            relative = moved / size
         else:
-            relative = 0.0 if float(delta) == 0 else math.inf
+            relative = 0.0 if finite and moved == 0 else math.nan  # NaN: from zero, or NaN/Inf values
         biggest = float(diff.abs().max()) if x.numel() else 0.0
-        out.append(WeightChange(name, tuple(x.shape), relative, biggest, "compared"))
+        out.append(WeightChange(name, tuple(x.shape), relative, biggest, "compared", moved, from_zero))
     out += [WeightChange(n, tuple(t.shape), math.nan, math.nan, "only in B") for n, t in b.items() if n not in a]
     return out
 
 
+def _change_cells(c: WeightChange) -> list[str]:
+    if c.status != "compared":
+        return ["—", "—", c.status]
+    if c.from_zero:
+        return [f"{c.absolute_change:.3e} abs", f"{c.max_abs_change:.3e}", "zero in A: absolute change |B - A|"]
+    if math.isnan(c.relative_change):
+        return ["—", "—", "NaN/Inf values"]
+    return [f"{c.relative_change:.3e}", f"{c.max_abs_change:.3e}", ""]
+
+
 def format_weight_changes(changes: Sequence[WeightChange]) -> str:
-    """The terminal table of a comparison, then one line naming the tensor that moved most."""
-    rows = [
-        [c.name, str(list(c.shape))]
-        + (
-            [f"{c.relative_change:.3e}", f"{c.max_abs_change:.3e}", ""]
-            if c.status == "compared"
-            else ["—", "—", c.status]
-        )
-        for c in changes
-    ]
+    """The terminal table of a comparison, then one line naming the tensor that moved most
+    (relative to its size in A; a tensor that was zero in A is counted apart, by its absolute change)."""
+    rows = [[c.name, str(list(c.shape)), *_change_cells(c)] for c in changes]
     table = format_table(
         ["name", "shape", "relative change", "max |change|", "note"], rows, right=[False, False, True, True, False]
     )
-    compared = [c for c in changes if c.status == "compared" and not math.isnan(c.relative_change)]
-    moved = [c for c in compared if c.relative_change > 0]
-    lines = [table, f"{len(compared)} tensors compared, {len(moved)} changed"]
-    if moved:
-        top = max(moved, key=lambda c: c.relative_change)
+    compared = [c for c in changes if c.status == "compared" and (c.from_zero or not math.isnan(c.relative_change))]
+    relative = [c for c in compared if c.relative_change > 0]  # NaN (from zero) compares False
+    from_zero = [c for c in compared if c.from_zero]
+    lines = [table, f"{len(compared)} tensors compared, {len(relative) + len(from_zero)} changed"]
+    if relative:
+        top = max(relative, key=lambda c: c.relative_change)
         lines[-1] += f"; most: {escape(top.name)} ({top.relative_change:.3e} relative)"
+    if from_zero:
+        top = max(from_zero, key=lambda c: c.absolute_change)
+        lines[-1] += (
+            f"; {len(from_zero)} zero in A, changed by an absolute amount "
+            f"(largest: {escape(top.name)}, |B - A| = {top.absolute_change:.3e})"
+        )
     skipped = len(changes) - len(compared)
     if skipped:
         lines[-1] += f"; {skipped} not comparable"

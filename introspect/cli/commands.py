@@ -24,12 +24,21 @@ from ..errors import (
     KeyMismatchError,
     LoadError,
     UnsafeLoadError,
+    warn,
 )
 from ..load.model_inputs import InputSpec
 from ..terminal import escape, escape_lines
-from .options import MODEL_PATH, BatchSizes, ByteSize, input_options, model_options
+from .options import (
+    FOUND_EXIT,
+    MODEL_PATH,
+    BatchSizes,
+    ByteSize,
+    fail_on_option,
+    input_options,
+    model_options,
+)
 
-__all__ = ["main", "IntrospectCommand", "EXIT_CODES"]
+__all__ = ["main", "IntrospectCommand", "EXIT_CODES", "FOUND_EXIT"]
 
 EXIT_CODES: tuple[tuple[type[BaseException], int], ...] = (
     (UnsafeLoadError, 4),
@@ -40,7 +49,10 @@ EXIT_CODES: tuple[tuple[type[BaseException], int], ...] = (
     (IntrospectError, 1),
 )
 """The exit code of each error (the first class that matches); click's usage errors exit with 2,
-anything unexpected with 1, Ctrl-C with 130."""
+anything unexpected with 1, Ctrl-C with 130; ``--fail-on`` exits with ``FOUND_EXIT`` (8)."""
+
+_WARNINGS_SHOWN = "introspect_warnings_shown"
+"""``ctx.meta`` key: how many IntrospectWarning lines the command showed (``--fail-on warning``)."""
 
 
 class IntrospectCommand(click.Command):
@@ -54,11 +66,19 @@ class IntrospectCommand(click.Command):
 
     def invoke(self, ctx: click.Context) -> Any:
         debug = bool(ctx.params.pop("debug", False))
+        ctx.meta[_WARNINGS_SHOWN] = 0
         with warnings.catch_warnings():
+            shown = warnings.showwarning
+
+            def show(message: Any, category: Any, *where: Any, **more: Any) -> None:
+                if isinstance(category, type) and issubclass(category, IntrospectWarning):
+                    ctx.meta[_WARNINGS_SHOWN] += 1
+                (shown if debug else _warning_line)(message, category, *where, **more)
+
             if not debug:
                 warnings.simplefilter("ignore")
                 warnings.simplefilter("default", IntrospectWarning)
-                warnings.showwarning = _warning_line
+            warnings.showwarning = show
             try:
                 return super().invoke(ctx)
             except (click.exceptions.Exit, click.ClickException, click.Abort):
@@ -80,6 +100,20 @@ class IntrospectCommand(click.Command):
 
 def _warning_line(message: Any, category: Any, filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
     click.echo(f"warning: {escape(str(message).removeprefix('introspect: ').replace(chr(10), ' '))}", err=True)
+
+
+def _fail_on(fail_on: str, findings: int) -> None:
+    """``--fail-on``: exit ``FOUND_EXIT`` (after the output, with one line saying why) when the
+    command found ``findings`` things, or with ``warning`` showed a warning line."""
+    ctx = click.get_current_context()
+    warned = int(ctx.meta.get(_WARNINGS_SHOWN, 0))
+    if fail_on == "never" or not (findings or (fail_on == "warning" and warned)):
+        return
+    why = [f"{findings} finding{'s' if findings != 1 else ''}"] if findings else []
+    if fail_on == "warning" and warned:
+        why.append(f"{warned} warning{'s' if warned != 1 else ''}")
+    click.echo(f"exit {FOUND_EXIT}: {' and '.join(why)} (--fail-on {fail_on})", err=True)
+    ctx.exit(FOUND_EXIT)
 
 
 class _IntrospectGroup(click.Group):
@@ -273,7 +307,9 @@ def weights(
     """Weight statistics of MODEL, or how they changed from A to B.
 
     One row per tensor: shape, mean, std, min, max, share of zeros, NaN/Inf count; with two
-    files, each tensor's relative change |B - A| / |A|. A bare state_dict needs no --arch here: every floating tensor in it is shown.
+    files, each tensor's relative change |B - A| / |A| (a tensor all zero in A, such as a zero-initialised
+    bias: its absolute change |B - A|, never ranked as the most changed). A bare state_dict needs no --arch here:
+    every floating tensor in it is shown.
     With --spectral, one row per weight matrix, and alpha outside WeightWatcher's 2-6 band flagged.
 
     \b
@@ -305,6 +341,36 @@ def weights(
         logdir,
         f"histograms of {sum(len(n) for n in loaded)} tensors",
     )
+
+
+@main.command()
+@click.argument("models", nargs=-1, required=True, type=MODEL_PATH, metavar="MODEL [MODEL_B]")
+@click.option(
+    "--logdir",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Also write spectral/ scalars here (MODEL at step 0, MODEL_B at step 1).",
+)
+@model_options
+def spectral(
+    models: tuple[str, ...],
+    logdir: str | None,
+    arch: str | None,
+    arch_kwargs: dict | None,
+    unsafe: bool,
+) -> None:
+    """Spectral analysis of MODEL's weight matrices: the same as weights --spectral.
+
+    One row per weight matrix: sigma_max, stable rank, power-law alpha and Marchenko-Pastur
+    outliers, alpha outside WeightWatcher's 2-6 band flagged; with two files, A and B side by side.
+
+    \b
+    Example:
+      introspect spectral ckpt.pt --arch torchvision:resnet18 --logdir runs/spectral
+    """
+    if len(models) > 2:
+        raise click.UsageError(f"give one MODEL, or two to compare; got {len(models)}")
+    _spectral_command(models, logdir, arch, arch_kwargs, unsafe)
 
 
 def _one_or_two(
@@ -373,6 +439,7 @@ def _spectral_command(
 )
 @click.option("--train-mode", is_flag=True, help="Run in training mode (dropout on, BatchNorm on batch statistics).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random inputs.")
+@fail_on_option
 @model_options
 def activations(
     model: str,
@@ -383,6 +450,7 @@ def activations(
     target: int | None,
     train_mode: bool,
     seed: int,
+    fail_on: str,
     arch: str | None,
     arch_kwargs: dict | None,
     unsafe: bool,
@@ -391,6 +459,8 @@ def activations(
 
     Writes activation histograms (with --backward also the gradients) and prints the debugger's
     findings. Give exactly one of --input-shape, --input or --images. Each batch is one step in TensorBoard.
+    An image file of --images that cannot be read (corrupt, not an image, a FIFO) is skipped, and
+    named in a data_unreadable finding.
 
     \b
     Examples:
@@ -411,9 +481,11 @@ def activations(
         train_mode=train_mode,
         show_progress=True,
         total=fed.total,
+        unreadable=fed.skipped,
     )
     click.echo(f"{w.step + 1} step(s) of {len(w.module_names)} modules written to {escape(logdir)}")
     click.echo(w.report())
+    _fail_on(fail_on, len(w.alerts))
 
 
 @main.command()
@@ -451,6 +523,7 @@ def activations(
     metavar="MODULE:CLASS",
     help="MODEL_B's architecture, when it differs from --arch (a refactored class).",
 )
+@fail_on_option
 @model_options
 def compare(
     model_a: str,
@@ -463,6 +536,7 @@ def compare(
     seed: int,
     out: str | None,
     arch_b: str | None,
+    fail_on: str,
     arch: str | None,
     arch_kwargs: dict | None,
     unsafe: bool,
@@ -489,11 +563,15 @@ def compare(
     result = first_divergence(
         fed.model, net_b, *fed.first(), backward=backward, autocast=autocast, rtol=rtol, atol=atol, seed=seed
     )
+    if fed.skipped:  # --images: the batch was made of the files that could be read
+        path, why = fed.skipped[0]
+        warn(f"skipped {len(fed.skipped)} unreadable image file(s) of --images (the first, {path}: {why})")
     click.echo(f"A = {escape(model_a)}\nB = {escape(model_b)}" + (f" (under autocast {autocast})" if autocast else ""))
     click.echo(str(result))
     if out is not None:
         save_png(result.image(), out)
         click.echo(f"figure written to {escape(out)}")
+    _fail_on(fail_on, len(result.findings()))
 
 
 @main.command("map")
@@ -510,14 +588,17 @@ def compare(
     type=click.Path(dir_okay=False),
     default="health_map.png",
     show_default=True,
-    help="The PNG; with several statistics, one file each: health_map_{stat}.png.",
+    help="The PNG: with one statistic (one --stat, or a run that has only one) exactly this file; with several, "
+    "one file each, OUT's name + _{stat}: --out map.png writes map_grad_rms.png, map_activation_std.png, ...",
 )
 def health_map(rundir: str, stats: tuple[str, ...], out: str) -> None:
     """Draw the training health map of a watch() run from its event files.
 
     Rows are the watched modules in execution order, columns the logging steps, the colour one
     statistic; cells with a debugger finding are outlined in red. RUNDIR is one run's directory
-    (or a directory holding exactly one run). Nothing is rerun.
+    (or a directory holding exactly one run). Nothing is rerun. One statistic is drawn into --out
+    itself; several (the default: every one the run has) into one file each, --out's name with
+    _{stat} added (map.png: map_grad_rms.png, ...).
 
     \b
     Examples:
@@ -527,8 +608,14 @@ def health_map(rundir: str, stats: tuple[str, ...], out: str) -> None:
     from ..analysis.health_map_render import STATS, health_map_from_events, save_health_maps
 
     hm = health_map_from_events(rundir)
-    for stat, path in save_health_maps(hm, stats, out, rundir):
+    saved = save_health_maps(hm, stats, out, rundir)
+    for stat, path in saved:
         click.echo(f"{stat}: {escape(path)}")
+    if len(saved) > 1:  # the user asked for one file and got several: say why, and how to get the one
+        click.echo(
+            f"{len(saved)} statistics, one PNG each (not {escape(out)}); --stat NAME draws one into {escape(out)}",
+            err=True,
+        )
     click.echo(
         f"{len(hm.rows)} modules x {len(hm.steps)} logging steps, {len(hm.findings)} findings "
         f"(statistics: {', '.join(s for s in STATS if s in hm.available())})",
@@ -583,7 +670,8 @@ def board(logdir: str, port: int, host: str) -> None:
     type=click.IntRange(1),
     help="Scan at most this many images, spread over the folder.",
 )
-def data(folder: str, logdir: str, limit: int) -> None:
+@fail_on_option
+def data(folder: str, logdir: str, limit: int, fail_on: str) -> None:
     """Look at an ImageFolder tree and report what is wrong with it.
 
     FOLDER holds one subfolder of images per class. Writes an image grid, a 3x3 figure of labeled
@@ -597,9 +685,10 @@ def data(folder: str, logdir: str, limit: int) -> None:
     """
     from ..analysis.data import image_folder, inspect_data
 
-    inspect_data(image_folder(folder), logdir, max_samples=limit)
+    report = inspect_data(image_folder(folder), logdir, max_samples=limit)
     shown = escape(logdir)
     click.echo(f"pictures written to {shown} (introspect board --logdir {shown})", err=True)
+    _fail_on(fail_on, len(report.alerts))
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -15,7 +15,18 @@ import click
 from ..errors import IntrospectError
 from ..load.model_inputs import DTYPES, InputSpec, parse_shape
 
-__all__ = ["MODEL_PATH", "JSONObject", "Shape", "BatchSizes", "ByteSize", "model_options", "input_options"]
+__all__ = [
+    "MODEL_PATH",
+    "JSONObject",
+    "Shape",
+    "BatchSizes",
+    "ByteSize",
+    "model_options",
+    "input_options",
+    "fail_on_option",
+    "FAIL_ON",
+    "FOUND_EXIT",
+]
 
 MODEL_PATH = click.Path(readable=False)
 """A file argument whose checks are the loader's: a missing, unreadable or directory path is a
@@ -98,6 +109,27 @@ class ByteSize(click.ParamType):
             return parse_byte_size(value)
         except IntrospectError as e:
             self.fail(str(e), param, ctx)
+
+
+FAIL_ON = ("finding", "warning", "never")
+"""``--fail-on``'s choices, from the loosest trigger to none: ``finding`` fails on any finding,
+``warning`` also on any ``warning:`` line, ``never`` (the default) keeps exit 0."""
+
+FOUND_EXIT = 8
+"""The exit code of a command that found something and was told to fail on it (``--fail-on``):
+apart from the error codes (1-7), so CI can tell "the data is bad" from "the command broke"."""
+
+
+def fail_on_option(f: Callable) -> Callable:
+    """--fail-on: exit ``FOUND_EXIT`` when the command found something, for CI."""
+    return click.option(
+        "--fail-on",
+        type=click.Choice(FAIL_ON),
+        default="never",
+        show_default=True,
+        help=f"Exit {FOUND_EXIT} when the command finds something, for CI: finding (any finding), warning (any "
+        "finding, or any warning line), never (exit 0 whatever it finds).",
+    )(f)
 
 
 def model_options(f: Callable) -> Callable:

@@ -17,18 +17,35 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..debugger.alerts import Alert
 from ..errors import ModelTypeError
 from ..load.model_inputs import input_error
 from ..runtime.tensors import backward_target
 from ..terminal import progress
 from . import Watcher, watch
 
-__all__ = ["record_activations", "ACTIVATION_LOG", "BACKWARD_LOG"]
+__all__ = ["record_activations", "unreadable_finding", "ACTIVATION_LOG", "BACKWARD_LOG"]
 
 ACTIVATION_LOG: tuple[str, ...] = ("activations", "feature_maps")
 """What every batch logs: histograms, and each conv layer's channels for the batch's first input."""
 BACKWARD_LOG: tuple[str, ...] = ("activation_grads", "grads")
 """What a batch with a backward logs in addition."""
+
+
+def unreadable_finding(files: Sequence[tuple[str, str]], step: int, shown: int = 5) -> Alert:
+    """The ``data_unreadable`` finding of input files left out: the first ``shown`` by path, and why
+    the first could not be read."""
+    paths = [path for path, _ in files]
+    more = f" (+{len(paths) - shown} more)" if len(paths) > shown else ""
+    first, why = files[0]
+    return Alert(
+        "data_unreadable",
+        ", ".join(paths[:shown]) + more,
+        step,
+        f"{len(paths)} input file{'s' if len(paths) != 1 else ''} could not be read and "
+        f"{'were' if len(paths) != 1 else 'was'} skipped ({first}: {why})",
+        {"samples": float(len(paths))},
+    )
 
 
 def record_activations(
@@ -40,6 +57,7 @@ def record_activations(
     train_mode: bool = False,
     show_progress: bool = False,
     total: int | None = None,
+    unreadable: Sequence[tuple[str, str]] = (),
 ) -> Watcher:
     """Run each batch of positional inputs through ``model`` under ``watch``; returns the closed watcher.
 
@@ -51,6 +69,9 @@ def record_activations(
             e.g. one class's logit.
         train_mode: run in training mode (dropout on, BatchNorm on batch statistics, updating its
             running statistics in memory). By default every layer runs as in inference.
+        unreadable: ``(path, why)`` of the input files left out as unreadable, filled in while
+            ``batches`` are read (``ModelBatches.skipped``): one ``data_unreadable`` finding
+            names them, as ``introspect data`` does.
     """
     if isinstance(model, torch.jit.ScriptModule):
         raise ModelTypeError(
@@ -84,6 +105,8 @@ def record_activations(
                         model.zero_grad(set_to_none=True)
                         backward_target(output, target).backward()
                 del output
+            if unreadable:
+                w.findings.add(unreadable_finding(unreadable, w.step))
     finally:
         for module, mode in modes:
             module.training = mode

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -105,10 +105,19 @@ def image_files(folder: str | os.PathLike) -> list[Path]:
 
 
 def image_batches(
-    files: Sequence[Path], batch_size: int, size: Sequence[int] | None = None, channels: int = 3
+    files: Sequence[Path],
+    batch_size: int,
+    size: Sequence[int] | None = None,
+    channels: int = 3,
+    skipped: list[tuple[str, str]] | None = None,
 ) -> Iterator[torch.Tensor]:
     """Batches of images as floats in [0, 1], ``channels`` (1 or 3) deep, resized to ``size`` (H, W)
-    when given; without a size every image must have the first one's."""
+    when given; without a size every image must have the first one's.
+
+    A file that cannot be read (corrupt, not an image, too large, a FIFO or a link to one: never
+    opened, see :func:`~introspect.load.files.read_image`) is a ``LoadError``; with ``skipped``,
+    it is left out and ``(path, why)`` appended there as the batches are read, as ``introspect
+    data`` does, and only a folder with no readable image at all is an error."""
     from torchvision.transforms.functional import pil_to_tensor, resize
 
     if batch_size < 1:
@@ -118,11 +127,16 @@ def image_batches(
         raise ConfigError(f"images can be read with 1 or 3 channels, not {channels}")
     first_size: tuple[int, int] | None = None
     batch: list[torch.Tensor] = []
+    read = 0
     for file in files:
         try:
             x = pil_to_tensor(read_image(file, mode)).float() / 255.0
         except Exception as e:
-            raise LoadError(f"cannot read image {file}: {e}") from e
+            if skipped is None:
+                raise LoadError(f"cannot read image {file}: {e}") from e
+            skipped.append((os.fspath(file), f"{type(e).__name__}: {first_line(e)}"))
+            continue
+        read += 1
         if size is not None:
             x = resize(x, list(size), antialias=True)
         elif first_size is None:
@@ -138,6 +152,9 @@ def image_batches(
             batch = []
     if batch:
         yield torch.stack(batch)
+    if read == 0 and skipped:
+        path, why = skipped[0]
+        raise LoadError(f"none of the {len(skipped)} images could be read (the first, {path}: {why})")
 
 
 @dataclass(frozen=True)
@@ -173,6 +190,9 @@ class ModelBatches:
     """A list, or for images a generator that reads them one batch at a time."""
     total: int
     """How many batches there are (for a progress bar)."""
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    """``(path, why)`` of each image file left out because it could not be read, filled in as the
+    batches are read (see :func:`image_batches`)."""
 
     def first(self) -> tuple[torch.Tensor, ...]:
         """The first batch: all a table, a graph or a comparison runs on."""
@@ -201,8 +221,10 @@ def batches_from(model: nn.Module, spec: InputSpec, *, unsafe: bool, seed: int =
     torch_dtype = DTYPES[spec.dtype]
     if spec.images is not None:
         files = image_files(spec.images)
-        images = image_batches(files, spec.batch_size, spec.image_size)
-        return ModelBatches(model, ((x.to(torch_dtype),) for x in images), -(-len(files) // spec.batch_size))
+        skipped: list[tuple[str, str]] = []
+        images = image_batches(files, spec.batch_size, spec.image_size, skipped=skipped)
+        batches_of = ((x.to(torch_dtype),) for x in images)
+        return ModelBatches(model, batches_of, -(-len(files) // spec.batch_size), skipped)
     batches: list[tuple[torch.Tensor, ...]]
     if spec.shape is not None:
         batches = [(random_input(model, spec.shape, torch_dtype, seed=seed + i),) for i in range(count)]

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 from torch.utils.tensorboard import SummaryWriter
 from torchvision.datasets import ImageFolder
 from torchvision.transforms import ToTensor
@@ -148,7 +148,7 @@ def test_constant_and_all_black_images(tmp_path):
     report = inspect(str(folder), tmp_path / "run")
     assert kinds(report) == {"data_constant"}
     alert = report.alerts[0]
-    assert alert.where == "sample 12" and alert.numbers["black"] == 1
+    assert alert.where == str(folder / CLASSES[1] / "zz_black.png") and alert.numbers["black"] == 1
     assert "all black" in alert.message
 
 
@@ -191,7 +191,9 @@ def test_duplicate_images(tmp_path):
     assert kinds(report) == {"data_duplicates"}
     alert = report.alerts[0]
     assert alert.numbers == {"samples": 2.0, "conflicting_labels": 1.0}
-    assert "sample 3 = sample 2" in alert.message  # 002_copy.png sorts right after 002.png
+    first = folder / CLASSES[0]
+    assert f"{first / '002_copy.png'} = {first / '002.png'}" in alert.message  # named by file, not index
+    assert alert.where == f"{first / '002_copy.png'}, {folder / CLASSES[1] / 'zz_copy.png'}"
 
 
 def test_labels_outside_the_class_range(tmp_path):
@@ -218,6 +220,32 @@ def test_unreadable_file(tmp_path):
     report = inspect(str(folder), tmp_path / "run")
     assert kinds(report) == {"data_unreadable"}
     assert "UnidentifiedImageError" in report.alerts[0].message
+    assert report.alerts[0].where == str(folder / CLASSES[0] / "broken.png")
+
+
+def test_bad_images_are_named_by_path_in_the_findings_and_the_report(tmp_path):
+    """A person opens a file, not "sample 7": an ImageFolder's findings name its files (and so
+    do the printed report and data/findings); a Subset of one maps its positions to files."""
+    folder = write_folder(tmp_path / "images", counts=(6, 6))
+    black, also_black = folder / CLASSES[0] / "003_black.png", folder / CLASSES[1] / "zz_black.png"
+    for path in (black, also_black):
+        Image.new("RGB", (SIZE, SIZE), (9, 9, 9)).save(path)
+    report = inspect(ImageFolder(str(folder), transform=ToTensor()), tmp_path / "run")
+    (constant,) = [a for a in report.alerts if a.kind == "data_constant"]
+    assert constant.where == f"{black}, {also_black}"
+    assert str(black) in str(report) and "sample" not in constant.where
+    assert str(black) in text_of(read_events(tmp_path / "run"), "data/findings")[0]
+    subset = Subset(ImageFolder(str(folder), transform=ToTensor()), [13, 0, 1])  # 13: zz_black.png
+    (constant,) = [a for a in inspect(subset, tmp_path / "run2").alerts if a.kind == "data_constant"]
+    assert constant.where == str(also_black)
+
+
+def test_data_without_files_keeps_the_indices(tmp_path):
+    images = torch.rand(9, 3, SIZE, SIZE)
+    images[2], images[5] = 0.5, 0.25  # constant, and not copies of each other
+    for data in (images, TensorDataset(images, torch.arange(9) % 3)):
+        (constant,) = inspect(data, tmp_path / "run").alerts
+        assert constant.where == "samples 2, 5"
 
 
 def test_findings_are_written_and_printed(tmp_path, capsys):

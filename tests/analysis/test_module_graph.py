@@ -25,6 +25,11 @@ def introspect_warnings(record) -> list[str]:
     return [str(r.message) for r in record if issubclass(r.category, IntrospectWarning)]
 
 
+def module_graph_notes(capsys) -> list[str]:
+    """The module-level graph notes printed on stderr (information, once per model class per process)."""
+    return [line for line in capsys.readouterr().err.splitlines() if line.startswith("introspect: note: module-level")]
+
+
 def edges(graph) -> dict[str, list[str]]:
     """``{node: its inputs}`` of a GraphDef (or of an EventAccumulator's graph)."""
     return {n.name: list(n.input) for n in graph.node}
@@ -166,7 +171,7 @@ def test_the_models_own_error_passes_through_and_no_hook_is_left():
     assert count_hooks(hook_state(model)) == hooks
 
 
-def test_calls_past_the_limit_are_left_out_and_said(monkeypatch, tmp_path):
+def test_calls_past_the_limit_are_left_out_and_said(monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(module_graph, "MAX_CALLS", 3)
     torch.manual_seed(0)
     record = record_module_graph(Net(), (torch.randn(3, 4),))
@@ -182,8 +187,9 @@ def test_calls_past_the_limit_are_left_out_and_said(monkeypatch, tmp_path):
     with SummaryWriter(str(tmp_path)) as writer, warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         assert write_graph(writer, Untraceable(), (torch.randn(3, 4),)) is True
-    found = introspect_warnings(caught)
-    assert len(found) == 1 and "module-level graph written (the first 3 module calls)" in found[0], found
+    assert introspect_warnings(caught) == []  # a note, not a warning
+    notes = module_graph_notes(capsys)
+    assert len(notes) == 1 and "module-level graph written (the first 3 module calls)" in notes[0], notes
 
 
 def test_a_writer_without_a_file_writer_is_a_type_error():
@@ -195,7 +201,7 @@ def test_a_writer_without_a_file_writer_is_a_type_error():
 
 
 # --------------------------------------------------------------------------- under watch
-def test_gpt2_under_watch_gets_a_module_graph_and_trains_as_without(tmp_path):
+def test_gpt2_under_watch_gets_a_module_graph_and_trains_as_without(tmp_path, capsys):
     from tests.support.hf_models import VOCAB, tiny_gpt2
 
     def losses(watched: bool) -> list[float]:
@@ -217,8 +223,9 @@ def test_gpt2_under_watch_gets_a_module_graph_and_trains_as_without(tmp_path):
         warnings.simplefilter("always")
         watched = losses(True)
     assert watched == losses(False)
-    found = introspect_warnings(caught)
-    assert len(found) == 1 and found[0].startswith("introspect: module-level graph written"), found
+    assert introspect_warnings(caught) == []  # the module-level graph is a note, not a warning
+    found = module_graph_notes(capsys)
+    assert len(found) == 1 and found[0].startswith("introspect: note: module-level graph written"), found
     assert "tracing GPT2LMHeadModel failed" in found[0]
     graph = read_events(tmp_path / "run").Graph()
     names = [n.name for n in graph.node]
@@ -240,7 +247,7 @@ class _nothing:
 
 
 @pytest.mark.slow
-def test_faster_rcnn_under_watch_gets_a_module_graph(tmp_path):
+def test_faster_rcnn_under_watch_gets_a_module_graph(tmp_path, capsys):
     import torchvision
 
     torch.manual_seed(0)
@@ -265,7 +272,8 @@ def test_faster_rcnn_under_watch_gets_a_module_graph(tmp_path):
             opt.zero_grad()
             loss.backward()
             opt.step()
-    found = [w for w in introspect_warnings(caught) if "graph" in w]
+    assert [w for w in introspect_warnings(caught) if "graph" in w] == []
+    found = module_graph_notes(capsys)
     assert len(found) == 1 and "module-level graph written" in found[0] and "tracing FasterRCNN failed" in found[0]
     graph = read_events(tmp_path / "run").Graph()
     names = [n.name for n in graph.node]

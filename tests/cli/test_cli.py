@@ -225,7 +225,7 @@ def test_debug_shows_the_traceback(tmp_path):
     assert isinstance(result.exception, LoadError)  # not caught: click's runner holds the raised error
 
 
-def test_untraceable_graph_is_a_module_graph_and_a_warning_line(tmp_path):
+def test_untraceable_graph_is_a_module_graph_and_a_note(tmp_path):
     torch.save(RefusesTracing().state_dict(), tmp_path / "m.pt")
     result = run(
         "graph",
@@ -239,7 +239,7 @@ def test_untraceable_graph_is_a_module_graph_and_a_warning_line(tmp_path):
     )
     assert result.exit_code == 0, result.output
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("warning: module-level graph written"), lines
+    assert len(lines) == 1 and lines[0].startswith("introspect: note: module-level graph written"), lines
     assert "tracing RefusesTracing failed" in lines[0]
     assert [n.name for n in read_events(tmp_path / "run").Graph().node] == ["input/0", "RefusesTracing/fc", "output/0"]
 
