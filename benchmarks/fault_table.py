@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import fnmatch
 import json
 import logging
 import tempfile
@@ -406,21 +407,13 @@ class PlantedFault:
         return plant
 
 
-# Kinds a right finding may have. The learning-rate jump has no module of its own: it is named by a
-# model-wide kind (a spike of the global gradient norm, the loss or the logits, or a jump of update
-# sizes); an exploding init by any health finding at the scaled layer (its output, its gradient).
+# Kinds a right finding may have (fnmatch patterns). The learning-rate jump has no module of its
+# own: it is named by a model-wide kind (a spike of the global gradient norm, of the logits, an
+# exploding gradient, or a loss or update-size kind, whatever its name); an exploding init by any
+# finding at the scaled layer (or the block holding it): its output, its gradient, its update.
 _NONFINITE = ("nonfinite",)
-_LR_KINDS = ("grad_norm_spike", "logit_divergence", "exploding_gradient", "loss_spike", "update_ratio_jump")
-_INIT_KINDS = (
-    "exploding_gradient",
-    "vanishing_gradient",
-    "massive_activation",
-    "saturated_units",
-    "dead_units",
-    "nonfinite",
-    "activation_jump",
-    "grad_jump",
-)
+_LR_KINDS = ("grad_norm_spike", "logit_divergence", "exploding_gradient", "loss*", "update*")
+_INIT_KINDS = ("*",)
 FAULTS: dict[str, PlantedFault] = {
     "forward_nan": PlantedFault("forward NaN: a layer's output × NaN, one step", _forward_nan, _NONFINITE),
     "backward_nan": PlantedFault(
@@ -547,7 +540,7 @@ def _names(model_name: str, site: Site) -> set[str]:
 
 
 def _is_right(alert, fault: str, names: set[str], fault_step: int) -> bool:
-    if alert.step < fault_step or alert.kind not in FAULTS[fault].kinds:
+    if alert.step < fault_step or not any(fnmatch.fnmatchcase(alert.kind, k) for k in FAULTS[fault].kinds):
         return False
     return not names or _module_of(alert.where) in names
 
@@ -555,6 +548,22 @@ def _is_right(alert, fault: str, names: set[str], fault_step: int) -> bool:
 def _said(alert) -> str:
     phase = f" ({alert.phase})" if getattr(alert, "phase", "") else ""
     return f"{alert.kind}{phase} `{alert.where}` @{alert.step}"
+
+
+def findings_json(alerts: list) -> list[dict]:
+    """Every finding of a run, for the JSON: kind, where, step, phase and the index of its
+    ``cause`` in the list (None: a root, or no linking)."""
+    index = {id(a): i for i, a in enumerate(alerts)}
+    return [
+        {
+            "kind": a.kind,
+            "where": a.where,
+            "step": a.step,
+            "phase": getattr(a, "phase", ""),
+            "cause": None if _cause(a) is None else index.get(id(_cause(a)), -1),
+        }
+        for a in alerts
+    ]
 
 
 def judge(alerts: list, fault: str, names: set[str], fault_step: int) -> dict:
@@ -596,6 +605,7 @@ def run_cell(name: str, fault: str, every: int, logdir: Path, cadence: Cadence |
     cell["expected"] = {"modules": list(site.accept) or ["(any: model-wide)"], "kinds": list(FAULTS[fault].kinds)}
     cell.update(judge(run.alerts, fault, _names(name, site), fault_step))
     cell["seconds"] = round(run.seconds, 1)
+    cell["alerts"] = findings_json(run.alerts)
     if run.error:
         cell["error"] = run.error
     return cell
@@ -612,6 +622,7 @@ def run_healthy(name: str, every: int, steps: int, logdir: Path) -> dict:
         "said": [_said(a) for a in run.alerts[:5]],
         "kinds": sorted({a.kind for a in run.alerts}),
         "seconds": round(run.seconds, 1),
+        "alerts": findings_json(run.alerts),
     }
     if run.error:
         cell["error"] = run.error
@@ -734,10 +745,10 @@ FAULT_TABLE_METHOD = (
     "the run. **missed** gives the first finding after the fault instead. The accepted modules and "
     "kinds of each cell are in the JSON (`--json`); in short: NaN/Inf faults → `nonfinite` at the "
     "planted layer; LR jump → any model-wide `grad_norm_spike`, `logit_divergence`, "
-    "`exploding_gradient` (or a loss/update jump kind); dead layer → `dead_units` at the BN/pre-activation "
+    "`exploding_gradient` or any kind named `loss*`/`update*`; dead layer → `dead_units` at the BN/pre-activation "
     "layer or the activation after it; q/k ×30 → `attention_entropy_collapse` or "
     "`attention_logit_growth` at the attention module; massive activation → `massive_activation` at the "
-    "block; exploding init → any health finding at the scaled layer (or the block holding it)."
+    "block; exploding init → any finding at the scaled layer (or the block holding it)."
 )
 
 

@@ -203,10 +203,34 @@ def test_faults_and_skip_faults_exclude_each_other():
 
 @pytest.mark.slow
 def test_faults_cli_quick(tmp_path):
-    proc = _bench_cli("--faults", "--quick", "--models", "gpt2", "--out", str(tmp_path / "faults.md"))
+    proc = _bench_cli(
+        "--faults",
+        "--quick",
+        "--models",
+        "gpt2",
+        "--fault-models",
+        "cnn",
+        "--fault-kinds",
+        "forward_nan",
+        "--out",
+        str(tmp_path / "faults.md"),
+        "--json",
+        str(tmp_path / "faults.json"),
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     text = (tmp_path / "faults.md").read_text()
     assert text.startswith("# Fault table") and "### gpt2" in text and "### fault_cnn" in text
+    # The fault table of issue 25, restricted to one model and fault: both cadences and 60 healthy steps.
+    assert "| cnn | forward NaN: a layer's output × NaN, one step | `blocks.1.0` | ✓ +0 #1 (" in text
+    assert "Healthy runs (60 steps, no fault)" in text
+    import json
+
+    numbers = json.loads((tmp_path / "faults.json").read_text())
+    assert [(c["model"], c["fault"], c["every"]) for c in numbers["cells"]] == [
+        ("cnn", "forward_nan", 50),
+        ("cnn", "forward_nan", 1),
+    ]
+    assert {d["model"] for d in numbers["detectors"]} == {"fault_cnn", "gpt2"}
     assert (
         "| forward NaN: a layer's output times NaN | `transformer.h.1.mlp.c_fc` (forward) | "
         "`transformer.h.1.mlp.c_fc` (forward), step 3: **right** |"
