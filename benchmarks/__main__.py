@@ -68,7 +68,9 @@ def _parser() -> argparse.ArgumentParser:
     faults.add_argument(
         "--faults",
         action="store_true",
-        help="only the fault table: which NaN/Inf detector names which planted fault, at what cost (measured in-line)",
+        help="only the fault tables: 8 planted faults x 4 models x 2 cadences and healthy runs (what the debugger "
+        "says, how late, in which place of its report), then which NaN/Inf detector names which planted fault, "
+        "at what cost (measured in-line)",
     )
     faults.add_argument("--skip-faults", action="store_true", help="timing tables only, no fault table")
     p.add_argument(
@@ -186,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
 def _opening(args, command: str, total: float, started, load_before: str, device_note: str | None) -> list[str]:
     """The report's lines before the first table."""
     title = (
-        "# Fault table: which NaN/Inf detector names which fault"
+        "# Fault tables: what the debugger says about planted faults, and which NaN/Inf detector names which"
         if args.faults
         else "# Benchmarks: what `watch` costs per training step"
     )
