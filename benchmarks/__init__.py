@@ -6,7 +6,8 @@ which runs it in the project's .venv).
     scripts/bench                                 # the full run (roughly 20 minutes on 2 cores)
     scripts/bench --device cuda --models cnn,resnet18 --rounds 7
     scripts/bench --out /tmp/bench.md             # the plot goes beside it: /tmp/bench.png
-    scripts/bench --faults                        # only the fault table: who finds which NaN/Inf
+    scripts/bench --faults                        # only the fault tables: planted faults x models x
+                                                  # cadences (issue 25), then who finds which NaN/Inf
 
 Method (this VM is noisy: only interleaved, same-process comparisons over several rounds resolve
 a few per cent): each model runs in a process of its own, forked from this one once torch is
@@ -30,7 +31,8 @@ The modules, by concern (each imports only those above it):
     timing     rounds of interleaved chunks, medians of per-round ratios; one-off, stats pass, syncs
     worker     one model's measurements, in its own process
     report     the markdown tables, the header of docs/benchmarks.md, the plot
-    faults     the fault table (--faults): planted NaN/Inf faults under three detectors
+    faults     the detectors' table (--faults): planted NaN/Inf faults under three detectors
+    fault_table the fault table (--faults): 8 planted faults x 4 models x 2 cadences, healthy runs
     __main__   the options, the run, the report written
 
 torch, introspect and the model libraries are imported inside functions: the harness decides when

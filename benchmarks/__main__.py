@@ -8,6 +8,15 @@ import sys
 import time
 from pathlib import Path
 
+from benchmarks.fault_table import (
+    FAULTS,
+    TABLE_MODELS,
+    dated,
+    fault_table_markdown,
+    has_markers,
+    run_fault_table,
+    write_fault_table,
+)
 from benchmarks.faults import FAULT_MODELS, faults_section, run_faults
 from benchmarks.isolation import REPO, failure, pin_env, preimport, resolve_device
 from benchmarks.models import MODELS
@@ -16,6 +25,7 @@ from benchmarks.report import (
     RATIO_NOTE,
     header,
     loadavg,
+    machine_info,
     method_text,
     model_section,
     write_plot,
@@ -58,9 +68,23 @@ def _parser() -> argparse.ArgumentParser:
     faults.add_argument(
         "--faults",
         action="store_true",
-        help="only the fault table: which NaN/Inf detector names which planted fault, at what cost (measured in-line)",
+        help="only the fault tables: 8 planted faults x 4 models x 2 cadences and healthy runs (what the debugger "
+        "says, how late, in which place of its report), then which NaN/Inf detector names which planted fault, "
+        "at what cost (measured in-line)",
     )
     faults.add_argument("--skip-faults", action="store_true", help="timing tables only, no fault table")
+    p.add_argument(
+        "--fault-models",
+        default=None,
+        help=f"with --faults: comma-separated subset of {','.join(TABLE_MODELS)} for the fault table "
+        "(default: all; with --quick: cnn,gpt2)",
+    )
+    p.add_argument(
+        "--fault-kinds",
+        default=None,
+        help=f"with --faults: comma-separated subset of {','.join(FAULTS)} (default: all; with --quick: four)",
+    )
+    p.add_argument("--json", default=None, help="with --faults: also write the fault table's numbers as JSON here")
     p.add_argument(
         "--rounds",
         type=int,
@@ -101,7 +125,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"unknown variant(s) {unknown}; choose from {','.join(VARIANTS)}")
     if args.rounds < 1 or (args.steps is not None and args.steps < 1):
         p.error("--rounds and --steps must be >= 1")
+    args.table_models = _subset(p, args.fault_models, TABLE_MODELS, "--fault-models")
+    args.table_faults = _subset(p, args.fault_kinds, FAULTS, "--fault-kinds")
     return args
+
+
+def _subset(p: argparse.ArgumentParser, value: str | None, choices, option: str) -> list[str] | None:
+    """The names a comma-separated option lists (None: not given), each one of ``choices``."""
+    if value is None:
+        return None
+    names = [v.strip() for v in value.split(",") if v.strip()]
+    unknown = [v for v in names if v not in choices]
+    if unknown or not names:
+        p.error(f"{option}: unknown {unknown}; choose from {','.join(choices)}")
+    return names
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -126,18 +163,24 @@ def main(argv: list[str] | None = None) -> int:
     load_before = loadavg()
     t0 = time.perf_counter()
     results = [] if args.faults else [_run_model(args, model) for model in models]
-    fault_text = ""
+    table = None
+    if args.faults:
+        # The fault table of issue 25: planted faults x models x cadences, and healthy runs.
+        print("== fault table (cpu) ...", file=sys.stderr, flush=True)
+        table = run_fault_table(args.table_models, args.table_faults, quick=args.quick)
+    fault_text, fault_entries = "", []
     if fault_models:
         # Last, in this process: no worker is forked after the torch ops these run.
         print(f"== faults ({', '.join(fault_models)}, cpu) ...", file=sys.stderr, flush=True)
-        fault_text = faults_section(run_faults(fault_models, schedule, results), results)
+        fault_entries = run_faults(fault_models, schedule, results)
+        fault_text = faults_section(fault_entries, results)
     total = time.perf_counter() - t0
 
     command = " ".join(["scripts/bench", *(sys.argv[1:] if argv is None else argv)])
     lines = _opening(args, command, total, started, load_before, device_note)
     out = Path(args.out).absolute() if args.out else DEFAULT_OUT
     if args.faults:
-        return _write_fault_table(lines, fault_text, out if args.out else None, total)
+        return _write_fault_table(args, lines, table, fault_entries, fault_text, out if args.out else None, total)
     _write_report(lines, results, fault_text, out, args.device, total)
     return 0
 
@@ -145,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
 def _opening(args, command: str, total: float, started, load_before: str, device_note: str | None) -> list[str]:
     """The report's lines before the first table."""
     title = (
-        "# Fault table: which NaN/Inf detector names which fault"
+        "# Fault tables: what the debugger says about planted faults, and which NaN/Inf detector names which"
         if args.faults
         else "# Benchmarks: what `watch` costs per training step"
     )
@@ -167,12 +210,26 @@ def _run_model(args, model: str) -> dict:
         return {"model": model, "error": failure(None)}
 
 
-def _write_fault_table(lines: list[str], fault_text: str, out: Path | None, total: float) -> int:
-    """``--faults``: the table printed, and written only where ``--out`` asks."""
+def _write_fault_table(
+    args, lines: list[str], table: dict | None, entries: list[dict], fault_text: str, out: Path | None, total: float
+) -> int:
+    """``--faults``: the fault table and the detectors' table printed, and written only where
+    ``--out`` asks: into a file that holds the fault-table markers (docs/benchmarks.md), the fault
+    table replaces what is between them (the detectors' table is the full run's); any other file
+    gets the whole report. ``--json``: the numbers of both."""
+    table_md = fault_table_markdown(table) if table else ""
     print()
+    print(table_md)
     print(fault_text)
+    if table is not None and args.json:
+        write_fault_table(dict(table, detectors=entries), "", None, Path(args.json).absolute())
     if out is not None:
-        write_report_file(out, "\n".join(lines) + "\n" + fault_text)
+        if table is not None and has_markers(out):
+            doc_md = fault_table_markdown(table, heading="### Fault table: the numbers")
+            where = f"{machine_info('cpu')}; load average (1 min) after the run {loadavg()}"
+            write_fault_table(table, dated(doc_md, where), out, None)
+        else:
+            write_report_file(out, "\n".join(lines) + "\n" + table_md + "\n" + fault_text)
         print(f"Wrote {out} in {total:.0f} s.")
     return 0
 

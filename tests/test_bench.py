@@ -203,10 +203,34 @@ def test_faults_and_skip_faults_exclude_each_other():
 
 @pytest.mark.slow
 def test_faults_cli_quick(tmp_path):
-    proc = _bench_cli("--faults", "--quick", "--models", "gpt2", "--out", str(tmp_path / "faults.md"))
+    proc = _bench_cli(
+        "--faults",
+        "--quick",
+        "--models",
+        "gpt2",
+        "--fault-models",
+        "cnn",
+        "--fault-kinds",
+        "forward_nan",
+        "--out",
+        str(tmp_path / "faults.md"),
+        "--json",
+        str(tmp_path / "faults.json"),
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     text = (tmp_path / "faults.md").read_text()
     assert text.startswith("# Fault table") and "### gpt2" in text and "### fault_cnn" in text
+    # The fault table of issue 25, restricted to one model and fault: both cadences and 60 healthy steps.
+    assert "| cnn | forward NaN: a layer's output × NaN, one step | `blocks.1.0` | ✓ +0 #1 (" in text
+    assert "Healthy runs (60 steps, no fault)" in text
+    import json
+
+    numbers = json.loads((tmp_path / "faults.json").read_text())
+    assert [(c["model"], c["fault"], c["every"]) for c in numbers["cells"]] == [
+        ("cnn", "forward_nan", 50),
+        ("cnn", "forward_nan", 1),
+    ]
+    assert {d["model"] for d in numbers["detectors"]} == {"fault_cnn", "gpt2"}
     assert (
         "| forward NaN: a layer's output times NaN | `transformer.h.1.mlp.c_fc` (forward) | "
         "`transformer.h.1.mlp.c_fc` (forward), step 3: **right** |"
@@ -249,3 +273,75 @@ def test_a_rerun_keeps_the_hand_written_head_of_the_report(tmp_path):
     out.write_text(f"# Costs\n\nprose\n\n{GENERATED_BELOW}\n\nold table\n")
     write_report_file(out, "new table")
     assert out.read_text() == f"# Costs\n\nprose\n\n{GENERATED_BELOW}\n\nnew table\n"
+
+
+# --------------------------------------------------------------------------- the fault table (issue 25)
+@pytest.fixture(scope="module")
+def nan_table():
+    """Two real cells of the fault table: a forward NaN in the CNN at both cadences."""
+    from benchmarks import fault_table
+
+    return fault_table.run_fault_table(["cnn"], ["forward_nan"], healthy_steps=0)
+
+
+def test_fault_table_names_a_forward_nan_at_its_layer(nan_table):
+    from benchmarks import fault_table
+
+    cells = {c["every"]: c for c in nan_table["cells"]}
+    assert set(cells) == set(fault_table.CADENCES)
+    for every, cell in cells.items():
+        cadence = fault_table.CADENCES[every]
+        assert "error" not in cell, cell.get("error")
+        assert cell["steps"] == cadence.last_step + 1 and cell["fault_step"] == cadence.fault_step
+        assert cell["expected"]["modules"] == ["blocks.1.0"]
+        # The sentinel checks every step: the NaN is named at the planted conv, at its step, first.
+        assert cell["right"] and cell["latency"] == 0 and cell["rank"] == 1, cell
+        assert cell["right_said"].startswith("nonfinite (forward) `blocks.1.0`")
+        assert cell["findings"] >= 1 and cell["early"] == 0
+
+
+def test_fault_table_markdown_and_files(nan_table, tmp_path):
+    from benchmarks import fault_table
+
+    text = fault_table.fault_table_markdown(nan_table)
+    rows = [line for line in text.splitlines() if line.startswith("| ") and "---" not in line]
+    assert rows[0] == "| model | fault | planted at | every=50 | every=1 |"
+    assert rows[1].startswith("| cnn | forward NaN: a layer's output × NaN, one step | `blocks.1.0` | ✓ +0 #1 (")
+    assert len(rows) == 2 and "Cells that miss the Must show of issue 25 (default cadence): 0." in text
+    # docs/benchmarks.md holds markers: only the text between them is rewritten, dated.
+    doc = tmp_path / "benchmarks.md"
+    doc.write_text(
+        f"# head\n\n{fault_table.FAULT_TABLE_BEGIN}\nPREVIOUS TABLE\n{fault_table.FAULT_TABLE_END}\n\ntail\n"
+    )
+    json_out = tmp_path / "table.json"
+    fault_table.write_fault_table(nan_table, fault_table.dated(text, "a test machine"), doc, json_out)
+    written = doc.read_text()
+    assert written.startswith("# head\n\n") and written.endswith(f"{fault_table.FAULT_TABLE_END}\n\ntail\n")
+    assert "PREVIOUS TABLE" not in written and "## Fault table\n\nRun " in written and "on a test machine." in written
+    import json
+
+    assert json.loads(json_out.read_text())["cells"][0]["right_said"] == nan_table["cells"][0]["right_said"]
+
+
+def test_fault_table_rank_follows_alert_cause():
+    """Where findings carry ``cause`` (issue 25's linking), only roots rank; a right finding that
+    hangs under another one is "attached", not first."""
+    from dataclasses import dataclass
+
+    from benchmarks.fault_table import judge, must_show
+    from introspect import Alert
+
+    @dataclass(frozen=True)
+    class Linked(Alert):
+        cause: Alert | None = None
+
+    spike = Linked("grad_norm_spike", "model", 111, "spike")
+    dead = Linked("dead_units", "blocks.1.2", 112, "dead", cause=spike)
+    early = Linked("vanishing_gradient", "fc1", 50, "early")
+    cell = judge([early, spike, dead], "dead_layer", {"blocks.1.1", "blocks.1.2"}, 110)
+    assert (cell["right"], cell["latency"], cell["rank"], cell["attached"]) == (True, 2, None, True)
+    assert (cell["findings"], cell["roots"], cell["early"]) == (3, 2, 1)
+    root = judge([early, spike, Linked("dead_units", "blocks.1.2", 112, "dead")], "dead_layer", {"blocks.1.2"}, 110)
+    assert (root["rank"], root["attached"]) == (3, False)  # behind the early false finding and the spike
+    table = {"cells": [dict(cell, model="cnn", fault="dead_layer", every=50)], "healthy": []}
+    assert must_show(table) == ["cnn / dead_layer (every=50): root cause attached to another finding"]
