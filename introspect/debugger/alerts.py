@@ -178,9 +178,10 @@ def format_report(alerts: Sequence[Alert], steps: int) -> str:
         if alert.cause is not None:
             lines.append(f"{pad}after {alert.cause.kind} at {escape(alert.cause.where)} (step {alert.cause.step})")
             continue
-        if alert.kind in ADVICE and alert.kind not in advised:  # once per kind: the same advice twice is noise
-            advised.add(alert.kind)
-            lines.append(f"{pad}try: {ADVICE[alert.kind]}")
+        advice = ADVICE.get(alert.kind)
+        if advice is not None and advice not in advised:  # each piece of advice once: twice is noise
+            advised.add(advice)
+            lines.append(f"{pad}try: {advice}")
         if followers.get(id(alert)):
             lines.append(f"{pad}{_followed_by(followers[id(alert)])}")
     lines += [f"{pad}{line}" for line in _rest_lines(rest)]
@@ -199,9 +200,10 @@ def alerts_markdown(alerts: Sequence[Alert]) -> str:
     advised: set[str] = set()
     for a in roots:
         details = escape(a.message + _numbers_text(a))
-        if a.kind in ADVICE and a.kind not in advised:
-            advised.add(a.kind)
-            details += f" **Try:** {escape(ADVICE[a.kind])}."
+        advice = ADVICE.get(a.kind)
+        if advice is not None and advice not in advised:
+            advised.add(advice)
+            details += f" **Try:** {escape(advice)}."
         if followers.get(id(a)):
             text = _followed_by(followers[id(a)], code="`")
             details += f" **{text[0].upper()}{text[1:]}.**"

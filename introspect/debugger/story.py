@@ -202,5 +202,7 @@ class Story:
             name = name.rsplit(".", 1)[0]
 
     def _after(self, where: str, root_where: str) -> bool:
+        if where == root_where:
+            return True
         a, b = self._pos(where), self._pos(root_where)
         return a >= b >= 0  # the module itself or one after it; an unknown module is not known to be
