@@ -89,6 +89,10 @@ RULES: dict[str, Rule] = {
 }
 
 
+_ADOPTABLE = frozenset().union(*(r.kinds for r in RULES.values() if r.before))
+"""Kinds a root named later may adopt (only rules that look back can)."""
+
+
 class Story:
     """Links findings to their root cause as they arrive (see the module's docstring).
 
@@ -99,31 +103,37 @@ class Story:
     def __init__(self, order: Iterable[str] = (), window: int = 10) -> None:
         self._position = {name: i for i, name in enumerate(order)}
         self.window = max(int(window), 0)
-        self.roots: list[Alert] = []
-        """Every root, in arrival order (the report sorts them by step)."""
+        self._roots: dict[int, Alert] = {}  # id -> root, in arrival order
         self.consequences: dict[int, list[Alert]] = {}
         """id(root) -> the findings that follow from it, in arrival order."""
         self._open: list[Alert] = []  # roots with a rule, whose window may still take findings
-        self._recent: list[Alert] = []  # roots that a later-named root may still adopt
-        self._latest = 0
+        self._recent: dict[int, Alert] = {}  # roots a later-named root may still adopt, oldest first
+        self._latest: int | None = None
+
+    @property
+    def roots(self) -> list[Alert]:
+        """Every root, in arrival order (the report sorts them by step)."""
+        return list(self._roots.values())
 
     # ------------------------------------------------------------------ linking
     def link(self, alert: Alert) -> Alert | None:
         """Attach ``alert`` to the root it follows from (returned, also set as ``alert.cause``), or
         make it a root (None). A new root may adopt recent roots it explains."""
-        self._latest = max(self._latest, alert.step)
-        self._prune()
+        if self._latest is None or alert.step > self._latest:
+            self._latest = alert.step
+            self._prune()  # once per new step, not per finding
         cause = self._cause_of(alert)
         if cause is not None:
             self._attach(alert, cause)
             return cause
         object.__setattr__(alert, "cause", None)
-        self.roots.append(alert)
+        self._roots[id(alert)] = alert
         self.consequences[id(alert)] = []
         if alert.kind in RULES:
             self._adopt(alert)
             self._open.append(alert)
-        self._recent.append(alert)
+        if alert.kind in _ADOPTABLE:
+            self._recent[id(alert)] = alert
         return None
 
     def followers(self, root: Alert) -> list[Alert]:
@@ -165,29 +175,30 @@ class Story:
         and what they had taken, as its consequences."""
         if RULES[root.kind].before == 0:
             return  # explains nothing earlier than itself: nothing to look back for
-        kept: list[Alert] = []
-        for other in self._recent:
+        for other in list(self._recent.values()):
             if other is not root and self.explains(root, other) and not self._explains_back(other, root):
                 moved = self.consequences.pop(id(other), [])
-                self.roots.remove(other)
-                if other in self._open:
+                del self._roots[id(other)], self._recent[id(other)]
+                if other.kind in RULES:
                     self._open.remove(other)
                 self._attach(other, root)
                 for alert in moved:
                     self._attach(alert, root)
-            else:
-                kept.append(other)
-        self._recent = kept
 
     def _explains_back(self, other: Alert, root: Alert) -> bool:
         """``other`` explains ``root`` too (two dead layers at one step): the earlier one stays root."""
         return self.explains(other, root) and (other.step, self._pos(other.where)) <= (root.step, self._pos(root.where))
 
     def _prune(self) -> None:
-        """Drop roots whose window lies behind the latest step (an unbounded rule stays open)."""
+        """Drop roots whose window lies behind the latest step (an unbounded rule stays open). Runs
+        when the step moves on; a root that arrived late with an old step goes at the next move."""
+        assert self._latest is not None
         horizon = self._latest - 2 * self.window
         self._open = [r for r in self._open if RULES[r.kind].after is None or r.step >= horizon]
-        self._recent = [r for r in self._recent if r.step >= horizon]
+        for key, alert in list(self._recent.items()):
+            if alert.step >= horizon:
+                break  # roughly oldest first: the rest are recent
+            del self._recent[key]
 
     # ------------------------------------------------------------------ module order
     def _pos(self, where: str) -> int:

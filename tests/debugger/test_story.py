@@ -100,20 +100,24 @@ def test_cause_is_always_a_root_and_never_compared():
 
 
 def test_linking_is_incremental(monkeypatch):
-    """Each finding is checked against the open roots that have a rule (a few), not every finding:
-    10,000 gradient findings with no dead layer make 10,000 checks against nothing."""
-    story = Story(ORDER, window=5)
+    """Each finding is checked against the open roots that have a rule (a few), not every finding,
+    and a root named later looks back once over the roots it may adopt: checks grow with the
+    findings, not with their square (10,000 gradient findings, a dead layer, 10,000 more)."""
+    order = [f"layer{i}" for i in range(20_000)] + ["relu"]
+    story = Story(order, window=5)
     calls = []
     real = story.explains
     monkeypatch.setattr(story, "explains", lambda r, a: calls.append(1) or real(r, a))
     for i in range(10_000):
-        story.link(Alert("vanishing_gradient", f"layer{i}", i // 100, "tiny"))
-    assert calls == []
-    story.link(Alert("dead_units", "relu2", 99, "dead"))  # looks back over its window's roots only
-    assert len(calls) <= 2 * 5 * 100 * 2 + 10
-    calls.clear()
-    story.link(Alert("vanishing_gradient", "late", 99, "tiny"))
-    assert len(calls) == 1 and story.roots[-1].where != "late"
+        story.link(Alert("vanishing_gradient", f"layer{i}", 0, "tiny"))
+    assert calls == []  # no root with a rule: nothing to check against
+    dead = Alert("dead_units", "relu", 3, "dead")
+    story.link(dead)  # adopts the 10,000 it explains, looking at each once (both ways)
+    assert len(calls) <= 2 * 10_000
+    for i in range(10_000, 20_000):
+        story.link(Alert("vanishing_gradient", f"layer{i}", 4, "tiny"))
+    assert len(calls) <= 3 * 10_000  # then one open root to check each new finding against
+    assert story.roots == [dead] and len(story.followers(dead)) == 20_000
 
 
 # =========================================================================== the texts
