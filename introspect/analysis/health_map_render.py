@@ -418,8 +418,9 @@ class _RunEvents:
     histograms: dict[str, dict[int, tuple[int, Any]]] = field(default_factory=dict)
     """tag -> step -> (position, HistogramProto); tags in the order first seen."""
     scalars: dict[str, dict[int, tuple[int, float]]] = field(default_factory=dict)
-    alerts: tuple[int, int, str] | None = None
-    """The last ``diagnostics/alerts`` text: (position, step, text)."""
+    alerts: list[tuple[int, int, str]] = field(default_factory=list)
+    """Every ``diagnostics/alerts`` text: (position, step, text); the last is the whole story when
+    the watch closed, the others each step's new findings."""
     starts: list[tuple[int, int]] = field(default_factory=list)
     """(position, step) of each ``session_log`` START."""
 
@@ -473,7 +474,7 @@ def _read_run(files: Iterable[Path]) -> _RunEvents:
                             run.scalars.setdefault(value.tag, {})[event.step] = (position, value.simple_value)
                         elif kind == "tensor" and value.tag == alerts_tag:
                             text = b"".join(value.tensor.string_val).decode("utf-8", "replace")
-                            run.alerts = (position, event.step, text)
+                            run.alerts.append((position, event.step, text))
         except CorruptRecordError as e:
             warn(f"{path}: {e}; the rest of the file is skipped")
         except OSError as e:  # not a regular file (any more), vanished, unreadable
@@ -547,8 +548,9 @@ def health_map_from_events(rundir: str | os.PathLike, max_columns: int = 400, ma
         ratios = _module_ratios(values.pop("_ratios", {}))
         values["update_ratio"] = {m: v for m, v in ratios.items() if m in rows}  # a module's, or nothing
         hm.add_values(step, values, order if not hm.steps else ())
-    if run.alerts is not None and fresh(run.alerts[0], run.alerts[1]):
-        hm.add_findings(parse_alerts(run.alerts[2]))
+    for position, step, text in reversed(run.alerts):  # the whole story first, then what only a step held
+        if fresh(position, step):
+            hm.add_findings(parse_alerts(text))
     return hm
 
 
