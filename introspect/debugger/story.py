@@ -9,8 +9,8 @@ finding it follows from (``Alert.cause``), by the rules in :data:`RULES`:
 * a **non-finite** origin (``nonfinite``, ``nonfinite_rank``) at step s explains every later or
   same-step finding of any other kind (gradients, units, attention, drift), and later non-finite
   findings (NaN weights after the NaN step); nothing before s;
-* a **dead or saturated layer** at module M, step s explains vanishing/exploding gradients of any
-  module, and dead/saturated units of other modules at or after M in forward order, within ``window`` steps
+* a **dead or saturated layer** at module M, step s explains vanishing gradients of any module
+  (exploding ones too for a dead layer: the layers after it see a sudden change), and dead/saturated units of other modules at or after M in forward order, within ``window`` steps
   before or after s: the dead-unit verdict waits for enough samples (``dead_min_samples``), so it
   is often named a few steps *after* the gradients it silenced, and then adopts them;
 * a **gradient-norm spike** (an LR jump) at step s explains, within s..s+window, exploding
@@ -71,7 +71,9 @@ RULES: dict[str, Rule] = {
     "nonfinite": Rule(GRADIENTS | UNITS | ATTENTION | DRIFT | NONFINITE, 0, None, strictly_later=NONFINITE),
     "nonfinite_rank": Rule(GRADIENTS | UNITS | ATTENTION | DRIFT | NONFINITE, 0, None, strictly_later=NONFINITE),
     "dead_units": Rule(GRADIENTS | UNITS, 1, 1, downstream=UNITS),
-    "saturated_units": Rule(GRADIENTS | UNITS, 1, 1, downstream=UNITS),
+    # A saturated sigmoid/tanh has a slope of ~0: gradients vanish through it (they do not explode:
+    # large weights saturate it and explode gradients alike, neither causing the other).
+    "saturated_units": Rule(frozenset({"vanishing_gradient"}) | UNITS, 1, 1, downstream=UNITS),
     "grad_norm_spike": Rule(
         frozenset({"exploding_gradient", "logit_divergence", "massive_activation", "router_logit_growth"})
         | ATTENTION

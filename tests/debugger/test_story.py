@@ -59,6 +59,17 @@ def test_a_dead_unit_upstream_is_not_a_consequence_of_one_downstream():
     assert first.cause is upstream and upstream.cause is None
 
 
+def test_a_saturated_layer_explains_vanishing_gradients_not_exploding_ones():
+    """examples/broken_training.py's lr=1 run: the weights blow up, tanh saturates and gradients
+    explode at the same step; the saturation does not make gradients explode."""
+    story = Story(ORDER, window=5)
+    exploding = Alert("exploding_gradient", "conv1", 5, "big")
+    vanishing = Alert("vanishing_gradient", "bn1", 5, "tiny")
+    saturated = Alert("saturated_units", "relu1", 5, "90% at the bounds")
+    assert linked(story, exploding, vanishing, saturated) == [None, "relu1", None]  # adopted
+    assert vanishing.cause is saturated and exploding.cause is None
+
+
 def test_everything_after_a_nan_step_follows_from_it_nothing_before():
     story = Story(ORDER, window=2)
     before = Alert("exploding_gradient", "fc", 4, "big")
