@@ -418,8 +418,9 @@ class _RunEvents:
     histograms: dict[str, dict[int, tuple[int, Any]]] = field(default_factory=dict)
     """tag -> step -> (position, HistogramProto); tags in the order first seen."""
     scalars: dict[str, dict[int, tuple[int, float]]] = field(default_factory=dict)
-    alerts: tuple[int, int, str] | None = None
-    """The last ``diagnostics/alerts`` text: (position, step, text)."""
+    alerts: list[tuple[int, int, str]] = field(default_factory=list)
+    """Every ``diagnostics/alerts`` text: (position, step, text); the last is the whole story when
+    the watch closed, the others each step's new findings."""
     starts: list[tuple[int, int]] = field(default_factory=list)
     """(position, step) of each ``session_log`` START."""
 
@@ -473,7 +474,7 @@ def _read_run(files: Iterable[Path]) -> _RunEvents:
                             run.scalars.setdefault(value.tag, {})[event.step] = (position, value.simple_value)
                         elif kind == "tensor" and value.tag == alerts_tag:
                             text = b"".join(value.tensor.string_val).decode("utf-8", "replace")
-                            run.alerts = (position, event.step, text)
+                            run.alerts.append((position, event.step, text))
         except CorruptRecordError as e:
             warn(f"{path}: {e}; the rest of the file is skipped")
         except OSError as e:  # not a regular file (any more), vanished, unreadable
@@ -547,31 +548,53 @@ def health_map_from_events(rundir: str | os.PathLike, max_columns: int = 400, ma
         ratios = _module_ratios(values.pop("_ratios", {}))
         values["update_ratio"] = {m: v for m, v in ratios.items() if m in rows}  # a module's, or nothing
         hm.add_values(step, values, order if not hm.steps else ())
-    if run.alerts is not None and fresh(run.alerts[0], run.alerts[1]):
-        hm.add_findings(parse_alerts(run.alerts[2]))
+    for position, step, text in reversed(run.alerts):  # the whole story first, then what only a step held
+        if fresh(position, step):
+            hm.add_findings(parse_alerts(text))
     return hm
 
 
 _ALERT_ROW = re.compile(r"^\| (\d+) \| (\w+)(?: \((\w+)\))? \| `([^`]*)` \| (.*) \|$")
+_AFTER = re.compile(r"^after (\w+) at `([^`]*)` \(step (\d+)\): ")
+_ROOT_NOTES = re.compile(r" \*\*Try:\*\* .*$| \*\*Followed by .*$")
 
 
 def read_alerts(acc: Any) -> list[Alert]:
-    """The findings of a run, from the last ``diagnostics/alerts`` text of an EventAccumulator (it lists them all)."""
+    """The findings of a run from its ``diagnostics/alerts`` texts: the last one (the whole story,
+    written at the end of the watch), then any finding only an earlier step's text holds (a run
+    that ended without closing its watch)."""
     full = stored_text_tag(ALERTS_TAG)
     if full not in acc.Tags().get("tensors", []):
         return []
     events = acc.Tensors(full)
-    if not events:
-        return []
-    return parse_alerts(b"".join(events[-1].tensor_proto.string_val).decode("utf-8", "replace"))
+    alerts: list[Alert] = []
+    seen: set[tuple[str, str, int]] = set()
+    for event in reversed(events):
+        for alert in parse_alerts(b"".join(event.tensor_proto.string_val).decode("utf-8", "replace")):
+            key = (alert.kind, alert.where, alert.step)
+            if key not in seen:
+                seen.add(key)
+                alerts.append(alert)
+    return alerts
 
 
 def parse_alerts(text: str) -> list[Alert]:
-    """The findings listed in a ``diagnostics/alerts`` markdown table (``alerts_markdown``)."""
+    """The findings listed in a ``diagnostics/alerts`` markdown table (``alerts_markdown``), each
+    consequence linked to its root (``cause``) when the root is in the same table."""
     alerts = []
+    by_key: dict[tuple[str, str, int], Alert] = {}
     for line in text.splitlines():
         match = _ALERT_ROW.match(line.strip())
         if match:
             step, kind, phase, where, message = match.groups()
-            alerts.append(Alert(kind, where, int(step), message, phase=phase or ""))
+            after = _AFTER.match(message)
+            cause = None
+            if after is not None:
+                cause = by_key.get((after.group(1), after.group(2), int(after.group(3))))
+                message = message[after.end() :]
+            else:
+                message = _ROOT_NOTES.sub("", message)
+            alert = Alert(kind, where, int(step), message, phase=phase or "", cause=cause)
+            by_key[(kind, where, int(step))] = alert
+            alerts.append(alert)
     return alerts

@@ -78,6 +78,12 @@ class Thresholds:
     """...and above this shows router logit growth: the softmax saturates and routing turns
     brittle (Zoph et al. 2022, ST-MoE, whose router z-loss keeps the logits small)."""
 
+    # Stories (see introspect.debugger.story).
+    story_window: float = 10
+    """A finding is linked to the root cause it follows from (a dead layer, a NaN step, a gradient
+    spike) when it lies up to this many logging steps (x ``every``) before or after it: a dead
+    layer is often named a few steps after the gradients it silenced."""
+
     @classmethod
     def coerce(cls, value: Thresholds | Mapping[str, float] | None) -> Thresholds:
         """``value`` as Thresholds, every number checked (a Thresholds built by hand too).

@@ -138,6 +138,7 @@ class Dispatch:
                     probe.on_step_end(host)
                 except NonFiniteError as e:  # on_nonfinite="raise": after the step is complete
                     error = error or e
+            ctx.findings.flush(buffer.step)  # the step's new findings: one text, once
         finally:
             buffer.closed = True
             ctx.buffer = ctx.plan = None  # only now: a signal during the transfer loses nothing

@@ -90,7 +90,9 @@ class Watcher:
             target = rank_writer_target(writer, config.ranks) if writes_here(config.ranks) else False
             self._writer = GuardedWriter.open(target, self._registry, self._writer_failed)
             raw = self._writer.raw
-            self.findings = Findings(self._writer)
+            # Findings are linked by cause within story_window logging steps (see debugger/story.py).
+            window = int(config.thresholds.story_window * max(config.every, 1))
+            self.findings = Findings(self._writer, order=[n for n, _ in root.named_modules()], window=window)
             params = select_parameters(root, modules)
             side_group = SideGroup()
             shards = shard_combiner(model, params, config.log, side_group)
@@ -214,6 +216,7 @@ class Watcher:
                 self._dispatch.close_step()
             finally:
                 self._dispatch.close_probes(failed)
+                self.findings.close(self._clock.step)  # the whole story, once, before the writer goes
         finally:
             self._active = False
             self._registry.undo()

@@ -105,7 +105,18 @@ def logit_stats(
     counted = rows.sum(dim=(0, 2))
     # A head with no row to read (every score NaN: a NaN step) has no entropy, not 0 (a collapse).
     mean_entropy = torch.where(counted > 0, (entropy * rows).sum(dim=(0, 2)) / counted.clamp_min(1), math.nan)
-    return max_logit, mean_entropy
+    # Statistics over non-finite logits are not measurable, not a verdict: a head with a NaN or +Inf
+    # logit anywhere (a NaN step; NaN scores also fail ``allowed`` and would silently shrink the rows
+    # to a key or two, i.e. a fake collapse), or with no finite logit at all, gets NaN for both.
+    bad = (_nonfinite_heads(logits) + _nonfinite_heads(scores)) > 0
+    bad = bad | ~torch.isfinite(max_logit)
+    nan = torch.tensor(math.nan, device=logits.device)
+    return torch.where(bad, nan, max_logit), torch.where(bad, nan, mean_entropy)
+
+
+def _nonfinite_heads(x: torch.Tensor) -> torch.Tensor:
+    """Per head (dimension 1 of (B, H, r, S)): how many values are NaN or +Inf (-Inf is a mask)."""
+    return (torch.isnan(x) | torch.isposinf(x)).sum(dim=(0, 2, 3))
 
 
 def _rows(length: int, device: torch.device) -> torch.Tensor:
@@ -306,6 +317,7 @@ class AttentionProbe(Probe):
         self._modules = [m for _, m in ctx.root.named_modules()]
         self._attention_like = {self._names[id(m)] for m in self._modules if looks_like_attention(m)}
         self._seen: dict[str, tuple[str, str]] = {}  # module -> its two tags
+        self.not_measurable = 0  # module-steps whose attention was read over non-finite logits
         self._ran: set[str] = set()  # modules that look like attention and ran in this step
         self._unseen_said = False
         self._devices = cuda_devices(ctx.root)
@@ -414,8 +426,20 @@ class AttentionProbe(Probe):
         try:
             with torch.no_grad():
                 max_logit, entropy = stats(args, kwargs)
-            buffer.add_scalar(attention_tag("max_logit", where), max_logit.mean())
-            buffer.add_scalar(attention_tag("entropy", where), entropy.mean())
+                # Heads over non-finite logits are not measurable (NaN from logit_stats): the
+                # scalars are the mean of the measurable heads (NaN, so not written, when none
+                # is), and the count of the others is written only when it is not 0.
+                measurable = torch.isfinite(max_logit) & torch.isfinite(entropy)
+                heads = measurable.sum()
+                unmeasurable = (~measurable).sum().float()
+                buffer.add_scalar(
+                    attention_tag("max_logit", where), torch.where(measurable, max_logit, 0).sum() / heads
+                )
+                buffer.add_scalar(attention_tag("entropy", where), torch.where(measurable, entropy, 0).sum() / heads)
+                buffer.add_scalar(
+                    attention_tag("not_measurable", where), torch.where(unmeasurable > 0, unmeasurable, math.nan)
+                )
+                buffer.add_measure(f"attention_not_measurable/{where}", unmeasurable)
             # The per-head values as histograms (one value per head; DISTRIBUTIONS shows the
             # spread, so one collapsing head stands out of a healthy mean). set_, not add_: like
             # the scalar beside it, the last call of the step wins (a module called twice in a
@@ -438,6 +462,9 @@ class AttentionProbe(Probe):
         limits = self.ctx.config.thresholds
         types = self.ctx.module_types
         for where, (entropy_tag, max_key) in self._seen.items():
+            if host.measures.get(f"attention_not_measurable/{where}", 0.0) != 0.0:
+                self.not_measurable += 1  # over non-finite logits: no verdict (counted, and tagged)
+                continue
             entropy, max_logit = host.scalars.get(entropy_tag), host.measures.get(max_key)
             kind = type(self._module(where)).__name__
             if max_logit is not None and max_logit > limits.attention_max_logit:

@@ -16,7 +16,7 @@ from .._torch import any_file_writer
 from ..errors import ConfigError, ConfigTypeError
 from .stats import HistogramRecord
 from .step import HostStep
-from .tags import tag, tag_name
+from .tags import nonfinite_tag, tag, tag_name
 
 __all__ = ["open_writer", "logdir_writer", "write_steps", "histogram_fields", "write_step"]
 
@@ -192,9 +192,10 @@ def write_step(writer: Any, host: HostStep) -> None:
         if kind == "grads":
             batch.scalar(tag("grad_norm", name), record.norm)
         if record.nonfinite > 0:
-            nonfinite[name] = nonfinite.get(name, 0.0) + record.nonfinite
-    for name, count in nonfinite.items():
-        batch.scalar(tag("nonfinite", name), count)
+            counted = nonfinite_tag(full_tag)  # an activation's and a grad's of one module add up
+            nonfinite[counted] = nonfinite.get(counted, 0.0) + record.nonfinite
+    for counted, count in nonfinite.items():
+        batch.scalar(counted, count)
     for full_tag, value in host.scalars.items():
         if value != value:  # NaN: a ratio that is undefined at this step (see update_ratio)
             continue

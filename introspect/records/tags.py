@@ -12,7 +12,9 @@
 | gradient flow per layer                      | image     | diagnostics/grad_flow             |
 | the steps before a gradient-norm spike       | text      | diagnostics/pre_spike             |
 | NaN/Inf count, when not zero                 | scalar    | nonfinite/{module or param}       |
+|   ... of another histogram (its tag kept)    | scalar    | nonfinite/{tag}, e.g. nonfinite/attention/entropy_heads/{module} |
 | attention entropy / max logit (head mean)    | scalar    | attention/{entropy,max_logit}/{module} |
+| attention heads over NaN/Inf logits (not 0)  | scalar    | attention/not_measurable/{module} |
 | the same, one value per head                 | histogram | attention/{entropy,max_logit}_heads/{module} |
 | a run's final metrics (HPARAMS, finish())    | scalar    | hparams/{metric}                  |
 | a user probe's values (``probes=``)          | scalar    | {probe.name}/{key}/{module}       |
@@ -50,6 +52,7 @@ __all__ = [
     "health_map_tag",
     "stored_text_tag",
     "tag_name",
+    "nonfinite_tag",
     "MOE_STATS",
     "moe_tag",
 ]
@@ -116,7 +119,8 @@ def probe_tag(probe: str, key: str, where: str) -> str:
 
 def attention_tag(stat: str, where: str) -> str:
     """An attention module's statistic: ``attention/{entropy,max_logit}/{module}`` (scalars, the mean
-    over heads) and ``attention/{entropy,max_logit}_heads/{module}`` (one value per head)."""
+    over the measurable heads), ``attention/{entropy,max_logit}_heads/{module}`` (one value per
+    head) and ``attention/not_measurable/{module}`` (how many heads had NaN/Inf logits, when not 0)."""
     return f"attention/{stat}/{where}"
 
 
@@ -161,3 +165,16 @@ def tag_name(full_tag: str) -> tuple[str, str]:
     """``("grads", "fc.weight")`` from ``"grads/fc.weight"``."""
     kind, _, name = full_tag.partition("/")
     return kind, name
+
+
+MODULE_KINDS = ("activations", "activation_grads", "weights", "grads")
+"""Tag kinds whose name is a module or a parameter (their NaN/Inf count is ``nonfinite/{name}``)."""
+
+
+def nonfinite_tag(full_tag: str) -> str:
+    """The NaN/Inf count of a histogram: ``nonfinite/{module or param}`` for a module's or
+    parameter's histogram (``activations/fc1`` -> ``nonfinite/fc1``), ``nonfinite/{tag}`` for any
+    other, its prefix kept (``attention/entropy_heads/m`` -> ``nonfinite/attention/entropy_heads/m``):
+    never a name that reads like a module and is not one."""
+    kind, name = tag_name(full_tag)
+    return tag("nonfinite", name if kind in MODULE_KINDS else full_tag)

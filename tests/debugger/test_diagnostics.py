@@ -375,15 +375,22 @@ def test_format_report_table():
     assert lines[1].split() == ["step", "finding", "where", "details"]
     assert lines[2].split()[:5] == ["3", "nonfinite", "(forward)", "blocks.4.log", "NaN"]
     assert lines[2].endswith("NaN first appears here")
-    assert lines[3].split()[:3] == ["10", "dead_units", "relu"]
+    assert lines[3].split()[0] == "try:"  # what to try, under the details column
+    assert lines[3].index("try:") == lines[1].index("details")
+    assert lines[4].split()[:3] == ["10", "dead_units", "relu"]
     # Columns line up.
-    assert lines[1].index("where") == lines[2].index("blocks.4.log") == lines[3].index("relu")
+    assert lines[1].index("where") == lines[2].index("blocks.4.log") == lines[4].index("relu")
     assert format_report(alerts[:1], 1).splitlines()[0] == "introspect: 1 finding in 1 step"
 
 
 def test_alerts_markdown():
+    text = alerts_markdown([Alert("stuck_parameter", "a.b", 3, "not learning")])
+    assert text.splitlines()[2] == (
+        "| 3 | stuck_parameter | `a.b` | not learning **Try:** put it in the optimizer's param groups, "
+        "with a learning rate above 0. |"
+    )
     text = alerts_markdown([Alert("nonfinite", "a.b", 3, "NaN here", phase="backward")])
-    assert text.splitlines()[2] == "| 3 | nonfinite (backward) | `a.b` | NaN here |"
+    assert text.splitlines()[2].startswith("| 3 | nonfinite (backward) | `a.b` | NaN here **Try:** ")
 
 
 def test_alert_str():

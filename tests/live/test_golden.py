@@ -7,9 +7,10 @@ reads every event file back with ``EventAccumulator`` and compares a snapshot of
 * per run directory, every tag of every kind (scalars, histograms, images, text/tensors) with the
   list of steps it was written at (so a cadence change shows), and whether a graph exists;
 * the HPARAMS records: hyperparameter names, metric tags, the session's end status;
-* ``w.alerts``: kind, where, step, phase, module type, the names of its numbers and its message
-  with every number replaced by ``#`` (numbers are floats of a training run: exact on one
-  machine, not across BLAS builds; the words are what a refactor must keep);
+* ``w.alerts``: kind, where, step, phase, module type, the names of its numbers, its cause (kind,
+  where, step of the root it follows from) and its message with every number replaced by ``#``
+  (numbers are floats of a training run: exact on one machine, not across BLAS builds; the words
+  are what a refactor must keep);
 * what the run printed (the torchinfo summary) and ``w.step`` at the end.
 
     pytest tests/live/test_golden.py                    # compare
@@ -74,6 +75,7 @@ def alert_snapshot(alert: Any) -> dict[str, Any]:
         "module_type": alert.module_type,
         "numbers": sorted(alert.numbers),
         "message": NUMBER.sub("#", alert.message),
+        "cause": None if alert.cause is None else [alert.cause.kind, alert.cause.where, alert.cause.step],
     }
 
 
