@@ -41,4 +41,4 @@ class FirstBatch(Probe):
                 print(text)
                 writer.call("add_text", SUMMARY_TAG, summary_markdown(text), 0)
         if config.graph and writer:
-            writer.run(write_graph, module, args, kwargs)
+            writer.run(write_graph, module, args, kwargs, now=True)  # the trace runs the model: here
