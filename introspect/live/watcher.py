@@ -227,7 +227,7 @@ class Watcher:
                 self._dispatch.close_probes(failed)
         finally:
             self._active = False
-            if self._guard is not None and self._guard.pending is not None:
+            if self._guard is not None and self._guard.signalled_at is not None:
                 self._writer.stall_s = SIGNAL_STALL_S  # being stopped: a hung writer must not keep us
             self._registry.undo()
             guard, self._guard = self._guard, None
