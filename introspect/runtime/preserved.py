@@ -78,8 +78,10 @@ def _put_back(slots: list[_Slot]) -> None:
     done: set[int] = set()
     with torch.no_grad():
         for slot in slots:
-            if slot.table.get(slot.name) is not slot.tensor:
-                slot.table[slot.name] = slot.tensor  # ``self.queue = torch.cat(...)`` rebinds
+            # ``self.queue = torch.cat(...)`` rebinds (a TorchScript module's tables are no dicts,
+            # and its forward cannot rebind)
+            if isinstance(slot.table, dict) and slot.table.get(slot.name) is not slot.tensor:
+                slot.table[slot.name] = slot.tensor
             if id(slot.tensor) in done:
                 continue
             done.add(id(slot.tensor))

@@ -143,3 +143,13 @@ def test_nested_preserved_state_copies_once_and_still_restores():
             model.weight.mul_(2)
         model.weight.mul_(3)
     assert torch.equal(model.weight, before)
+
+
+def test_a_torchscript_module_is_put_back():
+    """A scripted module's tables are not dicts (``OrderedDictWrapper``): values still go back."""
+    model = torch.jit.script(nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2)))
+    weight, mean = model[0].weight.detach().clone(), model[1].running_mean.clone()
+    with preserved_state(model):
+        model[0].weight.add_(1)
+        model.train()(torch.randn(4, 3))  # updates the running mean
+    assert torch.equal(model[0].weight, weight) and torch.equal(model[1].running_mean, mean)
