@@ -123,17 +123,25 @@ def warn(message: str, category: type[Warning] = IntrospectWarning) -> None:
         warnings.warn(message, category, stacklevel=2)
         return
     filename = frame.f_code.co_filename
-    warnings.warn_explicit(
-        message,
-        category,
-        filename,
-        frame.f_lineno,
+    where = dict(
         module=frame.f_globals.get("__name__", "<unknown>"),
         registry=frame.f_globals.setdefault("__warningregistry__", {}),
-        # Globals let the warnings module fetch a source line through the module's loader; code
-        # with no file (``python -c``, "<string>") has none, and asking raises ImportError.
-        module_globals=None if filename.startswith("<") else frame.f_globals,
     )
+    try:
+        warnings.warn_explicit(
+            message,
+            category,
+            filename,
+            frame.f_lineno,
+            **where,
+            # Globals let the warnings module fetch a source line through the module's loader; code
+            # with no file (``python -c``, "<string>") has none, and asking raises ImportError.
+            module_globals=None if filename.startswith("<") else frame.f_globals,
+        )
+    except ImportError:
+        # ``python -m pkg.train``: ``__main__``'s loader is pkg.train's and refuses the name
+        # ``__main__`` ("loader for pkg.train cannot handle __main__"): the warning, without the line.
+        warnings.warn_explicit(message, category, filename, frame.f_lineno, **where)
 
 
 def first_line(e: BaseException) -> str:

@@ -33,7 +33,7 @@ from ..probes.divergence import MIN_RANKS
 from ..probes.nonfinite.sentinel import check_mode_for
 from ..records.findings import Findings
 from ..records.shards import shard_combiner
-from ..records.writer import GuardedWriter
+from ..records.writer import SIGNAL_STALL_S, GuardedWriter
 from ..runtime.compiled import (
     COMPILED_WARNING,
     compiling,
@@ -182,7 +182,18 @@ class Watcher:
 
     def report(self) -> str:
         """What the debugger found, as a short table for the terminal."""
-        return format_report(self.alerts, self._clock.next_step)
+        text = format_report(self.alerts, self._clock.next_step)
+        if self._writer.dropped:
+            text += (
+                f"\n{self._writer.dropped} writes dropped: the writer was slower than training (its queue was "
+                "full); training did not wait for it."
+            )
+        return text
+
+    @property
+    def dropped_writes(self) -> int:
+        """Writes dropped because the writer lagged behind training (its queue was full)."""
+        return self._writer.dropped
 
     def finish(self, metrics: Mapping[str, Any] | None = None) -> None:
         """Record the run's final (or best) metrics beside its ``hparams`` for TensorBoard's
@@ -219,6 +230,8 @@ class Watcher:
                 self.findings.close(self._clock.step)  # the whole story, once, before the writer goes
         finally:
             self._active = False
+            if self._guard is not None and self._guard.signalled_at is not None:
+                self._writer.stall_s = SIGNAL_STALL_S  # being stopped: a hung writer must not keep us
             self._registry.undo()
             guard, self._guard = self._guard, None
             if guard is not None and guard.pending is not None:

@@ -40,6 +40,7 @@ class HealthMapProbe(Probe):
         if self.map is None:
             return
         try:
-            self.ctx.writer.run(self.map.write, step)
-        except Exception as e:  # pragma: no cover - run() reports writer failures itself
+            # drawn here, written by the writer thread: the map goes on changing after this step
+            self.map.write(self.ctx.writer.deferred(), step)
+        except Exception as e:
             self.ctx.disable("<health_map>", None, e)

@@ -25,7 +25,7 @@ class Inputs(Probe):
         if not tensors:
             return
         try:
-            alerts = log_input_batch(tensors[0], writer.writer, INPUTS_TAG, self.ctx.clock.next_step)
+            alerts = log_input_batch(tensors[0], writer.deferred(), INPUTS_TAG, self.ctx.clock.next_step)
         except Exception as e:
             self.ctx.disable("<inputs>", None, e)
             return

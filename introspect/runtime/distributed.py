@@ -136,11 +136,18 @@ def ddp_syncs_gradients(ddp: nn.Module | None) -> bool:
 
 
 def reduced_gradient_sum(params: Sequence[torch.Tensor]) -> torch.Tensor | None:
-    """One device scalar: finite exactly when every (averaged) gradient is, barring overflow."""
-    sums = [p.grad.detach().sum(dtype=torch.float32) for p in params if p.grad is not None]
+    """One device scalar: finite exactly when every (averaged) gradient is, barring overflow.
+    Of a sharded (DTensor, FSDP2) gradient, this rank's shard: a reduction of the whole would be
+    a collective."""
+    sums = [_local(p.grad).detach().sum(dtype=torch.float32) for p in params if p.grad is not None]
     if not sums:
         return None
     return torch.stack(sums).sum()
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    to_local = getattr(tensor, "to_local", None)  # a DTensor's own shard
+    return to_local() if callable(to_local) else tensor
 
 
 RANK_WAIT_S = 10.0
@@ -195,8 +202,11 @@ def origin_code(alert: Alert | None, modules: Sequence[str]) -> int:
     return 1 + 2 * index + (alert.phase == "backward")
 
 
-def rank_origin_alert(step: int, codes: Sequence[int | None], modules: Sequence[str]) -> Alert:
-    """The finding every rank records once DDP has spread a NaN/Inf to all of them."""
+def rank_origin_alert(
+    step: int, codes: Sequence[int | None], modules: Sequence[str], carrier: str = "DDP's all-reduce"
+) -> Alert:
+    """The finding every rank records once DDP (or FSDP's reduce-scatter, ``carrier``) has spread
+    a NaN/Inf to all of them."""
     names = list(modules)
     found = [(rank, code) for rank, code in enumerate(codes) if code]
     silent = [rank for rank, code in enumerate(codes) if code is None]
@@ -206,7 +216,7 @@ def rank_origin_alert(step: int, codes: Sequence[int | None], modules: Sequence[
             "nonfinite_rank",
             "gradients",
             step,
-            "NaN/Inf reached the gradients DDP averaged, but no rank's watched modules made it "
+            f"NaN/Inf reached the gradients {carrier} reduced, but no rank's watched modules made it "
             "(code outside the watched modules, e.g. the loss, or a rank whose check is off)" + unheard,
             {"ranks": 0.0, "silent_ranks": float(len(silent))},
             phase="backward",
@@ -221,7 +231,7 @@ def rank_origin_alert(step: int, codes: Sequence[int | None], modules: Sequence[
         "nonfinite_rank",
         where,
         step,
-        f"NaN/Inf first appeared on rank {rank}{also}, in the {phase} of {where}; DDP's all-reduce "
+        f"NaN/Inf first appeared on rank {rank}{also}, in the {phase} of {where}; {carrier} "
         "carried it into every rank's gradients (that rank's own finding has the details; "
         "ranks='all' writes it)" + unheard,
         {"rank": float(rank), "ranks": float(len(found)), "silent_ranks": float(len(silent))},

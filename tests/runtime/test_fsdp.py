@@ -112,7 +112,8 @@ def test_fsdp2_nan_on_one_rank_is_named_with_its_rank(tmp_path):
     assert first == ("input", 2)
     message = next(a["message"] for a in r1["alerts"] if a["where"] == "input")
     assert message.startswith("on rank 1: the batch fed to the model already holds NaN/Inf")
-    assert not [a for a in r0["alerts"] if a["step"] == 2]  # rank 0's own step 2 was clean
+    # rank 0's own step 2 was clean: its one finding of step 2 names rank 1 (see the next test)
+    assert [(a["kind"], a["where"]) for a in r0["alerts"] if a["step"] == 2] == [("nonfinite_rank", "input")]
     for r in (r0, r1):  # NaN shards are combined like any others
         assert not [m for m in r["warnings"] if "could not be combined" in m]
     # The NaN reached every rank's weights and gradients through the reduced gradients: step 3's
@@ -127,6 +128,26 @@ def test_fsdp2_nan_on_one_rank_is_named_with_its_rank(tmp_path):
     )
     assert 0 < scalar_at(acc, "nonfinite/inp.weight", 3) == 2 * numel - finite
     assert len(r0["grads"]) == len(r1["grads"]) == 5
+
+
+@pytest.mark.slow
+@needs_gloo
+@needs_fsdp2
+def test_fsdp2_nan_made_by_rank_one_is_named_by_every_rank_at_its_step(tmp_path):
+    """Rank 1's first Linear makes NaN at step 1; FSDP's reduce-scatter carries it into rank 0's
+    gradient shards. Every rank, rank 0 included, says rank 1 made it, where, and at step 1 (not
+    only "weights are non-finite" at step 2), as under DDP."""
+    r0, r1 = run_fsdp(tmp_path, "nan-linear")
+    for r in (r0, r1):
+        named = [a for a in r["alerts"] if a["kind"] == "nonfinite_rank"]
+        assert len(named) == 1, r["alerts"]
+        assert (named[0]["where"], named[0]["step"]) == ("inp", 1)
+        assert named[0]["numbers"]["rank"] == 1.0
+        assert "first appeared on rank 1" in named[0]["message"] and "FSDP" in named[0]["message"]
+        assert not [a for a in r["alerts"] if a["step"] < 1]
+    local = [a for a in r1["alerts"] if a["kind"] == "nonfinite"][0]
+    assert (local["where"], local["step"]) == ("inp", 1) and local["message"].startswith("on rank 1:")
+    assert len(r0["grads"]) == len(r1["grads"]) == 5  # training went on on both ranks
 
 
 @pytest.mark.slow

@@ -2,7 +2,7 @@
 
 Started like torchrun starts a worker; usage: ``fsdp_worker.py LOGDIR MODE RESULT_JSON [EVERY]``
 with MODE ``watched``, ``plain`` (the same run unwatched), ``nan`` (watched; rank 1 alone gets a
-NaN in its input at step 2), ``scaled`` (watched; rank 2 alone gets its input x100 at step
+NaN in its input at step 2), ``nan-linear`` (watched; rank 1's first Linear makes NaN at step 1), ``scaled`` (watched; rank 2 alone gets its input x100 at step
 3, on 3 ranks), ``rank0`` (only rank 0 calls watch: it must not hang), or ``fsdp1``
 / ``fsdp1-flat`` (FSDP1 with one unit per Linear, with / without ``use_orig_params``). The model
 has a block under activation checkpointing (``_checkpoint_wrapped_module.`` in its module
@@ -114,6 +114,13 @@ def main() -> None:
         fully_shard(net)
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     gen = torch.Generator().manual_seed(100 + rank)
+    clock = [0]
+    if mode == "nan-linear" and rank == 1:  # the user's own hook, before watch's: the Linear's output
+
+        def poison(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
+            return output * float("nan") if clock[0] == 1 else None
+
+        poison_handle = net.inp.register_forward_hook(poison)
     before = hook_counts(model)
     weights, grads, times = [], [], []
     w = None
@@ -124,6 +131,7 @@ def main() -> None:
         w = watch(model, logdir, every=every, summary=False, graph=False)
     with w or contextlib.nullcontext():
         for step in range(5):
+            clock[0] = step
             x = torch.randn(4, 6, generator=gen)
             y = torch.randn(4, 1, generator=gen)
             if mode == "nan" and rank == 1 and step == 2:
@@ -141,6 +149,8 @@ def main() -> None:
                 grads.append(full_stats({n: p.grad for n, p in net.named_parameters()}))
             opt.step()
     caught.__exit__(None, None, None)
+    if mode == "nan-linear" and rank == 1:
+        poison_handle.remove()
     with gathered(model):
         final = {
             n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().tolist()

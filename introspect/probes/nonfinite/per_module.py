@@ -24,7 +24,7 @@ from ...records.shards import local_view
 from ...records.step import Check, HostStep, StepBuffer
 from ...records.tags import tag
 from ...runtime.amp import LOW_PRECISION, overflow_note, scaler_overflow
-from ...runtime.distributed import nonfinite_on_rank
+from ...runtime.distributed import nonfinite_on_rank, rank_and_world
 from ...runtime.tensors import named_float_tensors
 from ..base import Probe, ProbeContext, StepPlan
 from ..moe import fused_expert_count
@@ -237,16 +237,18 @@ class NonFiniteCheck(Probe):
         buffer = self.ctx.buffer
         if buffer is None:
             return
-        if buffer.ddp_sync:
-            self._after_ddp_reduction(buffer)
+        sharded = self.ctx.shards is not None and rank_and_world()[1] > 1
+        if buffer.ddp_sync or sharded:
+            self._after_ddp_reduction(buffer, sharded)
         else:
             self.check(buffer, may_raise=True)
 
-    def _after_ddp_reduction(self, buffer: StepBuffer) -> None:
-        """Under DDP: this rank's check, plus which rank a NaN in the averaged gradients came from."""
+    def _after_ddp_reduction(self, buffer: StepBuffer, sharded: bool = False) -> None:
+        """Under DDP (or FSDP2, ``sharded``): this rank's check, plus which rank a NaN in the
+        reduced gradients came from."""
         pending = self._rank.add_reduced_check(buffer)
         local = self.check(buffer, may_raise=False)
-        alert = self._rank.exchange(buffer, local) if pending else None
+        alert = self._rank.exchange(buffer, local, sharded) if pending else None
         if alert is not None:
             self.ctx.findings.add(alert)
             local = local or alert

@@ -11,7 +11,8 @@ What makes the replay the same step:
   draws the same masks; :func:`torch.random.fork_rng` puts the RNG back afterwards, so training
   after the replay draws exactly what it would have drawn without it;
 * the autocast state the forward ran under;
-* the buffers (BatchNorm's running statistics) copied before and restored after: the replay's
+* the parameters, buffers (BatchNorm's running statistics) and tensor attributes copied before and
+  restored after (a momentum teacher updated in ``forward``, a queue): the replay's
   own updates are undone. A training-mode forward that *reads* a buffer it also updated during
   the forward sees the updated value (BatchNorm in training mode reads batch statistics only);
 * the gradient that arrived at each model output, captured by the sentinel, pushed back through
