@@ -1,6 +1,7 @@
 # Shared set-up for scripts/test and scripts/demo; source it, don't run it.
 #
-# Makes .venv (if absent) and installs the project into it, editable, with the test extras.
+# Makes .venv (if absent) and installs the project into it, editable, with the test extras (or the
+# extras named in $INTROSPECT_EXTRAS: scripts/bench asks for test,bench).
 # The install is skipped while .venv/.introspect-installed holds the hash of pyproject.toml
 # (and of the Python that made the venv) from the last successful install.
 # Leaves the shell in the repository root with $VENV_PY set.
@@ -32,14 +33,14 @@ import hashlib, sys
 h = hashlib.sha256(open("pyproject.toml", "rb").read())
 h.update(sys.version.encode())
 print(h.hexdigest())
-')"
+')-${INTROSPECT_EXTRAS:-test}"
 
 if [[ ! -f "$STAMP" || "$(cat "$STAMP")" != "$_introspect_want" ]]; then
     echo "Installing torch-introspect and its test dependencies into $VENV (a minute or two the first time) ..." >&2
     rm -f "$STAMP"
     # pip's own status is what counts; grep only drops the "Location ... is ignored" noise.
     set +e
-    "$VENV_PY" -m pip install -q -e '.[test]' 2>&1 | { grep -v 'WARNING: Location .* is ignored' || true; } >&2
+    "$VENV_PY" -m pip install -q -e ".[${INTROSPECT_EXTRAS:-test}]" 2>&1 | { grep -v 'WARNING: Location .* is ignored' || true; } >&2
     _introspect_pip_status="${PIPESTATUS[0]}"
     set -e
     [[ "$_introspect_pip_status" -eq 0 ]] || _introspect_die "pip install failed (exit $_introspect_pip_status)"
