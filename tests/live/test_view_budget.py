@@ -5,6 +5,7 @@ roll-ups (records/budget.py); read back from the event files."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from torch import nn
 
@@ -39,6 +40,7 @@ def all_tags(logdir) -> dict[str, set[str]]:
     return {kind: set(tags[kind]) for kind in KINDS}
 
 
+@pytest.mark.slow  # 801 modules: ~25 s on the 2-core VM, most of it the health map's pictures at close
 def test_an_801_module_model_stays_under_the_ceiling_with_every_module_on_the_map(tmp_path):
     model = stack(400)
     assert len(list(model.modules())) == 801
