@@ -19,7 +19,7 @@ from benchmarks.fault_table import (
 )
 from benchmarks.faults import FAULT_MODELS, faults_section, run_faults
 from benchmarks.isolation import REPO, failure, pin_env, preimport, resolve_device
-from benchmarks.models import MODELS
+from benchmarks.models import MODELS, SCALE_MODELS
 from benchmarks.report import (
     QUICK_NOTE,
     RATIO_NOTE,
@@ -32,10 +32,13 @@ from benchmarks.report import (
     write_report_file,
 )
 from benchmarks.timing import FULL, QUICK
-from benchmarks.variants import VARIANTS
+from benchmarks.variants import SCALE_VARIANTS, VARIANTS
 from benchmarks.worker import Plan, memory_main, run_model
 
 DEFAULT_OUT = REPO / "docs" / "benchmarks.md"
+SCALE_OUT = REPO / "docs" / "benchmarks_scale.md"
+BASE_MODELS = [name for name in MODELS if name not in SCALE_MODELS]
+SCALE_ROUNDS = 7
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -60,9 +63,18 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--models",
-        default=",".join(MODELS),
-        help=f"comma-separated subset of {','.join(MODELS)} "
-        "(the fault table runs on a five-layer CNN of its own, and on gpt2 when it is among them)",
+        default=None,
+        help=f"comma-separated subset of {','.join(MODELS)} (default {','.join(BASE_MODELS)}; with --scale "
+        f"{','.join(SCALE_MODELS)}; the fault table runs on a five-layer CNN of its own, and on gpt2 when it is "
+        "among them)",
+    )
+    p.add_argument(
+        "--scale",
+        action="store_true",
+        help=f"the scale axis: MLP stacks of 51, 201 and 801 modules and an 8-layer Llama-style decoder, variants "
+        f"{','.join(SCALE_VARIANTS)} (unless --variants), {SCALE_ROUNDS} rounds; per variant the ratio to bare, "
+        f"the time added per step, a logging step's own cost and that per module (default --out "
+        f"docs/{SCALE_OUT.name}; no fault table)",
     )
     faults = p.add_mutually_exclusive_group()
     faults.add_argument(
@@ -94,7 +106,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None, help="steps per chunk, K (default per model)")
     p.add_argument(
         "--variants",
-        default=",".join(VARIANTS),
+        default=None,
         help=f"comma-separated subset of {','.join(VARIANTS)} (bare is always run)",
     )
     p.add_argument(
@@ -115,8 +127,16 @@ def _parser() -> argparse.ArgumentParser:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = _parser()
     args = p.parse_args(argv)
+    if args.scale and args.faults:
+        p.error("--scale and --faults are separate runs")
+    if args.models is None:
+        args.models = ",".join(SCALE_MODELS if args.scale else BASE_MODELS)
+    if args.variants is None:
+        args.variants = ",".join(SCALE_VARIANTS if args.scale else VARIANTS)
+    if args.scale:
+        args.skip_faults = True
     if args.rounds is None:
-        args.rounds = (QUICK if args.quick else FULL).rounds
+        args.rounds = (QUICK if args.quick else FULL).rounds if not args.scale or args.quick else SCALE_ROUNDS
     if args.timeout is None:
         args.timeout = 300.0 if args.quick else 3600.0
     args.variant_keys = ["bare"] + [v.strip() for v in args.variants.split(",") if v.strip() and v.strip() != "bare"]
@@ -178,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
 
     command = " ".join(["scripts/bench", *(sys.argv[1:] if argv is None else argv)])
     lines = _opening(args, command, total, started, load_before, device_note)
-    out = Path(args.out).absolute() if args.out else DEFAULT_OUT
+    out = Path(args.out).absolute() if args.out else SCALE_OUT if args.scale else DEFAULT_OUT
     if args.faults:
         return _write_fault_table(args, lines, table, fault_entries, fault_text, out if args.out else None, total)
     _write_report(lines, results, fault_text, out, args.device, total)
@@ -190,6 +210,8 @@ def _opening(args, command: str, total: float, started, load_before: str, device
     title = (
         "# Fault tables: what the debugger says about planted faults, and which NaN/Inf detector names which"
         if args.faults
+        else "# Benchmarks, the scale axis: what `watch` costs as the module count grows"
+        if args.scale
         else "# Benchmarks: what `watch` costs per training step"
     )
     lines = header(title, command, total, started, args.device, load_before)

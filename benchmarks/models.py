@@ -17,7 +17,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["GPT2_BATCH", "GPT2_SIZE", "MODELS", "ModelSpec", "build_model", "model_title", "train_loss"]
+__all__ = [
+    "GPT2_BATCH",
+    "GPT2_SIZE",
+    "LLAMA_SIZE",
+    "MODELS",
+    "SCALE_MODELS",
+    "ModelSpec",
+    "build_model",
+    "model_title",
+    "train_loss",
+]
 
 Built = tuple[Any, Any, Any, str]
 """(model, x, y, description): what a builder returns (``y`` None for a causal LM)."""
@@ -38,6 +48,8 @@ class ModelSpec:
     attention: bool = False
     imports: tuple[str, ...] = ()
     cuda_name: str | None = None
+    scale: bool = False
+    """On the scale axis (``--scale``): how the cost grows with the module count."""
 
     def chunk(self, quick: bool) -> tuple[int, int]:
         """(steps per chunk, warm-up steps) for a full or a ``--quick`` run."""
@@ -129,6 +141,53 @@ def _tiny_transformer(device: str) -> Built:
     return model, x, _binary_labels(32), desc
 
 
+def _mlp_stack(pairs: int) -> Callable[[str], Built]:
+    """``pairs`` x (Linear 32->32, ReLU) in one ``nn.Sequential``: 2 * pairs + 1 modules, the
+    root included; the same small layer repeated, so only the module count grows."""
+
+    def build(device: str) -> Built:
+        import torch
+        from torch import nn
+
+        model = nn.Sequential(*[m for _ in range(pairs) for m in (nn.Linear(32, 32), nn.ReLU())])
+        x = torch.randn(64, 32)
+        y = torch.randint(0, 2, (64, 32)).float()
+        desc = f"MLP of {pairs} x (Linear 32->32, ReLU), {2 * pairs + 1} modules, batch 64, 32 binary outputs"
+        return model, x, y, desc
+
+    return build
+
+
+LLAMA_SIZE = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=8,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=512,
+    max_position_embeddings=64,
+)
+
+
+def _llama(device: str) -> Built:
+    """A Llama-style decoder from transformers' ``LlamaConfig`` (random weights, nothing
+    downloaded): 8 layers of a tiny hidden size, so the per-module cost shows."""
+    import torch
+    import transformers
+
+    config = transformers.LlamaConfig(**LLAMA_SIZE, bos_token_id=0, eos_token_id=0)
+    model = transformers.LlamaForCausalLM(config)
+    x = torch.randint(0, LLAMA_SIZE["vocab_size"], (8, 32))
+    modules = len(list(model.modules()))
+    desc = (
+        f"Llama-style decoder (transformers LlamaConfig, random weights): {LLAMA_SIZE['num_hidden_layers']} layers, "
+        f"hidden {LLAMA_SIZE['hidden_size']}, {LLAMA_SIZE['num_attention_heads']} heads "
+        f"({LLAMA_SIZE['num_key_value_heads']} KV), vocab {LLAMA_SIZE['vocab_size']}, {modules} modules, "
+        "batch 8 of 32 tokens, its own LM loss (labels=input_ids)"
+    )
+    return model, x, None, desc
+
+
 MODELS: dict[str, ModelSpec] = {
     "cnn": ModelSpec(_seed_cnn, steps=100, warmup=5, quick_steps=4, quick_warmup=2),
     "mlp": ModelSpec(_ring_mlp, steps=200, warmup=20, quick_steps=25, quick_warmup=5),
@@ -139,7 +198,17 @@ MODELS: dict[str, ModelSpec] = {
     "gpt2": ModelSpec(
         _gpt2, steps=50, warmup=5, quick_steps=4, quick_warmup=2, attention=True, imports=("transformers",)
     ),
+    # The scale axis (--scale): the same layer 25, 100 and 400 times, and a decoder of 8 layers.
+    "mlp51": ModelSpec(_mlp_stack(25), steps=20, warmup=3, quick_steps=3, quick_warmup=1, scale=True),
+    "mlp201": ModelSpec(_mlp_stack(100), steps=10, warmup=2, quick_steps=2, quick_warmup=1, scale=True),
+    "mlp801": ModelSpec(_mlp_stack(400), steps=5, warmup=2, quick_steps=2, quick_warmup=1, scale=True),
+    "llama8": ModelSpec(
+        _llama, steps=10, warmup=2, quick_steps=2, quick_warmup=1, attention=True, imports=("transformers",), scale=True
+    ),
 }
+
+SCALE_MODELS = [name for name, spec in MODELS.items() if spec.scale]
+"""``--scale``'s models, in order of module count."""
 
 
 def build_model(name: str, device: str) -> Built:

@@ -24,6 +24,7 @@ __all__ = [
     "method_text",
     "model_section",
     "plural",
+    "scale_table",
     "stats_pass_text",
     "write_plot",
 ]
@@ -112,7 +113,9 @@ def model_section(result: dict, device: str) -> str:
     if result.get("error"):
         lines += ["**This model's run failed:**", "", "```", result["error"].strip()[-3000:], "```", ""]
     rows = summarize(result)
-    if any(r.get("ms") is not None or r.get("mem_ratio") is not None for r in rows):
+    if result.get("scale"):
+        lines += scale_table(rows, result.get("modules") or 0)
+    elif any(r.get("ms") is not None or r.get("mem_ratio") is not None for r in rows):
         lines += _variant_table(rows, device)
     one = result.get("one_off")
     if one:
@@ -125,7 +128,8 @@ def model_section(result: dict, device: str) -> str:
 def _run_lines(result: dict) -> list[str]:
     lines = []
     if result.get("desc"):
-        lines.append(f"{result['desc']}; {result.get('params', 0):,} parameters.")
+        modules = f", {result['modules']:,} modules" if result.get("modules") else ""
+        lines.append(f"{result['desc']}; {result.get('params', 0):,} parameters{modules}.")
     steps = result.get("steps")
     if steps:
         longer = sorted(
@@ -156,6 +160,28 @@ def _variant_table(rows: list[dict], device: str) -> list[str]:
     lines.append("")
     if syncs:
         lines += [SYNCS_NOTE, ""]
+    return lines
+
+
+SCALE_HEAD = (
+    "| variant | ms/step (median) | ratio to bare (min–max over rounds) | added per step "
+    "| logging step: added | per module |"
+)
+
+
+def scale_table(rows: list[dict], modules: int) -> list[str]:
+    """The scale axis's table: per variant its ratio to bare, the time it adds per step, what one
+    of its logging steps adds over a bare step, and that cost per module of the model."""
+    lines = [SCALE_HEAD, "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    for r in rows:
+        if r["status"] == "not run":
+            continue
+        log_cells = ["—", "—"]
+        if r.get("log_added_s") is not None and r["key"] != "bare":
+            per_module = r["log_added_s"] / modules * 1e6 if modules else float("nan")
+            log_cells = [f"{fmt_added(r['log_added_s'])} ({r['log_ratio']:.1f}× a bare step)", f"{per_module:.0f} µs"]
+        lines.append("| " + " | ".join([r["label"], *_time_cells(r), *log_cells]) + " |")
+    lines.append("")
     return lines
 
 

@@ -92,12 +92,23 @@ def interleave(runners: dict, variants: dict, chunk: dict, rounds: int, warmup: 
                 continue
             try:
                 variants[key]["per_step_s"].append(_timed_chunk(runners[key], chunk[key], schedule) / chunk[key])
+                _keep_step_times(runners[key], variants[key])
             except Exception:  # noqa: BLE001
                 _drop(runners, variants, key)
         times = ", ".join(
             f"{k} {variants[k]['per_step_s'][-1] * 1e3:.3g}" for k in runners if variants[k].get("per_step_s")
         )
         log(f"round {r + 1}/{rounds}: {times} ms/step")
+
+
+def _keep_step_times(runner: Runner, variant: dict) -> None:
+    """The chunk's median logging step and median other step (seconds; CPU), appended per round
+    to ``log_step_s`` / ``off_step_s`` (None where the chunk had no such step)."""
+    times = runner.step_times
+    runner.step_times = []
+    for key, logs in (("log_step_s", True), ("off_step_s", False)):
+        picked = [t for flag, t in times if flag == logs]
+        variant.setdefault(key, []).append(statistics.median(picked) if picked else None)
 
 
 def _timed_chunk(runner: Runner, steps: int, schedule: Schedule) -> float:
@@ -109,6 +120,7 @@ def _timed_chunk(runner: Runner, steps: int, schedule: Schedule) -> float:
     # hold K/c steps of cadence c, so alignment is kept.
     with quiet():
         runner.run(schedule.lead_in_steps)
+    runner.step_times = []  # the chunk's own steps only
     t0 = time.perf_counter()
     with quiet():
         runner.run(steps)
@@ -155,13 +167,24 @@ def _paired_times(variant: dict, bare: dict) -> dict:
     if variant.get("status", "not run") != "ok" or not times or not bare_t:
         return {}
     ratios = [t / b for t, b in zip(times, bare_t)]
-    return {
+    out = {
         "ms": statistics.median(times) * 1e3,
         "ratio": statistics.median(ratios),
         "ratio_lo": min(ratios),
         "ratio_hi": max(ratios),
         "added_s": statistics.median([t - b for t, b in zip(times, bare_t)]),
     }
+    # A logging step's own cost: the round's median logging step over the same round's median
+    # bare step (CPU, where steps are timed one by one; the chunk's closing flush is not in it).
+    logged = [
+        (t, b)
+        for t, b in zip(variant.get("log_step_s") or [], bare.get("off_step_s") or [])
+        if t is not None and b is not None
+    ]
+    if logged:
+        out["log_added_s"] = statistics.median([t - b for t, b in logged])
+        out["log_ratio"] = statistics.median([t / b for t, b in logged])
+    return out
 
 
 def _paired_memory(mem: dict, bare_mem: dict, mem_key: str) -> dict:

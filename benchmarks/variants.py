@@ -13,6 +13,7 @@ worker per model once torch is imported and before introspect is (see ``isolatio
 from __future__ import annotations
 
 import contextlib
+import time
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from benchmarks.models import MODELS, train_loss
 
 __all__ = [
     "NEVER",
+    "SCALE_VARIANTS",
     "VARIANTS",
     "IsfiniteHooks",
     "Runner",
@@ -230,6 +232,10 @@ VARIANTS: dict[str, Variant] = {
 }
 
 
+SCALE_VARIANTS = ["bare", "watch_default", "watch_every1", "watch_hooks", "watch_check", "wandb_1", "detect_anomaly"]
+"""What ``--scale`` compares on each model of the scale axis."""
+
+
 def logs_at(key: str, cadence: int | None):
     """Whether variant ``key`` does its logging work on a step (by its 0-based number), as a
     function of the step; ``cadence`` None: it never logs after step 0."""
@@ -264,6 +270,9 @@ class Runner:
         self.opt = torch.optim.Adam(model.parameters(), lr=1e-3)
         self.writer = SummaryWriter(str(logdir))
         self.step_no = 0
+        self.step_times: list[tuple[bool, float]] = []
+        """(whether the variant logged on it, seconds) of each step since the caller cleared it
+        (CPU only: on CUDA a step's time needs a synchronize, which the chunk timing does once)."""
         self.wandb_run = wandb_run
         self.stack = contextlib.ExitStack()
         self._torch = torch
@@ -280,8 +289,13 @@ class Runner:
         self.step_no += 1
 
     def run(self, steps: int) -> None:
+        timed = self.device == "cpu"
         for _ in range(steps):
+            logs = self.variant.logs_at(self.step_no, self.variant.cadence)
+            t0 = time.perf_counter()
             self.step()
+            if timed:
+                self.step_times.append((logs, time.perf_counter() - t0))
         self.writer.flush()
         if self.device == "cuda":
             self._torch.cuda.synchronize()

@@ -58,13 +58,24 @@ class Plan:
     rounds: int
     timeout: float
     schedule: Schedule
+    scale: bool = False
+    """The scale axis: timing only (no memory, one-off or statistics-pass measurement)."""
 
     @classmethod
     def for_model(cls, args, model: str) -> Plan:
         schedule = QUICK if args.quick else FULL
         steps, warmup = MODELS[model].chunk(args.quick)
+        scale = bool(getattr(args, "scale", False))
         return cls(
-            model, args.device, args.variant_keys, args.steps or steps, warmup, args.rounds, args.timeout, schedule
+            model,
+            args.device,
+            args.variant_keys,
+            args.steps or steps,
+            warmup,
+            args.rounds,
+            args.timeout,
+            schedule,
+            scale,
         )
 
 
@@ -108,14 +119,17 @@ def _measure(plan: Plan, result: dict) -> None:
     result["variants"] = {key: {"status": status} for key, status in statuses.items()}
 
     phase = time.perf_counter()
-    _measure_memory(plan, keys, result["variants"])  # no parallel torch op has run here yet
-    log(f"memory: {time.perf_counter() - phase:.1f} s")
+    if not plan.scale:
+        _measure_memory(plan, keys, result["variants"])  # no parallel torch op has run here yet
+        log(f"memory: {time.perf_counter() - phase:.1f} s")
 
     from introspect.live import DEFAULT_EVERY
 
     result["default_every"] = DEFAULT_EVERY
     base, x, y, result["desc"] = build_model(plan.model, plan.device)
     result["params"] = sum(p.numel() for p in base.parameters())
+    result["modules"] = len(list(base.modules()))
+    result["scale"] = plan.scale
     if plan.device == "cuda":
         result["gpu"] = torch.cuda.get_device_name()
     with tempfile.TemporaryDirectory(prefix=f"bench-{plan.model}-") as tmp_s:
@@ -123,6 +137,8 @@ def _measure(plan: Plan, result: dict) -> None:
         phase = time.perf_counter()
         _measure_steps(plan, keys, result["variants"], (base, x, y), tmp)
         log(f"timing: {time.perf_counter() - phase:.1f} s")
+        if plan.scale:
+            return
         phase = time.perf_counter()
         result["one_off"] = _or_error(lambda: time_one_off(base, x, y, plan.device, tmp, plan.schedule.one_off_reps))
         log(f"summary+graph one-off: {time.perf_counter() - phase:.1f} s")

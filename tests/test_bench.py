@@ -4,6 +4,7 @@ GPU comparison runs the same code with device="cuda")."""
 
 from __future__ import annotations
 
+import copy
 import os
 import subprocess
 import sys
@@ -14,7 +15,7 @@ from torch import nn
 
 from benchmarks import faults, report, timing, variants
 from benchmarks.__main__ import parse_args
-from benchmarks.models import GPT2_BATCH, GPT2_SIZE, build_model, train_loss
+from benchmarks.models import GPT2_BATCH, GPT2_SIZE, SCALE_MODELS, build_model, train_loss
 from tests.support import REPO_ROOT
 
 
@@ -345,3 +346,40 @@ def test_fault_table_rank_follows_alert_cause():
     assert (root["rank"], root["attached"]) == (3, False)  # behind the early false finding and the spike
     table = {"cells": [dict(cell, model="cnn", fault="dead_layer", every=50)], "healthy": []}
     assert must_show(table) == ["cnn / dead_layer (every=50): root cause attached to another finding"]
+
+
+def test_the_scale_axis_options():
+    args = parse_args(["--scale"])
+    assert args.models.split(",") == SCALE_MODELS == ["mlp51", "mlp201", "mlp801", "llama8"]
+    assert args.variant_keys == variants.SCALE_VARIANTS and args.rounds >= 7 and args.skip_faults
+    assert "mlp801" not in parse_args([]).models.split(",")  # the default run is unchanged
+    with pytest.raises(SystemExit):
+        parse_args(["--scale", "--faults"])
+
+
+@pytest.mark.parametrize("name, modules", [("mlp51", 51), ("mlp801", 801)])
+def test_scale_models_have_their_module_count(name, modules):
+    model, x, y, desc = build_model(name, "cpu")
+    assert len(list(model.modules())) == modules and f"{modules} modules" in desc
+    assert model(x).shape == y.shape
+
+
+def test_a_smoke_of_the_scale_axis_fills_its_table(tmp_path):
+    """Two rounds of two-step chunks on the 51-module MLP: every column of the scale table, a
+    logging step's cost per module for the variants that log, none for those that never do."""
+    base, x, y, desc = build_model("mlp51", "cpu")
+    keys = ["bare", "watch_every1", "watch_hooks", "detect_anomaly"]
+    runners = {k: variants.Runner(k, copy.deepcopy(base), x, y, "cpu", tmp_path / k) for k in keys}
+    measured: dict = {k: {"status": "ok"} for k in keys}
+    try:
+        timing.interleave(runners, measured, {k: 2 for k in keys}, rounds=2, warmup=1, schedule=timing.QUICK)
+    finally:
+        variants.close_runners(runners.values(), finish_watch=False)
+    result = {"model": "mlp51", "device": "cpu", "desc": desc, "modules": 51, "scale": True, "variants": measured}
+    text = report.model_section(result, "cpu")
+    assert report.SCALE_HEAD in text and "51 modules" in text
+    rows = {line.split(" | ")[0].lstrip("| "): line.split(" | ") for line in text.splitlines() if line.startswith("| ")}
+    every1 = rows[variants.VARIANTS["watch_every1"].label]
+    assert len(every1) == 6 and every1[4].endswith("a bare step)") and every1[5].endswith("µs |")
+    assert rows[variants.VARIANTS["detect_anomaly"].label][4:] == ["—", "— |"]  # it never logs
+    assert rows[variants.VARIANTS["bare"].label][2] == "1.00×"

@@ -46,10 +46,11 @@ import numpy as np
 from ..debugger.alerts import Alert
 from ..errors import ConfigError, LoadError, warn
 from ..load.files import open_regular, scan_logdir
+from ..records.budget import parse_health_data
 from ..records.eventfile import CorruptRecordError, read_records
 from ..records.stats import HistogramRecord
 from ..records.step import HostStep
-from ..records.tags import ALERTS_TAG, health_map_tag, stored_text_tag, tag_name
+from ..records.tags import ALERTS_TAG, HEALTH_DATA_TAG, health_map_tag, stored_text_tag, tag_name
 
 __all__ = [
     "STATS",
@@ -421,6 +422,9 @@ class _RunEvents:
     alerts: list[tuple[int, int, str]] = field(default_factory=list)
     """Every ``diagnostics/alerts`` text: (position, step, text); the last is the whole story when
     the watch closed, the others each step's new findings."""
+    health_data: dict[int, tuple[int, str]] = field(default_factory=dict)
+    """step -> (position, text) of ``diagnostics/health_data``: every module's numbers at that
+    logging step, written when the run's per-module histograms went to a budget."""
     starts: list[tuple[int, int]] = field(default_factory=list)
     """(position, step) of each ``session_log`` START."""
 
@@ -449,6 +453,7 @@ def _read_run(files: Iterable[Path]) -> _RunEvents:
 
     run = _RunEvents()
     alerts_tag = stored_text_tag(ALERTS_TAG)
+    health_tag = stored_text_tag(HEALTH_DATA_TAG)
     position = 0
     for path in files:
         try:
@@ -475,6 +480,9 @@ def _read_run(files: Iterable[Path]) -> _RunEvents:
                         elif kind == "tensor" and value.tag == alerts_tag:
                             text = b"".join(value.tensor.string_val).decode("utf-8", "replace")
                             run.alerts.append((position, event.step, text))
+                        elif kind == "tensor" and value.tag == health_tag:
+                            text = b"".join(value.tensor.string_val).decode("utf-8", "replace")
+                            run.health_data[event.step] = (position, text)
         except CorruptRecordError as e:
             warn(f"{path}: {e}; the rest of the file is skipped")
         except OSError as e:  # not a regular file (any more), vanished, unreadable
@@ -498,7 +506,7 @@ def health_map_from_events(rundir: str | os.PathLike, max_columns: int = 400, ma
     run_dir, files = _run_files(rundir)
     run = _read_run(files)
     fresh = run.freshness()
-    if not run.histograms:
+    if not run.histograms and not run.health_data:
         raise LoadError(
             f"{run_dir} has no activations/ or activation_grads/ histograms: not a run watch() wrote "
             "(or one with log= leaving both out)"
@@ -539,14 +547,32 @@ def health_map_from_events(rundir: str | os.PathLike, max_columns: int = 400, ma
                 steps.setdefault(step, {s: {} for s in STATS}).setdefault("_ratios", {})[name] = value
             elif module is not None:
                 cell("saved_bytes", step, module, value)
+    # A budgeted run (records/budget.py) wrote every module's live numbers as one text a step:
+    # they cover the modules whose histograms were not written, dead fraction included.
+    data_order: list[str] = []  # every module the texts name, in first-seen order
+    in_data: set[str] = set()
+    for step, (position, text) in sorted(run.health_data.items()):
+        if not fresh(position, step):
+            continue
+        order_here, values_here = parse_health_data(text)
+        for row in order_here:
+            if row not in in_data:
+                in_data.add(row)
+                data_order.append(row)
+        for stat, per_row in values_here.items():
+            if stat in STATS:
+                for row, value in per_row.items():
+                    cell(stat, step, row, value)
+    rows |= in_data
     hm = HealthMap(max_columns=max_columns, max_rows=max_rows)
-    hm.offline = True
+    hm.offline = not run.health_data
     seen = set(forward)
     order = forward + [n for n in reversed(backward) if n not in seen]
+    order = data_order + [r for r in order if r not in in_data]
     for step in sorted(steps):
         values = steps[step]
         ratios = _module_ratios(values.pop("_ratios", {}))
-        values["update_ratio"] = {m: v for m, v in ratios.items() if m in rows}  # a module's, or nothing
+        values["update_ratio"] = {m: v for m, v in ratios.items() if m in rows} | values["update_ratio"]
         hm.add_values(step, values, order if not hm.steps else ())
     for position, step, text in reversed(run.alerts):  # the whole story first, then what only a step held
         if fresh(position, step):

@@ -18,6 +18,7 @@ from torch import nn
 
 from ..debugger.health import Thresholds
 from ..probes.base import Probe
+from ..records.budget import DEFAULT_MAX_MODULES
 from ..records.findings import logger
 from ..runtime.selection import ModuleFilter
 from .config import (
@@ -54,6 +55,7 @@ def watch(
     log: str | Iterable[str] = DEFAULT_LOG,
     include: ModuleFilter = None,
     exclude: ModuleFilter = None,
+    max_modules: int | None = DEFAULT_MAX_MODULES,
     optimizer: torch.optim.Optimizer | None = None,
     on_nonfinite: str = "warn",
     check_every: int = 1,
@@ -90,8 +92,9 @@ def watch(
             per output.
         log: what to capture on logging steps: any of "activations", "activation_grads",
             "weights", "grads", "feature_maps" (conv layers' channels as an image grid; 1-D
-            convolutions and RNN/attention sequence outputs as a heat map; at ``image_every``);
-            opt-in: "health_map", and "memory" (per-module parameters, gradients, optimizer
+            convolutions and RNN/attention sequence outputs as a heat map; at ``image_every``),
+            "health_map" (every module over the logging steps, one picture per statistic);
+            opt-in: "memory" (per-module parameters, gradients, optimizer
             state and activations saved for backward, measured on logging steps: the
             ``memory/saved/{module}`` scalars and the ``model/memory`` table, printed for the
             first one with ``summary``). Whatever ``log`` says, an out-of-memory error under
@@ -103,6 +106,11 @@ def watch(
             images, 0-255 values and duplicates in it as findings.
         include / exclude: module-name globs (``"features.*"``) or module types; default is
             every module that owns parameters plus every leaf.
+        max_modules: above this many watched modules, per-module histograms and scalars are
+            written for this many only (every ``include``d module, those named in findings, an
+            evenly spaced sample); every module stays on the health map and in the per-block
+            roll-ups (``blocks/{stat}/{block}``), and a run writes at most
+            ``introspect.records.budget.TAG_CEILING`` tags. None: every module's tags, no ceiling.
         optimizer: count one step per ``optimizer.step()`` (gradient accumulation) and log
             ``update_ratio/{param}``.
         on_nonfinite: "warn" (once per origin), "raise" (``NonFiniteError``) or "ignore".

@@ -19,6 +19,7 @@ from torch import nn
 from ..debugger.health import Thresholds
 from ..errors import ConfigError, ConfigTypeError, ModelTypeError
 from ..probes.base import Probe
+from ..records.budget import DEFAULT_MAX_MODULES
 from ..records.run_params import check_hparams
 from ..runtime.amp import check_grad_scaler
 from ..runtime.distributed import check_rank_mode
@@ -39,9 +40,9 @@ __all__ = [
 ]
 
 LOG_KINDS = ("activations", "activation_grads", "weights", "grads", "feature_maps", "health_map", "memory")
-DEFAULT_LOG = LOG_KINDS[:5]
-"""Opt-in: the health map (its pictures cost ~1 s, see probes/health_map.py) and memory (saved-tensor
-hooks on logging steps, see probes/step_memory.py)."""
+DEFAULT_LOG = LOG_KINDS[:6]
+"""Everything but memory, which is opt-in (saved-tensor hooks on logging steps, see
+probes/step_memory.py). The health map is on: its cost is measured in probes/health_map.py."""
 DEFAULT_EVERY = 50
 IMAGE_EVERY_FACTOR = 10  # image_every defaults to 10 x every: one picture costs ~10-20 ms (PNG + checksum)
 NONFINITE_ACTIONS = ("warn", "raise", "ignore")
@@ -71,6 +72,12 @@ def _count(minimum: int, meaning: str) -> Check:
         return value
 
     return check
+
+
+def _max_modules(name: str, value: Any, checked: Mapping[str, Any]) -> int | None:
+    if value is None:
+        return None
+    return _count(1, "None writes every module's tags")(name, value, checked)
 
 
 def _image_every(name: str, value: Any, checked: Mapping[str, Any]) -> int:
@@ -233,7 +240,7 @@ class WatchConfig:
 
     every: int = option(int, DEFAULT_EVERY, _count(1, "log every N steps"), "log every N steps (step 0 always)")
     log: frozenset[str] = option(
-        str | Iterable[str], DEFAULT_LOG, _log_kinds, "what to capture on logging steps", "the first five"
+        str | Iterable[str], DEFAULT_LOG, _log_kinds, "what to capture on logging steps", 'all but `"memory"`'
     )
     include: ModuleFilter = option(
         ModuleFilter,
@@ -248,6 +255,13 @@ class WatchConfig:
         _kept,
         "module-name globs or module types not to watch",
         "every module that owns parameters, plus every leaf",
+    )
+    max_modules: int | None = option(
+        int | None,
+        DEFAULT_MAX_MODULES,
+        _max_modules,
+        "above this many watched modules, per-module histograms and scalars go to a budget of this many "
+        "(include, findings, an even sample; None: every module)",
     )
     optimizer: Any = option(
         torch.optim.Optimizer | None, None, _optimizer, "count one step per optimizer.step(); log update ratios"

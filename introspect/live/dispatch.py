@@ -132,7 +132,10 @@ class Dispatch:
             host: HostStep | None = None
             if buffer.logging:
                 host = buffer.to_host()  # one transfer for the whole step's records
-                ctx.writer.run(write_step, host)
+                budget = ctx.budget  # on a large model, which per-module tags are written
+                if budget is not None:
+                    budget.admit(ctx.findings.alerts)
+                ctx.writer.run(write_step, host if budget is None else budget.select(host))
             for probe in self.events["on_step_end"]:
                 try:
                     probe.on_step_end(host)

@@ -31,6 +31,7 @@ from ..errors import AlreadyWatchedError, IntrospectWarning, warn
 from ..probes.base import Probe, ProbeContext, overrides
 from ..probes.divergence import MIN_RANKS
 from ..probes.nonfinite.sentinel import check_mode_for
+from ..records.budget import TagBudget
 from ..records.findings import Findings
 from ..records.shards import shard_combiner
 from ..records.writer import SIGNAL_STALL_S, GuardedWriter
@@ -124,6 +125,12 @@ class Watcher:
                 ddp=ddp,
                 shards=shards,
                 unobserved=self._unobserved,
+                budget=TagBudget(
+                    list(modules),
+                    {p: owner for p in params if (owner := p.rpartition(".")[0]) in modules},
+                    config.max_modules,
+                    explicit=config.include is not None,
+                ),
             )
             self._probes: list[Probe] = [*built_in_probes(config, self.ctx), *config.probes]
             for probe in self._probes:

@@ -55,6 +55,7 @@ from ..runtime.tensors import named_float_tensors
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..debugger.health import Thresholds
+    from ..records.budget import TagBudget
     from ..records.findings import Findings
     from ..records.shards import ShardCombiner
     from ..records.step import HostStep, StepBuffer
@@ -256,6 +257,7 @@ class ProbeContext:
         ddp: nn.Module | None = None,
         shards: ShardCombiner | None = None,
         unobserved: Callable[[], AbstractContextManager[Any]] = contextlib.nullcontext,
+        budget: TagBudget | None = None,
     ) -> None:
         self.config = config
         """The watch's options."""
@@ -289,6 +291,8 @@ class ProbeContext:
         self.side_group = side_group
         """The watcher's own process group for its collectives (made on first use)."""
         self.unobserved = unobserved
+        self.budget = budget
+        """Which per-module tags are written (a budget above ``max_modules``); None: every one."""
         """A context in which the model's forwards are not observed (the watcher's own: a replay)."""
         self.plan: StepPlan | None = None
         """The open step's plan; None between steps (set by the watcher's dispatch)."""

@@ -128,6 +128,9 @@ class FeatureMaps(Probe):
         return name in self.pickers
 
     def on_output(self, name: str, module: nn.Module, output: Any) -> None:
+        budget = self.ctx.budget
+        if budget is not None and not budget.watches(name):  # a large model: not in the tag budget
+            return None
         pick = self.pickers[name]
         # The picture is of the sole tensor, or the first of several (an RNN's sequence, not its
         # state); the picker takes the whole output, so a PackedSequence is unpacked there.
@@ -148,7 +151,9 @@ class FeatureMaps(Probe):
             except Exception as e:
                 self.ctx.disable(f"<feature_maps {where}>", None, e)
                 continue
-            self.ctx.writer.call("add_image", tag("feature_maps", where), image, step)
+            full_tag = tag("feature_maps", where)
+            if self.ctx.budget is None or self.ctx.budget.keeps(full_tag):
+                self.ctx.writer.call("add_image", full_tag, image, step)
 
     def on_close(self, failed: bool) -> None:
         self.maps = {}

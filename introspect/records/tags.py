@@ -20,6 +20,8 @@
 | a user probe's values (``probes=``)          | scalar    | {probe.name}/{key}/{module}       |
 | spectra of saved weights (``weights --spectral``) | scalar | spectral/{alpha,stable_rank,sigma_max,mp_outliers}/{param} |
 | training health map (modules x logging steps) | image    | diagnostics/health_map/{stat}     |
+| every module's health-map numbers (budgeted runs) | text | diagnostics/health_data          |
+| per-block roll-ups (budgeted runs)           | scalar    | blocks/{activation_rms,grad_rms,grad_norm,nonfinite}/{block} |
 | input data (``inspect_data``)                | image     | data/batch, data/first_image       |
 |                                              | figure    | data/samples, data/class_balance  |
 |                                              | text      | data/channel_stats, data/findings |
@@ -50,6 +52,9 @@ __all__ = [
     "attention_tag",
     "spectral_tag",
     "health_map_tag",
+    "HEALTH_DATA_TAG",
+    "BLOCK_STATS",
+    "block_tag",
     "stored_text_tag",
     "tag_name",
     "nonfinite_tag",
@@ -81,6 +86,13 @@ GRAD_FLOW_TAG = "diagnostics/grad_flow"
 
 
 HEALTH_MAP_TAG = "diagnostics/health_map"
+
+
+HEALTH_DATA_TAG = "diagnostics/health_data"
+"""Every module's health-map numbers at a logging step, one markdown table (text), written when
+the model is above ``max_modules`` and its per-module histograms go to a budget (records/budget.py)."""
+
+BLOCK_STATS = ("activation_rms", "grad_rms", "grad_norm", "nonfinite")
 
 
 INPUTS_TAG = "data/inputs"
@@ -132,6 +144,14 @@ def spectral_tag(stat: str, param: str) -> str:
 def health_map_tag(stat: str) -> str:
     """The image tag of one statistic's map: ``diagnostics/health_map/{stat}``."""
     return f"{HEALTH_MAP_TAG}/{stat}"
+
+
+def block_tag(stat: str, block: str) -> str:
+    """A block roll-up: ``blocks/{stat}/{block}`` (``blocks/grad_rms/model.layers.3``), one per
+    block of a budgeted run's modules (see ``records.budget.blocks_of``)."""
+    if stat not in BLOCK_STATS:
+        raise ValueError(f"unknown block statistic {stat!r}; one of {BLOCK_STATS}")
+    return f"blocks/{stat}/{block}"
 
 
 def stored_text_tag(text_tag: str) -> str:

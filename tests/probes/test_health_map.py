@@ -305,27 +305,25 @@ def test_broken_training_nan_map(tmp_path):
     assert np.all(pixels == FINDING_RGB, axis=-1).sum() > 30
 
 
-def test_watch_writes_the_health_map_at_image_steps_and_at_close(tmp_path):
-
+def train_dead_mlp(logdir: Path, steps: int = 9, **options):
     model = dead_mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     g = torch.Generator().manual_seed(1)
-    with watch(
-        model,
-        tmp_path / "run",
-        every=2,
-        image_every=6,
-        optimizer=opt,
-        log=(*DEFAULT_LOG, "health_map"),
-        summary=False,
-        graph=False,
-    ) as w:
-        for _ in range(9):
+    with watch(model, logdir, every=2, optimizer=opt, summary=False, graph=False, **options) as w:
+        for _ in range(steps):
             x = torch.randn(64, 8, generator=g)
             loss = F.mse_loss(model(x), x[:, :1])
             opt.zero_grad()
             loss.backward()
             opt.step()
+    return w
+
+
+def test_watch_writes_the_health_map_at_image_steps_and_at_close(tmp_path, monkeypatch):
+    from introspect.probes import health_map
+
+    monkeypatch.setattr(health_map, "RENDER_SHARE", 1.0)  # a long run's share: every image step fits
+    w = train_dead_mlp(tmp_path / "run", image_every=6)
     acc = read_events(tmp_path / "run")
     maps = {t for t in acc.Tags()["images"] if t.startswith("diagnostics/health_map/")}
     assert {health_map_tag(s) for s in ("grad_rms", "activation_std", "dead_fraction", "update_ratio")} <= maps
@@ -337,8 +335,21 @@ def test_watch_writes_the_health_map_at_image_steps_and_at_close(tmp_path):
     assert picture.width > 200 and picture.height > 100
 
 
-def test_the_health_map_is_opt_in(tmp_path):
-    with watch(dead_mlp(), tmp_path / "run", every=1, summary=False, graph=False) as w:
+def test_the_health_map_is_on_by_default_and_its_live_pictures_keep_to_their_share(tmp_path):
+    # A run of a second or so: drawing at step 6 would take far more than RENDER_SHARE of it, so
+    # the live pictures wait; the close draws the whole run's map whatever the share.
+    train_dead_mlp(tmp_path / "run", image_every=6)
+    acc = read_events(tmp_path / "run")
+    assert [e.step for e in acc.Images(health_map_tag("grad_rms"))] == [8]
+    # and `introspect map` draws it from a default run's event files
+    result = CliRunner().invoke(main, ["map", str(tmp_path / "run"), "--out", str(tmp_path / "map.png")])
+    assert result.exit_code == 0, result.output
+    assert list(tmp_path.glob("map*.png"))
+
+
+def test_the_health_map_can_be_turned_off(tmp_path):
+    log = [k for k in DEFAULT_LOG if k != "health_map"]
+    with watch(dead_mlp(), tmp_path / "run", every=1, log=log, summary=False, graph=False) as w:
         for _ in range(3):
             w.model(torch.randn(4, 8)).sum().backward()
     assert not [t for t in read_events(tmp_path / "run").Tags()["images"] if t.startswith("diagnostics/health_map")]
