@@ -103,7 +103,8 @@ def test_zoo(case: ZooCase, tmp_path):
     before = hook_state(model, opt)
     with warnings.catch_warnings():
         warnings.simplefilter("error", IntrospectWarning)  # no probe may fail on any zoo model
-        with watch(model, tmp_path / "run", every=1, **QUIET) as w:
+        # max_modules=None: every module's tags, whatever the model's size (the budget has its own tests)
+        with watch(model, tmp_path / "run", every=1, max_modules=None, **QUIET) as w:
             losses = train(model, case.make_input, case.loss_fn, steps, optimizer=opt)
     assert hook_state(model, opt) == before
     assert_same_losses(bare_losses, losses)
