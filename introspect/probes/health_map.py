@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from ..analysis.health_map_render import HealthMap
 from ..records.step import HostStep
-from .base import Probe, ProbeContext
+from .base import Probe, ProbeContext, StepPlan
 
 __all__ = ["HealthMapProbe"]
 
@@ -23,8 +23,18 @@ class HealthMapProbe(Probe):
         super().bind(ctx)
         self.map = HealthMap() if callable(getattr(ctx.writer.writer, "add_image", None)) else None
 
+    def active(self, plan: StepPlan) -> bool:
+        return plan.logging or plan.checking  # a checked step the replay went over has a column too
+
     def on_step_end(self, host: HostStep | None) -> None:
-        if host is None or self.map is None:
+        if self.map is None:
+            return
+        buffer = self.ctx.buffer
+        if host is None:
+            counts = buffer.nonfinite_counts if buffer is not None else None
+            if counts:  # the replayed NaN step: its per-module counts, off the cadence
+                self.map.add_values(buffer.step, {"nonfinite": counts})  # type: ignore[union-attr]
+                self.map.add_findings(self.ctx.findings.alerts)
             return
         self.map.add(host.step, host, self.ctx.findings.alerts)
         if host.step % self.ctx.config.image_every == 0 and len(self.map.steps) > 1:
