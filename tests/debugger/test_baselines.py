@@ -80,9 +80,9 @@ def test_module_shifts_name_the_layer_and_the_kind():
         assert judge_module_shifts(b, step, {"fc1": 1e-2, "fc2": 1e-2}, {"fc1": 1.0}, {"fc1.weight": 1e-3}) == []
     alerts = judge_module_shifts(b, 5, {"fc1": 1.0, "fc2": 1e-5}, {"fc1": 50.0}, {"fc1.weight": 1.0})
     kinds = {(a.kind, a.where) for a in alerts}
-    # fc2's gradient fell 1000x: no shift (gradients shrink as the loss does; the absolute floor
-    # judges a gradient that vanishes for real).
-    assert kinds == {("exploding_gradient", "fc1"), ("activation_shift", "fc1"), ("update_ratio_shift", "fc1.weight")}
+    # Gradients are not judged by the factor (healthy ones swing 4-6x): exploding_jump's.
+    assert kinds == {("activation_shift", "fc1"), ("update_ratio_shift", "fc1.weight")}
+    assert b.history("grad_rms", "fc1")[-1] == 1.0  # kept all the same
     assert all(a.step == 5 and a.numbers["factor"] >= 4 for a in alerts)
 
 
