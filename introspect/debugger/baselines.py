@@ -147,6 +147,8 @@ class ParamNormJumps:
         self._var = np.zeros(0)
         self._count = np.zeros(0, dtype=np.int64)
         self._zero_seen = np.zeros(0, dtype=bool)
+        self._threshold: np.ndarray | None = None
+        """Once every parameter's history is warm: how far in log norm a jump is, per parameter."""
 
     def _reset(self, names: tuple[str, ...]) -> None:
         n = len(names)
@@ -154,6 +156,7 @@ class ParamNormJumps:
         self._mean, self._var = np.zeros(n), np.zeros(n)
         self._count = np.zeros(n, dtype=np.int64)
         self._zero_seen = np.zeros(n, dtype=bool)
+        self._threshold = None
 
     def update(self, names: tuple[str, ...], norms: Sequence[float]) -> tuple[str, float] | None:
         """The parameter whose norm jumped most this step and its factor (> 1 up, < 1 down), or
@@ -163,6 +166,8 @@ class ParamNormJumps:
             self._reset(names)
         x = np.asarray(norms, dtype=np.float64)
         if x.shape != self._mean.shape:
+            return None
+        if self._threshold is not None and self._quiet_step(x):
             return None
         finite = np.isfinite(x)
         positive = finite & (x > 0)
@@ -193,7 +198,32 @@ class ParamNormJumps:
         self._mean = np.where(first, logs, np.where(later, self._mean + a * step, self._mean))
         self._var = np.where(first, 0.0, np.where(later, (1 - a) * (self._var + a * step * step), self._var))
         self._count = np.where(jumped, 1, self._count + positive)
+        self._threshold = self._thresholds() if bool((self._count >= self.min_history).all()) else None
         return found
+
+    def _thresholds(self) -> np.ndarray:
+        """Per parameter, how far (in log norm) is a jump: the factor, or more where it is noisy."""
+        return np.maximum(self.log_factor, self.sigmas * np.sqrt(self._var))
+
+    def _quiet_step(self, x: np.ndarray) -> bool:
+        """The every-step path once every history is warm: when every norm is positive and finite
+        and none jumped, the history moves in a dozen numpy operations and True comes back; else
+        False, and :meth:`update`'s full pass decides (zeros, NaN, jumps: rare)."""
+        with np.errstate(divide="ignore", invalid="ignore"):
+            delta = np.log(x) - self._mean
+        if not np.isfinite(delta).all():
+            return False
+        size = delta if self.rises_only else np.abs(delta)
+        assert self._threshold is not None
+        if (size >= self._threshold).any():
+            return False
+        step = np.clip(delta, -self.log_factor, self.log_factor)
+        a = self.alpha
+        self._mean += a * step
+        self._var = (1 - a) * (self._var + a * step * step)
+        self._count += 1
+        self._threshold = self._thresholds()
+        return True
 
 
 _SHIFT_WORDS = {"up": ("rose", "above"), "down": ("fell", "below")}
