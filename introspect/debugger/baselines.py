@@ -255,6 +255,7 @@ def judge_module_shifts(
         ("activation_rms", activation_rms, ("up", "down")),
         ("update_ratio", update_ratios, ("up",)),
     ):
+        shifted: list[tuple[str, str, Shift]] = []
         for where, value in values.items():
             past = baselines.history(stat, where)
             for direction in directions:
@@ -264,19 +265,28 @@ def judge_module_shifts(
                     else None
                 )
                 if shift is not None and max(shift.value, shift.median) >= floors.get(stat, 0.0):
-                    alerts.append(_shift_alert(stat, direction, where, step, shift))
+                    shifted.append((where, direction, shift))
                     break
             baselines.judge(stat, where, value, "up")  # joins the history
+        if shifted:
+            # One finding per statistic and step: the first (in execution or parameter order) is
+            # where it began; the others that moved with it (every layer after a learning-rate
+            # jump) are counted in it, not listed as findings of their own.
+            where, direction, shift = shifted[0]
+            alerts.append(_shift_alert(stat, direction, where, step, shift, len(shifted) - 1))
     return alerts
 
 
-def _shift_alert(stat: str, direction: str, where: str, step: int, shift: Shift) -> Alert:
+def _shift_alert(stat: str, direction: str, where: str, step: int, shift: Shift, others: int) -> Alert:
     verb, side = _SHIFT_WORDS[direction]
     message = (
         f"{_STAT_WORDS[stat]} {verb} to {shift.value:.3g}, {shift.factor:.3g}x {side} its own median "
         f"{shift.median:.3g} over its last {shift.history} logging steps ({shift.deviations:.0f} deviations)"
     )
-    numbers = shift.numbers(stat)
+    if others:
+        what = "later module outputs" if stat == "activation_rms" else "other parameters"
+        message += f"; {others} {what} moved with it" + (" (a learning-rate change?)" if stat == "update_ratio" else "")
+    numbers = shift.numbers(stat) | {"others": float(others)}
     if stat == "activation_rms":
         return Alert("activation_shift", where, step, message, numbers)
     return Alert("update_ratio_shift", where, step, message, numbers)

@@ -86,6 +86,22 @@ def test_module_shifts_name_the_layer_and_the_kind():
     assert all(a.step == 5 and a.numbers["factor"] >= 4 for a in alerts)
 
 
+def test_shifts_that_move_together_are_one_finding():
+    """A learning-rate jump moves every parameter's update ratio, and every layer after a bad one
+    shifts its output: one finding per statistic and step, at the first, counting the others."""
+    b = baselines()
+    layers = ["fc1", "fc2", "fc3"]
+    params = [f"{m}.weight" for m in layers]
+    for step in range(4):
+        judge_module_shifts(b, step, {}, dict.fromkeys(layers, 1.0), dict.fromkeys(params, 1e-3))
+    alerts = judge_module_shifts(b, 4, {}, {"fc1": 1.0, "fc2": 30.0, "fc3": 40.0}, dict.fromkeys(params, 1.0))
+    assert [(a.kind, a.where, a.numbers["others"]) for a in alerts] == [
+        ("activation_shift", "fc2", 1.0),
+        ("update_ratio_shift", "fc1.weight", 2.0),
+    ]
+    assert "learning-rate" in alerts[1].message
+
+
 def test_healthy_drifting_statistics_are_no_shift():
     """Slow trends and step-to-step noise over many steps, like a healthy run's: no shift."""
     rng = random.Random(0)
