@@ -35,6 +35,8 @@ __all__ = ["Shift", "Baselines", "ParamNormJumps", "MAD_TO_SIGMA", "shift_of", "
 MAD_TO_SIGMA = 1.4826
 """MAD x this = σ of a normal distribution: the deviations are in σ-like units."""
 _MAD_FLOOR = 0.01
+_REFRESH = 8
+"""Quiet steps between two refreshes of the per-parameter jump thresholds."""
 """The robust deviation is at least this share of |median|."""
 
 
@@ -149,6 +151,7 @@ class ParamNormJumps:
         self._zero_seen = np.zeros(0, dtype=bool)
         self._threshold: np.ndarray | None = None
         """Once every parameter's history is warm: how far in log norm a jump is, per parameter."""
+        self._quiet = 0
 
     def _reset(self, names: tuple[str, ...]) -> None:
         n = len(names)
@@ -157,6 +160,7 @@ class ParamNormJumps:
         self._count = np.zeros(n, dtype=np.int64)
         self._zero_seen = np.zeros(n, dtype=bool)
         self._threshold = None
+        self._quiet = 0
 
     def update(self, names: tuple[str, ...], norms: Sequence[float]) -> tuple[str, float] | None:
         """The parameter whose norm jumped most this step and its factor (> 1 up, < 1 down), or
@@ -206,23 +210,28 @@ class ParamNormJumps:
         return np.maximum(self.log_factor, self.sigmas * np.sqrt(self._var))
 
     def _quiet_step(self, x: np.ndarray) -> bool:
-        """The every-step path once every history is warm: when every norm is positive and finite
-        and none jumped, the history moves in a dozen numpy operations and True comes back; else
-        False, and :meth:`update`'s full pass decides (zeros, NaN, jumps: rare)."""
-        with np.errstate(divide="ignore", invalid="ignore"):
-            delta = np.log(x) - self._mean
-        if not np.isfinite(delta).all():
+        """The every-step path once every history is warm: when every norm is positive (and not
+        NaN) and none jumped, the history moves in about a dozen numpy operations and True comes
+        back; else False, and :meth:`update`'s full pass decides (zeros, NaN, jumps: rare). The
+        thresholds follow the variance every ``_REFRESH`` steps (it moves slowly)."""
+        if not (x > 0).all():
             return False
+        delta = np.log(x) - self._mean
         size = delta if self.rises_only else np.abs(delta)
         assert self._threshold is not None
-        if (size >= self._threshold).any():
+        if (size >= self._threshold).any():  # an Inf norm's delta is Inf: the full pass too
             return False
-        step = np.clip(delta, -self.log_factor, self.log_factor)
+        # Below its own threshold a rise is this parameter's normal; a fall (rises only: never
+        # judged) moves the history by at most the factor, as in the full pass.
+        if self.rises_only:
+            delta = np.maximum(delta, -self.log_factor)
         a = self.alpha
-        self._mean += a * step
-        self._var = (1 - a) * (self._var + a * step * step)
-        self._count += 1
-        self._threshold = self._thresholds()
+        self._mean += a * delta
+        self._var *= 1 - a
+        self._var += (a * (1 - a)) * (delta * delta)
+        self._quiet += 1
+        if self._quiet % _REFRESH == 0:
+            self._threshold = self._thresholds()
         return True
 
 

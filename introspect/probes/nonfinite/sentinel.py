@@ -98,8 +98,14 @@ class NonFiniteSentinel(Probe):
         limits = ctx.config.thresholds
         history = int(limits.grad_spike_min_history)
         self._names = tuple(n for n, _ in self._params)
-        self._jumps = ParamNormJumps(limits.param_grad_jump, limits.param_grad_sigma, history)
-        self._loss = ParamNormJumps(limits.loss_jump, limits.param_grad_sigma, history, rises_only=True)
+        self._jumps = (  # 0: off (the one per-step host cost of the escalation, ~10-30 µs)
+            ParamNormJumps(limits.param_grad_jump, limits.param_grad_sigma, history) if limits.param_grad_jump else None
+        )
+        self._loss = (
+            ParamNormJumps(limits.loss_jump, limits.param_grad_sigma, history, rises_only=True)
+            if limits.loss_jump
+            else None
+        )
         self._jump_step = -1  # the step whose norms joined the history (its first read only)
         self.escalations = 0
         """How many times this sentinel's own numbers escalated (a parameter's or the loss's jump)."""
@@ -250,16 +256,16 @@ class NonFiniteSentinel(Probe):
         """One parameter's gradient norm, or the loss, jumping against its own history makes the
         next steps logging steps (the escalation). Host numbers this read has anyway; once a step
         (its first read: under gradient accumulation later reads hold sums of more micro-batches)."""
-        if buffer.step == self._jump_step or buffer.grads_overflowed:
+        if buffer.step == self._jump_step or buffer.grads_overflowed or (self._jumps is None and self._loss is None):
             return
         self._jump_step = buffer.step
         if n_grads == len(self._names):
             names = self._names
         else:  # some parameters got no gradient this step: their own histories stay aside
             names = tuple(n for n, p in self._params if p.grad is not None)
-        jumped = self._jumps.update(names, param_norms)
-        loss = [v for n, v in zip(out_names, out_values) if n == "loss"]
-        if loss and self._loss.update(("loss",), loss[:1]) is not None:
+        jumped = self._jumps.update(names, param_norms) if self._jumps is not None else None
+        loss = [v for n, v in zip(out_names, out_values) if n == "loss"] if self._loss is not None else []
+        if loss and self._loss is not None and self._loss.update(("loss",), loss[:1]) is not None:
             jumped = jumped or ("loss", 0.0)
         if jumped is not None:
             self.escalations += 1
