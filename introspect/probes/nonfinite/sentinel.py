@@ -98,7 +98,7 @@ class NonFiniteSentinel(Probe):
         limits = ctx.config.thresholds
         history = int(limits.grad_spike_min_history)
         self._names = tuple(n for n, _ in self._params)
-        self._jumps = (  # 0: off (the one per-step host cost of the escalation, ~10-30 µs)
+        self._jumps = (  # 0: off (the escalation's one per-step host cost, ~45 µs)
             ParamNormJumps(limits.param_grad_jump, limits.param_grad_sigma, history) if limits.param_grad_jump else None
         )
         self._loss = (
