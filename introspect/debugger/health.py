@@ -77,6 +77,42 @@ class Thresholds:
     moe_router_max_logit: float = 10.0
     """...and above this shows router logit growth: the softmax saturates and routing turns
     brittle (Zoph et al. 2022, ST-MoE, whose router z-loss keeps the logits small)."""
+    # Each module against its own past (see introspect.debugger.baselines).
+    baseline_window: float = 8
+    """How many of a module's latest logging steps its baseline (median and MAD) is taken over..."""
+    baseline_min_history: float = 3
+    """...once at least this many are known (before that only the absolute thresholds judge)."""
+    baseline_deviations: float = 8.0
+    """A statistic this many robust deviations (1.4826 x MAD, at least 1% of the median) from
+    its module's median..."""
+    baseline_factor: float = 4.0
+    """...and at least this many times above or below it is a sudden change: normalised
+    attention entropy (H / log of the keys attended) falling, attention max logit rising
+    (above ``attention_logit_jump_floor``), activation RMS, gradient RMS and update/weight ratio
+    jumping either way."""
+    update_ratio_floor: float = 1e-4
+    """An update/weight ratio that is below this before and after is never a sudden change
+    (healthy ratios sit near 1e-3; a parameter whose gradient is noise moves by ~1e-9)."""
+    attention_logit_jump_floor: float = 10.0
+    """A max attention logit below this is never a sudden rise, whatever the factor (small
+    logits at initialisation grow by large factors while attention stays soft)."""
+    dead_chance: float = 1e-3
+    """A unit counts as suddenly dead when it is zero for every sample of a logging step while
+    its active rate so far makes that this unlikely ((1 - rate)^samples below this)..."""
+    dead_history_samples: float = 16
+    """...once its rate is known from at least this many samples of earlier logging steps."""
+    escalate_steps: float = 3
+    """When a cheap every-step signal fires (a gradient-norm spike, a NaN/Inf, one parameter's
+    gradient norm jumping, a loss jump), this many next steps become logging steps."""
+    param_grad_jump: float = 5.0
+    """One parameter's gradient norm this many times above or below its own running mean (or
+    exactly 0 after being non-zero)..."""
+    param_grad_sigma: float = 6.0
+    """...and this many standard deviations of its own log norm away escalates (after
+    ``grad_spike_min_history`` checked steps)."""
+    loss_jump: float = 3.0
+    """A loss the model returns (a Hugging Face ``loss``) this many times its running mean (and
+    ``param_grad_sigma`` deviations of its log) escalates."""
 
     # Stories (see introspect.debugger.story).
     story_window: float = 10
@@ -120,12 +156,25 @@ def _threshold(name: str, value: object) -> float:
 def check_activation_health(
     step: int, measures: Mapping[str, float], module_types: Mapping[str, str], limits: Thresholds
 ) -> list[Alert]:
-    """Dead ReLU units and saturated sigmoid/tanh units, from ``dead/{m}`` and ``saturated/{m}``."""
+    """Dead ReLU units and saturated sigmoid/tanh units, from ``dead/{m}`` (dead over a window of
+    logging steps), ``dead_sudden/{m}`` (died at once, at this step) and ``saturated/{m}``."""
     alerts = []
     for key, fraction in measures.items():
         kind, _, where = key.partition("/")
         module_type = module_types.get(where.split("/")[0], "")
-        if kind == "dead" and fraction >= limits.dead_fraction:
+        if kind == "dead_sudden" and fraction >= limits.dead_fraction:
+            alerts.append(
+                Alert(
+                    "dead_units",
+                    where,
+                    step,
+                    f"{fraction:.0%} of the units of {where} ({module_type}) output zero for every sample of this "
+                    "step after being active before: they died at once (a weight or bias pushed them below zero?)",
+                    {"dead_fraction": measures.get(f"dead_now/{where}", fraction), "died_fraction": fraction},
+                    module_type=module_type,
+                )
+            )
+        elif kind == "dead" and fraction >= limits.dead_fraction:
             alerts.append(
                 Alert(
                     "dead_units",

@@ -7,8 +7,11 @@ Three modes, one clock:
 * ``step_fn=``: the step an external counter (a trainer's ``global_step``) names.
 
 Each step gets a :class:`StepPlan` when it opens; probes read it and never decide cadence on their
-own. Step 0 (and, with ``step_fn=``, a resumed run's first step) is always a logging step, and so is
-the step after a NaN/Inf (``force_log``), whatever ``every`` says.
+own. Step 0 (and, with ``step_fn=``, a resumed run's first step) is always a logging step, and so
+are the steps of an escalation, whatever ``every`` says: when a cheap every-step signal fires (a
+NaN/Inf, a gradient-norm spike, one parameter's gradient norm jumping), the next
+``Thresholds.escalate_steps`` steps log (``request_log(steps)``), so the per-module views see the
+fault at once instead of up to ``every`` steps later. Whether a step logs is decided here alone.
 """
 
 from __future__ import annotations
@@ -47,11 +50,15 @@ class StepClock:
         self.step = 0  # the open (or latest) step
         self.next_step = 0
         self.force_log = True  # the first step always logs
+        self.escalated = 0
+        """How many of the next steps still log because a signal fired (an escalation)."""
 
-    def request_log(self) -> None:
-        """Make the next step a logging step (after a NaN/Inf), unless the ranks share the cadence."""
+    def request_log(self, steps: int = 1) -> None:
+        """Make the next ``steps`` steps logging steps (an escalation: after a NaN/Inf, a spike),
+        unless the ranks share the cadence. A request during an escalation extends it to at
+        least ``steps`` from now, never adds up."""
         if not self.shared:
-            self.force_log = True
+            self.escalated = max(self.escalated, int(steps))
 
     def external_step(self) -> int:
         assert self.step_fn is not None
@@ -74,8 +81,10 @@ class StepClock:
     def plan(self) -> StepPlan:
         """Open the next step and say what it does."""
         step = self.take()
-        logging = (self.writes or self.shared) and (step % self.every == 0 or self.force_log)
+        escalated = self.escalated > 0
+        logging = (self.writes or self.shared) and (step % self.every == 0 or self.force_log or escalated)
         self.force_log = False
+        self.escalated = max(0, self.escalated - 1)
         return StepPlan(
             step=step,
             logging=logging,

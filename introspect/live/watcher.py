@@ -289,8 +289,8 @@ class Watcher:
     def _writer_failed(self, error: Exception) -> None:
         self.ctx.disable("<writer>", None, error)
 
-    def _force_log(self) -> None:
-        self._clock.request_log()
+    def _force_log(self, steps: int = 1) -> None:
+        self._clock.request_log(steps)
 
     # ----------------------------------------------------------------- the root: step clock
     def _on_root_pre(self, module: nn.Module, args: tuple, kwargs: dict) -> None:

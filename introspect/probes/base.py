@@ -251,7 +251,7 @@ class ProbeContext:
         findings: Findings,
         clock: StepCounter,
         step_hooks: Registry,
-        force_log: Callable[[], None],
+        force_log: Callable[..., None],
         side_group: SideGroup,
         check_mode: str = "off",
         ddp: nn.Module | None = None,
@@ -281,7 +281,8 @@ class ProbeContext:
         self.step_hooks = step_hooks
         """Hooks that live for the open step only (removed when it ends)."""
         self.force_log = force_log
-        """Make the next step a logging step whatever the cadence (after a NaN/Inf)."""
+        """``force_log(steps=1)``: make the next ``steps`` steps logging steps whatever the cadence
+        (an escalation, after a NaN/Inf or a spike; see ``escalate``)."""
         self.check_mode = check_mode
         """How the non-finite check runs: "replay" (the sentinel), "per_module" or "off"."""
         self.ddp = ddp
@@ -323,6 +324,12 @@ class ProbeContext:
         """Drop the last output's view (nothing holds on to activations between calls)."""
         self._tensors_of, self._tensors = None, []
         self._outputs_name, self._outputs = None, []
+
+    def escalate(self) -> None:
+        """A cheap every-step signal fired: the next ``thresholds.escalate_steps`` steps log."""
+        steps = int(self.config.thresholds.escalate_steps)
+        if steps > 0:
+            self.force_log(steps)
 
     def grad_scale(self) -> torch.Tensor | None:
         """GradScaler's current scale on the device (no host sync), or None without one."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+from ..debugger.baselines import Baselines, judge_module_shifts
 from ..debugger.health import GradientHealth
 from ..debugger.origins import nonfinite_gradients
 from ..records.budget import block_of
@@ -23,6 +24,7 @@ class GradHealth(Probe):
     def bind(self, ctx: ProbeContext) -> None:
         super().bind(ctx)
         self._health = GradientHealth(ctx.config.thresholds)
+        self._baselines = Baselines.of(ctx.config.thresholds)  # each layer against its own past
         self._last: tuple[int, dict[str, tuple[float, float, float]]] | None = None
         self._drawn: int | None = None
 
@@ -44,11 +46,33 @@ class GradHealth(Probe):
             return
         ratios = {tag_name(t)[1]: v for t, v in host.scalars.items() if tag_name(t)[0] == "update_ratio"}
         sums = {layer: (v[0], v[1]) for layer, v in layers.items()}
-        alerts = self._health.check(host.step, sums, ratios, nonfinite=nonfinite_gradients(host.histograms))
+        nonfinite = nonfinite_gradients(host.histograms)
+        alerts = self._health.check(host.step, sums, ratios, nonfinite=nonfinite)
+        alerts += self._shifts(host, sums, ratios, nonfinite)
         self._last = (host.step, {k: (v[0], v[1], v[2]) for k, v in layers.items()})
         # A new gradient finding gets the figure now; one that persists does not redraw it.
         if [a for a in alerts if self.ctx.findings.add(a)]:
             self._draw()
+
+    def _shifts(
+        self,
+        host: HostStep,
+        sums: dict[str, tuple[float, float]],
+        ratios: dict[str, float],
+        nonfinite: dict[str, float],
+    ) -> list:
+        """Gradient RMS, activation RMS and update ratios against each one's own past; what holds
+        NaN/Inf is not measured (its finite rest says nothing)."""
+        grad_rms = {
+            layer: math.sqrt(sq / n) for layer, (sq, n) in sums.items() if n > 0 and nonfinite.get(layer, 0) == 0
+        }
+        activation_rms = {}
+        for full_tag, record in host.histograms.items():
+            kind, name = tag_name(full_tag)
+            if kind == "activations" and record.finite_count > 0 and record.nonfinite == 0:
+                activation_rms[name] = math.sqrt(max(record.sum_squares, 0.0) / record.finite_count)
+        floor = self.ctx.config.thresholds.update_ratio_floor
+        return judge_module_shifts(self._baselines, host.step, grad_rms, activation_rms, ratios, floor)
 
     def on_close(self, failed: bool) -> None:
         self._draw()

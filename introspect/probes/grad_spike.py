@@ -108,6 +108,7 @@ class GradNormSpike(Probe):
         ) / len(window):
             score, mean, sigma = spike_score(value, window)
             if score >= limits.grad_spike_sigma:
+                self.ctx.escalate()  # the next steps log: the per-module views see what spiked
                 self._spike(buffer.step, value, score, mean, sigma)
         self._window.append(value)
 

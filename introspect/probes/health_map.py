@@ -26,7 +26,7 @@ from ..analysis.health_map_render import MAX_ROWS, HealthMap, host_values
 from ..records.budget import health_data_text
 from ..records.step import HostStep
 from ..records.tags import HEALTH_DATA_TAG
-from .base import Probe, ProbeContext
+from .base import Probe, ProbeContext, StepPlan
 
 __all__ = ["HealthMapProbe", "RENDER_SHARE"]
 
@@ -51,8 +51,18 @@ class HealthMapProbe(Probe):
         self._drawing_s = 0.0
         self._last_drawing_s: float | None = None
 
+    def active(self, plan: StepPlan) -> bool:
+        return plan.logging or plan.checking  # a checked step the replay went over has a column too
+
     def on_step_end(self, host: HostStep | None) -> None:
-        if host is None or self.map is None:
+        if self.map is None:
+            return
+        buffer = self.ctx.buffer
+        if host is None:
+            counts = buffer.nonfinite_counts if buffer is not None else None
+            if counts:  # the replayed NaN step: its per-module counts, off the cadence
+                self.map.add_values(buffer.step, {"nonfinite": counts})  # type: ignore[union-attr]
+                self.map.add_findings(self.ctx.findings.alerts)
             return
         values, order = host_values(host)
         self.map.add_values(host.step, values, order)

@@ -35,6 +35,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from ..debugger.alerts import Alert
+from ..debugger.baselines import Baselines, Shift
 from ..errors import IntrospectWarning, warn
 from ..records.step import HostStep
 from ..records.tags import attention_tag
@@ -67,8 +68,9 @@ def attention_stats(
     scale: float,
     allowed: torch.Tensor | None,
     bias: torch.Tensor | None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-head (max logit, mean softmax entropy in nats) of sampled query rows.
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-head (max logit, mean softmax entropy in nats, mean normalised entropy) of sampled
+    query rows (see :func:`logit_stats`).
 
     ``q``: (B, H, r, d) sampled rows; ``k``: (B, H, S, d); ``allowed``: bool, broadcastable to
     (B, H, r, S), False where a key is masked out; ``bias``: an additive float mask (ALiBi, padding
@@ -78,7 +80,7 @@ def attention_stats(
     return logit_stats(logits, scores, allowed)
 
 
-def score_stats(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def score_stats(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The same statistics from the input of eager attention's softmax: the scaled logits with the
     mask already added, (B, H, L, S) (a 3-D (B, L, S) is one head; more dimensions between B and
     L are heads too). A masked position holds -inf or a huge negative number (Hugging Face adds
@@ -91,9 +93,14 @@ def score_stats(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def logit_stats(
     logits: torch.Tensor, scores: torch.Tensor, allowed: torch.Tensor | None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-head (max of ``logits``, mean entropy of softmax(``scores``)) over (B, H, r, S) rows,
-    where ``allowed`` (and a finite score) says a query may attend to a key."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-head (max of ``logits``, mean entropy of softmax(``scores``), mean normalised entropy)
+    over (B, H, r, S) rows, where ``allowed`` (and a finite score) says a query may attend to a key.
+
+    The normalised entropy is each row's entropy over log of the number of keys that row may
+    attend to (1: uniform, 0: one key), averaged over the rows with two keys or more: under a
+    causal mask query i sees i + 1 keys, so raw nats mix short and long rows; the baseline
+    (:class:`introspect.debugger.baselines.Baselines`) compares this one across steps."""
     ok = torch.isfinite(scores)
     if allowed is not None:
         ok = ok & allowed
@@ -105,13 +112,24 @@ def logit_stats(
     counted = rows.sum(dim=(0, 2))
     # A head with no row to read (every score NaN: a NaN step) has no entropy, not 0 (a collapse).
     mean_entropy = torch.where(counted > 0, (entropy * rows).sum(dim=(0, 2)) / counted.clamp_min(1), math.nan)
+    keys = ok.sum(-1).expand_as(entropy).float()
+    several = (keys > 1).float()
+    normalised = entropy / keys.clamp_min(2).log()
+    n_several = several.sum(dim=(0, 2))
+    mean_normalised = torch.where(
+        n_several > 0, (normalised * several).sum(dim=(0, 2)) / n_several.clamp_min(1), math.nan
+    )
     # Statistics over non-finite logits are not measurable, not a verdict: a head with a NaN or +Inf
     # logit anywhere (a NaN step; NaN scores also fail ``allowed`` and would silently shrink the rows
-    # to a key or two, i.e. a fake collapse), or with no finite logit at all, gets NaN for both.
+    # to a key or two, i.e. a fake collapse), or with no finite logit at all, gets NaN for all three.
     bad = (_nonfinite_heads(logits) + _nonfinite_heads(scores)) > 0
     bad = bad | ~torch.isfinite(max_logit)
     nan = torch.tensor(math.nan, device=logits.device)
-    return torch.where(bad, nan, max_logit), torch.where(bad, nan, mean_entropy)
+    return (
+        torch.where(bad, nan, max_logit),
+        torch.where(bad, nan, mean_entropy),
+        torch.where(bad, nan, mean_normalised),
+    )
 
 
 def _nonfinite_heads(x: torch.Tensor) -> torch.Tensor:
@@ -146,7 +164,7 @@ def _and(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
     return b if a is None else a if b is None else a & b
 
 
-def sdpa_stats(args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor]:
+def sdpa_stats(args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The stats of one ``F.scaled_dot_product_attention(query, key, ...)`` call."""
     a = _bind(_SDPA_PARAMS, args, kwargs)
     q, k = a["query"].detach(), a["key"].detach()
@@ -164,7 +182,7 @@ def sdpa_stats(args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor]:
     return attention_stats(q.index_select(-2, rows), k, scale, allowed, bias)
 
 
-def mha_stats(args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor]:
+def mha_stats(args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The stats of one ``F.multi_head_attention_forward`` call, from its in-projection weights
     (``query``/``key`` are (L, N, E) there: ``nn.MultiheadAttention`` transposes batch-first input).
 
@@ -320,6 +338,7 @@ class AttentionProbe(Probe):
         self.not_measurable = 0  # module-steps whose attention was read over non-finite logits
         self._ran: set[str] = set()  # modules that look like attention and ran in this step
         self._unseen_said = False
+        self._baselines = Baselines.of(ctx.config.thresholds)  # each module against its own past
         self._devices = cuda_devices(ctx.root)
         # Compiled: the eager rerun costs a forward, worth it where something looks like attention.
         self._rerun_possible = bool(self._attention_like) and replay_possible(ctx)
@@ -425,7 +444,7 @@ class AttentionProbe(Probe):
             where = self._stack[-1] if self._stack else self._names[id(self.ctx.root)]
         try:
             with torch.no_grad():
-                max_logit, entropy = stats(args, kwargs)
+                max_logit, entropy, normalised = stats(args, kwargs)
                 # Heads over non-finite logits are not measurable (NaN from logit_stats): the
                 # scalars are the mean of the measurable heads (NaN, so not written, when none
                 # is), and the count of the others is written only when it is not 0.
@@ -447,6 +466,7 @@ class AttentionProbe(Probe):
             buffer.set_histogram(attention_tag("max_logit_heads", where), max_logit)
             buffer.set_histogram(attention_tag("entropy_heads", where), entropy)
             buffer.add_measure(f"attention_max_logit/{where}", max_logit.amax())
+            buffer.add_measure(f"attention_entropy_norm/{where}", normalised.nanmean())
             self._seen[where] = (attention_tag("entropy", where), f"attention_max_logit/{where}")
         except Exception as e:  # the attention itself ran already: training goes on
             self.ctx.disable("<attention>", None, e)
@@ -466,7 +486,9 @@ class AttentionProbe(Probe):
                 self.not_measurable += 1  # over non-finite logits: no verdict (counted, and tagged)
                 continue
             entropy, max_logit = host.scalars.get(entropy_tag), host.measures.get(max_key)
+            normalised = host.measures.get(f"attention_entropy_norm/{where}")
             kind = type(self._module(where)).__name__
+            fell, rose = self._against_own_past(where, normalised, max_logit)
             if max_logit is not None and max_logit > limits.attention_max_logit:
                 self.ctx.findings.add(
                     Alert(
@@ -476,6 +498,33 @@ class AttentionProbe(Probe):
                         f"attention logits reach {max_logit:.3g} (> {limits.attention_max_logit:g}): attention turns "
                         "one-hot; qk-layernorm or a lower learning rate is the usual fix",
                         {"max_logit": max_logit},
+                        module_type=types.get(where, kind),
+                    )
+                )
+            elif rose is not None:
+                self.ctx.findings.add(
+                    Alert(
+                        "attention_logit_growth",
+                        where,
+                        host.step,
+                        f"attention logits reach {rose.value:.3g}, {rose.factor:.3g}x this module's median "
+                        f"{rose.median:.3g} over its last {rose.history} logging steps ({rose.deviations:.0f} "
+                        "deviations): attention turns one-hot; qk-layernorm or a lower learning rate is the usual fix",
+                        rose.numbers("max_logit"),
+                        module_type=types.get(where, kind),
+                    )
+                )
+            if fell is not None and not (entropy is not None and entropy < limits.attention_entropy_floor):
+                self.ctx.findings.add(
+                    Alert(
+                        "attention_entropy_collapse",
+                        where,
+                        host.step,
+                        f"attention entropy fell to {fell.value:.3g} of its maximum (log of the keys attended), "
+                        f"{fell.factor:.3g}x below this module's median {fell.median:.3g} over its last "
+                        f"{fell.history} logging steps: attention turns one-hot; the loss tends to oscillate or "
+                        "diverge next",
+                        fell.numbers("normalised_entropy") | ({"entropy": entropy} if entropy is not None else {}),
                         module_type=types.get(where, kind),
                     )
                 )
@@ -492,6 +541,18 @@ class AttentionProbe(Probe):
                     )
                 )
         self._seen = {}
+
+    def _against_own_past(
+        self, where: str, normalised: float | None, max_logit: float | None
+    ) -> tuple[Shift | None, Shift | None]:
+        """(normalised entropy fell, max logit rose) against this module's own recent logging
+        steps (a non-finite value is not measured: no verdict, and the baseline does not learn it)."""
+        limits = self.ctx.config.thresholds
+        fell = self._baselines.judge("entropy", where, normalised, "down") if normalised is not None else None
+        rose = self._baselines.judge("max_logit", where, max_logit, "up") if max_logit is not None else None
+        if rose is not None and rose.value <= limits.attention_logit_jump_floor:
+            rose = None
+        return fell, rose
 
     def _say_unseen(self, ran: set[str], step: int) -> None:
         """Once per run: modules that look like attention ran on this logging step, and no call

@@ -27,17 +27,42 @@ def _per_unit_max(values: torch.Tensor) -> torch.Tensor | None:
     return values.amax(dim=dims)
 
 
+def _active_samples(values: torch.Tensor) -> torch.Tensor | None:
+    """Per unit (dimension 1): on how many samples (dimension 0) it output anything above 0."""
+    if values.dim() < 2:
+        return None
+    per_sample = values.amax(dim=tuple(range(2, values.dim()))) if values.dim() > 2 else values
+    return ((per_sample > 0) | per_sample.isnan()).sum(0)  # NaN is no verdict of death
+
+
 def _measure_dead(buffer: Any, where: str, output: torch.Tensor, limits: Any, windows: dict) -> None:
-    """Share of units (channels) that output zero for every sample of a window of logged batches.
+    """Share of units (channels) that output zero for every sample of a window of logged batches,
+    and share of units that died at once.
 
     One small batch says little (a unit active on 5% of inputs is zero on all 8 samples of a batch
     two times in three), so the per-unit "never active" mask is ANDed over consecutive logging
-    steps until it has seen ``dead_min_samples`` samples; only then is the share measured.
+    steps until it has seen ``dead_min_samples`` samples; only then is the share measured. That
+    window hides a layer that dies inside it (alive before, dead after: the AND is "alive"), so
+    each unit's active rate over the earlier logging steps is kept too: a unit zero for every
+    sample of this step, whose rate made that unlikely (``(1 - rate)^samples < dead_chance``), died
+    now (``dead_sudden/{where}``, the share of all units that did). A legitimately sparse unit
+    (active on a few samples in ten) is never "unlikely" to be silent on one batch.
     """
-    peak = _per_unit_max(output.detach())
-    if peak is None:
+    active = _active_samples(output.detach())
+    if active is None:
         return
-    dead_now = peak <= 0
+    dead_now = active == 0
+    samples = output.shape[0]
+    rates = windows.get(("rate", where))
+    if rates is not None and rates[0].shape == active.shape:
+        total, seen = rates[0] + active, rates[1] + samples
+        if rates[1] >= limits.dead_history_samples:
+            chance = (1.0 - rates[0].float() / rates[1]).pow(samples)
+            buffer.add_measure(f"dead_sudden/{where}", (dead_now & (chance < limits.dead_chance)).float().mean())
+            buffer.add_measure(f"dead_now/{where}", dead_now.float().mean())
+    else:
+        total, seen = active, samples
+    windows[("rate", where)] = (total, seen)
     previous = windows.get(where)
     if previous is not None and previous[0].shape == dead_now.shape:
         dead, seen = previous[0] & dead_now, previous[1] + output.shape[0]

@@ -63,6 +63,9 @@ class StepBuffer:
     check_values: list[float] = field(default_factory=list)
     """Host copies of the sums in ``check_labels`` already moved; the rest are in ``_pending``."""
     reported: bool = False
+    nonfinite_counts: dict[str, float] | None = None
+    """NaN/Inf values per watched output on a step the non-finite replay went over (set by the
+    sentinel), for the health map: the step is recorded even off the logging cadence."""
     grad_norm: float | None = None
     """The global gradient norm of the step's last backward, when the non-finite sentinel read it."""
     callback_queued: bool = False

@@ -485,8 +485,9 @@ def test_nan_born_deep_in_the_forward_is_located(logdir, nested, origin, later):
     report = w.report()
     assert origin in report and "nonfinite (forward)" in report and "6 steps" in report
     acc = read_events(logdir)
-    # After a finding the next step is logged whatever the cadence (every=100 would log step 0 only).
-    assert hist_steps(acc, "activations/block0.0") == [0, 4]
+    # After a finding the next steps (an escalation: escalate_steps=3, the run ends at step 5) are
+    # logged whatever the cadence (every=100 would log step 0 only).
+    assert hist_steps(acc, "activations/block0.0") == [0, 4, 5]
     texts = text_of(acc, "diagnostics/alerts")
     assert texts and f"`{origin}`" in texts[-1]
 
@@ -589,7 +590,7 @@ def test_nan_born_in_the_backward_is_located(logdir, middle, width):
     assert len([r for r in record if issubclass(r.category, NonFiniteWarning)]) == 1
     assert "nonfinite (backward)" in w.report()
     acc = read_events(logdir)
-    assert hist_steps(acc, "activations/lin1") == [0, 3]
+    assert hist_steps(acc, "activations/lin1") == [0, 3, 4]  # the escalation after the NaN (the run ends at 4)
     texts = text_of(acc, "diagnostics/alerts")
     assert texts and "`norm`" in texts[-1] and "backward" in texts[-1]
 

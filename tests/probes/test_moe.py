@@ -232,7 +232,10 @@ def test_hand_written_router_collapse_and_logit_growth(tmp_path):
 def test_healthy_training_has_no_moe_finding(tmp_path):
     w = train_lm(mixtral(), tmp_path / "mixtral", 300, every=10)
     assert not [a for a in w.alerts if a.kind in MOE_KINDS], w.report()
-    assert len(read_events(tmp_path / "mixtral").Scalars("moe/router_entropy/model.layers.1.mlp")) == 30
+    # Every 10th step, and the few steps an escalation logged (this healthy run's spike score
+    # fires on two steps near 62; each makes the next 3 steps logging steps).
+    steps = {e.step for e in read_events(tmp_path / "mixtral").Scalars("moe/router_entropy/model.layers.1.mlp")}
+    assert set(range(0, 300, 10)) <= steps and len(steps) <= 40
     w = train_routed(tmp_path / "routed", 300, every=10)
     assert not [a for a in w.alerts if a.kind in MOE_KINDS], w.report()
 

@@ -296,7 +296,7 @@ def test_stats_match_the_attention_weights():
     padding = torch.zeros(3, 10, dtype=torch.bool)
     padding[0, 7:] = True
     call, weights = mha_call(mha, x, key_padding_mask=padding, need_weights=True)
-    max_logit, entropy = mha_stats(*call)
+    max_logit, entropy, _ = mha_stats(*call)
     expected = torch.special.entr(weights).sum(-1).mean(dim=(0, 2))
     assert torch.allclose(entropy, expected, atol=1e-5)
 
@@ -304,10 +304,15 @@ def test_stats_match_the_attention_weights():
     logits = q @ k.transpose(-2, -1) / math.sqrt(8)
     causal = torch.ones(12, 12, dtype=torch.bool).tril()
     for kwargs, mask in (({"is_causal": True}, causal), ({"attn_mask": causal}, causal)):
-        max_logit, entropy = sdpa_stats((q, k, k), kwargs)
+        max_logit, entropy, normalised = sdpa_stats((q, k, k), kwargs)
         masked = logits.masked_fill(~mask, float("-inf"))
         assert torch.allclose(max_logit, masked.amax(dim=(0, 2, 3)))
         assert torch.allclose(entropy, torch.special.entr(masked.softmax(-1)).sum(-1).mean(dim=(0, 2)), atol=1e-6)
+        # Normalised per query by log of the keys it sees (i + 1 under the causal mask); query 0
+        # sees one key, a distribution with no entropy to lose, and is left out.
+        per_row = torch.special.entr(masked.softmax(-1)).sum(-1) / torch.arange(1, 13).clamp_min(2).log()
+        assert torch.allclose(normalised, per_row[..., 1:].mean(dim=(0, 2)), atol=1e-6)
+        assert bool(((normalised > 0) & (normalised <= 1)).all())
 
 
 @pytest.mark.parametrize("bias_kv, zero_attn", [(True, False), (False, True), (True, True)])
@@ -325,7 +330,7 @@ def test_mha_appended_keys_match_the_attention_weights(bias_kv, zero_attn, softm
     call, weights = mha_call(mha, x, attn_mask=causal, key_padding_mask=padding, need_weights=True)
     keys = 10 + bias_kv + zero_attn
     assert weights.shape[-1] == keys
-    max_logit, entropy = mha_stats(*call)
+    max_logit, entropy, _ = mha_stats(*call)
     scores = softmax_inputs[-1].view(3, 4, 10, keys)
     assert torch.allclose(max_logit, scores.amax(dim=(0, 2, 3)), atol=1e-5)
     assert torch.allclose(entropy, torch.special.entr(weights).sum(-1).mean(dim=(0, 2)), atol=1e-5)
@@ -345,7 +350,7 @@ def test_mha_causal_fast_path_hides_the_appended_keys(softmax_inputs):
     causal = nn.Transformer.generate_square_subsequent_mask(10)
     fast, _ = mha_call(mha, x, attn_mask=causal, is_causal=True, need_weights=False)
     _, weights = mha_call(without_appended_keys(mha), x, attn_mask=causal, need_weights=True)
-    max_logit, entropy = mha_stats(*fast)
+    max_logit, entropy, _ = mha_stats(*fast)
     assert torch.allclose(max_logit, softmax_inputs[-1].view(3, 4, 10, 10).amax(dim=(0, 2, 3)), atol=1e-5)
     assert torch.allclose(entropy, torch.special.entr(weights).sum(-1).mean(dim=(0, 2)), atol=1e-5)
 
@@ -373,7 +378,7 @@ def test_mha_static_key_replaces_the_projection(softmax_inputs):
     )
     kwargs = dict(static_k=static, static_v=static, need_weights=True, average_attn_weights=False)
     _, weights = F.multi_head_attention_forward(*args, **kwargs)
-    max_logit, entropy = mha_stats(args, kwargs)
+    max_logit, entropy, _ = mha_stats(args, kwargs)
     assert weights.shape[-1] == 8
     assert torch.allclose(max_logit, softmax_inputs[-1].view(3, 4, 10, 8).amax(dim=(0, 2, 3)), atol=1e-5)
     assert torch.allclose(entropy, torch.special.entr(weights).sum(-1).mean(dim=(0, 2)), atol=1e-5)

@@ -157,7 +157,8 @@ class NonFiniteReport:
         if alert.phase == "forward":
             alert = blame_nonfinite_weights(alert, self._nonfinite_weights(alert.where), ctx.findings.alerts)
         alert = nonfinite_on_rank(overflow_note(alert, half_outputs.get(alert.where)))
-        ctx.force_log()  # show the next step's histograms, NaN counts included
+        # An escalation: the next steps' histograms, NaN counts included (at least the next one).
+        ctx.force_log(max(1, int(ctx.config.thresholds.escalate_steps)))
         new = ctx.findings.add(alert)
         action = ctx.config.on_nonfinite
         if action == "raise" and may_raise:

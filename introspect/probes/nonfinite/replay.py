@@ -41,6 +41,7 @@ from torch import nn
 from ..._torch import tensor_version
 from ...debugger.alerts import Alert
 from ...debugger.origins import locate_nonfinite
+from ...records import step as step_records
 from ...records.step import StepBuffer
 from ...runtime.preserved import preserved_state
 from ...runtime.tensors import named_float_tensors, named_tensors
@@ -86,6 +87,10 @@ class ReplayOutcome:
     half_outputs: dict[str, torch.dtype] = field(default_factory=dict)
     own_gradients_finite: bool = False
     """The replay's own parameter gradients (this step's alone) were computed, all finite."""
+    nonfinite_counts: dict[str, float] = field(default_factory=dict)
+    """NaN/Inf values per watched output (its output and the gradient w.r.t. it, summed, as the
+    ``nonfinite/{module}`` scalars hold them), where not zero: the health map's column for this
+    step, which is usually not a logging step (only the replay saw every layer's values)."""
 
 
 def capture_forward(args: tuple, kwargs: dict, devices: list[int]) -> ForwardRecord:
@@ -165,7 +170,7 @@ def replay_step(ctx: ProbeContext, records: list[ForwardRecord], ledger: CallLed
         )
     alert.numbers.update(numbers.of(alert, buffer))
     alert = numbers.with_expert(alert)
-    return ReplayOutcome(alert, half_outputs=dict(ledger.half_outputs))
+    return ReplayOutcome(alert, half_outputs=dict(ledger.half_outputs), nonfinite_counts=numbers.counts())
 
 
 def _forward(root: nn.Module, record: ForwardRecord, ledger: CallLedger, buffer: StepBuffer) -> Any:
@@ -343,6 +348,19 @@ class ValueStats:
             ),
             t.numel(),
         )
+
+    def counts(self) -> dict[str, float]:
+        """``{where: NaN/Inf values in its output and the gradient w.r.t. it}``, where not zero, in
+        the order the outputs were seen; one transfer for them all."""
+        if not self._stats:
+            return {}
+        keys = list(self._stats)
+        bad = step_records.one_transfer([self._stats[k][0][0] for k in keys])
+        counts: dict[str, float] = {}
+        for (_, where), value in zip(keys, bad):
+            if value > 0:
+                counts[where] = counts.get(where, 0.0) + value
+        return counts
 
     def _read(self, kind: str, where: str) -> list[float] | None:
         """``[non-finite count, numel, finite min, finite max]``, or None when not seen."""

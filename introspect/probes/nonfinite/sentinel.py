@@ -30,10 +30,12 @@ from torch import nn
 
 from ..._torch import compiled_autograd_enabled, foreach_norm, tensor_version
 from ...debugger.alerts import Alert
+from ...debugger.baselines import ParamNormJumps
 from ...errors import NonFiniteError
 from ...records import step as step_records
 from ...records.shards import local_view
 from ...records.step import HostStep, StepBuffer
+from ...records.tags import tag
 from ...runtime.distributed import rank_and_world
 from ...runtime.preserved import cuda_devices
 from ..base import Probe, ProbeContext, StepPlan, WatchOptions
@@ -93,6 +95,20 @@ class NonFiniteSentinel(Probe):
         self._dtensors = any(type(p).__name__ == "DTensor" for _, p in self._params)
         self._local: Alert | None = None  # this step's own finding, for the rank exchange
         self._stale: set[str] = set()  # parameters whose .grad an earlier backward left non-finite
+        limits = ctx.config.thresholds
+        history = int(limits.grad_spike_min_history)
+        self._names = tuple(n for n, _ in self._params)
+        self._jumps = (  # 0: off (the escalation's one per-step host cost, ~45 µs)
+            ParamNormJumps(limits.param_grad_jump, limits.param_grad_sigma, history) if limits.param_grad_jump else None
+        )
+        self._loss = (
+            ParamNormJumps(limits.loss_jump, limits.param_grad_sigma, history, rises_only=True)
+            if limits.loss_jump
+            else None
+        )
+        self._jump_step = -1  # the step whose norms joined the history (its first read only)
+        self.escalations = 0
+        """How many times this sentinel's own numbers escalated (a parameter's or the loss's jump)."""
         self._clear()
 
     def _clear(self) -> None:
@@ -193,6 +209,7 @@ class NonFiniteSentinel(Probe):
         if math.isfinite(sum(values)):
             if param_norms:
                 self._stale = set()
+                self._escalate_on_jumps(buffer, len(grads), param_norms, values[:n_out], out_names)
             return
         params = [(n, p.grad) for n, p in self._params if p.grad is not None] if backward else []
         bad_params = [
@@ -222,6 +239,38 @@ class NonFiniteSentinel(Probe):
         if local is not None and self.ctx.config.on_nonfinite == "raise":
             raise NonFiniteError(f"introspect: step {local.step}: {local.message}", local)
 
+    def _record_counts(self, buffer: StepBuffer, counts: dict[str, float]) -> None:
+        """The replay's per-output NaN/Inf counts at the step it replayed: ``nonfinite/{module}``
+        scalars off the cadence (a logging step writes its own from its histograms), and on the
+        buffer for the live health map. By the next (forced) logging step every layer is NaN;
+        only this step shows where it began."""
+        buffer.nonfinite_counts = counts
+        if buffer.logging or not self.ctx.writer:
+            return
+        for where, count in counts.items():
+            self.ctx.writer.call("add_scalar", tag("nonfinite", where), count, buffer.step)
+
+    def _escalate_on_jumps(
+        self, buffer: StepBuffer, n_grads: int, param_norms: list[float], out_values: list[float], out_names: list[str]
+    ) -> None:
+        """One parameter's gradient norm, or the loss, jumping against its own history makes the
+        next steps logging steps (the escalation). Host numbers this read has anyway; once a step
+        (its first read: under gradient accumulation later reads hold sums of more micro-batches)."""
+        if buffer.step == self._jump_step or buffer.grads_overflowed or (self._jumps is None and self._loss is None):
+            return
+        self._jump_step = buffer.step
+        if n_grads == len(self._names):
+            names = self._names
+        else:  # some parameters got no gradient this step: their own histories stay aside
+            names = tuple(n for n, p in self._params if p.grad is not None)
+        jumped = self._jumps.update(names, param_norms) if self._jumps is not None else None
+        loss = [v for n, v in zip(out_names, out_values) if n == "loss"] if self._loss is not None else []
+        if loss and self._loss is not None and self._loss.update(("loss",), loss[:1]) is not None:
+            jumped = jumped or ("loss", 0.0)
+        if jumped is not None:
+            self.escalations += 1
+            self.ctx.escalate()
+
     def _locate(
         self, buffer: StepBuffer, records: list[ForwardRecord], sighting: Sighting, reduced: bool, moved: bool
     ) -> Alert | None:
@@ -230,6 +279,8 @@ class NonFiniteSentinel(Probe):
         replays = bool(records) and self._replays and not moved
         outcome = replay_step(ctx, records, CallLedger(ctx.module_types), buffer.step) if replays else None
         alert = outcome.alert if outcome is not None else None
+        if outcome is not None and outcome.nonfinite_counts:
+            self._record_counts(buffer, outcome.nonfinite_counts)
         if outcome is not None and alert is not None and sighting.outputs and alert.phase != "forward":
             # The replayed forward was finite where the real one was not: the backward finding
             # it made instead comes from the captured (NaN) output gradient, not from the model.

@@ -1,0 +1,308 @@
+"""Each module against its own past: a robust rolling baseline per statistic, and a cheap
+per-parameter gradient-norm history for the every-step escalation. Numbers in, verdicts out.
+
+Absolute thresholds (an entropy floor, a logit ceiling) fire late on a model whose statistics
+start far from them: a tiny model's attention entropy fell 1.92 -> 0.11 nats in one step and
+stayed above the 0.1 floor. A change of many deviations *and* a large factor against the
+module's own median says "this just broke" wherever the module started.
+
+* :class:`Baselines`: the last ``baseline_window`` logging-step values of each (statistic,
+  module), their median and MAD (median absolute deviation); a value is a shift when it is at
+  least ``baseline_factor`` times above (or below) the median and ``baseline_deviations``
+  robust deviations away from it, once ``baseline_min_history`` values are known. The MAD has a
+  floor of 1% of the median, so a history of identical values still needs the factor.
+* :class:`ParamNormJumps`: the sentinel reads every parameter's gradient norm each checked step
+  anyway; an exponential mean and variance of each one's log norm (numpy, a few µs for hundreds
+  of parameters) say when one parameter's gradient norm jumps against its own history, which a
+  global norm hides (a q/k projection scaled x30 moves its own norm ~8x, the global one < 2x).
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections import deque
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .alerts import Alert
+
+__all__ = ["Shift", "Baselines", "ParamNormJumps", "MAD_TO_SIGMA", "shift_of", "judge_module_shifts"]
+
+MAD_TO_SIGMA = 1.4826
+"""MAD x this = σ of a normal distribution: the deviations are in σ-like units."""
+_MAD_FLOOR = 0.01
+_REFRESH = 8
+"""Quiet steps between two refreshes of the per-parameter jump thresholds."""
+"""The robust deviation is at least this share of |median|."""
+
+
+@dataclass(frozen=True)
+class Shift:
+    """A value far from its module's own median: ``factor`` times it (above for "up", below for
+    "down"), ``deviations`` robust σ away, over ``history`` earlier logging steps."""
+
+    value: float
+    median: float
+    deviations: float
+    factor: float
+    history: int
+
+    def numbers(self, name: str) -> dict[str, float]:
+        return {
+            name: self.value,
+            f"{name}_median": self.median,
+            "deviations": self.deviations,
+            "factor": self.factor,
+            "history": float(self.history),
+        }
+
+
+class Baselines:
+    """Rolling median and MAD per key (``(stat, module)``), over the last ``window`` values given.
+
+    >>> b = Baselines(window=8, min_history=3, deviations=8.0, factor=4.0)
+    >>> [b.judge("entropy", "attn", v, "down") for v in (0.9, 0.92, 0.88)]
+    [None, None, None]
+    >>> b.judge("entropy", "attn", 0.05, "down").factor > 17
+    True
+    """
+
+    def __init__(self, window: int, min_history: int, deviations: float, factor: float) -> None:
+        self.window = max(2, int(window))
+        self.min_history = max(1, int(min_history))
+        self.deviations = deviations
+        self.factor = factor
+        self._history: dict[tuple[str, str], deque[float]] = {}
+
+    @classmethod
+    def of(cls, limits: Any) -> Baselines:
+        """The baselines a :class:`~introspect.debugger.health.Thresholds` asks for."""
+        return cls(
+            limits.baseline_window, limits.baseline_min_history, limits.baseline_deviations, limits.baseline_factor
+        )
+
+    def history(self, stat: str, where: str) -> list[float]:
+        return list(self._history.get((stat, where), ()))
+
+    def judge(self, stat: str, where: str, value: float, direction: str) -> Shift | None:
+        """Whether ``value`` is a shift ``direction`` ("up" or "down") against this key's past;
+        then ``value`` joins the past. A non-finite value is not measured: no verdict, not kept."""
+        if not math.isfinite(value):
+            return None
+        past = self._history.get((stat, where))
+        if past is None:
+            past = self._history[(stat, where)] = deque(maxlen=self.window)
+        shift = shift_of(value, past, direction, self.min_history, self.deviations, self.factor)
+        past.append(value)
+        return shift
+
+
+def shift_of(
+    value: float, past: Sequence[float], direction: str, min_history: int, deviations: float, factor: float
+) -> Shift | None:
+    """``value`` against ``past`` (see :class:`Baselines`); None when it is no shift."""
+    if len(past) < min_history:
+        return None
+    median = statistics.median(past)
+    if median <= 0:  # a factor against zero (or a negative statistic) says nothing
+        return None
+    mad = statistics.median(abs(v - median) for v in past)
+    scale = max(MAD_TO_SIGMA * mad, _MAD_FLOOR * median)
+    if direction == "up":
+        ratio, distance = value / median, value - median
+    elif direction == "down":
+        ratio, distance = (median / value if value > 0 else math.inf), median - value
+    else:
+        raise ValueError(f"direction must be 'up' or 'down', got {direction!r}")
+    sigmas = distance / scale
+    if ratio >= factor and sigmas >= deviations:
+        return Shift(value, median, sigmas, ratio, len(past))
+    return None
+
+
+class ParamNormJumps:
+    """Each parameter's gradient norm against its own history, on the host numbers the sentinel
+    reads every checked step: an exponential mean and variance (weight ``alpha``) of log(norm).
+
+    A jump is a norm ``factor`` times above or below the mean *and* ``sigmas`` deviations of its
+    own log norm away, after ``min_history`` steps; the parameter's history then starts again at
+    its new level, so a lasting change is one escalation, not one per step. A norm that becomes exactly 0 after being
+    non-zero is a fall (a dead layer's parameters get exactly zero gradient) once per
+    parameter: a parameter whose gradient is sometimes 0 (an expert no token was routed to, an
+    embedding row) is intermittent, and its zeros say nothing afterwards.
+    """
+
+    def __init__(
+        self, factor: float, sigmas: float, min_history: int, alpha: float = 0.1, rises_only: bool = False
+    ) -> None:
+        self.rises_only = rises_only
+        self.log_factor = math.log(max(factor, 1.0 + 1e-9))
+        self.sigmas = sigmas
+        self.min_history = max(1, int(min_history))
+        self.alpha = alpha
+        self._names: tuple[str, ...] = ()
+        self._mean = np.zeros(0)
+        self._var = np.zeros(0)
+        self._count = np.zeros(0, dtype=np.int64)
+        self._zero_seen = np.zeros(0, dtype=bool)
+        self._threshold: np.ndarray | None = None
+        """Once every parameter's history is warm: how far in log norm a jump is, per parameter."""
+        self._quiet = 0
+
+    def _reset(self, names: tuple[str, ...]) -> None:
+        n = len(names)
+        self._names = names
+        self._mean, self._var = np.zeros(n), np.zeros(n)
+        self._count = np.zeros(n, dtype=np.int64)
+        self._zero_seen = np.zeros(n, dtype=bool)
+        self._threshold = None
+        self._quiet = 0
+
+    def update(self, names: tuple[str, ...], norms: Sequence[float]) -> tuple[str, float] | None:
+        """The parameter whose norm jumped most this step and its factor (> 1 up, < 1 down), or
+        None; then the norms join the history. ``names`` is the same tuple object step after step
+        in the common case (compared by identity first: no per-step work over the names)."""
+        if names is not self._names and names != self._names:
+            self._reset(names)
+        x = np.asarray(norms, dtype=np.float64)
+        if x.shape != self._mean.shape:
+            return None
+        if self._threshold is not None and self._quiet_step(x):
+            return None
+        finite = np.isfinite(x)
+        positive = finite & (x > 0)
+        logs = np.log(np.where(positive, x, 1.0))
+        known = self._count >= self.min_history
+        delta = logs - self._mean
+        sd = np.sqrt(self._var)
+        size = delta if self.rises_only else np.abs(delta)
+        jumped = known & positive & (size >= self.log_factor) & (size >= self.sigmas * sd)
+        died = known & finite & (x == 0) & ~self._zero_seen & (not self.rises_only)
+        found: tuple[str, float] | None = None
+        if jumped.any() or died.any():
+            if died.any():
+                i = int(np.flatnonzero(died)[0])
+                found = (names[i], 0.0)
+            else:
+                i = int(np.argmax(np.where(jumped, np.abs(delta), -np.inf)))
+                found = (names[i], float(math.exp(delta[i])))
+        self._zero_seen |= finite & (x == 0)
+        # The history: positive norms only (a zero or NaN/Inf says nothing of the scale). A jump
+        # starts the parameter's history again at its new level (it is not said again each step
+        # while a mean would catch up); any other step moves it by at most the factor (one
+        # outlier does not blow up the variance).
+        first = positive & ((self._count == 0) | jumped)
+        later = positive & ~first
+        a = self.alpha
+        step = np.clip(delta, -self.log_factor, self.log_factor)
+        self._mean = np.where(first, logs, np.where(later, self._mean + a * step, self._mean))
+        self._var = np.where(first, 0.0, np.where(later, (1 - a) * (self._var + a * step * step), self._var))
+        self._count = np.where(jumped, 1, self._count + positive)
+        self._threshold = self._thresholds() if bool((self._count >= self.min_history).all()) else None
+        return found
+
+    def _thresholds(self) -> np.ndarray:
+        """Per parameter, how far (in log norm) is a jump: the factor, or more where it is noisy."""
+        return np.maximum(self.log_factor, self.sigmas * np.sqrt(self._var))
+
+    def _quiet_step(self, x: np.ndarray) -> bool:
+        """The every-step path once every history is warm: when every norm is positive (and not
+        NaN) and none jumped, the history moves in about a dozen numpy operations and True comes
+        back; else False, and :meth:`update`'s full pass decides (zeros, NaN, jumps: rare). The
+        thresholds follow the variance every ``_REFRESH`` steps (it moves slowly)."""
+        if not (x > 0).all():
+            return False
+        delta = np.log(x) - self._mean
+        size = delta if self.rises_only else np.abs(delta)
+        assert self._threshold is not None
+        if (size >= self._threshold).any():  # an Inf norm's delta is Inf: the full pass too
+            return False
+        # Below its own threshold a rise is this parameter's normal; a fall (rises only: never
+        # judged) moves the history by at most the factor, as in the full pass.
+        if self.rises_only:
+            delta = np.maximum(delta, -self.log_factor)
+        a = self.alpha
+        self._mean += a * delta
+        self._var *= 1 - a
+        self._var += (a * (1 - a)) * (delta * delta)
+        self._quiet += 1
+        if self._quiet % _REFRESH == 0:
+            self._threshold = self._thresholds()
+        return True
+
+
+_SHIFT_WORDS = {"up": ("rose", "above"), "down": ("fell", "below")}
+
+
+def judge_module_shifts(
+    baselines: Baselines,
+    step: int,
+    grad_rms: Mapping[str, float],
+    activation_rms: Mapping[str, float],
+    update_ratios: Mapping[str, float],
+    update_ratio_floor: float = 0.0,
+) -> list[Alert]:
+    """A logging step's per-output activation RMS (either way) and per-parameter update/weight
+    ratio (rises: a learning rate that jumped), each against its own baseline. Falls of the
+    update ratio are healthy (schedules decay the learning rate). Layer gradient RMS is kept in
+    its baseline but not judged by ``baseline_factor``: healthy gradients swing both ways by 4-6x
+    against their own median (gradients shrink 6x in 40 steps of a small CNN as its loss falls;
+    a tiny Mixtral's layers rise 4-6x in healthy steps); gradients against their own past are
+    :class:`~introspect.debugger.health.GradientHealth`'s ``exploding_jump`` (100x), the
+    per-parameter escalation (:class:`ParamNormJumps`) and the spike score. The caller leaves out what
+    holds NaN/Inf (an RMS over the finite rest says nothing). An update ratio that stays below
+    ``update_ratio_floor`` before and after is noise (a conv bias under BatchNorm gets ~1e-9
+    updates), never a shift."""
+    alerts: list[Alert] = []
+    floors = {"update_ratio": update_ratio_floor}
+    for stat, values, directions in (
+        ("grad_rms", grad_rms, ()),  # kept as a baseline (the health map's), judged by exploding_jump
+        ("activation_rms", activation_rms, ("up", "down")),
+        ("update_ratio", update_ratios, ("up",)),
+    ):
+        shifted: list[tuple[str, str, Shift]] = []
+        for where, value in values.items():
+            past = baselines.history(stat, where)
+            for direction in directions:
+                shift = (
+                    shift_of(value, past, direction, baselines.min_history, baselines.deviations, baselines.factor)
+                    if math.isfinite(value)
+                    else None
+                )
+                if shift is not None and max(shift.value, shift.median) >= floors.get(stat, 0.0):
+                    shifted.append((where, direction, shift))
+                    break
+            baselines.judge(stat, where, value, "up")  # joins the history
+        if shifted:
+            # One finding per statistic and step: the first (in execution or parameter order) is
+            # where it began; the others that moved with it (every layer after a learning-rate
+            # jump) are counted in it, not listed as findings of their own.
+            where, direction, shift = shifted[0]
+            alerts.append(_shift_alert(stat, direction, where, step, shift, len(shifted) - 1))
+    return alerts
+
+
+def _shift_alert(stat: str, direction: str, where: str, step: int, shift: Shift, others: int) -> Alert:
+    verb, side = _SHIFT_WORDS[direction]
+    message = (
+        f"{_STAT_WORDS[stat]} {verb} to {shift.value:.3g}, {shift.factor:.3g}x {side} its own median "
+        f"{shift.median:.3g} over its last {shift.history} logging steps ({shift.deviations:.0f} deviations)"
+    )
+    if others:
+        what = "later module outputs" if stat == "activation_rms" else "other parameters"
+        message += f"; {others} {what} moved with it" + (" (a learning-rate change?)" if stat == "update_ratio" else "")
+    numbers = shift.numbers(stat) | {"others": float(others)}
+    if stat == "activation_rms":
+        return Alert("activation_shift", where, step, message, numbers)
+    return Alert("update_ratio_shift", where, step, message, numbers)
+
+
+_STAT_WORDS = {
+    "grad_rms": "its RMS gradient",
+    "activation_rms": "the RMS of its output",
+    "update_ratio": "its update/weight ratio",
+}

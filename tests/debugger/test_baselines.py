@@ -1,0 +1,172 @@
+"""Each module against its own past: the rolling median/MAD baseline and the per-parameter
+gradient-norm history, numbers in, verdicts out."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import numpy as np
+import pytest
+
+from introspect import Thresholds
+from introspect.debugger.baselines import Baselines, ParamNormJumps, judge_module_shifts
+
+
+def baselines(**kw) -> Baselines:  # type: ignore[no-untyped-def]
+    return Baselines.of(Thresholds(**kw))
+
+
+def test_no_verdict_before_the_warm_up():
+    b = baselines()
+    assert b.judge("entropy", "attn", 0.9, "down") is None
+    assert b.judge("entropy", "attn", 0.9, "down") is None
+    # Two values known, three needed: a 100x fall is still no verdict.
+    assert b.judge("entropy", "attn", 0.009, "down") is None
+    assert b.history("entropy", "attn") == [0.9, 0.9, 0.009]
+
+
+def test_a_fall_of_many_deviations_and_a_large_factor_is_a_shift():
+    b = baselines()
+    for v in (0.91, 0.9, 0.92, 0.89):
+        assert b.judge("entropy", "attn", v, "down") is None
+    shift = b.judge("entropy", "attn", 0.05, "down")
+    assert shift is not None
+    assert shift.median == pytest.approx(0.905) and shift.factor == pytest.approx(0.905 / 0.05)
+    assert shift.deviations > 8 and shift.history == 4
+    # Another module's history is its own.
+    assert b.judge("entropy", "other", 0.05, "down") is None
+
+
+def test_the_factor_floor_holds_on_a_quiet_history():
+    """A history of near-identical values has a tiny MAD: a 2x move is hundreds of deviations,
+    and still no shift below the factor (4)."""
+    b = baselines()
+    for _ in range(5):
+        b.judge("max_logit", "attn", 1.0, "up")
+    assert b.judge("max_logit", "attn", 2.0, "up") is None
+    assert b.judge("max_logit", "attn", 3.9, "up") is None
+    assert b.judge("max_logit", "attn", 40.0, "up") is not None
+
+
+def test_a_noisy_history_needs_more_than_the_factor():
+    """A statistic that already swings 10x from step to step is not shifted by one more 5x swing."""
+    b = baselines()
+    for v in (1.0, 10.0, 0.5, 8.0, 1.5, 12.0):
+        b.judge("grad_rms", "fc", v, "up")
+    assert b.judge("grad_rms", "fc", 5 * 4.75, "up") is None  # 5x the median 4.75, a few deviations
+
+
+def test_non_finite_values_are_not_measured():
+    b = baselines()
+    for v in (1.0, 1.0, 1.0):
+        b.judge("entropy", "attn", v, "down")
+    assert b.judge("entropy", "attn", math.nan, "down") is None
+    assert b.judge("entropy", "attn", -math.inf, "down") is None
+    assert b.history("entropy", "attn") == [1.0, 1.0, 1.0]  # and not learnt
+
+
+def test_the_window_rolls():
+    b = baselines(baseline_window=3)
+    for v in (1.0, 1.0, 1.0, 100.0, 100.0, 100.0):
+        b.judge("activation_rms", "fc", v, "up")
+    assert b.history("activation_rms", "fc") == [100.0, 100.0, 100.0]
+    assert b.judge("activation_rms", "fc", 110.0, "up") is None  # the new level is the baseline now
+
+
+def test_module_shifts_name_the_layer_and_the_kind():
+    b = baselines()
+    for step in range(5):
+        assert judge_module_shifts(b, step, {"fc1": 1e-2, "fc2": 1e-2}, {"fc1": 1.0}, {"fc1.weight": 1e-3}) == []
+    alerts = judge_module_shifts(b, 5, {"fc1": 1.0, "fc2": 1e-5}, {"fc1": 50.0}, {"fc1.weight": 1.0})
+    kinds = {(a.kind, a.where) for a in alerts}
+    # Gradients are not judged by the factor (healthy ones swing 4-6x): exploding_jump's.
+    assert kinds == {("activation_shift", "fc1"), ("update_ratio_shift", "fc1.weight")}
+    assert b.history("grad_rms", "fc1")[-1] == 1.0  # kept all the same
+    assert all(a.step == 5 and a.numbers["factor"] >= 4 for a in alerts)
+
+
+def test_shifts_that_move_together_are_one_finding():
+    """A learning-rate jump moves every parameter's update ratio, and every layer after a bad one
+    shifts its output: one finding per statistic and step, at the first, counting the others."""
+    b = baselines()
+    layers = ["fc1", "fc2", "fc3"]
+    params = [f"{m}.weight" for m in layers]
+    for step in range(4):
+        judge_module_shifts(b, step, {}, dict.fromkeys(layers, 1.0), dict.fromkeys(params, 1e-3))
+    alerts = judge_module_shifts(b, 4, {}, {"fc1": 1.0, "fc2": 30.0, "fc3": 40.0}, dict.fromkeys(params, 1.0))
+    assert [(a.kind, a.where, a.numbers["others"]) for a in alerts] == [
+        ("activation_shift", "fc2", 1.0),
+        ("update_ratio_shift", "fc1.weight", 2.0),
+    ]
+    assert "learning-rate" in alerts[1].message
+
+
+def test_healthy_drifting_statistics_are_no_shift():
+    """Slow trends and step-to-step noise over many steps, like a healthy run's: no shift."""
+    rng = random.Random(0)
+    b = baselines()
+    for step in range(300):
+        trend = math.exp(-step / 100)  # gradients shrinking as the loss falls
+        found = judge_module_shifts(
+            b,
+            step,
+            {"fc": 1e-2 * trend * rng.lognormvariate(0, 0.3)},
+            {"fc": 1.0 + 0.01 * step + rng.gauss(0, 0.05)},
+            {"fc.weight": 1e-3 * rng.lognormvariate(0, 0.3)},
+        )
+        assert found == [], (step, found)
+
+
+# --------------------------------------------------------------------------- per-parameter norms
+def test_one_parameters_jump_hidden_in_the_global_norm():
+    """q/k scaled x30: its own norm moves ~8x while the global norm, dominated by others, barely does."""
+    rng = np.random.default_rng(0)
+    names = tuple(f"p{i}" for i in range(50))
+    base = rng.uniform(0.5, 2.0, 50)
+    jumps = ParamNormJumps(factor=5.0, sigmas=6.0, min_history=10)
+    for _ in range(30):
+        assert jumps.update(names, base * rng.lognormal(0, 0.05, 50)) is None
+    norms = base * rng.lognormal(0, 0.05, 50)
+    global_before = math.sqrt(float((norms**2).sum()))
+    norms[7] *= 8
+    assert math.sqrt(float((norms**2).sum())) < 2 * global_before
+    found = jumps.update(names, norms)
+    assert found is not None and found[0] == "p7" and found[1] == pytest.approx(8, rel=0.3)
+
+
+def test_a_gradient_that_becomes_zero_is_a_fall_once():
+    names = ("a", "b")
+    jumps = ParamNormJumps(factor=5.0, sigmas=6.0, min_history=3)
+    for _ in range(5):
+        jumps.update(names, [1.0, 1.0])
+    assert jumps.update(names, [0.0, 1.0]) == ("a", 0.0)
+    assert jumps.update(names, [0.0, 1.0]) is None  # dead still: said already
+    jumps.update(names, [1.0, 1.0])
+    assert jumps.update(names, [0.0, 1.0]) is None  # intermittent (an unrouted expert): no news
+
+
+def test_no_jump_before_the_history_and_rises_only():
+    jumps = ParamNormJumps(factor=3.0, sigmas=6.0, min_history=5, rises_only=True)
+    for _ in range(4):
+        jumps.update(("loss",), [2.0])
+    assert jumps.update(("loss",), [100.0]) is None  # 4 steps known, 5 needed
+    for _ in range(10):
+        jumps.update(("loss",), [2.0])
+    assert jumps.update(("loss",), [0.01]) is None  # a falling loss is good news
+    assert jumps.update(("loss",), [30.0]) is not None
+    assert jumps.update(("loss",), [30.0]) is None  # the new level is its history now: said once
+
+
+def test_a_new_set_of_parameters_starts_a_new_history():
+    jumps = ParamNormJumps(factor=5.0, sigmas=6.0, min_history=3)
+    for _ in range(5):
+        jumps.update(("a", "b"), [1.0, 1.0])
+    assert jumps.update(("a",), [100.0]) is None  # another set: no history for it yet
+
+
+def test_escalation_thresholds_are_settable_and_checked():
+    t = Thresholds.coerce({"escalate_steps": 5, "baseline_factor": 8})
+    assert t.escalate_steps == 5 and t.baseline_factor == 8
+    with pytest.raises(ValueError):
+        Thresholds.coerce({"escalate_steps": -1})

@@ -1,0 +1,204 @@
+"""Faster detection: a cheap every-step signal makes the next steps logging steps (escalation),
+so the per-module and attention views see a fault at once even at every=50; detectors judge each
+module against its own past; a layer that dies is named at the step it died; a NaN step off the
+cadence still gets its column on the health map."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from introspect import watch
+from introspect.analysis.health_map_render import health_map_from_events
+from introspect.errors import NonFiniteWarning
+from tests.support import QUIET
+from tests.support.events import hist_steps, read_events, scalar_at
+
+ESCALATE = 3  # Thresholds.escalate_steps' default
+
+
+def mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(20, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
+
+
+def cnn() -> nn.Module:
+    torch.manual_seed(0)
+
+    def block(i: int, o: int) -> nn.Module:
+        return nn.Sequential(nn.Conv2d(i, o, 3, padding=1), nn.BatchNorm2d(o), nn.ReLU())
+
+    return nn.Sequential(
+        block(3, 8), nn.MaxPool2d(2), block(8, 16), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10)
+    )
+
+
+def train(model, logdir, steps, *, make_input, on_step=None, loss_scale=None, **options):  # type: ignore[no-untyped-def]
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    g = torch.Generator().manual_seed(0)
+    with watch(model, logdir, optimizer=opt, **QUIET, **options) as w:
+        for step in range(steps):
+            if on_step is not None:
+                on_step(step, model)
+            x, y = make_input(g), torch.randint(0, 10, (16,), generator=g)
+            loss = nn.functional.cross_entropy(model(x), y)
+            if loss_scale is not None:
+                loss = loss * loss_scale(step)
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+    return w
+
+
+def vectors(g: torch.Generator) -> torch.Tensor:
+    return torch.randn(16, 20, generator=g)
+
+
+def images(g: torch.Generator) -> torch.Tensor:
+    return torch.randn(16, 3, 12, 12, generator=g)
+
+
+def test_a_gradient_spike_makes_the_next_steps_logging_steps(tmp_path):
+    """every=50, a x1000 loss at step 30: the spike score fires at 30, and steps 31-33 are in the
+    event file (histograms, read back), then the cadence goes on as before. The per-parameter
+    jump is switched off here, so the spike score alone escalates."""
+    fault = 30
+    w = train(
+        mlp(),
+        tmp_path,
+        40,
+        make_input=vectors,
+        loss_scale=lambda step: 1000.0 if step == fault else 1.0,
+        every=50,
+        thresholds={"param_grad_jump": 1e12},
+    )
+    spikes = [a for a in w.alerts if a.kind == "grad_norm_spike"]
+    assert [a.step for a in spikes] == [fault]
+    acc = read_events(tmp_path)
+    assert hist_steps(acc, "grads/0.weight") == [0, fault + 1, fault + 2, fault + 3]
+    assert hist_steps(acc, "activations/1") == [0, fault + 1, fault + 2, fault + 3]
+
+
+def test_escalation_can_be_turned_off(tmp_path):
+    fault = 30
+    train(
+        mlp(),
+        tmp_path,
+        40,
+        make_input=vectors,
+        loss_scale=lambda step: 1000.0 if step == fault else 1.0,
+        every=50,
+        thresholds={"escalate_steps": 0},
+    )
+    assert hist_steps(read_events(tmp_path), "grads/0.weight") == [0]
+
+
+def test_a_dead_layer_is_named_at_once_at_the_default_cadence(tmp_path):
+    """A BatchNorm's bias at -100 at step 20 (a dead ReLU layer): its parameters' gradients drop
+    to exactly 0, which escalates; the next step's dead units are measured against each unit's
+    active rate so far and the layer is named at step 21, not after a 64-sample window."""
+    fault = 20
+
+    def kill(step: int, model: nn.Module) -> None:
+        if step == fault:
+            with torch.no_grad():
+                model[0][1].bias.fill_(-100.0)
+
+    w = train(cnn(), tmp_path, fault + 3, make_input=images, on_step=kill)
+    dead = [a for a in w.alerts if a.kind == "dead_units" and a.where == "0.2"]
+    assert dead and fault < dead[0].step <= fault + 2, w.alerts
+    assert dead[0].numbers["dead_fraction"] == 1.0
+    assert all(a.step > fault for a in w.alerts), w.alerts  # nothing before the fault
+
+
+@pytest.mark.parametrize("model, make_input, steps", [(mlp, vectors, 150), (cnn, images, 100)])
+def test_healthy_sparse_relus_are_never_dead(tmp_path, model, make_input, steps):
+    """Every step a logging step: every ReLU judged against its own active rate, every layer's
+    statistics against their own past, the escalation armed: no finding, no escalation."""
+    m = model()
+    w = train(m, tmp_path, steps, make_input=make_input, every=1)
+    assert w.alerts == []
+    sentinel = next(p for p in w._probes if type(p).__name__ == "NonFiniteSentinel")
+    assert sentinel.escalations == 0
+    # The ReLUs are sparse (most outputs zero), not dead: the test is not vacuous.
+    acc = read_events(tmp_path)
+    relu = "activations/1" if model is mlp else "activations/2.2"
+    histogram = acc.Histograms(relu)[-1].histogram_value
+    assert histogram.min == 0.0 and histogram.max > 0
+
+
+def test_the_nan_step_is_on_the_health_map(tmp_path):
+    """every=50, a NaN made by one layer at step 7: the step is no logging step, yet the replay's
+    per-module counts are written at it (nonfinite/{module}), so the map has that column with
+    the NaN where it began; the forced steps after it have every layer NaN."""
+    fault = 7
+
+    class Blowup(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fire = False
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x / 0.0 * 0.0 if self.fire else x
+
+    model = nn.Sequential(nn.Linear(20, 32), nn.Tanh(), Blowup(), nn.Linear(32, 10))
+
+    def arm(step: int, m: nn.Module) -> None:
+        m[2].fire = step == fault
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NonFiniteWarning)
+        w = train(model, tmp_path, fault + 2, make_input=vectors, on_step=arm, every=50)
+    origin = next(a for a in w.alerts if a.kind == "nonfinite")
+    assert (origin.where, origin.step) == ("2", fault)
+    acc = read_events(tmp_path)
+    assert scalar_at(acc, "nonfinite/2", fault) >= 16 * 32
+    hm = health_map_from_events(tmp_path)
+    column = hm.steps.index(fault)
+    counts = hm.matrix("nonfinite")[:, column]
+    assert counts[hm.rows.index("2")] >= 16 * 32
+    assert hm.steps[:2] == [0, fault]
+
+
+def test_a_qk_fault_is_named_at_its_attention_module_within_two_steps_at_every_50(tmp_path):
+    """A tiny Llama (random weights, initialiser 0.02: fresh attention logits ~0.1) with one
+    layer's q_proj and k_proj scaled x30 at step 102, every=50. Its logits reach ~70 (below the
+    absolute 100) and its entropy stays above the 0.1-nat floor in raw nats: only its own past
+    says it collapsed. The q/k gradient norms jump, which escalates; the next step's attention
+    view names the module."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config)
+    fault = 102
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    g = torch.Generator().manual_seed(0)
+    with watch(model, tmp_path, every=50, optimizer=opt, **QUIET) as w:
+        for step in range(fault + 3):
+            if step == fault:
+                with torch.no_grad():
+                    model.model.layers[1].self_attn.q_proj.weight.mul_(30)
+                    model.model.layers[1].self_attn.k_proj.weight.mul_(30)
+            ids = torch.randint(0, 64, (2, 16), generator=g)
+            model(input_ids=ids, labels=ids).loss.backward()
+            opt.step()
+            opt.zero_grad()
+    assert all(a.step > fault for a in w.alerts), w.alerts
+    attention = [a for a in w.alerts if a.kind.startswith("attention_") and a.where == "model.layers.1.self_attn"]
+    assert attention and attention[0].step <= fault + 2, w.alerts
+    assert max(a.numbers.get("max_logit", 0.0) for a in attention) < 100  # the absolute ceiling alone: silent
+    assert not [a for a in w.alerts if a.kind.startswith("attention_") and "layers.0" in a.where]
+    # The event file has the attention view right after the fault, off the every=50 cadence.
+    steps = [e.step for e in read_events(tmp_path).Scalars("attention/entropy/model.layers.1.self_attn")]
+    assert steps[:3] == [0, 50, 100] and fault + 1 in steps
