@@ -85,10 +85,11 @@ def test_logit_stats_of_nan_logits_are_not_measurable():
     to the keys left and fake a collapse. The head is not measurable instead; the other head is."""
     logits = torch.randn(1, 2, 4, 6)
     logits[0, 0, 1, 2] = float("nan")
-    max_logit, entropy = logit_stats(logits, logits, logits > -1e30)
-    assert torch.isnan(max_logit[0]) and torch.isnan(entropy[0])
+    max_logit, entropy, normalised = logit_stats(logits, logits, logits > -1e30)
+    assert torch.isnan(max_logit[0]) and torch.isnan(entropy[0]) and torch.isnan(normalised[0])
     assert torch.isfinite(max_logit[1]) and torch.isfinite(entropy[1]) and entropy[1] > 0.5
+    assert 0 < normalised[1] <= 1
     masked = logits.clone()
     masked[0, 1, :, 3:] = float("-inf")  # a mask, not a fault: still measurable
-    _, entropy = logit_stats(masked, masked, masked > -1e30)
-    assert torch.isfinite(entropy[1])
+    _, entropy, normalised = logit_stats(masked, masked, masked > -1e30)
+    assert torch.isfinite(entropy[1]) and torch.isfinite(normalised[1])
