@@ -265,6 +265,15 @@ def test_the_debugger_page_lists_every_finding_kind():
     assert documented == kinds
 
 
+def test_every_training_finding_kind_has_advice():
+    """A root cause opens the report with one line of what to try: a kind without one would open
+    it bare. Data findings come from ``introspect data`` (their own report), not from a run."""
+    from introspect.debugger.alerts import ADVICE
+
+    training = {k for k in finding_kinds() if not k.startswith("data_")}
+    assert sorted(training - set(ADVICE)) == []
+
+
 def test_the_tags_page_names_every_tag():
     from introspect.probes.grad_spike import PRE_SPIKE_TAG
 

@@ -71,6 +71,12 @@ ADVICE: dict[str, str] = {
     "grad_norm_spike": "lower the learning rate or add warm-up; clip gradients",
     "attention_entropy_collapse": "add QK-norm or logit soft-capping; lower the learning rate",
     "attention_logit_growth": "add QK-norm or logit soft-capping; lower the learning rate",
+    "activation_shift": "look at what changed just before it (the learning rate, a layer before it, the data); "
+    "a fall to near 0 is often a dead layer upstream",
+    "update_ratio_shift": "lower the learning rate or add warm-up; check the optimizer's state (a reset, a new "
+    "param group)",
+    "attention_not_seen": "if the attention is a custom kernel or flex_attention, use the sdpa or eager "
+    "implementation (attn_implementation=...) on a debugging run to see it",
     "massive_activation": "look at the block's residual stream: add normalisation, or lower the learning rate",
     "logit_divergence": "add a z-loss on the output logits or lower the learning rate",
     "rank_divergence": "make every rank start from the same weights (broadcast them) and all-reduce gradients",

@@ -49,6 +49,8 @@ DRIFT = frozenset(
         "expert_collapse",
         "grad_norm_spike",
         "stuck_parameter",
+        "activation_shift",
+        "update_ratio_shift",
     }
 )
 NONFINITE = frozenset({"nonfinite", "nonfinite_rank"})
@@ -70,12 +72,22 @@ class Rule:
 RULES: dict[str, Rule] = {
     "nonfinite": Rule(GRADIENTS | UNITS | ATTENTION | DRIFT | NONFINITE, 0, None, strictly_later=NONFINITE),
     "nonfinite_rank": Rule(GRADIENTS | UNITS | ATTENTION | DRIFT | NONFINITE, 0, None, strictly_later=NONFINITE),
-    "dead_units": Rule(GRADIENTS | UNITS, 1, 1, downstream=UNITS),
+    # A dead layer's own output and those after it fall: their activation_shift follows from it.
+    "dead_units": Rule(GRADIENTS | UNITS | {"activation_shift"}, 1, 1, downstream=UNITS | {"activation_shift"}),
     # A saturated sigmoid/tanh has a slope of ~0: gradients vanish through it (they do not explode:
     # large weights saturate it and explode gradients alike, neither causing the other).
     "saturated_units": Rule(frozenset({"vanishing_gradient"}) | UNITS, 1, 1, downstream=UNITS),
     "grad_norm_spike": Rule(
-        frozenset({"exploding_gradient", "logit_divergence", "massive_activation", "router_logit_growth"})
+        frozenset(
+            {
+                "exploding_gradient",
+                "logit_divergence",
+                "massive_activation",
+                "router_logit_growth",
+                "activation_shift",
+                "update_ratio_shift",
+            }
+        )
         | ATTENTION
         | NONFINITE,
         0,
