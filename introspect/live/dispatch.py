@@ -74,6 +74,11 @@ class Dispatch:
                     param.register_post_accumulate_grad_hook(self._param_grad_hook(buffer, name, takers))
                 )
 
+    def wants_module_outputs(self) -> bool:
+        """Whether a probe active in the open step listens to module outputs or their gradients
+        (else the step needs no per-module hook at all)."""
+        return bool(self.events["on_output"] or self.events["on_output_grad"])
+
     def forward(self, args: tuple, kwargs: dict) -> None:
         """A counted forward of the root starts in the open step."""
         buffer = self.ctx.buffer
