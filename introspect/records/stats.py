@@ -258,7 +258,7 @@ class RecordBatch:
         # tensor. On CPU, repeat_interleave is a slow gather (~1 ms per 200K values) and strided
         # columns of one (values, 3) spread make every op after them 3-5x slower; expanding each
         # record's scalar (a view) and concatenating is a fill. Small batches take the one op.
-        base = torch.arange(n_records, device=device, dtype=torch.float32) * HIST_BINS
+        base = torch.arange(n_records, device=device, dtype=torch.int32) * HIST_BINS
         n = values.numel()
         if n <= _SPREAD_BY_REPEAT or n_records > _SPREAD_BY_EXPAND:
             offset_v, scale_v, base_v = (
@@ -268,8 +268,10 @@ class RecordBatch:
             offset_v, scale_v, base_v = (
                 torch.cat([c.expand(k) for c, k in zip(column.unbind(0), lengths)]) for column in (offset, scale, base)
             )
-        position = _bucket_position(values, offset_v, scale_v)
-        bucket = position.add_(base_v).to(torch.int32)
+        # Truncated before the record's base is added (as in counts_over): a float32 position just
+        # under a bucket edge would round up when added to a large base, and a value's bucket
+        # would depend on where its record sits in the batch.
+        bucket = _bucket_position(values, offset_v, scale_v).to(torch.int32).add_(base_v)
         if device.type == "cpu":
             counts = torch.bincount(bucket, minlength=n_records * HIST_BINS)
         else:  # bincount sizes its output from the data: a host sync on accelerators
@@ -293,6 +295,9 @@ class RecordBatch:
         for i in indices:
             sample, numel = self._samples[i], self._numels[i]
             dt = stat_dtype(sample.device)
+            if sample.numel() == 0:  # an empty tensor: nothing to count (the watch writes no such tag)
+                rows.append(torch.zeros(RECORD_LEN, dtype=dt, device=sample.device))
+                continue
             finite = torch.isfinite(sample)
             weights = finite.to(torch.float32)
             n_finite = finite.sum().to(dt)
