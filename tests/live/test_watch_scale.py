@@ -68,7 +68,7 @@ def added_ops(modules: int, tmp_path, every: int, logging: bool) -> collections.
         opt = torch.optim.SGD(model.parameters(), lr=1e-3)
         x, y = torch.randn(8, 32), torch.randn(8, 32)
 
-        def step() -> None:
+        def step(model: nn.Module = model, opt: torch.optim.Optimizer = opt, x=x, y=y) -> None:
             loss = F.mse_loss(model(x), y)
             opt.zero_grad()
             loss.backward()
