@@ -94,6 +94,8 @@ class _Read:
     host: torch.Tensor | None = None
     event: Any = None
     versions: list[int] | None = None
+    param_names: list[str] | None = None
+    """The parameters whose gradients were read, in order (a deferred read's)."""
 
 
 def replay_possible(ctx: ProbeContext) -> bool:
@@ -263,6 +265,8 @@ class NonFiniteSentinel(Probe):
             moved=moved,
         )
         if deferred:
+            # Named now: by the verdict a zero_grad(set_to_none=True) may have emptied .grad.
+            read.param_names = [n for n, p in self._params if p.grad is not None]
             self._defer(read, parts)
             return
         self._verdict(read, step_records.one_transfer(parts))
@@ -285,7 +289,7 @@ class NonFiniteSentinel(Probe):
     def _defer(self, read: _Read, parts: list[torch.Tensor]) -> None:
         self._settle(wait=True)  # (one read in flight at a time)
         values = torch.stack(parts)
-        host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+        host = torch.empty(values.shape, dtype=values.dtype, pin_memory=values.is_cuda)
         host.copy_(values, non_blocking=True)
         event = torch.cuda.Event()
         event.record()
@@ -322,18 +326,22 @@ class NonFiniteSentinel(Probe):
             if param_norms:
                 self._stale = set()
             return
-        params = [(n, p.grad) for n, p in self._params if p.grad is not None] if read.backward else []
+        params: list[tuple[str, torch.Tensor | None]]
+        if read.param_names is not None:  # a deferred read: the gradients it read, if still there
+            now = {n: p.grad for n, p in self._params} if not read.late else {}
+            params = [(n, now.get(n)) for n in read.param_names]
+        else:
+            params = [(n, p.grad) for n, p in self._params if p.grad is not None] if read.backward else []
         if param_norms and not read.per_param:
             # The packed norm fired (or overflowed): each gradient's own norm, on this path only.
-            grads = [local_view(g) for _, g in params] if self._dtensors else [g for _, g in params]
+            grads = [local_view(g) if self._dtensors else g for _, g in params if g is not None]
             param_norms = step_records.one_transfer(foreach_norm(grads, torch.float32)) if grads else []
             values = values[: n_out + n_grad] + param_norms
             buffer.grad_norm = math.sqrt(math.fsum(v * v for v in param_norms)) / scale_value
-        current = not read.late  # the gradients read are still .grad (not after a later zero_grad)
         bad_params = [
             (name, grad)
             for (name, grad), v in zip(params, param_norms)
-            if not math.isfinite(v) and not (current and math.isinf(v) and bool(torch.isfinite(grad).all()))
+            if not math.isfinite(v) and not (grad is not None and math.isinf(v) and bool(torch.isfinite(grad).all()))
         ]  # an Inf norm of finite values (each near 1e19) is no NaN: the one extra read is on this path only
         sighting = Sighting(
             outputs=[n for n, v in zip(read.out_names, values[:n_out]) if not math.isfinite(v)],
