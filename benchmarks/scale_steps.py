@@ -50,7 +50,7 @@ class Trainer:
         return time.perf_counter() - t0
 
 
-def run(modules: int, rounds: int, chunk: int, batch: int) -> None:
+def run(modules: int, rounds: int, chunk: int, batch: int, log_chunk: int) -> None:
     torch.manual_seed(0)
     base = mlp(modules)
     x, y = torch.randn(batch, 32), torch.randn(batch, 32)
@@ -80,11 +80,12 @@ def run(modules: int, rounds: int, chunk: int, batch: int) -> None:
             this: dict[str, float] = {}
             for key in order:
                 trainer, w = variants[key]
+                n = log_chunk if key == "every=1" else chunk
                 t0 = time.perf_counter()
-                steps = [trainer.step() for _ in range(chunk)]
+                steps = [trainer.step() for _ in range(n)]
                 if w is not None:
                     w.writer.flush()
-                this[key] = (time.perf_counter() - t0) / chunk
+                this[key] = (time.perf_counter() - t0) / n
                 if key == "every=1":
                     logging_steps += steps
                 if key == "bare":
@@ -125,7 +126,7 @@ def stats_pass(modules: int, batch: int, reps: int = 15) -> None:
     tensors = acts + [p.detach() for p in model.parameters()] + [p.grad for p in model.parameters()]
     big = torch.ones(sum(t.numel() for t in tensors))
 
-    def timed(fn: Callable[[], object]) -> float:
+    def timed(fn: Callable[[], object], reps: int = reps) -> float:
         fn()
         samples = []
         for _ in range(reps):
@@ -134,17 +135,32 @@ def stats_pass(modules: int, batch: int, reps: int = 15) -> None:
             samples.append(time.perf_counter() - t0)
         return statistics.median(samples)
 
-    def statistics_pass() -> None:
+    def statistics_pass(hold: bool) -> None:
         batch_ = RecordBatch()
         for t in tensors:
-            batch_.add(t)
+            batch_.add(t, hold=hold)
         batch_.compute().cpu()
 
-    pass_s, read_s = timed(statistics_pass), timed(lambda: big.sum())
-    print(
-        f"  stats pass of {len(tensors)} tensors ({big.numel() * 4 / 1e6:.2f} MB): {pass_s * 1e3:.2f} ms, "
-        f"{pass_s / len(tensors) * 1e6:.1f} us per tensor, one read {read_s * 1e6:.0f} us"
-    )
+    read_s = timed(lambda: big.sum())
+    for hold, how in ((False, "each copied when added"), (True, "held, packed (as watch does)")):
+        pass_s = timed(lambda hold=hold: statistics_pass(hold))
+        print(
+            f"  stats pass, {how}: {len(tensors)} tensors ({big.numel() * 4 / 1e6:.2f} MB) {pass_s * 1e3:.2f} ms, "
+            f"{pass_s / len(tensors) * 1e6:.1f} us per tensor; one read {read_s * 1e6:.0f} us, "
+            f"ratio {pass_s / read_s:.1f}x"
+        )
+    large = [torch.randn(64, 256, 28, 28) for _ in range(4)]  # 51 MB: large tensors
+    read_large = timed(lambda: [t.sum() for t in large], reps=5)
+    for hold in (False, True):
+
+        def pass_large(hold: bool = hold) -> None:
+            batch_ = RecordBatch()
+            for t in large:
+                batch_.add(t, hold=hold)
+            batch_.compute().cpu()
+
+        print(f"  stats pass of 4 x 12.8M values: {timed(pass_large, reps=5) / read_large:.2f}x one read")
+        break  # (large tensors are never held: one line)
 
 
 def main() -> None:
@@ -153,11 +169,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--chunk", type=int, default=50)
     parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--log-chunk", type=int, default=10, help="steps per chunk of the every=1 variant")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     for modules in args.modules:
-        run(modules, args.rounds, args.chunk, args.batch)
+        run(modules, args.rounds, args.chunk, args.batch, args.log_chunk)
         stats_pass(modules, args.batch)
 
 

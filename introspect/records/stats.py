@@ -53,6 +53,10 @@ _SPREAD_BY_EXPAND = 32
 constant number of ops (one expand per record would grow with the model; measured on the 2-core
 CPU, 600 records of 700 values: 0.5 ms against 10 ms)."""
 
+_MAX_GROUPS = 16
+"""Records of at most this many distinct lengths are computed a length at a time
+(``_compute_by_length``); more take the segment reductions over one concatenation."""
+
 _FULL_PRECISION = (torch.float32, torch.float64)
 
 _HELD = torch.empty(0)
@@ -249,6 +253,11 @@ class RecordBatch:
         dt = stat_dtype(device)
         n_records = len(self._samples)
         lengths = [s.numel() for s in self._samples]
+        groups: dict[int, list[int]] = {}
+        for i, k in enumerate(lengths):
+            groups.setdefault(k, []).append(i)
+        if n_records > 1 and len(groups) <= _MAX_GROUPS and 0 not in groups:
+            return self._compute_by_length(groups, lengths, device, dt)
         values = torch.cat(self._samples) if n_records > 1 else self._samples[0]
         sizes = torch.tensor(lengths, device=device)
         stats = self._stat_rows(lengths, values, sizes)
@@ -277,6 +286,57 @@ class RecordBatch:
         else:  # bincount sizes its output from the data: a host sync on accelerators
             counts = torch.zeros(n_records * HIST_BINS, dtype=torch.float32, device=device)
             counts.index_add_(0, bucket, torch.ones_like(values))
+        counts = counts.view(n_records, HIST_BINS).to(dt)
+        if any(n != k for n, k in zip(self._numels, lengths)):
+            scale_up = torch.tensor([n / k for n, k in zip(self._numels, lengths)], dtype=dt, device=device)
+            counts = counts * scale_up.unsqueeze(1)
+        head = torch.cat([torch.zeros(n_records, 1, dtype=dt, device=device), stats.to(dt)], dim=1)
+        return torch.cat([head, counts], dim=1)
+
+    def _compute_by_length(
+        self, groups: dict[int, list[int]], lengths: list[int], device: torch.device, dt: torch.dtype
+    ) -> torch.Tensor:
+        """``compute`` for records of a few distinct lengths (a stack of blocks has a handful): the
+        samples of one length stacked as a ``(records, length)`` matrix, reduced along its rows
+        and binned with per-row parameters that broadcast, no per-value spread and no segment
+        reduction (both cost ~3 ns a value on CPU, against ~0.3 ns for a row reduction); all
+        histograms in one ``bincount``. About a dozen ops per distinct length."""
+        n_records = len(lengths)
+        order = [i for members in groups.values() for i in members]
+        index = torch.tensor(order, device=device)
+        blocks = []
+        for k, members in groups.items():
+            block = (
+                torch.stack([self._samples[i] for i in members])
+                if len(members) > 1
+                else self._samples[members[0]].view(1, k)
+            )
+            blocks.append(block)
+        stat_blocks = []
+        for block in blocks:
+            mn, mx = torch.aminmax(block, dim=1)
+            stat_blocks.append(torch.stack([mn, mx, block.sum(dim=1), (block * block).sum(dim=1)], dim=1))
+        stats = torch.empty(n_records, 4, dtype=torch.float32, device=device)
+        stats[index] = torch.cat(stat_blocks) if len(stat_blocks) > 1 else stat_blocks[0]
+        if self._stats:  # large tensors: their exact statistics, not their sample's
+            large = torch.stack([t for values in self._stats.values() for t in values]).to(torch.float32)
+            stats[torch.tensor(list(self._stats), device=device)] = large.view(-1, 4)
+        # A NaN/Inf range bins everything into bucket 0; masked_rows redoes those rows.
+        offset, scale = _bin_transform(stats[:, 0], stats[:, 1])
+        buckets = []
+        start = 0
+        for block in blocks:
+            rows = index[start : start + block.shape[0]]
+            start += block.shape[0]
+            position = _bucket_position(block, offset[rows].unsqueeze(1), scale[rows].unsqueeze(1))
+            # Truncated before the record's base is added (see compute).
+            buckets.append(position.to(torch.int32).add_((rows.to(torch.int32) * HIST_BINS).unsqueeze(1)).view(-1))
+        bucket = torch.cat(buckets) if len(buckets) > 1 else buckets[0]
+        if device.type == "cpu":
+            counts = torch.bincount(bucket, minlength=n_records * HIST_BINS)
+        else:  # bincount sizes its output from the data: a host sync on accelerators
+            counts = torch.zeros(n_records * HIST_BINS, dtype=torch.float32, device=device)
+            counts.index_add_(0, bucket, torch.ones(bucket.shape, dtype=torch.float32, device=device))
         counts = counts.view(n_records, HIST_BINS).to(dt)
         if any(n != k for n, k in zip(self._numels, lengths)):
             scale_up = torch.tensor([n / k for n, k in zip(self._numels, lengths)], dtype=dt, device=device)
