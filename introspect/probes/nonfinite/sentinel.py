@@ -53,7 +53,7 @@ PACK_LIMIT = 1 << 16
 at once; bigger ones are reduced where they are (their per-tensor launch is small beside their bytes)."""
 
 
-def packed_norm(grads: list[torch.Tensor]) -> torch.Tensor:
+def packed_norm(grads: list[torch.Tensor], all_small: bool = False) -> torch.Tensor:
     """The L2 norm of all of ``grads`` together: a 0-dim float32 tensor, in a constant number of kernels.
 
     On CPU ``torch._foreach_norm`` falls back to one kernel per tensor (~1.2 us each with a 32x32
@@ -62,11 +62,13 @@ def packed_norm(grads: list[torch.Tensor]) -> torch.Tensor:
     238 us, 800 gradients 303 us against 981 us; a post-accumulate-grad hook keeping a running sum
     of squares costs a Python call and a kernel per parameter, 528 us and 10 ms). On CUDA
     ``_foreach_norm`` is one fused launch per ~100 tensors and copies nothing: it stays.
+    ``all_small``: the caller knows every gradient is at most ``PACK_LIMIT`` values (skips a look
+    at each).
     """
     device = grads[0].device
     if device.type != "cpu" or any(g.device != device for g in grads):
         return torch.linalg.vector_norm(torch.stack(foreach_norm(grads, torch.float32)))
-    small = [g for g in grads if g.numel() <= PACK_LIMIT]
+    small = grads if all_small else [g for g in grads if g.numel() <= PACK_LIMIT]
     parts = [torch.linalg.vector_norm(flatten_dense(small), dtype=torch.float32)] if small else []
     if len(small) < len(grads):
         parts += foreach_norm([g for g in grads if g.numel() > PACK_LIMIT], torch.float32)
@@ -140,6 +142,7 @@ class NonFiniteSentinel(Probe):
         self._devices = cuda_devices(ctx.root)
         self._params = [(n, p) for n, p in ctx.root.named_parameters() if p.requires_grad]
         self._tensors = [p for _, p in self._params]
+        self._all_small = all(p.numel() <= PACK_LIMIT for p in self._tensors)  # (their gradients too)
         self._dtensors = any(type(p).__name__ == "DTensor" for _, p in self._params)
         self._local: Alert | None = None  # this step's own finding, for the rank exchange
         self._stale: set[str] = set()  # parameters whose .grad an earlier backward left non-finite
@@ -234,7 +237,7 @@ class NonFiniteSentinel(Probe):
         moved = self._weights_moved()
         self._clear()
         out_grads = [g for r in records for g in r.grads.values() if g is not None]
-        grads = [p.grad for p in self._tensors if p.grad is not None] if backward else []
+        grads = [g for p in self._tensors if (g := p.grad) is not None] if backward else []
         if self._dtensors:
             grads = [local_view(g) for g in grads]
         heads = outputs + out_grads  # a few tensors, whatever the model's size
@@ -246,7 +249,7 @@ class NonFiniteSentinel(Probe):
             parts += foreach_norm(grads, torch.float32)
             per_param = True
         elif grads:
-            parts.append(packed_norm(grads))
+            parts.append(packed_norm(grads, all_small=self._all_small))
         if scale is not None:
             parts.append(scale.reshape(()).float())
         if not parts:
