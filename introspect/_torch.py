@@ -128,6 +128,14 @@ def foreach_norm(tensors: list[torch.Tensor], dtype: torch.dtype | None = None) 
         return [n.to(dtype) for n in torch._foreach_norm(tensors)]
 
 
+def flatten_dense(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """One flat, contiguous copy of many tensors on one device: ``torch._utils._flatten_dense_tensors``
+    (torch >= 1.0; DDP's and apex's gradient bucketing), which makes the per-tensor views in C++
+    (~0.4 us a tensor on CPU, against ~1 us for ``t.view(-1)`` from Python) and copies them in one
+    ``cat``. Dtypes are promoted as ``cat`` promotes them."""
+    return torch._utils._flatten_dense_tensors(tensors)
+
+
 def view_base(tensor: torch.Tensor) -> torch.Tensor | None:
     """The tensor ``tensor`` is a view of (``Tensor._base``, torch >= 0.4; None for a tensor that
     owns its storage): the non-finite check follows ``x.flatten(1)``, ``x.view(...)`` or a slice

@@ -25,7 +25,7 @@ from ..errors import NonFiniteError, ProbeError, warn
 from ..probes.base import EVENTS, Probe, ProbeContext, StepPlan, overrides
 from ..records.shards import ShardRecords
 from ..records.sinks import write_step
-from ..records.step import HostStep, StepBuffer
+from ..records.step import CapturePolicy, HostStep, StepBuffer
 from ..records.tags import probe_tag
 from ..runtime.distributed import ddp_syncs_gradients
 
@@ -45,6 +45,7 @@ class Dispatch:
         self._per_module: dict[str, tuple[list[Probe], list[Probe]]] = {}
         self._handles = {id(p): {e for e in EVENTS if overrides(p, e)} for p in probes}
         self._error_probes = [p for p in probes if "on_error" in self._handles[id(p)]]
+        self._capture = CapturePolicy()  # which records a logging step may hold uncopied (see records.step)
         self._events_of: dict[tuple[int, ...], dict[str, list[Probe]]] = {}
         """The event lists of each set of active probes met so far (a handful): worked out once,
         not on every step (the per-step Python cost matters on small models)."""
@@ -54,7 +55,9 @@ class Dispatch:
         """The step's buffer and probes; ``on_step_start``; gradient-accumulation hooks if wanted."""
         ctx = self.ctx
         shards = ShardRecords(ctx.shards) if plan.logging and ctx.shards is not None else None
-        buffer = StepBuffer(step=plan.step, logging=plan.logging, checking=plan.checking, shards=shards)
+        buffer = StepBuffer(
+            step=plan.step, logging=plan.logging, checking=plan.checking, shards=shards, capture=self._capture
+        )
         ctx.plan, ctx.buffer = plan, buffer
         active = [p for p in self.probes if p.active(plan) and (p.builtin or f"<probe {p.name}>" not in ctx.disabled)]
         key = tuple(id(p) for p in active)
@@ -67,12 +70,18 @@ class Dispatch:
         self._per_module = {}
         for probe in self.events["on_step_start"]:
             probe.on_step_start(plan)
+        buffer.settle()  # weights/: before the optimizer moves them
         takers = [p for p in self.events["on_param_grad"] if p.wants_param_grads]
         if takers:
             for name, param in ctx.params.items():
                 ctx.step_hooks.hook(
                     param.register_post_accumulate_grad_hook(self._param_grad_hook(buffer, name, takers))
                 )
+
+    def wants_module_outputs(self) -> bool:
+        """Whether a probe active in the open step listens to module outputs or their gradients
+        (else the step needs no per-module hook at all)."""
+        return bool(self.events["on_output"] or self.events["on_output_grad"])
 
     def forward(self, args: tuple, kwargs: dict) -> None:
         """A counted forward of the root starts in the open step."""
@@ -111,10 +120,13 @@ class Dispatch:
                         tensor.register_hook(hook)
         finally:
             ctx.forget_output()  # the probes' view of the output included
+            buffer.settle()  # the activations: before the next forward or an in-place op changes them
 
     def before_optimizer_step(self) -> None:
         for probe in self.events["on_before_optimizer_step"]:
             probe.on_before_optimizer_step()
+        if self.ctx.buffer is not None:
+            self.ctx.buffer.settle()
 
     def after_optimizer_step(self) -> None:
         for probe in self.events["on_after_optimizer_step"]:
@@ -279,7 +291,9 @@ class Dispatch:
 
     def _backward_reached(self, buffer: StepBuffer) -> None:
         """A backward of the open step is under way: its end-of-backward callback, once."""
-        if buffer.callback_queued or not (self.events["on_after_backward"] or self.events["on_after_reduction"]):
+        if buffer.callback_queued or not (
+            buffer.logging or self.events["on_after_backward"] or self.events["on_after_reduction"]
+        ):
             return
         if self.ctx.compiled and compiled_autograd_enabled():
             # Compiled autograd refuses a backward callback (torch 2.14): no end-of-backward events
@@ -293,6 +307,7 @@ class Dispatch:
         buffer.callback_queued = False
         if buffer.closed or self.ctx.closing:
             return
+        buffer.settle()  # the gradients: before clipping or unscaling changes them in place
         for probe in self.events["on_after_backward"]:
             probe.on_after_backward()
         if buffer.ddp_sync or self.ctx.shards is not None:

@@ -12,8 +12,13 @@ Lifecycle of a step (see :mod:`introspect.live.clock` for when steps open and en
 * the step ends at the next training forward, at ``optimizer.step()``, or on exit: its records
   cross to the host in one transfer, are written, and the probes get ``on_step_end``.
 
-Off the logging cadence only the non-finite check is active: a Python call and one ``sum`` per
-output; no tensor is kept, nothing is written.
+The per-module output hooks exist only on the steps whose probes want module outputs (logging
+steps; every checked step under ``check_mode="per_module"``): installed when such a step opens
+(in the root's forward pre-hook, which stays) and removed when it closes. Off the logging cadence
+a step costs the root's hooks and the non-finite sentinel's few reductions, whatever the number
+of modules; nothing is kept, nothing is written. Under ``torch.compile``, with ``step_fn=`` and
+under ``check_mode="per_module"``
+the per-module hooks stay for the whole watch (see ``_install_module_hooks``).
 """
 
 from __future__ import annotations
@@ -84,6 +89,9 @@ class Watcher:
         self._suspended = False  # our own extra forwards (summary, graph) are not observed
         self._registry = Registry()
         self._step_hooks = Registry()
+        self._module_hooks = Registry()  # the per-module output hooks, while installed
+        self._module_hooks_on = False
+        self._module_hooks_permanent = False
         self._guard: SignalGuard | None = None
         self._compiled_seen = False  # an output hook was traced by torch.compile (see compiled.py)
         self._compiled_warned = False
@@ -268,8 +276,15 @@ class Watcher:
         # Compiled code would go on calling our (removed) hooks.
         registry.add("compiled code", self._forget_compiled_code)
         registry.hook(root.register_forward_pre_hook(self._on_root_pre, with_kwargs=True))
+        # The root's own output hook stays (one hook: a constant cost), and comes before
+        # _on_root_post; every other module's comes and goes with the steps that need it.
+        self._output_hooks = {name: self._make_output_hook(name) for name in self.ctx.modules}
         for name, module in self.ctx.modules.items():
-            registry.hook(module.register_forward_hook(self._make_output_hook(name)))
+            if module is root:
+                registry.hook(module.register_forward_hook(self._output_hooks[name]))
+        registry.add("the per-module hooks", self._module_hooks.undo)
+        if self._module_hooks_always():
+            self._install_module_hooks(permanent=True)
         # Registered last so that it runs after the root's own output hook.
         registry.hook(root.register_forward_hook(self._on_root_post, always_call=True))
         optimizer = self.config.optimizer
@@ -281,6 +296,31 @@ class Watcher:
             self._guard = guard
             registry.add("the signal handlers", guard.restore)
         registry.add("the step's hooks", self._step_hooks.undo)
+
+    def _module_hooks_always(self) -> bool:
+        """Whether the per-module hooks stay for the whole watch: see ``_install_module_hooks``."""
+        return self.ctx.compiled or self.config.step_fn is not None or self.ctx.check_mode == "per_module"
+
+    def _install_module_hooks(self, permanent: bool = False) -> None:
+        """The per-module output hooks: on the steps whose probes want a module's output (logging
+        steps; every checked step under ``check_mode="per_module"``), so that a step that wants
+        none costs a constant, not a Python call per module. Permanent under ``torch.compile``
+        (hooks that come and go would make compiled code recompile; dynamo does not guard on
+        them), with ``step_fn=`` (a child's forward may be the first to see a new step) and under
+        ``check_mode="per_module"`` (whose check wants every module's output on every step)."""
+        self._module_hooks_permanent = self._module_hooks_permanent or permanent
+        if self._module_hooks_on:
+            return
+        self._module_hooks_on = True
+        root, hooks = self._root, self._module_hooks
+        for name, module in self.ctx.modules.items():
+            if module is not root:
+                hooks.hook(module.register_forward_hook(self._output_hooks[name]))
+
+    def _remove_module_hooks(self) -> None:
+        if self._module_hooks_on and not self._module_hooks_permanent:
+            self._module_hooks_on = False
+            self._module_hooks.undo()
 
     def _forget_compiled_code(self) -> None:
         if self._compiled_seen:
@@ -367,6 +407,12 @@ class Watcher:
             self._dispatch.close_step()
         if self.ctx.buffer is None:
             self._dispatch.open_step(self._clock.plan())
+            if self._module_hooks_always():
+                self._install_module_hooks(permanent=True)
+            elif self._dispatch.wants_module_outputs() and not self._module_hooks_on:
+                self._install_module_hooks()
+                # Removed when the step closes (the dispatch undoes the step's hooks first).
+                self.ctx.step_hooks.add("the per-module hooks", self._remove_module_hooks)
 
     def _join_external_step(self, module: nn.Module) -> bool:
         """With ``step_fn=``, a training forward of a watched module counts even when the root is

@@ -22,7 +22,7 @@ import torch
 from .._torch import foreach_norm
 from ..debugger.alerts import Alert
 from ..records.shards import local_view
-from ..records.step import Check, HostStep
+from ..records.step import Check, HostStep, StepBuffer
 from ..records.tags import PRE_SPIKE_TAG
 from ..runtime.selection import root_name
 from .base import Probe, ProbeContext, StepPlan
@@ -54,6 +54,7 @@ class GradNormSpike(Probe):
         limits = ctx.config.thresholds
         self._window: deque[float] = deque(maxlen=max(2, int(limits.grad_spike_window)))
         self._history: deque[tuple[int, dict[str, float]]] = deque(maxlen=PRE_SPIKE_STEPS)
+        self._late: StepBuffer | None = None  # a step whose norm the sentinel had not read yet
 
     @property
     def _from_sentinel(self) -> bool:
@@ -88,8 +89,15 @@ class GradNormSpike(Probe):
     def on_step_end(self, host: HostStep | None) -> None:
         buffer = self.ctx.buffer
         value: float | None = None
+        late, self._late = self._late, None
+        if late is not None and late.grad_norm is not None and math.isfinite(late.grad_norm):
+            # A CUDA sentinel reads without blocking: an earlier step's norm, come since.
+            if not late.grads_overflowed:
+                self._score(late.step, late.grad_norm)
         if buffer is not None and buffer.checking and self._from_sentinel:
             value = buffer.grad_norm
+            if value is None:
+                self._late = buffer  # (a step's record, no tensor: nothing held)
         elif buffer is not None and buffer.checking:
             buffer.sync_checks()  # a no-op: the non-finite check moved them already
             found = [v for label, v in zip(buffer.check_labels, buffer.check_values) if label.kind == _LABEL.kind]
@@ -100,6 +108,9 @@ class GradNormSpike(Probe):
             self._history.append((host.step, dict(host.scalars)))
         if value is None or not math.isfinite(value) or buffer is None or buffer.grads_overflowed:
             return
+        self._score(buffer.step, value)
+
+    def _score(self, step: int, value: float) -> None:
         limits = self.ctx.config.thresholds
         window = self._window
         # σ only for a value that could be a spike: ≥ ratio x the mean (a few µs per step otherwise).
@@ -109,7 +120,7 @@ class GradNormSpike(Probe):
             score, mean, sigma = spike_score(value, window)
             if score >= limits.grad_spike_sigma:
                 self.ctx.escalate()  # the next steps log: the per-module views see what spiked
-                self._spike(buffer.step, value, score, mean, sigma)
+                self._spike(step, value, score, mean, sigma)
         self._window.append(value)
 
     def _spike(self, step: int, value: float, score: float, mean: float, sigma: float) -> None:

@@ -1,10 +1,18 @@
 """Dead and saturated units: ReLU channels that output zero for every sample seen, sigmoid/tanh
-outputs pinned at their bounds. Measured on logging steps (one reduction per output), judged
-when the step's numbers reach the host."""
+outputs pinned at their bounds. Measured on logging steps, judged when the step's numbers reach
+the host.
+
+The outputs are measured together at the end of the forward, not one by one in their hooks: the
+outputs of one kind and shape (the ReLUs of a stack of blocks) are stacked and reduced at once, so
+a logging step costs a constant number of ops however many such modules the model has. Until
+then they are held by reference: each is saved for the backward by its own module anyway (ReLU,
+sigmoid and tanh save their output), which is also why nothing can change them in place before
+(autograd would refuse the backward). Outputs above ``PACK_LIMIT`` values are measured at once,
+alone: their bytes, not the op count, are the cost, and a stack of them would copy them.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -14,87 +22,22 @@ from ..debugger.health import check_activation_health
 from ..records.step import HostStep
 from .base import Probe, ProbeContext
 
-__all__ = ["UnitHealth", "unit_health"]
+__all__ = ["UnitHealth", "unit_health", "PACK_LIMIT"]
 
-# On logging steps only: one reduction over every dimension but the unit (channel) dimension 1.
-UnitMeasure = Callable[[Any, str, torch.Tensor, Any, dict], None]
+PACK_LIMIT = 1 << 16
+"""Outputs of at most this many values are stacked with the others of their kind and shape."""
 
-
-def _per_unit_max(values: torch.Tensor) -> torch.Tensor | None:
-    if values.dim() < 2:
-        return None
-    dims = tuple(d for d in range(values.dim()) if d != 1)
-    return values.amax(dim=dims)
+_KINDS = {"ReLU": "dead", "ReLU6": "dead", "Sigmoid": "sigmoid", "Tanh": "tanh"}
 
 
-def _active_samples(values: torch.Tensor) -> torch.Tensor | None:
-    """Per unit (dimension 1): on how many samples (dimension 0) it output anything above 0."""
-    if values.dim() < 2:
-        return None
-    per_sample = values.amax(dim=tuple(range(2, values.dim()))) if values.dim() > 2 else values
-    return ((per_sample > 0) | per_sample.isnan()).sum(0)  # NaN is no verdict of death
+def unit_health(module_type: str) -> str | None:
+    """The unit measure of an activation module's type name: "dead" (ReLU), "sigmoid" or "tanh"
+    (saturation), or None."""
+    return _KINDS.get(module_type)
 
 
-def _measure_dead(buffer: Any, where: str, output: torch.Tensor, limits: Any, windows: dict) -> None:
-    """Share of units (channels) that output zero for every sample of a window of logged batches,
-    and share of units that died at once.
-
-    One small batch says little (a unit active on 5% of inputs is zero on all 8 samples of a batch
-    two times in three), so the per-unit "never active" mask is ANDed over consecutive logging
-    steps until it has seen ``dead_min_samples`` samples; only then is the share measured. That
-    window hides a layer that dies inside it (alive before, dead after: the AND is "alive"), so
-    each unit's active rate over the earlier logging steps is kept too: a unit zero for every
-    sample of this step, whose rate made that unlikely (``(1 - rate)^samples < dead_chance``), died
-    now (``dead_sudden/{where}``, the share of all units that did). A legitimately sparse unit
-    (active on a few samples in ten) is never "unlikely" to be silent on one batch.
-    """
-    active = _active_samples(output.detach())
-    if active is None:
-        return
-    dead_now = active == 0
-    samples = output.shape[0]
-    rates = windows.get(("rate", where))
-    if rates is not None and rates[0].shape == active.shape:
-        total, seen = rates[0] + active, rates[1] + samples
-        if rates[1] >= limits.dead_history_samples:
-            chance = (1.0 - rates[0].float() / rates[1]).pow(samples)
-            buffer.add_measure(f"dead_sudden/{where}", (dead_now & (chance < limits.dead_chance)).float().mean())
-            buffer.add_measure(f"dead_now/{where}", dead_now.float().mean())
-    else:
-        total, seen = active, samples
-    windows[("rate", where)] = (total, seen)
-    previous = windows.get(where)
-    if previous is not None and previous[0].shape == dead_now.shape:
-        dead, seen = previous[0] & dead_now, previous[1] + output.shape[0]
-    else:
-        dead, seen = dead_now, output.shape[0]
-    if seen >= limits.dead_min_samples:
-        buffer.add_measure(f"dead/{where}", dead.float().mean())
-        windows.pop(where, None)
-    else:
-        windows[where] = (dead, seen)
-
-
-def _measure_saturation(distance_to_bound: Callable[[torch.Tensor], torch.Tensor]) -> UnitMeasure:
-    def measure(buffer: Any, where: str, output: torch.Tensor, limits: Any, windows: dict) -> None:
-        """Share of output values within ``saturation_margin`` of a bound, where the slope is ~0."""
-        near = distance_to_bound(output.detach().float()) < limits.saturation_margin
-        buffer.add_measure(f"saturated/{where}", near.float().mean())
-
-    return measure
-
-
-_UNIT_MEASURES: dict[str, UnitMeasure] = {
-    "ReLU": _measure_dead,
-    "ReLU6": _measure_dead,
-    "Sigmoid": _measure_saturation(lambda y: torch.minimum(y, 1.0 - y)),
-    "Tanh": _measure_saturation(lambda y: 1.0 - y.abs()),
-}
-
-
-def unit_health(module_type: str) -> UnitMeasure | None:
-    """The dead/saturated-unit measure for an activation module's type name, if it has one."""
-    return _UNIT_MEASURES.get(module_type)
+def _distance_to_bound(kind: str, y: torch.Tensor) -> torch.Tensor:
+    return torch.minimum(y, 1.0 - y) if kind == "sigmoid" else 1.0 - y.abs()
 
 
 class UnitHealth(Probe):
@@ -103,19 +46,106 @@ class UnitHealth(Probe):
 
     def bind(self, ctx: ProbeContext) -> None:
         super().bind(ctx)
-        self._measures = {n: m for n, t in ctx.module_types.items() if (m := unit_health(t)) is not None}
-        self._windows: dict[str, Any] = {}  # per-unit masks carried across logging steps
+        self._kinds = {n: k for n, t in ctx.module_types.items() if (k := unit_health(t)) is not None}
+        # Per group of outputs (names, shape): the per-unit "never active" masks ANDed over
+        # consecutive logging steps, and how many samples each has seen.
+        self._windows: dict[tuple, tuple[torch.Tensor, list[int]]] = {}
+        self._held: list[tuple[str, str, torch.Tensor]] = []
+        self._rates: dict[tuple, tuple[torch.Tensor, int]] = {}  # per group: samples each unit was on, of how many
 
     def select(self, name: str, module: nn.Module) -> bool:
-        return name in self._measures
+        return name in self._kinds
 
     def on_output(self, name: str, module: nn.Module, output: Any) -> None:
-        measure = self._measures[name]
+        kind = self._kinds[name]
         for where, _, tensor in self.ctx.outputs(name, output):
-            measure(self.ctx.buffer, where, tensor, self.ctx.config.thresholds, self._windows)
+            if kind == "dead" and tensor.dim() < 2:
+                continue  # no unit dimension
+            if tensor.numel() > PACK_LIMIT:
+                self._measure(kind, [(where, tensor.detach())])
+            else:
+                self._held.append((where, kind, tensor.detach()))
         return None
 
+    def on_forward_end(self, output: Any) -> None:
+        held, self._held = self._held, []
+        groups: dict[tuple, list[tuple[str, torch.Tensor]]] = {}
+        for where, kind, tensor in held:
+            groups.setdefault((kind, tensor.shape, tensor.dtype, tensor.device), []).append((where, tensor))
+        for (kind, *_), members in groups.items():
+            self._measure(kind, members)
+
+    def _measure(self, kind: str, members: list[tuple[str, torch.Tensor]]) -> None:
+        buffer = self.ctx.buffer
+        if buffer is None:
+            return
+        limits = self.ctx.config.thresholds
+        tensors = [t for _, t in members]
+        x = tensors[0].unsqueeze(0) if len(tensors) == 1 else torch.stack(tensors)  # (k, batch, unit, ...)
+        if kind != "dead":
+            # Share of output values within ``saturation_margin`` of a bound, where the slope is ~0.
+            near = (_distance_to_bound(kind, x.float()) < limits.saturation_margin).flatten(1)
+            shares = near.float().mean(dim=1)
+            for i, (where, _) in enumerate(members):
+                buffer.add_measure(f"saturated/{where}", shares[i])
+            return
+        # Share of units (channels) that output zero for every sample of a window of logged
+        # batches. One small batch says little (a unit active on 5% of inputs is zero on all 8
+        # samples of a batch two times in three), so the per-unit "never active" mask is ANDed
+        # over consecutive logging steps until it has seen ``dead_min_samples`` samples.
+        dead_now = x.amax(dim=tuple(d for d in range(x.dim()) if d not in (0, 2))) <= 0  # (k, unit)
+        key = (tuple(w for w, _ in members), tuple(x.shape[2:3]))
+        self._sudden(key, members, x, dead_now)
+        window = self._windows.get(key)
+        batch = x.shape[1]
+        if window is None:
+            dead, seen = dead_now, [batch] * len(members)
+        else:
+            previous, counts = window
+            fresh = [c == 0 for c in counts]
+            if any(fresh):  # a window that just ended starts again from this batch
+                previous = previous | torch.tensor(fresh, device=previous.device).unsqueeze(1)
+            dead, seen = previous & dead_now, [c + batch for c in counts]
+        ready = [s >= limits.dead_min_samples for s in seen]
+        if any(ready):
+            shares = dead.float().mean(dim=1)
+            for i, (where, _) in enumerate(members):
+                if ready[i]:
+                    buffer.add_measure(f"dead/{where}", shares[i])
+                    seen[i] = 0
+        self._windows[key] = (dead, seen)
+
+    def _sudden(
+        self, key: tuple, members: list[tuple[str, torch.Tensor]], x: torch.Tensor, dead_now: torch.Tensor
+    ) -> None:
+        """Units that died at once. The window above hides a layer that dies inside it (alive
+        before, dead after: the AND says "alive"), so each unit's active rate over the earlier
+        logging steps is kept too: a unit zero for every sample of this step, whose rate made that
+        unlikely (``(1 - rate)^samples < dead_chance``), died now (``dead_sudden/{where}``, the share
+        of all units that did). A legitimately sparse unit (active on a few samples in ten) is never
+        "unlikely" to be silent on one batch. NaN is no verdict of death."""
+        buffer, limits = self.ctx.buffer, self.ctx.config.thresholds
+        if buffer is None:
+            return
+        per_sample = x.amax(dim=tuple(range(3, x.dim()))) if x.dim() > 3 else x  # (k, batch, unit)
+        active = ((per_sample > 0) | per_sample.isnan()).sum(1)  # (k, unit): samples each unit was on
+        batch = x.shape[1]
+        rates = self._rates.get(key)
+        if rates is not None and rates[0].shape == active.shape:
+            total, seen = rates[0] + active, rates[1] + batch
+            if rates[1] >= limits.dead_history_samples:
+                chance = (1.0 - rates[0].float() / rates[1]).pow(batch)
+                sudden = (dead_now & (chance < limits.dead_chance)).float().mean(dim=1)
+                now = dead_now.float().mean(dim=1)
+                for i, (where, _) in enumerate(members):
+                    buffer.add_measure(f"dead_sudden/{where}", sudden[i])
+                    buffer.add_measure(f"dead_now/{where}", now[i])
+        else:
+            total, seen = active, batch
+        self._rates[key] = (total, seen)
+
     def on_step_end(self, host: HostStep | None) -> None:
+        self._held = []  # a forward that never reached its end
         if host is None:
             return
         ctx = self.ctx
@@ -124,3 +154,5 @@ class UnitHealth(Probe):
 
     def on_close(self, failed: bool) -> None:
         self._windows = {}
+        self._rates = {}
+        self._held = []

@@ -21,7 +21,7 @@ from ..runtime.amp import LOW_PRECISION
 from .shards import ShardRecords, local_view
 from .stats import RECORD_LEN, HistogramRecord, RecordBatch, stat_dtype
 
-__all__ = ["StepBuffer", "HostStep", "Check", "one_transfer"]
+__all__ = ["StepBuffer", "HostStep", "Check", "CapturePolicy", "one_transfer"]
 
 
 class Check(NamedTuple):
@@ -34,6 +34,23 @@ class Check(NamedTuple):
     kind: str
     call: int = -1
     where: str = ""
+
+
+class CapturePolicy:
+    """Which histograms' small tensors a logging step may hold by reference, uncopied, until the
+    step's next flush point (the forward's end, the backward's end, ``optimizer.step()``): kept by
+    the watch across steps. The first logging step copies every tensor and watches its in-place
+    version; a kind of tensor (a tag) found changed in place before its flush point (an output
+    that ``ReLU(inplace=True)`` or ``x += ...`` rewrites) is copied from then on. A tag held by
+    reference that is found changed later is copied from the next logging step on (its values on
+    that one step are those after the change)."""
+
+    def __init__(self) -> None:
+        self.learned = False
+        self.copied: set[str] = set()
+
+    def hold(self, tag: str) -> bool:
+        return self.learned and tag not in self.copied
 
 
 @dataclass
@@ -87,6 +104,8 @@ class StepBuffer:
     shards: ShardRecords | None = None
     """Under sharded training, the records of DTensor weights and gradients (combined across
     ranks at the end of a logging step); without it a DTensor's local shard is recorded alone."""
+    capture: CapturePolicy | None = None
+    """The watch's policy of holding small tensors by reference (None: copy each when added)."""
     _pending: list[torch.Tensor] = field(default_factory=list)
     _any_nonfinite: bool = False
     _outputs: dict[int, tuple[weakref.ref, int]] = field(default_factory=dict)
@@ -103,8 +122,26 @@ class StepBuffer:
         tensor = local_view(tensor)
         if tensor.numel() == 0:  # an empty batch or a zero-width layer has no histogram
             return
-        index = self.records.add(tensor, total)  # first: a tensor it cannot read leaves no empty tag behind
+        index = self._add_record(tag, tensor, total)  # first: a tensor it cannot read leaves no empty tag behind
         self.histograms.setdefault(tag, []).append((tensor.numel(), index))
+
+    def _add_record(self, tag: str, tensor: torch.Tensor, total: torch.Tensor | None = None) -> int:
+        capture = self.capture
+        if capture is None:
+            return self.records.add(tensor, total)
+        return self.records.add(tensor, total, hold=capture.hold(tag), watch=not capture.learned)
+
+    def settle(self) -> None:
+        """A flush point: the tensors held by reference are copied now (one ``cat``), before
+        anything can change them in place (the optimizer, gradient clipping, the next forward)."""
+        if not self.logging or not len(self.records):
+            return
+        records = self.records
+        records.flush()
+        if records.changed and self.capture is not None:
+            changed = set(records.changed)
+            records.changed = []
+            self.capture.copied.update(t for t, calls in self.histograms.items() if any(i in changed for _, i in calls))
 
     def set_histogram(self, tag: str, tensor: torch.Tensor) -> None:
         """Replace the values (a parameter's gradient is final only after the last backward)."""
@@ -113,7 +150,7 @@ class StepBuffer:
         tensor = local_view(tensor)
         if tensor.numel() == 0:
             return
-        self.histograms[tag] = [(tensor.numel(), self.records.add(tensor))]
+        self.histograms[tag] = [(tensor.numel(), self._add_record(tag, tensor))]
 
     def _sharded(self, tag: str, tensor: torch.Tensor) -> bool:
         """Whether ``tensor`` is a shard whose record waits for the other ranks' (taken here)."""
@@ -203,6 +240,9 @@ class StepBuffer:
         self.closed = True
         self._outputs.clear()
         self._sums.clear()
+        self.settle()
+        if self.capture is not None and self.logging:
+            self.capture.learned = True
         parts: list[torch.Tensor] = []
         if len(self.records):
             parts.append(self.records.compute().reshape(-1))

@@ -256,3 +256,40 @@ def test_nonfinite_gradient_is_found_in_backward(writer, logdir):
     assert scalar_at(acc, "nonfinite/lin1.weight", 0) > 0
     assert [a.step for a in w.alerts if a.kind == "nonfinite"] == [0], w.alerts
     assert w.alerts[0].where in ("lin1", "gradpoison")
+
+
+class _LandedEvent:
+    """A CUDA event whose copy has always landed, for the deferred read's logic on a CPU."""
+
+    def record(self) -> None: ...
+
+    def query(self) -> bool:
+        return True
+
+    def synchronize(self) -> None: ...
+
+
+def test_a_deferred_read_after_the_optimizer_step_still_reports(tmp_path, monkeypatch):
+    """The CUDA path of the sentinel (norms copied without blocking, the verdict read later),
+    driven on the CPU: a NaN whose verdict comes after optimizer.step() moved the weights and
+    zero_grad emptied .grad is still a finding, naming the parameters the read saw."""
+    from introspect.probes.nonfinite import sentinel
+
+    monkeypatch.setattr(sentinel.NonFiniteSentinel, "_may_defer", lambda self, grads, reduced: bool(grads))
+    monkeypatch.setattr(sentinel.torch.cuda, "Event", _LandedEvent)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with watch(model, tmp_path / "run", every=50, **QUIET) as w:
+            for step in range(4):
+                loss = model(torch.randn(3, 4)).square().mean()
+                if step == 2:
+                    loss = loss * float("nan")
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+    found = [a for a in w.alerts if a.kind == "nonfinite"]
+    assert found and found[0].step == 2
+    assert "without blocking" in found[0].message

@@ -144,17 +144,28 @@ def test_grads_and_grad_norm_match_the_real_gradients(seed_cnn, writer, logdir):
 def test_gradient_hooks_only_on_logging_steps(seed_cnn, writer, logdir):
     """Off-cadence steps attach no output-gradient hook and no parameter hook (with the non-finite
     check, the one thing that runs every step, turned off)."""
-    seen = []
+    seen, outputs, module_hooks = [], [], []
     with watch(seed_cnn, writer, every=2, check_every=0, **QUIET):
-        # Registered after watch's own hook, so it sees the output after watch handled it.
+        # The output is looked at after the step (watch's own hook on conv1 exists on logging
+        # steps only, added when the step opens: after this one).
         def spy(module, args, out):
             param_hooks = any(getattr(p, "_post_accumulate_grad_hooks", None) for p in seed_cnn.parameters())
-            seen.append((bool(out._backward_hooks), param_hooks))
+            seen.append(param_hooks)
+            outputs.append(out)
+            module_hooks.append(len(module._forward_hooks))
 
         handle = seed_cnn.conv1.register_forward_hook(spy)
         train(seed_cnn, seed_cnn_batch, seed_cnn_loss, 5)
         handle.remove()
-    assert seen == [(True, True), (False, False), (True, True), (False, False), (True, True)]
+    assert [(bool(out._backward_hooks), p) for out, p in zip(outputs, seen)] == [
+        (True, True),
+        (False, False),
+        (True, True),
+        (False, False),
+        (True, True),
+    ]
+    assert module_hooks[1] == module_hooks[3] == 1  # off the cadence: the spy alone, no hook of watch
+    assert min(module_hooks[0::2]) > 1
     acc = read_events(logdir)
     assert hist_steps(acc, "activation_grads/conv1") == [0, 2, 4]
     assert hist_steps(acc, "grads/conv1.weight") == [0, 2, 4]

@@ -246,7 +246,7 @@ def test_nothing_is_installed_off_the_cadence(tmp_path):
     counts: list[int] = []
     router.register_forward_pre_hook(lambda m, a: counts.append(len(m._forward_hooks)))
     train_lm(model, tmp_path, 4, every=3)
-    # Off the cadence the router holds the watcher's own output hook alone; the probe's (and the
-    # attention probe's module-stack hook) come for logging steps 0 and 3 only.
-    assert counts[1] == counts[2] == 1 and counts[0] == counts[3] == 3
+    # Off the cadence the router holds no hook of the watcher; the watcher's output hook, the
+    # probe's and the attention probe's module-stack hook come for logging steps 0 and 3 only.
+    assert counts[1] == counts[2] == 0 and counts[0] == counts[3] == 3
     assert len(router._forward_hooks) == 0

@@ -13,6 +13,7 @@ from introspect.records.stats import (
     RECORD_LEN,
     SAMPLE_LIMIT,
     HistogramRecord,
+    RecordBatch,
     sample_stride,
     tensor_record,
 )
@@ -349,3 +350,81 @@ def test_batch_with_nan_in_a_small_tensor():
     assert torch.isfinite(rows[[0, 2]]).all()
     fixed = HistogramRecord.from_row(4, batch.masked_rows([1])[0].tolist())
     assert (fixed.nonfinite, fixed.min, fixed.max, fixed.sum) == (2.0, 1.0, 3.0, 4.0)
+
+
+# --------------------------------------------------------------------------- packed (held) records
+def _to_host_rows(batch: RecordBatch) -> list[list[float]]:
+    """What StepBuffer.to_host makes of a batch: the rows, NaN/Inf rows redone from finite values."""
+    rows = batch.compute().cpu().tolist()
+    broken = [i for i, row in enumerate(rows) if not all(math.isfinite(v) for v in row[1:3])]
+    if broken:
+        for i, row in zip(broken, batch.masked_rows(broken).cpu().tolist()):
+            rows[i] = row
+    return rows
+
+
+def _assorted_tensors() -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    with_nan = torch.randn(7, 9, generator=g)
+    with_nan[2, 3] = float("nan")
+    with_inf = torch.randn(300, generator=g)
+    with_inf[5], with_inf[9] = float("inf"), float("-inf")
+    return [
+        torch.randn(32, 32, generator=g),
+        torch.randn(64, generator=g) * 1e3,
+        with_nan,
+        with_inf,
+        torch.full((5, 5), float("nan")),
+        torch.zeros(17),
+        torch.full((3, 4), 2.5),
+        torch.empty(0),
+        torch.randint(-5, 6, (40,), generator=g),  # an int tensor (recorded as float)
+        torch.randn(128, 16, generator=g).bfloat16(),
+        torch.randn(4, 3, 3, generator=g).half(),
+        torch.relu(torch.randn(2000, generator=g)),
+        torch.randn(1, generator=g),
+        torch.randn(100, 100, generator=g),  # above BATCHED_LIMIT: reduced alone, sampled bins exact
+    ]
+
+
+def test_packed_records_equal_per_tensor_records():
+    """Records held by reference and copied in one flush equal those of each tensor alone."""
+    tensors = _assorted_tensors()
+    packed = RecordBatch()
+    for t in tensors:
+        packed.add(t, hold=True)
+    assert len(packed._held) == len(tensors) - 1  # all but the large one wait for the flush
+    rows = _to_host_rows(packed)
+    for t, row in zip(tensors, rows):
+        alone = RecordBatch()
+        alone.add(t)
+        (expected,) = _to_host_rows(alone)
+        assert row == pytest.approx(expected, rel=1e-6, abs=1e-6, nan_ok=True), t.dtype
+        if t.numel() == 0:
+            continue
+        values = t.double().flatten()
+        finite = values[torch.isfinite(values)]
+        assert row[0] == values.numel() - finite.numel()  # non-finite count
+        if finite.numel():
+            assert (row[1], row[2]) == (finite.min().item(), finite.max().item())
+            assert row[3] == pytest.approx(finite.sum().item(), rel=1e-5, abs=1e-4)
+            assert row[4] == pytest.approx(finite.square().sum().item(), rel=1e-5)
+            assert sum(row[5:]) == pytest.approx(finite.numel())
+            zeros = HistogramRecord.from_row(t.numel(), row)
+            assert zeros.finite_count == finite.numel()
+
+
+def test_a_held_tensor_changed_in_place_is_reported():
+    """flush() says which held (or watched) tensors changed in place since add(): the watch copies
+    their kind from then on."""
+    a, b, c = torch.randn(10), torch.randn(10), torch.randn(10)
+    batch = RecordBatch()
+    batch.add(a, hold=True)
+    batch.add(b, hold=True)
+    batch.add(c, watch=True)
+    b.relu_()
+    c.mul_(2)
+    batch.flush()
+    assert sorted(batch.changed) == [1, 2]
+    rows = _to_host_rows(batch)
+    assert rows[2][1:3] == [c.min().item() / 2, c.max().item() / 2]  # the copy made at add()

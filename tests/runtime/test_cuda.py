@@ -1,7 +1,9 @@
 """CUDA: host syncs only where the design allows them, checked with torch's sync debug mode.
 
-Off the logging cadence with ``check_every=0`` a step must not sync the host at all; with the
-default check it syncs exactly once (the check's one transfer). Skipped without a GPU; the rest of
+Off the logging cadence a step must not sync the host at all: with ``check_every=0``, and with
+the default check too, whose norms cross to pinned memory without blocking; under
+``on_nonfinite="raise"`` the check reads synchronously (one sync per step) to raise before
+``optimizer.step()``. Skipped without a GPU; the rest of
 the CUDA coverage lives beside its feature (test_watch.test_cuda_model, test_stats's CUDA record,
 test_amp's fp16 + GradScaler cases).
 """
@@ -14,7 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from introspect import watch
+from introspect import NonFiniteError, watch
 from tests.support import QUIET
 from tests.support.events import hist_at, hist_steps, read_events
 from tests.support.zoo import SeedCNN
@@ -75,14 +77,55 @@ def test_no_host_sync_off_cadence_with_the_check_off(tmp_path):
     assert hist_steps(read_events(tmp_path / "run"), "activations/conv1") == [0, 5]
 
 
-def test_exactly_one_host_sync_per_step_with_the_default_check(tmp_path):
+def test_no_host_sync_per_step_with_the_default_check(tmp_path):
+    """The sentinel's norms go to pinned memory without blocking; the verdict is read once the
+    copy has landed (by the next step at the latest): off the cadence a step never syncs."""
     model, opt, batches = _setup()
     with watch(model, tmp_path / "run", every=50, **QUIET) as w:
         _step(model, opt, batches[0])  # step 0 logs; its records cross at step 1's forward
         _step(model, opt, batches[1])
         counts = [_syncs(model, opt, batch) for batch in batches[2:6]]
-    assert counts == [1, 1, 1, 1]  # the check's one transfer, per step
-    assert w.step == 5 and w.alerts == []
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")  # any sync raises
+        try:
+            _step(model, opt, batches[2])
+            _step(model, opt, batches[3])
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    assert counts == [0, 0, 0, 0]
+    assert w.step == 7 and w.alerts == []
+
+
+def test_raise_reads_before_the_optimizer_step(tmp_path):
+    """on_nonfinite="raise" keeps its promise, reading synchronously: one sync per step, and a
+    NaN gradient raises before optimizer.step() spoils the weights."""
+    model, opt, batches = _setup()
+    with pytest.raises(NonFiniteError):
+        with watch(model, tmp_path / "run", every=50, on_nonfinite="raise", **QUIET):
+            _step(model, opt, batches[0])
+            _step(model, opt, batches[1])
+            counts = [_syncs(model, opt, batch) for batch in batches[2:5]]
+            assert counts == [1, 1, 1]
+            before = model.conv1.weight.detach().clone()
+            x, y = batches[5]
+            loss = F.mse_loss(model(x), y) * torch.tensor(float("nan"), device="cuda")
+            opt.zero_grad()
+            loss.backward()  # raises here, at the end of backward
+            opt.step()
+    assert torch.equal(model.conv1.weight.detach(), before)
+
+
+def test_a_nan_is_still_reported_without_blocking(tmp_path):
+    model, opt, batches = _setup()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with watch(model, tmp_path / "run", every=50, **QUIET) as w:
+            _step(model, opt, batches[0])
+            with torch.no_grad():
+                model.linear1.weight[0, 0] = float("nan")
+            for batch in batches[1:4]:
+                _step(model, opt, batch)
+    assert any(a.kind == "nonfinite" for a in w.alerts)
 
 
 def test_cuda_histograms_match_the_tensors(tmp_path):

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..._torch import compiled_autograd_enabled, foreach_norm, tensor_version
+from ..._torch import compiled_autograd_enabled, flatten_dense, foreach_norm, tensor_version
 from ...debugger.alerts import Alert
 from ...debugger.baselines import ParamNormJumps
 from ...errors import NonFiniteError
@@ -43,11 +43,98 @@ from .per_module import CallLedger, NonFiniteReport
 from .rank import RankOrigin
 from .replay import ForwardRecord, capture_forward, replay_step
 
-__all__ = ["NonFiniteSentinel", "check_mode_for", "replay_possible", "HOLD_OUTPUT_BYTES"]
+__all__ = [
+    "NonFiniteSentinel",
+    "check_mode_for",
+    "replay_possible",
+    "packed_norm",
+    "packed_norms",
+    "HOLD_OUTPUT_BYTES",
+    "PACK_LIMIT",
+]
 
 HOLD_OUTPUT_BYTES = 16 * 2**20
 """Model outputs up to this size are held until the step's read and reduced with the gradients
 in one fused norm; bigger ones are reduced at the end of the forward and only their norm kept."""
+
+
+PACK_LIMIT = 1 << 16
+"""On CPU, gradients of at most this many values are copied into one flat buffer and reduced there
+at once; bigger ones are reduced where they are (their per-tensor launch is small beside their bytes)."""
+
+
+def packed_norm(grads: list[torch.Tensor], all_small: bool = False) -> torch.Tensor:
+    """The L2 norm of all of ``grads`` together: a 0-dim float32 tensor, in a constant number of kernels.
+
+    On CPU ``torch._foreach_norm`` falls back to one kernel per tensor (~1.2 us each with a 32x32
+    gradient, and 4-5 us for ``t.norm()`` from Python); one flat copy of the small gradients and one
+    norm over it costs ~0.4 us per tensor (measured on the 2-core CPU: 200 gradients 75 us against
+    238 us, 800 gradients 303 us against 981 us; a post-accumulate-grad hook keeping a running sum
+    of squares costs a Python call and a kernel per parameter, 528 us and 10 ms). On CUDA
+    ``_foreach_norm`` is one fused launch per ~100 tensors and copies nothing: it stays.
+    ``all_small``: the caller knows every gradient is at most ``PACK_LIMIT`` values (skips a look
+    at each).
+    """
+    device = grads[0].device
+    if device.type != "cpu" or any(g.device != device for g in grads):
+        return torch.linalg.vector_norm(torch.stack(foreach_norm(grads, torch.float32)))
+    small = grads if all_small else [g for g in grads if g.numel() <= PACK_LIMIT]
+    parts = [torch.linalg.vector_norm(flatten_dense(small), dtype=torch.float32)] if small else []
+    if len(small) < len(grads):
+        parts += foreach_norm([g for g in grads if g.numel() > PACK_LIMIT], torch.float32)
+    return parts[0] if len(parts) == 1 else torch.linalg.vector_norm(torch.stack(parts))
+
+
+def packed_norms(grads: list[torch.Tensor], all_small: bool = False) -> torch.Tensor:
+    """Each gradient's own L2 norm, a 1-D float32 tensor in the order of ``grads``, in a constant
+    number of kernels: on CPU one flat copy of the small gradients, their squares summed per
+    segment (``torch.segment_reduce``), and one norm per large gradient (its bytes dominate its
+    launch); on CUDA ``_foreach_norm`` (one fused launch per ~100 tensors). The per-parameter
+    gradient-jump escalation reads these; with ``param_grad_jump=0`` the sentinel takes the one
+    packed norm (:func:`packed_norm`) instead."""
+    device = grads[0].device
+    if device.type != "cpu" or any(g.device != device for g in grads):
+        return torch.stack(foreach_norm(grads, torch.float32))
+    small = list(range(len(grads))) if all_small else [i for i, g in enumerate(grads) if g.numel() <= PACK_LIMIT]
+    if not small:
+        return torch.stack(foreach_norm(grads, torch.float32))
+    parts = [grads[i] for i in small]
+    lengths = torch.tensor([g.numel() for g in parts])
+    flat = flatten_dense(parts)
+    squares = flat.float().square() if flat.dtype != torch.float32 else flat.square()
+    norms = torch.segment_reduce(squares, "sum", lengths=lengths).sqrt()
+    if len(small) == len(grads):
+        return norms
+    big = [i for i in range(len(grads)) if grads[i].numel() > PACK_LIMIT]
+    out = torch.empty(len(grads), dtype=torch.float32)
+    out[small] = norms
+    out[big] = torch.stack(foreach_norm([grads[i] for i in big], torch.float32))
+    return out
+
+
+@dataclass
+class _Read:
+    """One read of the sentinel's norms, and what its verdict needs: ``[outputs' norms, output
+    gradients' norms, parameter gradients' norms (each, or one packed norm), scale]``."""
+
+    buffer: StepBuffer
+    records: list[ForwardRecord]
+    out_names: list[str]
+    n_out: int
+    n_grad: int
+    n_param: int
+    per_param: bool
+    backward: bool
+    scaled: bool
+    reduced: bool
+    moved: bool
+    late: bool = False
+    """The verdict came after optimizer.step() moved the weights (a deferred CUDA read)."""
+    host: torch.Tensor | None = None
+    event: Any = None
+    versions: list[int] | None = None
+    param_names: list[str] | None = None
+    """The parameters whose gradients were read, in order (a deferred read's)."""
 
 
 def replay_possible(ctx: ProbeContext) -> bool:
@@ -92,6 +179,7 @@ class NonFiniteSentinel(Probe):
         self._devices = cuda_devices(ctx.root)
         self._params = [(n, p) for n, p in ctx.root.named_parameters() if p.requires_grad]
         self._tensors = [p for _, p in self._params]
+        self._all_small = all(p.numel() <= PACK_LIMIT for p in self._tensors)  # (their gradients too)
         self._dtensors = any(type(p).__name__ == "DTensor" for _, p in self._params)
         self._local: Alert | None = None  # this step's own finding, for the rank exchange
         self._stale: set[str] = set()  # parameters whose .grad an earlier backward left non-finite
@@ -109,6 +197,7 @@ class NonFiniteSentinel(Probe):
         self._jump_step = -1  # the step whose norms joined the history (its first read only)
         self.escalations = 0
         """How many times this sentinel's own numbers escalated (a parameter's or the loss's jump)."""
+        self._pending: _Read | None = None  # a CUDA read in flight (see _may_defer)
         self._clear()
 
     def _clear(self) -> None:
@@ -122,6 +211,7 @@ class NonFiniteSentinel(Probe):
         return plan.checking and (self.ctx.compiled or not self.compiled_only)
 
     def on_step_start(self, plan: StepPlan) -> None:
+        self._settle(wait=False)  # the previous step's verdict, if its copy has landed
         self._clear()
         self._local = None
 
@@ -170,7 +260,9 @@ class NonFiniteSentinel(Probe):
             self._read(buffer, backward=True, reduced=buffer.ddp_sync)
 
     def on_before_optimizer_step(self) -> None:
-        """Unhooked (compiled autograd): the gradients are complete and the weights not yet moved."""
+        """Unhooked (compiled autograd): the gradients are complete and the weights not yet moved.
+        A deferred CUDA read whose copy has landed is judged here, while a replay is still exact."""
+        self._settle(wait=False)
         buffer = self.ctx.buffer
         if self._unhooked and buffer is not None and (self._records or self._outputs):
             self._read(buffer, backward=True)
@@ -179,6 +271,11 @@ class NonFiniteSentinel(Probe):
         buffer = self.ctx.buffer
         if buffer is not None and (self._records or self._outputs):
             self._read(buffer, backward=self._unhooked)
+        self._settle(wait=False)
+
+    def on_close(self, failed: bool) -> None:
+        self._settle(wait=True)
+        self._pending = None
 
     def _weights_moved(self) -> bool:
         """Unhooked and read at the step's end: the optimizer updated the weights since the
@@ -191,43 +288,134 @@ class NonFiniteSentinel(Probe):
         moved = self._weights_moved()
         self._clear()
         out_grads = [g for r in records for g in r.grads.values() if g is not None]
-        grads = [p.grad for p in self._tensors if p.grad is not None] if backward else []
+        grads = [g for p in self._tensors if (g := p.grad) is not None] if backward else []
         if self._dtensors:
             grads = [local_view(g) for g in grads]
-        tensors = outputs + out_grads + grads  # (gradients carry no graph: nothing to detach)
-        norms = foreach_norm(tensors, torch.float32) if tensors else []
+        heads = outputs + out_grads  # a few tensors, whatever the model's size
+        parts = foreach_norm(heads, torch.float32) if heads else []
         scale = self.ctx.grad_scale() if grads else None
-        parts = norms + ([scale.reshape(()).float()] if scale is not None else [])
+        deferred = self._may_defer(grads, reduced)
+        per_param = False
+        if grads and deferred:  # CUDA: one fused launch for every gradient's norm, all copied
+            parts += foreach_norm(grads, torch.float32)
+            per_param = True
+        elif grads and self._jumps is not None:  # each parameter's own norm: the jump detector's input
+            parts.append(packed_norms(grads, all_small=self._all_small))
+            per_param = True
+        elif grads:
+            parts.append(packed_norm(grads, all_small=self._all_small))
+        if scale is not None:
+            parts.append(scale.reshape(()).float())
         if not parts:
             return
-        values = step_records.one_transfer(parts)
-        scale_value = values.pop() if scale is not None else 1.0
-        n_out, n_grad = len(outputs), len(out_grads)
+        read = _Read(
+            buffer=buffer,
+            records=records,
+            out_names=out_names,
+            n_out=len(outputs),
+            n_grad=len(out_grads),
+            n_param=len(grads) if per_param else (1 if grads else 0),
+            per_param=per_param,
+            backward=backward,
+            scaled=scale is not None,
+            reduced=reduced,
+            moved=moved,
+        )
+        if deferred:
+            # Named now: by the verdict a zero_grad(set_to_none=True) may have emptied .grad.
+            read.param_names = [n for n, p in self._params if p.grad is not None]
+            self._defer(read, parts)
+            return
+        self._verdict(read, step_records.one_transfer(parts))
+
+    # ----------------------------------------------------------------- CUDA: a read that does not block
+    def _may_defer(self, grads: list[torch.Tensor], reduced: bool) -> bool:
+        """On CUDA the norms go to pinned host memory without blocking, and the verdict is read
+        once they are there (``_settle``), by the next step at the latest: training never waits on
+        the sentinel. Not under ``on_nonfinite="raise"`` (its promise: raise before
+        ``optimizer.step()``), nor under DDP (every rank reads at once, for the rank exchange)."""
+        return (
+            bool(grads)
+            and grads[0].is_cuda
+            and not reduced
+            and not self._unhooked
+            and self.ctx.config.on_nonfinite != "raise"
+            and all(g.device == grads[0].device for g in grads)
+        )
+
+    def _defer(self, read: _Read, parts: list[torch.Tensor]) -> None:
+        self._settle(wait=True)  # (one read in flight at a time)
+        values = torch.stack(parts)
+        host = torch.empty(values.shape, dtype=values.dtype, pin_memory=values.is_cuda)
+        host.copy_(values, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        read.host, read.event = host, event
+        # Whether optimizer.step() moved the weights before the verdict (a replay would then run
+        # another model than the step did): their in-place versions now, compared when it comes.
+        read.versions = [tensor_version(p) for p in self._tensors]
+        self._pending = read
+
+    def _settle(self, wait: bool) -> None:
+        """The deferred verdict, if its copy has landed (``wait``: wait for it; the GPU has had a
+        step's time, so this rarely waits)."""
+        read = self._pending
+        if read is None or read.event is None or read.host is None:
+            return
+        if not wait and not read.event.query():
+            return
+        self._pending = None
+        read.event.synchronize()
+        if read.versions is not None and not read.moved:
+            read.moved = any(tensor_version(p) != v for p, v in zip(self._tensors, read.versions))
+            read.late = read.moved
+        self._verdict(read, read.host.tolist())
+
+    # ----------------------------------------------------------------- the verdict
+    def _verdict(self, read: _Read, values: list[float]) -> None:
+        buffer = read.buffer
+        scale_value = values.pop() if read.scaled else 1.0
+        n_out, n_grad = read.n_out, read.n_grad
         param_norms = values[n_out + n_grad :]
         if param_norms:  # the last backward of the step wins (gradient accumulation)
-            buffer.grad_norm = math.sqrt(sum(v * v for v in param_norms)) / scale_value
+            buffer.grad_norm = math.sqrt(math.fsum(v * v for v in param_norms)) / scale_value
         if math.isfinite(sum(values)):
             if param_norms:
                 self._stale = set()
-                self._escalate_on_jumps(buffer, len(grads), param_norms, values[:n_out], out_names)
+                if read.per_param:  # (one packed norm says nothing of one parameter's jump)
+                    self._escalate_on_jumps(buffer, param_norms, values[:n_out], read)
+                elif self._loss is not None:
+                    self._escalate_on_jumps(buffer, [], values[:n_out], read)
             return
-        params = [(n, p.grad) for n, p in self._params if p.grad is not None] if backward else []
+        params: list[tuple[str, torch.Tensor | None]]
+        if read.param_names is not None:  # a deferred read: the gradients it read, if still there
+            now = {n: p.grad for n, p in self._params} if not read.late else {}
+            params = [(n, now.get(n)) for n in read.param_names]
+        else:
+            params = [(n, p.grad) for n, p in self._params if p.grad is not None] if read.backward else []
+        if param_norms and not read.per_param:
+            # The packed norm fired (or overflowed): each gradient's own norm, on this path only.
+            grads = [local_view(g) if self._dtensors else g for _, g in params if g is not None]
+            param_norms = step_records.one_transfer(foreach_norm(grads, torch.float32)) if grads else []
+            values = values[: n_out + n_grad] + param_norms
+            buffer.grad_norm = math.sqrt(math.fsum(v * v for v in param_norms)) / scale_value
         bad_params = [
             (name, grad)
             for (name, grad), v in zip(params, param_norms)
-            if not math.isfinite(v) and not (math.isinf(v) and bool(torch.isfinite(grad).all()))
+            if not math.isfinite(v) and not (grad is not None and math.isinf(v) and bool(torch.isfinite(grad).all()))
         ]  # an Inf norm of finite values (each near 1e19) is no NaN: the one extra read is on this path only
         sighting = Sighting(
-            outputs=[n for n, v in zip(out_names, values[:n_out]) if not math.isfinite(v)],
+            outputs=[n for n, v in zip(read.out_names, values[:n_out]) if not math.isfinite(v)],
             output_grad=not all(math.isfinite(v) for v in values[n_out : n_out + n_grad]),
             params=[name for name, _ in bad_params],
             nan=any(math.isnan(v) for v in values),
         )
         if sighting.empty or (sighting.only_params and set(sighting.params) <= self._stale):
             return  # (gradients left non-finite by an earlier backward, not zeroed since: known)
+        reduced, records = read.reduced, read.records
         if not buffer.reported:  # once per step: the first read that fires
             buffer.reported = True
-            self._local = self._locate(buffer, records, sighting, reduced, moved)
+            self._local = self._locate(buffer, records, sighting, reduced, read.moved, read.late)
         if not reduced:
             return
         # Under DDP every rank reads the same averaged gradients, so every rank gets here at once.
@@ -251,7 +439,7 @@ class NonFiniteSentinel(Probe):
             self.ctx.writer.call("add_scalar", tag("nonfinite", where), count, buffer.step)
 
     def _escalate_on_jumps(
-        self, buffer: StepBuffer, n_grads: int, param_norms: list[float], out_values: list[float], out_names: list[str]
+        self, buffer: StepBuffer, param_norms: list[float], out_values: list[float], read: _Read
     ) -> None:
         """One parameter's gradient norm, or the loss, jumping against its own history makes the
         next steps logging steps (the escalation). Host numbers this read has anyway; once a step
@@ -259,12 +447,14 @@ class NonFiniteSentinel(Probe):
         if buffer.step == self._jump_step or buffer.grads_overflowed or (self._jumps is None and self._loss is None):
             return
         self._jump_step = buffer.step
-        if n_grads == len(self._names):
+        if read.param_names is not None:  # a deferred read: the parameters it read
+            names: tuple[str, ...] = tuple(read.param_names)
+        elif len(param_norms) == len(self._names):
             names = self._names
         else:  # some parameters got no gradient this step: their own histories stay aside
             names = tuple(n for n, p in self._params if p.grad is not None)
-        jumped = self._jumps.update(names, param_norms) if self._jumps is not None else None
-        loss = [v for n, v in zip(out_names, out_values) if n == "loss"] if self._loss is not None else []
+        jumped = self._jumps.update(names, param_norms) if self._jumps is not None and param_norms else None
+        loss = [v for n, v in zip(read.out_names, out_values) if n == "loss"] if self._loss is not None else []
         if loss and self._loss is not None and self._loss.update(("loss",), loss[:1]) is not None:
             jumped = jumped or ("loss", 0.0)
         if jumped is not None:
@@ -272,7 +462,13 @@ class NonFiniteSentinel(Probe):
             self.ctx.escalate()
 
     def _locate(
-        self, buffer: StepBuffer, records: list[ForwardRecord], sighting: Sighting, reduced: bool, moved: bool
+        self,
+        buffer: StepBuffer,
+        records: list[ForwardRecord],
+        sighting: Sighting,
+        reduced: bool,
+        moved: bool,
+        late: bool = False,
     ) -> Alert | None:
         """Replay the step and report its origin (a raise waits for the rank exchange under DDP)."""
         ctx = self.ctx
@@ -303,6 +499,11 @@ class NonFiniteSentinel(Probe):
             # the sentinel saw it.
             if outcome is not None and outcome.reason:
                 reason = outcome.reason
+            elif late:
+                reason = (
+                    "on CUDA the sentinel reads its norms without blocking, and they came after optimizer.step() "
+                    "moved the weights (on_nonfinite='raise' reads them before it, and names the layer)"
+                )
             elif moved:
                 reason = (
                     "under compiled autograd its gradients could only be read after optimizer.step() moved the "
@@ -317,7 +518,7 @@ class NonFiniteSentinel(Probe):
             alert = sighting.alert(buffer.step, reason, compiled=ctx.compiled)
         if alert is None:
             return None
-        may_raise = not reduced and not ctx.closing
+        may_raise = not reduced and not ctx.closing and not late
         return self._report(buffer, alert, may_raise, outcome.half_outputs if outcome is not None else {})
 
 
