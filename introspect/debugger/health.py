@@ -3,6 +3,7 @@ stuck gradients, and the thresholds (``Thresholds``) each verdict uses."""
 
 from __future__ import annotations
 
+import bisect
 import math
 import numbers
 import statistics
@@ -200,6 +201,19 @@ def check_activation_health(
     return alerts
 
 
+def median_without(ranked: list[float], value: float) -> float:
+    """The median of sorted ``ranked`` with one occurrence of ``value`` left out, in O(log n): each
+    layer is measured against the median of the *other* layers, and rebuilding that list per layer
+    made a step of a 10,000-layer model quadratic (seconds per logging step)."""
+    i = bisect.bisect_left(ranked, value)
+    m = len(ranked) - 1
+
+    def at(rank: int) -> float:  # the rank-th value of the list without position i
+        return ranked[rank] if rank < i else ranked[rank + 1]
+
+    return at(m // 2) if m % 2 else (at(m // 2 - 1) + at(m // 2)) / 2
+
+
 @dataclass
 class GradientHealth:
     """Per-layer gradient norms across logging steps: vanishing, exploding and stuck layers."""
@@ -228,9 +242,10 @@ class GradientHealth:
             for layer, (sq, count) in layer_grads.items()
             if count > 0 and math.isfinite(sq) and layer not in bad
         }
+        ranked = sorted(rms.values())
         for layer, value in rms.items():
-            others = [v for k, v in rms.items() if k != layer]
-            median = statistics.median(others) if others else value
+            others = len(ranked) > 1
+            median = median_without(ranked, value) if others else value
             norm = math.sqrt(layer_grads[layer][0])
             if value < self.limits.vanishing_floor or (others and value < median * self.limits.vanishing_ratio):
                 how_far = (

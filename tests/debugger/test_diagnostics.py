@@ -1295,3 +1295,19 @@ def test_later_outputs_singular_and_plural():
         [1.0, NAN, NAN, NAN],
     )
     assert two.message.endswith("; 2 later module outputs inherit it")
+
+
+def test_median_without_equals_the_median_of_the_others():
+    """Each layer is judged against the median of the other layers; the O(log n) shortcut must
+    give exactly what the list without that layer gives, ties and all."""
+    import random
+    import statistics
+
+    from introspect.debugger.health import median_without
+
+    rng = random.Random(0)
+    for _ in range(500):
+        values = [rng.choice([0.0, 1.0, 2.0, rng.random()]) for _ in range(rng.randint(2, 9))]
+        ranked = sorted(values)
+        for i, value in enumerate(values):
+            assert median_without(ranked, value) == statistics.median(values[:i] + values[i + 1 :])
