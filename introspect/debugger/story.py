@@ -94,11 +94,13 @@ RULES: dict[str, Rule] = {
         1,
         strictly_later=NONFINITE,
     ),
+    # Growing q/k (the projection's output: activation_shift at attn.c_attn or q_proj) is what the
+    # logit growth is made of: the attention finding, with its advice, is the root.
     "attention_logit_growth": Rule(
-        frozenset({"attention_entropy_collapse", "logit_divergence"}),
+        frozenset({"attention_entropy_collapse", "logit_divergence", "activation_shift"}),
         1,
         1,
-        downstream=frozenset({"attention_entropy_collapse"}),
+        downstream=frozenset({"attention_entropy_collapse", "activation_shift"}),
     ),
 }
 
