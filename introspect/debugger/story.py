@@ -17,7 +17,8 @@ finding it follows from (``Alert.cause``), by the rules in :data:`RULES`:
   gradients, attention logit growth or collapse, logit divergence, massive activations, router
   logit growth and a NaN that follows it;
 * **attention logit growth** at module M explains entropy collapse of M or of a module after it,
-  within ``window`` steps either way, and logit divergence in s..s+window;
+  within ``window`` steps either way, logit divergence in s..s+window, and activation shifts of
+  M's own projections or modules after it from s on (those named before it at s too);
 * a **specific finding at one module** (``attention_logit_growth``, ``massive_activation``) named
   within ``lookback`` steps after a gradient-norm spike (the escalation's logging steps: at
   ``every=50`` the per-module views only look once the spike made the next steps log) is the
@@ -86,6 +87,7 @@ class Rule:
     after: float | None  # how far ahead (in windows); None: forever
     downstream: frozenset[str] = frozenset()
     strictly_later: frozenset[str] = frozenset()  # kinds explained only at steps > the root's
+    from_step: frozenset[str] = frozenset()  # kinds explained only at steps >= the root's
 
 
 RULES: dict[str, Rule] = {
@@ -113,11 +115,14 @@ RULES: dict[str, Rule] = {
         1,
         strictly_later=NONFINITE,
     ),
+    # Its own q/k projections' outputs (inside it, after it in forward order) and what follows it
+    # shift with the logits: from its step on (at its step, named before it too).
     "attention_logit_growth": Rule(
-        frozenset({"attention_entropy_collapse", "logit_divergence"}),
+        frozenset({"attention_entropy_collapse", "logit_divergence", "activation_shift"}),
         1,
         1,
-        downstream=frozenset({"attention_entropy_collapse"}),
+        downstream=frozenset({"attention_entropy_collapse", "activation_shift"}),
+        from_step=frozenset({"activation_shift"}),
     ),
     # One block's residual stream carries its massive value to every block after it.
     "massive_activation": Rule(
@@ -230,6 +235,8 @@ class Story:
         if rule.after is not None and delta > rule.after * self.window:
             return False
         if alert.kind in rule.strictly_later and delta <= 0:
+            return False
+        if alert.kind in rule.from_step and delta < 0:
             return False
         if alert.kind in rule.downstream and not self._after(alert.where, root.where):
             return False
