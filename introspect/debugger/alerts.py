@@ -67,6 +67,8 @@ ADVICE: dict[str, str] = {
     "vanishing_gradient": "add normalisation or residual connections, use a ReLU-family activation or a "
     "better initialisation",
     "exploding_gradient": "clip gradients (clip_grad_norm_), lower the learning rate or add warm-up",
+    "exploding_init": "initialise it with its fan-in in mind (nn.init.kaiming_normal_/xavier_normal_, or "
+    "the model's own init) and look for a weight scaled by mistake",
     "stuck_parameter": "put it in the optimizer's param groups, with a learning rate above 0",
     "grad_norm_spike": "lower the learning rate or add warm-up; clip gradients",
     "attention_entropy_collapse": "add QK-norm or logit soft-capping; lower the learning rate",

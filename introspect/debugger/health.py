@@ -68,6 +68,19 @@ class Thresholds:
     """How many earlier checked steps the rolling mean and σ are taken over..."""
     grad_spike_min_history: float = 10
     """...once at least this many are known."""
+    init_gain_max: float = 10.0
+    """At the first logging step, a Linear/Conv layer whose gain RMS(W) x √fan_in is above this
+    (common initialisations give 0.3-7: EfficientNet-B0's squeeze-excitation fc1 under kaiming fan_out is 7.2) is an exploding initialisation."""
+    init_rms_min: float = 1.5
+    """...and whose weights' RMS is above this: every common initialisation keeps it below ~1.41
+    (kaiming fan_out on one output; PyTorch's default at most 0.58), while a small layer's own
+    init may amplify by more than ten (torchvision's EfficientNet head, uniform ±1/√classes:
+    RMS 0.58 and a gain of 21 for one class)."""
+    grad_spike_recent: float = 20
+    """The spike must also be ``grad_spike_sigma`` deviations above the last this many checked
+    steps alone (0: off): a gradient norm that grew during training is judged against its recent
+    level too, not only against a mean the early steps hold down (one hard batch of a small CNN
+    at 4.9x the 100-step mean is 8σ above it, 5σ above its last 20 steps)."""
     # Mixture-of-experts (see introspect.probes.moe).
     moe_collapse_ratio: float = 0.5
     """An MoE block whose effective number of experts (exp of the entropy of its routed load)
@@ -102,6 +115,9 @@ class Thresholds:
     its active rate so far makes that this unlikely ((1 - rate)^samples below this)..."""
     dead_history_samples: float = 16
     """...once its rate is known from at least this many samples of earlier logging steps."""
+    dead_smooth_zero: float = 1e-6
+    """A GELU/SiLU unit is "off" on a sample when its |output| is below this (GELU(-6) ≈ -6e-9,
+    SiLU(-16) ≈ -2e-6; a healthy unit's pre-activations never all sit that far below zero)."""
     escalate_steps: float = 3
     """When a cheap every-step signal fires (a gradient-norm spike, a NaN/Inf, one parameter's
     gradient norm jumping, a loss jump), this many next steps become logging steps."""
@@ -163,13 +179,14 @@ def check_activation_health(
     for key, fraction in measures.items():
         kind, _, where = key.partition("/")
         module_type = module_types.get(where.split("/")[0], "")
+        zero = "~zero" if "GELU" in module_type or "SiLU" in module_type else "zero"  # |y| < dead_smooth_zero
         if kind == "dead_sudden" and fraction >= limits.dead_fraction:
             alerts.append(
                 Alert(
                     "dead_units",
                     where,
                     step,
-                    f"{fraction:.0%} of the units of {where} ({module_type}) output zero for every sample of this "
+                    f"{fraction:.0%} of the units of {where} ({module_type}) output {zero} for every sample of this "
                     "step after being active before: they died at once (a weight or bias pushed them below zero?)",
                     {"dead_fraction": measures.get(f"dead_now/{where}", fraction), "died_fraction": fraction},
                     module_type=module_type,
@@ -181,7 +198,7 @@ def check_activation_health(
                     "dead_units",
                     where,
                     step,
-                    f"{fraction:.0%} of the units of {where} ({module_type}) output zero for every sample seen",
+                    f"{fraction:.0%} of the units of {where} ({module_type}) output {zero} for every sample seen",
                     {"dead_fraction": fraction},
                     module_type=module_type,
                 )

@@ -4,7 +4,7 @@ sums went bad first, from a step's per-call records, and which weights a NaN spo
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,8 +47,14 @@ def locate_nonfinite(
     calls: Sequence[CallRecord],
     labels: Sequence[tuple],
     values: Sequence[float],
+    bad_params: Collection[str] = (),
 ) -> Alert | None:
     """The origin of this step's first NaN/Inf, or None when every checked sum is finite.
+
+    ``bad_params``: names of parameters whose gradient is non-finite. Where several modules read
+    one input (q/k/v projections of one normalised stream) and the gradient passed back to it is
+    the first bad one, the module whose own parameter gradient is non-finite is the one that made
+    it (the others only passed finite gradients back).
 
     ``labels`` name each sum, as :class:`introspect.records.step.Check` ``(kind, call, where)``: ``"in"``
     an input the call read that no earlier call produced, ``"out"`` an output, ``"grad"`` the
@@ -103,7 +109,7 @@ def locate_nonfinite(
         return _forward_origin(step, calls, forward_bad, first_bad_out, bad_values, inputs_ok)
     bad_grads = [(i, where) for i, where, ok in grad_events if not ok]
     if bad_grads:
-        return _backward_origin(step, calls, grad_events, bad_grads[0], bad_values)
+        return _backward_origin(step, calls, grad_events, bad_grads[0], bad_values, bad_params)
     return None
 
 
@@ -144,7 +150,7 @@ def _forward_origin(step, calls, forward_bad, first_bad_out, bad_values, inputs_
     )
 
 
-def _backward_origin(step, calls, grad_events, first_bad, bad_values) -> Alert:
+def _backward_origin(step, calls, grad_events, first_bad, bad_values, bad_params: Collection[str] = ()) -> Alert:
     producer, where = first_bad
     grad_ok: dict[int, bool] = {}
     for i, _, ok in grad_events:
@@ -153,6 +159,10 @@ def _backward_origin(step, calls, grad_events, first_bad, bad_values) -> Alert:
     # Gradients are checked in the order backward made them, so nothing reported before this one
     # was bad: a consumer with no event of its own (its output grad was not summed) was fine too.
     culprits = [i for i in consumers if not calls[i].safe and grad_ok.get(i, True)]
+    if len(culprits) > 1 and bad_params:
+        # Consumers of one input: the one whose own parameters got a non-finite gradient first.
+        owns_bad = [i for i in culprits if any(p.startswith(calls[i].module + ".") for p in bad_params)]
+        culprits = owns_bad + [i for i in culprits if i not in owns_bad]
     what = _kind_of(bad_values.get(where, []))
     if culprits:
         i = culprits[0]

@@ -17,7 +17,27 @@ finding it follows from (``Alert.cause``), by the rules in :data:`RULES`:
   gradients, attention logit growth or collapse, logit divergence, massive activations, router
   logit growth and a NaN that follows it;
 * **attention logit growth** at module M explains entropy collapse of M or of a module after it,
-  within ``window`` steps either way, and logit divergence in s..s+window.
+  within ``window`` steps either way, logit divergence in s..s+window, and activation shifts of
+  M's own projections or modules after it from s on (those named before it at s too);
+* a **specific finding at one module** (``attention_logit_growth``, ``massive_activation``) named
+  within ``lookback`` steps after a gradient-norm spike (the escalation's logging steps: at
+  ``every=50`` the per-module views only look once the spike made the next steps log) is the
+  spike's *cause*, not its consequence, while the spike has no model-wide consequence yet
+  (``exploding_gradient``, ``update_ratio_shift``, ``logit_divergence``, a NaN: an LR jump moves
+  every layer; q/k scaled ×30 or one channel ×1e4 moves one place): the finding becomes the root
+  and adopts the spike with what it had. A massive activation also explains the massive
+  activations of the blocks after it (the residual stream carries it), activation shifts, and a
+  gradient-norm spike at a later step;
+* an **exploding init** (a layer whose RMS(W) x √fan_in is far above 1 at the first logging step)
+  explains, in s..s+window, vanishing/exploding gradients, dead/saturated units, activation and
+  update-ratio shifts, massive activations and a gradient-norm spike;
+* an **update-ratio shift** (an update far above the parameter's own past: the learning rate
+  jumped, with no gradient-norm spike where normalisation keeps the gradients' scale) at step s
+  explains, in s..s+window, activation and update-ratio shifts, dead or saturated units,
+  vanishing or exploding gradients and logit divergence.
+
+A massive activation and an update-ratio shift also adopt the findings they explain that were
+named before them at their own step (one step's findings arrive in the probes' order).
 
 A root is the earliest finding (by step, then arrival) that explains the new one; a finding that a
 later root explains (the dead layer named after its gradients) moves, with its own consequences,
@@ -67,6 +87,7 @@ class Rule:
     after: float | None  # how far ahead (in windows); None: forever
     downstream: frozenset[str] = frozenset()
     strictly_later: frozenset[str] = frozenset()  # kinds explained only at steps > the root's
+    from_step: frozenset[str] = frozenset()  # kinds explained only at steps >= the root's
 
 
 RULES: dict[str, Rule] = {
@@ -94,15 +115,47 @@ RULES: dict[str, Rule] = {
         1,
         strictly_later=NONFINITE,
     ),
-    # Growing q/k (the projection's output: activation_shift at attn.c_attn or q_proj) is what the
-    # logit growth is made of: the attention finding, with its advice, is the root.
+    # Its own q/k projections' outputs (inside it, after it in forward order) and what follows it
+    # shift with the logits: from its step on (at its step, named before it too).
     "attention_logit_growth": Rule(
         frozenset({"attention_entropy_collapse", "logit_divergence", "activation_shift"}),
         1,
         1,
         downstream=frozenset({"attention_entropy_collapse", "activation_shift"}),
+        from_step=frozenset({"activation_shift"}),
+    ),
+    # One block's residual stream carries its massive value to every block after it.
+    "massive_activation": Rule(
+        frozenset({"massive_activation", "activation_shift", "grad_norm_spike"}),
+        0,
+        1,
+        downstream=frozenset({"massive_activation", "activation_shift"}),
+        strictly_later=frozenset({"grad_norm_spike"}),
+    ),
+    # A layer initialised far too large: everything it feeds, and its gradients, follow.
+    "exploding_init": Rule(
+        frozenset({"activation_shift", "update_ratio_shift", "grad_norm_spike", "massive_activation"})
+        | GRADIENTS
+        | UNITS,
+        0,
+        1,
+    ),
+    # An update far above its own past (the learning rate or the optimizer's state jumped; no
+    # gradient-norm spike where normalisation keeps the gradients' scale, as in a ResNet): the
+    # weights moved, so outputs shift, units die, gradients change after it.
+    "update_ratio_shift": Rule(
+        frozenset({"activation_shift", "update_ratio_shift", "logit_divergence"}) | GRADIENTS | UNITS,
+        0,
+        1,
     ),
 }
+
+SPECIFIC = frozenset({"attention_logit_growth", "massive_activation"})
+"""Findings at one module that, named just after a gradient-norm spike, are its cause."""
+SAME_STEP = SPECIFIC | {"update_ratio_shift"}
+"""Roots that adopt the findings they explain named before them at their own step."""
+MODEL_WIDE = frozenset({"exploding_gradient", "update_ratio_shift", "logit_divergence"}) | NONFINITE
+"""Consequences that show a spike moved the whole model (an LR jump): then it stays the root."""
 
 
 _ADOPTABLE = frozenset().union(*(r.kinds for r in RULES.values() if r.before))
@@ -116,9 +169,11 @@ class Story:
     ``window``: how many steps apart a root and its consequence may be (see ``story_window``).
     """
 
-    def __init__(self, order: Iterable[str] = (), window: int = 10) -> None:
+    def __init__(self, order: Iterable[str] = (), window: int = 10, lookback: int = 3) -> None:
         self._position = {name: i for i, name in enumerate(order)}
         self.window = max(int(window), 0)
+        self.lookback = max(int(lookback), 0)
+        """How many steps after a spike a specific finding may be its cause (``escalate_steps``)."""
         self._roots: dict[int, Alert] = {}  # id -> root, in arrival order
         self.consequences: dict[int, list[Alert]] = {}
         """id(root) -> the findings that follow from it, in arrival order."""
@@ -138,13 +193,16 @@ class Story:
         if self._latest is None or alert.step > self._latest:
             self._latest = alert.step
             self._prune()  # once per new step, not per finding
-        cause = self._cause_of(alert)
+        spike = self._spike_caused_by(alert)
+        cause = None if spike is not None else self._cause_of(alert)
         if cause is not None:
             self._attach(alert, cause)
             return cause
         object.__setattr__(alert, "cause", None)
         self._roots[id(alert)] = alert
         self.consequences[id(alert)] = []
+        if spike is not None:
+            self._take_root(spike, alert)
         if alert.kind in RULES:
             self._adopt(alert)
             self._open.append(alert)
@@ -178,9 +236,35 @@ class Story:
             return False
         if alert.kind in rule.strictly_later and delta <= 0:
             return False
+        if alert.kind in rule.from_step and delta < 0:
+            return False
         if alert.kind in rule.downstream and not self._after(alert.where, root.where):
             return False
         return True
+
+    def _spike_caused_by(self, alert: Alert) -> Alert | None:
+        """The open gradient-norm spike ``alert`` (a specific finding) caused: at most ``lookback``
+        steps before it, with no model-wide consequence (see the module's docstring)."""
+        if alert.kind not in SPECIFIC:
+            return None
+        for root in self._open:
+            if (
+                root.kind == "grad_norm_spike"
+                and 0 <= alert.step - root.step <= self.lookback
+                and not any(a.kind in MODEL_WIDE for a in self.consequences.get(id(root), []))
+            ):
+                return root
+        return None
+
+    def _take_root(self, old: Alert, root: Alert) -> None:
+        """``old`` (a root) and what it had move under ``root``."""
+        moved = self.consequences.pop(id(old), [])
+        del self._roots[id(old)]
+        self._recent.pop(id(old), None)
+        self._open = [r for r in self._open if r is not old]
+        self._attach(old, root)
+        for alert in moved:
+            self._attach(alert, root)
 
     def _attach(self, alert: Alert, root: Alert) -> None:
         object.__setattr__(alert, "cause", root)
@@ -189,17 +273,12 @@ class Story:
     def _adopt(self, root: Alert) -> None:
         """A root named after findings it explains (the dead layer after its gradients) takes them,
         and what they had taken, as its consequences."""
-        if RULES[root.kind].before == 0:
+        if RULES[root.kind].before == 0 and root.kind not in SAME_STEP:
             return  # explains nothing earlier than itself: nothing to look back for
+        # (A massive activation, an update jump, takes what it explains named at its own step.)
         for other in list(self._recent.values()):
             if other is not root and self.explains(root, other) and not self._explains_back(other, root):
-                moved = self.consequences.pop(id(other), [])
-                del self._roots[id(other)], self._recent[id(other)]
-                if other.kind in RULES:
-                    self._open.remove(other)
-                self._attach(other, root)
-                for alert in moved:
-                    self._attach(alert, root)
+                self._take_root(other, root)
 
     def _explains_back(self, other: Alert, root: Alert) -> bool:
         """``other`` explains ``root`` too (two dead layers at one step): the earlier one stays root."""

@@ -101,7 +101,12 @@ class Watcher:
             raw = self._writer.raw
             # Findings are linked by cause within story_window logging steps (see debugger/story.py).
             window = int(config.thresholds.story_window * max(config.every, 1))
-            self.findings = Findings(self._writer, order=[n for n, _ in root.named_modules()], window=window)
+            self.findings = Findings(
+                self._writer,
+                order=[n for n, _ in root.named_modules()],
+                window=window,
+                lookback=int(config.thresholds.escalate_steps) + 1,
+            )
             params = select_parameters(root, modules)
             side_group = SideGroup()
             shards = shard_combiner(model, params, config.log, side_group)

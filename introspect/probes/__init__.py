@@ -26,6 +26,7 @@ def built_in_probes(config: WatchOptions, ctx: ProbeContext) -> list[Probe]:
     from .grads import FlatShardGrads, Grads
     from .health_map import HealthMapProbe
     from .hparams import Hparams
+    from .init_scale import InitScale
     from .inputs import Inputs
     from .moe import MixtureOfExperts
     from .nonfinite.per_module import NonFiniteCheck, NonFiniteNumbers
@@ -63,6 +64,7 @@ def built_in_probes(config: WatchOptions, ctx: ProbeContext) -> list[Probe]:
     if config.optimizer is not None:
         probes.append(UpdateRatio())
     probes.append(GradHealth())
+    probes.append(InitScale())
     if divergence_wanted(ctx):
         probes.append(RankDivergence())
     if "feature_maps" in log:

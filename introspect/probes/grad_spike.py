@@ -1,6 +1,6 @@
 """Gradient-norm spikes: the global gradient norm of every checked step, scored against a rolling
-window (OLMo 2's spike score: ≥ 7σ from the rolling mean). Gradient-norm spikes come before loss
-spikes.
+window (OLMo 2's spike score: ≥ 7σ from the rolling mean, and from the mean of the last
+``grad_spike_recent`` steps alone). Gradient-norm spikes come before loss spikes.
 
 The norm costs nothing of its own with the default non-finite sentinel, which computes it from
 the parameter-gradient norms it reads anyway (after DDP's averaging) and leaves it on the step's
@@ -118,6 +118,10 @@ class GradNormSpike(Probe):
             window
         ) / len(window):
             score, mean, sigma = spike_score(value, window)
+            recent = int(limits.grad_spike_recent)
+            if score >= limits.grad_spike_sigma and 2 <= recent < len(window):
+                # (this path only: a value already far above the mean) the recent level too
+                score = min(score, spike_score(value, list(window)[-recent:])[0])
             if score >= limits.grad_spike_sigma:
                 self.ctx.escalate()  # the next steps log: the per-module views see what spiked
                 self._spike(step, value, score, mean, sigma)

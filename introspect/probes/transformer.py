@@ -593,16 +593,31 @@ class AttentionProbe(Probe):
 
 
 def repeated_blocks(root: nn.Module) -> dict[str, nn.Module]:
-    """The transformer blocks: the elements of each ``nn.ModuleList`` of two or more modules of
-    one type that hold parameters (``transformer.h.0``, ``layers.1``, ``model.layers.3``)."""
+    """The residual blocks: the elements of each ``nn.ModuleList`` of two or more modules of one
+    type that hold parameters (``transformer.h.0``, ``layers.1``, ``model.layers.3``), and in an
+    ``nn.Sequential`` the children of a type that repeats, holds parameters and is itself made of
+    modules (a block, not a layer: torchvision's ``layer2.0``, a ``BasicBlock``; a ViT's
+    ``encoder.layers.encoder_layer_0``). A Sequential of plain layers (Conv, ReLU, ...) has none."""
     blocks: dict[str, nn.Module] = {}
     for name, module in root.named_modules():
-        if not isinstance(module, nn.ModuleList) or len(module) < 2:
-            continue
-        children = list(module)
-        if len({type(c) for c in children}) == 1 and any(True for _ in children[0].parameters()):
-            for i, child in enumerate(children):
-                blocks[f"{name}.{i}" if name else str(i)] = child
+        if isinstance(module, nn.ModuleList) and len(module) >= 2:
+            children = list(module)
+            if len({type(c) for c in children}) == 1 and any(True for _ in children[0].parameters()):
+                for i, child in enumerate(children):
+                    blocks[f"{name}.{i}" if name else str(i)] = child
+        elif isinstance(module, nn.Sequential) and len(module) >= 2:
+            named = list(module.named_children())
+            counts: dict[type, int] = {}
+            for _, child in named:
+                counts[type(child)] = counts.get(type(child), 0) + 1
+            for key, child in named:
+                if (
+                    counts[type(child)] >= 2
+                    and not isinstance(child, (nn.Sequential, nn.ModuleList))
+                    and any(True for _ in child.children())
+                    and any(True for _ in child.parameters())
+                ):
+                    blocks[f"{name}.{key}" if name else key] = child
     return blocks
 
 

@@ -1,5 +1,6 @@
-"""Dead and saturated units: ReLU channels that output zero for every sample seen, sigmoid/tanh
-outputs pinned at their bounds. Measured on logging steps, judged when the step's numbers reach
+"""Dead and saturated units: ReLU channels that output zero for every sample seen, GELU/SiLU units
+that output ~0 (``|y| < dead_smooth_zero``) for every sample, sigmoid/tanh outputs pinned at their
+bounds. Measured on logging steps, judged when the step's numbers reach
 the host.
 
 The outputs are measured together at the end of the forward, not one by one in their hooks: the
@@ -7,7 +8,8 @@ outputs of one kind and shape (the ReLUs of a stack of blocks) are stacked and r
 a logging step costs a constant number of ops however many such modules the model has. Until
 then they are held by reference: each is saved for the backward by its own module anyway (ReLU,
 sigmoid and tanh save their output), which is also why nothing can change them in place before
-(autograd would refuse the backward). Outputs above ``PACK_LIMIT`` values are measured at once,
+(autograd would refuse the backward; GELU and SiLU save their input instead, so their outputs are
+held until the forward's end on logging steps only). Outputs above ``PACK_LIMIT`` values are measured at once,
 alone: their bytes, not the op count, are the cost, and a stack of them would copy them.
 """
 
@@ -28,11 +30,28 @@ PACK_LIMIT = 1 << 16
 """Outputs of at most this many values are stacked with the others of their kind and shape."""
 
 _KINDS = {"ReLU": "dead", "ReLU6": "dead", "Sigmoid": "sigmoid", "Tanh": "tanh"}
+# GELU/SiLU units: "off" on a sample when |y| < dead_smooth_zero (a unit pushed far below zero).
+# Hugging Face's MLPs hold their activation as a module of ACT2FN (activations.py); these are
+# the GELU and SiLU ones (GPT-2's gelu_new is NewGELUActivation, Llama's silu is SiLUActivation
+# or nn.SiLU).
+_SMOOTH = (
+    "GELU",
+    "SiLU",
+    "GELUActivation",
+    "NewGELUActivation",
+    "FastGELUActivation",
+    "QuickGELUActivation",
+    "GELUTanh",
+    "PytorchGELUTanh",
+    "AccurateGELUActivation",
+    "SiLUActivation",
+)
+_KINDS.update(dict.fromkeys(_SMOOTH, "smooth"))
 
 
 def unit_health(module_type: str) -> str | None:
-    """The unit measure of an activation module's type name: "dead" (ReLU), "sigmoid" or "tanh"
-    (saturation), or None."""
+    """The unit measure of an activation module's type name: "dead" (ReLU), "smooth" (GELU/SiLU:
+    dead when ~0), "sigmoid" or "tanh" (saturation), or None."""
     return _KINDS.get(module_type)
 
 
@@ -50,7 +69,8 @@ class UnitHealth(Probe):
         # Per group of outputs (names, shape): the per-unit "never active" masks ANDed over
         # consecutive logging steps, and how many samples each has seen.
         self._windows: dict[tuple, tuple[torch.Tensor, list[int]]] = {}
-        self._held: list[tuple[str, str, torch.Tensor]] = []
+        self._held: list[tuple[str, str, torch.Tensor, int]] = []
+        self._calls: dict[str, int] = {}  # this step's calls of each module so far
         self._rates: dict[tuple, tuple[torch.Tensor, int]] = {}  # per group: samples each unit was on, of how many
 
     def select(self, name: str, module: nn.Module) -> bool:
@@ -58,43 +78,64 @@ class UnitHealth(Probe):
 
     def on_output(self, name: str, module: nn.Module, output: Any) -> None:
         kind = self._kinds[name]
+        # A module called more than once a forward (torchvision's BasicBlock calls one ReLU after
+        # bn1 and after the sum) is measured per call: each call keeps its own history, and the
+        # module's number is its worst call's (a layer dead on one call is a dead layer).
+        call = self._calls.get(name, 0)
+        self._calls[name] = call + 1
         for where, _, tensor in self.ctx.outputs(name, output):
-            if kind == "dead" and tensor.dim() < 2:
+            if kind in ("dead", "smooth") and tensor.dim() < 2:
                 continue  # no unit dimension
             if tensor.numel() > PACK_LIMIT:
-                self._measure(kind, [(where, tensor.detach())])
+                self._measure(kind, [(where, tensor.detach())], (call,))
             else:
-                self._held.append((where, kind, tensor.detach()))
+                self._held.append((where, kind, tensor.detach(), call))
         return None
 
     def on_forward_end(self, output: Any) -> None:
         held, self._held = self._held, []
-        groups: dict[tuple, list[tuple[str, torch.Tensor]]] = {}
-        for where, kind, tensor in held:
-            groups.setdefault((kind, tensor.shape, tensor.dtype, tensor.device), []).append((where, tensor))
+        self._calls = {}
+        groups: dict[tuple, list[tuple[str, torch.Tensor, int]]] = {}
+        for where, kind, tensor, call in held:
+            groups.setdefault((kind, tensor.shape, tensor.dtype, tensor.device), []).append((where, tensor, call))
         for (kind, *_), members in groups.items():
-            self._measure(kind, members)
+            self._measure(kind, [(w, t) for w, t, _ in members], tuple(c for *_, c in members))
 
-    def _measure(self, kind: str, members: list[tuple[str, torch.Tensor]]) -> None:
+    def _put(self, key: str, value: torch.Tensor) -> None:
+        """A measure of this step; a second call of the module keeps the larger share (worst call)."""
+        buffer = self.ctx.buffer
+        assert buffer is not None
+        old = buffer.measures.get(key)
+        buffer.add_measure(key, value if old is None else torch.maximum(old, value.reshape(())))
+
+    def _measure(self, kind: str, members: list[tuple[str, torch.Tensor]], calls: tuple[int, ...] = ()) -> None:
         buffer = self.ctx.buffer
         if buffer is None:
             return
         limits = self.ctx.config.thresholds
         tensors = [t for _, t in members]
         x = tensors[0].unsqueeze(0) if len(tensors) == 1 else torch.stack(tensors)  # (k, batch, unit, ...)
+        if kind == "smooth":
+            # A GELU/SiLU unit is on where |y| is above dead_smooth_zero: then the ReLU rule applies.
+            # A token stream (batch, tokens, hidden) has its units last (a transformer's MLP).
+            x = x.abs() - limits.dead_smooth_zero
+            # Each token is a sample of the unit: (k, batch x tokens, hidden).
+            if x.dim() == 4:
+                x = x.reshape(x.shape[0], -1, x.shape[-1])
+            kind = "dead"
         if kind != "dead":
             # Share of output values within ``saturation_margin`` of a bound, where the slope is ~0.
             near = (_distance_to_bound(kind, x.float()) < limits.saturation_margin).flatten(1)
             shares = near.float().mean(dim=1)
             for i, (where, _) in enumerate(members):
-                buffer.add_measure(f"saturated/{where}", shares[i])
+                self._put(f"saturated/{where}", shares[i])
             return
         # Share of units (channels) that output zero for every sample of a window of logged
         # batches. One small batch says little (a unit active on 5% of inputs is zero on all 8
         # samples of a batch two times in three), so the per-unit "never active" mask is ANDed
         # over consecutive logging steps until it has seen ``dead_min_samples`` samples.
         dead_now = x.amax(dim=tuple(d for d in range(x.dim()) if d not in (0, 2))) <= 0  # (k, unit)
-        key = (tuple(w for w, _ in members), tuple(x.shape[2:3]))
+        key = (tuple(w for w, _ in members), calls, tuple(x.shape[2:3]))
         self._sudden(key, members, x, dead_now)
         window = self._windows.get(key)
         batch = x.shape[1]
@@ -111,7 +152,7 @@ class UnitHealth(Probe):
             shares = dead.float().mean(dim=1)
             for i, (where, _) in enumerate(members):
                 if ready[i]:
-                    buffer.add_measure(f"dead/{where}", shares[i])
+                    self._put(f"dead/{where}", shares[i])
                     seen[i] = 0
         self._windows[key] = (dead, seen)
 
@@ -138,14 +179,15 @@ class UnitHealth(Probe):
                 sudden = (dead_now & (chance < limits.dead_chance)).float().mean(dim=1)
                 now = dead_now.float().mean(dim=1)
                 for i, (where, _) in enumerate(members):
-                    buffer.add_measure(f"dead_sudden/{where}", sudden[i])
-                    buffer.add_measure(f"dead_now/{where}", now[i])
+                    self._put(f"dead_sudden/{where}", sudden[i])
+                    self._put(f"dead_now/{where}", now[i])
         else:
             total, seen = active, batch
         self._rates[key] = (total, seen)
 
     def on_step_end(self, host: HostStep | None) -> None:
         self._held = []  # a forward that never reached its end
+        self._calls = {}
         if host is None:
             return
         ctx = self.ctx
@@ -156,3 +198,4 @@ class UnitHealth(Probe):
         self._windows = {}
         self._rates = {}
         self._held = []
+        self._calls = {}

@@ -28,11 +28,11 @@ class Findings:
     per step, counting the rest.
     """
 
-    def __init__(self, writer: GuardedWriter, order: Iterable[str] = (), window: int = 10) -> None:
+    def __init__(self, writer: GuardedWriter, order: Iterable[str] = (), window: int = 10, lookback: int = 3) -> None:
         self.alerts: list[Alert] = []
         self._seen: set[tuple[str, str]] = set()
         self._writer = writer
-        self.story = Story(order, window)
+        self.story = Story(order, window, lookback)
         self._pending: list[Alert] = []
         self._texts = 0  # how many alerts texts were written
         self._last_step = 0

@@ -170,3 +170,18 @@ def test_escalation_thresholds_are_settable_and_checked():
     assert t.escalate_steps == 5 and t.baseline_factor == 8
     with pytest.raises(ValueError):
         Thresholds.coerce({"escalate_steps": -1})
+
+
+def test_a_steady_growth_is_the_modules_course_not_an_activation_shift():
+    """The tiny Llama's healthy layer-0 down_proj output RMS at steps 0/50/100/150/200 (every=50):
+    6.2x its median at step 200, 2.8x where its own log-linear trend leads. A jump or a fall
+    from a flat past is still one."""
+    from introspect.debugger.baselines import shift_of, trend_ratio
+
+    past = [0.00285, 0.00409, 0.00524, 0.00753]
+    assert shift_of(0.02885, past, "up", 3, 8.0, 4.0) is not None  # the median alone: a shift
+    assert 2.5 < trend_ratio(0.02885, past) < 3.0
+    assert shift_of(0.02885, past, "up", 3, 8.0, 4.0, trend=True) is None
+    flat = [1.0, 1.02, 0.98, 1.01]
+    assert shift_of(10.0, flat, "up", 3, 8.0, 4.0, trend=True) is not None
+    assert shift_of(1e-6, flat, "down", 3, 8.0, 4.0, trend=True) is not None

@@ -160,6 +160,13 @@ def replay_step(ctx: ProbeContext, records: list[ForwardRecord], ledger: CallLed
         return ReplayOutcome(None, f"the replay failed: {type(e).__name__}: {e}")
     buffer.sync_checks()
     alert = locate_nonfinite(step, buffer.calls, buffer.check_labels, buffer.check_values)
+    if alert is not None and alert.phase == "backward" and param_grads:
+        # Which parameters' gradients went bad tells apart the readers of one input (q/k/v): one
+        # flag per parameter, one transfer, on this (NaN) path only.
+        flags = torch.stack([torch.isfinite(g).all() for _, g in param_grads]).tolist()
+        bad = [n for (n, _), ok in zip(param_grads, flags) if not ok]
+        if bad:
+            alert = locate_nonfinite(step, buffer.calls, buffer.check_labels, buffer.check_values, bad)
     if alert is None:
         alert = _parameter_gradient_origin(step, param_grads, ctx)
     if alert is None:
