@@ -272,6 +272,7 @@ def judge_module_shifts(
     activation_rms: Mapping[str, float],
     update_ratios: Mapping[str, float],
     update_ratio_floor: float = 0.0,
+    update_ratio_factor: float | None = None,
 ) -> list[Alert]:
     """A logging step's per-output activation RMS (either way; also against its own log-linear
     trend, see :func:`trend_ratio`) and per-parameter update/weight ratio (rises: a learning rate
@@ -284,7 +285,8 @@ def judge_module_shifts(
     per-parameter escalation (:class:`ParamNormJumps`) and the spike score. The caller leaves out what
     holds NaN/Inf (an RMS over the finite rest says nothing). An update ratio that stays below
     ``update_ratio_floor`` before and after is noise (a conv bias under BatchNorm gets ~1e-9
-    updates), never a shift."""
+    updates), never a shift; an update ratio's rise must reach ``update_ratio_factor`` (None:
+    ``baseline_factor``), Adam's updates being noisier than outputs."""
     alerts: list[Alert] = []
     floors = {"update_ratio": update_ratio_floor}
     for stat, values, directions in (
@@ -303,7 +305,7 @@ def judge_module_shifts(
                         direction,
                         baselines.min_history,
                         baselines.deviations,
-                        baselines.factor,
+                        update_ratio_factor if stat == "update_ratio" and update_ratio_factor else baselines.factor,
                         trend=stat == "activation_rms",
                     )
                     if math.isfinite(value)

@@ -104,6 +104,11 @@ class Thresholds:
     attention entropy (H / log of the keys attended) falling, attention max logit rising
     (above ``attention_logit_jump_floor``), activation RMS, gradient RMS and update/weight ratio
     jumping either way."""
+    update_ratio_factor: float = 10.0
+    """An update/weight ratio rises this many times above its own median (instead of
+    ``baseline_factor``) to be a sudden change: Adam's per-step updates are noisier than outputs
+    (one hard batch after quiet ones moved a healthy CNN's ratios 4.1-4.3x at every=1), and the
+    fault it names, a learning rate that jumped, moves them 10-1000x."""
     update_ratio_floor: float = 1e-4
     """An update/weight ratio that is below this before and after is never a sudden change
     (healthy ratios sit near 1e-3; a parameter whose gradient is noise moves by ~1e-9)."""

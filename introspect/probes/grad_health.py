@@ -72,7 +72,8 @@ class GradHealth(Probe):
             if kind == "activations" and record.finite_count > 0 and record.nonfinite == 0:
                 activation_rms[name] = math.sqrt(max(record.sum_squares, 0.0) / record.finite_count)
         floor = self.ctx.config.thresholds.update_ratio_floor
-        return judge_module_shifts(self._baselines, host.step, grad_rms, activation_rms, ratios, floor)
+        factor = self.ctx.config.thresholds.update_ratio_factor
+        return judge_module_shifts(self._baselines, host.step, grad_rms, activation_rms, ratios, floor, factor)
 
     def on_close(self, failed: bool) -> None:
         self._draw()
