@@ -86,6 +86,19 @@ def test_module_shifts_name_the_layer_and_the_kind():
     assert all(a.step == 5 and a.numbers["factor"] >= 4 for a in alerts)
 
 
+def test_an_update_ratio_needs_its_own_larger_factor():
+    """A hard batch moves Adam's update ratios ~4x (a healthy CNN at every=1: 4.1-4.3x); a learning
+    rate that jumped moves them 10-1000x. Update ratios rise ``update_ratio_factor``, not the 4x."""
+    factor = Thresholds().update_ratio_factor
+    assert factor == 10
+    for ratio, shifted in ((4.3e-3, False), (2e-2, True)):
+        b = baselines()
+        for step in range(5):
+            judge_module_shifts(b, step, {}, {}, {"fc.weight": 1e-3 * (1 + 0.01 * step)}, 0.0, factor)
+        alerts = judge_module_shifts(b, 5, {}, {}, {"fc.weight": ratio}, 0.0, factor)
+        assert [a.kind for a in alerts] == (["update_ratio_shift"] if shifted else []), ratio
+
+
 def test_shifts_that_move_together_are_one_finding():
     """A learning-rate jump moves every parameter's update ratio, and every layer after a bad one
     shifts its output: one finding per statistic and step, at the first, counting the others."""
