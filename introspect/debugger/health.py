@@ -3,6 +3,7 @@ stuck gradients, and the thresholds (``Thresholds``) each verdict uses."""
 
 from __future__ import annotations
 
+import bisect
 import math
 import numbers
 import statistics
@@ -200,6 +201,19 @@ def check_activation_health(
     return alerts
 
 
+def _median_without(ordered: list[float], value: float) -> float:
+    """``statistics.median`` of ``ordered`` (sorted) less one occurrence of ``value``, in O(log n):
+    the per-layer median of the other layers, without a list and a sort per layer (O(n^2 log n)
+    over 400 layers was ~15 ms of every logging step)."""
+    i = bisect.bisect_left(ordered, value)
+    n = len(ordered) - 1
+
+    def at(j: int) -> float:
+        return ordered[j] if j < i else ordered[j + 1]
+
+    return at(n // 2) if n % 2 else (at(n // 2 - 1) + at(n // 2)) / 2
+
+
 @dataclass
 class GradientHealth:
     """Per-layer gradient norms across logging steps: vanishing, exploding and stuck layers."""
@@ -228,9 +242,10 @@ class GradientHealth:
             for layer, (sq, count) in layer_grads.items()
             if count > 0 and math.isfinite(sq) and layer not in bad
         }
+        ordered = sorted(rms.values())  # once: each layer's "others" is this without its value
         for layer, value in rms.items():
-            others = [v for k, v in rms.items() if k != layer]
-            median = statistics.median(others) if others else value
+            others = len(ordered) > 1
+            median = _median_without(ordered, value) if others else value
             norm = math.sqrt(layer_grads[layer][0])
             if value < self.limits.vanishing_floor or (others and value < median * self.limits.vanishing_ratio):
                 how_far = (
