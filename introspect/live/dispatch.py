@@ -14,7 +14,6 @@ module's output and output gradient go to.
 
 from __future__ import annotations
 
-import gc
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -69,14 +68,6 @@ class Dispatch:
             }
         self.events = events
         self._per_module = {}
-        if plan.logging and _pause_gc():
-            # A logging step makes tens of thousands of short-lived objects (records, hooks,
-            # closures) that die by reference count when it closes; the cyclic collector's young
-            # collections during the step would promote them to the oldest generation, and the
-            # full collections that follow cost ~200 ms each on a large heap (an 801-module MLP:
-            # one every few logging steps; none in bare training). Paused for the step, resumed
-            # when its hooks are undone (at its close, or however the watch ends).
-            ctx.step_hooks.add("the paused garbage collector", gc.enable)
         for probe in self.events["on_step_start"]:
             probe.on_step_start(plan)
         buffer.settle()  # weights/: before the optimizer moves them
@@ -149,7 +140,6 @@ class Dispatch:
             return
         ctx.step_hooks.undo()
         error: NonFiniteError | None = None
-        paused = buffer.logging and _pause_gc()  # the close's records too (see open_step)
         try:
             host: HostStep | None = None
             if buffer.logging:
@@ -169,8 +159,6 @@ class Dispatch:
             ctx.buffer = ctx.plan = None  # only now: a signal during the transfer loses nothing
             self.events = _NO_EVENTS
             self._per_module = {}
-            if paused:
-                gc.enable()
         if error is not None:
             raise error
 
@@ -335,12 +323,3 @@ class Dispatch:
             return
         for probe in self.events["on_after_reduction"]:
             probe.on_after_reduction()
-
-
-def _pause_gc() -> bool:
-    """Turn the cyclic garbage collector off if it is on; True when this call turned it off (the
-    caller turns it on again). A user who turned it off keeps it off."""
-    if not gc.isenabled():
-        return False
-    gc.disable()
-    return True

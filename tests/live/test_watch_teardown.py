@@ -239,30 +239,3 @@ def test_sigterm_leaves_completed_steps_on_disk(tmp_path):
     assert proc.returncode != 0  # it did stop, and promptly
     steps = hist_steps(read_events(logdir), "activations/0")
     assert steps == [0, 1, 2, 3], steps
-
-
-# =========================================================================== the garbage collector
-def test_garbage_collector_paused_on_a_logging_step_only_and_always_resumed(tmp_path):
-    """A logging step pauses the cyclic collector (its short-lived records would otherwise be
-    promoted and make full collections); an off-cadence step does not; an exception mid-step and
-    a user who turned it off themselves both get back what they had."""
-    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 1))
-    x = torch.randn(8, 4)
-    assert gc.isenabled()
-    seen: list[bool] = []
-    model[1].register_forward_hook(lambda m, a, o: seen.append(gc.isenabled()))
-    with pytest.raises(RuntimeError, match="mid-step"):
-        with watch(model, tmp_path / "a", every=2, **QUIET):
-            for _ in range(3):  # steps 0 (logging), 1, 2 (logging)
-                model(x).sum().backward()
-            raise RuntimeError("mid-step")  # step 2 still open
-    assert seen == [False, True, False]
-    assert gc.isenabled()
-    gc.disable()
-    try:
-        with watch(model, tmp_path / "b", every=1, **QUIET):
-            model(x).sum().backward()
-            model(x).sum().backward()
-        assert not gc.isenabled()
-    finally:
-        gc.enable()
