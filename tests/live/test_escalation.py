@@ -169,18 +169,10 @@ def test_a_qk_fault_is_named_at_its_attention_module_within_two_steps_at_every_5
     absolute 100) and its entropy stays above the 0.1-nat floor in raw nats: only its own past
     says it collapsed. The q/k gradient norms jump, which escalates; the next step's attention
     view names the module."""
-    transformers = pytest.importorskip("transformers")
-    config = transformers.LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(config)
+    pytest.importorskip("transformers")
+    from tests.support.hf_models import tiny_decoder
+
+    model = tiny_decoder("llama")
     fault = 102
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     g = torch.Generator().manual_seed(0)

@@ -19,6 +19,7 @@ from introspect import IntrospectWarning, watch
 from introspect.probes.transformer import looks_like_attention
 from tests.support import QUIET
 from tests.support.events import read_events
+from tests.support.hf_models import tiny_decoder
 
 transformers = pytest.importorskip("transformers")
 
@@ -28,19 +29,7 @@ VOCAB, SEQ = 64, 12
 def llama(impl: str, seed: int = 0) -> nn.Module:
     """Two Llama layers, grouped-query attention (4 query heads, 2 key/value heads). Weights at
     0.1 (not 0.02): a fresh model's logits ~1, so ×30 on q and k lifts them above 100."""
-    config = transformers.LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        initializer_range=0.1,
-        attn_implementation=impl,
-    )
-    torch.manual_seed(seed)
-    return transformers.LlamaForCausalLM(config)
+    return tiny_decoder("llama", impl, seed, initializer_range=0.1)
 
 
 def batches(n: int) -> list[dict]:

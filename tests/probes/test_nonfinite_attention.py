@@ -14,6 +14,7 @@ from introspect.analysis.health_map_render import health_map_from_events
 from introspect.probes.transformer import logit_stats
 from tests.support import QUIET
 from tests.support.events import read_events
+from tests.support.hf_models import tiny_decoder
 
 transformers = pytest.importorskip("transformers")
 
@@ -22,18 +23,7 @@ ATTENTION_KINDS = {"attention_entropy_collapse", "attention_logit_growth"}
 
 
 def tiny_qwen2(impl: str) -> torch.nn.Module:
-    config = transformers.Qwen2Config(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        attn_implementation=impl,
-    )
-    torch.manual_seed(0)
-    return transformers.Qwen2ForCausalLM(config)
+    return tiny_decoder("qwen2", impl)
 
 
 @pytest.mark.parametrize("impl", ["sdpa", "eager"])

@@ -22,6 +22,7 @@ from torch import nn
 from introspect import watch
 from introspect.runtime.compiled import COMPILED_WARNING
 from tests.support import QUIET
+from tests.support.hf_models import tiny_decoder
 from tests.support.hooks import hook_state
 from tests.support.training import assert_same_state
 
@@ -167,17 +168,7 @@ def test_ten_line_model_trains_eagerly_with_an_unused_output(tmp_path):
 @pytest.mark.parametrize("mode", ["replay", "per_module"])
 def test_causal_lm_with_labels_under_compile(mode, tmp_path):
     """The issue's crash: a transformers causal LM called with ``labels=``, compiled, watched."""
-    config = transformers.LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=32,
-    )
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(config)
+    model = tiny_decoder("llama", positions=32)
 
     class FaultyAct(Fault):
         def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -27,6 +27,30 @@ def tiny_gpt2() -> nn.Module:
     return transformers.GPT2LMHeadModel(config)
 
 
+def tiny_decoder(
+    family: str = "llama", impl: str = "sdpa", seed: int = 0, positions: int = 64, **overrides: object
+) -> nn.Module:
+    """A two-layer Llama- or Qwen2-style causal LM (grouped-query attention: 4 query heads, 2
+    key/value heads; hidden 32, vocabulary 64), random weights seeded with ``seed``."""
+    config_cls, model_cls = {
+        "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+    }[family]
+    config = config_cls(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=positions,
+        attn_implementation=impl,
+        **overrides,
+    )
+    torch.manual_seed(seed)
+    return model_cls(config)
+
+
 def tiny_bert() -> nn.Module:
     """BERT for masked LM with two layers; its decoder is tied to the word embeddings."""
     config = transformers.BertConfig(
