@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.isolation import failure, log, one_thread, quiet
+from benchmarks.models import LLAMA_SIZE as SCALE_LLAMA_SIZE
 from benchmarks.models import tiny_gpt2, train_loss
 
 __all__ = [
@@ -160,15 +161,8 @@ def _gpt2():
     return tiny_gpt2()
 
 
-LLAMA_SIZE = dict(
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    vocab_size=1024,
-    max_position_embeddings=64,
-)
+LLAMA_SIZE = {**SCALE_LLAMA_SIZE, "num_hidden_layers": 2, "vocab_size": 1024}
+"""The scale axis's Llama-style decoder (benchmarks/models.py), two layers deep: a fault table cell trains it 160 steps."""
 
 
 def _llama():

@@ -18,7 +18,7 @@ steps; every checked step under ``check_mode="per_module"``): installed when suc
 a step costs the root's hooks and the non-finite sentinel's few reductions, whatever the number
 of modules; nothing is kept, nothing is written. Under ``torch.compile``, with ``step_fn=`` and
 under ``check_mode="per_module"``
-the per-module hooks stay for the whole watch (see ``_install_module_hooks``).
+the per-module hooks stay for the whole watch (see :mod:`introspect.live.module_hooks`).
 """
 
 from __future__ import annotations
@@ -59,6 +59,7 @@ from ..runtime.selection import select_modules, select_parameters, unwrap_model
 from .clock import StepClock
 from .config import WatchConfig
 from .dispatch import Dispatch
+from .module_hooks import ModuleHooks
 from .signals import SignalGuard
 
 __all__ = ["Watcher"]
@@ -89,9 +90,7 @@ class Watcher:
         self._suspended = False  # our own extra forwards (summary, graph) are not observed
         self._registry = Registry()
         self._step_hooks = Registry()
-        self._module_hooks = Registry()  # the per-module output hooks, while installed
-        self._module_hooks_on = False
-        self._module_hooks_permanent = False
+        self._module_hooks: ModuleHooks | None = None  # made when the hooks go on (see module_hooks.py)
         self._guard: SignalGuard | None = None
         self._compiled_seen = False  # an output hook was traced by torch.compile (see compiled.py)
         self._compiled_warned = False
@@ -283,13 +282,14 @@ class Watcher:
         registry.hook(root.register_forward_pre_hook(self._on_root_pre, with_kwargs=True))
         # The root's own output hook stays (one hook: a constant cost), and comes before
         # _on_root_post; every other module's comes and goes with the steps that need it.
-        self._output_hooks = {name: self._make_output_hook(name) for name in self.ctx.modules}
+        hooks = {name: self._make_output_hook(name) for name in self.ctx.modules}
         for name, module in self.ctx.modules.items():
             if module is root:
-                registry.hook(module.register_forward_hook(self._output_hooks[name]))
+                registry.hook(module.register_forward_hook(hooks[name]))
+        self._module_hooks = ModuleHooks(self.ctx.modules, root, hooks)
         registry.add("the per-module hooks", self._module_hooks.undo)
         if self._module_hooks_always():
-            self._install_module_hooks(permanent=True)
+            self._module_hooks.install(permanent=True)
         # Registered last so that it runs after the root's own output hook.
         registry.hook(root.register_forward_hook(self._on_root_post, always_call=True))
         optimizer = self.config.optimizer
@@ -303,29 +303,8 @@ class Watcher:
         registry.add("the step's hooks", self._step_hooks.undo)
 
     def _module_hooks_always(self) -> bool:
-        """Whether the per-module hooks stay for the whole watch: see ``_install_module_hooks``."""
+        """Whether the per-module hooks stay for the whole watch (see :mod:`.module_hooks`)."""
         return self.ctx.compiled or self.config.step_fn is not None or self.ctx.check_mode == "per_module"
-
-    def _install_module_hooks(self, permanent: bool = False) -> None:
-        """The per-module output hooks: on the steps whose probes want a module's output (logging
-        steps; every checked step under ``check_mode="per_module"``), so that a step that wants
-        none costs a constant, not a Python call per module. Permanent under ``torch.compile``
-        (hooks that come and go would make compiled code recompile; dynamo does not guard on
-        them), with ``step_fn=`` (a child's forward may be the first to see a new step) and under
-        ``check_mode="per_module"`` (whose check wants every module's output on every step)."""
-        self._module_hooks_permanent = self._module_hooks_permanent or permanent
-        if self._module_hooks_on:
-            return
-        self._module_hooks_on = True
-        root, hooks = self._root, self._module_hooks
-        for name, module in self.ctx.modules.items():
-            if module is not root:
-                hooks.hook(module.register_forward_hook(self._output_hooks[name]))
-
-    def _remove_module_hooks(self) -> None:
-        if self._module_hooks_on and not self._module_hooks_permanent:
-            self._module_hooks_on = False
-            self._module_hooks.undo()
 
     def _forget_compiled_code(self) -> None:
         if self._compiled_seen:
@@ -412,12 +391,15 @@ class Watcher:
             self._dispatch.close_step()
         if self.ctx.buffer is None:
             self._dispatch.open_step(self._clock.plan())
+            hooks = self._module_hooks
+            if hooks is None:
+                return
             if self._module_hooks_always():
-                self._install_module_hooks(permanent=True)
-            elif self._dispatch.wants_module_outputs() and not self._module_hooks_on:
-                self._install_module_hooks()
+                hooks.install(permanent=True)
+            elif self._dispatch.wants_module_outputs() and not hooks.installed:
+                hooks.install()
                 # Removed when the step closes (the dispatch undoes the step's hooks first).
-                self.ctx.step_hooks.add("the per-module hooks", self._remove_module_hooks)
+                self.ctx.step_hooks.add("the per-module hooks", hooks.remove)
 
     def _join_external_step(self, module: nn.Module) -> bool:
         """With ``step_fn=``, a training forward of a watched module counts even when the root is
