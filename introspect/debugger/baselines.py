@@ -35,9 +35,11 @@ __all__ = ["Shift", "Baselines", "ParamNormJumps", "MAD_TO_SIGMA", "shift_of", "
 MAD_TO_SIGMA = 1.4826
 """MAD x this = σ of a normal distribution: the deviations are in σ-like units."""
 _MAD_FLOOR = 0.01
+"""The robust deviation is at least this share of |median|."""
 _REFRESH = 8
 """Quiet steps between two refreshes of the per-parameter jump thresholds."""
-"""The robust deviation is at least this share of |median|."""
+FALL_MIN_VALUES = 8
+"""A gradient of fewer values is not judged on falls (see :class:`ParamNormJumps`)."""
 
 
 @dataclass(frozen=True)
@@ -161,23 +163,51 @@ class ParamNormJumps:
     non-zero is a fall (a dead layer's parameters get exactly zero gradient) once per
     parameter: a parameter whose gradient is sometimes 0 (an expert no token was routed to, an
     embedding row) is intermittent, and its zeros say nothing afterwards.
+
+    A *lasting* jump (``confirm_sigmas`` > 0) needs a lower bar, twice: ``factor`` times and
+    ``confirm_sigmas`` deviations away from the mean and σ the parameter had before it, on two
+    consecutive steps, in the same direction, once ``confirm_history`` steps are known. A fault
+    that stays (weights scaled, a channel that stays huge) keeps a gradient moved; healthy noise
+    that clears a high bar once rarely clears a lower one twice in a row (the fault table's
+    numbers: docs/benchmarks.md). Names in ``confirm_only`` (slices of a fused parameter, whose
+    norms are small and spiky: healthy single steps reach 7x at 6σ) are judged by this rule alone.
+
+    ``fall_min_values``: a parameter with fewer values than this (in ``sizes``) is not judged on
+    falls other than to exactly 0: the gradient of a one-output classifier's bias is one signed
+    mean that crosses zero now and then, so its norm falls 100x in healthy steps.
     """
 
     def __init__(
-        self, factor: float, sigmas: float, min_history: int, alpha: float = 0.1, rises_only: bool = False
+        self,
+        factor: float,
+        sigmas: float,
+        min_history: int,
+        alpha: float = 0.1,
+        rises_only: bool = False,
+        confirm_sigmas: float = 0.0,
+        confirm_history: int = 0,
+        confirm_only: frozenset[str] = frozenset(),
+        sizes: Mapping[str, int] | None = None,
+        fall_min_values: int = FALL_MIN_VALUES,
     ) -> None:
         self.rises_only = rises_only
         self.log_factor = math.log(max(factor, 1.0 + 1e-9))
         self.sigmas = sigmas
         self.min_history = max(1, int(min_history))
         self.alpha = alpha
+        self.confirm_sigmas = confirm_sigmas
+        self.confirm_history = max(self.min_history, int(confirm_history))
+        self.confirm_only = confirm_only
+        self.sizes = dict(sizes or {})
+        self.fall_min_values = fall_min_values
         self._names: tuple[str, ...] = ()
         self._mean = np.zeros(0)
         self._var = np.zeros(0)
         self._count = np.zeros(0, dtype=np.int64)
         self._zero_seen = np.zeros(0, dtype=bool)
         self._threshold: np.ndarray | None = None
-        """Once every parameter's history is warm: how far in log norm a jump is, per parameter."""
+        """Once every parameter's history is warm: how far in log norm a jump (or a first step of
+        a lasting one) is, per parameter."""
         self._quiet = 0
 
     def _reset(self, names: tuple[str, ...]) -> None:
@@ -188,6 +218,19 @@ class ParamNormJumps:
         self._zero_seen = np.zeros(n, dtype=bool)
         self._threshold = None
         self._quiet = 0
+        # Per name, once per layout: judged by the lasting rule alone; judged on falls.
+        self._immediate = np.array([name not in self.confirm_only for name in names], dtype=bool)
+        self._falls = np.array(
+            [
+                not self.rises_only and self.sizes.get(name, self.fall_min_values) >= self.fall_min_values
+                for name in names
+            ],
+            dtype=bool,
+        )
+        self._pending = np.zeros(n, dtype=bool)  # a first step of a lasting jump, last step
+        self._pending_mean = np.zeros(n)  # the mean, bar and direction it was judged against
+        self._pending_bar = np.zeros(n)
+        self._pending_sign = np.zeros(n)
 
     def update(self, names: tuple[str, ...], norms: Sequence[float]) -> tuple[str, float] | None:
         """The parameter whose norm jumped most this step and its factor (> 1 up, < 1 down), or
@@ -206,9 +249,28 @@ class ParamNormJumps:
         known = self._count >= self.min_history
         delta = logs - self._mean
         sd = np.sqrt(self._var)
-        size = delta if self.rises_only else np.abs(delta)
-        jumped = known & positive & (size >= self.log_factor) & (size >= self.sigmas * sd)
+        size = np.where(self._falls, np.abs(delta), delta)
+        jumped = known & positive & self._immediate & (size >= self.log_factor) & (size >= self.sigmas * sd)
         died = known & finite & (x == 0) & ~self._zero_seen & (not self.rises_only)
+        if self.confirm_sigmas > 0:
+            # The second step of a lasting jump: again past the bar of the step before, same way.
+            again = logs - self._pending_mean
+            lasting = (
+                self._pending
+                & positive
+                & ~jumped
+                & (np.sign(again) == self._pending_sign)
+                & (np.abs(again) >= self._pending_bar)
+            )
+            bar = np.maximum(self.log_factor, self.confirm_sigmas * sd)
+            first_step = (self._count >= self.confirm_history) & positive & ~jumped & ~self._pending & (size >= bar)
+            self._pending_mean = np.where(first_step, self._mean, self._pending_mean)
+            self._pending_bar = np.where(first_step, bar, self._pending_bar)
+            self._pending_sign = np.where(first_step, np.sign(delta), self._pending_sign)
+            self._pending = first_step
+            if lasting.any():
+                delta = np.where(lasting, again, delta)
+                jumped = jumped | lasting
         found: tuple[str, float] | None = None
         if jumped.any() or died.any():
             if died.any():
@@ -229,35 +291,48 @@ class ParamNormJumps:
         self._mean = np.where(first, logs, np.where(later, self._mean + a * step, self._mean))
         self._var = np.where(first, 0.0, np.where(later, (1 - a) * (self._var + a * step * step), self._var))
         self._count = np.where(jumped, 1, self._count + positive)
-        self._threshold = self._thresholds() if bool((self._count >= self.min_history).all()) else None
+        self._pending &= ~jumped
+        warm = bool((self._count >= self.min_history).all()) and not self._pending.any()
+        self._threshold = self._thresholds() if warm else None
         return found
 
     def _thresholds(self) -> np.ndarray:
-        """Per parameter, how far (in log norm) is a jump: the factor, or more where it is noisy."""
-        return np.maximum(self.log_factor, self.sigmas * np.sqrt(self._var))
+        """Per parameter, how far (in log norm) is a jump: the factor, or more where it is noisy;
+        where the lasting rule judges, its lower bar (a first step goes to the full pass)."""
+        sd = np.sqrt(self._var)
+        bar = np.where(self._immediate, np.maximum(self.log_factor, self.sigmas * sd), np.inf)
+        if self.confirm_sigmas > 0:
+            lasting = np.maximum(self.log_factor, self.confirm_sigmas * sd)
+            bar = np.where(self._count >= self.confirm_history, np.minimum(bar, lasting), bar)
+        return bar
 
     def _quiet_step(self, x: np.ndarray) -> bool:
         """The every-step path once every history is warm: when every norm is positive (and not
         NaN) and none jumped, the history moves in about a dozen numpy operations and True comes
         back; else False, and :meth:`update`'s full pass decides (zeros, NaN, jumps: rare). The
-        thresholds follow the variance every ``_REFRESH`` steps (it moves slowly)."""
+        thresholds follow the variance every ``_REFRESH`` steps (it moves slowly), every step
+        under the lasting rule."""
         if not (x > 0).all():
             return False
         delta = np.log(x) - self._mean
-        size = delta if self.rises_only else np.abs(delta)
+        size = np.where(self._falls, np.abs(delta), delta)
         assert self._threshold is not None
         if (size >= self._threshold).any():  # an Inf norm's delta is Inf: the full pass too
             return False
-        # Below its own threshold a rise is this parameter's normal; a fall (rises only: never
-        # judged) moves the history by at most the factor, as in the full pass.
-        if self.rises_only:
-            delta = np.maximum(delta, -self.log_factor)
+        # Below its own threshold a move is this parameter's normal; it moves the history by at
+        # most the factor either way, as in the full pass (a fall where falls are not judged too).
+        delta = np.clip(delta, -self.log_factor, self.log_factor)
         a = self.alpha
         self._mean += a * delta
         self._var *= 1 - a
         self._var += (a * (1 - a)) * (delta * delta)
         self._quiet += 1
-        if self._quiet % _REFRESH == 0:
+        if self.confirm_sigmas > 0:
+            # The lasting rule's bar is low (3σ against 6σ): a stale one lets its first step pass
+            # as quiet (the fault table's GPT-2 q/k fault: 3.02σ against a bar 8 steps old).
+            self._count += 1
+            self._threshold = self._thresholds()
+        elif self._quiet % _REFRESH == 0:
             self._threshold = self._thresholds()
         return True
 

@@ -132,6 +132,15 @@ class Thresholds:
     param_grad_sigma: float = 6.0
     """...and this many standard deviations of its own log norm away escalates (after
     ``grad_spike_min_history`` checked steps)."""
+    param_grad_confirm_sigma: float = 3.0
+    """A lasting jump: ``param_grad_jump`` times and this many standard deviations away from the
+    norm's mean and σ before it, on two consecutive steps in the same direction, escalates too
+    (0: off). Also judges the query/key slices of a fused projection (GPT-2's ``c_attn``,
+    ``nn.MultiheadAttention``'s ``in_proj_weight``), whose single steps are too spiky for
+    ``param_grad_sigma``..."""
+    param_grad_confirm_history: float = 50
+    """...once this many checked steps of the norm are known (a fresh model's attention gradients
+    grow 10x in its first 40 steps)."""
     loss_jump: float = 3.0
     """A loss the model returns (a Hugging Face ``loss``) this many times its running mean (and
     ``param_grad_sigma`` deviations of its log) escalates."""

@@ -171,6 +171,59 @@ def test_no_jump_before_the_history_and_rises_only():
     assert jumps.update(("loss",), [30.0]) is None  # the new level is its history now: said once
 
 
+def test_a_lasting_jump_clears_a_lower_bar_twice_and_a_single_spike_does_not():
+    """A noisy norm (σ of its log ~0.5): a x8 move is ~4σ, below the 6σ bar. Once, it is noise;
+    twice in a row against the history before it (a fault that stays), it is a jump, said on the
+    second step and then not again (the history starts over at the new level)."""
+    rng = np.random.default_rng(1)
+    names = ("noisy", "calm")
+
+    def fresh() -> ParamNormJumps:
+        jumps = ParamNormJumps(5.0, 6.0, 10, confirm_sigmas=3.0, confirm_history=50)
+        for _ in range(80):
+            assert jumps.update(names, [float(rng.lognormal(0, 0.5)), 1.0]) is None
+        return jumps
+
+    jumps = fresh()
+    assert jumps.update(names, [8.0, 1.0]) is None  # the first step of it: not yet
+    found = jumps.update(names, [8.0, 1.0])
+    assert found is not None and found[0] == "noisy" and found[1] == pytest.approx(8, rel=0.5)
+    assert jumps.update(names, [8.0, 1.0]) is None  # its new level now
+    jumps = fresh()
+    assert jumps.update(names, [8.0, 1.0]) is None
+    assert jumps.update(names, [1.0, 1.0]) is None  # back at once: a spike
+    # Before confirm_history steps the lasting rule does not judge (a fresh model's own course).
+    early = ParamNormJumps(5.0, 6.0, 10, confirm_sigmas=3.0, confirm_history=50)
+    for _ in range(20):
+        early.update(names, [float(rng.lognormal(0, 0.5)), 1.0])
+    assert [early.update(names, [8.0, 1.0]) for _ in range(2)] == [None, None]
+
+
+def test_confirm_only_names_and_small_gradients_falls():
+    """A fused q/k slice is judged by the lasting rule alone: a x100 single step says nothing. A
+    one-value gradient (a one-output classifier's bias: one signed mean) is not judged on falls,
+    but its rises and an exact 0 still are."""
+    names = ("w", "w[qk]", "bias")
+    jumps = ParamNormJumps(
+        5.0, 6.0, 10, confirm_sigmas=3.0, confirm_history=20, confirm_only=frozenset({"w[qk]"}), sizes={"bias": 1}
+    )
+    for _ in range(30):
+        jumps.update(names, [1.0, 1.0, 1.0])
+    assert jumps.update(names, [1.0, 100.0, 1.0]) is None
+    assert jumps.update(names, [1.0, 1.0, 1.0]) is None
+    assert [jumps.update(names, [1.0, 1.0, 1e-3]) for _ in range(3)] == [None] * 3
+    for _ in range(30):
+        jumps.update(names, [1.0, 1.0, 1.0])
+    assert jumps.update(names, [1.0, 100.0, 1.0]) is None
+    assert jumps.update(names, [1.0, 100.0, 1.0]) == ("w[qk]", pytest.approx(100, rel=0.1))
+    for _ in range(30):
+        jumps.update(names, [1.0, 100.0, 1.0])
+    assert jumps.update(names, [1.0, 100.0, 100.0]) == ("bias", pytest.approx(100, rel=0.1))
+    for _ in range(30):
+        jumps.update(names, [1.0, 100.0, 1.0])
+    assert jumps.update(names, [1.0, 100.0, 0.0]) == ("bias", 0.0)
+
+
 def test_a_new_set_of_parameters_starts_a_new_history():
     jumps = ParamNormJumps(factor=5.0, sigmas=6.0, min_history=3)
     for _ in range(5):

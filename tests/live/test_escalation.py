@@ -212,3 +212,67 @@ def test_packed_norms_from_the_known_layout_equal_each_gradients_own_norm():
     grads[1][3], grads[3][1, 1] = float("nan"), float("inf")
     got = packed_norms(grads, True, starts=starts)
     assert torch.isfinite(got[[0, 2]]).all() and got[1].isnan() and got[3].isinf()
+
+
+def test_a_fused_qkv_fault_is_named_at_its_attention_module_within_two_steps_at_every_50(tmp_path):
+    """The GPT-2 form of the q/k fault: q, k and v are one Conv1D (``c_attn``), and scaling its q
+    and k columns x30 at step 102 moves that parameter's whole gradient norm < 1.2x (the value
+    part, ~40x larger, hides it). The sentinel reads the norm of the q/k part of the fused
+    gradient too; it moves ~10x on the fault step and the next, a lasting jump that escalates at
+    103; the attention view of step 104 names the module. Nothing is said before the fault."""
+    pytest.importorskip("transformers")
+    from tests.support.hf_models import VOCAB, tiny_gpt2
+
+    torch.manual_seed(0)
+    model = tiny_gpt2()
+    fault = 102
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    g = torch.Generator().manual_seed(0)
+    with watch(model, tmp_path, every=50, optimizer=opt, **QUIET) as w:
+        sentinel = next(p for p in w._probes if type(p).__name__ == "NonFiniteSentinel")
+        assert sentinel._slice_names == (
+            "transformer.h.0.attn.c_attn.weight[qk]",
+            "transformer.h.1.attn.c_attn.weight[qk]",
+        )
+        for step in range(fault + 3):
+            if step == fault:
+                with torch.no_grad():
+                    attn = model.transformer.h[1].attn
+                    n = attn.c_attn.weight.shape[1] // 3
+                    attn.c_attn.weight[:, : 2 * n].mul_(30)
+                    attn.c_attn.bias[: 2 * n].mul_(30)
+            ids = torch.randint(0, VOCAB, (2, 16), generator=g)
+            model(input_ids=ids, labels=ids).loss.backward()
+            opt.step()
+            opt.zero_grad()
+    assert all(a.step > fault for a in w.alerts), w.alerts
+    attention = [a for a in w.alerts if a.kind.startswith("attention_") and a.where == "transformer.h.1.attn"]
+    assert attention and attention[0].step <= fault + 2, w.alerts
+    assert not [a for a in w.alerts if a.kind.startswith("attention_") and ".h.0." in a.where]
+    assert sentinel.escalations == 1
+    steps = [e.step for e in read_events(tmp_path).Scalars("attention/entropy/transformer.h.1.attn")]
+    assert steps[:3] == [0, 50, 100] and fault + 2 in steps
+
+
+def test_the_fused_qk_slices_are_the_query_and_key_part_of_the_gradient():
+    """GPT-2's Conv1D ``c_attn`` ([E, 3E], columns q | k | v) and ``nn.MultiheadAttention``'s
+    ``in_proj_weight`` ([3E, E], rows q | k | v): the slice is the q and k part, nothing else."""
+    pytest.importorskip("transformers")
+    from introspect.probes.nonfinite.sentinel import fused_qk_slices
+    from tests.support.hf_models import tiny_gpt2
+
+    gpt2 = tiny_gpt2()
+    names = [n for n, _ in gpt2.named_parameters()]
+    slices = fused_qk_slices(gpt2, names)
+    assert [(n, names[i]) for n, i, _ in slices] == [
+        (f"transformer.h.{k}.attn.c_attn.weight[qk]", f"transformer.h.{k}.attn.c_attn.weight") for k in (0, 1)
+    ]
+    grad = torch.randn(32, 96)
+    want = torch.cat([grad[:, :32], grad[:, 32:64]], dim=1).norm()
+    assert torch.allclose(slices[0][2](grad).norm(), want)
+    mha = nn.Sequential(nn.Linear(8, 8), nn.MultiheadAttention(8, 2))
+    names = [n for n, _ in mha.named_parameters()]
+    ((name, index, view),) = fused_qk_slices(mha, names)
+    assert name == "1.in_proj_weight[qk]" and names[index] == "1.in_proj_weight"
+    grad = torch.randn(24, 8)
+    assert torch.equal(view(grad), grad[:16])

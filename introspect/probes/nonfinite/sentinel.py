@@ -50,6 +50,7 @@ __all__ = [
     "replay_possible",
     "packed_norm",
     "packed_norms",
+    "fused_qk_slices",
     "HOLD_OUTPUT_BYTES",
     "PACK_LIMIT",
 ]
@@ -124,6 +125,31 @@ def packed_norms(grads: list[torch.Tensor], all_small: bool = False, starts: np.
     return out
 
 
+def fused_qk_slices(root: nn.Module, names: list[str]) -> list[tuple[str, int, Any]]:
+    """The query/key part of each fused q|k|v projection among the parameters ``names`` (in that
+    order): ``(name + "[qk]", index in names, view of a gradient)``. A q/k projection scaled x30
+    moves its own gradient norm 6-12x; in a fused one the value part, ~40x larger on a fresh
+    GPT-2, hides it (the whole ``c_attn`` gradient moves < 1.2x). Known layouts: a ``Conv1D``
+    named ``c_attn`` of ``[E, 3E]`` (GPT-2: columns q | k | v) and ``nn.MultiheadAttention``'s
+    ``in_proj_weight`` of ``[3E, E]`` (rows q | k | v). Others (GPT-NeoX's per-head interleaving)
+    are read whole."""
+    index = {n: i for i, n in enumerate(names)}
+    found: list[tuple[str, int, Any]] = []
+    for module_name, module in root.named_modules():
+        prefix = f"{module_name}." if module_name else ""
+        if type(module).__name__ == "Conv1D" and module_name.rsplit(".", 1)[-1] == "c_attn":
+            weight = getattr(module, "weight", None)
+            name = f"{prefix}weight"
+            if weight is not None and weight.dim() == 2 and weight.shape[1] == 3 * weight.shape[0] and name in index:
+                rows = weight.shape[0]
+                found.append((f"{name}[qk]", index[name], lambda g, r=rows: g.view(r, 3, r)[:, :2]))
+        elif isinstance(module, nn.MultiheadAttention) and module.in_proj_weight is not None:
+            name, width = f"{prefix}in_proj_weight", module.embed_dim
+            if name in index:
+                found.append((f"{name}[qk]", index[name], lambda g, w=width: g[: 2 * w]))
+    return found
+
+
 @dataclass
 class _Read:
     """One read of the sentinel's norms, and what its verdict needs: ``[outputs' norms, output
@@ -137,6 +163,7 @@ class _Read:
     n_param: int
     per_param: bool
     backward: bool
+    n_slice: int
     scaled: bool
     reduced: bool
     moved: bool
@@ -209,8 +236,24 @@ class NonFiniteSentinel(Probe):
         limits = ctx.config.thresholds
         history = int(limits.grad_spike_min_history)
         self._names = tuple(n for n, _ in self._params)
+        # Fused q|k|v projections: their query/key part's norm too, judged by the lasting rule
+        # alone (not on sharded gradients: a shard's slice is not the projection's).
+        sliced = limits.param_grad_jump and limits.param_grad_confirm_sigma and not (self._dtensors or ctx.shards)
+        self._slices = fused_qk_slices(ctx.root, list(self._names)) if sliced else []
+        self._slice_names = tuple(n for n, _, _ in self._slices)
+        self._all_names = self._names + self._slice_names
         self._jumps = (  # 0: off (the escalation's one per-step host cost, ~45 µs)
-            ParamNormJumps(limits.param_grad_jump, limits.param_grad_sigma, history) if limits.param_grad_jump else None
+            ParamNormJumps(
+                limits.param_grad_jump,
+                limits.param_grad_sigma,
+                history,
+                confirm_sigmas=limits.param_grad_confirm_sigma,
+                confirm_history=int(limits.param_grad_confirm_history),
+                confirm_only=frozenset(self._slice_names),
+                sizes={n: p.numel() for n, p in self._params},
+            )
+            if limits.param_grad_jump
+            else None
         )
         self._loss = (
             ParamNormJumps(limits.loss_jump, limits.param_grad_sigma, history, rises_only=True)
@@ -319,12 +362,17 @@ class NonFiniteSentinel(Probe):
         scale = self.ctx.grad_scale() if grads else None
         deferred = self._may_defer(grads, reduced)
         per_param = False
+        complete = len(grads) == len(self._tensors)
+        # The q/k parts of fused projections: one view and one norm each (a few per model).
+        slices = [view(grads[i]) for _, i, view in self._slices] if complete and self._jumps is not None else []
         if grads and deferred:  # CUDA: one fused launch for every gradient's norm, all copied
             parts += foreach_norm(grads, torch.float32)
+            parts += foreach_norm(slices, torch.float32) if slices else []
             per_param = True
         elif grads and self._jumps is not None:  # each parameter's own norm: the jump detector's input
-            starts = self._starts if len(grads) == len(self._tensors) else None
-            parts.append(packed_norms(grads, all_small=self._all_small, starts=starts))
+            parts.append(packed_norms(grads, all_small=self._all_small, starts=self._starts if complete else None))
+            if slices:
+                parts.append(torch.stack(foreach_norm(slices, torch.float32)))
             per_param = True
         elif grads:
             parts.append(packed_norm(grads, all_small=self._all_small))
@@ -341,6 +389,7 @@ class NonFiniteSentinel(Probe):
             n_param=len(grads) if per_param else (1 if grads else 0),
             per_param=per_param,
             backward=backward,
+            n_slice=len(slices) if per_param else 0,
             scaled=scale is not None,
             reduced=reduced,
             moved=moved,
@@ -399,6 +448,9 @@ class NonFiniteSentinel(Probe):
     def _verdict(self, read: _Read, values: list[float]) -> None:
         buffer = read.buffer
         scale_value = values.pop() if read.scaled else 1.0
+        slice_norms = values[len(values) - read.n_slice :] if read.n_slice else []
+        if read.n_slice:  # (not the parameters' own: no part of the global norm)
+            del values[len(values) - read.n_slice :]
         n_out, n_grad = read.n_out, read.n_grad
         param_norms = values[n_out + n_grad :]
         if param_norms:  # the last backward of the step wins (gradient accumulation)
@@ -407,7 +459,7 @@ class NonFiniteSentinel(Probe):
             if param_norms:
                 self._stale = set()
                 if read.per_param:  # (one packed norm says nothing of one parameter's jump)
-                    self._escalate_on_jumps(buffer, param_norms, values[:n_out], read)
+                    self._escalate_on_jumps(buffer, param_norms + slice_norms, values[:n_out], read)
                 elif self._loss is not None:
                     self._escalate_on_jumps(buffer, [], values[:n_out], read)
             return
@@ -472,7 +524,9 @@ class NonFiniteSentinel(Probe):
             return
         self._jump_step = buffer.step
         if read.param_names is not None:  # a deferred read: the parameters it read
-            names: tuple[str, ...] = tuple(read.param_names)
+            names: tuple[str, ...] = tuple(read.param_names) + (self._slice_names if read.n_slice else ())
+        elif len(param_norms) == len(self._all_names):  # every gradient, and the fused q/k parts
+            names = self._all_names
         elif len(param_norms) == len(self._names):
             names = self._names
         else:  # some parameters got no gradient this step: their own histories stay aside
