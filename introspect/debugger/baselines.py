@@ -205,6 +205,8 @@ class ParamNormJumps:
         self._var = np.zeros(0)
         self._count = np.zeros(0, dtype=np.int64)
         self._zero_seen = np.zeros(0, dtype=bool)
+        self._lasting_warm = False
+        """Every history is ``confirm_history`` long: the lasting rule's bar is every parameter's."""
         self._threshold: np.ndarray | None = None
         """Once every parameter's history is warm: how far in log norm a jump (or a first step of
         a lasting one) is, per parameter."""
@@ -217,6 +219,7 @@ class ParamNormJumps:
         self._count = np.zeros(n, dtype=np.int64)
         self._zero_seen = np.zeros(n, dtype=bool)
         self._threshold = None
+        self._lasting_warm = False
         self._quiet = 0
         # Per name, once per layout: judged by the lasting rule alone; judged on falls.
         self._immediate = np.array([name not in self.confirm_only for name in names], dtype=bool)
@@ -294,6 +297,7 @@ class ParamNormJumps:
         self._pending &= ~jumped
         warm = bool((self._count >= self.min_history).all()) and not self._pending.any()
         self._threshold = self._thresholds() if warm else None
+        self._lasting_warm = warm and self.confirm_sigmas > 0 and bool((self._count >= self.confirm_history).all())
         return found
 
     def _thresholds(self) -> np.ndarray:
@@ -315,23 +319,29 @@ class ParamNormJumps:
         if not (x > 0).all():
             return False
         delta = np.log(x) - self._mean
-        size = np.where(self._falls, np.abs(delta), delta)
+        size = np.abs(delta)  # (a fall where falls are not judged: the full pass says so)
         assert self._threshold is not None
         if (size >= self._threshold).any():  # an Inf norm's delta is Inf: the full pass too
             return False
         # Below its own threshold a move is this parameter's normal; it moves the history by at
         # most the factor either way, as in the full pass (a fall where falls are not judged too).
-        delta = np.clip(delta, -self.log_factor, self.log_factor)
+        np.clip(delta, -self.log_factor, self.log_factor, out=delta)
         a = self.alpha
         self._mean += a * delta
         self._var *= 1 - a
         self._var += (a * (1 - a)) * (delta * delta)
         self._quiet += 1
-        if self.confirm_sigmas > 0:
+        if self._lasting_warm:
             # The lasting rule's bar is low (3σ against 6σ): a stale one lets its first step pass
-            # as quiet (the fault table's GPT-2 q/k fault: 3.02σ against a bar 8 steps old).
+            # as quiet (the fault table's GPT-2 q/k fault: 3.02σ against a bar 8 steps old). Once
+            # every history is that long it is every parameter's bar: three in-place operations.
+            np.sqrt(self._var, out=self._threshold)
+            self._threshold *= self.confirm_sigmas
+            np.maximum(self._threshold, self.log_factor, out=self._threshold)
+        elif self.confirm_sigmas > 0:
             self._count += 1
             self._threshold = self._thresholds()
+            self._lasting_warm = bool((self._count >= self.confirm_history).all())
         elif self._quiet % _REFRESH == 0:
             self._threshold = self._thresholds()
         return True
