@@ -270,6 +270,8 @@ def test_the_fused_qk_slices_are_the_query_and_key_part_of_the_gradient():
     grad = torch.randn(32, 96)
     want = torch.cat([grad[:, :32], grad[:, 32:64]], dim=1).norm()
     assert torch.allclose(slices[0][2](grad).norm(), want)
+    grad[3, 40] = float("nan")  # (in k: the slice says so)
+    assert slices[0][2](grad).norm().isnan()
     mha = nn.Sequential(nn.Linear(8, 8), nn.MultiheadAttention(8, 2))
     names = [n for n, _ in mha.named_parameters()]
     ((name, index, view),) = fused_qk_slices(mha, names)
