@@ -212,3 +212,117 @@ def test_packed_norms_from_the_known_layout_equal_each_gradients_own_norm():
     grads[1][3], grads[3][1, 1] = float("nan"), float("inf")
     got = packed_norms(grads, True, starts=starts)
     assert torch.isfinite(got[[0, 2]]).all() and got[1].isnan() and got[3].isinf()
+
+
+# ----------------------------------------------------------------------- the escalations' budget
+def spikes_at(*steps: int):  # type: ignore[no-untyped-def]
+    return lambda step: 1000.0 if step in steps else 1.0
+
+
+def test_the_first_escalation_is_granted_at_once_and_the_next_ones_within_the_budget(tmp_path):
+    """Loss spikes x1000 at steps 20 and 35 (each fires the spike score and parameter jumps).
+    With no time to spend (escalate_share=0) the first escalation is still granted at once; the
+    later ones are refused, counted, and the report says so. Without a limit (1) both log."""
+    limited = train(
+        mlp(),
+        tmp_path / "limited",
+        45,
+        make_input=vectors,
+        loss_scale=spikes_at(20, 35),
+        every=100,
+        thresholds={"escalate_share": 0},
+    )
+    assert hist_steps(read_events(tmp_path / "limited"), "grads/0.weight") == [0, 21, 22, 23]
+    clock = limited.ctx.clock
+    assert clock.escalations == 1 and clock.escalations_skipped >= 1  # type: ignore[attr-defined]
+    assert f"{clock.escalations_skipped} escalations skipped (budget)" in limited.report()  # type: ignore[attr-defined]
+    assert [a.step for a in limited.alerts if a.kind == "grad_norm_spike"] == [20]  # the finding stays
+
+    free = train(
+        mlp(),
+        tmp_path / "free",
+        45,
+        make_input=vectors,
+        loss_scale=spikes_at(20, 35),
+        every=100,
+        thresholds={"escalate_share": 1},
+    )
+    steps = hist_steps(read_events(tmp_path / "free"), "grads/0.weight")
+    assert steps[:4] == [0, 21, 22, 23] and {36, 37, 38} <= set(steps)
+    assert free.ctx.clock.escalations_skipped == 0  # type: ignore[attr-defined]
+    assert "escalations skipped" not in free.report()
+
+
+def test_a_nan_forces_its_logging_steps_whatever_the_budget(tmp_path):
+    """The budget spent by a spike's escalation (share 0: nothing is ever earned back), a NaN
+    output at step 30 still makes the next steps logging steps: a non-finite step is worth them."""
+    nan_step = 30
+
+    def poison(step: int, model: nn.Module) -> None:
+        if step == nan_step:
+            model[2].register_forward_hook(lambda m, i, o: o * float("nan"))
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NonFiniteWarning)
+        w = train(
+            mlp(),
+            tmp_path,
+            nan_step + 3,
+            make_input=vectors,
+            loss_scale=spikes_at(20),
+            on_step=poison,
+            every=100,
+            thresholds={"escalate_share": 0},
+        )
+    assert [a.step for a in w.alerts if a.kind == "nonfinite"][:1] == [nan_step]
+    steps = hist_steps(read_events(tmp_path), "activations/1")
+    assert steps[:4] == [0, 21, 22, 23] and nan_step + 1 in steps
+
+
+class _Time:
+    """A clock the test moves by hand (the budget measures step times with it)."""
+
+    def __init__(self) -> None:
+        self.t = 0.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def test_an_escalation_is_earned_back_at_the_share_of_the_run_time():
+    """Steps of 10 ms, an escalation's logging steps of 60 ms (50 ms over the median step): the
+    first escalation is granted at once and charged 3 x 50 ms; at a 10% share the next is
+    granted once the run has lasted 1.5 s, not before."""
+    from introspect.live.clock import StepClock
+
+    now = _Time()
+    clock = StepClock(
+        every=1000,
+        check_every=1,
+        image_every=1000,
+        writes=True,
+        counts_optimizer_steps=False,
+        step_fn=None,
+        escalate_share=0.1,
+        now=now,
+    )
+    logged = []
+
+    def step() -> None:
+        plan = clock.plan()
+        logged.append(plan.logging)
+        now.t += 0.06 if plan.logging else 0.01
+
+    for _ in range(20):
+        step()
+    assert clock.request_log(3, budgeted=True)  # the first: at once
+    for _ in range(4):
+        step()
+    assert logged[-4:] == [True, True, True, False]
+    assert clock.budget.spent == pytest.approx(0.15)
+    assert not clock.request_log(3, budgeted=True) and clock.escalations_skipped == 1
+    while now.t < 1.5 - 1e-9:
+        step()
+        assert not clock.request_log(3, budgeted=True) or now.t >= 1.5 - 1e-9
+    assert clock.request_log(3, budgeted=True) and clock.escalations == 2
+    assert clock.request_log(1) and clock.escalated == 3  # (unbudgeted: a NaN's, never refused)
