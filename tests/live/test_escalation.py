@@ -223,30 +223,21 @@ def test_the_first_escalation_is_granted_at_once_and_the_next_ones_within_the_bu
     """Loss spikes x1000 at steps 20 and 35 (each fires the spike score and parameter jumps).
     With no time to spend (escalate_share=0) the first escalation is still granted at once; the
     later ones are refused, counted, and the report says so. Without a limit (1) both log."""
-    limited = train(
-        mlp(),
-        tmp_path / "limited",
-        45,
-        make_input=vectors,
-        loss_scale=spikes_at(20, 35),
-        every=100,
-        thresholds={"escalate_share": 0},
-    )
+
+    def spiky(logdir, share: float):  # type: ignore[no-untyped-def]
+        thresholds = {"escalate_share": share}
+        return train(
+            mlp(), logdir, 45, make_input=vectors, loss_scale=spikes_at(20, 35), every=100, thresholds=thresholds
+        )
+
+    limited = spiky(tmp_path / "limited", 0)
     assert hist_steps(read_events(tmp_path / "limited"), "grads/0.weight") == [0, 21, 22, 23]
     clock = limited.ctx.clock
     assert clock.escalations == 1 and clock.escalations_skipped >= 1  # type: ignore[attr-defined]
     assert f"{clock.escalations_skipped} escalations skipped (budget)" in limited.report()  # type: ignore[attr-defined]
     assert [a.step for a in limited.alerts if a.kind == "grad_norm_spike"] == [20]  # the finding stays
 
-    free = train(
-        mlp(),
-        tmp_path / "free",
-        45,
-        make_input=vectors,
-        loss_scale=spikes_at(20, 35),
-        every=100,
-        thresholds={"escalate_share": 1},
-    )
+    free = spiky(tmp_path / "free", 1)
     steps = hist_steps(read_events(tmp_path / "free"), "grads/0.weight")
     assert steps[:4] == [0, 21, 22, 23] and {36, 37, 38} <= set(steps)
     assert free.ctx.clock.escalations_skipped == 0  # type: ignore[attr-defined]
