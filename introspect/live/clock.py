@@ -18,8 +18,10 @@ The escalations of the cheap signals (``request_log(steps, budgeted=True)``) are
 on a model that keeps changing (a deep ReLU stack dying layer by layer) a parameter's gradient
 norm jumps every few dozen steps, and each escalation's logging steps cost several bare steps. The
 first escalation is granted at once; the extra time its logging steps took (each one's time over
-the median of the recent steps that did not log) must be earned back at that share of the elapsed
-time before the next is granted. A refused one is counted (``escalations_skipped``; ``w.report()``
+the median of the recent steps that did not log) is charged, and an escalation is granted once
+everything charged before the latest one is earned back at that share of the elapsed time (so a
+second may follow the first at once: a healthy run's rare false alarm must not cost a real fault
+its escalation; a third waits). A refused one is counted (``escalations_skipped``; ``w.report()``
 says so). An escalation after a NaN/Inf is never refused: a non-finite step is worth its logging
 steps.
 """

@@ -12,7 +12,8 @@ cost on a sick model has no natural bound:
 Both are kept to a share of the run's time so far, as a token bucket in time: what the work took
 (measured) must be earned back at ``share`` x the elapsed time before more is granted. The first
 grant comes at once (nothing has been spent yet), so the first picture of a finding and the first
-escalation are never late; a run that keeps asking gets the share and no more. Drawing at close
+escalation are never late; escalations may overdraw the bucket by one (:meth:`TimeShare.grant`);
+a run that keeps asking gets the share and no more. Drawing at close
 and escalations after a NaN/Inf are not asked for: they always happen.
 """
 
@@ -39,6 +40,7 @@ class TimeShare:
         self.spent = 0.0
         self.granted = 0
         self.refused = 0
+        self._latest = 0.0
 
     def start(self) -> None:
         """The run's time counts from the first call (the first step, or the first figure)."""
@@ -54,14 +56,22 @@ class TimeShare:
             return True
         return self.spent + estimate <= self.share * (self.now() - self.began)
 
-    def grant(self, estimate: float = 0.0) -> bool:
-        """:meth:`fits`, counted."""
-        if self.fits(estimate):
+    def grant(self) -> bool:
+        """Whether more work of unknown cost may begin, counted: yes once everything spent before
+        the latest grant is earned back. The budget may so be overdrawn by one grant's cost — two
+        may come in a row (a healthy run's rare false alarm does not cost the next, real one its
+        grant), a third waits until the share of the elapsed time has paid for the first."""
+        self.start()
+        assert self.began is not None
+        if self.spent - self._latest <= self.share * (self.now() - self.began):
             self.granted += 1
+            self._latest = 0.0
             return True
         self.refused += 1
         return False
 
     def charge(self, seconds: float) -> None:
         """``seconds`` of granted work were spent."""
-        self.spent += max(0.0, seconds)
+        seconds = max(0.0, seconds)
+        self.spent += seconds
+        self._latest += seconds  # the cost of the latest grant so far
