@@ -446,12 +446,15 @@ QUICK_SUBSET = {
 # --------------------------------------------------------------------------- a run
 @dataclass
 class RunResult:
-    """What one watched run left: its findings, the steps it ran, seconds, and its error if any."""
+    """What one watched run left: its findings, the steps it ran, seconds, and its error if any;
+    the escalations of the cheap signals it granted and skipped (their time budget)."""
 
     alerts: list = field(default_factory=list)
     steps: int = 0
     seconds: float = 0.0
     error: str | None = None
+    escalations: int = 0
+    escalations_skipped: int = 0
 
 
 @contextlib.contextmanager
@@ -503,6 +506,10 @@ def _train(name: str, every: int, steps: int, logdir: Path, fault: str | None = 
         result.error = failure()
     result.seconds = time.perf_counter() - t0
     result.alerts = list(w.alerts) if w is not None else []
+    if w is not None:
+        clock = w.ctx.clock
+        result.escalations = getattr(clock, "escalations", 0)
+        result.escalations_skipped = getattr(clock, "escalations_skipped", 0)
     return result
 
 
@@ -599,6 +606,7 @@ def run_cell(name: str, fault: str, every: int, logdir: Path, cadence: Cadence |
     cell["expected"] = {"modules": list(site.accept) or ["(any: model-wide)"], "kinds": list(FAULTS[fault].kinds)}
     cell.update(judge(run.alerts, fault, _names(name, site), fault_step))
     cell["seconds"] = round(run.seconds, 1)
+    cell["escalations"] = [run.escalations, run.escalations_skipped]
     cell["alerts"] = findings_json(run.alerts)
     if run.error:
         cell["error"] = run.error
@@ -613,6 +621,8 @@ def run_healthy(name: str, every: int, steps: int, logdir: Path) -> dict:
         "every": every,
         "steps": run.steps,
         "false_findings": len(run.alerts),
+        "escalations": run.escalations,
+        "escalations_skipped": run.escalations_skipped,
         "said": [_said(a) for a in run.alerts[:5]],
         "kinds": sorted({a.kind for a in run.alerts}),
         "seconds": round(run.seconds, 1),
@@ -780,15 +790,19 @@ def fault_table_markdown(table: dict, heading: str = "## Fault table") -> str:
     lines.append("")
     if table["healthy"]:
         lines += [
-            f"Healthy runs ({table['healthy_steps']} steps, no fault): false findings.",
+            f"Healthy runs ({table['healthy_steps']} steps, no fault): false findings, and the "
+            "escalations of the cheap every-step signals (granted / skipped by their time budget, "
+            "`escalate_share`): one granted before the fault step spends budget the fault's own "
+            "escalation may need.",
             "",
-            "| model | every | false findings | kinds (first few said) |",
-            "| --- | ---: | ---: | --- |",
+            "| model | every | false findings | escalations (granted / skipped) | kinds (first few said) |",
+            "| --- | ---: | ---: | ---: | --- |",
         ]
         for hr in table["healthy"]:
             count = "error" if "error" in hr else str(hr["false_findings"])
+            escalations = f"{hr.get('escalations', '—')} / {hr.get('escalations_skipped', '—')}"
             said = ", ".join(hr["kinds"]) + (f" ({'; '.join(hr['said'][:3])})" if hr["said"] else "")
-            lines.append(f"| {hr['model']} | {hr['every']} | {count} | {said or '—'} |")
+            lines.append(f"| {hr['model']} | {hr['every']} | {count} | {escalations} | {said or '—'} |")
         lines.append("")
     misses = table.get("must_show", [])
     lines += [f"Cells that miss the Must show of issue 25 (default cadence): {len(misses)}.", ""]

@@ -324,6 +324,21 @@ def test_fault_table_markdown_and_files(nan_table, tmp_path):
     assert json.loads(json_out.read_text())["cells"][0]["right_said"] == nan_table["cells"][0]["right_said"]
 
 
+def test_fault_table_counts_escalations(nan_table):
+    """Each run counts the cheap signals' escalations, granted and skipped (their time budget):
+    the cells in their JSON, the healthy runs in their row."""
+    from benchmarks import fault_table
+
+    for cell in nan_table["cells"]:
+        granted, skipped = cell["escalations"]
+        assert granted >= 0 and skipped >= 0
+    healthy = {"model": "cnn", "every": 50, "steps": 300, "false_findings": 0, "said": [], "kinds": []}
+    table = dict(nan_table, healthy=[dict(healthy, escalations=2, escalations_skipped=1)], healthy_steps=300)
+    text = fault_table.fault_table_markdown(table)
+    assert "| model | every | false findings | escalations (granted / skipped) | kinds (first few said) |" in text
+    assert "| cnn | 50 | 0 | 2 / 1 | — |" in text
+
+
 def test_fault_table_rank_follows_alert_cause():
     """Where findings carry ``cause`` (issue 25's linking), only roots rank; a right finding that
     hangs under another one is "attached", not first."""

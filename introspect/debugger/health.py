@@ -126,6 +126,11 @@ class Thresholds:
     escalate_steps: float = 3
     """When a cheap every-step signal fires (a gradient-norm spike, a NaN/Inf, one parameter's
     gradient norm jumping, a loss jump), this many next steps become logging steps."""
+    escalate_share: float = 0.02
+    """The escalations of the cheap signals (a gradient-norm spike, a parameter's gradient norm
+    jumping, a loss jump) take at most this share of the run's time: the extra time of their
+    logging steps is earned back at this rate, all but the latest escalation's before the next is
+    granted (the first two may come at once; a NaN/Inf's is never refused). 1: no limit."""
     param_grad_jump: float = 5.0
     """One parameter's gradient norm this many times above or below its own running mean (or
     exactly 0 after being non-zero)..."""

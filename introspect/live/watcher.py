@@ -120,6 +120,7 @@ class Watcher:
                 counts_optimizer_steps=config.optimizer is not None,
                 step_fn=config.step_fn,
                 shared=shared,
+                escalate_share=config.thresholds.escalate_share,
             )
             self.ctx = ProbeContext(
                 config=config,
@@ -202,6 +203,11 @@ class Watcher:
     def report(self) -> str:
         """What the debugger found, as a short table for the terminal."""
         text = format_report(self.alerts, self._clock.next_step)
+        if self._clock.escalations_skipped:
+            text += (
+                f"\n{self._clock.escalations_skipped} escalations skipped (budget): a signal fired, but the "
+                "logging steps after it would have taken more than thresholds.escalate_share of the run's time."
+            )
         if self._writer.dropped:
             text += (
                 f"\n{self._writer.dropped} writes dropped: the writer was slower than training (its queue was "
@@ -313,8 +319,8 @@ class Watcher:
     def _writer_failed(self, error: Exception) -> None:
         self.ctx.disable("<writer>", None, error)
 
-    def _force_log(self, steps: int = 1) -> None:
-        self._clock.request_log(steps)
+    def _force_log(self, steps: int = 1, *, budgeted: bool = False) -> bool:
+        return self._clock.request_log(steps, budgeted=budgeted)
 
     # ----------------------------------------------------------------- the root: step clock
     def _on_root_pre(self, module: nn.Module, args: tuple, kwargs: dict) -> None:

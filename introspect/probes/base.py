@@ -52,6 +52,8 @@ from torch import nn
 from ..errors import IntrospectWarning, ProbeError, warn
 from ..records.shards import user_type_name
 from ..runtime.tensors import named_float_tensors
+from . import time_share
+from .time_share import TimeShare
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..debugger.health import Thresholds
@@ -251,7 +253,7 @@ class ProbeContext:
         findings: Findings,
         clock: StepCounter,
         step_hooks: Registry,
-        force_log: Callable[..., None],
+        force_log: Callable[..., bool],
         side_group: SideGroup,
         check_mode: str = "off",
         ddp: nn.Module | None = None,
@@ -281,8 +283,9 @@ class ProbeContext:
         self.step_hooks = step_hooks
         """Hooks that live for the open step only (removed when it ends)."""
         self.force_log = force_log
-        """``force_log(steps=1)``: make the next ``steps`` steps logging steps whatever the cadence
-        (an escalation, after a NaN/Inf or a spike; see ``escalate``)."""
+        """``force_log(steps=1, budgeted=False)``: make the next ``steps`` steps logging steps
+        whatever the cadence (an escalation, after a NaN/Inf; a cheap signal's goes through
+        ``escalate``, within its budget)."""
         self.check_mode = check_mode
         """How the non-finite check runs: "replay" (the sentinel), "per_module" or "off"."""
         self.ddp = ddp
@@ -308,6 +311,11 @@ class ProbeContext:
         recompile)."""
         self.disabled: set[str] = set()
         """Keys (module names, ``<probe name>``, ``<writer>``...) that failed and are off for good."""
+        self.figures = TimeShare(time_share.RENDER_SHARE)
+        """The one budget of every matplotlib figure drawn on the training thread before close (the
+        health map, the gradient-flow figure): ``RENDER_SHARE`` of the run's time so far. A figure
+        that does not fit now is drawn when it does, and always at close."""
+        self.figures.start()
         self._tensors_of: Any = None
         self._tensors: list[tuple[str, torch.Tensor]] = []
         self._outputs_name: str | None = None
@@ -325,11 +333,12 @@ class ProbeContext:
         self._tensors_of, self._tensors = None, []
         self._outputs_name, self._outputs = None, []
 
-    def escalate(self) -> None:
-        """A cheap every-step signal fired: the next ``thresholds.escalate_steps`` steps log."""
+    def escalate(self) -> bool:
+        """A cheap every-step signal fired: the next ``thresholds.escalate_steps`` steps log, within
+        the escalations' budget of time (``thresholds.escalate_share``, see ``live/clock.py``; a
+        NaN/Inf calls ``force_log`` instead, which no budget limits). Whether they will."""
         steps = int(self.config.thresholds.escalate_steps)
-        if steps > 0:
-            self.force_log(steps)
+        return steps > 0 and bool(self.force_log(steps, budgeted=True))
 
     def grad_scale(self) -> torch.Tensor | None:
         """GradScaler's current scale on the device (no host sync), or None without one."""

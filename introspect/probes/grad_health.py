@@ -1,9 +1,15 @@
 """Vanishing, exploding and stuck layers from each logging step's gradient records, and the
-gradient-flow figure (``diagnostics/grad_flow``) when a new gradient finding appears and at the end."""
+gradient-flow figure (``diagnostics/grad_flow``) when a new gradient finding appears and at the end.
+
+A figure costs ~0.2–0.7 s of the training thread, and a sick model brings news often (a deep ReLU
+stack dying layer by layer: 7 new findings in 200 steps, ~10 ms per step on average). So news is
+drawn within the live figures' budget (``ProbeContext.figures``, shared with the health map): the
+first figure at once, later news at the first logging step where it fits, and always at close."""
 
 from __future__ import annotations
 
 import math
+import time
 
 from ..debugger.baselines import Baselines, judge_module_shifts
 from ..debugger.health import GradientHealth
@@ -16,6 +22,9 @@ from .base import Probe, ProbeContext
 
 __all__ = ["GradHealth"]
 
+_FIRST_FIGURE_S = 0.3
+"""The figure's cost before one was measured (0.2–0.7 s on a 2-core CPU, 10–100 bars)."""
+
 
 class GradHealth(Probe):
     name = "grad_health"
@@ -27,6 +36,8 @@ class GradHealth(Probe):
         self._baselines = Baselines.of(ctx.config.thresholds)  # each layer against its own past
         self._last: tuple[int, dict[str, tuple[float, float, float]]] | None = None
         self._drawn: int | None = None
+        self._news = False  # a new gradient finding not drawn yet
+        self._drawing_s = _FIRST_FIGURE_S  # the last figure's cost
 
     def on_step_end(self, host: HostStep | None) -> None:
         buffer = self.ctx.buffer
@@ -50,8 +61,11 @@ class GradHealth(Probe):
         alerts = self._health.check(host.step, sums, ratios, nonfinite=nonfinite)
         alerts += self._shifts(host, sums, ratios, nonfinite)
         self._last = (host.step, {k: (v[0], v[1], v[2]) for k, v in layers.items()})
-        # A new gradient finding gets the figure now; one that persists does not redraw it.
+        # A new gradient finding gets the figure (when the budget allows); one that persists
+        # does not redraw it.
         if [a for a in alerts if self.ctx.findings.add(a)]:
+            self._news = True
+        if self._news and self.ctx.figures.fits(self._drawing_s):
             self._draw()
 
     def _shifts(
@@ -96,11 +110,16 @@ class GradHealth(Probe):
         names = list(layers)
         rms = [finite(math.sqrt(v[0] / v[1])) if v[1] and v[0] >= 0 else 0.0 for v in layers.values()]
         max_abs = [finite(v[2]) for v in layers.values()]
+        began = time.perf_counter()
         try:
             image = grad_flow_image(names, rms, max_abs, step)
         except Exception as e:
             self.ctx.disable("<grad_flow>", None, e)
             return
+        finally:
+            self._drawing_s = time.perf_counter() - began
+            self.ctx.figures.charge(self._drawing_s)
+        self._news = False
         if writer.call("add_image", GRAD_FLOW_TAG, image, step, dataformats="HWC"):
             self._drawn = step
 

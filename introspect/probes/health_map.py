@@ -7,7 +7,8 @@ default cadence; numbers in docs/benchmarks.md): feeding the map is a pass over 
 records on the host, well under 1% of a step; the pictures are what cost, ~0.1 s each on a small
 CNN and ~0.9 s on a 200-row map. So the live pictures are drawn at an image step only while
 drawing has taken at most ``RENDER_SHARE`` of the time since the watch began (the first one
-waits until its estimated cost fits too), and always at close, whatever the share: the map of
+waits until its estimated cost fits too; the budget, ``ProbeContext.figures``, is shared with
+the gradient-flow figure), and always at close, whatever the share: the map of
 a whole run is its last picture. The same map can be drawn afterwards from any run's event
 files with ``introspect map RUNDIR``.
 
@@ -27,11 +28,9 @@ from ..records.budget import health_data_text
 from ..records.step import HostStep
 from ..records.tags import HEALTH_DATA_TAG
 from .base import Probe, ProbeContext, StepPlan
+from .time_share import RENDER_SHARE
 
 __all__ = ["HealthMapProbe", "RENDER_SHARE"]
-
-RENDER_SHARE = 0.005
-"""The most of a run's wall time (so far) the live pictures may take before close."""
 
 _FIRST_PICTURE_S = 0.1
 _PER_ROW_S = 0.005
@@ -47,8 +46,6 @@ class HealthMapProbe(Probe):
         super().bind(ctx)
         rows = min(ctx.budget.max_modules or MAX_ROWS, MAX_ROWS) if ctx.budget is not None else MAX_ROWS
         self.map = HealthMap(max_rows=rows) if callable(getattr(ctx.writer.writer, "add_image", None)) else None
-        self._began = time.perf_counter()
-        self._drawing_s = 0.0
         self._last_drawing_s: float | None = None
 
     def active(self, plan: StepPlan) -> bool:
@@ -74,14 +71,14 @@ class HealthMapProbe(Probe):
             self._write(host.step)
 
     def _drawing_fits(self) -> bool:
-        """Whether drawing now keeps the pictures within ``RENDER_SHARE`` of the run's time."""
+        """Whether drawing now keeps the live figures within ``RENDER_SHARE`` of the run's time."""
         if self.map is None:
             return False
         estimate = self._last_drawing_s
         if estimate is None:
             pictures = len(self.map.available())
             estimate = pictures * (_FIRST_PICTURE_S + _PER_ROW_S * len(self.map.drawn_rows()))
-        return self._drawing_s + estimate <= RENDER_SHARE * (time.perf_counter() - self._began)
+        return self.ctx.figures.fits(estimate, first_at_once=False)
 
     def on_close(self, failed: bool) -> None:
         if self.map is None or not self.map.steps:
@@ -99,4 +96,4 @@ class HealthMapProbe(Probe):
         except Exception as e:
             self.ctx.disable("<health_map>", None, e)
         self._last_drawing_s = time.perf_counter() - began
-        self._drawing_s += self._last_drawing_s
+        self.ctx.figures.charge(self._last_drawing_s)

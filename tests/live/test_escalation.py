@@ -278,3 +278,114 @@ def test_the_fused_qk_slices_are_the_query_and_key_part_of_the_gradient():
     assert name == "1.in_proj_weight[qk]" and names[index] == "1.in_proj_weight"
     grad = torch.randn(24, 8)
     assert torch.equal(view(grad), grad[:16])
+
+
+# ----------------------------------------------------------------------- the escalations' budget
+def spikes_at(*steps: int):  # type: ignore[no-untyped-def]
+    return lambda step: 1000.0 if step in steps else 1.0
+
+
+def test_a_model_that_keeps_escalating_gets_the_budgets_escalations_only(tmp_path):
+    """Loss spikes x1000 at steps 20, 35 and 42 (each fires the spike score and parameter jumps;
+    after the second the model keeps jumping). With no time to spend (escalate_share=0) the first
+    two escalations are still granted at once (one of slack: a false alarm must not cost the real
+    fault after it); the later ones are refused, counted, and the report says so. Without a
+    limit (1) every one logs."""
+
+    def spiky(logdir, share: float):  # type: ignore[no-untyped-def]
+        thresholds = {"escalate_share": share}
+        return train(
+            mlp(), logdir, 45, make_input=vectors, loss_scale=spikes_at(20, 35, 42), every=100, thresholds=thresholds
+        )
+
+    limited = spiky(tmp_path / "limited", 0)
+    assert hist_steps(read_events(tmp_path / "limited"), "grads/0.weight") == [0, 21, 22, 23, 36, 37, 38]
+    clock = limited.ctx.clock
+    assert clock.escalations == 2 and clock.escalations_skipped >= 1  # type: ignore[attr-defined]
+    assert f"{clock.escalations_skipped} escalations skipped (budget)" in limited.report()  # type: ignore[attr-defined]
+    assert [a.step for a in limited.alerts if a.kind == "grad_norm_spike"] == [20]
+
+    free = spiky(tmp_path / "free", 1)
+    steps = hist_steps(read_events(tmp_path / "free"), "grads/0.weight")
+    assert steps[:7] == [0, 21, 22, 23, 36, 37, 38] and 43 in steps
+    assert free.ctx.clock.escalations_skipped == 0  # type: ignore[attr-defined]
+    assert "escalations skipped" not in free.report()
+
+
+def test_a_nan_forces_its_logging_steps_whatever_the_budget(tmp_path):
+    """Spikes at steps 20 and 25 spend the budget (share 0: nothing is ever earned back; their
+    escalations are granted, the model's jumps after them refused); a NaN output at step 30 still
+    makes the next steps logging steps: a non-finite step is worth them."""
+    nan_step = 30
+
+    def poison(step: int, model: nn.Module) -> None:
+        if step == nan_step:
+            model[2].register_forward_hook(lambda m, i, o: o * float("nan"))
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NonFiniteWarning)
+        w = train(
+            mlp(),
+            tmp_path,
+            nan_step + 3,
+            make_input=vectors,
+            loss_scale=spikes_at(20, 25),
+            on_step=poison,
+            every=100,
+            thresholds={"escalate_share": 0},
+        )
+    clock = w.ctx.clock
+    assert clock.escalations == 2 and clock.escalations_skipped >= 1  # type: ignore[attr-defined]
+    assert [a.step for a in w.alerts if a.kind == "nonfinite"][:1] == [nan_step]
+    logged = [e.step for e in read_events(tmp_path).Scalars("grad_norm/0.weight")]
+    assert logged[:4] == [0, 21, 22, 23] and [s for s in logged if s >= nan_step] == [nan_step + 1, nan_step + 2]
+
+
+class _Time:
+    """A clock the test moves by hand (the budget measures step times with it)."""
+
+    def __init__(self) -> None:
+        self.t = 0.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def test_an_escalation_is_earned_back_at_the_share_of_the_run_time():
+    """Steps of 10 ms, an escalation's logging steps of 60 ms (50 ms over the median step): the
+    first two escalations are granted at once and charged 3 x 50 ms each; at a 10% share the
+    third is granted once the first's 0.15 s is earned back, when the run has lasted 1.5 s."""
+    from introspect.live.clock import StepClock
+
+    now = _Time()
+    clock = StepClock(
+        every=1000,
+        check_every=1,
+        image_every=1000,
+        writes=True,
+        counts_optimizer_steps=False,
+        step_fn=None,
+        escalate_share=0.1,
+        now=now,
+    )
+    logged = []
+
+    def step() -> None:
+        plan = clock.plan()
+        logged.append(plan.logging)
+        now.t += 0.06 if plan.logging else 0.01
+
+    for _ in range(20):
+        step()
+    for granted in (1, 2):
+        assert clock.request_log(3, budgeted=True) and clock.escalations == granted  # at once
+        for _ in range(4):
+            step()
+        assert logged[-4:] == [True, True, True, False]
+    assert clock.budget.spent == pytest.approx(0.3)
+    assert not clock.request_log(3, budgeted=True) and clock.escalations_skipped == 1
+    while now.t < 1.5 - 1e-9:
+        assert not clock.request_log(3, budgeted=True)
+        step()
+    assert clock.request_log(3, budgeted=True) and clock.escalations == 3
+    assert clock.request_log(1) and clock.escalated == 3  # (unbudgeted: a NaN's, never refused)

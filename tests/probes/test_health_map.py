@@ -320,9 +320,9 @@ def train_dead_mlp(logdir: Path, steps: int = 9, **options):
 
 
 def test_watch_writes_the_health_map_at_image_steps_and_at_close(tmp_path, monkeypatch):
-    from introspect.probes import health_map
+    from introspect.probes import time_share
 
-    monkeypatch.setattr(health_map, "RENDER_SHARE", float("inf"))  # every image step fits, however fast the steps
+    monkeypatch.setattr(time_share, "RENDER_SHARE", float("inf"))  # every image step fits, however fast the steps
     w = train_dead_mlp(tmp_path / "run", image_every=6)
     acc = read_events(tmp_path / "run")
     maps = {t for t in acc.Tags()["images"] if t.startswith("diagnostics/health_map/")}

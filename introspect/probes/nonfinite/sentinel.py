@@ -271,7 +271,8 @@ class NonFiniteSentinel(Probe):
         )
         self._jump_step = -1  # the step whose norms joined the history (its first read only)
         self.escalations = 0
-        """How many times this sentinel's own numbers escalated (a parameter's or the loss's jump)."""
+        """How many times this sentinel's own numbers escalated (a parameter's or the loss's jump;
+        granted escalations only, see ``Thresholds.escalate_share``)."""
         self._pending: _Read | None = None  # a CUDA read in flight (see _may_defer)
         self._clear()
 
@@ -544,9 +545,8 @@ class NonFiniteSentinel(Probe):
         loss = [v for n, v in zip(read.out_names, out_values) if n == "loss"] if self._loss is not None else []
         if loss and self._loss is not None and self._loss.update(("loss",), loss[:1]) is not None:
             jumped = jumped or ("loss", 0.0)
-        if jumped is not None:
+        if jumped is not None and self.ctx.escalate():  # (within the escalations' time budget)
             self.escalations += 1
-            self.ctx.escalate()
 
     def _locate(
         self,
