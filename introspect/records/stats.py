@@ -24,8 +24,10 @@ Many records of one step are stacked and moved to the host in one transfer (see 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from .._torch import flatten_dense, tensor_version
@@ -145,6 +147,11 @@ class RecordBatch:
 
     def __len__(self) -> int:
         return len(self._samples)
+
+    @property
+    def numels(self) -> list[int]:
+        """Each record's tensor size, in record order."""
+        return self._numels
 
     def add(self, x: torch.Tensor, total: torch.Tensor | None = None, hold: bool = False, watch: bool = False) -> int:
         """Take what the record of ``x`` needs now; returns the record's index in ``compute()``.
@@ -444,9 +451,14 @@ def tensor_record(x: torch.Tensor) -> torch.Tensor:
     return row
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class HistogramRecord:
-    """A record on the host: the numbers of one histogram (finite values only) and the rest."""
+    """A record on the host: the numbers of one histogram (finite values only) and the rest.
+
+    Slotted (no per-record dict): a logging step makes one per histogram, hundreds on a large
+    model, and each Python object it allocates brings the next garbage collection nearer.
+    ``counts`` is a tuple, or a read-only row view of the step's one host array (``from_rows``:
+    no Python object per bucket); read it as a sequence (``list(r.counts)``, ``sum(r.counts)``)."""
 
     numel: int
     nonfinite: float
@@ -454,11 +466,26 @@ class HistogramRecord:
     max: float
     sum: float
     sum_squares: float
-    counts: tuple[float, ...]
+    counts: Sequence[float]
 
     @classmethod
     def from_row(cls, numel: int, row: list[float]) -> HistogramRecord:
         return cls(numel, row[0], row[1], row[2], row[3], row[4], tuple(row[5:]))
+
+    @classmethod
+    def from_rows(cls, numels: Sequence[int], rows: np.ndarray) -> list[HistogramRecord]:
+        """The records of ``rows`` (``(len(numels), RECORD_LEN)`` float64 on the host) at once: the
+        head numbers as Python floats (one ``tolist``), the counts as row views of ``rows``."""
+        rows.flags.writeable = False  # the counts are views: nothing may change them afterwards
+        heads = rows[:, :5].tolist()
+        return [
+            cls(numel, h[0], h[1], h[2], h[3], h[4], counts) for numel, h, counts in zip(numels, heads, rows[:, 5:])
+        ]
+
+    def count_list(self) -> list[float]:
+        """The bucket counts as a list of Python floats (what an event file's proto takes)."""
+        counts = self.counts
+        return counts.tolist() if isinstance(counts, np.ndarray) else list(counts)
 
     @property
     def finite_count(self) -> float:
@@ -492,10 +519,10 @@ class HistogramRecord:
         for r in filled:
             if width == 0 or r.max == r.min:
                 target = 0 if width == 0 else min(int((r.min - lo) / width), bins - 1)
-                merged[target] += sum(r.counts)
+                merged[target] += sum(r.count_list())
                 continue
             r_width = (r.max - r.min) / len(r.counts)
-            for i, c in enumerate(r.counts):
+            for i, c in enumerate(r.count_list()):
                 if c == 0:
                     continue
                 a, b = r.min + i * r_width, r.min + (i + 1) * r_width

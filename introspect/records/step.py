@@ -13,6 +13,7 @@ import weakref
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 
 from .._torch import view_base
@@ -21,7 +22,7 @@ from ..runtime.amp import LOW_PRECISION
 from .shards import ShardRecords, local_view
 from .stats import RECORD_LEN, HistogramRecord, RecordBatch, stat_dtype
 
-__all__ = ["StepBuffer", "HostStep", "Check", "CapturePolicy", "one_transfer"]
+__all__ = ["StepBuffer", "HostStep", "Check", "CapturePolicy", "one_transfer", "transfer_array"]
 
 
 class Check(NamedTuple):
@@ -249,28 +250,23 @@ class StepBuffer:
         keys = [("s", k) for k in self.scalars] + [("m", k) for k in self.measures]
         if keys:
             parts.append(torch.stack([*self.scalars.values(), *self.measures.values()]).reshape(-1))
-        values = one_transfer(parts)
-        rows = len(self.records) * RECORD_LEN
-        broken = [
-            i
-            for i in range(len(self.records))
-            if not all(math.isfinite(v) for v in values[i * RECORD_LEN + 1 : i * RECORD_LEN + 3])
-        ]
+        values = transfer_array(parts)
+        n = len(self.records)
+        rows = values[: n * RECORD_LEN].reshape(n, RECORD_LEN)
+        broken = np.flatnonzero(~np.isfinite(rows[:, 1:3]).all(axis=1)).tolist()
         if broken:  # NaN/Inf somewhere: redo those rows from their finite values (a second transfer)
-            fixed = self.records.masked_rows(broken).cpu().tolist()
-            for i, row in zip(broken, fixed):
-                values[i * RECORD_LEN : (i + 1) * RECORD_LEN] = row
+            rows[broken] = self.records.masked_rows(broken).cpu().to(torch.float64).numpy()
+        # One host array, one record per row (its counts a view of it), not a list per record.
+        records = HistogramRecord.from_rows(self.records.numels, rows)
         histograms = {
-            tag: HistogramRecord.merge(
-                [HistogramRecord.from_row(numel, values[i * RECORD_LEN : (i + 1) * RECORD_LEN]) for numel, i in calls]
-            )
+            tag: records[calls[0][1]] if len(calls) == 1 else HistogramRecord.merge([records[i] for _, i in calls])
             for tag, calls in self.histograms.items()
         }
         if self.shards is not None:  # every rank, at the same step (see shards.py)
             histograms.update(self.shards.combine())
         scalars: dict[str, float] = {}
         measures: dict[str, float] = {}
-        for (kind, key), value in zip(keys, values[rows:]):
+        for (kind, key), value in zip(keys, values[n * RECORD_LEN :].tolist()):
             (scalars if kind == "s" else measures)[key] = value
         scalars.update(self.plain_scalars)
         self.plain_scalars.clear()
@@ -279,6 +275,22 @@ class StepBuffer:
         self.measures.clear()
         self.records = RecordBatch()
         return HostStep(step=self.step, histograms=histograms, scalars=scalars, measures=measures)
+
+
+def transfer_array(parts: list[torch.Tensor]) -> np.ndarray:
+    """``one_transfer`` as one float64 host array (the same values), for callers that slice it."""
+    if not parts:
+        return np.zeros(0)
+    devices = {p.device for p in parts}
+    if len(devices) == 1:
+        device = devices.pop()
+        if all(p.dim() == 0 for p in parts):
+            host = torch.stack(parts).cpu()
+        else:
+            host = torch.cat([p.reshape(-1) for p in parts]).to(stat_dtype(device)).cpu()
+    else:  # a model split over devices: rare, and still correct
+        host = torch.cat([p.reshape(-1).to(stat_dtype(p.device)).cpu() for p in parts])
+    return host.to(torch.float64).numpy()
 
 
 def one_transfer(parts: list[torch.Tensor]) -> list[float]:
