@@ -202,21 +202,27 @@ class RecordBatch:
         if not self._held:
             return
         held, self._held = self._held, {}
-        by_device: dict[torch.device, list[tuple[int, torch.Tensor]]] = {}
-        for index, (x, version) in held.items():
-            if tensor_version(x) != version:
-                self.changed.append(index)
-            by_device.setdefault(x.device, []).append((index, x))
+        indices = list(held)
+        tensors = [x for x, _ in held.values()]
+        self.changed.extend(i for i, (x, version) in held.items() if tensor_version(x) != version)
+        devices = {x.device for x in tensors} if len(tensors) > 1 else ()
+        if len(devices) > 1:  # a model split over devices: one buffer per device
+            groups = [
+                ([i for i, x in zip(indices, tensors) if x.device == d], [x for x in tensors if x.device == d])
+                for d in devices
+            ]
+        else:
+            groups = [(indices, tensors)]
         with torch.no_grad():
-            for members in by_device.values():
-                tensors = [x for _, x in members]
-                if len(tensors) == 1:
-                    flat = tensors[0].reshape(-1).to(torch.float32, copy=True)
-                else:
-                    flat = flatten_dense(tensors)  # a fresh buffer (cat), dtypes promoted
-                    if flat.dtype != torch.float32:
-                        flat = flat.float()
-                for (index, _), piece in zip(members, flat.split([x.numel() for x in tensors])):
+            for members, group in groups:
+                if len(group) == 1:
+                    flat = group[0].reshape(-1).to(torch.float32, copy=True)
+                    self._samples[members[0]] = flat
+                    continue
+                flat = flatten_dense(group)  # a fresh buffer (cat), dtypes promoted
+                if flat.dtype != torch.float32:
+                    flat = flat.float()
+                for index, piece in zip(members, flat.split([x.numel() for x in group])):
                     self._samples[index] = piece
 
     def _stat_rows(self, lengths: list[int], values: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
@@ -477,10 +483,8 @@ class HistogramRecord:
         """The records of ``rows`` (``(len(numels), RECORD_LEN)`` float64 on the host) at once: the
         head numbers as Python floats (one ``tolist``), the counts as row views of ``rows``."""
         rows.flags.writeable = False  # the counts are views: nothing may change them afterwards
-        heads = rows[:, :5].tolist()
-        return [
-            cls(numel, h[0], h[1], h[2], h[3], h[4], counts) for numel, h, counts in zip(numels, heads, rows[:, 5:])
-        ]
+        columns = rows[:, :5].T.tolist()  # five lists, not one per row
+        return list(map(cls, numels, *columns, rows[:, 5:]))
 
     def count_list(self) -> list[float]:
         """The bucket counts as a list of Python floats (what an event file's proto takes)."""
