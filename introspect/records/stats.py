@@ -140,7 +140,8 @@ class RecordBatch:
         self._samples: list[torch.Tensor] = []
         self._numels: list[int] = []
         self._stats: dict[int, tuple[torch.Tensor, ...]] = {}  # min, max, sum, sum_sq of large tensors
-        self._held: dict[int, tuple[torch.Tensor, int]] = {}  # small tensors by reference, with their version
+        self._held: dict[int, torch.Tensor] = {}  # small tensors by reference
+        self._held_versions: list[int] = []  # their versions when added, in the order of _held
         self._watched: dict[int, tuple[torch.Tensor, int]] = {}  # copied ones, versions checked at flush
         self.changed: list[int] = []
         """Records whose tensor was changed in place between ``add`` and ``flush`` (see ``add``)."""
@@ -165,12 +166,15 @@ class RecordBatch:
         """
         n = x.numel()
         index = len(self._samples)
-        if n <= BATCHED_LIMIT and x.dtype != torch.float64 and (hold or watch):
-            (self._held if hold else self._watched)[index] = (x, tensor_version(x))
-            if hold:
-                self._samples.append(_HELD)  # (filled in by flush)
-                self._numels.append(n)
-                return index
+        small = n <= BATCHED_LIMIT and x.dtype != torch.float64
+        if small and hold:  # (no tuple per tensor: a logging step holds hundreds)
+            self._held[index] = x
+            self._held_versions.append(tensor_version(x))
+            self._samples.append(_HELD)  # (filled in by flush)
+            self._numels.append(n)
+            return index
+        if small and watch:
+            self._watched[index] = (x, tensor_version(x))
         flat = x.detach().reshape(-1)
         if n <= BATCHED_LIMIT and flat.dtype != torch.float64:
             # A copy: the tensor may be changed in place after the hook (ReLU(inplace=True)).
@@ -202,9 +206,10 @@ class RecordBatch:
         if not self._held:
             return
         held, self._held = self._held, {}
+        versions, self._held_versions = self._held_versions, []
         indices = list(held)
-        tensors = [x for x, _ in held.values()]
-        self.changed.extend(i for i, (x, version) in held.items() if tensor_version(x) != version)
+        tensors = list(held.values())
+        self.changed.extend(i for i, x, v in zip(indices, tensors, versions) if tensor_version(x) != v)
         devices = {x.device for x in tensors} if len(tensors) > 1 else ()
         if len(devices) > 1:  # a model split over devices: one buffer per device
             groups = [
