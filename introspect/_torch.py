@@ -32,6 +32,9 @@ __all__ = [
     "saved_tensors_hooks_in_use",
     "saved_tensors_hooks_on_top",
     "compiled_autograd_enabled",
+    "rehook",
+    "forward_hooks_of",
+    "post_accumulate_grad_hooks_of",
 ]
 
 
@@ -284,3 +287,32 @@ def compiled_autograd_enabled() -> bool:
     dynamo = sys.modules.get("torch._dynamo")
     config = getattr(dynamo, "config", None)
     return bool(getattr(config, "compiled_autograd", False))
+
+
+def forward_hooks_of(module: torch.nn.Module) -> Any:
+    """The dict ``module.register_forward_hook`` puts hooks in (``Module._forward_hooks``, an
+    attribute since torch 1.0), for :func:`rehook`."""
+    return getattr(module, "_forward_hooks", None)
+
+
+def post_accumulate_grad_hooks_of(tensor: torch.Tensor) -> Any:
+    """The dict ``register_post_accumulate_grad_hook`` puts hooks in
+    (``Tensor._post_accumulate_grad_hooks``, torch >= 2.1), for :func:`rehook`."""
+    return getattr(tensor, "_post_accumulate_grad_hooks", None)
+
+
+def rehook(handle: Any, hook: Callable[..., Any], hooks: Any) -> bool:
+    """Put ``hook`` back where its removed ``handle`` (a ``RemovableHandle``) had it, under the
+    same id, when ``hooks`` (the owner's hook dict, from :func:`forward_hooks_of` or
+    :func:`post_accumulate_grad_hooks_of`) is still the dict the handle points at; False
+    otherwise (register anew then). Why: the per-module and per-parameter hooks of a logging
+    step come and go every logging step, and registering makes a handle and three weak
+    references per hook each time (hundreds of Python objects per step on a large model, each
+    bringing the next garbage collection nearer); a dict entry makes none. The id is the one torch
+    gave the handle (ids only grow), so it collides with no other hook; ``handle.remove()`` takes
+    it out again. ``RemovableHandle.hooks_dict_ref`` and ``.id``: attributes since torch 1.0."""
+    ref = getattr(handle, "hooks_dict_ref", None)
+    if ref is None or hooks is None or ref() is not hooks:
+        return False
+    hooks[handle.id] = hook
+    return True

@@ -90,6 +90,19 @@ class Baselines:
     def history(self, stat: str, where: str) -> list[float]:
         return list(self._history.get((stat, where), ()))
 
+    def past(self, stat: str, where: str) -> Sequence[float]:
+        """This key's past values, oldest first (the live window: read it, do not keep it)."""
+        return self._history.get((stat, where), ())
+
+    def add(self, stat: str, where: str, value: float) -> None:
+        """``value`` joins this key's past, unjudged (a non-finite value is not kept)."""
+        if not math.isfinite(value):
+            return
+        past = self._history.get((stat, where))
+        if past is None:
+            past = self._history[(stat, where)] = deque(maxlen=self.window)
+        past.append(value)
+
     def judge(self, stat: str, where: str, value: float, direction: str) -> Shift | None:
         """Whether ``value`` is a shift ``direction`` ("up" or "down") against this key's past;
         then ``value`` joins the past. A non-finite value is not measured: no verdict, not kept."""
@@ -379,27 +392,33 @@ def judge_module_shifts(
         ("activation_rms", activation_rms, ("up", "down")),
         ("update_ratio", update_ratios, ("up",)),
     ):
+        factor = update_ratio_factor if stat == "update_ratio" and update_ratio_factor else baselines.factor
         shifted: list[tuple[str, str, Shift]] = []
-        for where, value in values.items():
-            past = baselines.history(stat, where)
-            for direction in directions:
-                shift = (
-                    shift_of(
+        if directions and values:
+            wheres = list(values)
+            pasts = [baselines.past(stat, where) for where in wheres]
+            # Every module at once (numpy over a matrix of pasts) says which ones could be a shift;
+            # only those (rare) are judged one by one, by the same shift_of as ever.
+            candidates = _shift_candidates(baselines, list(values.values()), pasts, directions, factor)
+            for i in np.flatnonzero(candidates.any(axis=0)).tolist():
+                where, value = wheres[i], values[wheres[i]]
+                for d, direction in enumerate(directions):
+                    if not candidates[d, i]:
+                        continue
+                    shift = shift_of(
                         value,
-                        past,
+                        pasts[i],
                         direction,
                         baselines.min_history,
                         baselines.deviations,
-                        update_ratio_factor if stat == "update_ratio" and update_ratio_factor else baselines.factor,
+                        factor,
                         trend=stat == "activation_rms",
                     )
-                    if math.isfinite(value)
-                    else None
-                )
-                if shift is not None and max(shift.value, shift.median) >= floors.get(stat, 0.0):
-                    shifted.append((where, direction, shift))
-                    break
-            baselines.judge(stat, where, value, "up")  # joins the history
+                    if shift is not None and max(shift.value, shift.median) >= floors.get(stat, 0.0):
+                        shifted.append((where, direction, shift))
+                        break
+        for where, value in values.items():
+            baselines.add(stat, where, value)  # joins the history
         if shifted:
             # One finding per statistic and step: the first (in execution or parameter order) is
             # where it began; the others that moved with it (every layer after a learning-rate
@@ -407,6 +426,43 @@ def judge_module_shifts(
             where, direction, shift = shifted[0]
             alerts.append(_shift_alert(stat, direction, where, step, shift, len(shifted) - 1))
     return alerts
+
+
+_SLACK = 1.0 - 1e-9
+"""The vectorised pre-test's margin: it may let through a value ``shift_of`` then turns down
+(rounding), never the other way round."""
+
+
+def _shift_candidates(
+    baselines: Baselines, values: list[float], pasts: list[Sequence[float]], directions: tuple[str, ...], factor: float
+) -> np.ndarray:
+    """``(len(directions), len(values))`` bool: which values may be a shift in each direction
+    (``shift_of``'s median, MAD and tests, for all modules at once per history length)."""
+    n = len(values)
+    found = np.zeros((len(directions), n), dtype=bool)
+    v = np.asarray(values, dtype=np.float64)
+    lengths = np.fromiter(map(len, pasts), dtype=np.int64, count=n)
+    eligible = (lengths >= baselines.min_history) & np.isfinite(v)
+    if not eligible.any():
+        return found
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        for length in np.unique(lengths[eligible]).tolist():
+            rows = np.flatnonzero(eligible & (lengths == length))
+            past = np.array([pasts[i] for i in rows.tolist()], dtype=np.float64).reshape(len(rows), length)
+            median = np.median(past, axis=1)
+            mad = np.median(np.abs(past - median[:, None]), axis=1)
+            scale = np.maximum(MAD_TO_SIGMA * mad, _MAD_FLOOR * median)
+            x = v[rows]
+            positive = median > 0
+            for d, direction in enumerate(directions):
+                if direction == "up":
+                    ratio, distance = x / median, x - median
+                else:
+                    ratio, distance = np.where(x > 0, median / x, np.inf), median - x
+                found[d, rows] = (
+                    positive & (ratio >= factor * _SLACK) & (distance / scale >= baselines.deviations * _SLACK)
+                )
+    return found
 
 
 def _shift_alert(stat: str, direction: str, where: str, step: int, shift: Shift, others: int) -> Alert:

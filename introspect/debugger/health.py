@@ -299,7 +299,11 @@ class GradientHealth:
                     )
                 )
             past = self.history.setdefault(layer, [])
-            reference = statistics.median(past) if len(past) >= 3 else None
+            # The median only where a jump is possible at all: a norm at most ``exploding_jump``
+            # times the smallest past one is at most that times the median (the usual case).
+            jump = self.limits.exploding_jump
+            possible = len(past) >= 3 and not (jump >= 0 and norm <= min(past) * jump)
+            reference = statistics.median(past) if possible else None
             if norm > self.limits.exploding_norm:
                 alerts.append(
                     Alert(

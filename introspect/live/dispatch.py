@@ -15,12 +15,13 @@ module's output and output gradient go to.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from functools import partial
 from typing import Any
 
 import torch
 from torch import nn
 
-from .._torch import compiled_autograd_enabled, queue_after_backward
+from .._torch import compiled_autograd_enabled, post_accumulate_grad_hooks_of, queue_after_backward, rehook
 from ..errors import NonFiniteError, ProbeError, warn
 from ..probes.base import EVENTS, Probe, ProbeContext, StepPlan, overrides
 from ..records.shards import ShardRecords
@@ -42,7 +43,16 @@ class Dispatch:
             name: [p for p in probes if p.select(name, module)] for name, module in ctx.modules.items()
         }
         self.events: dict[str, list[Probe]] = _NO_EVENTS
-        self._per_module: dict[str, tuple[list[Probe], list[Probe]]] = {}
+        self._per_module: dict[str, tuple[tuple[Probe, ...], tuple[Probe, ...]]] = {}
+        self._per_module_of: dict[tuple[int, ...], dict[str, tuple[tuple[Probe, ...], tuple[Probe, ...]]]] = {}
+        """Per set of active probes (as ``_events_of``), each module's (output, output-gradient)
+        probes: worked out once per module and set, not once a step."""
+        self._grad_hooks: list[tuple[torch.Tensor, Callable[[torch.Tensor], None], Any]] = []
+        """(parameter, its hook, its handle): made on the first logging step that wants parameter
+        gradients, put back (``rehook``) on later ones: no new Python objects per parameter."""
+        self._grad_buffer: StepBuffer | None = None
+        self._grad_takers: list[Probe] = []
+        self._on_output_grad = self._output_grad  # bound once (each grad hook is a partial of it)
         self._handles = {id(p): {e for e in EVENTS if overrides(p, e)} for p in probes}
         self._error_probes = [p for p in probes if "on_error" in self._handles[id(p)]]
         self._capture = CapturePolicy()  # which records a logging step may hold uncopied (see records.step)
@@ -67,16 +77,35 @@ class Dispatch:
                 event: [p for p in active if event in self._handles[id(p)]] for event in EVENTS
             }
         self.events = events
-        self._per_module = {}
+        per_module = self._per_module_of.get(key)
+        if per_module is None:
+            per_module = self._per_module_of[key] = {}
+        self._per_module = per_module
         for probe in self.events["on_step_start"]:
             probe.on_step_start(plan)
         buffer.settle()  # weights/: before the optimizer moves them
         takers = [p for p in self.events["on_param_grad"] if p.wants_param_grads]
         if takers:
-            for name, param in ctx.params.items():
-                ctx.step_hooks.hook(
-                    param.register_post_accumulate_grad_hook(self._param_grad_hook(buffer, name, takers))
-                )
+            self._grad_buffer, self._grad_takers = buffer, takers
+            self._hook_param_grads()
+            ctx.step_hooks.add("the gradient hooks", self._unhook_param_grads)
+
+    def _hook_param_grads(self) -> None:
+        """Every parameter's accumulation hook, for this step (see ``_grad_hooks``)."""
+        hooks = self._grad_hooks
+        if not hooks:
+            for name, param in self.ctx.params.items():
+                hook = partial(self._param_grad, name)
+                hooks.append((param, hook, param.register_post_accumulate_grad_hook(hook)))
+            return
+        for i, (tensor, grad_hook, handle) in enumerate(hooks):
+            if not rehook(handle, grad_hook, post_accumulate_grad_hooks_of(tensor)):
+                hooks[i] = (tensor, grad_hook, tensor.register_post_accumulate_grad_hook(grad_hook))
+
+    def _unhook_param_grads(self) -> None:
+        self._grad_buffer, self._grad_takers = None, []
+        for _, _, handle in reversed(self._grad_hooks):
+            handle.remove()  # idempotent; the handle is kept for the next logging step
 
     def wants_module_outputs(self) -> bool:
         """Whether a probe active in the open step listens to module outputs or their gradients
@@ -183,14 +212,15 @@ class Dispatch:
                 self.ctx.disable(f"<{probe.name}>", None, e)
 
     # ----------------------------------------------------------------- module outputs
-    def _probes_for(self, name: str) -> tuple[list[Probe], list[Probe]]:
-        """This step's (output, output-gradient) probes of one module, worked out once a step."""
+    def _probes_for(self, name: str) -> tuple[tuple[Probe, ...], tuple[Probe, ...]]:
+        """This step's (output, output-gradient) probes of one module, worked out once per module
+        and set of active probes."""
         found = self._per_module.get(name)
         if found is None:
             active_out = self.events["on_output"]
             active_grad = self.events["on_output_grad"]
             mine = self._module_probes[name]
-            found = ([p for p in mine if p in active_out], [p for p in mine if p in active_grad])
+            found = (tuple(p for p in mine if p in active_out), tuple(p for p in mine if p in active_grad))
             self._per_module[name] = found
         return found
 
@@ -209,11 +239,14 @@ class Dispatch:
             for probe in on_output:
                 if not self._send(probe, probe.on_output, name, module, output, name, module):
                     return  # a built-in probe failed: this module is no longer watched
-            on_grad = [p for p in on_grad if f"<probe {p.name}>" not in ctx.disabled]
+            if on_grad and ctx.disabled:
+                on_grad = tuple(p for p in on_grad if f"<probe {p.name}>" not in ctx.disabled)
             if on_grad:
+                call = buffer.call_index
                 for where, _, tensor in ctx.outputs(name, output):
                     if tensor.requires_grad:
-                        tensor.register_hook(self._output_grad_hook(buffer, module, where, on_grad))
+                        # A partial, not a closure: two Python objects per output, not nine.
+                        tensor.register_hook(partial(self._on_output_grad, buffer, module, where, on_grad, call))
         except ProbeError:  # strict=True: the user asked for it to surface
             raise
         except Exception as e:
@@ -222,24 +255,26 @@ class Dispatch:
             ctx.forget_output()
             buffer.call_args = None
 
-    def _output_grad_hook(
-        self, buffer: StepBuffer, module: nn.Module, where: str, probes: list[Probe]
-    ) -> Callable[[torch.Tensor], None]:
+    def _output_grad(
+        self,
+        buffer: StepBuffer,
+        module: nn.Module,
+        where: str,
+        probes: tuple[Probe, ...],
+        call: int,
+        grad: torch.Tensor | None,
+    ) -> None:
+        """The gradient w.r.t. output ``where`` of call ``call`` arrived (the tensor hook)."""
         ctx = self.ctx
-        call = buffer.call_index
-
-        def hook(grad: torch.Tensor | None) -> None:
-            if buffer.closed or ctx.closing or where in ctx.disabled:
-                return None
-            buffer.call_index = call
-            # None: no gradient reached this output (one of a node's several outputs, unused).
-            for probe in probes if grad is not None else ():
-                if not self._send(probe, probe.on_output_grad, where, module, grad, where, None):
-                    return None
-            self._backward_reached(buffer)
+        if buffer.closed or ctx.closing or where in ctx.disabled:
             return None
-
-        return hook
+        buffer.call_index = call
+        # None: no gradient reached this output (one of a node's several outputs, unused).
+        for probe in probes if grad is not None else ():
+            if not self._send(probe, probe.on_output_grad, where, module, grad, where, None):
+                return None
+        self._backward_reached(buffer)
+        return None
 
     def _send(
         self,
@@ -278,16 +313,15 @@ class Dispatch:
                 buffer.add_plain_scalar(probe_tag(probe.name, key, where), float(value))
 
     # ----------------------------------------------------------------- backward
-    def _param_grad_hook(self, buffer: StepBuffer, name: str, probes: list[Probe]) -> Callable[[torch.Tensor], None]:
-        def hook(param: torch.Tensor) -> None:
-            if buffer.closed or param.grad is None:
-                return None
-            for probe in probes:
-                probe.on_param_grad(name, param)
-            self._backward_reached(buffer)
+    def _param_grad(self, name: str, param: torch.Tensor) -> None:
+        """A parameter's gradient was accumulated, on a step whose probes take them."""
+        buffer = self._grad_buffer
+        if buffer is None or buffer.closed or param.grad is None:
             return None
-
-        return hook
+        for probe in self._grad_takers:
+            probe.on_param_grad(name, param)
+        self._backward_reached(buffer)
+        return None
 
     def _backward_reached(self, buffer: StepBuffer) -> None:
         """A backward of the open step is under way: its end-of-backward callback, once."""

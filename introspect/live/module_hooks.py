@@ -7,6 +7,11 @@ the whole watch: under ``torch.compile`` (hooks that come and go would make comp
 recompile; dynamo does not guard on them), with ``step_fn=`` (a child's forward may be the first
 to see a new step) and under ``check_mode="per_module"`` (whose check wants every module's
 output on every step).
+
+Each module's hook is registered once, on the first step that wants it; later logging steps put
+the same hook back under the same handle's id (``_torch.rehook``: one dict entry per module,
+no new handle and weak references, which on a model of hundreds of modules are hundreds of
+Python objects a logging step and bring garbage collections nearer).
 """
 
 from __future__ import annotations
@@ -16,7 +21,8 @@ from typing import Any
 
 from torch import nn
 
-from ..runtime.registry import Registry
+from .._torch import forward_hooks_of, rehook
+from ..errors import IntrospectWarning, warn
 
 __all__ = ["ModuleHooks"]
 
@@ -26,7 +32,8 @@ class ModuleHooks:
 
     def __init__(self, modules: Mapping[str, nn.Module], root: nn.Module, hooks: Mapping[str, Callable[..., Any]]):
         self._targets = [(module, hooks[name]) for name, module in modules.items() if module is not root]
-        self._handles = Registry()
+        self._handles: list[Any] = []
+        """One handle per target once the hooks first went on (kept, and reused, when removed)."""
         self._on = False
         self._permanent = False
 
@@ -40,8 +47,15 @@ class ModuleHooks:
         if self._on:
             return
         self._on = True
-        for module, hook in self._targets:
-            self._handles.hook(module.register_forward_hook(hook))
+        handles = self._handles
+        for i, (module, hook) in enumerate(self._targets):
+            if i < len(handles) and rehook(handles[i], hook, forward_hooks_of(module)):
+                continue
+            handle = module.register_forward_hook(hook)
+            if i < len(handles):
+                handles[i] = handle
+            else:
+                handles.append(handle)
 
     def remove(self) -> None:
         """The step that wanted them closed: unhook, unless they are permanent."""
@@ -49,6 +63,10 @@ class ModuleHooks:
             self.undo()
 
     def undo(self) -> None:
-        """Unhook whatever is hooked (the watch's teardown)."""
+        """Unhook whatever is hooked (the watch's teardown); never raises."""
         self._on = False
-        self._handles.undo()
+        for handle in reversed(self._handles):
+            try:
+                handle.remove()  # idempotent
+            except Exception as e:
+                warn(f"introspect: could not undo a module hook: {type(e).__name__}: {e}", IntrospectWarning)

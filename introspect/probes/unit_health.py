@@ -105,8 +105,21 @@ class UnitHealth(Probe):
         """A measure of this step; a second call of the module keeps the larger share (worst call)."""
         buffer = self.ctx.buffer
         assert buffer is not None
-        old = buffer.measures.get(key)
+        old = buffer.measure(key)
         buffer.add_measure(key, value if old is None else torch.maximum(old, value.reshape(())))
+
+    def _put_all(self, kind: str, members: list[tuple[str, torch.Tensor]], values: torch.Tensor) -> None:
+        """``{kind}/{where}`` of every member at once (``values[i]`` is member ``i``'s): one tensor
+        for the group, not one per module; a module already measured this step (a second call)
+        goes through ``_put``, keeping its worst call."""
+        buffer = self.ctx.buffer
+        assert buffer is not None
+        keys = tuple(f"{kind}/{where}" for where, _ in members)
+        if any(buffer.measure(key) is not None for key in keys):
+            for key, value in zip(keys, values.unbind(0)):
+                self._put(key, value)
+            return
+        buffer.add_measures(keys, values)
 
     def _measure(self, kind: str, members: list[tuple[str, torch.Tensor]], calls: tuple[int, ...] = ()) -> None:
         buffer = self.ctx.buffer
@@ -126,9 +139,7 @@ class UnitHealth(Probe):
         if kind != "dead":
             # Share of output values within ``saturation_margin`` of a bound, where the slope is ~0.
             near = (_distance_to_bound(kind, x.float()) < limits.saturation_margin).flatten(1)
-            shares = near.float().mean(dim=1)
-            for i, (where, _) in enumerate(members):
-                self._put(f"saturated/{where}", shares[i])
+            self._put_all("saturated", members, near.float().mean(dim=1))
             return
         # Share of units (channels) that output zero for every sample of a window of logged
         # batches. One small batch says little (a unit active on 5% of inputs is zero on all 8
@@ -150,10 +161,14 @@ class UnitHealth(Probe):
         ready = [s >= limits.dead_min_samples for s in seen]
         if any(ready):
             shares = dead.float().mean(dim=1)
-            for i, (where, _) in enumerate(members):
-                if ready[i]:
-                    self._put(f"dead/{where}", shares[i])
-                    seen[i] = 0
+            if all(ready):
+                self._put_all("dead", members, shares)
+                seen = [0] * len(seen)
+            else:
+                for i, (where, _) in enumerate(members):
+                    if ready[i]:
+                        self._put(f"dead/{where}", shares[i])
+                        seen[i] = 0
         self._windows[key] = (dead, seen)
 
     def _sudden(
@@ -177,10 +192,8 @@ class UnitHealth(Probe):
             if rates[1] >= limits.dead_history_samples:
                 chance = (1.0 - rates[0].float() / rates[1]).pow(batch)
                 sudden = (dead_now & (chance < limits.dead_chance)).float().mean(dim=1)
-                now = dead_now.float().mean(dim=1)
-                for i, (where, _) in enumerate(members):
-                    self._put(f"dead_sudden/{where}", sudden[i])
-                    self._put(f"dead_now/{where}", now[i])
+                self._put_all("dead_sudden", members, sudden)
+                self._put_all("dead_now", members, dead_now.float().mean(dim=1))
         else:
             total, seen = active, batch
         self._rates[key] = (total, seen)

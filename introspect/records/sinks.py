@@ -166,7 +166,7 @@ def histogram_fields(record: HistogramRecord) -> dict[str, Any] | None:
     if record.max == record.min:
         limits, counts = [record.max], [float(n)]
     else:
-        limits, counts = record.edges(), list(record.counts)
+        limits, counts = record.edges(), record.count_list()
     return dict(
         min=record.min,
         max=record.max,

@@ -24,8 +24,10 @@ Many records of one step are stacked and moved to the host in one transfer (see 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from .._torch import flatten_dense, tensor_version
@@ -138,13 +140,19 @@ class RecordBatch:
         self._samples: list[torch.Tensor] = []
         self._numels: list[int] = []
         self._stats: dict[int, tuple[torch.Tensor, ...]] = {}  # min, max, sum, sum_sq of large tensors
-        self._held: dict[int, tuple[torch.Tensor, int]] = {}  # small tensors by reference, with their version
+        self._held: dict[int, torch.Tensor] = {}  # small tensors by reference
+        self._held_versions: list[int] = []  # their versions when added, in the order of _held
         self._watched: dict[int, tuple[torch.Tensor, int]] = {}  # copied ones, versions checked at flush
         self.changed: list[int] = []
         """Records whose tensor was changed in place between ``add`` and ``flush`` (see ``add``)."""
 
     def __len__(self) -> int:
         return len(self._samples)
+
+    @property
+    def numels(self) -> list[int]:
+        """Each record's tensor size, in record order."""
+        return self._numels
 
     def add(self, x: torch.Tensor, total: torch.Tensor | None = None, hold: bool = False, watch: bool = False) -> int:
         """Take what the record of ``x`` needs now; returns the record's index in ``compute()``.
@@ -158,12 +166,15 @@ class RecordBatch:
         """
         n = x.numel()
         index = len(self._samples)
-        if n <= BATCHED_LIMIT and x.dtype != torch.float64 and (hold or watch):
-            (self._held if hold else self._watched)[index] = (x, tensor_version(x))
-            if hold:
-                self._samples.append(_HELD)  # (filled in by flush)
-                self._numels.append(n)
-                return index
+        small = n <= BATCHED_LIMIT and x.dtype != torch.float64
+        if small and hold:  # (no tuple per tensor: a logging step holds hundreds)
+            self._held[index] = x
+            self._held_versions.append(tensor_version(x))
+            self._samples.append(_HELD)  # (filled in by flush)
+            self._numels.append(n)
+            return index
+        if small and watch:
+            self._watched[index] = (x, tensor_version(x))
         flat = x.detach().reshape(-1)
         if n <= BATCHED_LIMIT and flat.dtype != torch.float64:
             # A copy: the tensor may be changed in place after the hook (ReLU(inplace=True)).
@@ -195,21 +206,28 @@ class RecordBatch:
         if not self._held:
             return
         held, self._held = self._held, {}
-        by_device: dict[torch.device, list[tuple[int, torch.Tensor]]] = {}
-        for index, (x, version) in held.items():
-            if tensor_version(x) != version:
-                self.changed.append(index)
-            by_device.setdefault(x.device, []).append((index, x))
+        versions, self._held_versions = self._held_versions, []
+        indices = list(held)
+        tensors = list(held.values())
+        self.changed.extend(i for i, x, v in zip(indices, tensors, versions) if tensor_version(x) != v)
+        devices = {x.device for x in tensors} if len(tensors) > 1 else ()
+        if len(devices) > 1:  # a model split over devices: one buffer per device
+            groups = [
+                ([i for i, x in zip(indices, tensors) if x.device == d], [x for x in tensors if x.device == d])
+                for d in devices
+            ]
+        else:
+            groups = [(indices, tensors)]
         with torch.no_grad():
-            for members in by_device.values():
-                tensors = [x for _, x in members]
-                if len(tensors) == 1:
-                    flat = tensors[0].reshape(-1).to(torch.float32, copy=True)
-                else:
-                    flat = flatten_dense(tensors)  # a fresh buffer (cat), dtypes promoted
-                    if flat.dtype != torch.float32:
-                        flat = flat.float()
-                for (index, _), piece in zip(members, flat.split([x.numel() for x in tensors])):
+            for members, group in groups:
+                if len(group) == 1:
+                    flat = group[0].reshape(-1).to(torch.float32, copy=True)
+                    self._samples[members[0]] = flat
+                    continue
+                flat = flatten_dense(group)  # a fresh buffer (cat), dtypes promoted
+                if flat.dtype != torch.float32:
+                    flat = flat.float()
+                for index, piece in zip(members, flat.split([x.numel() for x in group])):
                     self._samples[index] = piece
 
     def _stat_rows(self, lengths: list[int], values: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
@@ -444,9 +462,14 @@ def tensor_record(x: torch.Tensor) -> torch.Tensor:
     return row
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class HistogramRecord:
-    """A record on the host: the numbers of one histogram (finite values only) and the rest."""
+    """A record on the host: the numbers of one histogram (finite values only) and the rest.
+
+    Slotted (no per-record dict): a logging step makes one per histogram, hundreds on a large
+    model, and each Python object it allocates brings the next garbage collection nearer.
+    ``counts`` is a tuple, or a read-only row view of the step's one host array (``from_rows``:
+    no Python object per bucket); read it as a sequence (``list(r.counts)``, ``sum(r.counts)``)."""
 
     numel: int
     nonfinite: float
@@ -454,11 +477,24 @@ class HistogramRecord:
     max: float
     sum: float
     sum_squares: float
-    counts: tuple[float, ...]
+    counts: Sequence[float]
 
     @classmethod
     def from_row(cls, numel: int, row: list[float]) -> HistogramRecord:
         return cls(numel, row[0], row[1], row[2], row[3], row[4], tuple(row[5:]))
+
+    @classmethod
+    def from_rows(cls, numels: Sequence[int], rows: np.ndarray) -> list[HistogramRecord]:
+        """The records of ``rows`` (``(len(numels), RECORD_LEN)`` float64 on the host) at once: the
+        head numbers as Python floats (one ``tolist``), the counts as row views of ``rows``."""
+        rows.flags.writeable = False  # the counts are views: nothing may change them afterwards
+        columns = rows[:, :5].T.tolist()  # five lists, not one per row
+        return list(map(cls, numels, *columns, rows[:, 5:]))
+
+    def count_list(self) -> list[float]:
+        """The bucket counts as a list of Python floats (what an event file's proto takes)."""
+        counts = self.counts
+        return counts.tolist() if isinstance(counts, np.ndarray) else list(counts)
 
     @property
     def finite_count(self) -> float:
@@ -492,10 +528,10 @@ class HistogramRecord:
         for r in filled:
             if width == 0 or r.max == r.min:
                 target = 0 if width == 0 else min(int((r.min - lo) / width), bins - 1)
-                merged[target] += sum(r.counts)
+                merged[target] += sum(r.count_list())
                 continue
             r_width = (r.max - r.min) / len(r.counts)
-            for i, c in enumerate(r.counts):
+            for i, c in enumerate(r.count_list()):
                 if c == 0:
                     continue
                 a, b = r.min + i * r_width, r.min + (i + 1) * r_width

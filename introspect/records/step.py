@@ -13,6 +13,7 @@ import weakref
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 
 from .._torch import view_base
@@ -21,7 +22,7 @@ from ..runtime.amp import LOW_PRECISION
 from .shards import ShardRecords, local_view
 from .stats import RECORD_LEN, HistogramRecord, RecordBatch, stat_dtype
 
-__all__ = ["StepBuffer", "HostStep", "Check", "CapturePolicy", "one_transfer"]
+__all__ = ["StepBuffer", "HostStep", "Check", "CapturePolicy", "one_transfer", "transfer_array"]
 
 
 class Check(NamedTuple):
@@ -75,6 +76,11 @@ class StepBuffer:
     plain_scalars: dict[str, float] = field(default_factory=dict)
     """Scalars that are Python numbers already (a user probe's), written beside ``scalars``."""
     measures: dict[str, torch.Tensor] = field(default_factory=dict)
+    measure_blocks: list[tuple[tuple[str, ...], torch.Tensor]] = field(default_factory=list)
+    """Measures added several at once (``add_measures``): keys and a 1-D tensor of their values."""
+    _block_of: dict[str, int] = field(default_factory=dict)
+    _measure_order: list[str | int] = field(default_factory=list)
+    """Measure keys and block numbers in the order first added (the host's ``measures`` keep it)."""
     calls: list[CallRecord] = field(default_factory=list)
     check_labels: list[Check] = field(default_factory=list)
     check_values: list[float] = field(default_factory=list)
@@ -167,7 +173,32 @@ class StepBuffer:
 
     def add_measure(self, key: str, value: torch.Tensor) -> None:
         """A number for the debugger only (e.g. ``dead/relu1``); the last call of a step wins."""
+        if key not in self.measures and key not in self._block_of:
+            self._measure_order.append(key)
         self.measures[key] = value.detach().reshape(())
+
+    def add_measures(self, keys: tuple[str, ...], values: torch.Tensor) -> None:
+        """``values[i]`` (a 1-D tensor) is the measure ``keys[i]``: one tensor for a group of
+        modules, not a tensor (and a Python object or two) per module; the last call wins, as
+        with ``add_measure``."""
+        values = values.detach().reshape(-1)
+        block_of = self._block_of
+        if self.measures.keys().isdisjoint(keys) and block_of.keys().isdisjoint(keys):
+            number = len(self.measure_blocks)
+            self.measure_blocks.append((keys, values))
+            self._measure_order.append(number)
+            block_of.update(dict.fromkeys(keys, number))
+        else:  # a key set before: (rare) one at a time, where the later value wins
+            for i, key in enumerate(keys):
+                self.add_measure(key, values[i])
+
+    def measure(self, key: str) -> torch.Tensor | None:
+        """This step's measure ``key`` so far (either kind), or None."""
+        found = self.measures.get(key)
+        if found is None and key in self._block_of:
+            keys, values = self.measure_blocks[self._block_of[key]]
+            found = values[keys.index(key)]
+        return found
 
     # ------------------------------------------------------------ the non-finite check
     def add_check(self, label: Check, tensor: torch.Tensor) -> torch.Tensor | None:
@@ -246,39 +277,66 @@ class StepBuffer:
         parts: list[torch.Tensor] = []
         if len(self.records):
             parts.append(self.records.compute().reshape(-1))
-        keys = [("s", k) for k in self.scalars] + [("m", k) for k in self.measures]
-        if keys:
-            parts.append(torch.stack([*self.scalars.values(), *self.measures.values()]).reshape(-1))
-        values = one_transfer(parts)
-        rows = len(self.records) * RECORD_LEN
-        broken = [
-            i
-            for i in range(len(self.records))
-            if not all(math.isfinite(v) for v in values[i * RECORD_LEN + 1 : i * RECORD_LEN + 3])
-        ]
+        small = [*self.scalars.values(), *self.measures.values()]
+        if small:
+            parts.append(torch.stack(small).reshape(-1))
+        parts.extend(values for _, values in self.measure_blocks)
+        values = transfer_array(parts)
+        n = len(self.records)
+        rows = values[: n * RECORD_LEN].reshape(n, RECORD_LEN)
+        broken = np.flatnonzero(~np.isfinite(rows[:, 1:3]).all(axis=1)).tolist()
         if broken:  # NaN/Inf somewhere: redo those rows from their finite values (a second transfer)
-            fixed = self.records.masked_rows(broken).cpu().tolist()
-            for i, row in zip(broken, fixed):
-                values[i * RECORD_LEN : (i + 1) * RECORD_LEN] = row
+            rows[broken] = self.records.masked_rows(broken).cpu().to(torch.float64).numpy()
+        # One host array, one record per row (its counts a view of it), not a list per record.
+        records = HistogramRecord.from_rows(self.records.numels, rows)
         histograms = {
-            tag: HistogramRecord.merge(
-                [HistogramRecord.from_row(numel, values[i * RECORD_LEN : (i + 1) * RECORD_LEN]) for numel, i in calls]
-            )
+            tag: records[calls[0][1]] if len(calls) == 1 else HistogramRecord.merge([records[i] for _, i in calls])
             for tag, calls in self.histograms.items()
         }
         if self.shards is not None:  # every rank, at the same step (see shards.py)
             histograms.update(self.shards.combine())
-        scalars: dict[str, float] = {}
+        rest = values[n * RECORD_LEN :].tolist()
+        n_scalars = len(self.scalars)
+        scalars = dict(zip(self.scalars, rest[:n_scalars]))
+        singles = dict(zip(self.measures, rest[n_scalars : n_scalars + len(self.measures)]))
+        at = n_scalars + len(self.measures)
+        blocks = []
+        for keys, _ in self.measure_blocks:
+            blocks.append(rest[at : at + len(keys)])
+            at += len(keys)
         measures: dict[str, float] = {}
-        for (kind, key), value in zip(keys, values[rows:]):
-            (scalars if kind == "s" else measures)[key] = value
+        for entry in self._measure_order:  # the order first added, the value last added
+            if isinstance(entry, int):
+                measures.update(zip(self.measure_blocks[entry][0], blocks[entry]))
+            else:
+                measures[entry] = singles[entry]
+        measures.update(singles)  # a key set alone after its block: the later value
         scalars.update(self.plain_scalars)
         self.plain_scalars.clear()
         self.histograms.clear()
         self.scalars.clear()
         self.measures.clear()
+        self.measure_blocks.clear()
+        self._block_of.clear()
+        self._measure_order.clear()
         self.records = RecordBatch()
         return HostStep(step=self.step, histograms=histograms, scalars=scalars, measures=measures)
+
+
+def transfer_array(parts: list[torch.Tensor]) -> np.ndarray:
+    """``one_transfer`` as one float64 host array (the same values), for callers that slice it."""
+    if not parts:
+        return np.zeros(0)
+    devices = {p.device for p in parts}
+    if len(devices) == 1:
+        device = devices.pop()
+        if all(p.dim() == 0 for p in parts):
+            host = torch.stack(parts).cpu()
+        else:
+            host = torch.cat([p.reshape(-1) for p in parts]).to(stat_dtype(device)).cpu()
+    else:  # a model split over devices: rare, and still correct
+        host = torch.cat([p.reshape(-1).to(stat_dtype(p.device)).cpu() for p in parts])
+    return host.to(torch.float64).numpy()
 
 
 def one_transfer(parts: list[torch.Tensor]) -> list[float]:

@@ -62,6 +62,11 @@ SERVER = textwrap.dedent(
                 trigger()
                 return original_transfer(parts)
             step_module.one_transfer = transfer
+            original_array = step_module.transfer_array  # a logging step's records
+            def transfer_array(parts):
+                trigger()
+                return original_array(parts)
+            step_module.transfer_array = transfer_array
         torch.manual_seed(0)
         model = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 1))
         opt = torch.optim.SGD(model.parameters(), lr=0.01)

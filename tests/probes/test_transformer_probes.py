@@ -393,6 +393,8 @@ def test_gradient_norm_rides_in_the_checks_one_transfer(tmp_path, monkeypatch):
     transfers: list[int] = []
     real = step_module.one_transfer
     monkeypatch.setattr(step_module, "one_transfer", lambda parts: transfers.append(len(parts)) or real(parts))
+    real_array = step_module.transfer_array  # a logging step's end: its records as one host array
+    monkeypatch.setattr(step_module, "transfer_array", lambda parts: transfers.append(len(parts)) or real_array(parts))
     torch.manual_seed(0)
     model = Encoder()
     x = torch.randint(0, VOCAB, (BATCH, SEQ))
