@@ -110,12 +110,14 @@ class UnitHealth(Probe):
 
     def _put_all(self, kind: str, members: list[tuple[str, torch.Tensor]], values: torch.Tensor) -> None:
         """``{kind}/{where}`` of every member at once (``values[i]`` is member ``i``'s): one tensor
-        for the group, not one per module; a module already measured this step (a second call)
-        goes through ``_put``, keeping its worst call."""
+        for the group, not one per module; a module already measured this step, or twice in the
+        group (a second call), goes through ``_put``, keeping its worst call."""
         buffer = self.ctx.buffer
         assert buffer is not None
         keys = tuple(f"{kind}/{where}" for where, _ in members)
-        if any(buffer.measure(key) is not None for key in keys):
+        # A module twice in the group (one ReLU module called twice a step, as in a ResNet block)
+        # or measured before this step: one at a time, each key keeping its worst call.
+        if len(set(keys)) < len(keys) or any(buffer.measure(key) is not None for key in keys):
             for key, value in zip(keys, values.unbind(0)):
                 self._put(key, value)
             return
