@@ -11,6 +11,7 @@ every format) and the ``--update-golden`` option, which pytest only reads from t
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import warnings
 from pathlib import Path
@@ -27,6 +28,14 @@ if str(REPO_ROOT) not in sys.path:
 
 # Tiny tensors: one thread is faster than two, and keeps timings sane on a busy 2-core runner.
 torch.set_num_threads(1)
+
+# A shell without job control starts a background command (`scripts/test &`, `nohup ...`, some CI
+# runners) with SIGINT ignored, and every child inherits that: the Ctrl-C tests' children would
+# then never see their Ctrl-C, and watch() rightly leaves an ignored SIGINT alone. Take the
+# suite's SIGINT back to Python's default so the suite means the same in the foreground and
+# the background (children get the default at exec, as from an interactive shell).
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 # --------------------------------------------------------------------------- options
