@@ -302,7 +302,8 @@ class RecordBatch:
         # Truncated before the record's base is added (as in counts_over): a float32 position just
         # under a bucket edge would round up when added to a large base, and a value's bucket
         # would depend on where its record sits in the batch.
-        bucket = _bucket_position(values, offset_v, scale_v).to(torch.int32).add_(base_v)
+        # (values is this method's own concatenation when there are several records: in place)
+        bucket = _bucket_position(values, offset_v, scale_v, in_place=n_records > 1).to(torch.int32).add_(base_v)
         if device.type == "cpu":
             counts = torch.bincount(bucket, minlength=n_records * HIST_BINS)
         else:  # bincount sizes its output from the data: a host sync on accelerators
