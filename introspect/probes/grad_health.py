@@ -44,10 +44,7 @@ class GradHealth(Probe):
         if host is None or (buffer is not None and buffer.grads_overflowed):  # the scaler skips the step
             return
         layers: dict[str, list[float]] = {}
-        for full_tag, record in host.histograms.items():
-            kind, name = tag_name(full_tag)
-            if kind != "grads":
-                continue
+        for name, record in host.of_kind("grads").items():
             layer = name.rpartition(".")[0] or name
             entry = layers.setdefault(layer, [0.0, 0.0, 0.0])
             entry[0] += record.sum_squares
@@ -81,9 +78,8 @@ class GradHealth(Probe):
             layer: math.sqrt(sq / n) for layer, (sq, n) in sums.items() if n > 0 and nonfinite.get(layer, 0) == 0
         }
         activation_rms = {}
-        for full_tag, record in host.histograms.items():
-            kind, name = tag_name(full_tag)
-            if kind == "activations" and record.finite_count > 0 and record.nonfinite == 0:
+        for name, record in host.of_kind("activations").items():
+            if record.finite_count > 0 and record.nonfinite == 0:
                 activation_rms[name] = math.sqrt(max(record.sum_squares, 0.0) / record.finite_count)
         floor = self.ctx.config.thresholds.update_ratio_floor
         factor = self.ctx.config.thresholds.update_ratio_factor

@@ -12,13 +12,16 @@ healthy writer writes every completed step, and one that makes no progress for
 from __future__ import annotations
 
 import collections
+import io
 import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import torch
 
+from .._torch import any_file_writer
 from ..errors import IntrospectWarning, warn
 from ..runtime.registry import Registry
 from . import eventfile
@@ -218,7 +221,41 @@ class GuardedWriter:
 
 
 def _invoke(writer: Any, method: str, args: tuple, kwargs: dict) -> None:
+    if method == "add_image" and kwargs == {"dataformats": "HWC"} and _png_event(writer, *args):
+        return
     getattr(writer, method)(*args, **kwargs)
+
+
+def _png_event(writer: Any, *args: Any) -> bool:
+    """``add_image(tag, image, step, dataformats="HWC")`` of an RGB(A) uint8 array on torch's
+    ``SummaryWriter``, written without its float round trip: the same event (the same PNG bytes,
+    ``Summary.Image`` fields and step) as ``add_image``, at a third of its cost.
+
+    torch's ``summary.image`` turns a uint8 image into float32, scales it by 1, clips it, casts it
+    back, copies it (a resize to its own size) and encodes it; on the 201-module stack's live
+    figures that was ~2/3 of the writer thread's time, taken from training's cores. False (the
+    caller writes it the ordinary way) for anything else."""
+    if len(args) != 3:
+        return False
+    tag, image, step = args
+    if not (isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] in (3, 4)):
+        return False
+    from torch.utils.tensorboard import SummaryWriter
+
+    if not isinstance(writer, SummaryWriter):
+        return False
+    file_writer = any_file_writer(writer)
+    if file_writer is None:
+        return False
+    from PIL import Image
+    from tensorboard.compat.proto.summary_pb2 import Summary
+
+    height, width, channels = image.shape
+    out = io.BytesIO()
+    Image.fromarray(image).save(out, format="PNG")
+    encoded = Summary.Image(height=height, width=width, colorspace=channels, encoded_image_string=out.getvalue())
+    file_writer.add_summary(Summary(value=[Summary.Value(tag=tag, image=encoded)]), step, None)
+    return True
 
 
 def _host(value: Any) -> Any:

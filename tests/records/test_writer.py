@@ -8,10 +8,12 @@ import threading
 import time
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
 from torch.utils.tensorboard import SummaryWriter
+from torch.utils.tensorboard import summary as tb_summary
 
 from introspect import IntrospectWarning, watch
 from introspect.records import writer as writer_module
@@ -130,3 +132,29 @@ def test_the_queue_holds_host_data_only(tmp_path):
         assert tensors  # the scalar above waits behind the stuck writes
         assert all(t.device.type == "cpu" and t.grad_fn is None and not t.requires_grad for t in tensors)
         gate.set()
+
+
+def test_a_live_figure_is_the_same_event_as_summary_writers_add_image(tmp_path, monkeypatch):
+    """The writer thread encodes an RGB(A) uint8 image itself (no float round trip): the event
+    TensorBoard reads back is the one ``SummaryWriter.add_image`` writes, byte for byte."""
+    import torch.utils.tensorboard.writer as tb_writer
+
+    calls = []
+    monkeypatch.setattr(tb_writer, "image", lambda *a, **k: calls.append(1) or tb_summary.image(*a, **k))
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (37, 53, 3), dtype=np.uint8), rng.integers(0, 256, (20, 31, 4), dtype=np.uint8)]
+    theirs = SummaryWriter(str(tmp_path / "theirs"))
+    ours = writer_module.GuardedWriter(SummaryWriter(str(tmp_path / "ours")), lambda e: None, True)
+    for step, image in enumerate(images):
+        theirs.add_image("fig", image, step, dataformats="HWC")
+        assert ours.call("add_image", "fig", image, step, dataformats="HWC")
+    theirs.close()
+    ours.finish()
+    expected = [
+        (e.step, e.encoded_image_string, e.width, e.height) for e in read_events(tmp_path / "theirs").Images("fig")
+    ]
+    written = [
+        (e.step, e.encoded_image_string, e.width, e.height) for e in read_events(tmp_path / "ours").Images("fig")
+    ]
+    assert len(written) == len(images) and written == expected
+    assert len(calls) == len(images)  # summary.image ran for SummaryWriter's own calls only
