@@ -218,11 +218,14 @@ class ParamNormJumps:
         self._var = np.zeros(0)
         self._count = np.zeros(0, dtype=np.int64)
         self._zero_seen = np.zeros(0, dtype=bool)
+        self._never = np.zeros(0, dtype=bool)
+        self._never_any = False
         self._lasting_warm = False
-        """Every history is ``confirm_history`` long: the lasting rule's bar is every parameter's."""
+        """Every history is ``confirm_history`` long (or empty): the lasting rule's bar is every
+        parameter's."""
         self._threshold: np.ndarray | None = None
-        """Once every parameter's history is warm: how far in log norm a jump (or a first step of
-        a lasting one) is, per parameter."""
+        """Once no lasting jump is pending: how far in log norm a jump (or a first step of a
+        lasting one) is, per parameter (-1 where the history is short of ``min_history``)."""
         self._quiet = 0
 
     def _reset(self, names: tuple[str, ...]) -> None:
@@ -247,6 +250,8 @@ class ParamNormJumps:
         self._pending_mean = np.zeros(n)  # the mean, bar and direction it was judged against
         self._pending_bar = np.zeros(n)
         self._pending_sign = np.zeros(n)
+        self._never = np.ones(n, dtype=bool)  # no positive norm yet
+        self._never_any = n > 0
 
     def update(self, names: tuple[str, ...], norms: Sequence[float]) -> tuple[str, float] | None:
         """The parameter whose norm jumped most this step and its factor (> 1 up, < 1 down), or
@@ -308,10 +313,17 @@ class ParamNormJumps:
         self._var = np.where(first, 0.0, np.where(later, (1 - a) * (self._var + a * step * step), self._var))
         self._count = np.where(jumped, 1, self._count + positive)
         self._pending &= ~jumped
-        warm = bool((self._count >= self.min_history).all()) and not self._pending.any()
+        self._never = self._count == 0
+        self._never_any = bool(self._never.any())
+        warm = not self._pending.any()
         self._threshold = self._thresholds() if warm else None
-        self._lasting_warm = warm and self.confirm_sigmas > 0 and bool((self._count >= self.confirm_history).all())
+        self._lasting_warm = warm and self.confirm_sigmas > 0 and self._long_enough()
         return found
+
+    def _long_enough(self) -> bool:
+        """Every history is ``confirm_history`` long, or empty (a parameter whose gradient has
+        been 0 on every step so far: a dead layer's)."""
+        return bool(((self._count >= self.confirm_history) | self._never).all())
 
     def _thresholds(self) -> np.ndarray:
         """Per parameter, how far (in log norm) is a jump: the factor, or more where it is noisy;
@@ -321,18 +333,34 @@ class ParamNormJumps:
         if self.confirm_sigmas > 0:
             lasting = np.maximum(self.log_factor, self.confirm_sigmas * sd)
             bar = np.where(self._count >= self.confirm_history, np.minimum(bar, lasting), bar)
+        # A history not yet ``min_history`` long: any positive norm goes to the full pass (it
+        # joins the history there); a zero norm (where 0 was seen before) passes as quiet.
+        bar[self._count < self.min_history] = -1.0
         return bar
 
     def _quiet_step(self, x: np.ndarray) -> bool:
-        """The every-step path once every history is warm: when every norm is positive (and not
-        NaN) and none jumped, the history moves in about a dozen numpy operations and True comes
-        back; else False, and :meth:`update`'s full pass decides (zeros, NaN, jumps: rare). The
-        thresholds follow the variance every ``_REFRESH`` steps (it moves slowly), every step
-        under the lasting rule."""
-        if not (x > 0).all():
+        """The every-step path once no lasting jump is pending: when no norm is NaN, none jumped,
+        none fell to 0 for the first time and none of a parameter short of ``min_history`` is
+        positive, the history moves in about a dozen numpy operations and True comes back; else
+        False, and :meth:`update`'s full pass decides (jumps, NaN, first zeros, young histories:
+        rare). A norm of 0 where 0 was seen before (a dead layer's parameters, half of a deep
+        ReLU stack's) changes nothing in the full pass, so it passes here, its history left as
+        it is. The thresholds follow the variance every ``_REFRESH`` steps (it moves slowly),
+        every step under the lasting rule."""
+        lowest = x.min()
+        if not lowest >= 0:  # (NaN)
             return False
+        zero = None
+        if lowest == 0:
+            zero = x == 0
+            if (zero & ~self._zero_seen).any():  # a first fall to exactly 0: the full pass
+                return False
+            x = np.where(zero, 1.0, x)
         delta = np.log(x) - self._mean
         size = np.abs(delta)  # (a fall where falls are not judged: the full pass says so)
+        if zero is not None:
+            size[zero] = -np.inf
+            delta[zero] = 0.0
         assert self._threshold is not None
         if (size >= self._threshold).any():  # an Inf norm's delta is Inf: the full pass too
             return False
@@ -340,9 +368,12 @@ class ParamNormJumps:
         # most the factor either way, as in the full pass (a fall where falls are not judged too).
         np.clip(delta, -self.log_factor, self.log_factor, out=delta)
         a = self.alpha
+        kept = self._var[zero] if zero is not None else None
         self._mean += a * delta
         self._var *= 1 - a
         self._var += (a * (1 - a)) * (delta * delta)
+        if zero is not None:
+            self._var[zero] = kept
         self._quiet += 1
         if self._lasting_warm:
             # The lasting rule's bar is low (3σ against 6σ): a stale one lets its first step pass
@@ -351,10 +382,12 @@ class ParamNormJumps:
             np.sqrt(self._var, out=self._threshold)
             self._threshold *= self.confirm_sigmas
             np.maximum(self._threshold, self.log_factor, out=self._threshold)
+            if self._never_any:
+                self._threshold[self._never] = -1.0
         elif self.confirm_sigmas > 0:
-            self._count += 1
+            self._count += 1 if zero is None else ~zero
             self._threshold = self._thresholds()
-            self._lasting_warm = bool((self._count >= self.confirm_history).all())
+            self._lasting_warm = self._long_enough()
         elif self._quiet % _REFRESH == 0:
             self._threshold = self._thresholds()
         return True

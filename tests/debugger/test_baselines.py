@@ -251,3 +251,41 @@ def test_a_steady_growth_is_the_modules_course_not_an_activation_shift():
     flat = [1.0, 1.02, 0.98, 1.01]
     assert shift_of(10.0, flat, "up", 3, 8.0, 4.0, trend=True) is not None
     assert shift_of(1e-6, flat, "down", 3, 8.0, 4.0, trend=True) is not None
+
+
+@pytest.mark.parametrize("confirm", [0.0, 3.0])
+def test_the_quiet_path_decides_and_moves_the_history_as_the_full_pass_does(confirm):
+    """The every-step path (``_quiet_step``) is a shortcut of the full pass, also with dead
+    parameters (norm 0 on every step, half of a deep ReLU stack's) and parameters whose norm is
+    sometimes 0: the same jumps on the same steps, and the same histories after, as a detector
+    that always takes the full pass (whose counts it keeps up to ``confirm_history``)."""
+    rng = np.random.default_rng(0)
+    n = 40
+    names = tuple(f"p{i}" for i in range(n))
+    kwargs = dict(confirm_sigmas=confirm, confirm_history=30, confirm_only=frozenset({"p3"}))
+    fast, full = ParamNormJumps(5.0, 6.0, 10, **kwargs), ParamNormJumps(5.0, 6.0, 10, **kwargs)
+    full._quiet_step = lambda x: False  # type: ignore[method-assign]
+    dead = rng.random(n) < 0.4
+    level = rng.uniform(0.1, 10.0, n)
+    quiet = 0
+    for step in range(400):
+        x = level * np.exp(rng.normal(0.0, 0.1, n))
+        x[dead] = 0.0
+        x[5] = 0.0 if step % 7 == 0 else x[5]  # intermittent
+        if step in (120, 121, 122):  # a lasting jump of one parameter
+            x[8] *= 40.0
+        if step == 200:  # a dead one comes alive
+            x[int(np.flatnonzero(dead)[0])] = 1.0
+        if step == 300:
+            x[9] = 0.0  # a first fall to 0
+        if step == 350:
+            x[10] = float("nan")
+        quiet += fast._threshold is not None
+        assert fast.update(names, x.tolist()) == full.update(names, x.tolist()), step
+        assert np.allclose(fast._mean, full._mean) and np.allclose(fast._var, full._var)
+        # (counts matter up to confirm_history: past it the shortcut stops counting)
+        cap = fast.confirm_history if confirm else fast.min_history
+        assert (np.minimum(fast._count, cap) == np.minimum(full._count, cap)).all()
+        assert (fast._zero_seen == full._zero_seen).all()
+        assert (fast._pending == full._pending).all()
+    assert quiet > 300  # the shortcut was taken
