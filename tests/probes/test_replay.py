@@ -448,31 +448,30 @@ def test_outputs_too_big_to_hold_are_reduced_at_once(tmp_path, monkeypatch):
     assert [(a.where, a.step) for a in w.alerts if a.kind == "nonfinite"] == [("fault", 2)]
 
 
-def test_the_sentinels_gradient_buffer_reads_each_gradients_own_norm_and_leaves_the_gradients_alone():
-    """The preallocated buffer of the per-step read (:class:`GradBuffer`): each gradient's own
-    norm, step after step (the buffer reused), a NaN or Inf in its own parameter only, bfloat16
-    gradients read in float32, and the gradients themselves unchanged (the buffer is squared in
-    place, never a gradient)."""
+def test_packed_norms_square_their_own_copy_never_a_gradient():
+    """The per-step read squares the flat copy in place (numpy): each gradient's own norm, a NaN
+    or Inf in its own parameter only, bfloat16 gradients read in float32, and the gradients
+    themselves unchanged; one gradient alone (``flatten_dense`` then gives a view of it) is copied
+    before it is squared."""
     import numpy as np
 
-    from introspect.probes.nonfinite.sentinel import GradBuffer, packed_norms
+    from introspect.probes.nonfinite.sentinel import packed_norms
 
     torch.manual_seed(0)
     shapes = [(32, 32), (32,), (7,), (3, 5)]
-    buffer = GradBuffer([torch.empty(s) for s in shapes])
+    starts = np.cumsum([0] + [int(np.prod(s)) for s in shapes[:-1]])
     for _ in range(3):
         grads = [torch.randn(s) for s in shapes]
         before = [g.clone() for g in grads]
         want = torch.stack([g.norm() for g in grads])
-        assert torch.allclose(buffer.norms(grads), want, rtol=1e-5)
+        assert torch.allclose(packed_norms(grads, True, starts=starts), want, rtol=1e-5)
         assert all(torch.equal(g, b) for g, b in zip(grads, before))
     grads[1][3], grads[3][1, 1] = float("nan"), float("inf")
-    got = buffer.norms(grads)
+    got = packed_norms(grads, True, starts=starts)
     assert torch.isfinite(got[[0, 2]]).all() and got[1].isnan() and got[3].isinf()
     half = [torch.randn(s).bfloat16() for s in shapes]
     want = torch.stack([g.float().norm() for g in half])
-    assert torch.allclose(buffer.norms(half), want, rtol=1e-5)
-    # One gradient alone: flatten_dense gives a view of it, which packed_norms must not square.
+    assert torch.allclose(packed_norms(half, True, starts=starts), want, rtol=1e-5)
     one = torch.randn(6)
     kept = one.clone()
     assert torch.allclose(packed_norms([one], True, starts=np.zeros(1, dtype=np.int64)), kept.norm().reshape(1))

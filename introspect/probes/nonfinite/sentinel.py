@@ -22,7 +22,6 @@ and the output gradient, all released when the step is read.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -31,7 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..._torch import compiled_autograd_enabled, flatten_dense, foreach_copy, foreach_norm, tensor_version
+from ..._torch import compiled_autograd_enabled, flatten_dense, foreach_norm, tensor_version
 from ...debugger.alerts import Alert
 from ...debugger.baselines import ParamNormJumps
 from ...errors import NonFiniteError
@@ -52,7 +51,6 @@ __all__ = [
     "replay_possible",
     "packed_norm",
     "packed_norms",
-    "GradBuffer",
     "fused_qk_slices",
     "HOLD_OUTPUT_BYTES",
     "PACK_LIMIT",
@@ -137,37 +135,6 @@ def _segment_norms(values: np.ndarray, starts: np.ndarray) -> np.ndarray:
     np.multiply(values, values, out=values)
     sums = np.add.reduceat(values, starts)
     return np.sqrt(sums, out=sums)
-
-
-class GradBuffer:
-    """The sentinel's per-parameter gradient norms on CPU, with the layout known at bind: one
-    float32 buffer of every (small) gradient, allocated once, with a view per parameter made once;
-    each step :func:`~introspect._torch.foreach_copy` fills it (one call, its loop in C++, no
-    allocation), numpy squares it in place and sums the squares per parameter
-    (``numpy.add.reduceat``). Against a fresh ``flatten_dense`` copy per step and torch's
-    ``square()`` on it: 166 us against 2.1 ms per step on the 201-module MLP (2 busy cores). The
-    buffer is the sentinel's own: a gradient is only read."""
-
-    LIMIT = 1 << 24
-    """At most this many values (64 MiB) are held between steps; a bigger model packs a fresh
-    copy each step (:func:`packed_norms`)."""
-
-    def __init__(self, params: Sequence[torch.Tensor]) -> None:
-        self.sizes = [p.numel() for p in params]
-        self.shapes = [p.shape for p in params]
-        self.starts = np.cumsum([0] + self.sizes[:-1])
-        self._views: list[torch.Tensor] = []
-        self._values = np.zeros(0, dtype=np.float32)
-
-    def norms(self, grads: list[torch.Tensor]) -> torch.Tensor:
-        """Each of ``grads``' L2 norm (a 1-D float32 CPU tensor), ``grads`` being CPU tensors in
-        the layout's order and shapes."""
-        if not self._views:
-            buffer = torch.empty(sum(self.sizes), dtype=torch.float32)
-            self._views = [v.view(shape) for v, shape in zip(buffer.split(self.sizes), self.shapes)]
-            self._values = buffer.numpy()
-        foreach_copy(self._views, grads)
-        return torch.from_numpy(_segment_norms(self._values, self.starts))
 
 
 def _conv1d_qk(rows: int, grad: torch.Tensor) -> torch.Tensor:
@@ -282,12 +249,6 @@ class NonFiniteSentinel(Probe):
             and not self._dtensors
             and min(sizes) > 0
             and len({p.dtype for p in self._tensors}) == 1
-            else None
-        )
-        sparse = any(getattr(m, "sparse", False) is True for m in ctx.root.modules())  # (sparse .grad)
-        self._buffer = (
-            GradBuffer(self._tensors)
-            if self._starts is not None and not sparse and not self._devices and sum(sizes) <= GradBuffer.LIMIT
             else None
         )
         self._local: Alert | None = None  # this step's own finding, for the rank exchange
@@ -430,10 +391,7 @@ class NonFiniteSentinel(Probe):
             parts += foreach_norm(slices, torch.float32) if slices else []
             per_param = True
         elif grads and self._jumps is not None:  # each parameter's own norm: the jump detector's input
-            if complete and self._buffer is not None and grads[0].device.type == "cpu":
-                parts.append(self._buffer.norms(grads))
-            else:
-                parts.append(packed_norms(grads, all_small=self._all_small, starts=self._starts if complete else None))
+            parts.append(packed_norms(grads, all_small=self._all_small, starts=self._starts if complete else None))
             if slices:
                 parts.append(torch.stack(foreach_norm(slices, torch.float32)))
             per_param = True
