@@ -230,7 +230,7 @@ def test_a_fused_qkv_fault_is_named_at_its_attention_module_within_two_steps_at_
     g = torch.Generator().manual_seed(0)
     with watch(model, tmp_path, every=50, optimizer=opt, **QUIET) as w:
         sentinel = next(p for p in w._probes if type(p).__name__ == "NonFiniteSentinel")
-        assert sentinel._slice_names == (
+        assert sentinel._jumps.slice_names == (
             "transformer.h.0.attn.c_attn.weight[qk]",
             "transformer.h.1.attn.c_attn.weight[qk]",
         )

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from functools import partial
 from typing import Any
 
 import numpy as np
@@ -32,7 +31,6 @@ from torch import nn
 
 from ..._torch import compiled_autograd_enabled, flatten_dense, foreach_norm, tensor_version
 from ...debugger.alerts import Alert
-from ...debugger.baselines import ParamNormJumps
 from ...errors import NonFiniteError
 from ...records import step as step_records
 from ...records.shards import local_view
@@ -41,6 +39,7 @@ from ...records.tags import tag
 from ...runtime.distributed import rank_and_world
 from ...runtime.preserved import cuda_devices
 from ..base import Probe, ProbeContext, StepPlan, WatchOptions
+from .jumps import JumpEscalation, fused_qk_slices
 from .per_module import CallLedger, NonFiniteReport
 from .rank import RankOrigin
 from .replay import ForwardRecord, capture_forward, replay_step
@@ -137,39 +136,6 @@ def _segment_norms(values: np.ndarray, starts: np.ndarray) -> np.ndarray:
     return np.sqrt(sums, out=sums)
 
 
-def _conv1d_qk(rows: int, grad: torch.Tensor) -> torch.Tensor:
-    """Of a ``[E, 3E]`` gradient (columns q | k | v): a tensor whose norm is its q and k part's."""
-    return torch.linalg.vector_norm(grad.view(rows, 3, rows), dim=2, dtype=torch.float32)[:, :2]
-
-
-def fused_qk_slices(root: nn.Module, names: list[str]) -> list[tuple[str, int, Any]]:
-    """The query/key part of each fused q|k|v projection among the parameters ``names`` (in that
-    order): ``(name + "[qk]", index in names, f)``, where the norm of ``f(gradient)`` is the
-    norm of the gradient's q and k part. A q/k projection scaled x30
-    moves its own gradient norm 6-12x; in a fused one the value part, ~40x larger on a fresh
-    GPT-2, hides it (the whole ``c_attn`` gradient moves < 1.2x). Known layouts: a ``Conv1D``
-    named ``c_attn`` of ``[E, 3E]`` (GPT-2: columns q | k | v) and ``nn.MultiheadAttention``'s
-    ``in_proj_weight`` of ``[3E, E]`` (rows q | k | v). Others (GPT-NeoX's per-head interleaving)
-    are read whole."""
-    index = {n: i for i, n in enumerate(names)}
-    found: list[tuple[str, int, Any]] = []
-    for module_name, module in root.named_modules():
-        prefix = f"{module_name}." if module_name else ""
-        if type(module).__name__ == "Conv1D" and module_name.rsplit(".", 1)[-1] == "c_attn":
-            weight = getattr(module, "weight", None)
-            name = f"{prefix}weight"
-            if weight is not None and weight.dim() == 2 and weight.shape[1] == 3 * weight.shape[0] and name in index:
-                # Each row's q, k and v norms (a contiguous reduction, ~5 us for [128, 384] on
-                # CPU), then the q and k columns of those: the norm of a strided [E, 2E] view of
-                # the gradient itself costs ~30 us.
-                found.append((f"{name}[qk]", index[name], partial(_conv1d_qk, weight.shape[0])))
-        elif isinstance(module, nn.MultiheadAttention) and module.in_proj_weight is not None:
-            name, width = f"{prefix}in_proj_weight", module.embed_dim
-            if name in index:
-                found.append((f"{name}[qk]", index[name], lambda g, w=width: g[: 2 * w]))
-    return found
-
-
 @dataclass
 class _Read:
     """One read of the sentinel's norms, and what its verdict needs: ``[outputs' norms, output
@@ -253,37 +219,9 @@ class NonFiniteSentinel(Probe):
         )
         self._local: Alert | None = None  # this step's own finding, for the rank exchange
         self._stale: set[str] = set()  # parameters whose .grad an earlier backward left non-finite
-        limits = ctx.config.thresholds
-        history = int(limits.grad_spike_min_history)
-        self._names = tuple(n for n, _ in self._params)
-        # Fused q|k|v projections: their query/key part's norm too, judged by the lasting rule
-        # alone (not on sharded gradients: a shard's slice is not the projection's).
-        sliced = limits.param_grad_jump and limits.param_grad_confirm_sigma and not (self._dtensors or ctx.shards)
-        self._slices = fused_qk_slices(ctx.root, list(self._names)) if sliced else []
-        self._slice_names = tuple(n for n, _, _ in self._slices)
-        self._all_names = self._names + self._slice_names
-        self._jumps = (  # 0: off (the escalation's one per-step host cost, ~45 µs)
-            ParamNormJumps(
-                limits.param_grad_jump,
-                limits.param_grad_sigma,
-                history,
-                confirm_sigmas=limits.param_grad_confirm_sigma,
-                confirm_history=int(limits.param_grad_confirm_history),
-                confirm_only=frozenset(self._slice_names),
-                sizes={n: p.numel() for n, p in self._params},
-            )
-            if limits.param_grad_jump
-            else None
-        )
-        self._loss = (
-            ParamNormJumps(limits.loss_jump, limits.param_grad_sigma, history, rises_only=True)
-            if limits.loss_jump
-            else None
-        )
-        self._jump_step = -1  # the step whose norms joined the history (its first read only)
-        self.escalations = 0
-        """How many times this sentinel's own numbers escalated (a parameter's or the loss's jump;
-        granted escalations only, see ``Thresholds.escalate_share``)."""
+        # Fused q|k|v projections' query/key parts are not read on sharded gradients (a shard's
+        # slice is not the projection's).
+        self._jumps = JumpEscalation(ctx, self._params, sharded=bool(self._dtensors or ctx.shards))
         self._pending: _Read | None = None  # a CUDA read in flight (see _may_defer)
         self._clear()
 
@@ -385,12 +323,12 @@ class NonFiniteSentinel(Probe):
         per_param = False
         complete = len(grads) == len(self._tensors)
         # The q/k parts of fused projections: a kernel or two and one norm each (a few per model).
-        slices = [view(grads[i]) for _, i, view in self._slices] if complete and self._jumps is not None else []
+        slices = self._jumps.slice_views(grads) if complete else []
         if grads and deferred:  # CUDA: one fused launch for every gradient's norm, all copied
             parts += foreach_norm(grads, torch.float32)
             parts += foreach_norm(slices, torch.float32) if slices else []
             per_param = True
-        elif grads and self._jumps is not None:  # each parameter's own norm: the jump detector's input
+        elif grads and self._jumps.per_param:  # each parameter's own norm: the jump detector's input
             parts.append(packed_norms(grads, all_small=self._all_small, starts=self._starts if complete else None))
             if slices:
                 parts.append(torch.stack(foreach_norm(slices, torch.float32)))
@@ -481,7 +419,7 @@ class NonFiniteSentinel(Probe):
                 self._stale = set()
                 if read.per_param:  # (one packed norm says nothing of one parameter's jump)
                     self._escalate_on_jumps(buffer, param_norms + slice_norms, values[:n_out], read)
-                elif self._loss is not None:
+                elif self._jumps.loss_judged:
                     self._escalate_on_jumps(buffer, [], values[:n_out], read)
             return
         params: list[tuple[str, torch.Tensor | None]]
@@ -538,26 +476,19 @@ class NonFiniteSentinel(Probe):
     def _escalate_on_jumps(
         self, buffer: StepBuffer, param_norms: list[float], out_values: list[float], read: _Read
     ) -> None:
-        """One parameter's gradient norm, or the loss, jumping against its own history makes the
-        next steps logging steps (the escalation). Host numbers this read has anyway; once a step
-        (its first read: under gradient accumulation later reads hold sums of more micro-batches)."""
-        if buffer.step == self._jump_step or buffer.grads_overflowed or (self._jumps is None and self._loss is None):
-            return
-        self._jump_step = buffer.step
+        """The escalation on this read's host numbers (see :class:`JumpEscalation`), with the names
+        of the norms it holds."""
         if read.param_names is not None:  # a deferred read: the parameters it read
-            names: tuple[str, ...] = tuple(read.param_names) + (self._slice_names if read.n_slice else ())
-        elif len(param_norms) == len(self._all_names):  # every gradient, and the fused q/k parts
-            names = self._all_names
-        elif len(param_norms) == len(self._names):
-            names = self._names
-        else:  # some parameters got no gradient this step: their own histories stay aside
-            names = tuple(n for n, p in self._params if p.grad is not None)
-        jumped = self._jumps.update(names, param_norms) if self._jumps is not None and param_norms else None
-        loss = [v for n, v in zip(read.out_names, out_values) if n == "loss"] if self._loss is not None else []
-        if loss and self._loss is not None and self._loss.update(("loss",), loss[:1]) is not None:
-            jumped = jumped or ("loss", 0.0)
-        if jumped is not None and self.ctx.escalate():  # (within the escalations' time budget)
-            self.escalations += 1
+            names: tuple[str, ...] | None = tuple(read.param_names)
+        else:
+            names = None  # every gradient (and the fused q/k parts), or those with one now
+        self._jumps.judge(buffer, param_norms, names, bool(read.n_slice), read.out_names, out_values)
+
+    @property
+    def escalations(self) -> int:
+        """How many times this sentinel's own numbers escalated (a parameter's or the loss's jump;
+        granted escalations only, see ``Thresholds.escalate_share``)."""
+        return self._jumps.escalations
 
     def _locate(
         self,
