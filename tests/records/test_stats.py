@@ -428,3 +428,54 @@ def test_a_held_tensor_changed_in_place_is_reported():
     assert sorted(batch.changed) == [1, 2]
     rows = _to_host_rows(batch)
     assert rows[2][1:3] == [c.min().item() / 2, c.max().item() / 2]  # the copy made at add()
+
+
+def test_blocks_of_a_stack_equal_per_tensor_records():
+    """A logging step of a deep stack: many tensors of a few shapes, held and flushed in two
+    rounds (one stacked block per shape and round), copied ones of the same lengths in between,
+    and large sampled ones of one length (their block is binned only): every row is what the
+    tensor alone would give."""
+    g = torch.Generator().manual_seed(5)
+    batch = RecordBatch()
+    tensors: list[torch.Tensor] = []
+
+    def add(t: torch.Tensor, hold: bool) -> None:
+        tensors.append(t)
+        batch.add(t, hold=hold)
+
+    for _ in range(12):
+        add(torch.randn(8, 16, generator=g), hold=True)
+        add(torch.randn(16, generator=g), hold=True)
+    add(torch.randn(128, generator=g), hold=False)  # a copy of a length the blocks have
+    add(torch.randn(128, generator=g).double() * 7, hold=False)  # float64: its own exact stats, same length
+    batch.flush()
+    for i in range(12):
+        add(torch.randn(16, 8, generator=g) * (i + 1), hold=True)  # same length, other shape
+        add(torch.randn(3 * SAMPLE_LIMIT, generator=g) + i, hold=False)  # sampled: binned only
+    with_nan = torch.randn(8, 16, generator=g)
+    with_nan[1, 2] = float("nan")
+    add(with_nan, hold=True)
+    rows = _to_host_rows(batch)
+    for t, row in zip(tensors, rows):
+        alone = RecordBatch()
+        alone.add(t)
+        (expected,) = _to_host_rows(alone)
+        assert row == pytest.approx(expected, rel=1e-5, abs=1e-5, nan_ok=True), t.shape
+
+
+def test_buckets_computed_in_their_own_int32_memory():
+    """_bucket_into casts the float positions to int32 in the same memory: the same buckets as
+    the plain two-buffer way, on sizes that take the vectorised and the threaded loops."""
+    from introspect.records.stats import _bucket_into, _bucket_position
+
+    g = torch.Generator().manual_seed(1)
+    for rows, k in ((3, 5), (64, 2048), (40, 100_003)):
+        block = torch.randn(rows, k, generator=g) * 10
+        block[0, 0] = float("nan")
+        lo, hi = block.nan_to_num(0).amin(dim=1, keepdim=True), block.nan_to_num(0).amax(dim=1, keepdim=True)
+        offset, scale = lo, HIST_BINS / (hi - lo)
+        expected = _bucket_position(block, offset, scale).to(torch.int32)
+        bucket = torch.empty(rows, k, dtype=torch.int32)
+        _bucket_into(bucket, block, offset, scale)
+        assert torch.equal(bucket, expected)
+        assert int(bucket.min()) >= 0 and int(bucket.max()) <= HIST_BINS - 1
