@@ -363,17 +363,18 @@ class RecordBatch:
         # them (``add``). (amin and amax: ``aminmax`` along a dimension is ~20x slower on CPU,
         # torch 2.14: 817 us against 36 us for a (200, 2048) block; the sum of squares from the
         # norm: no block-sized temporary.)
-        reduced, at = [], 0
+        reduced: list[tuple[list[int], torch.Tensor]] = []
+        at = 0
         for block in blocks:
-            rows = order[at : at + block.shape[0]]
+            members = order[at : at + block.shape[0]]
             at += block.shape[0]
-            if not all(i in self._stats for i in rows):
+            if not all(i in self._stats for i in members):
                 norms = torch.linalg.vector_norm(block, dim=1)
                 reduced.append(
-                    (rows, torch.stack([block.amin(dim=1), block.amax(dim=1), block.sum(dim=1), norms * norms], 1))
+                    (members, torch.stack([block.amin(dim=1), block.amax(dim=1), block.sum(dim=1), norms * norms], 1))
                 )
         if reduced:
-            where = [i for rows, _ in reduced for i in rows]
+            where = [i for members, _ in reduced for i in members]
             stats[torch.tensor(where, device=device)] = torch.cat([values for _, values in reduced])
         if self._stats:  # large tensors: their exact statistics, not their sample's
             large = torch.stack([t for values in self._stats.values() for t in values]).to(torch.float32)
