@@ -387,14 +387,14 @@ class RecordBatch:
         bucket = torch.empty(sum(b.numel() for b in blocks), dtype=torch.int32, device=device)
         start = filled = 0
         for block in blocks:
-            rows = index[start : start + block.shape[0]]
+            row_index = index[start : start + block.shape[0]]
             start += block.shape[0]
             # (A sample itself stays as it is: masked_rows reads it again.) Truncated before the
             # record's base is added (see compute).
             target = bucket[filled : filled + block.numel()].view(block.shape)
             filled += block.numel()
-            _bucket_into(target, block, offset[rows].unsqueeze(1), scale[rows].unsqueeze(1))
-            target.add_((rows.to(torch.int32) * HIST_BINS).unsqueeze(1))
+            _bucket_into(target, block, offset[row_index].unsqueeze(1), scale[row_index].unsqueeze(1))
+            target.add_((row_index.to(torch.int32) * HIST_BINS).unsqueeze(1))
         if device.type == "cpu":
             counts = torch.bincount(bucket, minlength=n_records * HIST_BINS)
         else:  # bincount sizes its output from the data: a host sync on accelerators
