@@ -11,6 +11,7 @@ import shutil
 import warnings
 from collections import OrderedDict
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -449,30 +450,35 @@ def test_outputs_too_big_to_hold_are_reduced_at_once(tmp_path, monkeypatch):
 
 
 def test_packed_norms_square_their_own_copy_never_a_gradient():
-    """The per-step read squares the flat copy in place (numpy): each gradient's own norm, a NaN
-    or Inf in its own parameter only, bfloat16 gradients read in float32, and the gradients
+    """The per-step read squares the flat copy in place (numpy), over the layout known at bind:
+    each gradient's own norm, large ones (reduced where they are) in their places too, a NaN or
+    Inf in its own parameter only, bfloat16 gradients read in float32, and the gradients
     themselves unchanged; one gradient alone (``flatten_dense`` then gives a view of it) is copied
     before it is squared."""
-    import numpy as np
-
-    from introspect.probes.nonfinite.sentinel import packed_norms
+    from introspect.probes.nonfinite.sentinel import PACK_LIMIT, FlatLayout, packed_norms
 
     torch.manual_seed(0)
-    shapes = [(32, 32), (32,), (7,), (3, 5)]
-    starts = np.cumsum([0] + [int(np.prod(s)) for s in shapes[:-1]])
-    for _ in range(3):
-        grads = [torch.randn(s) for s in shapes]
-        before = [g.clone() for g in grads]
-        want = torch.stack([g.norm() for g in grads])
-        assert torch.allclose(packed_norms(grads, True, starts=starts), want, rtol=1e-5)
-        assert all(torch.equal(g, b) for g, b in zip(grads, before))
-    grads[1][3], grads[3][1, 1] = float("nan"), float("inf")
-    got = packed_norms(grads, True, starts=starts)
-    assert torch.isfinite(got[[0, 2]]).all() and got[1].isnan() and got[3].isinf()
-    half = [torch.randn(s).bfloat16() for s in shapes]
-    want = torch.stack([g.float().norm() for g in half])
-    assert torch.allclose(packed_norms(half, True, starts=starts), want, rtol=1e-5)
+    for shapes in ([(32, 32), (32,), (7,), (3, 5)], [(PACK_LIMIT + 1,), (32, 32), (2, PACK_LIMIT), (7,), (3, 5)]):
+        layout = FlatLayout.of([torch.empty(s) for s in shapes])
+        assert layout is not None and len(layout.big_at) == sum(int(np.prod(s)) > PACK_LIMIT for s in shapes)
+        for _ in range(3):
+            grads = [torch.randn(s) for s in shapes]
+            before = [g.clone() for g in grads]
+            want = torch.stack([g.norm() for g in grads])
+            assert torch.allclose(packed_norms(grads, layout=layout), want, rtol=1e-5)
+            assert torch.allclose(packed_norms(grads), want, rtol=1e-5)  # (no layout: the general path)
+            assert all(torch.equal(g, b) for g, b in zip(grads, before))
+        small, large = layout.small_at[1], (layout.big_at or layout.small_at)[0]
+        grads[small].view(-1)[3], grads[large].view(-1)[1] = float("nan"), float("inf")
+        got = packed_norms(grads, layout=layout)
+        clean = [i for i in range(len(grads)) if i not in (small, large)]
+        assert torch.isfinite(got[clean]).all() and got[small].isnan() and got[large].isinf()
+        half = [torch.randn(s).bfloat16() for s in shapes]
+        want = torch.stack([g.float().norm() for g in half])
+        assert torch.allclose(packed_norms(half, layout=FlatLayout.of(half)), want, rtol=1e-5)
     one = torch.randn(6)
     kept = one.clone()
-    assert torch.allclose(packed_norms([one], True, starts=np.zeros(1, dtype=np.int64)), kept.norm().reshape(1))
+    assert torch.allclose(packed_norms([one], layout=FlatLayout.of([one])), kept.norm().reshape(1))
     assert torch.equal(one, kept)
+    assert FlatLayout.of([torch.empty(0), torch.empty(3)]) is None  # an empty one: no fixed layout
+    assert FlatLayout.of([torch.empty(3), torch.empty(3).double()]) is None  # two dtypes

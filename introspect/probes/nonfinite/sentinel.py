@@ -22,6 +22,7 @@ and the output gradient, all released when the step is read.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,6 +51,7 @@ __all__ = [
     "replay_possible",
     "packed_norm",
     "packed_norms",
+    "FlatLayout",
     "fused_qk_slices",
     "HOLD_OUTPUT_BYTES",
     "PACK_LIMIT",
@@ -87,7 +89,33 @@ def packed_norm(grads: list[torch.Tensor], all_small: bool = False) -> torch.Ten
     return parts[0] if len(parts) == 1 else torch.linalg.vector_norm(torch.stack(parts))
 
 
-def packed_norms(grads: list[torch.Tensor], all_small: bool = False, starts: np.ndarray | None = None) -> torch.Tensor:
+@dataclass(frozen=True)
+class FlatLayout:
+    """Where the small gradients go in the flat copy the per-step read makes, known at bind when
+    every parameter is non-empty and of one dtype (its gradient is then too): ``starts`` of the
+    small ones (at most ``PACK_LIMIT`` values) in the flat buffer, and which gradients are small
+    and which are not (reduced where they are)."""
+
+    starts: np.ndarray
+    small_at: list[int]
+    big_at: list[int]
+    small_index: np.ndarray
+    big_index: np.ndarray
+
+    @classmethod
+    def of(cls, tensors: Sequence[torch.Tensor]) -> FlatLayout | None:
+        sizes = [t.numel() for t in tensors]
+        if not sizes or min(sizes) == 0 or len({t.dtype for t in tensors}) != 1:
+            return None
+        small_at = [i for i, n in enumerate(sizes) if n <= PACK_LIMIT]
+        big_at = [i for i, n in enumerate(sizes) if n > PACK_LIMIT]
+        if not small_at:
+            return None
+        small = [sizes[i] for i in small_at]
+        return cls(np.cumsum([0] + small[:-1]), small_at, big_at, np.array(small_at), np.array(big_at, dtype=np.int64))
+
+
+def packed_norms(grads: list[torch.Tensor], all_small: bool = False, layout: FlatLayout | None = None) -> torch.Tensor:
     """Each gradient's own L2 norm, a 1-D float32 tensor in the order of ``grads``, in a constant
     number of kernels: on CPU one flat copy of the small gradients, their squares summed per
     segment (``torch.segment_reduce``), and one norm per large gradient (its bytes dominate its
@@ -95,35 +123,42 @@ def packed_norms(grads: list[torch.Tensor], all_small: bool = False, starts: np.
     gradient-jump escalation reads these; with ``param_grad_jump=0`` the sentinel takes the one
     packed norm (:func:`packed_norm`) instead.
 
-    ``starts``: where each gradient begins in the flat buffer, when the caller knows it (every
-    gradient small and none empty, the layout fixed at bind): the squares are then summed per
-    segment by ``numpy.add.reduceat`` over the same memory, ~4x faster than ``segment_reduce``
-    with its lengths built each call (1,600 gradients of an 801-module MLP: 90 us against
-    320 us), and ``packed_norms`` costs about what ``packed_norm`` does."""
+    ``layout``: the flat buffer's layout, when the caller knows it (fixed at bind, every gradient
+    present): the squares are then summed per segment by ``numpy.add.reduceat`` over the same
+    memory, ~4x faster than ``segment_reduce`` with its lengths built each call (1,600 gradients
+    of an 801-module MLP: 90 us against 320 us; GPT-2 tiny, two of whose gradients are large: 637
+    us against ~150 us), and ``packed_norms`` costs about what ``packed_norm`` does."""
     device = grads[0].device
-    if starts is not None and device.type == "cpu" and len(starts) == len(grads):
-        flat = flatten_dense(grads)
+    if layout is not None and device.type == "cpu" and len(layout.small_at) + len(layout.big_at) == len(grads):
+        small = [grads[i] for i in layout.small_at] if layout.big_at else grads
+        flat = flatten_dense(small)
         flat = flat if flat.dtype == torch.float32 else flat.float()
-        if flat.data_ptr() == grads[0].data_ptr():  # one gradient: a view of it, never squared in place
+        if flat.data_ptr() == small[0].data_ptr():  # one gradient: a view of it, never squared in place
             flat = flat.clone()
-        return torch.from_numpy(_segment_norms(flat.numpy(), starts))
+        norms = _segment_norms(flat.numpy(), layout.starts)
+        if not layout.big_at:
+            return torch.from_numpy(norms)
+        out = np.empty(len(grads), dtype=np.float32)
+        out[layout.small_index] = norms
+        out[layout.big_index] = torch.stack(foreach_norm([grads[i] for i in layout.big_at], torch.float32)).numpy()
+        return torch.from_numpy(out)
     if device.type != "cpu" or any(g.device != device for g in grads):
         return torch.stack(foreach_norm(grads, torch.float32))
-    small = list(range(len(grads))) if all_small else [i for i, g in enumerate(grads) if g.numel() <= PACK_LIMIT]
-    if not small:
+    small_at = list(range(len(grads))) if all_small else [i for i, g in enumerate(grads) if g.numel() <= PACK_LIMIT]
+    if not small_at:
         return torch.stack(foreach_norm(grads, torch.float32))
-    parts = [grads[i] for i in small]
+    parts = [grads[i] for i in small_at]
     lengths = torch.tensor([g.numel() for g in parts])
     flat = flatten_dense(parts)
     squares = flat.float().square() if flat.dtype != torch.float32 else flat.square()
-    norms = torch.segment_reduce(squares, "sum", lengths=lengths).sqrt()
-    if len(small) == len(grads):
-        return norms
+    norms_small = torch.segment_reduce(squares, "sum", lengths=lengths).sqrt()
+    if len(small_at) == len(grads):
+        return norms_small
     big = [i for i in range(len(grads)) if grads[i].numel() > PACK_LIMIT]
-    out = torch.empty(len(grads), dtype=torch.float32)
-    out[small] = norms
-    out[big] = torch.stack(foreach_norm([grads[i] for i in big], torch.float32))
-    return out
+    result = torch.empty(len(grads), dtype=torch.float32)
+    result[small_at] = norms_small
+    result[big] = torch.stack(foreach_norm([grads[i] for i in big], torch.float32))
+    return result
 
 
 def _segment_norms(values: np.ndarray, starts: np.ndarray) -> np.ndarray:
@@ -206,17 +241,8 @@ class NonFiniteSentinel(Probe):
         self._tensors = [p for _, p in self._params]
         self._all_small = all(p.numel() <= PACK_LIMIT for p in self._tensors)  # (their gradients too)
         self._dtensors = any(type(p).__name__ == "DTensor" for _, p in self._params)
-        sizes = [p.numel() for p in self._tensors]
-        # Every gradient present, small, non-empty and in one dtype: the flat layout is known now.
-        self._starts = (
-            np.cumsum([0] + sizes[:-1])
-            if sizes
-            and self._all_small
-            and not self._dtensors
-            and min(sizes) > 0
-            and len({p.dtype for p in self._tensors}) == 1
-            else None
-        )
+        # Every parameter non-empty and in one dtype: the flat copy's layout is known now.
+        self._layout = FlatLayout.of(self._tensors) if not self._dtensors else None
         self._local: Alert | None = None  # this step's own finding, for the rank exchange
         self._stale: set[str] = set()  # parameters whose .grad an earlier backward left non-finite
         # Fused q|k|v projections' query/key parts are not read on sharded gradients (a shard's
@@ -329,7 +355,7 @@ class NonFiniteSentinel(Probe):
             parts += foreach_norm(slices, torch.float32) if slices else []
             per_param = True
         elif grads and self._jumps.per_param:  # each parameter's own norm: the jump detector's input
-            parts.append(packed_norms(grads, all_small=self._all_small, starts=self._starts if complete else None))
+            parts.append(packed_norms(grads, all_small=self._all_small, layout=self._layout if complete else None))
             if slices:
                 parts.append(torch.stack(foreach_norm(slices, torch.float32)))
             per_param = True
