@@ -369,14 +369,18 @@ class AttentionProbe(Probe):
         statistics in the other modules' hooks) are outside attention (llama8: ~5 ms of a
         logging step's forward)."""
         ran, like = self._ran, self._attention_like
+        root = self.ctx.root
         for module in self._modules:
             name = self._names[id(module)]
-            attention = name in like
+            # (The root's mode is on_forward's: a call of the root runs the pre-hooks it had when
+            # called, so the one hooked for a logging step also runs on the step after it.)
+            attention = name in like and module is not root
 
             def push(m: nn.Module, a: Any, n: str = name, attention: bool = attention) -> None:
                 self._stack.append(n)
-                if attention:
+                if n in like:
                     ran.add(n)
+                if attention:
                     self._enter_attention()
 
             def pop(m: nn.Module, a: Any, o: Any, attention: bool = attention) -> None:

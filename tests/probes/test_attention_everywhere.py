@@ -17,6 +17,7 @@ from torch import nn
 
 from introspect import IntrospectWarning, watch
 from introspect.probes.transformer import looks_like_attention
+from introspect.runtime.selection import root_name
 from tests.support import QUIET
 from tests.support.events import read_events
 from tests.support.hf_models import tiny_decoder
@@ -296,3 +297,51 @@ def test_compiled_forward_that_changes_its_inputs_is_not_run_again(tmp_path):
     assert len([c for c in caught if "changes its inputs in place" in str(c.message)]) == 1
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), twin.parameters()))
     torch._dynamo.reset()
+
+
+class _Block(nn.Module):
+    """An attention module and an MLP beside it, as in a transformer block."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(16, 2, batch_first=True)
+        self.mlp = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 16))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(x, x, x, need_weights=False)[0]
+        return x + self.mlp(x)
+
+
+def _attention_mode_on() -> bool:
+    from introspect.probes.transformer import _AttentionMode
+
+    return any(isinstance(m, _AttentionMode) for m in torch.overrides._get_current_function_mode_stack())
+
+
+@pytest.mark.parametrize("root_is_attention", [False, True], ids=["in_a_block", "the_root"])
+def test_the_function_mode_is_on_only_while_attention_runs(tmp_path, root_is_attention):
+    """The mode's Python call per torch function lands on the attention modules alone: the MLP
+    beside them runs without it, the attention is read all the same, and the mode is gone after
+    each forward; a watched root that is itself the attention has it for its whole forward."""
+    torch.manual_seed(0)
+    model: nn.Module = nn.MultiheadAttention(16, 2, batch_first=True) if root_is_attention else _Block()
+    seen: dict[str, list[bool]] = {"mlp": [], "attn": []}
+    if not root_is_attention:
+        model.mlp.register_forward_pre_hook(lambda m, a: seen["mlp"].append(_attention_mode_on()))
+        model.attn.register_forward_hook(lambda m, a, o: seen["attn"].append(_attention_mode_on()))
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+    x = torch.randn(2, 5, 16)
+    with watch(model, tmp_path, every=2, **QUIET):
+        for _ in range(4):
+            out = model(x, x, x)[0] if root_is_attention else model(x)
+            assert not _attention_mode_on()
+            out.pow(2).mean().backward()
+            opt.step()
+            opt.zero_grad()
+    tags = [t for t in read_events(tmp_path).Tags()["scalars"] if t.startswith("attention/entropy/")]
+    assert tags == [f"attention/entropy/{root_name(model)}" if root_is_attention else "attention/entropy/attn"]
+    steps = [e.step for e in read_events(tmp_path).Scalars(tags[0])]
+    assert steps == [0, 2]
+    if not root_is_attention:
+        assert seen["mlp"] == [False] * 4  # (logging steps or not)
+        assert seen["attn"] == [True, False, True, False]  # on logging steps only
