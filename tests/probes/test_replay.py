@@ -455,7 +455,7 @@ def test_packed_norms_square_their_own_copy_never_a_gradient():
     Inf in its own parameter only, bfloat16 gradients read in float32, and the gradients
     themselves unchanged; one gradient alone (``flatten_dense`` then gives a view of it) is copied
     before it is squared."""
-    from introspect.probes.nonfinite.sentinel import PACK_LIMIT, FlatLayout, packed_norms
+    from introspect.probes.nonfinite.norms import PACK_LIMIT, FlatLayout, packed_norms
 
     torch.manual_seed(0)
     for shapes in ([(32, 32), (32,), (7,), (3, 5)], [(PACK_LIMIT + 1,), (32, 32), (2, PACK_LIMIT), (7,), (3, 5)]):
