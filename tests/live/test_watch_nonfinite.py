@@ -275,7 +275,7 @@ def test_a_deferred_read_after_the_optimizer_step_still_reports(tmp_path, monkey
     zero_grad emptied .grad is still a finding, naming the parameters the read saw."""
     from introspect.probes.nonfinite import sentinel
 
-    monkeypatch.setattr(sentinel.NonFiniteSentinel, "_may_defer", lambda self, grads, reduced: bool(grads))
+    monkeypatch.setattr(sentinel.DeferredReads, "possible", lambda self, grads, *rest: bool(grads))
     monkeypatch.setattr(sentinel.torch.cuda, "Event", _LandedEvent)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))

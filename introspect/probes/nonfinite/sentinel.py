@@ -22,6 +22,7 @@ and the output gradient, all released when the step is read.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,6 +47,7 @@ from .replay import ForwardRecord, capture_forward, replay_step
 
 __all__ = [
     "NonFiniteSentinel",
+    "DeferredReads",
     "check_mode_for",
     "replay_possible",
     "fused_qk_slices",
@@ -81,6 +83,59 @@ class _Read:
     versions: list[int] | None = None
     param_names: list[str] | None = None
     """The parameters whose gradients were read, in order (a deferred read's)."""
+
+
+class DeferredReads:
+    """CUDA: a read that does not block. The norms go to pinned host memory without blocking, and
+    the verdict (``verdict(read, values)``) comes once they are there (:meth:`settle`), by the next
+    step at the latest: training never waits on the sentinel. Whether optimizer.step() moved the
+    weights before the verdict (a replay would then run another model than the step did) is told
+    by the parameters' (``tensors``) in-place versions."""
+
+    def __init__(self, tensors: Sequence[torch.Tensor], verdict: Callable[[_Read, list[float]], None]) -> None:
+        self._tensors = tensors
+        self._verdict = verdict
+        self.pending: _Read | None = None
+        """The read in flight (one at a time)."""
+
+    def possible(self, grads: list[torch.Tensor], reduced: bool, unhooked: bool, on_nonfinite: str) -> bool:
+        """Not under ``on_nonfinite="raise"`` (its promise: raise before ``optimizer.step()``), nor
+        under DDP (every rank reads at once, for the rank exchange), nor when the gradients are
+        read before the update anyway (``unhooked``: compiled autograd)."""
+        return (
+            bool(grads)
+            and grads[0].is_cuda
+            and not reduced
+            and not unhooked
+            and on_nonfinite != "raise"
+            and all(g.device == grads[0].device for g in grads)
+        )
+
+    def start(self, read: _Read, parts: list[torch.Tensor]) -> None:
+        self.settle(wait=True)  # (one read in flight at a time)
+        values = torch.stack(parts)
+        host = torch.empty(values.shape, dtype=values.dtype, pin_memory=values.is_cuda)
+        host.copy_(values, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        read.host, read.event = host, event
+        read.versions = [tensor_version(p) for p in self._tensors]  # compared when the verdict comes
+        self.pending = read
+
+    def settle(self, wait: bool) -> None:
+        """The deferred verdict, if its copy has landed (``wait``: wait for it; the GPU has had a
+        step's time, so this rarely waits)."""
+        read = self.pending
+        if read is None or read.event is None or read.host is None:
+            return
+        if not wait and not read.event.query():
+            return
+        self.pending = None
+        read.event.synchronize()
+        if read.versions is not None and not read.moved:
+            read.moved = any(tensor_version(p) != v for p, v in zip(self._tensors, read.versions))
+            read.late = read.moved
+        self._verdict(read, read.host.tolist())
 
 
 def replay_possible(ctx: ProbeContext) -> bool:
@@ -134,7 +189,7 @@ class NonFiniteSentinel(Probe):
         # Fused q|k|v projections' query/key parts are not read on sharded gradients (a shard's
         # slice is not the projection's).
         self._jumps = JumpEscalation(ctx, self._params, sharded=bool(self._dtensors or ctx.shards))
-        self._pending: _Read | None = None  # a CUDA read in flight (see _may_defer)
+        self._deferred = DeferredReads(self._tensors, self._verdict)  # CUDA: reads in flight
         self._clear()
 
     def _clear(self) -> None:
@@ -148,7 +203,7 @@ class NonFiniteSentinel(Probe):
         return plan.checking and (self.ctx.compiled or not self.compiled_only)
 
     def on_step_start(self, plan: StepPlan) -> None:
-        self._settle(wait=False)  # the previous step's verdict, if its copy has landed
+        self._deferred.settle(wait=False)  # the previous step's verdict, if its copy has landed
         self._clear()
         self._local = None
 
@@ -199,7 +254,7 @@ class NonFiniteSentinel(Probe):
     def on_before_optimizer_step(self) -> None:
         """Unhooked (compiled autograd): the gradients are complete and the weights not yet moved.
         A deferred CUDA read whose copy has landed is judged here, while a replay is still exact."""
-        self._settle(wait=False)
+        self._deferred.settle(wait=False)
         buffer = self.ctx.buffer
         if self._unhooked and buffer is not None and (self._records or self._outputs):
             self._read(buffer, backward=True)
@@ -208,11 +263,11 @@ class NonFiniteSentinel(Probe):
         buffer = self.ctx.buffer
         if buffer is not None and (self._records or self._outputs):
             self._read(buffer, backward=self._unhooked)
-        self._settle(wait=False)
+        self._deferred.settle(wait=False)
 
     def on_close(self, failed: bool) -> None:
-        self._settle(wait=True)
-        self._pending = None
+        self._deferred.settle(wait=True)
+        self._deferred.pending = None
 
     def _weights_moved(self) -> bool:
         """Unhooked and read at the step's end: the optimizer updated the weights since the
@@ -231,7 +286,7 @@ class NonFiniteSentinel(Probe):
         heads = outputs + out_grads  # a few tensors, whatever the model's size
         parts = foreach_norm(heads, torch.float32) if heads else []
         scale = self.ctx.grad_scale() if grads else None
-        deferred = self._may_defer(grads, reduced)
+        deferred = self._deferred.possible(grads, reduced, self._unhooked, self.ctx.config.on_nonfinite)
         per_param = False
         complete = len(grads) == len(self._tensors)
         # The q/k parts of fused projections: a kernel or two and one norm each (a few per model).
@@ -268,52 +323,9 @@ class NonFiniteSentinel(Probe):
         if deferred:
             # Named now: by the verdict a zero_grad(set_to_none=True) may have emptied .grad.
             read.param_names = [n for n, p in self._params if p.grad is not None]
-            self._defer(read, parts)
+            self._deferred.start(read, parts)
             return
         self._verdict(read, step_records.one_transfer(parts))
-
-    # ----------------------------------------------------------------- CUDA: a read that does not block
-    def _may_defer(self, grads: list[torch.Tensor], reduced: bool) -> bool:
-        """On CUDA the norms go to pinned host memory without blocking, and the verdict is read
-        once they are there (``_settle``), by the next step at the latest: training never waits on
-        the sentinel. Not under ``on_nonfinite="raise"`` (its promise: raise before
-        ``optimizer.step()``), nor under DDP (every rank reads at once, for the rank exchange)."""
-        return (
-            bool(grads)
-            and grads[0].is_cuda
-            and not reduced
-            and not self._unhooked
-            and self.ctx.config.on_nonfinite != "raise"
-            and all(g.device == grads[0].device for g in grads)
-        )
-
-    def _defer(self, read: _Read, parts: list[torch.Tensor]) -> None:
-        self._settle(wait=True)  # (one read in flight at a time)
-        values = torch.stack(parts)
-        host = torch.empty(values.shape, dtype=values.dtype, pin_memory=values.is_cuda)
-        host.copy_(values, non_blocking=True)
-        event = torch.cuda.Event()
-        event.record()
-        read.host, read.event = host, event
-        # Whether optimizer.step() moved the weights before the verdict (a replay would then run
-        # another model than the step did): their in-place versions now, compared when it comes.
-        read.versions = [tensor_version(p) for p in self._tensors]
-        self._pending = read
-
-    def _settle(self, wait: bool) -> None:
-        """The deferred verdict, if its copy has landed (``wait``: wait for it; the GPU has had a
-        step's time, so this rarely waits)."""
-        read = self._pending
-        if read is None or read.event is None or read.host is None:
-            return
-        if not wait and not read.event.query():
-            return
-        self._pending = None
-        read.event.synchronize()
-        if read.versions is not None and not read.moved:
-            read.moved = any(tensor_version(p) != v for p, v in zip(self._tensors, read.versions))
-            read.late = read.moved
-        self._verdict(read, read.host.tolist())
 
     # ----------------------------------------------------------------- the verdict
     def _verdict(self, read: _Read, values: list[float]) -> None:
