@@ -363,6 +363,15 @@ def _to_host_rows(batch: RecordBatch) -> list[list[float]]:
     return rows
 
 
+def _assert_rows_of_each_alone(tensors: list[torch.Tensor], rows: list[list[float]], tolerance: float) -> None:
+    """Each row is what its tensor alone would give (a batch of one)."""
+    for t, row in zip(tensors, rows, strict=True):
+        alone = RecordBatch()
+        alone.add(t)
+        (expected,) = _to_host_rows(alone)
+        assert row == pytest.approx(expected, rel=tolerance, abs=tolerance, nan_ok=True), (t.shape, t.dtype)
+
+
 def _assorted_tensors() -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(0)
     with_nan = torch.randn(7, 9, generator=g)
@@ -395,11 +404,8 @@ def test_packed_records_equal_per_tensor_records():
         packed.add(t, hold=True)
     assert len(packed._held) == len(tensors) - 1  # all but the large one wait for the flush
     rows = _to_host_rows(packed)
+    _assert_rows_of_each_alone(tensors, rows, tolerance=1e-6)
     for t, row in zip(tensors, rows):
-        alone = RecordBatch()
-        alone.add(t)
-        (expected,) = _to_host_rows(alone)
-        assert row == pytest.approx(expected, rel=1e-6, abs=1e-6, nan_ok=True), t.dtype
         if t.numel() == 0:
             continue
         values = t.double().flatten()
@@ -455,12 +461,7 @@ def test_blocks_of_a_stack_equal_per_tensor_records():
     with_nan = torch.randn(8, 16, generator=g)
     with_nan[1, 2] = float("nan")
     add(with_nan, hold=True)
-    rows = _to_host_rows(batch)
-    for t, row in zip(tensors, rows):
-        alone = RecordBatch()
-        alone.add(t)
-        (expected,) = _to_host_rows(alone)
-        assert row == pytest.approx(expected, rel=1e-5, abs=1e-5, nan_ok=True), t.shape
+    _assert_rows_of_each_alone(tensors, _to_host_rows(batch), tolerance=1e-5)
 
 
 def test_buckets_computed_in_their_own_int32_memory():
