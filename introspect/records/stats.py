@@ -132,6 +132,34 @@ def _bucket_into(bucket: torch.Tensor, block: torch.Tensor, offset: torch.Tensor
     bucket.copy_(position)
 
 
+def _block_buckets(
+    blocks: list[torch.Tensor], index: torch.Tensor, offset: torch.Tensor, scale: torch.Tensor
+) -> torch.Tensor:
+    """Every value's bucket plus its record's base (``index``: the records in the blocks' row
+    order), written into one int32 buffer block by block: no per-block int copy and no
+    concatenation after, each a fresh buffer the size of the step's values, whose new pages cost
+    more than the arithmetic on CPU. Truncated before the base is added (see ``compute``)."""
+    bucket = torch.empty(sum(b.numel() for b in blocks), dtype=torch.int32, device=index.device)
+    start = filled = 0
+    for block in blocks:
+        rows = index[start : start + block.shape[0]]
+        start += block.shape[0]
+        target = bucket[filled : filled + block.numel()].view(block.shape)
+        filled += block.numel()
+        _bucket_into(target, block, offset[rows].unsqueeze(1), scale[rows].unsqueeze(1))
+        target.add_((rows.to(torch.int32) * HIST_BINS).unsqueeze(1))
+    return bucket
+
+
+def _bucket_counts(bucket: torch.Tensor, n_records: int) -> torch.Tensor:
+    """The counts of every record's buckets, ``n_records * HIST_BINS`` long."""
+    if bucket.device.type == "cpu":
+        return torch.bincount(bucket, minlength=n_records * HIST_BINS)
+    # bincount sizes its output from the data: a host sync on accelerators
+    counts = torch.zeros(n_records * HIST_BINS, dtype=torch.float32, device=bucket.device)
+    return counts.index_add_(0, bucket, torch.ones(bucket.shape, dtype=torch.float32, device=bucket.device))
+
+
 class RecordBatch:
     """Records of many tensors computed together: a step's histograms in a dozen device ops.
 
@@ -314,11 +342,12 @@ class RecordBatch:
         # would depend on where its record sits in the batch.
         # (values is this method's own concatenation when there are several records: in place)
         bucket = _bucket_position(values, offset_v, scale_v, in_place=n_records > 1).to(torch.int32).add_(base_v)
-        if device.type == "cpu":
-            counts = torch.bincount(bucket, minlength=n_records * HIST_BINS)
-        else:  # bincount sizes its output from the data: a host sync on accelerators
-            counts = torch.zeros(n_records * HIST_BINS, dtype=torch.float32, device=device)
-            counts.index_add_(0, bucket, torch.ones_like(values))
+        return self._rows(stats, _bucket_counts(bucket, n_records), lengths, dt)
+
+    def _rows(self, stats: torch.Tensor, counts: torch.Tensor, lengths: list[int], dt: torch.dtype) -> torch.Tensor:
+        """``(len(self), RECORD_LEN)`` from the ``(records, 4)`` statistics and the bucket counts of
+        the samples (``lengths`` values each), scaled up to each tensor's own size where sampled."""
+        n_records, device = len(lengths), stats.device
         counts = counts.view(n_records, HIST_BINS).to(dt)
         if any(n != k for n, k in zip(self._numels, lengths)):
             scale_up = torch.tensor([n / k for n, k in zip(self._numels, lengths)], dtype=dt, device=device)
@@ -334,9 +363,19 @@ class RecordBatch:
         and binned with per-row parameters that broadcast, no per-value spread and no segment
         reduction (both cost ~3 ns a value on CPU, against ~0.3 ns for a row reduction); all
         histograms in one ``bincount``. About a dozen ops per distinct length."""
-        n_records = len(lengths)
-        # The blocks ``flush`` made are used as they are (their rows are the samples); the other
-        # records of a length are stacked. Neither is changed: masked_rows may read the samples.
+        order, blocks = self._blocks_by_length(groups, device)
+        stats = self._block_stats(order, blocks, len(lengths), device)
+        # A NaN/Inf range bins everything into bucket 0; masked_rows redoes those rows.
+        offset, scale = _bin_transform(stats[:, 0], stats[:, 1])
+        counts = _bucket_counts(_block_buckets(blocks, torch.tensor(order, device=device), offset, scale), len(lengths))
+        return self._rows(stats, counts, lengths, dt)
+
+    def _blocks_by_length(
+        self, groups: dict[int, list[int]], device: torch.device
+    ) -> tuple[list[int], list[torch.Tensor]]:
+        """The samples as ``(records, length)`` blocks, and the records in the blocks' row order:
+        the blocks ``flush`` made as they are (their rows are the samples), the other records of a
+        length stacked. Neither is changed afterwards: masked_rows may read the samples."""
         flushed: dict[int, list[tuple[list[int], torch.Tensor]]] = {}
         for members, block in self._blocks:
             if block.device == device:
@@ -352,17 +391,19 @@ class RecordBatch:
                 blocks.append(block)
             if rest:
                 order += rest
-                blocks.append(
-                    torch.stack([self._samples[i] for i in rest])
-                    if len(rest) > 1
-                    else self._samples[rest[0]].view(1, k)
-                )
-        index = torch.tensor(order, device=device)
+                samples = [self._samples[i] for i in rest]
+                blocks.append(torch.stack(samples) if len(rest) > 1 else samples[0].view(1, k))
+        return order, blocks
+
+    def _block_stats(
+        self, order: list[int], blocks: list[torch.Tensor], n_records: int, device: torch.device
+    ) -> torch.Tensor:
+        """``(records, 4)``: min, max, sum and sum of squares of every record, float32. A block of
+        large tensors' samples is not reduced: their exact statistics came with them (``add``).
+        (amin and amax: ``aminmax`` along a dimension is ~20x slower on CPU, torch 2.14: 817 us
+        against 36 us for a (200, 2048) block; the sum of squares from the norm: no block-sized
+        temporary.)"""
         stats = torch.empty(n_records, 4, dtype=torch.float32, device=device)
-        # A block of large tensors' samples only needs binning: their exact statistics came with
-        # them (``add``). (amin and amax: ``aminmax`` along a dimension is ~20x slower on CPU,
-        # torch 2.14: 817 us against 36 us for a (200, 2048) block; the sum of squares from the
-        # norm: no block-sized temporary.)
         reduced: list[tuple[list[int], torch.Tensor]] = []
         at = 0
         for block in blocks:
@@ -379,33 +420,7 @@ class RecordBatch:
         if self._stats:  # large tensors: their exact statistics, not their sample's
             large = torch.stack([t for values in self._stats.values() for t in values]).to(torch.float32)
             stats[torch.tensor(list(self._stats), device=device)] = large.view(-1, 4)
-        # A NaN/Inf range bins everything into bucket 0; masked_rows redoes those rows.
-        offset, scale = _bin_transform(stats[:, 0], stats[:, 1])
-        # Every value's bucket, written into one int32 buffer block by block (no per-block int
-        # copy and no concatenation after: each a fresh buffer the size of the step's values,
-        # whose new pages cost more than the arithmetic on CPU).
-        bucket = torch.empty(sum(b.numel() for b in blocks), dtype=torch.int32, device=device)
-        start = filled = 0
-        for block in blocks:
-            row_index = index[start : start + block.shape[0]]
-            start += block.shape[0]
-            # (A sample itself stays as it is: masked_rows reads it again.) Truncated before the
-            # record's base is added (see compute).
-            target = bucket[filled : filled + block.numel()].view(block.shape)
-            filled += block.numel()
-            _bucket_into(target, block, offset[row_index].unsqueeze(1), scale[row_index].unsqueeze(1))
-            target.add_((row_index.to(torch.int32) * HIST_BINS).unsqueeze(1))
-        if device.type == "cpu":
-            counts = torch.bincount(bucket, minlength=n_records * HIST_BINS)
-        else:  # bincount sizes its output from the data: a host sync on accelerators
-            counts = torch.zeros(n_records * HIST_BINS, dtype=torch.float32, device=device)
-            counts.index_add_(0, bucket, torch.ones(bucket.shape, dtype=torch.float32, device=device))
-        counts = counts.view(n_records, HIST_BINS).to(dt)
-        if any(n != k for n, k in zip(self._numels, lengths)):
-            scale_up = torch.tensor([n / k for n, k in zip(self._numels, lengths)], dtype=dt, device=device)
-            counts = counts * scale_up.unsqueeze(1)
-        head = torch.cat([torch.zeros(n_records, 1, dtype=dt, device=device), stats.to(dt)], dim=1)
-        return torch.cat([head, counts], dim=1)
+        return stats
 
     def masked_rows(self, indices: list[int]) -> torch.Tensor:
         """Rows for tensors holding NaN/Inf: histogram and sums of the finite values only.
