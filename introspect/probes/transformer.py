@@ -309,6 +309,40 @@ class _AttentionMode(TorchFunctionMode):
         return out
 
 
+class _ModeScope:
+    """When the attention mode is on: over a whole forward (``enter``: a root that is the
+    attention, the compiled fallback's rerun), or while modules that look like attention run
+    (``enter_attention``/``leave_attention`` from their hooks, nested)."""
+
+    def __init__(self, probe: AttentionProbe) -> None:
+        self.probe = probe
+        self.mode: _AttentionMode | None = None
+        self._depth = 0  # attention-like modules running, nested
+        self._scoped = False  # the mode was entered by an attention-like module's hook
+
+    def enter(self, scoped: bool = False) -> None:
+        if self.mode is None:
+            self.mode = _AttentionMode(self.probe)
+            self.mode.__enter__()
+            self._scoped = scoped
+
+    def enter_attention(self) -> None:
+        self._depth += 1
+        self.enter(scoped=True)
+
+    def leave_attention(self) -> None:
+        if self._depth > 0:
+            self._depth -= 1
+            if self._depth == 0 and self._scoped:
+                self.exit()
+
+    def exit(self) -> None:
+        mode, self.mode = self.mode, None
+        self._depth, self._scoped = 0, False
+        if mode is not None:
+            mode.__exit__(None, None, None)
+
+
 class AttentionProbe(Probe):
     """Per attention module: the mean over heads of the max logit and of the softmax entropy
     (scalars ``attention/max_logit/{module}``, ``attention/entropy/{module}``), the per-head values
@@ -328,9 +362,7 @@ class AttentionProbe(Probe):
 
     def bind(self, ctx: ProbeContext) -> None:
         super().bind(ctx)
-        self._mode: _AttentionMode | None = None
-        self._depth = 0  # attention-like modules running, nested
-        self._scoped = False  # the mode was entered by an attention-like module's hook
+        self._scope = _ModeScope(self)
         self._stack: list[str] = []
         top = root_name(ctx.root)
         self._names = {id(m): (n or top) for n, m in ctx.root.named_modules()}
@@ -381,39 +413,25 @@ class AttentionProbe(Probe):
                 if n in like:
                     ran.add(n)
                 if attention:
-                    self._enter_attention()
+                    self._scope.enter_attention()
 
             def pop(m: nn.Module, a: Any, o: Any, attention: bool = attention) -> None:
                 if self._stack:
                     self._stack.pop()
                 if attention:
-                    self._leave_attention()
+                    self._scope.leave_attention()
 
             keep(module.register_forward_pre_hook(push))
             keep(module.register_forward_hook(pop, always_call=True))
-
-    def _enter_attention(self) -> None:
-        self._depth += 1
-        if self._mode is None:
-            self._mode = _AttentionMode(self)
-            self._mode.__enter__()
-            self._scoped = True
-
-    def _leave_attention(self) -> None:
-        if self._depth > 0:
-            self._depth -= 1
-            if self._depth == 0 and self._scoped:
-                self._exit()
 
     def on_forward(self, args: tuple, kwargs: dict) -> None:
         if self.ctx.compiled:
             if self._rerun_possible:
                 self._records.append(capture_forward(args, kwargs, self._devices))
-        elif self._mode is None and self._names[id(self.ctx.root)] in self._attention_like:
+        elif self._names[id(self.ctx.root)] in self._attention_like:
             # The root is the attention (its hooks, added in this forward's pre-hooks, miss this
             # call): the mode for the whole forward.
-            self._mode = _AttentionMode(self)
-            self._mode.__enter__()
+            self._scope.enter()
 
     def on_forward_end(self, output: Any) -> None:
         self._exit()
@@ -421,10 +439,7 @@ class AttentionProbe(Probe):
             self._rerun()
 
     def _exit(self) -> None:
-        mode, self._mode = self._mode, None
-        self._depth, self._scoped = 0, False
-        if mode is not None:
-            mode.__exit__(None, None, None)
+        self._scope.exit()
 
     def _rerun(self) -> None:
         """The compiled fallback: this step's forwards again, eagerly, without gradients, with the
@@ -449,8 +464,7 @@ class AttentionProbe(Probe):
         try:
             self._hook_modules(handles.append)
             with preserved_state(self.ctx.root), self.ctx.unobserved(), eager_stance(True):
-                self._mode = _AttentionMode(self)
-                self._mode.__enter__()
+                self._scope.enter()
                 try:
                     for record in records:
                         run_forward(self.ctx.root, record)
