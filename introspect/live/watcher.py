@@ -97,7 +97,6 @@ class Watcher:
         try:
             target = rank_writer_target(writer, config.ranks) if writes_here(config.ranks) else False
             self._writer = GuardedWriter.open(target, self._registry, self._writer_failed)
-            raw = self._writer.raw
             # Findings are linked by cause within story_window logging steps (see debugger/story.py).
             window = int(config.thresholds.story_window * max(config.every, 1))
             self.findings = Findings(
@@ -106,44 +105,16 @@ class Watcher:
                 window=window,
                 lookback=int(config.thresholds.escalate_steps) + 1,
             )
-            params = select_parameters(root, modules)
-            side_group = SideGroup()
-            shards = shard_combiner(model, params, config.log, side_group)
-            ddp = find_ddp(model)
-            # Every rank plans the logging steps when their collectives need every rank.
-            shared = shards is not None or (rank_and_world()[1] >= MIN_RANKS and ddp is not None)
-            self._clock = StepClock(
-                every=config.every,
-                check_every=config.check_every,
-                image_every=config.image_every,
-                writes=raw is not None,
-                counts_optimizer_steps=config.optimizer is not None,
-                step_fn=config.step_fn,
-                shared=shared,
-                escalate_share=config.thresholds.escalate_share,
-            )
-            self.ctx = ProbeContext(
-                config=config,
-                model=model,
-                root=root,
-                modules=modules,
-                params=params,
+            self._clock, self.ctx = _probe_context(
+                model,
+                root,
+                modules,
+                config,
                 writer=self._writer,
                 findings=self.findings,
-                clock=self._clock,
                 step_hooks=self._step_hooks,
                 force_log=self._force_log,
-                side_group=side_group,
-                check_mode=check_mode_for(config, root, sharded=shards is not None),
-                ddp=ddp,
-                shards=shards,
                 unobserved=self._unobserved,
-                budget=TagBudget(
-                    list(modules),
-                    {p: owner for p in params if (owner := p.rpartition(".")[0]) in modules},
-                    config.max_modules,
-                    explicit=config.include is not None,
-                ),
             )
             self._probes: list[Probe] = [*built_in_probes(config, self.ctx), *config.probes]
             for probe in self._probes:
@@ -449,3 +420,58 @@ class Watcher:
         if self._guard is not None and self._guard.pending is not None:
             self.close()  # a step boundary: the step is written; then the signal goes on
         return None
+
+
+def _probe_context(
+    model: nn.Module,
+    root: nn.Module,
+    modules: Any,
+    config: WatchConfig,
+    *,
+    writer: GuardedWriter,
+    findings: Findings,
+    step_hooks: Registry,
+    force_log: Callable[..., bool],
+    unobserved: Callable[[], Any],
+) -> tuple[StepClock, ProbeContext]:
+    """What the probes share: the parameters watched, their sharding and DDP, the step clock
+    (every rank plans the logging steps when their collectives need every rank), the check mode
+    and the tag budget."""
+    params = select_parameters(root, modules)
+    side_group = SideGroup()
+    shards = shard_combiner(model, params, config.log, side_group)
+    ddp = find_ddp(model)
+    shared = shards is not None or (rank_and_world()[1] >= MIN_RANKS and ddp is not None)
+    clock = StepClock(
+        every=config.every,
+        check_every=config.check_every,
+        image_every=config.image_every,
+        writes=writer.raw is not None,
+        counts_optimizer_steps=config.optimizer is not None,
+        step_fn=config.step_fn,
+        shared=shared,
+        escalate_share=config.thresholds.escalate_share,
+    )
+    return clock, ProbeContext(
+        config=config,
+        model=model,
+        root=root,
+        modules=modules,
+        params=params,
+        writer=writer,
+        findings=findings,
+        clock=clock,
+        step_hooks=step_hooks,
+        force_log=force_log,
+        side_group=side_group,
+        check_mode=check_mode_for(config, root, sharded=shards is not None),
+        ddp=ddp,
+        shards=shards,
+        unobserved=unobserved,
+        budget=TagBudget(
+            list(modules),
+            {p: owner for p in params if (owner := p.rpartition(".")[0]) in modules},
+            config.max_modules,
+            explicit=config.include is not None,
+        ),
+    )
