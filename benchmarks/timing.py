@@ -102,12 +102,19 @@ def interleave(runners: dict, variants: dict, chunk: dict, rounds: int, warmup: 
 
 
 def _keep_step_times(runner: Runner, variant: dict) -> None:
-    """The chunk's median logging step and median other step (seconds; CPU), appended per round
-    to ``log_step_s`` / ``off_step_s`` (None where the chunk had no such step)."""
+    """The chunk's median logging step, median other step, and median step right after a
+    logging step that does not log itself (seconds; CPU), appended per round to ``log_step_s`` /
+    ``off_step_s`` / ``after_log_s`` (None where the chunk had no such step). ``watch`` closes a
+    logging step (its statistics pass, judging and write) at the next step's start: off a
+    cadence of 1 that close is in the step after it."""
     times = runner.step_times
     runner.step_times = []
-    for key, logs in (("log_step_s", True), ("off_step_s", False)):
-        picked = [t for flag, t in times if flag == logs]
+    after = [t for (before, _), (flag, t) in zip(times, times[1:]) if before and not flag]
+    for key, picked in (
+        ("log_step_s", [t for flag, t in times if flag]),
+        ("off_step_s", [t for flag, t in times if not flag]),
+        ("after_log_s", after),
+    ):
         variant.setdefault(key, []).append(statistics.median(picked) if picked else None)
 
 
@@ -175,10 +182,17 @@ def _paired_times(variant: dict, bare: dict) -> dict:
         "added_s": statistics.median([t - b for t, b in zip(times, bare_t)]),
     }
     # A logging step's own cost: the round's median logging step over the same round's median
-    # bare step (CPU, where steps are timed one by one; the chunk's closing flush is not in it).
+    # bare step (CPU, where steps are timed one by one; the chunk's closing flush is not in it),
+    # with its close: what the step after it took over the variant's own other steps.
+    rounds = zip(
+        variant.get("log_step_s") or [],
+        variant.get("after_log_s") or [],
+        variant.get("off_step_s") or [],
+        bare.get("off_step_s") or [],
+    )
     logged = [
-        (t, b)
-        for t, b in zip(variant.get("log_step_s") or [], bare.get("off_step_s") or [])
+        (t + (after - off if after is not None and off is not None else 0.0), b)
+        for t, after, off, b in rounds
         if t is not None and b is not None
     ]
     if logged:
