@@ -434,12 +434,9 @@ class AttentionProbe(Probe):
             self._scope.enter()
 
     def on_forward_end(self, output: Any) -> None:
-        self._exit()
+        self._scope.exit()
         if self._records:
             self._rerun()
-
-    def _exit(self) -> None:
-        self._scope.exit()
 
     def _rerun(self) -> None:
         """The compiled fallback: this step's forwards again, eagerly, without gradients, with the
@@ -469,7 +466,7 @@ class AttentionProbe(Probe):
                     for record in records:
                         run_forward(self.ctx.root, record)
                 finally:
-                    self._exit()
+                    self._scope.exit()
         except Exception as e:  # the step itself ran already: training goes on
             self.ctx.disable("<attention>", None, e)
         finally:
@@ -522,7 +519,7 @@ class AttentionProbe(Probe):
             self.ctx.disable("<attention>", None, e)
 
     def on_step_end(self, host: HostStep | None) -> None:
-        self._exit()
+        self._scope.exit()
         self._stack.clear()
         self._records = []
         ran, self._ran = self._ran, set()
@@ -639,7 +636,7 @@ class AttentionProbe(Probe):
         return None
 
     def on_close(self, failed: bool) -> None:
-        self._exit()
+        self._scope.exit()
 
 
 def repeated_blocks(root: nn.Module) -> dict[str, nn.Module]:
