@@ -450,7 +450,8 @@ def test_outputs_too_big_to_hold_are_reduced_at_once(tmp_path, monkeypatch):
 
 
 def test_packed_norms_square_their_own_copy_never_a_gradient():
-    """The per-step read squares the flat copy in place (numpy), over the layout known at bind:
+    """The per-step read squares the flat copy in place (numpy), over the layout known at bind
+    (or worked out from the gradients):
     each gradient's own norm, large ones (reduced where they are) in their places too, a NaN or
     Inf in its own parameter only, bfloat16 gradients read in float32, and the gradients
     themselves unchanged; one gradient alone (``flatten_dense`` then gives a view of it) is copied
@@ -481,4 +482,11 @@ def test_packed_norms_square_their_own_copy_never_a_gradient():
     assert torch.allclose(packed_norms([one], layout=FlatLayout.of([one])), kept.norm().reshape(1))
     assert torch.equal(one, kept)
     assert FlatLayout.of([torch.empty(0), torch.empty(3)]) is None  # an empty one: no fixed layout
-    assert FlatLayout.of([torch.empty(3), torch.empty(3).double()]) is None  # two dtypes
+    # Without a layout it is worked out from the gradients: mixed dtypes (the copy promotes them),
+    # and an empty gradient (no layout: one norm per tensor).
+    mixed = [torch.randn(4, 4), torch.randn(9).bfloat16(), torch.randn(3).double()]
+    want = torch.stack([g.double().norm().float() for g in mixed])
+    assert torch.allclose(packed_norms(mixed), want, rtol=1e-5)
+    with_empty = [torch.randn(5), torch.empty(0), torch.randn(2, 2)]
+    want = torch.stack([g.norm() for g in with_empty])
+    assert torch.allclose(packed_norms(with_empty), want, rtol=1e-5)

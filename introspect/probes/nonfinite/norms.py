@@ -44,10 +44,10 @@ def packed_norm(grads: list[torch.Tensor], all_small: bool = False) -> torch.Ten
 
 @dataclass(frozen=True)
 class FlatLayout:
-    """Where the small gradients go in the flat copy the per-step read makes, known at bind when
-    every parameter is non-empty and of one dtype (its gradient is then too): ``starts`` of the
-    small ones (at most ``PACK_LIMIT`` values) in the flat buffer, and which gradients are small
-    and which are not (reduced where they are)."""
+    """Where the small gradients (at most ``PACK_LIMIT`` values) go in the flat copy the per-step
+    read makes (``starts``; the copy promotes mixed dtypes to one), and which gradients are small
+    and which are not (reduced where they are). The sentinel knows it at bind; without it, it is
+    worked out from the gradients at hand."""
 
     starts: np.ndarray
     small_at: list[int]
@@ -57,8 +57,9 @@ class FlatLayout:
 
     @classmethod
     def of(cls, tensors: Sequence[torch.Tensor]) -> FlatLayout | None:
+        """None when one is empty (``reduceat`` cannot sum an empty segment) or none is small."""
         sizes = [t.numel() for t in tensors]
-        if not sizes or min(sizes) == 0 or len({t.dtype for t in tensors}) != 1:
+        if not sizes or min(sizes) == 0:
             return None
         small_at = [i for i, n in enumerate(sizes) if n <= PACK_LIMIT]
         big_at = [i for i, n in enumerate(sizes) if n > PACK_LIMIT]
@@ -68,50 +69,37 @@ class FlatLayout:
         return cls(np.cumsum([0] + small[:-1]), small_at, big_at, np.array(small_at), np.array(big_at, dtype=np.int64))
 
 
-def packed_norms(grads: list[torch.Tensor], all_small: bool = False, layout: FlatLayout | None = None) -> torch.Tensor:
+def packed_norms(grads: list[torch.Tensor], layout: FlatLayout | None = None) -> torch.Tensor:
     """Each gradient's own L2 norm, a 1-D float32 tensor in the order of ``grads``, in a constant
     number of kernels: on CPU one flat copy of the small gradients, their squares summed per
-    segment (``torch.segment_reduce``), and one norm per large gradient (its bytes dominate its
-    launch); on CUDA ``_foreach_norm`` (one fused launch per ~100 tensors). The per-parameter
-    gradient-jump escalation reads these; with ``param_grad_jump=0`` the sentinel takes the one
-    packed norm (:func:`packed_norm`) instead.
+    segment by ``numpy.add.reduceat`` over the same memory, and one norm per large gradient (its
+    bytes dominate its launch); on CUDA ``_foreach_norm`` (one fused launch per ~100 tensors). The
+    per-parameter gradient-jump escalation reads these; with ``param_grad_jump=0`` the sentinel
+    takes the one packed norm (:func:`packed_norm`) instead.
 
-    ``layout``: the flat buffer's layout, when the caller knows it (fixed at bind, every gradient
-    present): the squares are then summed per segment by ``numpy.add.reduceat`` over the same
-    memory, ~4x faster than ``segment_reduce`` with its lengths built each call (1,600 gradients
-    of an 801-module MLP: 90 us against 320 us; GPT-2 tiny, two of whose gradients are large: 637
-    us against ~150 us), and ``packed_norms`` costs about what ``packed_norm`` does."""
+    ``layout``: the flat copy's layout, when the caller knows it (fixed at bind, every gradient
+    present); else it is worked out here. ``reduceat`` is ~4x faster than ``segment_reduce`` with
+    its lengths built each call (1,600 gradients of an 801-module MLP: 90 us against 320 us; GPT-2
+    tiny, two of whose gradients are large: 637 us against ~150 us)."""
     device = grads[0].device
-    if layout is not None and device.type == "cpu" and len(layout.small_at) + len(layout.big_at) == len(grads):
-        small = [grads[i] for i in layout.small_at] if layout.big_at else grads
-        flat = flatten_dense(small)
-        flat = flat if flat.dtype == torch.float32 else flat.float()
-        if flat.data_ptr() == small[0].data_ptr():  # one gradient: a view of it, never squared in place
-            flat = flat.clone()
-        norms = _segment_norms(flat.numpy(), layout.starts)
-        if not layout.big_at:
-            return torch.from_numpy(norms)
-        out = np.empty(len(grads), dtype=np.float32)
-        out[layout.small_index] = norms
-        out[layout.big_index] = torch.stack(foreach_norm([grads[i] for i in layout.big_at], torch.float32)).numpy()
-        return torch.from_numpy(out)
-    if device.type != "cpu" or any(g.device != device for g in grads):
-        return torch.stack(foreach_norm(grads, torch.float32))
-    small_at = list(range(len(grads))) if all_small else [i for i, g in enumerate(grads) if g.numel() <= PACK_LIMIT]
-    if not small_at:
-        return torch.stack(foreach_norm(grads, torch.float32))
-    parts = [grads[i] for i in small_at]
-    lengths = torch.tensor([g.numel() for g in parts])
-    flat = flatten_dense(parts)
-    squares = flat.float().square() if flat.dtype != torch.float32 else flat.square()
-    norms_small = torch.segment_reduce(squares, "sum", lengths=lengths).sqrt()
-    if len(small_at) == len(grads):
-        return norms_small
-    big = [i for i in range(len(grads)) if grads[i].numel() > PACK_LIMIT]
-    result = torch.empty(len(grads), dtype=torch.float32)
-    result[small_at] = norms_small
-    result[big] = torch.stack(foreach_norm([grads[i] for i in big], torch.float32))
-    return result
+    if layout is None or device.type != "cpu" or len(layout.small_at) + len(layout.big_at) != len(grads):
+        if device.type != "cpu" or any(g.device != device for g in grads):
+            return torch.stack(foreach_norm(grads, torch.float32))
+        layout = FlatLayout.of(grads)
+        if layout is None:  # an empty gradient, or none small
+            return torch.stack(foreach_norm(grads, torch.float32))
+    small = [grads[i] for i in layout.small_at] if layout.big_at else grads
+    flat = flatten_dense(small)
+    flat = flat if flat.dtype == torch.float32 else flat.float()
+    if flat.data_ptr() == small[0].data_ptr():  # one gradient: a view of it, never squared in place
+        flat = flat.clone()
+    norms = _segment_norms(flat.numpy(), layout.starts)
+    if not layout.big_at:
+        return torch.from_numpy(norms)
+    out = np.empty(len(grads), dtype=np.float32)
+    out[layout.small_index] = norms
+    out[layout.big_index] = torch.stack(foreach_norm([grads[i] for i in layout.big_at], torch.float32)).numpy()
+    return torch.from_numpy(out)
 
 
 def _segment_norms(values: np.ndarray, starts: np.ndarray) -> np.ndarray:

@@ -182,7 +182,7 @@ class NonFiniteSentinel(Probe):
         self._tensors = [p for _, p in self._params]
         self._all_small = all(p.numel() <= PACK_LIMIT for p in self._tensors)  # (their gradients too)
         self._dtensors = any(type(p).__name__ == "DTensor" for _, p in self._params)
-        # Every parameter non-empty and in one dtype: the flat copy's layout is known now.
+        # Every parameter non-empty: the flat copy's layout is known now.
         self._layout = FlatLayout.of(self._tensors) if not self._dtensors else None
         self._local: Alert | None = None  # this step's own finding, for the rank exchange
         self._stale: set[str] = set()  # parameters whose .grad an earlier backward left non-finite
@@ -296,7 +296,7 @@ class NonFiniteSentinel(Probe):
             parts += foreach_norm(slices, torch.float32) if slices else []
             per_param = True
         elif grads and self._jumps.per_param:  # each parameter's own norm: the jump detector's input
-            parts.append(packed_norms(grads, all_small=self._all_small, layout=self._layout if complete else None))
+            parts.append(packed_norms(grads, layout=self._layout if complete else None))
             if slices:
                 parts.append(torch.stack(foreach_norm(slices, torch.float32)))
             per_param = True
